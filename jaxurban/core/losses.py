@@ -1,0 +1,181 @@
+"""CoRE's three losses as plain functions of arrays.
+
+Each alignment loss comes in two forms with the same value:
+
+* ``*_lowrank``: the form used in training. Every N x N or N_a x N matrix in
+  the paper's equations is a product of N x d factors, so squared Frobenius
+  norms of their differences reduce to traces of d x d Gram matrices,
+  ``||A B^T - C D^T||^2 = <A^T A, B^T B> - 2 <A^T C, B^T D> + <C^T C, D^T D>``,
+  at O(N d^2) time and O(N d + d^2) memory.
+* ``*_direct``: the equations written out with the full matrices. It is the
+  reference the tests compare against, and what the benchmark times.
+
+and two variants (``form``):
+
+* ``"paper"``: eqs. (5)-(12) of the CoRE paper as printed;
+* ``"authors"``: the authors' released code, which differs: the LMA compares
+  the anchors' cosine-distance matrices without the second unit-norm rescaling
+  and averages over anchors (1/N_a rather than 1/N_a^2); the LIA's target is
+  the in-city attention score Q K^T / sqrt(d) instead of Z Z^T and is averaged
+  over rows (1/N rather than 1/N^2).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+FORMS = ("paper", "authors")
+_EPS = 1e-12
+
+
+def _check_form(form: str) -> None:
+  if form not in FORMS:
+    raise ValueError(f"loss form {form!r}: expected one of {FORMS}")
+
+
+def _inner(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.sum(a * b)
+
+
+# --------------------------------------------------------------------------
+# Intra-city mobility loss, eqs. (3)-(4).
+# --------------------------------------------------------------------------
+
+def mobility_loss(z: jax.Array, origin_rows: jax.Array,
+                  target_rows: jax.Array) -> jax.Array:
+  """-sum_ij T_ij log p(j | i), p(j | i) = softmax_j(z_i . z_j) over all N.
+
+  Args:
+    z: [N, d] region embeddings.
+    origin_rows: [N_o] regions with outgoing mobility; other rows of T are 0
+      and are skipped.
+    target_rows: [N_o, N] the rows of the target T (summing to 1 overall), so
+      the loss is the trip-averaged negative log-likelihood of eq. (4).
+  """
+  logits = z[origin_rows] @ z.T
+  return -jnp.sum(target_rows * jax.nn.log_softmax(logits, axis=-1))
+
+
+def mobility_loss_direct(z: jax.Array, target: jax.Array) -> jax.Array:
+  """Reference: the full [N, N] target and softmax."""
+  return -jnp.sum(target * jax.nn.log_softmax(z @ z.T, axis=-1))
+
+
+# --------------------------------------------------------------------------
+# Latent manifold alignment, eqs. (5)-(9).
+# --------------------------------------------------------------------------
+
+def _anchor_factors(anchors: jax.Array, z: jax.Array):
+  """Anchors scaled so that U S U^T is the unit-row-norm Gram of eq. (8).
+
+  A_rel = A Z^T has row norms sqrt(a_i S a_i^T) with S = Z^T Z, so rescaling
+  the rows of A_rel to unit norm (eq. 7) is rescaling the rows of A.
+  """
+  gram = z.T @ z                                             # S, [d, d]
+  row_norm_sq = jnp.sum((anchors @ gram) * anchors, axis=-1)
+  scaled = anchors * jax.lax.rsqrt(jnp.maximum(row_norm_sq, _EPS))[:, None]
+  return scaled, gram
+
+
+def lma_lowrank(z_x: jax.Array, z_y: jax.Array, anchors: jax.Array,
+                form: str = "authors") -> jax.Array:
+  """Latent manifold alignment loss in O((N + N_a) d^2).
+
+  With U = rescaled anchors and S = Z^T Z per city, the anchor Gram matrix of
+  eq. (8) is G = U S U^T (N_a x N_a), which is never formed.
+  """
+  _check_form(form)
+  u_x, s_x = _anchor_factors(anchors, z_x)
+  u_y, s_y = _anchor_factors(anchors, z_y)
+  c_xx, c_yy, c_xy = u_x.T @ u_x, u_y.T @ u_y, u_x.T @ u_y
+  n_anchors = anchors.shape[0]
+  if form == "authors":
+    # ||G_x - G_y||^2 = tr(G_x G_x) - 2 tr(G_x G_y) + tr(G_y G_y), with
+    # tr(U_x S_x U_x^T U_y S_y U_y^T) = <S_x C_xy, C_xy S_y>.
+    squared = (_inner(s_x @ c_xx, c_xx @ s_x) - 2 * _inner(s_x @ c_xy, c_xy @ s_y)
+               + _inner(s_y @ c_yy, c_yy @ s_y))
+    return squared / n_anchors
+  # Paper: the rows of G are rescaled to unit norm again (after eq. 8), so
+  # ||G^_x - G^_y||^2 = sum_i 2 - 2 <g_x,i, g_y,i> / (|g_x,i| |g_y,i|), and
+  # <g_x,i, g_y,i> = u_x,i S_x C_xy S_y u_y,i^T is a row-wise quadratic form.
+  norm_x = jnp.sum((u_x @ (s_x @ c_xx @ s_x)) * u_x, axis=-1)
+  norm_y = jnp.sum((u_y @ (s_y @ c_yy @ s_y)) * u_y, axis=-1)
+  cross = jnp.sum((u_x @ (s_x @ c_xy @ s_y)) * u_y, axis=-1)
+  cosine = cross * jax.lax.rsqrt(jnp.maximum(norm_x * norm_y, _EPS))
+  return jnp.sum(2.0 - 2.0 * cosine) / n_anchors**2
+
+
+def _unit_rows(m: jax.Array) -> jax.Array:
+  return m * jax.lax.rsqrt(jnp.maximum(jnp.sum(m * m, -1, keepdims=True), _EPS))
+
+
+def lma_direct(z_x: jax.Array, z_y: jax.Array, anchors: jax.Array,
+               form: str = "authors") -> jax.Array:
+  """Reference: eqs. (7)-(9) with the [N_a, N] and [N_a, N_a] matrices."""
+  _check_form(form)
+  rel_x, rel_y = _unit_rows(anchors @ z_x.T), _unit_rows(anchors @ z_y.T)  # eq. 7
+  gram_x, gram_y = rel_x @ rel_x.T, rel_y @ rel_y.T                       # eq. 8
+  n_anchors = anchors.shape[0]
+  if form == "authors":
+    # The authors' cosine distances 1 - G differ by the same constant in both.
+    return jnp.sum(((1 - gram_x) - (1 - gram_y)) ** 2) / n_anchors
+  return jnp.sum((_unit_rows(gram_x) - _unit_rows(gram_y)) ** 2) / n_anchors**2  # eq. 9
+
+
+# --------------------------------------------------------------------------
+# Latent individual alignment, eqs. (10)-(12).
+# --------------------------------------------------------------------------
+
+def _lia_target_factors(z, q, k, form):
+  """The in-city correlation as a product of two [N, d] factors."""
+  if form == "paper":
+    return z, z                                 # Cor = Z Z^T, eq. (10)
+  return q / jnp.sqrt(q.shape[-1]), k           # authors: Q K^T / sqrt(d)
+
+
+def _cycle_residual_sq(target_left, target_right, q_here, k_here, q_there,
+                       k_there) -> jax.Array:
+  """||T_l T_r^T - Q_here (K_there^T Q_there) K_here^T / d||^2 in O(N d^2).
+
+  The cycle X -> Y -> X of eq. (12) is Attn^{XY} Attn^{YX}
+  = Q^X K^{Y T} Q^Y K^{X T} / d, a rank-d product (Q^X M)(K^X)^T.
+  """
+  d = q_here.shape[-1]
+  left = q_here @ ((k_there.T @ q_there) / d)
+  right = k_here
+  return (_inner(target_left.T @ target_left, target_right.T @ target_right)
+          - 2 * _inner(target_left.T @ left, target_right.T @ right)
+          + _inner(left.T @ left, right.T @ right))
+
+
+def lia_lowrank(z_x: jax.Array, z_y: jax.Array, w_q: jax.Array, b_q: jax.Array,
+                w_k: jax.Array, b_k: jax.Array, form: str = "authors") -> jax.Array:
+  """Latent individual alignment loss (eqs. 10-12) in O(N d^2)."""
+  _check_form(form)
+  q_x, k_x = z_x @ w_q + b_q, z_x @ w_k + b_k                 # eq. (11)
+  q_y, k_y = z_y @ w_q + b_q, z_y @ w_k + b_k
+  tl_x, tr_x = _lia_target_factors(z_x, q_x, k_x, form)
+  tl_y, tr_y = _lia_target_factors(z_y, q_y, k_y, form)
+  res_x = _cycle_residual_sq(tl_x, tr_x, q_x, k_x, q_y, k_y)
+  res_y = _cycle_residual_sq(tl_y, tr_y, q_y, k_y, q_x, k_x)
+  power = 2 if form == "paper" else 1
+  return res_x / z_x.shape[0] ** power + res_y / z_y.shape[0] ** power
+
+
+def lia_direct(z_x: jax.Array, z_y: jax.Array, w_q: jax.Array, b_q: jax.Array,
+               w_k: jax.Array, b_k: jax.Array, form: str = "authors") -> jax.Array:
+  """Reference: eqs. (10)-(12) with the N x N matrices."""
+  _check_form(form)
+  d = w_q.shape[-1]
+  q_x, k_x = z_x @ w_q + b_q, z_x @ w_k + b_k
+  q_y, k_y = z_y @ w_q + b_q, z_y @ w_k + b_k
+  attn_xy = q_x @ k_y.T / jnp.sqrt(d)
+  attn_yx = q_y @ k_x.T / jnp.sqrt(d)
+  if form == "paper":
+    cor_x, cor_y = z_x @ z_x.T, z_y @ z_y.T
+    power = 2
+  else:
+    cor_x, cor_y = q_x @ k_x.T / jnp.sqrt(d), q_y @ k_y.T / jnp.sqrt(d)
+    power = 1
+  return (jnp.sum((cor_x - attn_xy @ attn_yx) ** 2) / z_x.shape[0] ** power
+          + jnp.sum((cor_y - attn_yx @ attn_xy) ** 2) / z_y.shape[0] ** power)

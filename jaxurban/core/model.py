@@ -1,0 +1,102 @@
+"""CoRE: two city encoders, a shared cross-city attention, and the loss of eq. (13)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxurban.core import losses
+from jaxurban.core.gat import GATEncoder, _uniform
+from jaxurban.graph import CityGraph
+
+
+class QueryKey(NamedTuple):
+  """W^q, W^k of eq. (11), with the biases of the authors' ``nn.Linear``."""
+  w_q: jax.Array
+  b_q: jax.Array
+  w_k: jax.Array
+  b_k: jax.Array
+
+
+class CoRE(nn.Module):
+  """Embeds the regions of cities X and Y; returns (Z^X, Z^Y, W^q/W^k)."""
+  n_regions_x: int
+  n_regions_y: int
+  features: int = 128
+  heads: int = 8
+  layers: int = 2
+  implementation: str = "tables"
+
+  @nn.compact
+  def __call__(self, city_x: CityGraph, city_y: CityGraph):
+    # One PReLU for both encoders, initialised at 0.25 like torch.nn.PReLU.
+    slope = self.param("prelu_slope", nn.initializers.constant(0.25), ())
+    encoder = lambda n, name: GATEncoder(n, self.features, self.heads,
+                                         self.layers, self.implementation,
+                                         name=name)
+    z_x = encoder(self.n_regions_x, "encoder_x")(city_x, slope)
+    z_y = encoder(self.n_regions_y, "encoder_y")(city_y, slope)
+    # torch.nn.Linear's default initialisation, U(+-1/sqrt(fan_in)).
+    bound = 1.0 / math.sqrt(self.features)
+    shape = (self.features, self.features)
+    query_key = QueryKey(
+        w_q=self.param("w_q", _uniform(bound), shape),
+        b_q=self.param("b_q", _uniform(bound), (self.features,)),
+        w_k=self.param("w_k", _uniform(bound), shape),
+        b_k=self.param("b_k", _uniform(bound), (self.features,)))
+    return z_x, z_y, query_key
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+  """What enters eq. (13) and in which form.
+
+  Attributes:
+    alpha: weight of the latent manifold alignment loss (0 disables it).
+    beta: weight of the latent individual alignment loss (0 disables it).
+    n_anchors: N_a, fresh Gaussian anchors drawn every step.
+    form: "authors" or "paper" (see `jaxurban.core.losses`).
+    direct: use the N x N reference forms instead of the O(N d^2) ones.
+  """
+  alpha: float = 1.0
+  beta: float = 1.0
+  n_anchors: int = 1000
+  form: str = "authors"
+  direct: bool = False
+
+
+def alignment_losses(z_x, z_y, query_key: QueryKey, key: jax.Array,
+                     settings: LossSettings) -> dict[str, jax.Array]:
+  """LMA (eq. 9) and LIA (eq. 12) for a pair of embeddings."""
+  out = {}
+  if settings.alpha:
+    anchors = jax.random.normal(key, (settings.n_anchors, z_x.shape[-1]), z_x.dtype)
+    lma = losses.lma_direct if settings.direct else losses.lma_lowrank
+    out["lma"] = lma(z_x, z_y, anchors, settings.form)
+  if settings.beta:
+    lia = losses.lia_direct if settings.direct else losses.lia_lowrank
+    out["lia"] = lia(z_x, z_y, *query_key, form=settings.form)
+  return out
+
+
+def mobility_losses(z_x, z_y, city_x: CityGraph, city_y: CityGraph,
+                    settings: LossSettings) -> dict[str, jax.Array]:
+  """L^RE of eq. (4) for both cities."""
+  def one(z, city):
+    if settings.direct:
+      target = jnp.zeros((city.n_regions, city.n_regions), z.dtype)
+      target = target.at[city.origin_rows].set(city.target_rows)
+      return losses.mobility_loss_direct(z, target)
+    return losses.mobility_loss(z, city.origin_rows, city.target_rows)
+  return {"re_x": one(z_x, city_x), "re_y": one(z_y, city_y)}
+
+
+def total_loss(terms: dict[str, jax.Array], settings: LossSettings) -> jax.Array:
+  """Eq. (13): (L^RE_X + L^RE_Y) + alpha L^LMA + beta L^LIA."""
+  total = terms.get("re_x", 0.0) + terms.get("re_y", 0.0)
+  total = total + settings.alpha * terms.get("lma", 0.0)
+  return total + settings.beta * terms.get("lia", 0.0)

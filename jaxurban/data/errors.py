@@ -1,0 +1,44 @@
+"""The single error type raised by every data loader.
+
+A data problem is only actionable when the message says which file, which
+column and what is wrong, so the constructor takes those three parts
+separately and always formats them the same way::
+
+    regionmap_xa.mob: column 'mobility_weight': 3 negative weights (first at row 17)
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["DataError"]
+
+
+class DataError(ValueError):
+    """A data file is missing, unreadable or inconsistent.
+
+    Subclasses ``ValueError`` so callers that already guard against bad
+    values keep working.
+
+    Args:
+      file: the file or folder concerned (shown as given; loaders pass the
+        bare file name for content problems and the full path for missing
+        files).
+      problem: what is wrong, in words, with counts where they help.
+      column: the CSV column or array field concerned, if any.
+    """
+
+    def __init__(self, file: str | os.PathLike, problem: str, column: str | None = None):
+        self.file = os.fspath(file)
+        self.column = column
+        self.problem = problem
+        parts = [self.file]
+        if column is not None:
+            parts.append(f"column {column!r}")
+        parts.append(problem)
+        super().__init__(": ".join(parts))
+
+    def __reduce__(self):
+        # Keep the error picklable (multiprocessing, pytest-xdist) despite the
+        # non-standard constructor signature.
+        return (type(self), (self.file, self.problem, self.column))
