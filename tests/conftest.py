@@ -51,3 +51,16 @@ def core_city(data_root):
         return loaded[key]
 
     return get
+
+
+@pytest.fixture
+def rng(request) -> "np.random.Generator":
+    """A fresh random generator per test; its seed is reported on failure."""
+    import secrets
+
+    import numpy as np
+
+    seed = secrets.randbits(32)
+    request.node.user_properties.append(("rng_seed", seed))
+    print(f"rng seed for {request.node.name}: {seed}")
+    return np.random.default_rng(seed)

@@ -1,0 +1,335 @@
+"""Training and evaluation of CoRE and its ablations/baselines on a city pair.
+
+K seeds train together: parameters and optimiser states carry a leading seed
+axis and one jitted, vmapped function advances all of them by a chunk of
+epochs under ``lax.scan``. Between chunks the driver prints progress and
+writes an orbax checkpoint from which a killed run resumes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxurban.checkpoint import Checkpointer, save_npy_atomic, write_json_atomic
+from jaxurban.core import losses as core_losses
+from jaxurban.core.model import (CoRE, LossSettings, alignment_losses,
+                                 mobility_losses, total_loss)
+from jaxurban.graph import CityGraph, city_graph
+
+VARIANTS = ("core", "no-lma", "no-lia", "two-stage", "individual", "rp")
+
+
+@dataclasses.dataclass(frozen=True)
+class CoreConfig:
+  """One CoRE run on a city pair.
+
+  Attributes:
+    city_x, city_y: city codes under ``<data_root>/core`` (case-insensitive);
+      X is listed first in outputs.
+    data_root: data folder; None reads the JAXURBAN_DATA variable.
+    variant: "core" (eq. 13), "no-lma" / "no-lia" (ablations of the paper's
+      Sec. 4.5), "two-stage" (embeddings first, alignment of frozen
+      embeddings second), "individual" (mobility loss only: no alignment),
+      "rp" (individual embeddings aligned by rank anchoring + orthogonal
+      Procrustes, Yabe et al. 2020).
+    seeds: number of seeds trained together; seeds are first_seed, ...,
+      first_seed + seeds - 1.
+    first_seed: the first seed.
+    epochs: full-batch training epochs (per stage for "two-stage").
+    learning_rate: Adam's learning rate.
+    features, heads, layers: GAT width d, attention heads H, layers.
+    n_anchors: N_a, Gaussian anchors drawn afresh every epoch.
+    alpha, beta: weights of LMA and LIA in eq. (13).
+    loss_form: "authors" or "paper" variant of LMA/LIA.
+    direct: use the N x N reference loss forms (slow; for checks).
+    gat_implementation: "tables" or "segment".
+    log_every: epochs per jitted chunk and progress line.
+    checkpoint_every: epochs between checkpoints (rounded to chunks).
+    plot: write the 2-D picture of both cities' embeddings.
+  """
+  city_x: str = "xa"
+  city_y: str = "cd"
+  data_root: str | None = None
+  variant: str = "core"
+  seeds: int = 1
+  first_seed: int = 0
+  epochs: int = 600
+  learning_rate: float = 1e-3
+  features: int = 128
+  heads: int = 8
+  layers: int = 2
+  n_anchors: int = 1000
+  alpha: float = 1.0
+  beta: float = 1.0
+  loss_form: str = "authors"
+  direct: bool = False
+  gat_implementation: str = "tables"
+  log_every: int = 50
+  checkpoint_every: int = 100
+  plot: bool = True
+
+  def __post_init__(self):
+    problems = []
+    if self.variant not in VARIANTS:
+      problems.append(f"variant {self.variant!r} not in {VARIANTS}")
+    if self.loss_form not in core_losses.FORMS:
+      problems.append(f"loss_form {self.loss_form!r} not in {core_losses.FORMS}")
+    for name in ("seeds", "epochs", "features", "heads", "layers", "n_anchors",
+                 "log_every", "checkpoint_every"):
+      if getattr(self, name) < 1:
+        problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.city_x.lower() == self.city_y.lower():
+      problems.append(f"the two cities must differ, got {self.city_x!r} twice")
+    if problems:
+      raise ValueError("CoreConfig: " + "; ".join(problems))
+
+  def loss_settings(self) -> LossSettings:
+    alpha = 0.0 if self.variant in ("no-lma", "individual", "rp") else self.alpha
+    beta = 0.0 if self.variant in ("no-lia", "individual", "rp") else self.beta
+    return LossSettings(alpha=alpha, beta=beta, n_anchors=self.n_anchors,
+                        form=self.loss_form, direct=self.direct)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+# Config keys that may change between a run and its resumption.
+_RESUMABLE_KEYS = ("data_root", "log_every", "checkpoint_every", "plot")
+
+
+def load_city_graph(name: str, data_root=None):
+  """Loads a city and builds its encoder graph and mobility target."""
+  from jaxurban.data.core_city import load_city
+  city = load_city(name, data_root)
+  graph = city_graph(city.edge_origin, city.edge_destination, city.edge_weight,
+                     city.edge_weight_raw, city.n_regions, od_flow=city.od_flow)
+  return city, graph
+
+
+def _chunk_length(epochs: int, log_every: int) -> int:
+  """Largest divisor of `epochs` not above `log_every` (one compiled chunk)."""
+  return max(d for d in range(1, min(epochs, log_every) + 1) if epochs % d == 0)
+
+
+def make_chunk(loss_fn: Callable, optimizer: optax.GradientTransformation,
+               length: int, per_seed_data: bool = False) -> Callable:
+  """A jitted function advancing all seeds by `length` epochs.
+
+  ``loss_fn(params, key, *data) -> (loss, terms)``. The state is the tuple
+  (params, opt_state, key) with a leading seed axis, and it is donated. The
+  data arguments are shared by all seeds unless `per_seed_data`, when they
+  too carry the seed axis. Returns the new state and the chunk-mean of every
+  loss term per seed.
+  """
+  def one_seed(state, *data):
+    def epoch(carry, _):
+      params, opt_state, key = carry
+      key, step_key = jax.random.split(key)
+      (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, step_key, *data)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state, key), terms
+    state, terms = jax.lax.scan(epoch, state, None, length=length)
+    return state, jax.tree.map(lambda t: t.mean(axis=0), terms)
+
+  def chunk(state, *data):
+    data_axis = 0 if per_seed_data else None
+    return jax.vmap(one_seed, in_axes=(0,) + (data_axis,) * len(data))(state, *data)
+  return jax.jit(chunk, donate_argnums=0)
+
+
+def _log(message: str) -> None:
+  print(message, flush=True)
+
+
+def _run_stage(name: str, workdir: pathlib.Path, config: CoreConfig,
+               loss_fn: Callable, init_params: Any, keys: jax.Array,
+               data: tuple, epochs: int,
+               per_seed_data: bool = False) -> tuple[Any, dict]:
+  """Trains one stage with checkpoints under ``workdir/checkpoints/<name>``."""
+  optimizer = optax.adam(config.learning_rate)
+  state = (init_params, jax.vmap(optimizer.init)(init_params), keys)
+  checkpointer = Checkpointer(workdir, subdir=name)
+  start = 0
+  restored = checkpointer.restore(state, config.to_dict(), ignore=_RESUMABLE_KEYS)
+  if restored is not None:
+    start, state = restored
+    _log(f"[{name}] resuming from the checkpoint at epoch {start}")
+  length = _chunk_length(epochs, config.log_every)
+  save_every = max(length, (config.checkpoint_every // length) * length)
+  chunk = make_chunk(loss_fn, optimizer, length, per_seed_data)
+  history = []
+  started = time.perf_counter()
+  for epoch in range(start, epochs, length):
+    state, terms = chunk(state, *data)
+    terms = jax.device_get(terms)
+    done = epoch + length
+    total = sum(float(np.mean(v)) for v in terms.values())
+    row = {"epoch": done, **{k: float(np.mean(v)) for k, v in terms.items()}}
+    history.append(row)
+    parts = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
+    _log(f"[{name}] epoch {done:>5}/{epochs}  sum {total:.4g}  {parts}  "
+         f"({time.perf_counter() - started:.1f} s)")
+    if done % save_every == 0 or done == epochs:
+      checkpointer.save(done, state, config.to_dict())
+  checkpointer.close()
+  return state[0], {"history": history,
+                    "seconds": time.perf_counter() - started,
+                    "resumed_from": start}
+
+
+def train_embeddings(config: CoreConfig, workdir: str | pathlib.Path,
+                     graph_x: CityGraph, graph_y: CityGraph) -> tuple[np.ndarray, np.ndarray, dict]:
+  """Trains the configured variant; returns Z^X, Z^Y as [K, N, d] and a log."""
+  workdir = pathlib.Path(workdir)
+  settings = config.loss_settings()
+  model = CoRE(graph_x.n_regions, graph_y.n_regions, config.features,
+               config.heads, config.layers, config.gat_implementation)
+  seeds = jnp.arange(config.first_seed, config.first_seed + config.seeds)
+  init_keys, train_keys = jax.vmap(lambda s: jax.random.split(
+      jax.random.PRNGKey(s)), out_axes=1)(seeds)
+  params = jax.jit(jax.vmap(lambda k: model.init(k, graph_x, graph_y)["params"]))(
+      init_keys)
+
+  joint = config.variant not in ("two-stage", "individual", "rp")
+  stage_settings = settings if joint else dataclasses.replace(settings, alpha=0.0, beta=0.0)
+
+  def embed_loss(p, key, gx, gy):
+    z_x, z_y, query_key = model.apply({"params": p}, gx, gy)
+    terms = mobility_losses(z_x, z_y, gx, gy, stage_settings)
+    terms.update(alignment_losses(z_x, z_y, query_key, key, stage_settings))
+    return total_loss(terms, stage_settings), terms
+
+  params, log = _run_stage("embed", workdir, config, embed_loss, params,
+                           train_keys, (graph_x, graph_y), config.epochs)
+  embed = jax.jit(jax.vmap(lambda p: model.apply({"params": p}, graph_x, graph_y)))
+  z_x, z_y, query_key = embed(params)
+  logs = {"embed": log}
+
+  if config.variant == "two-stage":
+    z_x, z_y, log = _align_frozen(config, workdir, settings, z_x, z_y,
+                                  query_key, train_keys)
+    logs["align"] = log
+  return np.asarray(z_x), np.asarray(z_y), logs
+
+
+def _align_frozen(config, workdir, settings, z_x, z_y, query_key, keys):
+  """Second stage of "two-stage": LMA + LIA on frozen embeddings.
+
+  Only a linear map T (initialised to the identity) applied to Z^Y and the
+  cross-attention W^q, W^k are trained, like the translation stage of
+  two-stage methods; the encoders no longer move.
+  """
+  d = z_x.shape[-1]
+  params = {"translation": jnp.broadcast_to(jnp.eye(d), (z_x.shape[0], d, d)),
+            "query_key": query_key}
+
+  def align_loss(p, key, zx, zy):
+    terms = alignment_losses(zx, zy @ p["translation"], p["query_key"], key, settings)
+    return total_loss(terms, settings), terms
+
+  stage_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+  params, log = _run_stage("align", workdir, config, align_loss, params,
+                           stage_keys, (z_x, z_y), config.epochs,
+                           per_seed_data=True)
+  return z_x, z_y @ params["translation"], log
+
+
+def evaluate_embeddings(z_x, z_y, city_x, city_y, **translated) -> dict:
+  """Cross-city scores in both directions, every metric a [K] array.
+
+  ``translated`` optionally holds ``emb_y_in_x`` / ``emb_x_in_y`` for
+  translation baselines (see `jaxurban.eval.cross_city.evaluate_pair`).
+  """
+  from jaxurban.eval.cross_city import evaluate_pair
+  return evaluate_pair(z_x, z_y, city_x.labels, city_y.labels,
+                       city_x.name, city_y.name, **translated)
+
+
+def train_and_evaluate(config: CoreConfig, workdir: str | pathlib.Path) -> dict:
+  """Trains, evaluates and writes every output of a run into `workdir`.
+
+  Outputs: ``<x>_region_emb.npy`` and ``<y>_region_emb.npy`` ([K, N, d]),
+  ``metrics.json`` (config, per-seed scores, mean and std, reference row,
+  timings), ``checkpoints/`` (orbax, resumable) and ``embeddings.png``.
+  """
+  from jaxurban.eval.cross_city import PUBLISHED_CORE, format_table
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  wall_start = time.perf_counter()
+  city_x, graph_x = load_city_graph(config.city_x, config.data_root)
+  city_y, graph_y = load_city_graph(config.city_y, config.data_root)
+  _log(f"{city_x.name.upper()}: {city_x.n_regions} regions, "
+       f"{len(city_x.edge_origin)} mobility edges; {city_y.name.upper()}: "
+       f"{city_y.n_regions} regions, {len(city_y.edge_origin)} mobility edges; "
+       f"variant {config.variant}, {config.seeds} seed(s), {config.epochs} epochs, "
+       f"devices {jax.devices()}")
+  z_x, z_y, logs = train_embeddings(config, workdir, graph_x, graph_y)
+  translated = {}
+  if config.variant == "rp":
+    translated = rank_procrustes(z_x, z_y, city_x, city_y)
+  train_seconds = time.perf_counter() - wall_start
+
+  results = evaluate_embeddings(z_x, z_y, city_x, city_y, **translated)
+  reference = PUBLISHED_CORE.get((city_x.name, city_y.name)) or \
+      PUBLISHED_CORE.get((city_y.name, city_x.name))
+  _log(format_table(results, reference=reference))
+
+  save_npy_atomic(workdir / f"{city_x.name}_region_emb.npy", z_x.astype(np.float32))
+  save_npy_atomic(workdir / f"{city_y.name}_region_emb.npy", z_y.astype(np.float32))
+  if translated:
+    save_npy_atomic(workdir / f"{city_y.name}_in_{city_x.name}_region_emb.npy",
+                    translated["emb_y_in_x"])
+    save_npy_atomic(workdir / f"{city_x.name}_in_{city_y.name}_region_emb.npy",
+                    translated["emb_x_in_y"])
+  summary = {
+      "config": config.to_dict(),
+      "seeds": list(range(config.first_seed, config.first_seed + config.seeds)),
+      "scores": _to_lists(results),
+      "summary": _mean_std(results),
+      "published_embeddings_reference": reference,
+      "train_seconds_including_compilation": train_seconds,
+      "training_log": logs,
+      "jax_version": jax.__version__,
+      "devices": [str(d) for d in jax.devices()],
+  }
+  write_json_atomic(workdir / "metrics.json", summary)
+  if config.plot:
+    from jaxurban.viz.embedding_plot import plot_city_embeddings
+    plot_city_embeddings(z_x[0], z_y[0], city_x.labels["gdp"], city_y.labels["gdp"],
+                         city_x.name.upper(), city_y.name.upper(),
+                         workdir / "embeddings.png",
+                         title=f"{config.variant}, seed {config.first_seed}")
+  _log(f"wrote {workdir}/metrics.json, embeddings and checkpoints "
+       f"({time.perf_counter() - wall_start:.1f} s in all)")
+  return summary
+
+
+def rank_procrustes(z_x, z_y, city_x, city_y) -> dict[str, np.ndarray]:
+  """RP baseline on [K, N, d] embeddings: each city mapped into the other's
+  space by rank anchoring on mobility volume + orthogonal Procrustes."""
+  from jaxurban.core.baselines import mobility_volume, translate_both_ways
+  volume = lambda c: mobility_volume(c.edge_origin, c.edge_destination,
+                                     c.edge_weight_raw, c.n_regions)
+  stat_x, stat_y = volume(city_x), volume(city_y)
+  y_in_x, x_in_y = jax.vmap(lambda a, b: translate_both_ways(a, b, stat_x, stat_y))(
+      jnp.asarray(z_x), jnp.asarray(z_y))
+  return {"emb_y_in_x": np.asarray(y_in_x), "emb_x_in_y": np.asarray(x_in_y)}
+
+
+def _to_lists(tree):
+  return jax.tree.map(lambda v: np.asarray(v).tolist(), tree)
+
+
+def _mean_std(results: dict) -> dict:
+  return jax.tree.map(lambda v: {"mean": float(np.mean(v)),
+                                 "std": float(np.std(v))}, results)
