@@ -24,22 +24,42 @@ import numpy as np
 
 
 @chex.dataclass(frozen=True)
-class NeighbourGraph:
-  """Receiver-major padded adjacency of one city (all fields are arrays).
+class NeighbourTable:
+  """Padded in-neighbour lists of a set of receivers (all fields are arrays).
 
   Attributes:
-    in_index: [N, K] int32, sender of the k-th incoming edge of each receiver
-      (padding slots point at row 0 and are masked out).
-    in_weight: [N, K] float32, edge weight w_ij of that edge (0 on padding).
-    in_mask: [N, K] bool, True on real edges.
-    out_slot: [N, K_out] int32, flat positions ``receiver * K + k`` of the
-      table slots whose sender is this region; padding points at N * K, one
-      past the end, where the backward pass keeps a zero row.
+    receivers: [R] int32, the regions whose in-neighbours are listed.
+    in_index: [R, K] int32, sender of the k-th incoming edge of each receiver
+      (padding slots point at region 0 and are masked out).
+    in_weight: [R, K] float32, edge weight w_ij of that edge (0 on padding).
+    in_mask: [R, K] bool, True on real edges.
+    out_slot: [N, K_out] int32, for every region of the city the flat
+      positions ``r * K + k`` of the slots in which it is the sender; padding
+      points at R * K, one past the end, where the backward keeps a zero row.
   """
+  receivers: jax.Array
   in_index: jax.Array
   in_weight: jax.Array
   in_mask: jax.Array
   out_slot: jax.Array
+
+
+@chex.dataclass(frozen=True)
+class NeighbourGraph:
+  """Receiver-major adjacency of one city, receivers bucketed by in-degree.
+
+  In-degrees of mobility graphs are skewed (XA: median 10, maximum 30), so a
+  single table padded to the maximum degree would be mostly padding. Each
+  bucket holds the receivers whose in-degree fits its width (widths double),
+  which bounds the padding at 2x.
+
+  Attributes:
+    buckets: tables whose receivers partition the regions.
+    inverse_order: [N] int32, position of each region in the concatenation
+      of the buckets' receivers.
+  """
+  buckets: tuple[NeighbourTable, ...]
+  inverse_order: jax.Array
 
 
 def add_mean_self_loops(origin: np.ndarray, destination: np.ndarray,
@@ -63,39 +83,65 @@ def add_mean_self_loops(origin: np.ndarray, destination: np.ndarray,
           np.concatenate([weight, loop_weight]).astype(np.float64))
 
 
-def neighbour_graph(senders: np.ndarray, receivers: np.ndarray,
-                    weight: np.ndarray, n_regions: int) -> NeighbourGraph:
-  """Builds the padded in-neighbour and out-slot tables of a directed graph."""
-  senders = np.asarray(senders, np.int64)
-  receivers = np.asarray(receivers, np.int64)
-  order = np.lexsort((senders, receivers))  # receiver-sorted, stable
-  senders, receivers = senders[order], receivers[order]
-  weight = np.asarray(weight, np.float64)[order]
-  in_degree = np.bincount(receivers, minlength=n_regions)
-  width = max(int(in_degree.max(initial=0)), 1)
-  first = np.concatenate([[0], np.cumsum(in_degree)[:-1]])
-  slot = np.arange(len(receivers)) - first[receivers]
+def _table(senders, receivers, weight, rows, n_regions) -> NeighbourTable:
+  """One padded table for the receivers `rows` (edges receiver-sorted)."""
+  position = np.full(n_regions, -1)
+  position[rows] = np.arange(len(rows))
+  keep = position[receivers] >= 0
+  senders, receivers, weight = senders[keep], receivers[keep], weight[keep]
+  local = position[receivers]
+  degree = np.bincount(local, minlength=len(rows))
+  width = max(int(degree.max(initial=0)), 1)
+  first = np.concatenate([[0], np.cumsum(degree)[:-1]])
+  slot = np.arange(len(local)) - first[local]
 
-  in_index = np.zeros((n_regions, width), np.int32)
-  in_weight = np.zeros((n_regions, width), np.float32)
-  in_mask = np.zeros((n_regions, width), bool)
-  in_index[receivers, slot] = senders
-  in_weight[receivers, slot] = weight
-  in_mask[receivers, slot] = True
+  in_index = np.zeros((len(rows), width), np.int32)
+  in_weight = np.zeros((len(rows), width), np.float32)
+  in_mask = np.zeros((len(rows), width), bool)
+  in_index[local, slot] = senders
+  in_weight[local, slot] = weight
+  in_mask[local, slot] = True
 
-  flat = receivers * width + slot
+  flat = local * width + slot
   out_order = np.argsort(senders, kind="stable")
   out_degree = np.bincount(senders, minlength=n_regions)
   out_width = max(int(out_degree.max(initial=0)), 1)
   out_first = np.concatenate([[0], np.cumsum(out_degree)[:-1]])
   sorted_senders = senders[out_order]
   out_k = np.arange(len(sorted_senders)) - out_first[sorted_senders]
-  out_slot = np.full((n_regions, out_width), n_regions * width, np.int32)
+  out_slot = np.full((n_regions, out_width), len(rows) * width, np.int32)
   out_slot[sorted_senders, out_k] = flat[out_order]
-  return NeighbourGraph(in_index=jnp.asarray(in_index),
+  return NeighbourTable(receivers=jnp.asarray(rows, jnp.int32),
+                        in_index=jnp.asarray(in_index),
                         in_weight=jnp.asarray(in_weight),
                         in_mask=jnp.asarray(in_mask),
                         out_slot=jnp.asarray(out_slot))
+
+
+def neighbour_graph(senders: np.ndarray, receivers: np.ndarray,
+                    weight: np.ndarray, n_regions: int,
+                    bucketed: bool = True) -> NeighbourGraph:
+  """Builds the padded in-neighbour and out-slot tables of a directed graph.
+
+  With ``bucketed=False`` there is one table padded to the maximum degree.
+  """
+  senders = np.asarray(senders, np.int64)
+  receivers = np.asarray(receivers, np.int64)
+  order = np.lexsort((senders, receivers))  # receiver-sorted, stable
+  senders, receivers = senders[order], receivers[order]
+  weight = np.asarray(weight, np.float64)[order]
+  degree = np.bincount(receivers, minlength=n_regions)
+  if bucketed:
+    # Width of each region's bucket: the next power of two >= its degree.
+    width = 2 ** np.ceil(np.log2(np.maximum(degree, 1))).astype(int)
+    groups = [np.flatnonzero(width == w) for w in np.unique(width)]
+  else:
+    groups = [np.arange(n_regions)]
+  buckets = tuple(_table(senders, receivers, weight, rows, n_regions)
+                  for rows in groups)
+  inverse_order = np.empty(n_regions, np.int32)
+  inverse_order[np.concatenate(groups)] = np.arange(n_regions)
+  return NeighbourGraph(buckets=buckets, inverse_order=jnp.asarray(inverse_order))
 
 
 def graphs_tuple(senders: np.ndarray, receivers: np.ndarray, weight: np.ndarray,

@@ -95,15 +95,20 @@ def test_self_loops_follow_mean_fill():
   assert len(senders) == 2 + 4
 
 
+@pytest.mark.parametrize("bucketed", [True, False])
 @pytest.mark.parametrize("n,width", [(7, 3), (50, 16)])
-def test_gather_rows_backward_equals_scatter(rng, n, width):
+def test_gather_rows_backward_equals_scatter(rng, n, width, bucketed):
   origin, destination, weight = random_mobility(rng, n, width)
-  table = neighbour_graph(origin, destination, weight, n)
+  graph = neighbour_graph(origin, destination, weight, n, bucketed=bucketed)
   x = jnp.asarray(rng.normal(size=(n, 5)), jnp.float32)
-  cotangent = jnp.asarray(rng.normal(size=table.in_index.shape + (5,)), jnp.float32)
-  cotangent = cotangent * table.in_mask[..., None]
-  ours = jax.vjp(lambda v: gather_rows(v, table.in_index, table.out_slot), x)[1](cotangent)[0]
-  plain = jax.vjp(lambda v: v[table.in_index], x)[1](cotangent)[0]
-  np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-6)
-  # Every real edge appears exactly once in the table.
-  assert int(table.in_mask.sum()) == len(origin)
+  for table in graph.buckets:
+    cotangent = jnp.asarray(rng.normal(size=table.in_index.shape + (5,)), jnp.float32)
+    cotangent = cotangent * table.in_mask[..., None]
+    ours = jax.vjp(lambda v: gather_rows(v, table.in_index, table.out_slot), x)[1](cotangent)[0]
+    plain = jax.vjp(lambda v: v[table.in_index], x)[1](cotangent)[0]
+    np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-6)
+  # Every real edge appears exactly once, every region in exactly one bucket.
+  assert sum(int(t.in_mask.sum()) for t in graph.buckets) == len(origin)
+  receivers = np.concatenate([np.asarray(t.receivers) for t in graph.buckets])
+  np.testing.assert_array_equal(np.sort(receivers), np.arange(n))
+  np.testing.assert_array_equal(receivers[np.asarray(graph.inverse_order)], np.arange(n))

@@ -74,16 +74,10 @@ class GATLayer(nn.Module):
     src_logit, dst_logit = x @ src_vectors, x @ dst_vectors  # [N, H]
 
     if self.implementation == "tables":
-      table = city.neighbours
-      logits = (gather_rows(src_logit, table.in_index, table.out_slot)
-                + dst_logit[:, None, :]
-                + table.in_weight[..., None] * edge_scale)       # [N, K, H]
-      logits = nn.leaky_relu(logits, self.negative_slope)
-      logits = jnp.where(table.in_mask[..., None], logits, -jnp.inf)
-      alpha = jax.nn.softmax(logits, axis=1)
-      alpha = jnp.where(table.in_mask[..., None], alpha, 0.0)
-      neighbours = gather_rows(x, table.in_index, table.out_slot)  # [N, K, d_in]
-      aggregated = jnp.einsum("nkh,nki->nhi", alpha, neighbours)
+      parts = [_aggregate_bucket(bucket, x, src_logit, dst_logit, edge_scale,
+                                 self.negative_slope)
+               for bucket in city.neighbours.buckets]
+      aggregated = jnp.concatenate(parts)[city.neighbours.inverse_order]
     elif self.implementation == "segment":
       graph = city.graph
       n = x.shape[0]
@@ -99,6 +93,19 @@ class GATLayer(nn.Module):
       raise ValueError(f"GATLayer.implementation: unknown {self.implementation!r}"
                        " (expected 'tables' or 'segment')")
     return jnp.einsum("nhi,hio->no", aggregated, kernel) / h + bias
+
+
+def _aggregate_bucket(table, x, src_logit, dst_logit, edge_scale, slope):
+  """sum_j alpha_ij^h x_j for the receivers of one neighbour table: [R, H, d_in]."""
+  logits = (gather_rows(src_logit, table.in_index, table.out_slot)
+            + dst_logit[table.receivers][:, None, :]
+            + table.in_weight[..., None] * edge_scale)           # [R, K, H]
+  logits = nn.leaky_relu(logits, slope)
+  logits = jnp.where(table.in_mask[..., None], logits, -jnp.inf)
+  alpha = jax.nn.softmax(logits, axis=1)
+  alpha = jnp.where(table.in_mask[..., None], alpha, 0.0)
+  neighbours = gather_rows(x, table.in_index, table.out_slot)    # [R, K, d_in]
+  return jnp.einsum("rkh,rki->rhi", alpha, neighbours)
 
 
 class GATEncoder(nn.Module):

@@ -187,28 +187,43 @@ def _run_stage(name: str, workdir: pathlib.Path, config: CoreConfig,
                     "resumed_from": start}
 
 
+def build_model(config: CoreConfig, graph_x: CityGraph, graph_y: CityGraph) -> CoRE:
+  return CoRE(graph_x.n_regions, graph_y.n_regions, config.features,
+              config.heads, config.layers, config.gat_implementation)
+
+
+def init_params(model: CoRE, seeds: jax.Array, graph_x: CityGraph,
+                graph_y: CityGraph) -> tuple[Any, jax.Array]:
+  """Per-seed parameters and training keys, both with a leading seed axis."""
+  init_keys, train_keys = jax.vmap(lambda s: jax.random.split(
+      jax.random.PRNGKey(s)), out_axes=1)(seeds)
+  params = jax.jit(jax.vmap(lambda k: model.init(k, graph_x, graph_y)["params"]))(
+      init_keys)
+  return params, train_keys
+
+
+def make_embed_loss(model: CoRE, settings: LossSettings) -> Callable:
+  """``loss(params, key, graph_x, graph_y) -> (eq. 13, terms)`` for one seed."""
+  def embed_loss(params, key, graph_x, graph_y):
+    z_x, z_y, query_key = model.apply({"params": params}, graph_x, graph_y)
+    terms = mobility_losses(z_x, z_y, graph_x, graph_y, settings)
+    terms.update(alignment_losses(z_x, z_y, query_key, key, settings))
+    return total_loss(terms, settings), terms
+  return embed_loss
+
+
 def train_embeddings(config: CoreConfig, workdir: str | pathlib.Path,
                      graph_x: CityGraph, graph_y: CityGraph) -> tuple[np.ndarray, np.ndarray, dict]:
   """Trains the configured variant; returns Z^X, Z^Y as [K, N, d] and a log."""
   workdir = pathlib.Path(workdir)
   settings = config.loss_settings()
-  model = CoRE(graph_x.n_regions, graph_y.n_regions, config.features,
-               config.heads, config.layers, config.gat_implementation)
+  model = build_model(config, graph_x, graph_y)
   seeds = jnp.arange(config.first_seed, config.first_seed + config.seeds)
-  init_keys, train_keys = jax.vmap(lambda s: jax.random.split(
-      jax.random.PRNGKey(s)), out_axes=1)(seeds)
-  params = jax.jit(jax.vmap(lambda k: model.init(k, graph_x, graph_y)["params"]))(
-      init_keys)
+  params, train_keys = init_params(model, seeds, graph_x, graph_y)
 
   joint = config.variant not in ("two-stage", "individual", "rp")
   stage_settings = settings if joint else dataclasses.replace(settings, alpha=0.0, beta=0.0)
-
-  def embed_loss(p, key, gx, gy):
-    z_x, z_y, query_key = model.apply({"params": p}, gx, gy)
-    terms = mobility_losses(z_x, z_y, gx, gy, stage_settings)
-    terms.update(alignment_losses(z_x, z_y, query_key, key, stage_settings))
-    return total_loss(terms, stage_settings), terms
-
+  embed_loss = make_embed_loss(model, stage_settings)
   params, log = _run_stage("embed", workdir, config, embed_loss, params,
                            train_keys, (graph_x, graph_y), config.epochs)
   embed = jax.jit(jax.vmap(lambda p: model.apply({"params": p}, graph_x, graph_y)))

@@ -1,0 +1,71 @@
+"""t-SNE, PCA projection and the two-city embedding plot."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxurban.viz import pca_2d, plot_city_embeddings, tsne
+from jaxurban.viz.embedding_plot import gdp_levels
+from jaxurban.viz.tsne import _conditional_p, _sq_dists
+
+
+def _blobs(rng, per=30, dim=10, sep=12.0):
+  # Three orthogonal directions: every pair of centres is ``sep`` apart, in a
+  # random orientation.
+  q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+  centers = q[:3] * sep / np.sqrt(2.0)
+  x = np.concatenate([c + rng.normal(size=(per, dim)) for c in centers])
+  return x.astype(np.float32), np.repeat(np.arange(3), per)
+
+
+def _knn_purity(y, labels, k=5):
+  d = ((y[:, None] - y[None]) ** 2).sum(-1)
+  np.fill_diagonal(d, np.inf)
+  nn = np.argsort(d, axis=1)[:, :k]
+  return float(np.mean(labels[nn] == labels[:, None]))
+
+
+def test_tsne_keeps_blobs_apart(rng):
+  x, labels = _blobs(rng)
+  y = np.asarray(tsne(x, perplexity=10.0, n_iter=300, n_exaggeration=100))
+  assert y.shape == (90, 2) and np.isfinite(y).all()
+  assert _knn_purity(y, labels) > 0.95
+
+
+def test_perplexity_calibration(rng):
+  x = rng.normal(size=(60, 5)).astype(np.float32)
+  p = np.asarray(_conditional_p(_sq_dists(jnp.asarray(x)), jnp.float32(12.0)))
+  np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-5)
+  assert np.all(np.diag(p) == 0)
+  ent = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), axis=1)
+  np.testing.assert_allclose(ent, np.log(12.0), atol=1e-3)
+
+
+def test_pca_2d_matches_svd(rng):
+  x = rng.normal(size=(80, 6)) * np.array([5, 3, 1, 1, 0.5, 0.1])
+  got = np.asarray(pca_2d(jnp.asarray(x, jnp.float32)))
+  xc = x - x.mean(0)
+  u, s, _ = np.linalg.svd(xc, full_matrices=False)
+  ref = u[:, :2] * s[:2]
+  np.testing.assert_allclose(np.abs(got), np.abs(ref), rtol=1e-3, atol=1e-3)
+
+
+def test_gdp_levels_tertiles():
+  lv = gdp_levels(np.arange(9.0))
+  np.testing.assert_array_equal(lv, [0, 0, 0, 1, 1, 1, 2, 2, 2])
+
+
+def test_plot_writes_png(rng, tmp_path):
+  z_x, z_y = rng.normal(size=(40, 8)), rng.normal(size=(30, 8)) + 1
+  g_x, g_y = rng.uniform(size=40), rng.uniform(size=30)
+  for method, kw in (("tsne", dict(perplexity=5.0, n_iter=60,
+                                   n_exaggeration=20)), ("pca", {})):
+    path = tmp_path / f"cities_{method}.png"
+    out = plot_city_embeddings(z_x, z_y, g_x, g_y, "cd", "xa", path,
+                               method=method, **kw)
+    assert out == path
+    data = path.read_bytes()
+    assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+  # Nothing but the two pictures: the temporary files were renamed.
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "cities_pca.png", "cities_tsne.png"]
