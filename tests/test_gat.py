@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxurban.core.gat import GATLayer
-from jaxurban.graph import add_mean_self_loops, city_graph, gather_rows, neighbour_graph
+from jaxurban.graph import add_mean_self_loops, city_graph, neighbour_graph, permute_rows
 
 
 def random_mobility(rng, n, edges_per_origin=4):
@@ -96,19 +96,31 @@ def test_self_loops_follow_mean_fill():
 
 
 @pytest.mark.parametrize("bucketed", [True, False])
-@pytest.mark.parametrize("n,width", [(7, 3), (50, 16)])
-def test_gather_rows_backward_equals_scatter(rng, n, width, bucketed):
+@pytest.mark.parametrize("n,width", [(7, 3), (50, 16), (300, 40)])
+def test_neighbour_tables_hold_every_edge_once(rng, n, width, bucketed):
   origin, destination, weight = random_mobility(rng, n, width)
-  graph = neighbour_graph(origin, destination, weight, n, bucketed=bucketed)
-  x = jnp.asarray(rng.normal(size=(n, 5)), jnp.float32)
+  graph = neighbour_graph(origin, destination, weight, n, bucketed=bucketed, min_bucket=8)
+  listed = set()
   for table in graph.buckets:
-    cotangent = jnp.asarray(rng.normal(size=table.in_index.shape + (5,)), jnp.float32)
-    cotangent = cotangent * table.in_mask[..., None]
-    ours = jax.vjp(lambda v: gather_rows(v, table.in_index, table.out_slot), x)[1](cotangent)[0]
-    plain = jax.vjp(lambda v: v[table.in_index], x)[1](cotangent)[0]
-    np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-6)
-  # Every real edge appears exactly once, every region in exactly one bucket.
-  assert sum(int(t.in_mask.sum()) for t in graph.buckets) == len(origin)
-  receivers = np.concatenate([np.asarray(t.receivers) for t in graph.buckets])
-  np.testing.assert_array_equal(np.sort(receivers), np.arange(n))
-  np.testing.assert_array_equal(receivers[np.asarray(graph.inverse_order)], np.arange(n))
+    for r, receiver in enumerate(np.asarray(table.receivers)):
+      for k in np.flatnonzero(np.asarray(table.in_mask[r])):
+        listed.add((int(table.in_index[r, k]), int(receiver), float(table.in_weight[r, k])))
+  expected = {(int(o), int(d), float(np.float32(w))) for o, d, w in zip(origin, destination, weight)}
+  assert listed == expected
+  # Every region in exactly one bucket, and the two orders are inverse.
+  order = np.asarray(graph.order)
+  np.testing.assert_array_equal(np.sort(order), np.arange(n))
+  np.testing.assert_array_equal(order[np.asarray(graph.inverse_order)], np.arange(n))
+  if bucketed and n > 50:
+    assert len(graph.buckets) > 1
+
+
+def test_permute_rows_backward_is_the_inverse_gather(rng):
+  n = 40
+  permutation = rng.permutation(n)
+  inverse = np.argsort(permutation)
+  x = jnp.asarray(rng.normal(size=(n, 3)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(n, 3)), jnp.float32)
+  ours = jax.vjp(lambda v: permute_rows(v, permutation, inverse), x)[1](cotangent)[0]
+  plain = jax.vjp(lambda v: v[permutation], x)[1](cotangent)[0]
+  np.testing.assert_array_equal(ours, plain)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import jraph
 
-from jaxurban.graph import CityGraph, gather_rows
+from jaxurban.graph import CityGraph, permute_rows
 
 Initializer = Callable[..., jax.Array]
 
@@ -77,7 +77,11 @@ class GATLayer(nn.Module):
       parts = [_aggregate_bucket(bucket, x, src_logit, dst_logit, edge_scale,
                                  self.negative_slope)
                for bucket in city.neighbours.buckets]
-      aggregated = jnp.concatenate(parts)[city.neighbours.inverse_order]
+      # Transform in bucket order, then undo the bucket order on [N, d] rows
+      # (a permutation, whose backward is a gather too).
+      transformed = jnp.einsum("nhi,hio->no", jnp.concatenate(parts), kernel)
+      return permute_rows(transformed, city.neighbours.inverse_order,
+                          city.neighbours.order) / h + bias
     elif self.implementation == "segment":
       graph = city.graph
       n = x.shape[0]
@@ -97,14 +101,14 @@ class GATLayer(nn.Module):
 
 def _aggregate_bucket(table, x, src_logit, dst_logit, edge_scale, slope):
   """sum_j alpha_ij^h x_j for the receivers of one neighbour table: [R, H, d_in]."""
-  logits = (gather_rows(src_logit, table.in_index, table.out_slot)
+  logits = (src_logit[table.in_index]
             + dst_logit[table.receivers][:, None, :]
             + table.in_weight[..., None] * edge_scale)           # [R, K, H]
   logits = nn.leaky_relu(logits, slope)
   logits = jnp.where(table.in_mask[..., None], logits, -jnp.inf)
   alpha = jax.nn.softmax(logits, axis=1)
   alpha = jnp.where(table.in_mask[..., None], alpha, 0.0)
-  neighbours = gather_rows(x, table.in_index, table.out_slot)    # [R, K, d_in]
+  neighbours = x[table.in_index]                                 # [R, K, d_in]
   return jnp.einsum("rkh,rki->rhi", alpha, neighbours)
 
 

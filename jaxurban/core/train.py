@@ -224,6 +224,8 @@ def train_embeddings(config: CoreConfig, workdir: str | pathlib.Path,
   joint = config.variant not in ("two-stage", "individual", "rp")
   stage_settings = settings if joint else dataclasses.replace(settings, alpha=0.0, beta=0.0)
   embed_loss = make_embed_loss(model, stage_settings)
+  # Derived before the first stage, which donates (consumes) its keys.
+  align_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(train_keys)
   params, log = _run_stage("embed", workdir, config, embed_loss, params,
                            train_keys, (graph_x, graph_y), config.epochs)
   embed = jax.jit(jax.vmap(lambda p: model.apply({"params": p}, graph_x, graph_y)))
@@ -232,7 +234,7 @@ def train_embeddings(config: CoreConfig, workdir: str | pathlib.Path,
 
   if config.variant == "two-stage":
     z_x, z_y, log = _align_frozen(config, workdir, settings, z_x, z_y,
-                                  query_key, train_keys)
+                                  query_key, align_keys)
     logs["align"] = log
   return np.asarray(z_x), np.asarray(z_y), logs
 
@@ -252,9 +254,8 @@ def _align_frozen(config, workdir, settings, z_x, z_y, query_key, keys):
     terms = alignment_losses(zx, zy @ p["translation"], p["query_key"], key, settings)
     return total_loss(terms, settings), terms
 
-  stage_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
   params, log = _run_stage("align", workdir, config, align_loss, params,
-                           stage_keys, (z_x, z_y), config.epochs,
+                           keys, (z_x, z_y), config.epochs,
                            per_seed_data=True)
   return z_x, z_y @ params["translation"], log
 

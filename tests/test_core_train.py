@@ -1,0 +1,130 @@
+"""End-to-end CoRE training on the real XA-CD pair, a few epochs at a time."""
+import json
+
+import chex
+import jax
+import numpy as np
+import optax
+import pytest
+
+from experiments import core_align
+from jaxurban.checkpoint import CheckpointMismatch, Checkpointer
+from jaxurban.core import train
+from jaxurban.core.train import CoreConfig
+
+
+def tiny(data_root, **overrides):
+  settings = dict(city_x="xa", city_y="cd", data_root=str(data_root), seeds=2,
+                  epochs=4, log_every=2, checkpoint_every=2, n_anchors=64,
+                  plot=False)
+  settings.update(overrides)
+  return CoreConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def graphs(data_root):
+  _, graph_x = train.load_city_graph("xa", data_root)
+  _, graph_y = train.load_city_graph("cd", data_root)
+  return graph_x, graph_y
+
+
+def test_same_seed_gives_identical_embeddings(data_root, graphs, tmp_path):
+  config = tiny(data_root)
+  z_a = train.train_embeddings(config, tmp_path / "a", *graphs)
+  z_b = train.train_embeddings(config, tmp_path / "b", *graphs)
+  np.testing.assert_array_equal(z_a[0], z_b[0])
+  np.testing.assert_array_equal(z_a[1], z_b[1])
+  chex.assert_shape(z_a[0], (2, 1056, 128))
+  chex.assert_shape(z_a[1], (2, 1306, 128))
+  assert np.all(np.isfinite(z_a[0])) and np.all(np.isfinite(z_a[1]))
+  # Different seeds differ.
+  assert not np.allclose(z_a[0][0], z_a[0][1])
+
+
+def test_killed_run_resumes_to_the_same_result(data_root, graphs, tmp_path, monkeypatch):
+  config = tiny(data_root)
+  expected = train.train_embeddings(config, tmp_path / "straight", *graphs)
+
+  original_save = Checkpointer.save
+  def save_then_die(self, step, state, cfg):
+    original_save(self, step, state, cfg)
+    raise KeyboardInterrupt("killed after the first checkpoint")
+  monkeypatch.setattr(Checkpointer, "save", save_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_embeddings(config, tmp_path / "killed", *graphs)
+  monkeypatch.setattr(Checkpointer, "save", original_save)
+  resumed = train.train_embeddings(config, tmp_path / "killed", *graphs)
+  assert resumed[2]["embed"]["resumed_from"] == 2
+  np.testing.assert_array_equal(resumed[0], expected[0])
+  np.testing.assert_array_equal(resumed[1], expected[1])
+
+
+def test_resume_refuses_a_different_config(data_root, graphs, tmp_path):
+  train.train_embeddings(tiny(data_root), tmp_path, *graphs)
+  with pytest.raises(CheckpointMismatch, match="learning_rate"):
+    train.train_embeddings(tiny(data_root, learning_rate=0.01), tmp_path, *graphs)
+
+
+def test_train_chunk_compiles_once(data_root, graphs):
+  config = tiny(data_root)
+  model = train.build_model(config, *graphs)
+  params, keys = train.init_params(model, jax.numpy.arange(2), *graphs)
+  loss = chex.assert_max_traces(train.make_embed_loss(model, config.loss_settings()), n=1)
+  optimizer = optax.adam(1e-3)
+  chunk = train.make_chunk(loss, optimizer, 2)
+  state = (params, jax.vmap(optimizer.init)(params), keys)
+  for _ in range(3):
+    state, terms = chunk(state, *graphs)
+  assert set(terms) == {"re_x", "re_y", "lma", "lia"}
+  chex.assert_shape(terms["lma"], (2,))
+
+
+@pytest.mark.parametrize("variant", ["no-lma", "no-lia", "two-stage", "individual", "rp"])
+def test_variants_train_and_evaluate(data_root, tmp_path, variant):
+  config = tiny(data_root, variant=variant, seeds=1, epochs=2)
+  summary = train.train_and_evaluate(config, tmp_path)
+  terms = set(summary["training_log"]["embed"]["history"][-1]) - {"epoch"}
+  expected = {"no-lma": {"re_x", "re_y", "lia"}, "no-lia": {"re_x", "re_y", "lma"}}
+  assert terms == expected.get(variant, {"re_x", "re_y"})
+  if variant == "two-stage":
+    assert set(summary["training_log"]["align"]["history"][-1]) == {"epoch", "lma", "lia"}
+  for direction in ("XA→CD", "CD→XA"):
+    for label in ("gdp", "population", "co2"):
+      assert np.isfinite(summary["summary"][direction][label]["mae"]["mean"])
+  if variant == "rp":
+    assert (tmp_path / "cd_in_xa_region_emb.npy").exists()
+
+
+def test_command_writes_every_output(data_root, tmp_path, capsys):
+  out = tmp_path / "run"
+  code = core_align.main(["--pair", "xa-CD", "--data-root", str(data_root), "--epochs", "2",
+                          "--log-every", "1", "--seeds", "2", "--anchors", "32",
+                          "--out", str(out)])
+  assert code == 0
+  printed = capsys.readouterr().out
+  assert "epoch     2/2" in printed and "XA→CD" in printed and "170.13" in printed
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert metrics["config"]["city_x"] == "xa" and metrics["config"]["seeds"] == 2
+  assert metrics["seeds"] == [0, 1]
+  assert len(metrics["scores"]["XA→CD"]["gdp"]["mae"]) == 2
+  assert np.load(out / "xa_region_emb.npy").shape == (2, 1056, 128)
+  assert np.load(out / "cd_region_emb.npy").shape == (2, 1306, 128)
+  assert (out / "embeddings.png").stat().st_size > 10_000
+  assert any((out / "checkpoints" / "embed").iterdir())
+
+
+def test_command_rejects_bad_flags(data_root, capsys):
+  with pytest.raises(SystemExit):
+    core_align.main(["--pair", "XA", "--data-root", str(data_root)])
+  assert "two city codes" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    core_align.main(["--pair", "XA-XA"])
+  with pytest.raises(SystemExit):
+    core_align.main(["--no-lma", "--no-lia"])
+
+
+def test_command_names_an_unknown_city(data_root, tmp_path, capsys):
+  code = core_align.main(["--pair", "XA-ZZ", "--data-root", str(data_root),
+                          "--out", str(tmp_path)])
+  assert code == 2
+  assert "zz" in capsys.readouterr().err.lower()
