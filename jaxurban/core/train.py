@@ -107,9 +107,15 @@ _RESUMABLE_KEYS = ("data_root", "log_every", "checkpoint_every", "plot")
 
 
 def load_city_graph(name: str, data_root=None):
-  """Loads a city and builds its encoder graph and mobility target."""
+  """Loads a city and builds its encoder graph and mobility target.
+
+  A city missing from the data root is taken from the download cache, or
+  downloaded there (checksum-verified) when a network is available.
+  """
   from jaxurban.data.core_city import load_city
-  city = load_city(name, data_root)
+  from jaxurban.data.fetch import ensure_city
+  folder = ensure_city(name, data_root)
+  city = load_city(name, folder.parent.parent)
   graph = city_graph(city.edge_origin, city.edge_destination, city.edge_weight,
                      city.edge_weight_raw, city.n_regions, od_flow=city.od_flow)
   return city, graph
@@ -298,7 +304,9 @@ def train_and_evaluate(config: CoreConfig, workdir: str | pathlib.Path) -> dict:
   results = evaluate_embeddings(z_x, z_y, city_x, city_y, **translated)
   reference = PUBLISHED_CORE.get((city_x.name, city_y.name)) or \
       PUBLISHED_CORE.get((city_y.name, city_x.name))
-  _log(format_table(results, reference=reference))
+  _log(format_table(results, reference=reference,
+                    name=f"{config.variant}, {config.seeds} seed(s)",
+                    reference_name="published CoRE embeddings"))
 
   save_npy_atomic(workdir / f"{city_x.name}_region_emb.npy", z_x.astype(np.float32))
   save_npy_atomic(workdir / f"{city_y.name}_region_emb.npy", z_y.astype(np.float32))
