@@ -124,7 +124,9 @@ def neighbour_graph(senders: np.ndarray, receivers: np.ndarray,
   if bucketed:
     # Width of each region's bucket: the next power of two >= its degree;
     # buckets of fewer than `min_bucket` regions join the next wider one, as
-    # each bucket costs a few extra small operations per layer.
+    # each bucket costs a few extra small operations per layer. The widest
+    # bucket stays on its own even when small: merging it down would double
+    # the padding of a large bucket.
     width = 2 ** np.ceil(np.log2(np.maximum(degree, 1))).astype(int)
     groups, pending = [], np.zeros(0, np.int64)
     for w in np.unique(width):
@@ -133,10 +135,7 @@ def neighbour_graph(senders: np.ndarray, receivers: np.ndarray,
         groups.append(pending)
         pending = np.zeros(0, np.int64)
     if len(pending):
-      if groups:
-        groups[-1] = np.concatenate([groups[-1], pending])
-      else:
-        groups.append(pending)
+      groups.append(pending)
   else:
     groups = [np.arange(n_regions)]
   buckets = tuple(_table(senders, receivers, weight, rows, n_regions)

@@ -46,9 +46,13 @@ def dense_gat_reference(x, params, senders, receivers, weight, slope=0.2):
 
 
 @pytest.mark.parametrize("implementation", ["tables", "segment"])
-@pytest.mark.parametrize("n,d_in,features,heads", [(5, 3, 4, 2), (40, 16, 8, 8), (90, 32, 16, 4)])
-def test_gat_layer_matches_dense_reference(rng, implementation, n, d_in, features, heads):
-  origin, destination, weight = random_mobility(rng, n)
+@pytest.mark.parametrize("n,d_in,features,heads,edges_per_origin", [
+    (5, 3, 4, 2, 4), (40, 16, 8, 8, 4), (90, 32, 16, 4, 4),
+    # Sparse: a bucket of >= 64 regions whose only in-edge is the self loop.
+    (300, 8, 8, 2, 1)])
+def test_gat_layer_matches_dense_reference(rng, implementation, n, d_in, features, heads,
+                                           edges_per_origin):
+  origin, destination, weight = random_mobility(rng, n, edges_per_origin)
   graph = city_graph(origin, destination, weight, weight, n)
   senders, receivers, loop_weight = add_mean_self_loops(origin, destination, weight, n)
   x = rng.normal(size=(n, d_in))
@@ -58,13 +62,15 @@ def test_gat_layer_matches_dense_reference(rng, implementation, n, d_in, feature
   # Random (not initial) attention parameters so every term matters.
   params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.3, p.dtype), params)
   got = layer.apply(params, jnp.asarray(x, jnp.float32), graph)
+  if n == 300:
+    assert any(b.in_index.shape[1] == 1 for b in graph.neighbours.buckets)
   expected = dense_gat_reference(x, params["params"], senders, receivers, loop_weight)
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_gat_implementations_have_equal_gradients(rng):
-  n = 60
-  origin, destination, weight = random_mobility(rng, n)
+@pytest.mark.parametrize("n,edges_per_origin", [(60, 4), (200, 1)])
+def test_gat_implementations_have_equal_gradients(rng, n, edges_per_origin):
+  origin, destination, weight = random_mobility(rng, n, edges_per_origin)
   graph = city_graph(origin, destination, weight, weight, n)
   x = jnp.asarray(rng.normal(size=(n, 16)), jnp.float32)
   grads = {}

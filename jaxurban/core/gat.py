@@ -74,13 +74,22 @@ class GATLayer(nn.Module):
     src_logit, dst_logit = x @ src_vectors, x @ dst_vectors  # [N, H]
 
     if self.implementation == "tables":
-      parts = [_aggregate_bucket(bucket, x, src_logit, dst_logit, edge_scale,
-                                 self.negative_slope)
-               for bucket in city.neighbours.buckets]
-      # Transform in bucket order, then undo the bucket order on [N, d] rows
-      # (a permutation, whose backward is a gather too).
-      transformed = jnp.einsum("nhi,hio->no", jnp.concatenate(parts), kernel)
-      return permute_rows(transformed, city.neighbours.inverse_order,
+      # Each bucket is transformed on its own ([R, H d_in] @ [H d_in, d]) and
+      # only the [N, d] result is put back in region order (a permutation,
+      # whose backward is a gather too); concatenating the [R, H, d_in]
+      # aggregates first was measured slower.
+      flat_kernel = kernel.reshape(h * d_in, f)
+      parts = []
+      for bucket in city.neighbours.buckets:
+        if bucket.in_index.shape[1] == 1:
+          # Regions whose only in-edge is their self loop (a third of XA/CD):
+          # every head's softmax is 1, so the layer is x_i sum_h W^h.
+          parts.append(x[bucket.in_index[:, 0]] @ kernel.sum(axis=0))
+        else:
+          parts.append(_aggregate_bucket(bucket, x, src_logit, dst_logit,
+                                         edge_scale, self.negative_slope
+                                         ).reshape(-1, h * d_in) @ flat_kernel)
+      return permute_rows(jnp.concatenate(parts), city.neighbours.inverse_order,
                           city.neighbours.order) / h + bias
     elif self.implementation == "segment":
       graph = city.graph
