@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import pathlib
+import secrets
 
+import numpy as np
 import pytest
 
 from jaxurban.data.core_city import CityData, load_city
@@ -54,12 +56,8 @@ def core_city(data_root):
 
 
 @pytest.fixture
-def rng(request) -> "np.random.Generator":
+def rng(request) -> np.random.Generator:
     """A fresh random generator per test; its seed is reported on failure."""
-    import secrets
-
-    import numpy as np
-
     seed = secrets.randbits(32)
     request.node.user_properties.append(("rng_seed", seed))
     print(f"rng seed for {request.node.name}: {seed}")

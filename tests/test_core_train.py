@@ -75,7 +75,9 @@ def test_train_chunk_compiles_once(data_root, graphs):
   state = (params, jax.vmap(optimizer.init)(params), keys)
   for _ in range(3):
     state, terms = chunk(state, *graphs)
-  assert set(terms) == {"re_x", "re_y", "lma", "lia"}
+  assert set(terms) == {"total", "re_x", "re_y", "lma", "lia"}
+  np.testing.assert_allclose(terms["total"], terms["re_x"] + terms["re_y"] + terms["lma"]
+                             + terms["lia"], rtol=1e-5)
   chex.assert_shape(terms["lma"], (2,))
 
 
@@ -83,11 +85,11 @@ def test_train_chunk_compiles_once(data_root, graphs):
 def test_variants_train_and_evaluate(data_root, tmp_path, variant):
   config = tiny(data_root, variant=variant, seeds=1, epochs=2)
   summary = train.train_and_evaluate(config, tmp_path)
-  terms = set(summary["training_log"]["embed"]["history"][-1]) - {"epoch"}
+  terms = set(summary["training_log"]["embed"]["history"][-1]) - {"epoch", "total"}
   expected = {"no-lma": {"re_x", "re_y", "lia"}, "no-lia": {"re_x", "re_y", "lma"}}
   assert terms == expected.get(variant, {"re_x", "re_y"})
   if variant == "two-stage":
-    assert set(summary["training_log"]["align"]["history"][-1]) == {"epoch", "lma", "lia"}
+    assert set(summary["training_log"]["align"]["history"][-1]) == {"epoch", "total", "lma", "lia"}
   for direction in ("XA→CD", "CD→XA"):
     for label in ("gdp", "population", "co2"):
       assert np.isfinite(summary["summary"][direction][label]["mae"]["mean"])

@@ -8,9 +8,7 @@ writes an orbax checkpoint from which a killed run resumes.
 from __future__ import annotations
 
 import dataclasses
-import math
 import pathlib
-import sys
 import time
 from typing import Any, Callable
 
@@ -179,11 +177,11 @@ def _run_stage(name: str, workdir: pathlib.Path, config: CoreConfig,
     state, terms = chunk(state, *data)
     terms = jax.device_get(terms)
     done = epoch + length
-    total = sum(float(np.mean(v)) for v in terms.values())
+    # Means over the chunk's epochs and over seeds.
     row = {"epoch": done, **{k: float(np.mean(v)) for k, v in terms.items()}}
     history.append(row)
     parts = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
-    _log(f"[{name}] epoch {done:>5}/{epochs}  sum {total:.4g}  {parts}  "
+    _log(f"[{name}] epoch {done:>5}/{epochs}  {parts}  "
          f"({time.perf_counter() - started:.1f} s)")
     if done % save_every == 0 or done == epochs:
       checkpointer.save(done, state, config.to_dict())
@@ -214,7 +212,8 @@ def make_embed_loss(model: CoRE, settings: LossSettings) -> Callable:
     z_x, z_y, query_key = model.apply({"params": params}, graph_x, graph_y)
     terms = mobility_losses(z_x, z_y, graph_x, graph_y, settings)
     terms.update(alignment_losses(z_x, z_y, query_key, key, settings))
-    return total_loss(terms, settings), terms
+    total = total_loss(terms, settings)
+    return total, {"total": total, **terms}
   return embed_loss
 
 
@@ -258,7 +257,8 @@ def _align_frozen(config, workdir, settings, z_x, z_y, query_key, keys):
 
   def align_loss(p, key, zx, zy):
     terms = alignment_losses(zx, zy @ p["translation"], p["query_key"], key, settings)
-    return total_loss(terms, settings), terms
+    total = total_loss(terms, settings)
+    return total, {"total": total, **terms}
 
   params, log = _run_stage("align", workdir, config, align_loss, params,
                            keys, (z_x, z_y), config.epochs,
