@@ -14,6 +14,7 @@ segment-sum GAT). With --torch-python/--torch-repo the authors' PyTorch code
 runs in a subprocess on the same data in the same invocation (see
 experiments/torch_reference.py), and the ratio is printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,26 +32,32 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxurban.core.train import (CoreConfig, build_model, init_params,
-                                 load_city_graph, make_chunk, make_embed_loss)
+from jaxurban.core.train import (
+  CoreConfig,
+  build_model,
+  init_params,
+  load_city_graph,
+  make_chunk,
+  make_embed_loss,
+)
 
 VARIANTS = {
-    "default": {},
-    "direct": {"direct": True},
-    "segment": {"gat_implementation": "segment"},
+  "default": {},
+  "direct": {"direct": True},
+  "segment": {"gat_implementation": "segment"},
 }
 
 
-def time_variant(config: CoreConfig, graph_x, graph_y, chunk_length: int,
-                 repeats: int) -> tuple[float, float]:
+def time_variant(
+  config: CoreConfig, graph_x, graph_y, chunk_length: int, repeats: int
+) -> tuple[float, float]:
   """(compile seconds, median ms per epoch for all seeds together)."""
   model = build_model(config, graph_x, graph_y)
   seeds = jnp.arange(config.seeds)
   params, keys = init_params(model, seeds, graph_x, graph_y)
   optimizer = optax.adam(config.learning_rate)
   state = (params, jax.vmap(optimizer.init)(params), keys)
-  chunk = make_chunk(make_embed_loss(model, config.loss_settings()), optimizer,
-                     chunk_length)
+  chunk = make_chunk(make_embed_loss(model, config.loss_settings()), optimizer, chunk_length)
   started = time.perf_counter()
   state, terms = chunk(state, graph_x, graph_y)
   jax.block_until_ready(terms)
@@ -67,23 +74,39 @@ def time_variant(config: CoreConfig, graph_x, graph_y, chunk_length: int,
 def time_torch(args) -> float | None:
   """Median ms/epoch of the authors' code, from its own timing.json."""
   with tempfile.TemporaryDirectory() as out:
-    command = [args.torch_python, "-m", "experiments.torch_reference",
-               "--repo", args.torch_repo, "--data-root", str(args.data_root),
-               "--pair", args.pair, "--epochs", str(args.torch_epochs),
-               "--threads", str(os.cpu_count()), "--timing-only", "--out", out]
+    command = [
+      args.torch_python,
+      "-m",
+      "experiments.torch_reference",
+      "--repo",
+      args.torch_repo,
+      "--data-root",
+      str(args.data_root),
+      "--pair",
+      args.pair,
+      "--epochs",
+      str(args.torch_epochs),
+      "--threads",
+      str(os.cpu_count()),
+      "--timing-only",
+      "--out",
+      out,
+    ]
     print("running:", " ".join(command), flush=True)
     subprocess.run(command, check=True, cwd=pathlib.Path(__file__).parents[1])
     return json.loads((pathlib.Path(out) / "timing.json").read_text())["median_ms"]
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--pair", default="XA-CD")
   parser.add_argument("--data-root", default=os.environ.get("JAXURBAN_DATA"))
   parser.add_argument("--seeds", type=int, nargs="+", default=[1, 5])
-  parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
-                      default=["default", "direct"])
+  parser.add_argument(
+    "--variants", nargs="+", choices=sorted(VARIANTS), default=["default", "direct"]
+  )
   parser.add_argument("--chunk", type=int, default=10, help="epochs per timed call")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--torch-python", default=None)
@@ -93,24 +116,32 @@ def main(argv=None) -> int:
   city_x, city_y = (c.lower() for c in args.pair.split("-"))
   _, graph_x = load_city_graph(city_x, args.data_root)
   _, graph_y = load_city_graph(city_y, args.data_root)
-  print(f"jax {jax.__version__} on {jax.devices()}, {os.cpu_count()} CPU cores; "
-        f"{args.pair}: N = {graph_x.n_regions} / {graph_y.n_regions}", flush=True)
+  print(
+    f"jax {jax.__version__} on {jax.devices()}, {os.cpu_count()} CPU cores; "
+    f"{args.pair}: N = {graph_x.n_regions} / {graph_y.n_regions}",
+    flush=True,
+  )
 
   rows = []
   for variant in args.variants:
     for seeds in args.seeds:
-      config = dataclasses.replace(CoreConfig(city_x=city_x, city_y=city_y, seeds=seeds),
-                                   **VARIANTS[variant])
+      config = dataclasses.replace(
+        CoreConfig(city_x=city_x, city_y=city_y, seeds=seeds), **VARIANTS[variant]
+      )
       compile_s, ms = time_variant(config, graph_x, graph_y, args.chunk, args.repeats)
       rows.append((variant, seeds, compile_s, ms))
-      print(f"{variant:>8}  seeds {seeds}:  {ms:8.1f} ms/epoch  "
-            f"({ms / seeds:7.1f} ms per seed-epoch; first call {compile_s:.1f} s)",
-            flush=True)
+      print(
+        f"{variant:>8}  seeds {seeds}:  {ms:8.1f} ms/epoch  "
+        f"({ms / seeds:7.1f} ms per seed-epoch; first call {compile_s:.1f} s)",
+        flush=True,
+      )
   if args.torch_python and args.torch_repo:
     torch_ms = time_torch(args)
     print(f"authors' PyTorch code: {torch_ms:.1f} ms/epoch (one seed)")
     for variant, seeds, _, ms in rows:
-      print(f"  speed-up of {variant}, {seeds} seed(s): {torch_ms / (ms / seeds):.1f}x per seed-epoch")
+      print(
+        f"  speed-up of {variant}, {seeds} seed(s): {torch_ms / (ms / seeds):.1f}x per seed-epoch"
+      )
   return 0
 
 

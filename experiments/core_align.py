@@ -10,6 +10,7 @@ mean ± std table per direction beside the published-embedding row, and
 writes embeddings, metrics.json, resumable checkpoints and embeddings.png
 into --out. Re-running the same command on the same --out resumes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,19 +24,25 @@ from jaxurban.data.errors import DataError
 
 def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Path]:
   parser = argparse.ArgumentParser(
-      prog="python -m experiments.core_align", description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--pair", default="XA-CD",
-                      help="two city codes under <data-root>/core, X-Y (case-insensitive)")
-  parser.add_argument("--data-root", default=None,
-                      help="data folder (default: $JAXURBAN_DATA)")
-  parser.add_argument("--out", default=None,
-                      help="output folder (default: runs/core_align/<x>-<y>-<variant>)")
+    prog="python -m experiments.core_align",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  parser.add_argument(
+    "--pair", default="XA-CD", help="two city codes under <data-root>/core, X-Y (case-insensitive)"
+  )
+  parser.add_argument("--data-root", default=None, help="data folder (default: $JAXURBAN_DATA)")
+  parser.add_argument(
+    "--out", default=None, help="output folder (default: runs/core_align/<x>-<y>-<variant>)"
+  )
   parser.add_argument("--variant", choices=VARIANTS, default="core")
   parser.add_argument("--no-lma", action="store_true", help="ablation: without LMA")
   parser.add_argument("--no-lia", action="store_true", help="ablation: without LIA")
-  parser.add_argument("--two-stage", action="store_true",
-                      help="ablation: embed first, then align the frozen embeddings")
+  parser.add_argument(
+    "--two-stage",
+    action="store_true",
+    help="ablation: embed first, then align the frozen embeddings",
+  )
   parser.add_argument("--seeds", type=int, default=1, help="seeds trained together (vmap)")
   parser.add_argument("--first-seed", type=int, default=0)
   parser.add_argument("--epochs", type=int, default=600)
@@ -43,10 +50,15 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
   parser.add_argument("--anchors", type=int, default=1000, help="N_a of the LMA loss")
   parser.add_argument("--alpha", type=float, default=1.0, help="weight of LMA")
   parser.add_argument("--beta", type=float, default=1.0, help="weight of LIA")
-  parser.add_argument("--loss-form", choices=FORMS, default="authors",
-                      help="LMA/LIA as in the authors' code or as printed in the paper")
-  parser.add_argument("--direct", action="store_true",
-                      help="use the N x N reference forms of the losses (slow)")
+  parser.add_argument(
+    "--loss-form",
+    choices=FORMS,
+    default="authors",
+    help="LMA/LIA as in the authors' code or as printed in the paper",
+  )
+  parser.add_argument(
+    "--direct", action="store_true", help="use the N x N reference forms of the losses (slow)"
+  )
   parser.add_argument("--gat", choices=("tables", "segment"), default="tables")
   parser.add_argument("--log-every", type=int, default=50)
   parser.add_argument("--checkpoint-every", type=int, default=100)
@@ -57,24 +69,42 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
   if len(cities) != 2 or not all(cities):
     parser.error(f"--pair {args.pair!r}: expected two city codes like XA-CD")
   variant = args.variant
-  chosen = [flag for flag, name in ((args.no_lma, "no-lma"), (args.no_lia, "no-lia"),
-                                    (args.two_stage, "two-stage")) if flag]
+  chosen = [
+    flag
+    for flag, name in (
+      (args.no_lma, "no-lma"),
+      (args.no_lia, "no-lia"),
+      (args.two_stage, "two-stage"),
+    )
+    if flag
+  ]
   if len(chosen) > 1 or (chosen and variant != "core"):
     parser.error("choose one of --variant, --no-lma, --no-lia, --two-stage")
   if chosen:
-    variant = ("no-lma" if args.no_lma else "no-lia" if args.no_lia else "two-stage")
+    variant = "no-lma" if args.no_lma else "no-lia" if args.no_lia else "two-stage"
   try:
     config = CoreConfig(
-        city_x=cities[0].lower(), city_y=cities[1].lower(), data_root=args.data_root,
-        variant=variant, seeds=args.seeds, first_seed=args.first_seed,
-        epochs=args.epochs, learning_rate=args.lr, n_anchors=args.anchors,
-        alpha=args.alpha, beta=args.beta, loss_form=args.loss_form,
-        direct=args.direct, gat_implementation=args.gat, log_every=args.log_every,
-        checkpoint_every=args.checkpoint_every, plot=not args.no_plot)
+      city_x=cities[0].lower(),
+      city_y=cities[1].lower(),
+      data_root=args.data_root,
+      variant=variant,
+      seeds=args.seeds,
+      first_seed=args.first_seed,
+      epochs=args.epochs,
+      learning_rate=args.lr,
+      n_anchors=args.anchors,
+      alpha=args.alpha,
+      beta=args.beta,
+      loss_form=args.loss_form,
+      direct=args.direct,
+      gat_implementation=args.gat,
+      log_every=args.log_every,
+      checkpoint_every=args.checkpoint_every,
+      plot=not args.no_plot,
+    )
   except ValueError as error:
     parser.error(str(error))
-  out = pathlib.Path(args.out or
-                     f"runs/core_align/{config.city_x}-{config.city_y}-{variant}")
+  out = pathlib.Path(args.out or f"runs/core_align/{config.city_x}-{config.city_y}-{variant}")
   return config, out
 
 

@@ -83,183 +83,203 @@ LR = 1e-3
 
 
 def import_core_class(repo: str):
-    """Return the authors' ``Model.CoRE.CoRE`` class from the checkout ``repo``."""
-    repo = os.path.abspath(repo)
-    model_dir = os.path.join(repo, "Model")
-    if not os.path.isfile(os.path.join(model_dir, "CoRE.py")):
-        raise SystemExit(f"no Model/CoRE.py under --repo {repo}")
-    if repo not in sys.path:
-        sys.path.insert(0, repo)
-    try:
-        module = importlib.import_module("Model.CoRE")
-    except ImportError:
-        # Model/__init__.py does `from .UARE import *`, a module the repository
-        # does not ship.  Bypass the package __init__ only.
-        for name in [n for n in sys.modules if n == "Model" or n.startswith("Model.")]:
-            del sys.modules[name]
-        package = types.ModuleType("Model")
-        package.__path__ = [model_dir]
-        package.__file__ = os.path.join(model_dir, "__init__.py")
-        sys.modules["Model"] = package
-        module = importlib.import_module("Model.CoRE")
-    return module.CoRE
+  """Return the authors' ``Model.CoRE.CoRE`` class from the checkout ``repo``."""
+  repo = os.path.abspath(repo)
+  model_dir = os.path.join(repo, "Model")
+  if not os.path.isfile(os.path.join(model_dir, "CoRE.py")):
+    raise SystemExit(f"no Model/CoRE.py under --repo {repo}")
+  if repo not in sys.path:
+    sys.path.insert(0, repo)
+  try:
+    module = importlib.import_module("Model.CoRE")
+  except ImportError:
+    # Model/__init__.py does `from .UARE import *`, a module the repository
+    # does not ship.  Bypass the package __init__ only.
+    for name in [n for n in sys.modules if n == "Model" or n.startswith("Model.")]:
+      del sys.modules[name]
+    package = types.ModuleType("Model")
+    package.__path__ = [model_dir]
+    package.__file__ = os.path.join(model_dir, "__init__.py")
+    sys.modules["Model"] = package
+    module = importlib.import_module("Model.CoRE")
+  return module.CoRE
 
 
 def city_dir(data_root: str, city: str) -> str:
-    for candidate in (os.path.join(data_root, "core", city), os.path.join(data_root, city)):
-        if os.path.isfile(os.path.join(candidate, f"regionmap_{city}.geo")):
-            return candidate
-    raise SystemExit(f"regionmap_{city}.geo not found under {data_root}/core/{city} or {data_root}/{city}")
+  for candidate in (os.path.join(data_root, "core", city), os.path.join(data_root, city)):
+    if os.path.isfile(os.path.join(candidate, f"regionmap_{city}.geo")):
+      return candidate
+  raise SystemExit(
+    f"regionmap_{city}.geo not found under {data_root}/core/{city} or {data_root}/{city}"
+  )
 
 
 def load_data(data_root: str, city: str):
-    """The authors' ``load_data`` on our layout, with the ``.mob`` OD substitute."""
-    import pandas as pd
-    import torch
+  """The authors' ``load_data`` on our layout, with the ``.mob`` OD substitute."""
+  import pandas as pd
+  import torch
 
-    d = city_dir(data_root, city)
-    region_data = pd.read_csv(os.path.join(d, f"regionmap_{city}.geo"))
-    region_mob = pd.read_csv(os.path.join(d, f"regionmap_{city}.mob"))
+  d = city_dir(data_root, city)
+  region_data = pd.read_csv(os.path.join(d, f"regionmap_{city}.geo"))
+  region_mob = pd.read_csv(os.path.join(d, f"regionmap_{city}.mob"))
 
-    geo_to_ind = {}
-    for index, geo_id in enumerate(list(region_data["geo_id"])):
-        geo_to_ind[geo_id] = index
+  geo_to_ind = {}
+  for index, geo_id in enumerate(list(region_data["geo_id"])):
+    geo_to_ind[geo_id] = index
 
-    region_num = len(region_data["geo_id"])
-    mob_file = region_mob[["origin_id", "destination_id", "mobility_weight"]]
-    adj_mx_mob = np.zeros((region_num, region_num), dtype=np.float32)
-    for row in mob_file.values:
-        if row[0] not in geo_to_ind or row[1] not in geo_to_ind:
-            continue
-        adj_mx_mob[geo_to_ind[row[0]], geo_to_ind[row[1]]] = row[2]
+  region_num = len(region_data["geo_id"])
+  mob_file = region_mob[["origin_id", "destination_id", "mobility_weight"]]
+  adj_mx_mob = np.zeros((region_num, region_num), dtype=np.float32)
+  for row in mob_file.values:
+    if row[0] not in geo_to_ind or row[1] not in geo_to_ind:
+      continue
+    adj_mx_mob[geo_to_ind[row[0]], geo_to_ind[row[1]]] = row[2]
 
-    # OD substitute for np.load('region_od_flow_<city>_11.npy'): the .mob matrix.
-    od = adj_mx_mob.astype(np.float64)
-    mob = od / np.sum(od)
+  # OD substitute for np.load('region_od_flow_<city>_11.npy'): the .mob matrix.
+  od = adj_mx_mob.astype(np.float64)
+  mob = od / np.sum(od)
 
-    identity_matrix = np.eye(len(adj_mx_mob), dtype=np.float32)
-    adj_mx_mob_sparse = torch.tensor(adj_mx_mob + identity_matrix).to_sparse_coo()
-    edge_index, edge_weight = adj_mx_mob_sparse.indices(), adj_mx_mob_sparse.values()
+  identity_matrix = np.eye(len(adj_mx_mob), dtype=np.float32)
+  adj_mx_mob_sparse = torch.tensor(adj_mx_mob + identity_matrix).to_sparse_coo()
+  edge_index, edge_weight = adj_mx_mob_sparse.indices(), adj_mx_mob_sparse.values()
 
-    graph_info = {"edge_index": edge_index, "edge_weight": edge_weight, "mob": mob}
-    return region_num, graph_info
+  graph_info = {"edge_index": edge_index, "edge_weight": edge_weight, "mob": mob}
+  return region_num, graph_info
 
 
 def seed_everything(seed: int) -> None:
-    import torch
+  import torch
 
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+  random.seed(seed)
+  np.random.seed(seed)
+  torch.manual_seed(seed)
 
 
 def summarize(times_s: list[float]) -> dict:
-    timed = np.asarray(times_s[WARMUP_EPOCHS:] if len(times_s) > WARMUP_EPOCHS else times_s) * 1e3
-    return {
-        "median_ms": float(np.median(timed)),
-        "mean_ms": float(np.mean(timed)),
-        "p10_ms": float(np.percentile(timed, 10)),
-        "p90_ms": float(np.percentile(timed, 90)),
-        "timed_epochs": int(timed.size),
-    }
+  timed = np.asarray(times_s[WARMUP_EPOCHS:] if len(times_s) > WARMUP_EPOCHS else times_s) * 1e3
+  return {
+    "median_ms": float(np.median(timed)),
+    "mean_ms": float(np.mean(timed)),
+    "p10_ms": float(np.percentile(timed, 10)),
+    "p90_ms": float(np.percentile(timed, 90)),
+    "timed_epochs": int(timed.size),
+  }
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--repo", required=True, help="checkout of the authors' CoRE repository")
-    p.add_argument("--data-root", default="shared/data", help="folder holding core/<city>/ (default: shared/data)")
-    p.add_argument("--pair", default="XA-CD", help="SOURCE-TARGET city codes, e.g. XA-CD")
-    p.add_argument("--epochs", type=int, default=600)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    p.add_argument("--out", default=None, help="output folder (embeddings, timing.json)")
-    p.add_argument("--timing-only", action="store_true", help="time the epochs, write no embeddings")
-    args = p.parse_args(argv)
-    if not args.timing_only and not args.out:
-        p.error("--out is required unless --timing-only")
-    parts = args.pair.lower().split("-")
-    if len(parts) != 2 or not all(parts):
-        p.error("--pair must look like XA-CD")
-    args.s_city, args.t_city = parts
-    return args
+  p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  p.add_argument("--repo", required=True, help="checkout of the authors' CoRE repository")
+  p.add_argument(
+    "--data-root", default="shared/data", help="folder holding core/<city>/ (default: shared/data)"
+  )
+  p.add_argument("--pair", default="XA-CD", help="SOURCE-TARGET city codes, e.g. XA-CD")
+  p.add_argument("--epochs", type=int, default=600)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+  p.add_argument("--out", default=None, help="output folder (embeddings, timing.json)")
+  p.add_argument("--timing-only", action="store_true", help="time the epochs, write no embeddings")
+  args = p.parse_args(argv)
+  if not args.timing_only and not args.out:
+    p.error("--out is required unless --timing-only")
+  parts = args.pair.lower().split("-")
+  if len(parts) != 2 or not all(parts):
+    p.error("--pair must look like XA-CD")
+  args.s_city, args.t_city = parts
+  return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+  args = parse_args(argv)
 
-    import torch
+  import torch
 
-    torch.set_num_threads(args.threads)
-    CoRE = import_core_class(args.repo)
+  torch.set_num_threads(args.threads)
+  CoRE = import_core_class(args.repo)
 
-    seed_everything(args.seed)
-    s_region_num, s_graph_info = load_data(args.data_root, args.s_city)
-    t_region_num, t_graph_info = load_data(args.data_root, args.t_city)
-    print(f"learning {args.s_city} --- {args.t_city}: {s_region_num} / {t_region_num} regions, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, seed {args.seed}", flush=True)
+  seed_everything(args.seed)
+  s_region_num, s_graph_info = load_data(args.data_root, args.s_city)
+  t_region_num, t_graph_info = load_data(args.data_root, args.t_city)
+  print(
+    f"learning {args.s_city} --- {args.t_city}: {s_region_num} / {t_region_num} regions, "
+    f"torch {torch.__version__}, {torch.get_num_threads()} threads, seed {args.seed}",
+    flush=True,
+  )
 
-    model = CoRE(s_region_num=s_region_num, t_region_num=t_region_num, s_graph_info=s_graph_info,
-                 t_graph_info=t_graph_info, hidden_dim=HIDDEN_DIM, gat_layers=GAT_LAYERS,
-                 num_heads=NUM_HEADS)
-    optim = torch.optim.Adam(model.parameters(), lr=LR)
+  model = CoRE(
+    s_region_num=s_region_num,
+    t_region_num=t_region_num,
+    s_graph_info=s_graph_info,
+    t_graph_info=t_graph_info,
+    hidden_dim=HIDDEN_DIM,
+    gat_layers=GAT_LAYERS,
+    num_heads=NUM_HEADS,
+  )
+  optim = torch.optim.Adam(model.parameters(), lr=LR)
 
-    times: list[float] = []
-    loss_value = float("nan")
-    t_start = time.perf_counter()
-    for epoch_id in range(args.epochs):
-        model.train()
-        t0 = time.perf_counter()
-        s_intra, t_intra, cross_rec, cross_align = model.forward(sample_num=SAMPLE_NUM)
-        all_loss = (s_intra + t_intra) + cross_rec + cross_align
-        optim.zero_grad()
-        all_loss.backward()
-        optim.step()
-        times.append(time.perf_counter() - t0)
-        loss_value = all_loss.item()
-        if (epoch_id + 1) % 50 == 0 or epoch_id + 1 == args.epochs:
-            so_far = summarize(times)
-            print(f"epoch {epoch_id + 1}/{args.epochs} loss={loss_value:.5f} "
-                  f"(s_intra={s_intra.item():.4f} t_intra={t_intra.item():.4f} "
-                  f"rec={cross_rec.item():.4f} align={cross_align.item():.4f}) "
-                  f"median {so_far['median_ms']:.1f} ms/epoch", flush=True)
-    total_s = time.perf_counter() - t_start
+  times: list[float] = []
+  loss_value = float("nan")
+  t_start = time.perf_counter()
+  for epoch_id in range(args.epochs):
+    model.train()
+    t0 = time.perf_counter()
+    s_intra, t_intra, cross_rec, cross_align = model.forward(sample_num=SAMPLE_NUM)
+    all_loss = (s_intra + t_intra) + cross_rec + cross_align
+    optim.zero_grad()
+    all_loss.backward()
+    optim.step()
+    times.append(time.perf_counter() - t0)
+    loss_value = all_loss.item()
+    if (epoch_id + 1) % 50 == 0 or epoch_id + 1 == args.epochs:
+      so_far = summarize(times)
+      print(
+        f"epoch {epoch_id + 1}/{args.epochs} loss={loss_value:.5f} "
+        f"(s_intra={s_intra.item():.4f} t_intra={t_intra.item():.4f} "
+        f"rec={cross_rec.item():.4f} align={cross_align.item():.4f}) "
+        f"median {so_far['median_ms']:.1f} ms/epoch",
+        flush=True,
+      )
+  total_s = time.perf_counter() - t_start
 
-    stats = summarize(times)
-    stats.update({
-        "epochs": args.epochs,
-        "warmup_epochs": WARMUP_EPOCHS,
-        "threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "pair": f"{args.s_city}-{args.t_city}",
-        "seed": args.seed,
-        "final_loss": loss_value,
-        "total_train_s": total_s,
-        "epoch_ms": [round(t * 1e3, 3) for t in times],
-    })
-    try:
-        import torch_geometric
+  stats = summarize(times)
+  stats.update(
+    {
+      "epochs": args.epochs,
+      "warmup_epochs": WARMUP_EPOCHS,
+      "threads": torch.get_num_threads(),
+      "torch_version": torch.__version__,
+      "pair": f"{args.s_city}-{args.t_city}",
+      "seed": args.seed,
+      "final_loss": loss_value,
+      "total_train_s": total_s,
+      "epoch_ms": [round(t * 1e3, 3) for t in times],
+    }
+  )
+  try:
+    import torch_geometric
 
-        stats["torch_geometric_version"] = torch_geometric.__version__
-    except Exception:  # pragma: no cover - informational only
-        pass
-    print(f"median {stats['median_ms']:.1f} ms/epoch (mean {stats['mean_ms']:.1f}, "
-          f"p10 {stats['p10_ms']:.1f}, p90 {stats['p90_ms']:.1f}) over {stats['timed_epochs']} epochs "
-          f"after {WARMUP_EPOCHS} warm-up, {stats['threads']} threads, torch {stats['torch_version']}",
-          flush=True)
+    stats["torch_geometric_version"] = torch_geometric.__version__
+  except Exception:  # pragma: no cover - informational only
+    pass
+  print(
+    f"median {stats['median_ms']:.1f} ms/epoch (mean {stats['mean_ms']:.1f}, "
+    f"p10 {stats['p10_ms']:.1f}, p90 {stats['p90_ms']:.1f}) over {stats['timed_epochs']} epochs "
+    f"after {WARMUP_EPOCHS} warm-up, {stats['threads']} threads, torch {stats['torch_version']}",
+    flush=True,
+  )
 
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        if not args.timing_only:
-            model.eval()
-            with torch.no_grad():
-                s_emb, t_emb = model.get_region_emb()
-            np.save(os.path.join(args.out, f"{args.s_city}_emb.npy"), s_emb.numpy().astype(np.float32))
-            np.save(os.path.join(args.out, f"{args.t_city}_emb.npy"), t_emb.numpy().astype(np.float32))
-        with open(os.path.join(args.out, "timing.json"), "w") as fh:
-            json.dump(stats, fh, indent=2)
-        print(f"wrote {args.out}", flush=True)
-    return 0
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    if not args.timing_only:
+      model.eval()
+      with torch.no_grad():
+        s_emb, t_emb = model.get_region_emb()
+      np.save(os.path.join(args.out, f"{args.s_city}_emb.npy"), s_emb.numpy().astype(np.float32))
+      np.save(os.path.join(args.out, f"{args.t_city}_emb.npy"), t_emb.numpy().astype(np.float32))
+    with open(os.path.join(args.out, "timing.json"), "w") as fh:
+      json.dump(stats, fh, indent=2)
+    print(f"wrote {args.out}", flush=True)
+  return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+  raise SystemExit(main())

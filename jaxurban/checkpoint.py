@@ -6,6 +6,7 @@ anything that changes the result. Orbax writes each step to a temporary folder
 and renames it when complete, so a killed run leaves the previous checkpoint
 intact.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,7 @@ def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
   """Writes JSON to a temporary file in the same folder, then renames it."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False,
-                                   suffix=".tmp") as handle:
+  with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
     json.dump(payload, handle, indent=2, sort_keys=True, default=_json_default)
     temporary = handle.name
   os.replace(temporary, path)
@@ -36,8 +36,7 @@ def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
 def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=path.parent, delete=False,
-                                   suffix=".npy") as handle:
+  with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".npy") as handle:
     np.save(handle, np.asarray(array))
     temporary = handle.name
   os.replace(temporary, path)
@@ -56,26 +55,31 @@ def _json_default(value):
 class Checkpointer:
   """Saves and restores ``(state, config)`` pairs under ``workdir/checkpoints/subdir``."""
 
-  def __init__(self, workdir: str | os.PathLike, subdir: str = "train",
-               max_to_keep: int = 2):
+  def __init__(self, workdir: str | os.PathLike, subdir: str = "train", max_to_keep: int = 2):
     self.directory = pathlib.Path(workdir).absolute() / "checkpoints" / subdir
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True,
-            enable_async_checkpointing=False))
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+      ),
+    )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, config: dict) -> None:
-    self._manager.save(step, args=ocp.args.Composite(
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        config=ocp.args.JsonSave(json.loads(json.dumps(config, default=_json_default)))))
+        config=ocp.args.JsonSave(json.loads(json.dumps(config, default=_json_default))),
+      ),
+    )
     self._manager.wait_until_finished()
 
-  def restore(self, state_template: Any, config: dict,
-              ignore: tuple[str, ...] = ()) -> tuple[int, Any] | None:
+  def restore(
+    self, state_template: Any, config: dict, ignore: tuple[str, ...] = ()
+  ) -> tuple[int, Any] | None:
     """Restores the latest state, or returns None when there is none.
 
     Raises CheckpointMismatch when the saved config differs from ``config``
@@ -84,19 +88,25 @@ class Checkpointer:
     step = self._manager.latest_step()
     if step is None:
       return None
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state_template),
-        config=ocp.args.JsonRestore()))
+    restored = self._manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(state_template), config=ocp.args.JsonRestore()
+      ),
+    )
     saved = restored["config"]
     current = json.loads(json.dumps(config, default=_json_default))
-    differing = sorted(k for k in set(saved) | set(current)
-                       if k not in ignore and saved.get(k) != current.get(k))
+    differing = sorted(
+      k for k in set(saved) | set(current) if k not in ignore and saved.get(k) != current.get(k)
+    )
     if differing:
-      details = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {current.get(k)!r}"
-                          for k in differing)
+      details = ", ".join(
+        f"{k}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in differing
+      )
       raise CheckpointMismatch(
-          f"{self.directory}: the checkpoint at step {step} was written with a "
-          f"different config ({details}); use another output folder or delete it")
+        f"{self.directory}: the checkpoint at step {step} was written with a "
+        f"different config ({details}); use another output folder or delete it"
+      )
     return step, restored["state"]
 
   def close(self) -> None:

@@ -14,6 +14,7 @@ A gather-only backward for the tables (an out-neighbour table replacing the
 scatter-add) was measured and dropped: on this XLA CPU runtime the scatter-add
 of a [R, K, d] cotangent was 3-4x faster than the equivalent gather + sum.
 """
+
 from __future__ import annotations
 
 import chex
@@ -35,6 +36,7 @@ class NeighbourTable:
     in_weight: [R, K] float32, edge weight w_ij of that edge (0 on padding).
     in_mask: [R, K] bool, True on real edges.
   """
+
   receivers: jax.Array
   in_index: jax.Array
   in_weight: jax.Array
@@ -55,13 +57,15 @@ class NeighbourGraph:
     order: [N] int32, the buckets' receivers concatenated.
     inverse_order: [N] int32, position of each region in `order`.
   """
+
   buckets: tuple[NeighbourTable, ...]
   order: jax.Array
   inverse_order: jax.Array
 
 
-def add_mean_self_loops(origin: np.ndarray, destination: np.ndarray,
-                        weight: np.ndarray, n_regions: int):
+def add_mean_self_loops(
+  origin: np.ndarray, destination: np.ndarray, weight: np.ndarray, n_regions: int
+):
   """Drops existing self loops and adds one per region weighted by the mean
   weight of its incoming edges (0 where it has none).
 
@@ -73,12 +77,13 @@ def add_mean_self_loops(origin: np.ndarray, destination: np.ndarray,
   origin, destination, weight = origin[keep], destination[keep], weight[keep]
   incoming_sum = np.bincount(destination, weights=weight, minlength=n_regions)
   incoming_count = np.bincount(destination, minlength=n_regions)
-  loop_weight = np.where(incoming_count > 0,
-                         incoming_sum / np.maximum(incoming_count, 1), 0.0)
+  loop_weight = np.where(incoming_count > 0, incoming_sum / np.maximum(incoming_count, 1), 0.0)
   loops = np.arange(n_regions)
-  return (np.concatenate([origin, loops]).astype(np.int32),
-          np.concatenate([destination, loops]).astype(np.int32),
-          np.concatenate([weight, loop_weight]).astype(np.float64))
+  return (
+    np.concatenate([origin, loops]).astype(np.int32),
+    np.concatenate([destination, loops]).astype(np.int32),
+    np.concatenate([weight, loop_weight]).astype(np.float64),
+  )
 
 
 def _table(senders, receivers, weight, rows, n_regions) -> NeighbourTable:
@@ -102,15 +107,22 @@ def _table(senders, receivers, weight, rows, n_regions) -> NeighbourTable:
   in_weight[local, slot] = weight
   in_mask[local, slot] = True
 
-  return NeighbourTable(receivers=jnp.asarray(rows, jnp.int32),
-                        in_index=jnp.asarray(in_index),
-                        in_weight=jnp.asarray(in_weight),
-                        in_mask=jnp.asarray(in_mask))
+  return NeighbourTable(
+    receivers=jnp.asarray(rows, jnp.int32),
+    in_index=jnp.asarray(in_index),
+    in_weight=jnp.asarray(in_weight),
+    in_mask=jnp.asarray(in_mask),
+  )
 
 
-def neighbour_graph(senders: np.ndarray, receivers: np.ndarray,
-                    weight: np.ndarray, n_regions: int,
-                    bucketed: bool = True, min_bucket: int = 64) -> NeighbourGraph:
+def neighbour_graph(
+  senders: np.ndarray,
+  receivers: np.ndarray,
+  weight: np.ndarray,
+  n_regions: int,
+  bucketed: bool = True,
+  min_bucket: int = 64,
+) -> NeighbourGraph:
   """Builds the padded in-neighbour and out-slot tables of a directed graph.
 
   With ``bucketed=False`` there is one table padded to the maximum degree.
@@ -138,27 +150,29 @@ def neighbour_graph(senders: np.ndarray, receivers: np.ndarray,
       groups.append(pending)
   else:
     groups = [np.arange(n_regions)]
-  buckets = tuple(_table(senders, receivers, weight, rows, n_regions)
-                  for rows in groups)
+  buckets = tuple(_table(senders, receivers, weight, rows, n_regions) for rows in groups)
   order = np.concatenate(groups).astype(np.int32)
   inverse_order = np.empty(n_regions, np.int32)
   inverse_order[order] = np.arange(n_regions)
-  return NeighbourGraph(buckets=buckets, order=jnp.asarray(order),
-                        inverse_order=jnp.asarray(inverse_order))
+  return NeighbourGraph(
+    buckets=buckets, order=jnp.asarray(order), inverse_order=jnp.asarray(inverse_order)
+  )
 
 
-def graphs_tuple(senders: np.ndarray, receivers: np.ndarray, weight: np.ndarray,
-                 n_regions: int) -> jraph.GraphsTuple:
+def graphs_tuple(
+  senders: np.ndarray, receivers: np.ndarray, weight: np.ndarray, n_regions: int
+) -> jraph.GraphsTuple:
   """The same graph as a single-graph ``jraph.GraphsTuple``, receiver-sorted."""
   order = np.lexsort((senders, receivers))
   return jraph.GraphsTuple(
-      nodes=None,
-      edges=jnp.asarray(np.asarray(weight, np.float32)[order]),
-      senders=jnp.asarray(np.asarray(senders, np.int32)[order]),
-      receivers=jnp.asarray(np.asarray(receivers, np.int32)[order]),
-      n_node=jnp.asarray([n_regions]),
-      n_edge=jnp.asarray([len(senders)]),
-      globals=None)
+    nodes=None,
+    edges=jnp.asarray(np.asarray(weight, np.float32)[order]),
+    senders=jnp.asarray(np.asarray(senders, np.int32)[order]),
+    receivers=jnp.asarray(np.asarray(receivers, np.int32)[order]),
+    n_node=jnp.asarray([n_regions]),
+    n_edge=jnp.asarray([len(senders)]),
+    globals=None,
+  )
 
 
 @jax.custom_vjp
@@ -196,6 +210,7 @@ class CityGraph:
     target_rows: [N_o, N] float32, target distribution T_ij of eq. (4),
       summing to 1 over the whole array.
   """
+
   n_regions: int = flax.struct.field(pytree_node=False)
   neighbours: NeighbourGraph
   graph: jraph.GraphsTuple
@@ -203,9 +218,14 @@ class CityGraph:
   target_rows: jax.Array
 
 
-def city_graph(origin: np.ndarray, destination: np.ndarray,
-               edge_weight: np.ndarray, target_weight: np.ndarray | None,
-               n_regions: int, od_flow: np.ndarray | None = None) -> CityGraph:
+def city_graph(
+  origin: np.ndarray,
+  destination: np.ndarray,
+  edge_weight: np.ndarray,
+  target_weight: np.ndarray | None,
+  n_regions: int,
+  od_flow: np.ndarray | None = None,
+) -> CityGraph:
   """Builds the encoder graph and the mobility-loss target of one city.
 
   Args:
@@ -224,19 +244,21 @@ def city_graph(origin: np.ndarray, destination: np.ndarray,
   pairs).
   """
   senders, receivers, weights = add_mean_self_loops(
-      np.asarray(origin), np.asarray(destination), np.asarray(edge_weight),
-      n_regions)
+    np.asarray(origin), np.asarray(destination), np.asarray(edge_weight), n_regions
+  )
   if od_flow is not None:
     matrix = np.asarray(od_flow, np.float64)
   else:
     matrix = np.zeros((n_regions, n_regions), np.float64)
-    np.add.at(matrix, (np.asarray(origin), np.asarray(destination)),
-              np.asarray(target_weight, np.float64))
+    np.add.at(
+      matrix, (np.asarray(origin), np.asarray(destination)), np.asarray(target_weight, np.float64)
+    )
   matrix = matrix / matrix.sum()
   rows = np.flatnonzero(matrix.sum(axis=1) > 0).astype(np.int32)
   return CityGraph(
-      n_regions=n_regions,
-      neighbours=neighbour_graph(senders, receivers, weights, n_regions),
-      graph=graphs_tuple(senders, receivers, weights, n_regions),
-      origin_rows=jnp.asarray(rows),
-      target_rows=jnp.asarray(matrix[rows], jnp.float32))
+    n_regions=n_regions,
+    neighbours=neighbour_graph(senders, receivers, weights, n_regions),
+    graph=graphs_tuple(senders, receivers, weights, n_regions),
+    origin_rows=jnp.asarray(rows),
+    target_rows=jnp.asarray(matrix[rows], jnp.float32),
+  )

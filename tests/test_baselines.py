@@ -1,19 +1,26 @@
 """Rank-anchoring translation baselines (RP / RA)."""
+
 from __future__ import annotations
 
 import jax
 import numpy as np
 import pytest
 
-from jaxurban.core.baselines import (affine_align, affine_fit, align_into,
-                                     mobility_volume, procrustes_align,
-                                     procrustes_fit, rank_anchors,
-                                     translate_both_ways)
+from jaxurban.core.baselines import (
+  affine_align,
+  affine_fit,
+  align_into,
+  mobility_volume,
+  procrustes_align,
+  procrustes_fit,
+  rank_anchors,
+  translate_both_ways,
+)
 
 
 def _random_rotation(rng, d):
   q, r = np.linalg.qr(rng.normal(size=(d, d)))
-  return q * np.sign(np.diag(r))          # Haar-distributed orthogonal matrix
+  return q * np.sign(np.diag(r))  # Haar-distributed orthogonal matrix
 
 
 @pytest.mark.parametrize("center", [True, False])
@@ -22,16 +29,14 @@ def test_procrustes_recovers_rotation(rng, center):
   z_x = rng.normal(size=(n, d)).astype(np.float32)
   rot = _random_rotation(rng, d)
   offset = rng.normal(size=d) * 3 if center else np.zeros(d)
-  z_y = (z_x @ rot + offset + rng.normal(scale=1e-6, size=(n, d))).astype(
-      np.float32)
-  stat = rng.permutation(n).astype(np.float32)   # identical rankings
+  z_y = (z_x @ rot + offset + rng.normal(scale=1e-6, size=(n, d))).astype(np.float32)
+  stat = rng.permutation(n).astype(np.float32)  # identical rankings
   moved = np.asarray(procrustes_align(z_x, z_y, stat, stat, center=center))
   np.testing.assert_allclose(moved, z_x, atol=2e-4)
   # The fitted map itself: Y = X R + t, so Y -> X is R^T.
   m = procrustes_fit(z_y, z_x, center=center)
   np.testing.assert_allclose(np.asarray(m.matrix), rot.T, atol=2e-5)
-  np.testing.assert_allclose(np.asarray(m.matrix.T @ m.matrix), np.eye(d),
-                             atol=2e-5)
+  np.testing.assert_allclose(np.asarray(m.matrix.T @ m.matrix), np.eye(d), atol=2e-5)
 
 
 def test_affine_recovers_affine_map(rng):
@@ -70,10 +75,9 @@ def test_translate_both_ways_and_jit(rng):
   y_in_x, x_in_y = translate_both_ways(z_x, z_y, s_x, s_y)
   assert y_in_x.shape == (35, 4) and x_in_y.shape == (50, 4)
   np.testing.assert_allclose(
-      np.asarray(x_in_y), np.asarray(procrustes_align(z_y, z_x, s_y, s_x)),
-      rtol=1e-6)
-  jitted = jax.jit(lambda a, b, c, e: align_into(a, b, c, e, method="affine",
-                                                 n_anchor=20))
+    np.asarray(x_in_y), np.asarray(procrustes_align(z_y, z_x, s_y, s_x)), rtol=1e-6
+  )
+  jitted = jax.jit(lambda a, b, c, e: align_into(a, b, c, e, method="affine", n_anchor=20))
   assert jitted(z_x, z_y, s_x, s_y).shape == (35, 4)
 
 
@@ -81,7 +85,7 @@ def test_mobility_volume_against_loop(rng):
   n, e = 25, 200
   origin = rng.integers(0, n, size=e)
   destination = rng.integers(0, n, size=e)
-  destination[:5] = origin[:5]                     # self-loops count twice
+  destination[:5] = origin[:5]  # self-loops count twice
   weight = rng.uniform(size=e)
   expected = np.zeros(n)
   for o, d, w in zip(origin, destination, weight):

@@ -1,4 +1,5 @@
 """CoRE's losses against float64 NumPy references written from the equations."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ from jaxurban.core import losses
 
 
 # ---------------------------------------------------------------- references
+
 
 def log_softmax_rows(m):
   m = m - m.max(axis=1, keepdims=True)
@@ -25,11 +27,11 @@ def unit_rows(m):
 
 
 def lma_reference(z_x, z_y, anchors, form):
-  rel_x, rel_y = unit_rows(anchors @ z_x.T), unit_rows(anchors @ z_y.T)   # eq. (7)
-  hat_x, hat_y = rel_x @ rel_x.T, rel_y @ rel_y.T                         # eq. (8)
+  rel_x, rel_y = unit_rows(anchors @ z_x.T), unit_rows(anchors @ z_y.T)  # eq. (7)
+  hat_x, hat_y = rel_x @ rel_x.T, rel_y @ rel_y.T  # eq. (8)
   n_a = anchors.shape[0]
   if form == "paper":
-    return np.sum((unit_rows(hat_x) - unit_rows(hat_y)) ** 2) / n_a**2      # eq. (9)
+    return np.sum((unit_rows(hat_x) - unit_rows(hat_y)) ** 2) / n_a**2  # eq. (9)
   # The authors' code: cosine distances 1 - hat, mean over anchors of the
   # squared row distance.
   return np.mean(np.sum(((1 - hat_x) - (1 - hat_y)) ** 2, axis=1))
@@ -38,14 +40,17 @@ def lma_reference(z_x, z_y, anchors, form):
 def lia_reference(z_x, z_y, w_q, b_q, w_k, b_k, form):
   d = w_q.shape[1]
   q_x, k_x, q_y, k_y = z_x @ w_q + b_q, z_x @ w_k + b_k, z_y @ w_q + b_q, z_y @ w_k + b_k
-  attn_xy, attn_yx = q_x @ k_y.T / np.sqrt(d), q_y @ k_x.T / np.sqrt(d)   # eq. (11)
+  attn_xy, attn_yx = q_x @ k_y.T / np.sqrt(d), q_y @ k_x.T / np.sqrt(d)  # eq. (11)
   if form == "paper":
-    cor_x, cor_y = z_x @ z_x.T, z_y @ z_y.T                               # eq. (10)
-    return (np.sum((cor_x - attn_xy @ attn_yx) ** 2) / len(z_x) ** 2       # eq. (12)
-            + np.sum((cor_y - attn_yx @ attn_xy) ** 2) / len(z_y) ** 2)
+    cor_x, cor_y = z_x @ z_x.T, z_y @ z_y.T  # eq. (10)
+    return (
+      np.sum((cor_x - attn_xy @ attn_yx) ** 2) / len(z_x) ** 2  # eq. (12)
+      + np.sum((cor_y - attn_yx @ attn_xy) ** 2) / len(z_y) ** 2
+    )
   cor_x, cor_y = q_x @ k_x.T / np.sqrt(d), q_y @ k_y.T / np.sqrt(d)
-  return (np.mean(np.sum((attn_xy @ attn_yx - cor_x) ** 2, axis=1))
-          + np.mean(np.sum((attn_yx @ attn_xy - cor_y) ** 2, axis=1)))
+  return np.mean(np.sum((attn_xy @ attn_yx - cor_x) ** 2, axis=1)) + np.mean(
+    np.sum((attn_yx @ attn_xy - cor_y) ** 2, axis=1)
+  )
 
 
 def random_target(rng, n, n_origins):
@@ -66,17 +71,20 @@ SHAPES = [(7, 9, 4, 5), (40, 31, 16, 50), (120, 96, 32, 200)]
 
 # ---------------------------------------------------------------- values
 
+
 @pytest.mark.parametrize("n,_,d,__", SHAPES)
 def test_mobility_loss_matches_reference(rng, n, _, d, __):
   z = rng.normal(size=(n, d))
   target = random_target(rng, n, max(1, n // 2))
   rows = np.flatnonzero(target.sum(1) > 0)
   expected = mobility_reference(z, target)
-  got = losses.mobility_loss(jnp.asarray(z, jnp.float32), jnp.asarray(rows),
-                             jnp.asarray(target[rows], jnp.float32))
+  got = losses.mobility_loss(
+    jnp.asarray(z, jnp.float32), jnp.asarray(rows), jnp.asarray(target[rows], jnp.float32)
+  )
   np.testing.assert_allclose(got, expected, rtol=2e-5)
-  direct = losses.mobility_loss_direct(jnp.asarray(z, jnp.float32),
-                                       jnp.asarray(target, jnp.float32))
+  direct = losses.mobility_loss_direct(
+    jnp.asarray(z, jnp.float32), jnp.asarray(target, jnp.float32)
+  )
   np.testing.assert_allclose(direct, expected, rtol=2e-5)
 
 
@@ -87,30 +95,39 @@ def test_lma_matches_reference(rng, form, n_x, n_y, d, n_a):
   anchors = rng.normal(size=(n_a, d))
   expected = lma_reference(z_x, z_y, anchors, form)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  np.testing.assert_allclose(losses.lma_direct(f32(z_x), f32(z_y), f32(anchors), form),
-                             expected, rtol=1e-4)
-  np.testing.assert_allclose(losses.lma_lowrank(f32(z_x), f32(z_y), f32(anchors), form),
-                             expected, rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(
+    losses.lma_direct(f32(z_x), f32(z_y), f32(anchors), form), expected, rtol=1e-4
+  )
+  np.testing.assert_allclose(
+    losses.lma_lowrank(f32(z_x), f32(z_y), f32(anchors), form), expected, rtol=1e-3, atol=1e-5
+  )
   with jax.enable_x64(True):
-    np.testing.assert_allclose(losses.lma_lowrank(jnp.asarray(z_x), jnp.asarray(z_y),
-                                                  jnp.asarray(anchors), form),
-                               expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+      losses.lma_lowrank(jnp.asarray(z_x), jnp.asarray(z_y), jnp.asarray(anchors), form),
+      expected,
+      rtol=1e-10,
+      atol=1e-12,
+    )
 
 
 @pytest.mark.parametrize("form", losses.FORMS)
 @pytest.mark.parametrize("n_x,n_y,d,_", SHAPES)
 def test_lia_matches_reference(rng, form, n_x, n_y, d, _):
   z_x, z_y = rng.normal(size=(n_x, d)), rng.normal(size=(n_y, d))
-  weights = [rng.normal(size=(d, d)) / np.sqrt(d), rng.normal(size=d) * 0.1,
-             rng.normal(size=(d, d)) / np.sqrt(d), rng.normal(size=d) * 0.1]
+  weights = [
+    rng.normal(size=(d, d)) / np.sqrt(d),
+    rng.normal(size=d) * 0.1,
+    rng.normal(size=(d, d)) / np.sqrt(d),
+    rng.normal(size=d) * 0.1,
+  ]
   expected = lia_reference(z_x, z_y, *weights, form)
   f32 = [jnp.asarray(a, jnp.float32) for a in (z_x, z_y, *weights)]
   np.testing.assert_allclose(losses.lia_direct(*f32, form=form), expected, rtol=1e-4)
   np.testing.assert_allclose(losses.lia_lowrank(*f32, form=form), expected, rtol=2e-3)
   with jax.enable_x64(True):
     np.testing.assert_allclose(
-        losses.lia_lowrank(*map(jnp.asarray, (z_x, z_y, *weights)), form=form),
-        expected, rtol=1e-10)
+      losses.lia_lowrank(*map(jnp.asarray, (z_x, z_y, *weights)), form=form), expected, rtol=1e-10
+    )
 
 
 def test_forms_are_validated():
@@ -121,29 +138,36 @@ def test_forms_are_validated():
 
 # ---------------------------------------------------------------- gradients
 
+
 @pytest.mark.parametrize("form", losses.FORMS)
 def test_alignment_gradients_match_float64_finite_differences(rng, form):
   n_x, n_y, d, n_a = 30, 24, 8, 40
   z_x, z_y = rng.normal(size=(n_x, d)), rng.normal(size=(n_y, d))
   anchors = rng.normal(size=(n_a, d))
-  weights = [rng.normal(size=(d, d)) / np.sqrt(d), rng.normal(size=d) * 0.1,
-             rng.normal(size=(d, d)) / np.sqrt(d), rng.normal(size=d) * 0.1]
+  weights = [
+    rng.normal(size=(d, d)) / np.sqrt(d),
+    rng.normal(size=d) * 0.1,
+    rng.normal(size=(d, d)) / np.sqrt(d),
+    rng.normal(size=d) * 0.1,
+  ]
   with jax.enable_x64(True):
     lma_grad = jax.grad(losses.lma_lowrank, argnums=(0, 1))(
-        jnp.asarray(z_x), jnp.asarray(z_y), jnp.asarray(anchors), form)
+      jnp.asarray(z_x), jnp.asarray(z_y), jnp.asarray(anchors), form
+    )
     lia_grad = jax.grad(losses.lia_lowrank, argnums=(0, 1))(
-        *map(jnp.asarray, (z_x, z_y, *weights)), form=form)
+      *map(jnp.asarray, (z_x, z_y, *weights)), form=form
+    )
   for _ in range(3):
     direction_x = rng.normal(size=z_x.shape)
     numeric = directional_derivative(
-        lambda z: lma_reference(z, z_y, anchors, form), z_x, direction_x)
-    np.testing.assert_allclose(np.sum(lma_grad[0] * direction_x), numeric, rtol=1e-5,
-                               atol=1e-8)
+      lambda z: lma_reference(z, z_y, anchors, form), z_x, direction_x
+    )
+    np.testing.assert_allclose(np.sum(lma_grad[0] * direction_x), numeric, rtol=1e-5, atol=1e-8)
     direction_y = rng.normal(size=z_y.shape)
     numeric = directional_derivative(
-        lambda z: lia_reference(z_x, z, *weights, form), z_y, direction_y)
-    np.testing.assert_allclose(np.sum(lia_grad[1] * direction_y), numeric, rtol=1e-5,
-                               atol=1e-8)
+      lambda z: lia_reference(z_x, z, *weights, form), z_y, direction_y
+    )
+    np.testing.assert_allclose(np.sum(lia_grad[1] * direction_y), numeric, rtol=1e-5, atol=1e-8)
 
 
 def test_mobility_gradient_matches_float64_finite_differences(rng):
@@ -152,8 +176,9 @@ def test_mobility_gradient_matches_float64_finite_differences(rng):
   target = random_target(rng, n, 10)
   rows = np.flatnonzero(target.sum(1) > 0)
   with jax.enable_x64(True):
-    grad = jax.grad(losses.mobility_loss)(jnp.asarray(z), jnp.asarray(rows),
-                                          jnp.asarray(target[rows]))
+    grad = jax.grad(losses.mobility_loss)(
+      jnp.asarray(z), jnp.asarray(rows), jnp.asarray(target[rows])
+    )
   direction = rng.normal(size=z.shape)
   numeric = directional_derivative(lambda v: mobility_reference(v, target), z, direction)
   np.testing.assert_allclose(np.sum(grad * direction), numeric, rtol=1e-6)
@@ -165,17 +190,22 @@ def test_lowrank_float32_gradients_match_direct_float64(rng, form):
   n_x, n_y, d, n_a = 300, 260, 32, 1000
   z_x, z_y = rng.normal(size=(n_x, d)), rng.normal(size=(n_y, d))
   anchors = rng.normal(size=(n_a, d))
-  weights = [rng.normal(size=(d, d)) / np.sqrt(d), rng.normal(size=d) * 0.1,
-             rng.normal(size=(d, d)) / np.sqrt(d), rng.normal(size=d) * 0.1]
+  weights = [
+    rng.normal(size=(d, d)) / np.sqrt(d),
+    rng.normal(size=d) * 0.1,
+    rng.normal(size=(d, d)) / np.sqrt(d),
+    rng.normal(size=d) * 0.1,
+  ]
   with jax.enable_x64(True):
     ref_lma = jax.grad(losses.lma_direct, argnums=(0, 1))(
-        jnp.asarray(z_x), jnp.asarray(z_y), jnp.asarray(anchors), form)
+      jnp.asarray(z_x), jnp.asarray(z_y), jnp.asarray(anchors), form
+    )
     ref_lia = jax.grad(losses.lia_direct, argnums=(0, 1))(
-        *map(jnp.asarray, (z_x, z_y, *weights)), form=form)
+      *map(jnp.asarray, (z_x, z_y, *weights)), form=form
+    )
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   got_lma = jax.grad(losses.lma_lowrank, argnums=(0, 1))(f32(z_x), f32(z_y), f32(anchors), form)
-  got_lia = jax.grad(losses.lia_lowrank, argnums=(0, 1))(
-      *map(f32, (z_x, z_y, *weights)), form=form)
+  got_lia = jax.grad(losses.lia_lowrank, argnums=(0, 1))(*map(f32, (z_x, z_y, *weights)), form=form)
   for got, ref in zip(got_lma + got_lia, ref_lma + ref_lia):
     scale = np.abs(np.asarray(ref)).max()
     np.testing.assert_allclose(np.asarray(got) / scale, np.asarray(ref) / scale, atol=2e-3)

@@ -1,4 +1,5 @@
 """End-to-end CoRE training on the real XA-CD pair, a few epochs at a time."""
+
 import json
 
 import chex
@@ -14,9 +15,17 @@ from jaxurban.core.train import CoreConfig
 
 
 def tiny(data_root, **overrides):
-  settings = dict(city_x="xa", city_y="cd", data_root=str(data_root), seeds=2,
-                  epochs=4, log_every=2, checkpoint_every=2, n_anchors=64,
-                  plot=False)
+  settings = dict(
+    city_x="xa",
+    city_y="cd",
+    data_root=str(data_root),
+    seeds=2,
+    epochs=4,
+    log_every=2,
+    checkpoint_every=2,
+    n_anchors=64,
+    plot=False,
+  )
   settings.update(overrides)
   return CoreConfig(**settings)
 
@@ -46,9 +55,11 @@ def test_killed_run_resumes_to_the_same_result(data_root, graphs, tmp_path, monk
   expected = train.train_embeddings(config, tmp_path / "straight", *graphs)
 
   original_save = Checkpointer.save
+
   def save_then_die(self, step, state, cfg):
     original_save(self, step, state, cfg)
     raise KeyboardInterrupt("killed after the first checkpoint")
+
   monkeypatch.setattr(Checkpointer, "save", save_then_die)
   with pytest.raises(KeyboardInterrupt):
     train.train_embeddings(config, tmp_path / "killed", *graphs)
@@ -76,8 +87,9 @@ def test_train_chunk_compiles_once(data_root, graphs):
   for _ in range(3):
     state, terms = chunk(state, *graphs)
   assert set(terms) == {"total", "re_x", "re_y", "lma", "lia"}
-  np.testing.assert_allclose(terms["total"], terms["re_x"] + terms["re_y"] + terms["lma"]
-                             + terms["lia"], rtol=1e-5)
+  np.testing.assert_allclose(
+    terms["total"], terms["re_x"] + terms["re_y"] + terms["lma"] + terms["lia"], rtol=1e-5
+  )
   chex.assert_shape(terms["lma"], (2,))
 
 
@@ -99,9 +111,24 @@ def test_variants_train_and_evaluate(data_root, tmp_path, variant):
 
 def test_command_writes_every_output(data_root, tmp_path, capsys):
   out = tmp_path / "run"
-  code = core_align.main(["--pair", "xa-CD", "--data-root", str(data_root), "--epochs", "2",
-                          "--log-every", "1", "--seeds", "2", "--anchors", "32",
-                          "--out", str(out)])
+  code = core_align.main(
+    [
+      "--pair",
+      "xa-CD",
+      "--data-root",
+      str(data_root),
+      "--epochs",
+      "2",
+      "--log-every",
+      "1",
+      "--seeds",
+      "2",
+      "--anchors",
+      "32",
+      "--out",
+      str(out),
+    ]
+  )
   assert code == 0
   printed = capsys.readouterr().out
   assert "epoch     2/2" in printed and "XA→CD" in printed and "170.13" in printed
@@ -126,7 +153,6 @@ def test_command_rejects_bad_flags(data_root, capsys):
 
 
 def test_command_names_an_unknown_city(data_root, tmp_path, capsys):
-  code = core_align.main(["--pair", "XA-ZZ", "--data-root", str(data_root),
-                          "--out", str(tmp_path)])
+  code = core_align.main(["--pair", "XA-ZZ", "--data-root", str(data_root), "--out", str(tmp_path)])
   assert code == 2
   assert "zz" in capsys.readouterr().err.lower()

@@ -19,11 +19,11 @@ import pytest
 
 from jaxurban.data import fetch
 from jaxurban.data.core_city import (
-    LABEL_NAMES,
-    city_dir,
-    list_cities,
-    load_city,
-    polygon_centroids,
+  LABEL_NAMES,
+  city_dir,
+  list_cities,
+  load_city,
+  polygon_centroids,
 )
 from jaxurban.data.errors import DataError
 from jaxurban.data.root import DATA_ENV, resolve_data_root, subdir
@@ -37,70 +37,70 @@ CORE_MIRROR = pathlib.Path("/work/.mirror/AIMUrban+CoRE/repo")
 
 
 def test_wkt_square():
-    assert polygon_centroid("POLYGON ((0 0, 2 0, 2 2, 0 2, 0 0))") == (1.0, 1.0)
-    assert polygon_area("POLYGON ((0 0, 2 0, 2 2, 0 2, 0 0))") == 4.0
+  assert polygon_centroid("POLYGON ((0 0, 2 0, 2 2, 0 2, 0 0))") == (1.0, 1.0)
+  assert polygon_area("POLYGON ((0 0, 2 0, 2 2, 0 2, 0 0))") == 4.0
 
 
 def test_wkt_orientation_does_not_matter():
-    ccw = polygon_centroid("POLYGON ((0 0, 3 0, 3 1, 0 1, 0 0))")
-    cw = polygon_centroid("POLYGON ((0 0, 0 1, 3 1, 3 0, 0 0))")
-    assert ccw == cw == (1.5, 0.5)
+  ccw = polygon_centroid("POLYGON ((0 0, 3 0, 3 1, 0 1, 0 0))")
+  cw = polygon_centroid("POLYGON ((0 0, 0 1, 3 1, 3 0, 0 0))")
+  assert ccw == cw == (1.5, 0.5)
 
 
 def test_wkt_polygon_with_hole():
-    # 4x4 square (area 16, centroid (2, 2)) minus the 2x2 corner (area 4,
-    # centroid (1, 1)): ((16*2 - 4*1) / 12) = 7/3 on both axes.
-    text = "POLYGON ((0 0, 4 0, 4 4, 0 4, 0 0), (0 0, 0 2, 2 2, 2 0, 0 0))"
-    lon, lat = polygon_centroid(text)
-    assert lon == pytest.approx(7 / 3, abs=1e-12)
-    assert lat == pytest.approx(7 / 3, abs=1e-12)
-    assert polygon_area(text) == pytest.approx(12.0)
+  # 4x4 square (area 16, centroid (2, 2)) minus the 2x2 corner (area 4,
+  # centroid (1, 1)): ((16*2 - 4*1) / 12) = 7/3 on both axes.
+  text = "POLYGON ((0 0, 4 0, 4 4, 0 4, 0 0), (0 0, 0 2, 2 2, 2 0, 0 0))"
+  lon, lat = polygon_centroid(text)
+  assert lon == pytest.approx(7 / 3, abs=1e-12)
+  assert lat == pytest.approx(7 / 3, abs=1e-12)
+  assert polygon_area(text) == pytest.approx(12.0)
 
 
 def test_wkt_multipolygon_weights_parts_by_area():
-    # Unit square at (0.5, 0.5) and a 2x2 square at (3, 1): ((0.5 + 4*3)/5, (0.5 + 4*1)/5).
-    text = "MULTIPOLYGON (((0 0, 1 0, 1 1, 0 1, 0 0)), ((2 0, 4 0, 4 2, 2 2, 2 0)))"
-    lon, lat = polygon_centroid(text)
-    assert lon == pytest.approx(2.5, abs=1e-12)
-    assert lat == pytest.approx(0.9, abs=1e-12)
+  # Unit square at (0.5, 0.5) and a 2x2 square at (3, 1): ((0.5 + 4*3)/5, (0.5 + 4*1)/5).
+  text = "MULTIPOLYGON (((0 0, 1 0, 1 1, 0 1, 0 0)), ((2 0, 4 0, 4 2, 2 2, 2 0)))"
+  lon, lat = polygon_centroid(text)
+  assert lon == pytest.approx(2.5, abs=1e-12)
+  assert lat == pytest.approx(0.9, abs=1e-12)
 
 
 def test_wkt_multipolygon_with_hole_and_real_coordinates():
-    # Far from the origin and tiny, as real region outlines are.
-    x0, y0, s = 116.3, 39.9, 1e-3
-    outer = f"({x0} {y0}, {x0 + 2 * s} {y0}, {x0 + 2 * s} {y0 + 2 * s}, {x0} {y0 + 2 * s}, {x0} {y0})"
-    hole = f"({x0} {y0}, {x0} {y0 + s}, {x0 + s} {y0 + s}, {x0 + s} {y0}, {x0} {y0})"
-    lon, lat = polygon_centroid(f"MULTIPOLYGON (({outer}, {hole}))")
-    assert lon == pytest.approx(x0 + s * 7 / 6, abs=1e-12)
-    assert lat == pytest.approx(y0 + s * 7 / 6, abs=1e-12)
+  # Far from the origin and tiny, as real region outlines are.
+  x0, y0, s = 116.3, 39.9, 1e-3
+  outer = f"({x0} {y0}, {x0 + 2 * s} {y0}, {x0 + 2 * s} {y0 + 2 * s}, {x0} {y0 + 2 * s}, {x0} {y0})"
+  hole = f"({x0} {y0}, {x0} {y0 + s}, {x0 + s} {y0 + s}, {x0 + s} {y0}, {x0} {y0})"
+  lon, lat = polygon_centroid(f"MULTIPOLYGON (({outer}, {hole}))")
+  assert lon == pytest.approx(x0 + s * 7 / 6, abs=1e-12)
+  assert lat == pytest.approx(y0 + s * 7 / 6, abs=1e-12)
 
 
 def test_wkt_parse_structure_and_z():
-    polys = parse_wkt("polygon z ((0 0 5, 1 0 5, 1 1 5, 0 0 5))")
-    assert len(polys) == 1 and len(polys[0]) == 1
-    chex.assert_shape(polys[0][0], (4, 2))
+  polys = parse_wkt("polygon z ((0 0 5, 1 0 5, 1 1 5, 0 0 5))")
+  assert len(polys) == 1 and len(polys[0]) == 1
+  chex.assert_shape(polys[0][0], (4, 2))
 
 
 @pytest.mark.parametrize(
-    "text, problem",
-    [
-        ("LINESTRING (0 0, 1 1)", "expected POLYGON or MULTIPOLYGON"),
-        ("POLYGON EMPTY", "no coordinates"),
-        ("POLYGON ((0 0, 1 0, 1 1, 0 0)", "unbalanced"),
-        ("POLYGON ((0 0, 1 0, 1 1, 0 0))) ", "trailing text"),
-        ("POLYGON ((0 0, 1 x, 1 1, 0 0))", "non-numeric value 'x'"),
-        ("POLYGON ((0 0, 1 0, 1 1 1, 0 0))", "vertex 2 has 3 numbers"),
-        ("POLYGON ((0 0, 1 0, 0 0))", "at least 4 vertices"),
-        ("POLYGON ((0 0, 1 0, 1 1, 0 1))", "not closed"),
-        ("POLYGON (0 0, 1 0, 1 1, 0 0)", "list of coordinate rings"),
-        ("MULTIPOLYGON ((0 0, 1 0, 1 1, 0 0))", "list of coordinate rings"),
-        ("POLYGON ((0 0, 1 0, 2 0, 0 0))", "zero area"),
-        ("POLYGON ((0 0, 1 0, nan 1, 0 0))", "non-finite"),
-    ],
+  "text, problem",
+  [
+    ("LINESTRING (0 0, 1 1)", "expected POLYGON or MULTIPOLYGON"),
+    ("POLYGON EMPTY", "no coordinates"),
+    ("POLYGON ((0 0, 1 0, 1 1, 0 0)", "unbalanced"),
+    ("POLYGON ((0 0, 1 0, 1 1, 0 0))) ", "trailing text"),
+    ("POLYGON ((0 0, 1 x, 1 1, 0 0))", "non-numeric value 'x'"),
+    ("POLYGON ((0 0, 1 0, 1 1 1, 0 0))", "vertex 2 has 3 numbers"),
+    ("POLYGON ((0 0, 1 0, 0 0))", "at least 4 vertices"),
+    ("POLYGON ((0 0, 1 0, 1 1, 0 1))", "not closed"),
+    ("POLYGON (0 0, 1 0, 1 1, 0 0)", "list of coordinate rings"),
+    ("MULTIPOLYGON ((0 0, 1 0, 1 1, 0 0))", "list of coordinate rings"),
+    ("POLYGON ((0 0, 1 0, 2 0, 0 0))", "zero area"),
+    ("POLYGON ((0 0, 1 0, nan 1, 0 0))", "non-finite"),
+  ],
 )
 def test_wkt_malformed_raises_value_error(text, problem):
-    with pytest.raises(ValueError, match=re.escape(problem)):
-        polygon_centroid(text)
+  with pytest.raises(ValueError, match=re.escape(problem)):
+    polygon_centroid(text)
 
 
 # ---------------------------------------------------------------------------
@@ -111,62 +111,64 @@ EXPECTED = {"xa": (1056, 7300, 499), "cd": (1306, 9498, 670)}
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_real_city_counts_and_dtypes(core_city, name):
-    city = core_city(name)
-    n, e, self_loops = EXPECTED[name]
-    assert city.name == name
-    assert city.n_regions == n
-    assert city.n_edges == e
-    chex.assert_shape(city.geo_ids, (n,))
-    chex.assert_shape(city.centroids, (n, 2))
-    chex.assert_shape([city.edge_origin, city.edge_destination, city.edge_weight, city.edge_weight_raw], (e,))
-    assert city.geo_ids.dtype == np.int64
-    assert city.centroids.dtype == np.float64
-    assert city.edge_origin.dtype == np.int32 and city.edge_destination.dtype == np.int32
-    assert city.edge_origin.min() >= 0 and city.edge_origin.max() < n
-    assert city.edge_destination.min() >= 0 and city.edge_destination.max() < n
-    # Self loops are data, not noise: the loader must keep every one of them.
-    assert int((city.edge_origin == city.edge_destination).sum()) == self_loops
-    assert city.od_flow is None
-    assert "Shape_Area" in city.attributes and "type" not in city.attributes
-    assert all(v.dtype == np.float64 and v.shape == (n,) for v in city.attributes.values())
-    assert not city.geo_ids.flags.writeable and not city.edge_weight.flags.writeable
+  city = core_city(name)
+  n, e, self_loops = EXPECTED[name]
+  assert city.name == name
+  assert city.n_regions == n
+  assert city.n_edges == e
+  chex.assert_shape(city.geo_ids, (n,))
+  chex.assert_shape(city.centroids, (n, 2))
+  chex.assert_shape(
+    [city.edge_origin, city.edge_destination, city.edge_weight, city.edge_weight_raw], (e,)
+  )
+  assert city.geo_ids.dtype == np.int64
+  assert city.centroids.dtype == np.float64
+  assert city.edge_origin.dtype == np.int32 and city.edge_destination.dtype == np.int32
+  assert city.edge_origin.min() >= 0 and city.edge_origin.max() < n
+  assert city.edge_destination.min() >= 0 and city.edge_destination.max() < n
+  # Self loops are data, not noise: the loader must keep every one of them.
+  assert int((city.edge_origin == city.edge_destination).sum()) == self_loops
+  assert city.od_flow is None
+  assert "Shape_Area" in city.attributes and "type" not in city.attributes
+  assert all(v.dtype == np.float64 and v.shape == (n,) for v in city.attributes.values())
+  assert not city.geo_ids.flags.writeable and not city.edge_weight.flags.writeable
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_real_city_weights_normalised_per_origin(core_city, name):
-    city = core_city(name)
-    sums = np.bincount(city.edge_origin, weights=city.edge_weight, minlength=city.n_regions)
-    origins = np.unique(city.edge_origin)
-    np.testing.assert_allclose(sums[origins], 1.0, atol=1e-12)
-    assert city.weights_were_normalised
-    np.testing.assert_allclose(city.edge_weight, city.edge_weight_raw, rtol=1e-12)
+  city = core_city(name)
+  sums = np.bincount(city.edge_origin, weights=city.edge_weight, minlength=city.n_regions)
+  origins = np.unique(city.edge_origin)
+  np.testing.assert_allclose(sums[origins], 1.0, atol=1e-12)
+  assert city.weights_were_normalised
+  np.testing.assert_allclose(city.edge_weight, city.edge_weight_raw, rtol=1e-12)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_real_city_labels(core_city, name):
-    city = core_city(name)
-    assert tuple(city.labels) == LABEL_NAMES
-    for values in city.labels.values():
-        assert values.dtype == np.float64
-        chex.assert_shape(values, (city.n_regions,))
-        assert np.isfinite(values).all()
+  city = core_city(name)
+  assert tuple(city.labels) == LABEL_NAMES
+  for values in city.labels.values():
+    assert values.dtype == np.float64
+    chex.assert_shape(values, (city.n_regions,))
+    assert np.isfinite(values).all()
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_polygon_centroids_match_m_lon_lat(core_city, data_root, name):
-    city = core_city(name)
-    computed = polygon_centroids(name, data_root)
-    err = np.abs(computed - city.centroids).max()
-    print(f"{name}: max |polygon centroid - (m_lon, m_lat)| = {err:.3e} deg")
-    # The files' centroid columns are planar area centroids, so they agree to
-    # round-off, far inside the 1e-3 degree budget.
-    assert err < 1e-9
+  city = core_city(name)
+  computed = polygon_centroids(name, data_root)
+  err = np.abs(computed - city.centroids).max()
+  print(f"{name}: max |polygon centroid - (m_lon, m_lat)| = {err:.3e} deg")
+  # The files' centroid columns are planar area centroids, so they agree to
+  # round-off, far inside the 1e-3 degree budget.
+  assert err < 1e-9
 
 
 def test_city_lookup_is_case_insensitive(data_root):
-    assert city_dir("XA", data_root).name == "xa"
-    assert {"xa", "cd"} <= set(list_cities(data_root))
-    assert "published_embeddings" not in list_cities(data_root)
+  assert city_dir("XA", data_root).name == "xa"
+  assert {"xa", "cd"} <= set(list_cities(data_root))
+  assert "published_embeddings" not in list_cities(data_root)
 
 
 # ---------------------------------------------------------------------------
@@ -174,132 +176,168 @@ def test_city_lookup_is_case_insensitive(data_root):
 
 
 def _square(x, y, s=1.0):
-    return f"({x} {y}, {x + s} {y}, {x + s} {y + s}, {x} {y + s}, {x} {y})"
+  return f"({x} {y}, {x + s} {y}, {x + s} {y + s}, {x} {y + s}, {x} {y})"
 
 
 def _csv_text(header, rows):
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()
+  buf = io.StringIO()
+  writer = csv.writer(buf, lineterminator="\n")
+  writer.writerow(header)
+  writer.writerows(rows)
+  return buf.getvalue()
 
 
 def _xa_style_geo(n=3):
-    header = ["geo_id", "type", "MIX", "geometry", "m_lon", "m_lat"]
-    rows = [[i, "POLYGON", 0.5 * i, f"POLYGON ({_square(2 * i, 0)})", 2 * i + 0.5, 0.5] for i in range(n)]
-    return header, rows
+  header = ["geo_id", "type", "MIX", "geometry", "m_lon", "m_lat"]
+  rows = [
+    [i, "POLYGON", 0.5 * i, f"POLYGON ({_square(2 * i, 0)})", 2 * i + 0.5, 0.5] for i in range(n)
+  ]
+  return header, rows
 
 
 def _xa_style_mob():
-    header = ["rel_id", "type", "origin_id", "destination_id", "mobility_weight"]
-    rows = [
-        [0, "mob", 0, 0, 0.25],
-        [1, "mob", 0, 1, 0.75],
-        [2, "mob", 1, 2, 1.0],
-        [3, "mob", 2, 0, 0.5],
-        [4, "mob", 2, 2, 0.5],
-    ]
-    return header, rows
+  header = ["rel_id", "type", "origin_id", "destination_id", "mobility_weight"]
+  rows = [
+    [0, "mob", 0, 0, 0.25],
+    [1, "mob", 0, 1, 0.75],
+    [2, "mob", 1, 2, 1.0],
+    [3, "mob", 2, 0, 0.5],
+    [4, "mob", 2, 2, 0.5],
+  ]
+  return header, rows
 
 
-def make_city(root, code="zz", *, geo=None, mob=None, labels=None, od_flow=None, nested=False, folder_name=None):
-    """Writes a city folder ``root/core/<folder_name or code>/`` and returns ``root``."""
-    folder = pathlib.Path(root) / "core" / (folder_name or code)
-    csv_dir = folder / f"regionmap_{code}" if nested else folder
-    csv_dir.mkdir(parents=True, exist_ok=True)
-    geo = geo if geo is not None else _xa_style_geo()
-    mob = mob if mob is not None else _xa_style_mob()
-    (csv_dir / f"regionmap_{code}.geo").write_text(geo if isinstance(geo, str) else _csv_text(*geo), encoding="utf-8")
-    (csv_dir / f"regionmap_{code}.mob").write_text(mob if isinstance(mob, str) else _csv_text(*mob), encoding="utf-8")
-    n = 3 if isinstance(geo, str) else len(geo[1])
-    labels = labels if labels is not None else {}
-    for i, name in enumerate(LABEL_NAMES):
-        np.save(folder / f"{name}_{code}_sum.npy", labels.get(name, np.arange(n, dtype=np.float64) + i))
-    if od_flow is not None:
-        np.save(folder / f"region_od_flow_{code}_11.npy", od_flow)
-    return pathlib.Path(root)
+def make_city(
+  root, code="zz", *, geo=None, mob=None, labels=None, od_flow=None, nested=False, folder_name=None
+):
+  """Writes a city folder ``root/core/<folder_name or code>/`` and returns ``root``."""
+  folder = pathlib.Path(root) / "core" / (folder_name or code)
+  csv_dir = folder / f"regionmap_{code}" if nested else folder
+  csv_dir.mkdir(parents=True, exist_ok=True)
+  geo = geo if geo is not None else _xa_style_geo()
+  mob = mob if mob is not None else _xa_style_mob()
+  (csv_dir / f"regionmap_{code}.geo").write_text(
+    geo if isinstance(geo, str) else _csv_text(*geo), encoding="utf-8"
+  )
+  (csv_dir / f"regionmap_{code}.mob").write_text(
+    mob if isinstance(mob, str) else _csv_text(*mob), encoding="utf-8"
+  )
+  n = 3 if isinstance(geo, str) else len(geo[1])
+  labels = labels if labels is not None else {}
+  for i, name in enumerate(LABEL_NAMES):
+    np.save(folder / f"{name}_{code}_sum.npy", labels.get(name, np.arange(n, dtype=np.float64) + i))
+  if od_flow is not None:
+    np.save(folder / f"region_od_flow_{code}_11.npy", od_flow)
+  return pathlib.Path(root)
 
 
 def test_synthetic_xa_style_city(tmp_path):
-    city = load_city("zz", make_city(tmp_path))
-    assert city.n_regions == 3 and city.n_edges == 5
-    np.testing.assert_array_equal(city.centroids, [[0.5, 0.5], [2.5, 0.5], [4.5, 0.5]])
-    np.testing.assert_array_equal(city.edge_weight, city.edge_weight_raw)
-    assert city.weights_were_normalised
-    assert list(city.attributes) == ["MIX"]
-    assert city.source_dir == tmp_path / "core" / "zz"
+  city = load_city("zz", make_city(tmp_path))
+  assert city.n_regions == 3 and city.n_edges == 5
+  np.testing.assert_array_equal(city.centroids, [[0.5, 0.5], [2.5, 0.5], [4.5, 0.5]])
+  np.testing.assert_array_equal(city.edge_weight, city.edge_weight_raw)
+  assert city.weights_were_normalised
+  assert list(city.attributes) == ["MIX"]
+  assert city.source_dir == tmp_path / "core" / "zz"
 
 
 def test_geo_ids_need_not_be_row_numbers(tmp_path):
-    header, rows = _xa_style_geo()
-    for row, gid in zip(rows, (30, 10, 20)):
-        row[0] = gid
-    mob = (["origin_id", "destination_id", "mobility_weight"], [[10, 30, 1.0], [20, 10, 2.0], [20, 20, 2.0]])
-    city = load_city("zz", make_city(tmp_path, geo=(header, rows), mob=mob))
-    np.testing.assert_array_equal(city.geo_ids, [30, 10, 20])
-    np.testing.assert_array_equal(city.edge_origin, [1, 2, 2])
-    np.testing.assert_array_equal(city.edge_destination, [0, 1, 2])
-    np.testing.assert_array_equal(city.edge_weight, [1.0, 0.5, 0.5])
+  header, rows = _xa_style_geo()
+  for row, gid in zip(rows, (30, 10, 20)):
+    row[0] = gid
+  mob = (
+    ["origin_id", "destination_id", "mobility_weight"],
+    [[10, 30, 1.0], [20, 10, 2.0], [20, 20, 2.0]],
+  )
+  city = load_city("zz", make_city(tmp_path, geo=(header, rows), mob=mob))
+  np.testing.assert_array_equal(city.geo_ids, [30, 10, 20])
+  np.testing.assert_array_equal(city.edge_origin, [1, 2, 2])
+  np.testing.assert_array_equal(city.edge_destination, [0, 1, 2])
+  np.testing.assert_array_equal(city.edge_weight, [1.0, 0.5, 0.5])
 
 
 def test_beijing_style_variant(tmp_path):
-    geo_header = ["geo_id", "WKT", "MIX", "CITY_NAME", "FORM_TYPE", "Shape_Area"]
-    geo_rows = [
-        [0, f"MULTIPOLYGON (({_square(0, 0)}))", -1.0, "北京", "C: Low-rise block", 1.0],
-        # Two parts: unit square at (2.5, 0.5) and 2x2 square at (5, 1).
-        [1, f"MULTIPOLYGON (({_square(2, 0)}), ({_square(4, 0, 2)}))", 0.3, "北京", "A: Low-rise point", 5.0],
-        # 4x4 square with a 2x2 hole in its lower-left corner.
-        [2, f"MULTIPOLYGON (({_square(10, 0, 4)}, {_square(10, 0, 2)}))", 0.1, "北京", "I: High-rise block", 12.0],
-    ]
-    mob_header = ["", "rel_id", "origin_id", "destination_id", "mobility_weight"]
-    mob_rows = [[0, 0, 0, 1, 3.0], [1, 1, 0, 2, 1.0], [2, 2, 1, 1, 2.0], [3, 3, 2, 0, 0.5]]
-    root = make_city(tmp_path, "bj", geo=(geo_header, geo_rows), mob=(mob_header, mob_rows), nested=True, folder_name="BJ")
-    city = load_city("bj", root)
-    assert city.name == "bj" and city.n_regions == 3 and city.n_edges == 4
-    np.testing.assert_allclose(
-        city.centroids, [[0.5, 0.5], [(2.5 + 4 * 5) / 5, (0.5 + 4 * 1) / 5], [10 + 7 / 3, 7 / 3]], atol=1e-12
-    )
-    np.testing.assert_array_equal(city.edge_weight_raw, [3.0, 1.0, 2.0, 0.5])
-    np.testing.assert_allclose(city.edge_weight, [0.75, 0.25, 1.0, 1.0])
-    assert not city.weights_were_normalised
-    # Text columns are not attributes; numeric ones are, whatever their position.
-    assert set(city.attributes) == {"MIX", "Shape_Area"}
+  geo_header = ["geo_id", "WKT", "MIX", "CITY_NAME", "FORM_TYPE", "Shape_Area"]
+  geo_rows = [
+    [0, f"MULTIPOLYGON (({_square(0, 0)}))", -1.0, "北京", "C: Low-rise block", 1.0],
+    # Two parts: unit square at (2.5, 0.5) and 2x2 square at (5, 1).
+    [
+      1,
+      f"MULTIPOLYGON (({_square(2, 0)}), ({_square(4, 0, 2)}))",
+      0.3,
+      "北京",
+      "A: Low-rise point",
+      5.0,
+    ],
+    # 4x4 square with a 2x2 hole in its lower-left corner.
+    [
+      2,
+      f"MULTIPOLYGON (({_square(10, 0, 4)}, {_square(10, 0, 2)}))",
+      0.1,
+      "北京",
+      "I: High-rise block",
+      12.0,
+    ],
+  ]
+  mob_header = ["", "rel_id", "origin_id", "destination_id", "mobility_weight"]
+  mob_rows = [[0, 0, 0, 1, 3.0], [1, 1, 0, 2, 1.0], [2, 2, 1, 1, 2.0], [3, 3, 2, 0, 0.5]]
+  root = make_city(
+    tmp_path,
+    "bj",
+    geo=(geo_header, geo_rows),
+    mob=(mob_header, mob_rows),
+    nested=True,
+    folder_name="BJ",
+  )
+  city = load_city("bj", root)
+  assert city.name == "bj" and city.n_regions == 3 and city.n_edges == 4
+  np.testing.assert_allclose(
+    city.centroids,
+    [[0.5, 0.5], [(2.5 + 4 * 5) / 5, (0.5 + 4 * 1) / 5], [10 + 7 / 3, 7 / 3]],
+    atol=1e-12,
+  )
+  np.testing.assert_array_equal(city.edge_weight_raw, [3.0, 1.0, 2.0, 0.5])
+  np.testing.assert_allclose(city.edge_weight, [0.75, 0.25, 1.0, 1.0])
+  assert not city.weights_were_normalised
+  # Text columns are not attributes; numeric ones are, whatever their position.
+  assert set(city.attributes) == {"MIX", "Shape_Area"}
 
 
 def test_od_flow_loaded_when_present(tmp_path):
-    flow = np.arange(9, dtype=np.int64).reshape(3, 3)
-    city = load_city("zz", make_city(tmp_path, od_flow=flow))
-    assert city.od_flow.dtype == np.float64
-    np.testing.assert_array_equal(city.od_flow, flow)
+  flow = np.arange(9, dtype=np.int64).reshape(3, 3)
+  city = load_city("zz", make_city(tmp_path, od_flow=flow))
+  assert city.od_flow.dtype == np.float64
+  np.testing.assert_array_equal(city.od_flow, flow)
 
 
-@pytest.mark.skipif(not CORE_MIRROR.is_dir() or shutil.which("git") is None, reason="CoRE mirror not available")
+@pytest.mark.skipif(
+  not CORE_MIRROR.is_dir() or shutil.which("git") is None, reason="CoRE mirror not available"
+)
 def test_real_beijing_from_mirror(tmp_path):
-    folder = tmp_path / "core" / "bj"
-    (folder / "regionmap_bj").mkdir(parents=True)
-    sources = {
-        "regionmap_bj/regionmap_bj.geo": "raw_data/bj/regionmap_bj/regionmap_bj.geo",
-        "regionmap_bj/regionmap_bj.mob": "raw_data/bj/regionmap_bj/regionmap_bj.mob",
-        **{f"{name}_bj_sum.npy": f"raw_data/bj/{name}_bj_sum.npy" for name in LABEL_NAMES},
-    }
-    for local, remote in sources.items():
-        blob = subprocess.run(
-            ["git", "-C", str(CORE_MIRROR), "show", f"{fetch.CORE_COMMIT}:{remote}"],
-            check=True,
-            capture_output=True,
-        ).stdout
-        (folder / local).write_bytes(blob)
-        assert hashlib.sha256(blob).hexdigest() == fetch.CORE_FILES["bj"][pathlib.Path(local).name]
-    city = load_city("bj", tmp_path)
-    print(f"bj: N={city.n_regions} E={city.n_edges} origins={len(np.unique(city.edge_origin))}")
-    assert city.n_regions == 1311 and city.n_edges == 39807
-    assert not city.weights_were_normalised
-    sums = np.bincount(city.edge_origin, weights=city.edge_weight, minlength=city.n_regions)
-    np.testing.assert_allclose(sums[np.unique(city.edge_origin)], 1.0, atol=1e-12)
-    lon, lat = city.centroids.T
-    assert (116.0 < lon).all() and (lon < 117.0).all() and (39.5 < lat).all() and (lat < 40.5).all()
-    assert "CITY_NAME" not in city.attributes and "FORM_TYPE" not in city.attributes
+  folder = tmp_path / "core" / "bj"
+  (folder / "regionmap_bj").mkdir(parents=True)
+  sources = {
+    "regionmap_bj/regionmap_bj.geo": "raw_data/bj/regionmap_bj/regionmap_bj.geo",
+    "regionmap_bj/regionmap_bj.mob": "raw_data/bj/regionmap_bj/regionmap_bj.mob",
+    **{f"{name}_bj_sum.npy": f"raw_data/bj/{name}_bj_sum.npy" for name in LABEL_NAMES},
+  }
+  for local, remote in sources.items():
+    blob = subprocess.run(
+      ["git", "-C", str(CORE_MIRROR), "show", f"{fetch.CORE_COMMIT}:{remote}"],
+      check=True,
+      capture_output=True,
+    ).stdout
+    (folder / local).write_bytes(blob)
+    assert hashlib.sha256(blob).hexdigest() == fetch.CORE_FILES["bj"][pathlib.Path(local).name]
+  city = load_city("bj", tmp_path)
+  print(f"bj: N={city.n_regions} E={city.n_edges} origins={len(np.unique(city.edge_origin))}")
+  assert city.n_regions == 1311 and city.n_edges == 39807
+  assert not city.weights_were_normalised
+  sums = np.bincount(city.edge_origin, weights=city.edge_weight, minlength=city.n_regions)
+  np.testing.assert_allclose(sums[np.unique(city.edge_origin)], 1.0, atol=1e-12)
+  lon, lat = city.centroids.T
+  assert (116.0 < lon).all() and (lon < 117.0).all() and (39.5 < lat).all() and (lat < 40.5).all()
+  assert "CITY_NAME" not in city.attributes and "FORM_TYPE" not in city.attributes
 
 
 # ---------------------------------------------------------------------------
@@ -307,232 +345,282 @@ def test_real_beijing_from_mirror(tmp_path):
 
 
 def _rewrite(path: pathlib.Path, edit):
-    path.write_text(edit(path.read_text(encoding="utf-8")), encoding="utf-8")
+  path.write_text(edit(path.read_text(encoding="utf-8")), encoding="utf-8")
 
 
 def test_error_no_data_root(monkeypatch):
-    monkeypatch.delenv(DATA_ENV, raising=False)
-    with pytest.raises(DataError, match=r"--data-root.*JAXURBAN_DATA.*jaxurban\.data\.fetch"):
-        resolve_data_root()
-    with pytest.raises(DataError, match="JAXURBAN_DATA"):
-        load_city("xa")
+  monkeypatch.delenv(DATA_ENV, raising=False)
+  with pytest.raises(DataError, match=r"--data-root.*JAXURBAN_DATA.*jaxurban\.data\.fetch"):
+    resolve_data_root()
+  with pytest.raises(DataError, match="JAXURBAN_DATA"):
+    load_city("xa")
 
 
 def test_error_data_root_missing(tmp_path, monkeypatch):
-    with pytest.raises(DataError, match=r"nowhere.*data root from the data_root argument does not exist"):
-        resolve_data_root(tmp_path / "nowhere")
-    monkeypatch.setenv(DATA_ENV, str(tmp_path / "gone"))
-    with pytest.raises(DataError, match=r"gone.*\$JAXURBAN_DATA does not exist"):
-        resolve_data_root()
+  with pytest.raises(
+    DataError, match=r"nowhere.*data root from the data_root argument does not exist"
+  ):
+    resolve_data_root(tmp_path / "nowhere")
+  monkeypatch.setenv(DATA_ENV, str(tmp_path / "gone"))
+  with pytest.raises(DataError, match=r"gone.*\$JAXURBAN_DATA does not exist"):
+    resolve_data_root()
 
 
 def test_data_root_from_env(tmp_path, monkeypatch):
-    monkeypatch.setenv(DATA_ENV, str(tmp_path))
-    assert resolve_data_root() == tmp_path
-    assert resolve_data_root(tmp_path / ".") == tmp_path / "."
+  monkeypatch.setenv(DATA_ENV, str(tmp_path))
+  assert resolve_data_root() == tmp_path
+  assert resolve_data_root(tmp_path / ".") == tmp_path / "."
 
 
 def test_error_subdir_missing(tmp_path):
-    (tmp_path / "core").mkdir()
-    (tmp_path / "hafusion").mkdir()
-    assert subdir(tmp_path, "core") == tmp_path / "core"
-    with pytest.raises(DataError, match=r"traffic: folder missing under .* \(it has: core, hafusion\)"):
-        subdir(tmp_path, "traffic", "los_loop")
-    with pytest.raises(DataError, match=r"core.*folder missing"):
-        load_city("xa", tmp_path / "core")
+  (tmp_path / "core").mkdir()
+  (tmp_path / "hafusion").mkdir()
+  assert subdir(tmp_path, "core") == tmp_path / "core"
+  with pytest.raises(
+    DataError, match=r"traffic: folder missing under .* \(it has: core, hafusion\)"
+  ):
+    subdir(tmp_path, "traffic", "los_loop")
+  with pytest.raises(DataError, match=r"core.*folder missing"):
+    load_city("xa", tmp_path / "core")
 
 
 def test_error_unknown_city(tmp_path):
-    root = make_city(tmp_path)
-    make_city(root, "yy")
-    with pytest.raises(DataError, match=r"qq: unknown city 'qq'; cities present: yy, zz"):
-        load_city("qq", root)
+  root = make_city(tmp_path)
+  make_city(root, "yy")
+  with pytest.raises(DataError, match=r"qq: unknown city 'qq'; cities present: yy, zz"):
+    load_city("qq", root)
 
 
 def test_error_missing_required_file(tmp_path):
-    root = make_city(tmp_path)
-    make_city(root, "yy")
-    (root / "core" / "zz" / "co2_zz_sum.npy").unlink()
-    with pytest.raises(DataError, match=r"co2_zz_sum\.npy: required file missing.*city folders under .*: yy, zz"):
-        load_city("zz", root)
+  root = make_city(tmp_path)
+  make_city(root, "yy")
+  (root / "core" / "zz" / "co2_zz_sum.npy").unlink()
+  with pytest.raises(
+    DataError, match=r"co2_zz_sum\.npy: required file missing.*city folders under .*: yy, zz"
+  ):
+    load_city("zz", root)
 
 
 def test_error_missing_mob_file(tmp_path):
-    root = make_city(tmp_path)
-    (root / "core" / "zz" / "regionmap_zz.mob").unlink()
-    with pytest.raises(DataError, match=r"regionmap_zz\.mob: required file missing"):
-        load_city("zz", root)
+  root = make_city(tmp_path)
+  (root / "core" / "zz" / "regionmap_zz.mob").unlink()
+  with pytest.raises(DataError, match=r"regionmap_zz\.mob: required file missing"):
+    load_city("zz", root)
 
 
 @pytest.mark.parametrize(
-    "file, drop, column",
-    [
-        ("regionmap_zz.mob", "mobility_weight", "mobility_weight"),
-        ("regionmap_zz.mob", "origin_id", "origin_id"),
-        ("regionmap_zz.mob", "destination_id", "destination_id"),
-        ("regionmap_zz.geo", "geo_id", "geo_id"),
-    ],
+  "file, drop, column",
+  [
+    ("regionmap_zz.mob", "mobility_weight", "mobility_weight"),
+    ("regionmap_zz.mob", "origin_id", "origin_id"),
+    ("regionmap_zz.mob", "destination_id", "destination_id"),
+    ("regionmap_zz.geo", "geo_id", "geo_id"),
+  ],
 )
 def test_error_missing_required_column(tmp_path, file, drop, column):
-    root = make_city(tmp_path)
-    path = root / "core" / "zz" / file
-    rows = list(csv.reader(path.read_text().splitlines()))
-    k = rows[0].index(drop)
-    path.write_text(_csv_text(rows[0][:k] + rows[0][k + 1 :], [r[:k] + r[k + 1 :] for r in rows[1:]]))
-    with pytest.raises(DataError, match=rf"{re.escape(file)}: column '{column}': required column missing"):
-        load_city("zz", root)
+  root = make_city(tmp_path)
+  path = root / "core" / "zz" / file
+  rows = list(csv.reader(path.read_text().splitlines()))
+  k = rows[0].index(drop)
+  path.write_text(_csv_text(rows[0][:k] + rows[0][k + 1 :], [r[:k] + r[k + 1 :] for r in rows[1:]]))
+  with pytest.raises(
+    DataError, match=rf"{re.escape(file)}: column '{column}': required column missing"
+  ):
+    load_city("zz", root)
 
 
 def test_error_no_polygon_and_no_centroid_columns(tmp_path):
-    geo = (["geo_id", "MIX"], [[0, 1.0], [1, 2.0], [2, 3.0]])
-    with pytest.raises(DataError, match=r"regionmap_zz\.geo: column 'geometry': required column missing.*WKT"):
-        load_city("zz", make_city(tmp_path, geo=geo))
+  geo = (["geo_id", "MIX"], [[0, 1.0], [1, 2.0], [2, 3.0]])
+  with pytest.raises(
+    DataError, match=r"regionmap_zz\.geo: column 'geometry': required column missing.*WKT"
+  ):
+    load_city("zz", make_city(tmp_path, geo=geo))
 
 
 def test_error_unparseable_number(tmp_path):
-    header, rows = _xa_style_mob()
-    rows[3][4] = "0.5x"
-    with pytest.raises(DataError, match=r"regionmap_zz\.mob: column 'mobility_weight': unparseable number '0\.5x' at row 3"):
-        load_city("zz", make_city(tmp_path, mob=(header, rows)))
+  header, rows = _xa_style_mob()
+  rows[3][4] = "0.5x"
+  with pytest.raises(
+    DataError,
+    match=r"regionmap_zz\.mob: column 'mobility_weight': unparseable number '0\.5x' at row 3",
+  ):
+    load_city("zz", make_city(tmp_path, mob=(header, rows)))
 
 
 def test_error_unparseable_id(tmp_path):
-    header, rows = _xa_style_geo()
-    rows[1][0] = "one"
-    with pytest.raises(DataError, match=r"regionmap_zz\.geo: column 'geo_id': unparseable integer id 'one' at row 1"):
-        load_city("zz", make_city(tmp_path, geo=(header, rows)))
+  header, rows = _xa_style_geo()
+  rows[1][0] = "one"
+  with pytest.raises(
+    DataError, match=r"regionmap_zz\.geo: column 'geo_id': unparseable integer id 'one' at row 1"
+  ):
+    load_city("zz", make_city(tmp_path, geo=(header, rows)))
 
 
 def test_error_unparseable_coordinate(tmp_path):
-    header, rows = _xa_style_geo()
-    rows[2][5] = ""
-    with pytest.raises(DataError, match=r"regionmap_zz\.geo: column 'm_lat': unparseable number '' at row 2"):
-        load_city("zz", make_city(tmp_path, geo=(header, rows)))
+  header, rows = _xa_style_geo()
+  rows[2][5] = ""
+  with pytest.raises(
+    DataError, match=r"regionmap_zz\.geo: column 'm_lat': unparseable number '' at row 2"
+  ):
+    load_city("zz", make_city(tmp_path, geo=(header, rows)))
 
 
 def test_error_ragged_row(tmp_path):
-    root = make_city(tmp_path)
-    _rewrite(root / "core" / "zz" / "regionmap_zz.mob", lambda t: t + "5,mob,1,1\n")
-    with pytest.raises(DataError, match=r"regionmap_zz\.mob: row 5 has 4 fields but the header has 5"):
-        load_city("zz", root)
+  root = make_city(tmp_path)
+  _rewrite(root / "core" / "zz" / "regionmap_zz.mob", lambda t: t + "5,mob,1,1\n")
+  with pytest.raises(
+    DataError, match=r"regionmap_zz\.mob: row 5 has 4 fields but the header has 5"
+  ):
+    load_city("zz", root)
 
 
 def test_error_bad_polygon(tmp_path):
-    header, rows = _xa_style_geo()
-    header, rows = header[:4], [r[:4] for r in rows]  # no m_lon/m_lat: polygons are parsed
-    rows[1][3] = "POLYGON ((0 0, 1 0, 1 1))"
-    with pytest.raises(DataError, match=r"regionmap_zz\.geo: column 'geometry': bad polygon at row 1: .*at least 4"):
-        load_city("zz", make_city(tmp_path, geo=(header, rows)))
+  header, rows = _xa_style_geo()
+  header, rows = header[:4], [r[:4] for r in rows]  # no m_lon/m_lat: polygons are parsed
+  rows[1][3] = "POLYGON ((0 0, 1 0, 1 1))"
+  with pytest.raises(
+    DataError, match=r"regionmap_zz\.geo: column 'geometry': bad polygon at row 1: .*at least 4"
+  ):
+    load_city("zz", make_city(tmp_path, geo=(header, rows)))
 
 
 def test_error_duplicate_geo_id(tmp_path):
-    header, rows = _xa_style_geo()
-    rows[2][0] = 0
-    with pytest.raises(DataError, match=r"regionmap_zz\.geo: column 'geo_id': 1 geo ids appear more than once \(e\.g\. \[0\]; first repeat at row 2\)"):
-        load_city("zz", make_city(tmp_path, geo=(header, rows)))
+  header, rows = _xa_style_geo()
+  rows[2][0] = 0
+  with pytest.raises(
+    DataError,
+    match=r"regionmap_zz\.geo: column 'geo_id': 1 geo ids appear more than once \(e\.g\. \[0\]; first repeat at row 2\)",
+  ):
+    load_city("zz", make_city(tmp_path, geo=(header, rows)))
 
 
 def test_error_label_length(tmp_path):
-    root = make_city(tmp_path, labels={"gdp": np.zeros(2)})
-    with pytest.raises(DataError, match=r"gdp_zz_sum\.npy: label array has 2 values but regionmap_zz\.geo has 3 regions"):
-        load_city("zz", root)
+  root = make_city(tmp_path, labels={"gdp": np.zeros(2)})
+  with pytest.raises(
+    DataError,
+    match=r"gdp_zz_sum\.npy: label array has 2 values but regionmap_zz\.geo has 3 regions",
+  ):
+    load_city("zz", root)
 
 
 def test_error_label_not_an_array(tmp_path):
-    root = make_city(tmp_path)
-    (root / "core" / "zz" / "co2_zz_sum.npy").write_bytes(b"not numpy")
-    with pytest.raises(DataError, match=r"co2_zz_sum\.npy: not a readable \.npy array"):
-        load_city("zz", root)
+  root = make_city(tmp_path)
+  (root / "core" / "zz" / "co2_zz_sum.npy").write_bytes(b"not numpy")
+  with pytest.raises(DataError, match=r"co2_zz_sum\.npy: not a readable \.npy array"):
+    load_city("zz", root)
 
 
 def test_error_nonfinite_labels(tmp_path):
-    root = make_city(tmp_path, labels={"population": np.array([1.0, np.nan, np.inf])})
-    with pytest.raises(DataError, match=r"population_zz_sum\.npy: 2 non-finite \(NaN/inf\) label values \(first at region 1\)"):
-        load_city("zz", root)
+  root = make_city(tmp_path, labels={"population": np.array([1.0, np.nan, np.inf])})
+  with pytest.raises(
+    DataError,
+    match=r"population_zz_sum\.npy: 2 non-finite \(NaN/inf\) label values \(first at region 1\)",
+  ):
+    load_city("zz", root)
 
 
 def test_error_nonfinite_weights(tmp_path):
-    header, rows = _xa_style_mob()
-    rows[1][4] = "nan"
-    rows[4][4] = "inf"
-    with pytest.raises(DataError, match=r"regionmap_zz\.mob: column 'mobility_weight': 2 non-finite \(NaN/inf\) weights \(first at row 1\)"):
-        load_city("zz", make_city(tmp_path, mob=(header, rows)))
+  header, rows = _xa_style_mob()
+  rows[1][4] = "nan"
+  rows[4][4] = "inf"
+  with pytest.raises(
+    DataError,
+    match=r"regionmap_zz\.mob: column 'mobility_weight': 2 non-finite \(NaN/inf\) weights \(first at row 1\)",
+  ):
+    load_city("zz", make_city(tmp_path, mob=(header, rows)))
 
 
 def test_error_nonfinite_coordinates(tmp_path):
-    header, rows = _xa_style_geo()
-    rows[0][4] = "nan"
-    with pytest.raises(DataError, match=r"regionmap_zz\.geo: column 'm_lon': 1 non-finite \(NaN/inf\) coordinates \(first at row 0\)"):
-        load_city("zz", make_city(tmp_path, geo=(header, rows)))
+  header, rows = _xa_style_geo()
+  rows[0][4] = "nan"
+  with pytest.raises(
+    DataError,
+    match=r"regionmap_zz\.geo: column 'm_lon': 1 non-finite \(NaN/inf\) coordinates \(first at row 0\)",
+  ):
+    load_city("zz", make_city(tmp_path, geo=(header, rows)))
 
 
 def test_error_negative_weights(tmp_path):
-    header, rows = _xa_style_mob()
-    rows[1][4] = -0.75
-    rows[3][4] = -0.5
-    with pytest.raises(DataError, match=r"regionmap_zz\.mob: column 'mobility_weight': 2 negative weights \(first at row 1\)"):
-        load_city("zz", make_city(tmp_path, mob=(header, rows)))
+  header, rows = _xa_style_mob()
+  rows[1][4] = -0.75
+  rows[3][4] = -0.5
+  with pytest.raises(
+    DataError,
+    match=r"regionmap_zz\.mob: column 'mobility_weight': 2 negative weights \(first at row 1\)",
+  ):
+    load_city("zz", make_city(tmp_path, mob=(header, rows)))
 
 
 def test_error_ids_absent_from_geo(tmp_path):
-    header = ["origin_id", "destination_id", "mobility_weight"]
-    rows = [[0, 1, 1.0], [1, 9, 1.0], [2, 7, 1.0], [2, 9, 1.0], [2, 0, 1.0]]
-    pattern = (
-        r"regionmap_zz\.mob: column 'destination_id': 3 rows reference geo ids absent from "
-        r"regionmap_zz\.geo \(2 distinct, e\.g\. \[9, 7\]; first at row 1\)"
-    )
-    with pytest.raises(DataError, match=pattern):
-        load_city("zz", make_city(tmp_path, mob=(header, rows)))
+  header = ["origin_id", "destination_id", "mobility_weight"]
+  rows = [[0, 1, 1.0], [1, 9, 1.0], [2, 7, 1.0], [2, 9, 1.0], [2, 0, 1.0]]
+  pattern = (
+    r"regionmap_zz\.mob: column 'destination_id': 3 rows reference geo ids absent from "
+    r"regionmap_zz\.geo \(2 distinct, e\.g\. \[9, 7\]; first at row 1\)"
+  )
+  with pytest.raises(DataError, match=pattern):
+    load_city("zz", make_city(tmp_path, mob=(header, rows)))
 
 
 def test_error_ids_absent_shows_at_most_five(tmp_path):
-    rows = [[100 + i, 0, 1.0] for i in range(8)]
-    with pytest.raises(DataError, match=r"column 'origin_id': 8 rows .* \(8 distinct, e\.g\. \[100, 101, 102, 103, 104\];"):
-        load_city("zz", make_city(tmp_path, mob=(["origin_id", "destination_id", "mobility_weight"], rows)))
+  rows = [[100 + i, 0, 1.0] for i in range(8)]
+  with pytest.raises(
+    DataError,
+    match=r"column 'origin_id': 8 rows .* \(8 distinct, e\.g\. \[100, 101, 102, 103, 104\];",
+  ):
+    load_city(
+      "zz", make_city(tmp_path, mob=(["origin_id", "destination_id", "mobility_weight"], rows))
+    )
 
 
 def test_error_origin_weights_sum_to_zero(tmp_path):
-    header, rows = _xa_style_mob()
-    rows[2][4] = 0.0
-    with pytest.raises(DataError, match=r"regionmap_zz\.mob: column 'mobility_weight': 1 origins have weights summing to 0.*\[1\]"):
-        load_city("zz", make_city(tmp_path, mob=(header, rows)))
+  header, rows = _xa_style_mob()
+  rows[2][4] = 0.0
+  with pytest.raises(
+    DataError,
+    match=r"regionmap_zz\.mob: column 'mobility_weight': 1 origins have weights summing to 0.*\[1\]",
+  ):
+    load_city("zz", make_city(tmp_path, mob=(header, rows)))
 
 
 @pytest.mark.parametrize(
-    "flow, problem",
-    [
-        (np.zeros((3, 2)), r"expected shape \(3, 3\) to match the region count, got \(3, 2\)"),
-        (np.array([[0, -1, 0], [0, 0, 0], [-2, 0, 0]], dtype=float), r"2 negative flow values \(first at \[0, 1\]\)"),
-        (np.array([[0, np.nan, 0], [0, 0, 0], [0, 0, 0]]), r"1 non-finite \(NaN/inf\) flow values"),
-    ],
+  "flow, problem",
+  [
+    (np.zeros((3, 2)), r"expected shape \(3, 3\) to match the region count, got \(3, 2\)"),
+    (
+      np.array([[0, -1, 0], [0, 0, 0], [-2, 0, 0]], dtype=float),
+      r"2 negative flow values \(first at \[0, 1\]\)",
+    ),
+    (np.array([[0, np.nan, 0], [0, 0, 0], [0, 0, 0]]), r"1 non-finite \(NaN/inf\) flow values"),
+  ],
 )
 def test_error_bad_od_flow(tmp_path, flow, problem):
-    with pytest.raises(DataError, match=r"region_od_flow_zz_11\.npy: " + problem):
-        load_city("zz", make_city(tmp_path, od_flow=flow))
+  with pytest.raises(DataError, match=r"region_od_flow_zz_11\.npy: " + problem):
+    load_city("zz", make_city(tmp_path, od_flow=flow))
 
 
 def test_error_empty_mob(tmp_path):
-    header, _ = _xa_style_mob()
-    with pytest.raises(DataError, match=r"regionmap_zz\.mob: no mobility rows"):
-        load_city("zz", make_city(tmp_path, mob=(header, [])))
-    with pytest.raises(DataError, match=r"regionmap_zz\.mob: file is empty"):
-        load_city("zz", make_city(tmp_path, mob=""))
+  header, _ = _xa_style_mob()
+  with pytest.raises(DataError, match=r"regionmap_zz\.mob: no mobility rows"):
+    load_city("zz", make_city(tmp_path, mob=(header, [])))
+  with pytest.raises(DataError, match=r"regionmap_zz\.mob: file is empty"):
+    load_city("zz", make_city(tmp_path, mob=""))
 
 
 def test_error_empty_geo(tmp_path):
-    header, _ = _xa_style_geo()
-    with pytest.raises(DataError, match=r"regionmap_zz\.geo: no region rows"):
-        load_city("zz", make_city(tmp_path, geo=(header, [])))
+  header, _ = _xa_style_geo()
+  with pytest.raises(DataError, match=r"regionmap_zz\.geo: no region rows"):
+    load_city("zz", make_city(tmp_path, geo=(header, [])))
 
 
 def test_data_error_is_value_error_and_picklable():
-    import pickle
+  import pickle
 
-    err = DataError("a.mob", "2 negative weights", column="w")
-    assert isinstance(err, ValueError)
-    assert str(err) == "a.mob: column 'w': 2 negative weights"
-    again = pickle.loads(pickle.dumps(err))
-    assert str(again) == str(err) and again.column == "w"
+  err = DataError("a.mob", "2 negative weights", column="w")
+  assert isinstance(err, ValueError)
+  assert str(err) == "a.mob: column 'w': 2 negative weights"
+  again = pickle.loads(pickle.dumps(err))
+  assert str(again) == str(err) and again.column == "w"
 
 
 # ---------------------------------------------------------------------------
@@ -540,124 +628,135 @@ def test_data_error_is_value_error_and_picklable():
 
 
 def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+  return hashlib.sha256(data).hexdigest()
 
 
 def test_download_verified_writes_atomically(tmp_path):
-    src = tmp_path / "src.bin"
-    src.write_bytes(b"region data" * 1000)
-    target = tmp_path / "out" / "file.bin"
-    fetch.download_verified(src.as_uri(), target, _sha(src.read_bytes()))
-    assert target.read_bytes() == src.read_bytes()
-    assert sorted(p.name for p in target.parent.iterdir()) == ["file.bin"]
+  src = tmp_path / "src.bin"
+  src.write_bytes(b"region data" * 1000)
+  target = tmp_path / "out" / "file.bin"
+  fetch.download_verified(src.as_uri(), target, _sha(src.read_bytes()))
+  assert target.read_bytes() == src.read_bytes()
+  assert sorted(p.name for p in target.parent.iterdir()) == ["file.bin"]
 
 
 def test_download_verified_rejects_hash_mismatch(tmp_path):
-    src = tmp_path / "src.bin"
-    src.write_bytes(b"tampered")
-    target = tmp_path / "out" / "file.bin"
-    target.parent.mkdir()
-    target.write_bytes(b"previous good copy")
-    with pytest.raises(DataError, match=r"file\.bin: SHA-256 mismatch for file://.*src\.bin: got [0-9a-f]{64}, expected 0+; the download was discarded"):
-        fetch.download_verified(src.as_uri(), target, "0" * 64)
-    # The old file is untouched and no temporary file is left behind.
-    assert target.read_bytes() == b"previous good copy"
-    assert sorted(p.name for p in target.parent.iterdir()) == ["file.bin"]
+  src = tmp_path / "src.bin"
+  src.write_bytes(b"tampered")
+  target = tmp_path / "out" / "file.bin"
+  target.parent.mkdir()
+  target.write_bytes(b"previous good copy")
+  with pytest.raises(
+    DataError,
+    match=r"file\.bin: SHA-256 mismatch for file://.*src\.bin: got [0-9a-f]{64}, expected 0+; the download was discarded",
+  ):
+    fetch.download_verified(src.as_uri(), target, "0" * 64)
+  # The old file is untouched and no temporary file is left behind.
+  assert target.read_bytes() == b"previous good copy"
+  assert sorted(p.name for p in target.parent.iterdir()) == ["file.bin"]
 
 
 def test_download_interrupted_leaves_nothing(tmp_path):
-    class Broken:
-        def read(self, n):
-            raise ConnectionResetError("connection dropped")
+  class Broken:
+    def read(self, n):
+      raise ConnectionResetError("connection dropped")
 
-    target = tmp_path / "file.bin"
-    with pytest.raises(ConnectionResetError):
-        fetch.download_verified("https://example.invalid/x", target, "0" * 64, opener=lambda url, timeout: Broken())
-    assert list(tmp_path.iterdir()) == []
+  target = tmp_path / "file.bin"
+  with pytest.raises(ConnectionResetError):
+    fetch.download_verified(
+      "https://example.invalid/x", target, "0" * 64, opener=lambda url, timeout: Broken()
+    )
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_core_urls_follow_the_authors_layout():
-    urls = fetch.core_urls("XA")
-    base = f"https://raw.githubusercontent.com/AIMUrban/CoRE/{fetch.CORE_COMMIT}/raw_data/xa/"
-    assert urls["regionmap_xa.geo"] == base + "regionmap_xa/regionmap_xa.geo"
-    assert urls["gdp_xa_sum.npy"] == base + "gdp_xa_sum.npy"
-    assert set(fetch.CORE_FILES) == {"xa", "cd", "bj"}
-    with pytest.raises(DataError, match=r"core/paris: unknown CoRE city 'paris'; downloadable cities: bj, cd, xa"):
-        fetch.core_urls("paris")
+  urls = fetch.core_urls("XA")
+  base = f"https://raw.githubusercontent.com/AIMUrban/CoRE/{fetch.CORE_COMMIT}/raw_data/xa/"
+  assert urls["regionmap_xa.geo"] == base + "regionmap_xa/regionmap_xa.geo"
+  assert urls["gdp_xa_sum.npy"] == base + "gdp_xa_sum.npy"
+  assert set(fetch.CORE_FILES) == {"xa", "cd", "bj"}
+  with pytest.raises(
+    DataError, match=r"core/paris: unknown CoRE city 'paris'; downloadable cities: bj, cd, xa"
+  ):
+    fetch.core_urls("paris")
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_hash_table_matches_shared_data(data_root, name):
-    for filename, digest in fetch.CORE_FILES[name].items():
-        assert fetch.sha256_file(data_root / "core" / name / filename) == digest, filename
+  for filename, digest in fetch.CORE_FILES[name].items():
+    assert fetch.sha256_file(data_root / "core" / name / filename) == digest, filename
 
 
 def _authors_tree(tmp_path, data_root, code="xa"):
-    """A local copy of the authors' ``raw_data`` layout, served through file:// URLs."""
-    remote = tmp_path / "remote"
-    for filename, url in fetch.core_urls(code, remote.as_uri()).items():
-        dest = pathlib.Path(urllib.request.url2pathname(url.removeprefix("file://")))
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(data_root / "core" / code / filename, dest)
-    return remote
+  """A local copy of the authors' ``raw_data`` layout, served through file:// URLs."""
+  remote = tmp_path / "remote"
+  for filename, url in fetch.core_urls(code, remote.as_uri()).items():
+    dest = pathlib.Path(urllib.request.url2pathname(url.removeprefix("file://")))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(data_root / "core" / code / filename, dest)
+  return remote
 
 
 def test_fetch_city_into_our_layout(tmp_path, data_root):
-    remote = _authors_tree(tmp_path, data_root)
-    folder = fetch.fetch_city("xa", tmp_path / "dest", base_url=remote.as_uri())
-    assert folder == tmp_path / "dest" / "core" / "xa"
-    assert sorted(p.name for p in folder.iterdir()) == sorted(fetch.CORE_FILES["xa"])
-    assert load_city("xa", tmp_path / "dest").n_regions == 1056
+  remote = _authors_tree(tmp_path, data_root)
+  folder = fetch.fetch_city("xa", tmp_path / "dest", base_url=remote.as_uri())
+  assert folder == tmp_path / "dest" / "core" / "xa"
+  assert sorted(p.name for p in folder.iterdir()) == sorted(fetch.CORE_FILES["xa"])
+  assert load_city("xa", tmp_path / "dest").n_regions == 1056
 
 
 def test_ensure_city_order_and_offline_message(tmp_path, data_root, monkeypatch):
-    monkeypatch.delenv(DATA_ENV, raising=False)
-    monkeypatch.delenv(fetch.CACHE_ENV, raising=False)
-    # 1. The data root wins when it has the city.
-    assert fetch.ensure_city("XA", data_root, cache_dir=tmp_path / "cache") == data_root / "core" / "xa"
+  monkeypatch.delenv(DATA_ENV, raising=False)
+  monkeypatch.delenv(fetch.CACHE_ENV, raising=False)
+  # 1. The data root wins when it has the city.
+  assert (
+    fetch.ensure_city("XA", data_root, cache_dir=tmp_path / "cache") == data_root / "core" / "xa"
+  )
 
-    # 2. Otherwise the network is tried; unreachable -> exact instructions.
-    def offline(url, timeout):
-        raise urllib.error.URLError("Temporary failure in name resolution")
+  # 2. Otherwise the network is tried; unreachable -> exact instructions.
+  def offline(url, timeout):
+    raise urllib.error.URLError("Temporary failure in name resolution")
 
-    cache = tmp_path / "cache"
-    with pytest.raises(DataError) as info:
-        fetch.ensure_city("cd", cache_dir=cache, opener=offline)
-    message = str(info.value)
-    assert "download failed (Temporary failure in name resolution)" in message
-    assert "python -m jaxurban.data.fetch core cd --dest DIR" in message
-    assert str(cache / "core" / "cd" / "regionmap_cd.geo") in message
-    assert "raw_data/cd/regionmap_cd/regionmap_cd.geo" in message
-    assert not list((cache / "core" / "cd").glob("*"))
+  cache = tmp_path / "cache"
+  with pytest.raises(DataError) as info:
+    fetch.ensure_city("cd", cache_dir=cache, opener=offline)
+  message = str(info.value)
+  assert "download failed (Temporary failure in name resolution)" in message
+  assert "python -m jaxurban.data.fetch core cd --dest DIR" in message
+  assert str(cache / "core" / "cd" / "regionmap_cd.geo") in message
+  assert "raw_data/cd/regionmap_cd/regionmap_cd.geo" in message
+  assert not list((cache / "core" / "cd").glob("*"))
 
-    # 3. A verified cache is used without touching the network.
-    remote = _authors_tree(tmp_path, data_root, "cd")
-    fetch.fetch_city("cd", cache, base_url=remote.as_uri())
-    monkeypatch.setenv(fetch.CACHE_ENV, str(cache))
-    assert fetch.ensure_city("cd", opener=offline) == cache / "core" / "cd"
+  # 3. A verified cache is used without touching the network.
+  remote = _authors_tree(tmp_path, data_root, "cd")
+  fetch.fetch_city("cd", cache, base_url=remote.as_uri())
+  monkeypatch.setenv(fetch.CACHE_ENV, str(cache))
+  assert fetch.ensure_city("cd", opener=offline) == cache / "core" / "cd"
 
 
 def test_ensure_city_without_download(tmp_path, monkeypatch):
-    monkeypatch.delenv(DATA_ENV, raising=False)
-    with pytest.raises(DataError, match=r"core/bj: .*downloading is switched off.*regionmap_bj\.mob"):
-        fetch.ensure_city("bj", cache_dir=tmp_path, download=False)
-    # Only the files still missing are listed for placing by hand.
-    folder = tmp_path / "core" / "bj"
-    folder.mkdir(parents=True)
-    (folder / "gdp_bj_sum.npy").write_bytes(b"wrong bytes")
-    with pytest.raises(DataError) as info:
-        fetch.ensure_city("bj", cache_dir=tmp_path, download=False)
-    assert "gdp_bj_sum.npy" in str(info.value)
-    (folder / "gdp_bj_sum.npy").unlink()
-    for filename in fetch.CORE_FILES["bj"]:
-        if filename != "co2_bj_sum.npy":
-            (folder / filename).write_bytes(b"")
-    monkeypatch.setattr(fetch, "sha256_file", lambda path: fetch.CORE_FILES["bj"][pathlib.Path(path).name])
-    with pytest.raises(DataError) as info:
-        fetch.ensure_city("bj", cache_dir=tmp_path, download=False)
-    assert "co2_bj_sum.npy" in str(info.value) and "regionmap_bj.geo" not in str(info.value)
+  monkeypatch.delenv(DATA_ENV, raising=False)
+  with pytest.raises(DataError, match=r"core/bj: .*downloading is switched off.*regionmap_bj\.mob"):
+    fetch.ensure_city("bj", cache_dir=tmp_path, download=False)
+  # Only the files still missing are listed for placing by hand.
+  folder = tmp_path / "core" / "bj"
+  folder.mkdir(parents=True)
+  (folder / "gdp_bj_sum.npy").write_bytes(b"wrong bytes")
+  with pytest.raises(DataError) as info:
+    fetch.ensure_city("bj", cache_dir=tmp_path, download=False)
+  assert "gdp_bj_sum.npy" in str(info.value)
+  (folder / "gdp_bj_sum.npy").unlink()
+  for filename in fetch.CORE_FILES["bj"]:
+    if filename != "co2_bj_sum.npy":
+      (folder / filename).write_bytes(b"")
+  monkeypatch.setattr(
+    fetch, "sha256_file", lambda path: fetch.CORE_FILES["bj"][pathlib.Path(path).name]
+  )
+  with pytest.raises(DataError) as info:
+    fetch.ensure_city("bj", cache_dir=tmp_path, download=False)
+  assert "co2_bj_sum.npy" in str(info.value) and "regionmap_bj.geo" not in str(info.value)
 
 
 def test_fetch_cli_rejects_unknown_city(capsys):
-    assert fetch.main(["core", "paris", "--dest", os.devnull]) == 1
-    assert "unknown CoRE city 'paris'" in capsys.readouterr().err
+  assert fetch.main(["core", "paris", "--dest", os.devnull]) == 1
+  assert "unknown CoRE city 'paris'" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Cross-city evaluation: ridge, metrics, the protocol and its reference table."""
+
 from __future__ import annotations
 
 import jax
@@ -7,9 +8,14 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
 
-from jaxurban.eval.cross_city import (LABEL_NAMES, PUBLISHED_CORE,
-                                      cross_city_scores, direction_key,
-                                      evaluate_pair, format_table)
+from jaxurban.eval.cross_city import (
+  LABEL_NAMES,
+  PUBLISHED_CORE,
+  cross_city_scores,
+  direction_key,
+  evaluate_pair,
+  format_table,
+)
 from jaxurban.eval.metrics import regression_metrics
 from jaxurban.eval.ridge import RidgeParams, ridge_fit, ridge_predict
 
@@ -51,12 +57,9 @@ def test_ridge_float64_matches_closed_form_and_sklearn(rng, n, d, t, alpha):
   np.testing.assert_allclose(w, w_ref, rtol=1e-9, atol=1e-12)
   np.testing.assert_allclose(b, b_ref, rtol=1e-9, atol=1e-12)
   # sklearn drops a length-1 target axis from coef_; compare values only.
-  np.testing.assert_allclose(w, sk.coef_.T.reshape(w.shape), rtol=1e-7,
-                             atol=1e-10)
-  np.testing.assert_allclose(b, np.reshape(sk.intercept_, b.shape), rtol=1e-7,
-                             atol=1e-10)
-  np.testing.assert_allclose(pred, np.reshape(sk.predict(x_new), pred.shape),
-                             rtol=1e-7)
+  np.testing.assert_allclose(w, sk.coef_.T.reshape(w.shape), rtol=1e-7, atol=1e-10)
+  np.testing.assert_allclose(b, np.reshape(sk.intercept_, b.shape), rtol=1e-7, atol=1e-10)
+  np.testing.assert_allclose(pred, np.reshape(sk.predict(x_new), pred.shape), rtol=1e-7)
 
 
 @pytest.mark.parametrize("n,d,t", SHAPES[:2])
@@ -65,8 +68,7 @@ def test_ridge_float32_close_to_sklearn(rng, n, d, t):
   params = ridge_fit(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
   assert params.weights.dtype == jnp.float32
   pred = np.asarray(ridge_predict(params, jnp.asarray(x, jnp.float32)))
-  np.testing.assert_allclose(pred, Ridge(alpha=1.0).fit(x, y).predict(x),
-                             rtol=1e-4)
+  np.testing.assert_allclose(pred, Ridge(alpha=1.0).fit(x, y).predict(x), rtol=1e-4)
 
 
 @pytest.mark.parametrize("t", [None, 2])
@@ -76,14 +78,12 @@ def test_ridge_vmap_over_seeds(rng, t):
   y = _problem(rng, n, d, t)[1]
   x_new = rng.normal(size=(k, 9, d))
   with jax.enable_x64(True):
-    params = jax.jit(jax.vmap(ridge_fit, in_axes=(0, None)))(
-        jnp.asarray(xs), jnp.asarray(y))
+    params = jax.jit(jax.vmap(ridge_fit, in_axes=(0, None)))(jnp.asarray(xs), jnp.asarray(y))
     preds = np.asarray(jax.vmap(ridge_predict)(params, jnp.asarray(x_new)))
   assert isinstance(params, RidgeParams)
   for i in range(k):
     sk = Ridge(alpha=1.0).fit(xs[i], y)
-    np.testing.assert_allclose(np.asarray(params.weights[i]), sk.coef_.T,
-                               rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(params.weights[i]), sk.coef_.T, rtol=1e-7, atol=1e-10)
     np.testing.assert_allclose(preds[i], sk.predict(x_new[i]), rtol=1e-7)
 
 
@@ -91,17 +91,15 @@ def _numpy_metrics(y_true, y_pred):
   y_pred = np.where(y_pred < 0, 0.0, y_pred)
   err = y_pred - y_true
   rel = [abs(e) / abs(t) for e, t in zip(err, y_true) if t != 0]
-  return {"mae": np.mean(np.abs(err)), "rmse": np.sqrt(np.mean(err**2)),
-          "mape": np.mean(rel)}
+  return {"mae": np.mean(np.abs(err)), "rmse": np.sqrt(np.mean(err**2)), "mape": np.mean(rel)}
 
 
 def test_metrics_against_numpy(rng):
   y_true = rng.uniform(0, 100, size=300)
   y_true[rng.choice(300, 40, replace=False)] = 0.0
-  y_pred = y_true + rng.normal(scale=30, size=300)   # many negatives
+  y_pred = y_true + rng.normal(scale=30, size=300)  # many negatives
   assert (y_pred < 0).sum() > 10
-  got = regression_metrics(jnp.asarray(y_true, jnp.float32),
-                           jnp.asarray(y_pred, jnp.float32))
+  got = regression_metrics(jnp.asarray(y_true, jnp.float32), jnp.asarray(y_pred, jnp.float32))
   ref = _numpy_metrics(y_true, y_pred)
   for m in ref:
     np.testing.assert_allclose(float(got[m]), ref[m], rtol=2e-5)
@@ -123,9 +121,9 @@ def test_metrics_vmap(rng):
   y_pred = y_true + rng.normal(size=(3, 50))
   got = jax.vmap(regression_metrics)(jnp.asarray(y_true), jnp.asarray(y_pred))
   for i in range(3):
-    np.testing.assert_allclose(float(got["mape"][i]),
-                               _numpy_metrics(y_true[i], y_pred[i])["mape"],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      float(got["mape"][i]), _numpy_metrics(y_true[i], y_pred[i])["mape"], rtol=1e-5
+    )
 
 
 def _synthetic_pair(rng, k=None):
@@ -146,8 +144,7 @@ def test_cross_city_scores_single_and_seeds(rng):
     for m in ("mae", "rmse", "mape"):
       assert isinstance(single[name][m], float)
       assert batched[name][m].shape == (3,)
-      np.testing.assert_allclose(batched[name][m][1], single[name][m],
-                                 rtol=1e-12)
+      np.testing.assert_allclose(batched[name][m][1], single[name][m], rtol=1e-12)
   # The protocol by hand with sklearn for one label: labels rounded to
   # float32 as the published evaluator does.
   y_src = lab_x["gdp"].astype(np.float32).astype(np.float64)
@@ -158,8 +155,7 @@ def test_cross_city_scores_single_and_seeds(rng):
     np.testing.assert_allclose(single["gdp"][m], ref[m], rtol=1e-9)
   # A shared 2-D target with a batched source.
   mixed = cross_city_scores(zs_x, lab_x, zs_y[1], lab_y)
-  np.testing.assert_allclose(mixed["co2"]["mae"][1], single["co2"]["mae"],
-                             rtol=1e-12)
+  np.testing.assert_allclose(mixed["co2"]["mae"][1], single["co2"]["mae"], rtol=1e-12)
   f32 = cross_city_scores(zs_x[1], lab_x, zs_y[1], lab_y, precision="float32")
   np.testing.assert_allclose(f32["gdp"]["mae"], single["gdp"]["mae"], rtol=1e-4)
 
@@ -167,10 +163,8 @@ def test_cross_city_scores_single_and_seeds(rng):
 def test_evaluate_pair_keys_and_translated_targets(rng):
   z_x, z_y, lab_x, lab_y = _synthetic_pair(rng)
   out = evaluate_pair(z_x, z_y, lab_x, lab_y, "xa", "cd")
-  assert list(out) == ["XA→CD", "CD→XA"] == [direction_key("xa", "cd"),
-                                            direction_key("cd", "xa")]
-  moved = evaluate_pair(z_x, z_y, lab_x, lab_y, "xa", "cd",
-                        emb_y_in_x=z_y + 1.0, emb_x_in_y=z_x)
+  assert list(out) == ["XA→CD", "CD→XA"] == [direction_key("xa", "cd"), direction_key("cd", "xa")]
+  moved = evaluate_pair(z_x, z_y, lab_x, lab_y, "xa", "cd", emb_y_in_x=z_y + 1.0, emb_x_in_y=z_x)
   assert moved["CD→XA"] == out["CD→XA"]
   assert moved["XA→CD"]["gdp"]["mae"] != out["XA→CD"]["gdp"]["mae"]
   with pytest.raises(KeyError):
@@ -181,15 +175,16 @@ def _published(data_root):
   core = data_root / "core"
   emb_dir = core / "published_embeddings" / "cd-xa"
   emb = {c: np.load(emb_dir / f"{c}_region_emb.npy") for c in ("cd", "xa")}
-  labels = {c: {name: np.load(core / c / f"{name}_{c}_sum.npy")
-                for name in LABEL_NAMES} for c in ("cd", "xa")}
+  labels = {
+    c: {name: np.load(core / c / f"{name}_{c}_sum.npy") for name in LABEL_NAMES}
+    for c in ("cd", "xa")
+  }
   return emb, labels
 
 
 def test_published_embeddings_reproduce_reference_table(data_root):
   emb, labels = _published(data_root)
-  results = evaluate_pair(emb["cd"], emb["xa"], labels["cd"], labels["xa"],
-                          "cd", "xa")
+  results = evaluate_pair(emb["cd"], emb["xa"], labels["cd"], labels["xa"], "cd", "xa")
   reference = PUBLISHED_CORE[("cd", "xa")]
   assert set(results) == set(reference)
   for direction, rows in reference.items():
@@ -197,18 +192,21 @@ def test_published_embeddings_reproduce_reference_table(data_root):
       for m, value in metrics.items():
         got = results[direction][name][m]
         assert round(got, 2) == pytest.approx(value, abs=1e-9), (
-            f"{direction} {name} {m}: {got:.4f} vs published {value}")
+          f"{direction} {name} {m}: {got:.4f} vs published {value}"
+        )
   # And the same numbers as sklearn's Ridge on the same inputs.
   for src, tgt in (("cd", "xa"), ("xa", "cd")):
     for name in LABEL_NAMES:
       y_src = labels[src][name].astype(np.float32).astype(np.float64)
       y_tgt = labels[tgt][name].astype(np.float32).astype(np.float64)
-      pred = Ridge(alpha=1.0).fit(emb[src].astype(np.float64),
-                                  y_src).predict(emb[tgt].astype(np.float64))
+      pred = (
+        Ridge(alpha=1.0)
+        .fit(emb[src].astype(np.float64), y_src)
+        .predict(emb[tgt].astype(np.float64))
+      )
       ref = _numpy_metrics(y_tgt, pred)
       for m in ref:
-        np.testing.assert_allclose(results[direction_key(src, tgt)][name][m],
-                                   ref[m], rtol=1e-8)
+        np.testing.assert_allclose(results[direction_key(src, tgt)][name][m], ref[m], rtol=1e-8)
   table = format_table(results, reference)
   for rows in reference.values():
     for metrics in rows.values():
@@ -218,20 +216,20 @@ def test_published_embeddings_reproduce_reference_table(data_root):
 
 def test_format_table_contents():
   results = {
-      "CD→XA": {"gdp": {"mae": np.array([170.0, 172.0]),
-                        "mape": np.array([4.5, 4.7])},
-                "population": {"mae": 591.915, "mape": 4.317},
-                "co2": {"mae": 136.2, "mape": 1.59}},
+    "CD→XA": {
+      "gdp": {"mae": np.array([170.0, 172.0]), "mape": np.array([4.5, 4.7])},
+      "population": {"mae": 591.915, "mape": 4.317},
+      "co2": {"mae": 136.2, "mape": 1.59},
+    },
   }
   text = format_table(results, PUBLISHED_CORE[("cd", "xa")])
   assert "CD→XA" in text
-  assert "171.00 ± 1.00" in text          # std with ddof=0
+  assert "171.00 ± 1.00" in text  # std with ddof=0
   assert "4.60 ± 0.10" in text
   assert "591.92" in text and "136.20" in text
-  assert "170.13" in text                 # the reference row
+  assert "170.13" in text  # the reference row
   assert "ddof=0" in text
-  for col in ("GDP MAE", "GDP MAPE", "Population MAE", "Population MAPE",
-              "CO2 MAE", "CO2 MAPE"):
+  for col in ("GDP MAE", "GDP MAPE", "Population MAE", "Population MAPE", "CO2 MAE", "CO2 MAPE"):
     assert col in text
   # A single direction without its key is accepted.
   assert "171.00 ± 1.00" in format_table(results["CD→XA"])

@@ -1,4 +1,5 @@
 """The GAT encoder and the neighbour tables against dense references."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -17,27 +18,35 @@ def random_mobility(rng, n, edges_per_origin=4):
     destination += list(dest)
   origin, destination = np.array(origin), np.array(destination)
   weight = rng.random(len(origin)) + 0.05
-  weight /= np.bincount(origin, weight, n)[origin]       # per-origin normalised (eq. 1)
+  weight /= np.bincount(origin, weight, n)[origin]  # per-origin normalised (eq. 1)
   return origin, destination, weight
 
 
 def dense_gat_reference(x, params, senders, receivers, weight, slope=0.2):
   """Eq. (2) of the CoRE paper with PyG's GATConv parameterisation, float64,
   as an explicit double loop over receivers and their incoming edges."""
-  kernel, att_src, att_dst = (np.asarray(params[k], np.float64)
-                              for k in ("kernel", "att_src", "att_dst"))
-  edge_scale = np.sum(np.asarray(params["edge_kernel"], np.float64)
-                      * np.asarray(params["att_edge"], np.float64), axis=-1)
+  kernel, att_src, att_dst = (
+    np.asarray(params[k], np.float64) for k in ("kernel", "att_src", "att_dst")
+  )
+  edge_scale = np.sum(
+    np.asarray(params["edge_kernel"], np.float64) * np.asarray(params["att_edge"], np.float64),
+    axis=-1,
+  )
   heads, _, features = kernel.shape
   n = x.shape[0]
-  projected = np.einsum("ni,hio->hno", x, kernel)               # W^h x, per head
+  projected = np.einsum("ni,hio->hno", x, kernel)  # W^h x, per head
   out = np.zeros((n, features))
   for i in range(n):
     incoming = np.flatnonzero(receivers == i)
     for h in range(heads):
-      scores = np.array([projected[h, senders[e]] @ att_src[h]
-                         + projected[h, i] @ att_dst[h]
-                         + weight[e] * edge_scale[h] for e in incoming])
+      scores = np.array(
+        [
+          projected[h, senders[e]] @ att_src[h]
+          + projected[h, i] @ att_dst[h]
+          + weight[e] * edge_scale[h]
+          for e in incoming
+        ]
+      )
       scores = np.where(scores > 0, scores, slope * scores)
       alpha = np.exp(scores - scores.max())
       alpha /= alpha.sum()
@@ -46,19 +55,27 @@ def dense_gat_reference(x, params, senders, receivers, weight, slope=0.2):
 
 
 @pytest.mark.parametrize("implementation", ["tables", "segment"])
-@pytest.mark.parametrize("n,d_in,features,heads,edges_per_origin", [
-    (5, 3, 4, 2, 4), (40, 16, 8, 8, 4), (90, 32, 16, 4, 4),
+@pytest.mark.parametrize(
+  "n,d_in,features,heads,edges_per_origin",
+  [
+    (5, 3, 4, 2, 4),
+    (40, 16, 8, 8, 4),
+    (90, 32, 16, 4, 4),
     # Sparse: a bucket of >= 64 regions whose only in-edge is the self loop.
-    (300, 8, 8, 2, 1)])
-def test_gat_layer_matches_dense_reference(rng, implementation, n, d_in, features, heads,
-                                           edges_per_origin):
+    (300, 8, 8, 2, 1),
+  ],
+)
+def test_gat_layer_matches_dense_reference(
+  rng, implementation, n, d_in, features, heads, edges_per_origin
+):
   origin, destination, weight = random_mobility(rng, n, edges_per_origin)
   graph = city_graph(origin, destination, weight, weight, n)
   senders, receivers, loop_weight = add_mean_self_loops(origin, destination, weight, n)
   x = rng.normal(size=(n, d_in))
   layer = GATLayer(features, heads, implementation=implementation)
-  params = layer.init(jax.random.PRNGKey(int(rng.integers(1 << 30))),
-                      jnp.asarray(x, jnp.float32), graph)
+  params = layer.init(
+    jax.random.PRNGKey(int(rng.integers(1 << 30))), jnp.asarray(x, jnp.float32), graph
+  )
   # Random (not initial) attention parameters so every term matters.
   params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.3, p.dtype), params)
   got = layer.apply(params, jnp.asarray(x, jnp.float32), graph)
@@ -91,7 +108,7 @@ def test_gat_rejects_unknown_implementation(rng):
 
 def test_self_loops_follow_mean_fill():
   origin = np.array([0, 1, 2, 2])
-  destination = np.array([1, 1, 1, 2])        # 1 has a self loop; 2 -> 2 too
+  destination = np.array([1, 1, 1, 2])  # 1 has a self loop; 2 -> 2 too
   weight = np.array([0.2, 0.5, 0.4, 0.6])
   senders, receivers, w = add_mean_self_loops(origin, destination, weight, 4)
   loops = {int(s): float(v) for s, r, v in zip(senders, receivers, w) if s == r}
@@ -111,7 +128,9 @@ def test_neighbour_tables_hold_every_edge_once(rng, n, width, bucketed):
     for r, receiver in enumerate(np.asarray(table.receivers)):
       for k in np.flatnonzero(np.asarray(table.in_mask[r])):
         listed.add((int(table.in_index[r, k]), int(receiver), float(table.in_weight[r, k])))
-  expected = {(int(o), int(d), float(np.float32(w))) for o, d, w in zip(origin, destination, weight)}
+  expected = {
+    (int(o), int(d), float(np.float32(w))) for o, d, w in zip(origin, destination, weight)
+  }
   assert listed == expected
   # Every region in exactly one bucket, and the two orders are inverse.
   order = np.asarray(graph.order)

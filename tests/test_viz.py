@@ -1,4 +1,5 @@
 """t-SNE, PCA projection and the two-city embedding plot."""
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -58,14 +59,11 @@ def test_gdp_levels_tertiles():
 def test_plot_writes_png(rng, tmp_path):
   z_x, z_y = rng.normal(size=(40, 8)), rng.normal(size=(30, 8)) + 1
   g_x, g_y = rng.uniform(size=40), rng.uniform(size=30)
-  for method, kw in (("tsne", dict(perplexity=5.0, n_iter=60,
-                                   n_exaggeration=20)), ("pca", {})):
+  for method, kw in (("tsne", dict(perplexity=5.0, n_iter=60, n_exaggeration=20)), ("pca", {})):
     path = tmp_path / f"cities_{method}.png"
-    out = plot_city_embeddings(z_x, z_y, g_x, g_y, "cd", "xa", path,
-                               method=method, **kw)
+    out = plot_city_embeddings(z_x, z_y, g_x, g_y, "cd", "xa", path, method=method, **kw)
     assert out == path
     data = path.read_bytes()
     assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
   # Nothing but the two pictures: the temporary files were renamed.
-  assert sorted(p.name for p in tmp_path.iterdir()) == [
-      "cities_pca.png", "cities_tsne.png"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["cities_pca.png", "cities_tsne.png"]

@@ -44,6 +44,7 @@ choices of this implementation, stated above.
 All functions are pure jnp and jit-compatible (``n_anchor``, ``center`` and
 ``method`` are static).
 """
+
 from __future__ import annotations
 
 import functools
@@ -53,17 +54,17 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "LinearMap",
-    "METHODS",
-    "affine_align",
-    "affine_fit",
-    "align_into",
-    "apply_map",
-    "mobility_volume",
-    "procrustes_align",
-    "procrustes_fit",
-    "rank_anchors",
-    "translate_both_ways",
+  "LinearMap",
+  "METHODS",
+  "affine_align",
+  "affine_fit",
+  "align_into",
+  "apply_map",
+  "mobility_volume",
+  "procrustes_align",
+  "procrustes_fit",
+  "rank_anchors",
+  "translate_both_ways",
 ]
 
 METHODS = ("procrustes", "affine")
@@ -72,6 +73,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 class LinearMap(NamedTuple):
   """T(z) = z @ matrix + bias, mapping [.., d_in] to [.., d_out]."""
+
   matrix: jax.Array
   bias: jax.Array
 
@@ -80,8 +82,9 @@ def apply_map(m: LinearMap, z: jax.Array) -> jax.Array:
   return jnp.matmul(z, m.matrix, precision=_HIGHEST) + m.bias
 
 
-def mobility_volume(origin: jax.Array, destination: jax.Array,
-                    weight: jax.Array, n_regions: int) -> jax.Array:
+def mobility_volume(
+  origin: jax.Array, destination: jax.Array, weight: jax.Array, n_regions: int
+) -> jax.Array:
   """Total mobility volume per region: out-weight + in-weight.
 
   v_r = sum_{e: origin_e = r} w_e + sum_{e: destination_e = r} w_e, so a
@@ -97,10 +100,8 @@ def mobility_volume(origin: jax.Array, destination: jax.Array,
     [n_regions] volumes; regions without edges get 0.
   """
   weight = jnp.asarray(weight)
-  out_w = jax.ops.segment_sum(weight, jnp.asarray(origin),
-                              num_segments=n_regions)
-  in_w = jax.ops.segment_sum(weight, jnp.asarray(destination),
-                             num_segments=n_regions)
+  out_w = jax.ops.segment_sum(weight, jnp.asarray(origin), num_segments=n_regions)
+  in_w = jax.ops.segment_sum(weight, jnp.asarray(destination), num_segments=n_regions)
   return out_w + in_w
 
 
@@ -114,8 +115,9 @@ def _quantile_positions(n_anchor: int, n: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("n_anchor",))
-def rank_anchors(stat_x: jax.Array, stat_y: jax.Array,
-                 n_anchor: int | None = None) -> tuple[jax.Array, jax.Array]:
+def rank_anchors(
+  stat_x: jax.Array, stat_y: jax.Array, n_anchor: int | None = None
+) -> tuple[jax.Array, jax.Array]:
   """Indices of quantile-matched anchor pairs (step 2 of the module doc).
 
   Args:
@@ -130,17 +132,14 @@ def rank_anchors(stat_x: jax.Array, stat_y: jax.Array,
   n_x, n_y = stat_x.shape[0], stat_y.shape[0]
   n = min(n_x, n_y) if n_anchor is None else n_anchor
   if not 1 <= n <= min(n_x, n_y):
-    raise ValueError(f"n_anchor={n} must be in [1, min(N_X, N_Y) = "
-                     f"{min(n_x, n_y)}]")
+    raise ValueError(f"n_anchor={n} must be in [1, min(N_X, N_Y) = {min(n_x, n_y)}]")
   order_x = jnp.argsort(stat_x, stable=True, descending=True)
   order_y = jnp.argsort(stat_y, stable=True, descending=True)
-  return (order_x[_quantile_positions(n, n_x)],
-          order_y[_quantile_positions(n, n_y)])
+  return (order_x[_quantile_positions(n, n_x)], order_y[_quantile_positions(n, n_y)])
 
 
 @functools.partial(jax.jit, static_argnames=("center",))
-def procrustes_fit(a_mov: jax.Array, a_ref: jax.Array,
-                   center: bool = True) -> LinearMap:
+def procrustes_fit(a_mov: jax.Array, a_ref: jax.Array, center: bool = True) -> LinearMap:
   """Orthogonal Procrustes map sending anchors ``a_mov`` onto ``a_ref``.
 
   R = argmin_{R^T R = I} ||A_mov R - A_ref||_F = U V^T with
@@ -160,8 +159,7 @@ def procrustes_fit(a_mov: jax.Array, a_ref: jax.Array,
   cross = jnp.matmul((a_mov - mu_mov).T, a_ref - mu_ref, precision=_HIGHEST)
   u, _, vt = jnp.linalg.svd(cross, full_matrices=False)
   rot = jnp.matmul(u, vt, precision=_HIGHEST)
-  return LinearMap(matrix=rot,
-                   bias=mu_ref - jnp.matmul(mu_mov, rot, precision=_HIGHEST))
+  return LinearMap(matrix=rot, bias=mu_ref - jnp.matmul(mu_mov, rot, precision=_HIGHEST))
 
 
 @jax.jit
@@ -177,15 +175,20 @@ def affine_fit(a_mov: jax.Array, a_ref: jax.Array) -> LinearMap:
   mu_mov = jnp.mean(a_mov, axis=0)
   mu_ref = jnp.mean(a_ref, axis=0)
   w, *_ = jnp.linalg.lstsq(a_mov - mu_mov, a_ref - mu_ref)
-  return LinearMap(matrix=w,
-                   bias=mu_ref - jnp.matmul(mu_mov, w, precision=_HIGHEST))
+  return LinearMap(matrix=w, bias=mu_ref - jnp.matmul(mu_mov, w, precision=_HIGHEST))
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("method", "n_anchor", "center"))
-def align_into(z_ref: jax.Array, z_mov: jax.Array, stat_ref: jax.Array,
-               stat_mov: jax.Array, *, method: str = "procrustes",
-               n_anchor: int | None = None, center: bool = True) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("method", "n_anchor", "center"))
+def align_into(
+  z_ref: jax.Array,
+  z_mov: jax.Array,
+  stat_ref: jax.Array,
+  stat_mov: jax.Array,
+  *,
+  method: str = "procrustes",
+  n_anchor: int | None = None,
+  center: bool = True,
+) -> jax.Array:
   """Maps ``z_mov`` into the space of ``z_ref`` by rank anchoring + ``method``.
 
   Args:
@@ -210,30 +213,45 @@ def align_into(z_ref: jax.Array, z_mov: jax.Array, stat_ref: jax.Array,
   return apply_map(m, z_mov)
 
 
-def procrustes_align(z_x: jax.Array, z_y: jax.Array, stat_x: jax.Array,
-                     stat_y: jax.Array, *, n_anchor: int | None = None,
-                     center: bool = True) -> jax.Array:
+def procrustes_align(
+  z_x: jax.Array,
+  z_y: jax.Array,
+  stat_x: jax.Array,
+  stat_y: jax.Array,
+  *,
+  n_anchor: int | None = None,
+  center: bool = True,
+) -> jax.Array:
   """RP: Z^Y mapped into X's space, T(Z^Y) [N_Y, d].
 
   For the other direction swap the cities:
   ``procrustes_align(z_y, z_x, stat_y, stat_x)`` is Z^X in Y's space.
   """
-  return align_into(z_x, z_y, stat_x, stat_y, method="procrustes",
-                    n_anchor=n_anchor, center=center)
+  return align_into(z_x, z_y, stat_x, stat_y, method="procrustes", n_anchor=n_anchor, center=center)
 
 
-def affine_align(z_x: jax.Array, z_y: jax.Array, stat_x: jax.Array,
-                 stat_y: jax.Array, *,
-                 n_anchor: int | None = None) -> jax.Array:
+def affine_align(
+  z_x: jax.Array,
+  z_y: jax.Array,
+  stat_x: jax.Array,
+  stat_y: jax.Array,
+  *,
+  n_anchor: int | None = None,
+) -> jax.Array:
   """RA: Z^Y mapped into X's space by a least-squares affine map, [N_Y, d]."""
-  return align_into(z_x, z_y, stat_x, stat_y, method="affine",
-                    n_anchor=n_anchor)
+  return align_into(z_x, z_y, stat_x, stat_y, method="affine", n_anchor=n_anchor)
 
 
-def translate_both_ways(z_x: jax.Array, z_y: jax.Array, stat_x: jax.Array,
-                        stat_y: jax.Array, *, method: str = "procrustes",
-                        n_anchor: int | None = None,
-                        center: bool = True) -> tuple[jax.Array, jax.Array]:
+def translate_both_ways(
+  z_x: jax.Array,
+  z_y: jax.Array,
+  stat_x: jax.Array,
+  stat_y: jax.Array,
+  *,
+  method: str = "procrustes",
+  n_anchor: int | None = None,
+  center: bool = True,
+) -> tuple[jax.Array, jax.Array]:
   """Inputs for both directions of the cross-city protocol.
 
   Direction X→Y trains the predictor on Z^X and applies it to T_{Y→X}(Z^Y);
@@ -245,5 +263,4 @@ def translate_both_ways(z_x: jax.Array, z_y: jax.Array, stat_x: jax.Array,
     ``evaluate_pair(z_x, z_y, ..., emb_y_in_x=z_y_in_x, emb_x_in_y=z_x_in_y)``.
   """
   kw = dict(method=method, n_anchor=n_anchor, center=center)
-  return (align_into(z_x, z_y, stat_x, stat_y, **kw),
-          align_into(z_y, z_x, stat_y, stat_x, **kw))
+  return (align_into(z_x, z_y, stat_x, stat_y, **kw), align_into(z_y, z_x, stat_y, stat_x, **kw))

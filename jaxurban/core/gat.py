@@ -22,6 +22,7 @@ Two implementations share one set of parameters:
 * ``"segment"``: the textbook jraph form, gathers over edges, segment softmax
   and ``segment_sum`` by receiver. Kept as the readable reference.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,6 +41,7 @@ Initializer = Callable[..., jax.Array]
 def _uniform(bound: float) -> Initializer:
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
@@ -51,6 +53,7 @@ def _glorot(fan_in: int, fan_out: int) -> Initializer:
 
 class GATLayer(nn.Module):
   """One edge-weighted multi-head graph attention layer, heads averaged."""
+
   features: int = 128
   heads: int = 8
   negative_slope: float = 0.2
@@ -86,38 +89,46 @@ class GATLayer(nn.Module):
           # every head's softmax is 1, so the layer is x_i sum_h W^h.
           parts.append(x[bucket.in_index[:, 0]] @ kernel.sum(axis=0))
         else:
-          parts.append(_aggregate_bucket(bucket, x, src_logit, dst_logit,
-                                         edge_scale, self.negative_slope
-                                         ).reshape(-1, h * d_in) @ flat_kernel)
-      return permute_rows(jnp.concatenate(parts), city.neighbours.inverse_order,
-                          city.neighbours.order) / h + bias
+          parts.append(
+            _aggregate_bucket(
+              bucket, x, src_logit, dst_logit, edge_scale, self.negative_slope
+            ).reshape(-1, h * d_in)
+            @ flat_kernel
+          )
+      return (
+        permute_rows(jnp.concatenate(parts), city.neighbours.inverse_order, city.neighbours.order)
+        / h
+        + bias
+      )
     elif self.implementation == "segment":
       graph = city.graph
       n = x.shape[0]
-      logits = (src_logit[graph.senders] + dst_logit[graph.receivers]
-                + graph.edges[:, None] * edge_scale)             # [E, H]
+      logits = (
+        src_logit[graph.senders] + dst_logit[graph.receivers] + graph.edges[:, None] * edge_scale
+      )  # [E, H]
       logits = nn.leaky_relu(logits, self.negative_slope)
-      alpha = jraph.segment_softmax(logits, graph.receivers, n,
-                                    indices_are_sorted=True)
+      alpha = jraph.segment_softmax(logits, graph.receivers, n, indices_are_sorted=True)
       messages = alpha[:, :, None] * x[graph.senders][:, None, :]  # [E, H, d_in]
-      aggregated = jraph.segment_sum(messages, graph.receivers, n,
-                                     indices_are_sorted=True)
+      aggregated = jraph.segment_sum(messages, graph.receivers, n, indices_are_sorted=True)
     else:
-      raise ValueError(f"GATLayer.implementation: unknown {self.implementation!r}"
-                       " (expected 'tables' or 'segment')")
+      raise ValueError(
+        f"GATLayer.implementation: unknown {self.implementation!r} (expected 'tables' or 'segment')"
+      )
     return jnp.einsum("nhi,hio->no", aggregated, kernel) / h + bias
 
 
 def _aggregate_bucket(table, x, src_logit, dst_logit, edge_scale, slope):
   """sum_j alpha_ij^h x_j for the receivers of one neighbour table: [R, H, d_in]."""
-  logits = (src_logit[table.in_index]
-            + dst_logit[table.receivers][:, None, :]
-            + table.in_weight[..., None] * edge_scale)           # [R, K, H]
+  logits = (
+    src_logit[table.in_index]
+    + dst_logit[table.receivers][:, None, :]
+    + table.in_weight[..., None] * edge_scale
+  )  # [R, K, H]
   logits = nn.leaky_relu(logits, slope)
   logits = jnp.where(table.in_mask[..., None], logits, -jnp.inf)
   alpha = jax.nn.softmax(logits, axis=1)
   alpha = jnp.where(table.in_mask[..., None], alpha, 0.0)
-  neighbours = x[table.in_index]                                 # [R, K, d_in]
+  neighbours = x[table.in_index]  # [R, K, d_in]
   return jnp.einsum("rkh,rki->rhi", alpha, neighbours)
 
 
@@ -127,6 +138,7 @@ class GATEncoder(nn.Module):
   Between layers a PReLU whose slope is shared with the other city's encoder
   (passed in, as in the authors' code where one ``nn.PReLU`` serves both).
   """
+
   n_regions: int
   features: int = 128
   heads: int = 8
@@ -136,12 +148,11 @@ class GATEncoder(nn.Module):
   @nn.compact
   def __call__(self, city: CityGraph, prelu_slope: jax.Array) -> jax.Array:
     # nn.Embedding's default N(0, 1) initialisation.
-    z = self.param("inputs", nn.initializers.normal(1.0),
-                   (self.n_regions, self.features))
+    z = self.param("inputs", nn.initializers.normal(1.0), (self.n_regions, self.features))
     for layer in range(self.layers):
-      z = GATLayer(self.features, self.heads,
-                   implementation=self.implementation,
-                   name=f"gat_{layer}")(z, city)
+      z = GATLayer(
+        self.features, self.heads, implementation=self.implementation, name=f"gat_{layer}"
+      )(z, city)
       if layer < self.layers - 1:
         z = jnp.where(z >= 0, z, prelu_slope * z)
     return z

@@ -19,6 +19,7 @@ and two variants (``form``):
   the in-city attention score Q K^T / sqrt(d) instead of Z Z^T and is averaged
   over rows (1/N rather than 1/N^2).
 """
+
 from __future__ import annotations
 
 import jax
@@ -41,8 +42,8 @@ def _inner(a: jax.Array, b: jax.Array) -> jax.Array:
 # Intra-city mobility loss, eqs. (3)-(4).
 # --------------------------------------------------------------------------
 
-def mobility_loss(z: jax.Array, origin_rows: jax.Array,
-                  target_rows: jax.Array) -> jax.Array:
+
+def mobility_loss(z: jax.Array, origin_rows: jax.Array, target_rows: jax.Array) -> jax.Array:
   """-sum_ij T_ij log p(j | i), p(j | i) = softmax_j(z_i . z_j) over all N.
 
   Args:
@@ -65,20 +66,22 @@ def mobility_loss_direct(z: jax.Array, target: jax.Array) -> jax.Array:
 # Latent manifold alignment, eqs. (5)-(9).
 # --------------------------------------------------------------------------
 
+
 def _anchor_factors(anchors: jax.Array, z: jax.Array):
   """Anchors scaled so that U S U^T is the unit-row-norm Gram of eq. (8).
 
   A_rel = A Z^T has row norms sqrt(a_i S a_i^T) with S = Z^T Z, so rescaling
   the rows of A_rel to unit norm (eq. 7) is rescaling the rows of A.
   """
-  gram = z.T @ z                                             # S, [d, d]
+  gram = z.T @ z  # S, [d, d]
   row_norm_sq = jnp.sum((anchors @ gram) * anchors, axis=-1)
   scaled = anchors * jax.lax.rsqrt(jnp.maximum(row_norm_sq, _EPS))[:, None]
   return scaled, gram
 
 
-def lma_lowrank(z_x: jax.Array, z_y: jax.Array, anchors: jax.Array,
-                form: str = "authors") -> jax.Array:
+def lma_lowrank(
+  z_x: jax.Array, z_y: jax.Array, anchors: jax.Array, form: str = "authors"
+) -> jax.Array:
   """Latent manifold alignment loss in O((N + N_a) d^2).
 
   With U = rescaled anchors and S = Z^T Z per city, the anchor Gram matrix of
@@ -92,8 +95,11 @@ def lma_lowrank(z_x: jax.Array, z_y: jax.Array, anchors: jax.Array,
   if form == "authors":
     # ||G_x - G_y||^2 = tr(G_x G_x) - 2 tr(G_x G_y) + tr(G_y G_y), with
     # tr(U_x S_x U_x^T U_y S_y U_y^T) = <S_x C_xy, C_xy S_y>.
-    squared = (_inner(s_x @ c_xx, c_xx @ s_x) - 2 * _inner(s_x @ c_xy, c_xy @ s_y)
-               + _inner(s_y @ c_yy, c_yy @ s_y))
+    squared = (
+      _inner(s_x @ c_xx, c_xx @ s_x)
+      - 2 * _inner(s_x @ c_xy, c_xy @ s_y)
+      + _inner(s_y @ c_yy, c_yy @ s_y)
+    )
     return squared / n_anchors
   # Paper: the rows of G are rescaled to unit norm again (after eq. 8), so
   # ||G^_x - G^_y||^2 = sum_i 2 - 2 <g_x,i, g_y,i> / (|g_x,i| |g_y,i|), and
@@ -109,12 +115,13 @@ def _unit_rows(m: jax.Array) -> jax.Array:
   return m * jax.lax.rsqrt(jnp.maximum(jnp.sum(m * m, -1, keepdims=True), _EPS))
 
 
-def lma_direct(z_x: jax.Array, z_y: jax.Array, anchors: jax.Array,
-               form: str = "authors") -> jax.Array:
+def lma_direct(
+  z_x: jax.Array, z_y: jax.Array, anchors: jax.Array, form: str = "authors"
+) -> jax.Array:
   """Reference: eqs. (7)-(9) with the [N_a, N] and [N_a, N_a] matrices."""
   _check_form(form)
   rel_x, rel_y = _unit_rows(anchors @ z_x.T), _unit_rows(anchors @ z_y.T)  # eq. 7
-  gram_x, gram_y = rel_x @ rel_x.T, rel_y @ rel_y.T                       # eq. 8
+  gram_x, gram_y = rel_x @ rel_x.T, rel_y @ rel_y.T  # eq. 8
   n_anchors = anchors.shape[0]
   if form == "authors":
     # The authors' cosine distances 1 - G differ by the same constant in both.
@@ -126,15 +133,15 @@ def lma_direct(z_x: jax.Array, z_y: jax.Array, anchors: jax.Array,
 # Latent individual alignment, eqs. (10)-(12).
 # --------------------------------------------------------------------------
 
+
 def _lia_target_factors(z, q, k, form):
   """The in-city correlation as a product of two [N, d] factors."""
   if form == "paper":
-    return z, z                                 # Cor = Z Z^T, eq. (10)
-  return q / jnp.sqrt(q.shape[-1]), k           # authors: Q K^T / sqrt(d)
+    return z, z  # Cor = Z Z^T, eq. (10)
+  return q / jnp.sqrt(q.shape[-1]), k  # authors: Q K^T / sqrt(d)
 
 
-def _cycle_residual_sq(target_left, target_right, q_here, k_here, q_there,
-                       k_there) -> jax.Array:
+def _cycle_residual_sq(target_left, target_right, q_here, k_here, q_there, k_there) -> jax.Array:
   """||T_l T_r^T - Q_here (K_there^T Q_there) K_here^T / d||^2 in O(N d^2).
 
   The cycle X -> Y -> X of eq. (12) is Attn^{XY} Attn^{YX}
@@ -143,16 +150,25 @@ def _cycle_residual_sq(target_left, target_right, q_here, k_here, q_there,
   d = q_here.shape[-1]
   left = q_here @ ((k_there.T @ q_there) / d)
   right = k_here
-  return (_inner(target_left.T @ target_left, target_right.T @ target_right)
-          - 2 * _inner(target_left.T @ left, target_right.T @ right)
-          + _inner(left.T @ left, right.T @ right))
+  return (
+    _inner(target_left.T @ target_left, target_right.T @ target_right)
+    - 2 * _inner(target_left.T @ left, target_right.T @ right)
+    + _inner(left.T @ left, right.T @ right)
+  )
 
 
-def lia_lowrank(z_x: jax.Array, z_y: jax.Array, w_q: jax.Array, b_q: jax.Array,
-                w_k: jax.Array, b_k: jax.Array, form: str = "authors") -> jax.Array:
+def lia_lowrank(
+  z_x: jax.Array,
+  z_y: jax.Array,
+  w_q: jax.Array,
+  b_q: jax.Array,
+  w_k: jax.Array,
+  b_k: jax.Array,
+  form: str = "authors",
+) -> jax.Array:
   """Latent individual alignment loss (eqs. 10-12) in O(N d^2)."""
   _check_form(form)
-  q_x, k_x = z_x @ w_q + b_q, z_x @ w_k + b_k                 # eq. (11)
+  q_x, k_x = z_x @ w_q + b_q, z_x @ w_k + b_k  # eq. (11)
   q_y, k_y = z_y @ w_q + b_q, z_y @ w_k + b_k
   tl_x, tr_x = _lia_target_factors(z_x, q_x, k_x, form)
   tl_y, tr_y = _lia_target_factors(z_y, q_y, k_y, form)
@@ -162,8 +178,15 @@ def lia_lowrank(z_x: jax.Array, z_y: jax.Array, w_q: jax.Array, b_q: jax.Array,
   return res_x / z_x.shape[0] ** power + res_y / z_y.shape[0] ** power
 
 
-def lia_direct(z_x: jax.Array, z_y: jax.Array, w_q: jax.Array, b_q: jax.Array,
-               w_k: jax.Array, b_k: jax.Array, form: str = "authors") -> jax.Array:
+def lia_direct(
+  z_x: jax.Array,
+  z_y: jax.Array,
+  w_q: jax.Array,
+  b_q: jax.Array,
+  w_k: jax.Array,
+  b_k: jax.Array,
+  form: str = "authors",
+) -> jax.Array:
   """Reference: eqs. (10)-(12) with the N x N matrices."""
   _check_form(form)
   d = w_q.shape[-1]
@@ -177,5 +200,7 @@ def lia_direct(z_x: jax.Array, z_y: jax.Array, w_q: jax.Array, b_q: jax.Array,
   else:
     cor_x, cor_y = q_x @ k_x.T / jnp.sqrt(d), q_y @ k_y.T / jnp.sqrt(d)
     power = 1
-  return (jnp.sum((cor_x - attn_xy @ attn_yx) ** 2) / z_x.shape[0] ** power
-          + jnp.sum((cor_y - attn_yx @ attn_xy) ** 2) / z_y.shape[0] ** power)
+  return (
+    jnp.sum((cor_x - attn_xy @ attn_yx) ** 2) / z_x.shape[0] ** power
+    + jnp.sum((cor_y - attn_yx @ attn_xy) ** 2) / z_y.shape[0] ** power
+  )

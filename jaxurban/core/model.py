@@ -1,4 +1,5 @@
 """CoRE: two city encoders, a shared cross-city attention, and the loss of eq. (13)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +17,7 @@ from jaxurban.graph import CityGraph
 
 class QueryKey(NamedTuple):
   """W^q, W^k of eq. (11), with the biases of the authors' ``nn.Linear``."""
+
   w_q: jax.Array
   b_q: jax.Array
   w_k: jax.Array
@@ -24,6 +26,7 @@ class QueryKey(NamedTuple):
 
 class CoRE(nn.Module):
   """Embeds the regions of cities X and Y; returns (Z^X, Z^Y, W^q/W^k)."""
+
   n_regions_x: int
   n_regions_y: int
   features: int = 128
@@ -35,19 +38,20 @@ class CoRE(nn.Module):
   def __call__(self, city_x: CityGraph, city_y: CityGraph):
     # One PReLU for both encoders, initialised at 0.25 like torch.nn.PReLU.
     slope = self.param("prelu_slope", nn.initializers.constant(0.25), ())
-    encoder = lambda n, name: GATEncoder(n, self.features, self.heads,
-                                         self.layers, self.implementation,
-                                         name=name)
+    encoder = lambda n, name: GATEncoder(
+      n, self.features, self.heads, self.layers, self.implementation, name=name
+    )
     z_x = encoder(self.n_regions_x, "encoder_x")(city_x, slope)
     z_y = encoder(self.n_regions_y, "encoder_y")(city_y, slope)
     # torch.nn.Linear's default initialisation, U(+-1/sqrt(fan_in)).
     bound = 1.0 / math.sqrt(self.features)
     shape = (self.features, self.features)
     query_key = QueryKey(
-        w_q=self.param("w_q", _uniform(bound), shape),
-        b_q=self.param("b_q", _uniform(bound), (self.features,)),
-        w_k=self.param("w_k", _uniform(bound), shape),
-        b_k=self.param("b_k", _uniform(bound), (self.features,)))
+      w_q=self.param("w_q", _uniform(bound), shape),
+      b_q=self.param("b_q", _uniform(bound), (self.features,)),
+      w_k=self.param("w_k", _uniform(bound), shape),
+      b_k=self.param("b_k", _uniform(bound), (self.features,)),
+    )
     return z_x, z_y, query_key
 
 
@@ -62,6 +66,7 @@ class LossSettings:
     form: "authors" or "paper" (see `jaxurban.core.losses`).
     direct: use the N x N reference forms instead of the O(N d^2) ones.
   """
+
   alpha: float = 1.0
   beta: float = 1.0
   n_anchors: int = 1000
@@ -69,8 +74,9 @@ class LossSettings:
   direct: bool = False
 
 
-def alignment_losses(z_x, z_y, query_key: QueryKey, key: jax.Array,
-                     settings: LossSettings) -> dict[str, jax.Array]:
+def alignment_losses(
+  z_x, z_y, query_key: QueryKey, key: jax.Array, settings: LossSettings
+) -> dict[str, jax.Array]:
   """LMA (eq. 9) and LIA (eq. 12) for a pair of embeddings."""
   out = {}
   if settings.alpha:
@@ -83,15 +89,18 @@ def alignment_losses(z_x, z_y, query_key: QueryKey, key: jax.Array,
   return out
 
 
-def mobility_losses(z_x, z_y, city_x: CityGraph, city_y: CityGraph,
-                    settings: LossSettings) -> dict[str, jax.Array]:
+def mobility_losses(
+  z_x, z_y, city_x: CityGraph, city_y: CityGraph, settings: LossSettings
+) -> dict[str, jax.Array]:
   """L^RE of eq. (4) for both cities."""
+
   def one(z, city):
     if settings.direct:
       target = jnp.zeros((city.n_regions, city.n_regions), z.dtype)
       target = target.at[city.origin_rows].set(city.target_rows)
       return losses.mobility_loss_direct(z, target)
     return losses.mobility_loss(z, city.origin_rows, city.target_rows)
+
   return {"re_x": one(z_x, city_x), "re_y": one(z_y, city_y)}
 
 

@@ -5,6 +5,7 @@ axis and one jitted, vmapped function advances all of them by a chunk of
 epochs under ``lax.scan``. Between chunks the driver prints progress and
 writes an orbax checkpoint from which a killed run resumes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,8 +20,7 @@ import optax
 
 from jaxurban.checkpoint import Checkpointer, save_npy_atomic, write_json_atomic
 from jaxurban.core import losses as core_losses
-from jaxurban.core.model import (CoRE, LossSettings, alignment_losses,
-                                 mobility_losses, total_loss)
+from jaxurban.core.model import CoRE, LossSettings, alignment_losses, mobility_losses, total_loss
 from jaxurban.graph import CityGraph, city_graph
 
 VARIANTS = ("core", "no-lma", "no-lia", "two-stage", "individual", "rp")
@@ -54,6 +54,7 @@ class CoreConfig:
     checkpoint_every: epochs between checkpoints (rounded to chunks).
     plot: write the 2-D picture of both cities' embeddings.
   """
+
   city_x: str = "xa"
   city_y: str = "cd"
   data_root: str | None = None
@@ -81,8 +82,16 @@ class CoreConfig:
       problems.append(f"variant {self.variant!r} not in {VARIANTS}")
     if self.loss_form not in core_losses.FORMS:
       problems.append(f"loss_form {self.loss_form!r} not in {core_losses.FORMS}")
-    for name in ("seeds", "epochs", "features", "heads", "layers", "n_anchors",
-                 "log_every", "checkpoint_every"):
+    for name in (
+      "seeds",
+      "epochs",
+      "features",
+      "heads",
+      "layers",
+      "n_anchors",
+      "log_every",
+      "checkpoint_every",
+    ):
       if getattr(self, name) < 1:
         problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.city_x.lower() == self.city_y.lower():
@@ -93,8 +102,9 @@ class CoreConfig:
   def loss_settings(self) -> LossSettings:
     alpha = 0.0 if self.variant in ("no-lma", "individual", "rp") else self.alpha
     beta = 0.0 if self.variant in ("no-lia", "individual", "rp") else self.beta
-    return LossSettings(alpha=alpha, beta=beta, n_anchors=self.n_anchors,
-                        form=self.loss_form, direct=self.direct)
+    return LossSettings(
+      alpha=alpha, beta=beta, n_anchors=self.n_anchors, form=self.loss_form, direct=self.direct
+    )
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -112,10 +122,17 @@ def load_city_graph(name: str, data_root=None):
   """
   from jaxurban.data.core_city import load_city
   from jaxurban.data.fetch import ensure_city
+
   folder = ensure_city(name, data_root)
   city = load_city(name, folder.parent.parent)
-  graph = city_graph(city.edge_origin, city.edge_destination, city.edge_weight,
-                     city.edge_weight_raw, city.n_regions, od_flow=city.od_flow)
+  graph = city_graph(
+    city.edge_origin,
+    city.edge_destination,
+    city.edge_weight,
+    city.edge_weight_raw,
+    city.n_regions,
+    od_flow=city.od_flow,
+  )
   return city, graph
 
 
@@ -124,8 +141,12 @@ def _chunk_length(epochs: int, log_every: int) -> int:
   return max(d for d in range(1, min(epochs, log_every) + 1) if epochs % d == 0)
 
 
-def make_chunk(loss_fn: Callable, optimizer: optax.GradientTransformation,
-               length: int, per_seed_data: bool = False) -> Callable:
+def make_chunk(
+  loss_fn: Callable,
+  optimizer: optax.GradientTransformation,
+  length: int,
+  per_seed_data: bool = False,
+) -> Callable:
   """A jitted function advancing all seeds by `length` epochs.
 
   ``loss_fn(params, key, *data) -> (loss, terms)``. The state is the tuple
@@ -134,20 +155,22 @@ def make_chunk(loss_fn: Callable, optimizer: optax.GradientTransformation,
   too carry the seed axis. Returns the new state and the chunk-mean of every
   loss term per seed.
   """
+
   def one_seed(state, *data):
     def epoch(carry, _):
       params, opt_state, key = carry
       key, step_key = jax.random.split(key)
-      (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, step_key, *data)
+      (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, step_key, *data)
       updates, opt_state = optimizer.update(grads, opt_state, params)
       return (optax.apply_updates(params, updates), opt_state, key), terms
+
     state, terms = jax.lax.scan(epoch, state, None, length=length)
     return state, jax.tree.map(lambda t: t.mean(axis=0), terms)
 
   def chunk(state, *data):
     data_axis = 0 if per_seed_data else None
     return jax.vmap(one_seed, in_axes=(0,) + (data_axis,) * len(data))(state, *data)
+
   return jax.jit(chunk, donate_argnums=0)
 
 
@@ -155,10 +178,17 @@ def _log(message: str) -> None:
   print(message, flush=True)
 
 
-def _run_stage(name: str, workdir: pathlib.Path, config: CoreConfig,
-               loss_fn: Callable, init_params: Any, keys: jax.Array,
-               data: tuple, epochs: int,
-               per_seed_data: bool = False) -> tuple[Any, dict]:
+def _run_stage(
+  name: str,
+  workdir: pathlib.Path,
+  config: CoreConfig,
+  loss_fn: Callable,
+  init_params: Any,
+  keys: jax.Array,
+  data: tuple,
+  epochs: int,
+  per_seed_data: bool = False,
+) -> tuple[Any, dict]:
   """Trains one stage with checkpoints under ``workdir/checkpoints/<name>``."""
   optimizer = optax.adam(config.learning_rate)
   state = (init_params, jax.vmap(optimizer.init)(init_params), keys)
@@ -181,44 +211,55 @@ def _run_stage(name: str, workdir: pathlib.Path, config: CoreConfig,
     row = {"epoch": done, **{k: float(np.mean(v)) for k, v in terms.items()}}
     history.append(row)
     parts = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
-    _log(f"[{name}] epoch {done:>5}/{epochs}  {parts}  "
-         f"({time.perf_counter() - started:.1f} s)")
+    _log(f"[{name}] epoch {done:>5}/{epochs}  {parts}  ({time.perf_counter() - started:.1f} s)")
     if done % save_every == 0 or done == epochs:
       checkpointer.save(done, state, config.to_dict())
   checkpointer.close()
-  return state[0], {"history": history,
-                    "seconds": time.perf_counter() - started,
-                    "resumed_from": start}
+  return state[0], {
+    "history": history,
+    "seconds": time.perf_counter() - started,
+    "resumed_from": start,
+  }
 
 
 def build_model(config: CoreConfig, graph_x: CityGraph, graph_y: CityGraph) -> CoRE:
-  return CoRE(graph_x.n_regions, graph_y.n_regions, config.features,
-              config.heads, config.layers, config.gat_implementation)
+  return CoRE(
+    graph_x.n_regions,
+    graph_y.n_regions,
+    config.features,
+    config.heads,
+    config.layers,
+    config.gat_implementation,
+  )
 
 
-def init_params(model: CoRE, seeds: jax.Array, graph_x: CityGraph,
-                graph_y: CityGraph) -> tuple[Any, jax.Array]:
+def init_params(
+  model: CoRE, seeds: jax.Array, graph_x: CityGraph, graph_y: CityGraph
+) -> tuple[Any, jax.Array]:
   """Per-seed parameters and training keys, both with a leading seed axis."""
-  init_keys, train_keys = jax.vmap(lambda s: jax.random.split(
-      jax.random.PRNGKey(s)), out_axes=1)(seeds)
-  params = jax.jit(jax.vmap(lambda k: model.init(k, graph_x, graph_y)["params"]))(
-      init_keys)
+  init_keys, train_keys = jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s)), out_axes=1)(
+    seeds
+  )
+  params = jax.jit(jax.vmap(lambda k: model.init(k, graph_x, graph_y)["params"]))(init_keys)
   return params, train_keys
 
 
 def make_embed_loss(model: CoRE, settings: LossSettings) -> Callable:
   """``loss(params, key, graph_x, graph_y) -> (eq. 13, terms)`` for one seed."""
+
   def embed_loss(params, key, graph_x, graph_y):
     z_x, z_y, query_key = model.apply({"params": params}, graph_x, graph_y)
     terms = mobility_losses(z_x, z_y, graph_x, graph_y, settings)
     terms.update(alignment_losses(z_x, z_y, query_key, key, settings))
     total = total_loss(terms, settings)
     return total, {"total": total, **terms}
+
   return embed_loss
 
 
-def train_embeddings(config: CoreConfig, workdir: str | pathlib.Path,
-                     graph_x: CityGraph, graph_y: CityGraph) -> tuple[np.ndarray, np.ndarray, dict]:
+def train_embeddings(
+  config: CoreConfig, workdir: str | pathlib.Path, graph_x: CityGraph, graph_y: CityGraph
+) -> tuple[np.ndarray, np.ndarray, dict]:
   """Trains the configured variant; returns Z^X, Z^Y as [K, N, d] and a log."""
   workdir = pathlib.Path(workdir)
   settings = config.loss_settings()
@@ -231,15 +272,15 @@ def train_embeddings(config: CoreConfig, workdir: str | pathlib.Path,
   embed_loss = make_embed_loss(model, stage_settings)
   # Derived before the first stage, which donates (consumes) its keys.
   align_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(train_keys)
-  params, log = _run_stage("embed", workdir, config, embed_loss, params,
-                           train_keys, (graph_x, graph_y), config.epochs)
+  params, log = _run_stage(
+    "embed", workdir, config, embed_loss, params, train_keys, (graph_x, graph_y), config.epochs
+  )
   embed = jax.jit(jax.vmap(lambda p: model.apply({"params": p}, graph_x, graph_y)))
   z_x, z_y, query_key = embed(params)
   logs = {"embed": log}
 
   if config.variant == "two-stage":
-    z_x, z_y, log = _align_frozen(config, workdir, settings, z_x, z_y,
-                                  query_key, align_keys)
+    z_x, z_y, log = _align_frozen(config, workdir, settings, z_x, z_y, query_key, align_keys)
     logs["align"] = log
   return np.asarray(z_x), np.asarray(z_y), logs
 
@@ -252,17 +293,27 @@ def _align_frozen(config, workdir, settings, z_x, z_y, query_key, keys):
   two-stage methods; the encoders no longer move.
   """
   d = z_x.shape[-1]
-  params = {"translation": jnp.broadcast_to(jnp.eye(d), (z_x.shape[0], d, d)),
-            "query_key": query_key}
+  params = {
+    "translation": jnp.broadcast_to(jnp.eye(d), (z_x.shape[0], d, d)),
+    "query_key": query_key,
+  }
 
   def align_loss(p, key, zx, zy):
     terms = alignment_losses(zx, zy @ p["translation"], p["query_key"], key, settings)
     total = total_loss(terms, settings)
     return total, {"total": total, **terms}
 
-  params, log = _run_stage("align", workdir, config, align_loss, params,
-                           keys, (z_x, z_y), config.epochs,
-                           per_seed_data=True)
+  params, log = _run_stage(
+    "align",
+    workdir,
+    config,
+    align_loss,
+    params,
+    keys,
+    (z_x, z_y),
+    config.epochs,
+    per_seed_data=True,
+  )
   return z_x, z_y @ params["translation"], log
 
 
@@ -273,8 +324,10 @@ def evaluate_embeddings(z_x, z_y, city_x, city_y, **translated) -> dict:
   translation baselines (see `jaxurban.eval.cross_city.evaluate_pair`).
   """
   from jaxurban.eval.cross_city import evaluate_pair
-  return evaluate_pair(z_x, z_y, city_x.labels, city_y.labels,
-                       city_x.name, city_y.name, **translated)
+
+  return evaluate_pair(
+    z_x, z_y, city_x.labels, city_y.labels, city_x.name, city_y.name, **translated
+  )
 
 
 def train_and_evaluate(config: CoreConfig, workdir: str | pathlib.Path) -> dict:
@@ -285,16 +338,19 @@ def train_and_evaluate(config: CoreConfig, workdir: str | pathlib.Path) -> dict:
   timings), ``checkpoints/`` (orbax, resumable) and ``embeddings.png``.
   """
   from jaxurban.eval.cross_city import PUBLISHED_CORE, format_table
+
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   wall_start = time.perf_counter()
   city_x, graph_x = load_city_graph(config.city_x, config.data_root)
   city_y, graph_y = load_city_graph(config.city_y, config.data_root)
-  _log(f"{city_x.name.upper()}: {city_x.n_regions} regions, "
-       f"{len(city_x.edge_origin)} mobility edges; {city_y.name.upper()}: "
-       f"{city_y.n_regions} regions, {len(city_y.edge_origin)} mobility edges; "
-       f"variant {config.variant}, {config.seeds} seed(s), {config.epochs} epochs, "
-       f"devices {jax.devices()}")
+  _log(
+    f"{city_x.name.upper()}: {city_x.n_regions} regions, "
+    f"{len(city_x.edge_origin)} mobility edges; {city_y.name.upper()}: "
+    f"{city_y.n_regions} regions, {len(city_y.edge_origin)} mobility edges; "
+    f"variant {config.variant}, {config.seeds} seed(s), {config.epochs} epochs, "
+    f"devices {jax.devices()}"
+  )
   z_x, z_y, logs = train_embeddings(config, workdir, graph_x, graph_y)
   translated = {}
   if config.variant == "rp":
@@ -302,39 +358,56 @@ def train_and_evaluate(config: CoreConfig, workdir: str | pathlib.Path) -> dict:
   train_seconds = time.perf_counter() - wall_start
 
   results = evaluate_embeddings(z_x, z_y, city_x, city_y, **translated)
-  reference = PUBLISHED_CORE.get((city_x.name, city_y.name)) or \
-      PUBLISHED_CORE.get((city_y.name, city_x.name))
-  _log(format_table(results, reference=reference,
-                    name=f"{config.variant}, {config.seeds} seed(s)",
-                    reference_name="published CoRE embeddings"))
+  reference = PUBLISHED_CORE.get((city_x.name, city_y.name)) or PUBLISHED_CORE.get(
+    (city_y.name, city_x.name)
+  )
+  _log(
+    format_table(
+      results,
+      reference=reference,
+      name=f"{config.variant}, {config.seeds} seed(s)",
+      reference_name="published CoRE embeddings",
+    )
+  )
 
   save_npy_atomic(workdir / f"{city_x.name}_region_emb.npy", z_x.astype(np.float32))
   save_npy_atomic(workdir / f"{city_y.name}_region_emb.npy", z_y.astype(np.float32))
   if translated:
-    save_npy_atomic(workdir / f"{city_y.name}_in_{city_x.name}_region_emb.npy",
-                    translated["emb_y_in_x"])
-    save_npy_atomic(workdir / f"{city_x.name}_in_{city_y.name}_region_emb.npy",
-                    translated["emb_x_in_y"])
+    save_npy_atomic(
+      workdir / f"{city_y.name}_in_{city_x.name}_region_emb.npy", translated["emb_y_in_x"]
+    )
+    save_npy_atomic(
+      workdir / f"{city_x.name}_in_{city_y.name}_region_emb.npy", translated["emb_x_in_y"]
+    )
   summary = {
-      "config": config.to_dict(),
-      "seeds": list(range(config.first_seed, config.first_seed + config.seeds)),
-      "scores": _to_lists(results),
-      "summary": _mean_std(results),
-      "published_embeddings_reference": reference,
-      "train_seconds_including_compilation": train_seconds,
-      "training_log": logs,
-      "jax_version": jax.__version__,
-      "devices": [str(d) for d in jax.devices()],
+    "config": config.to_dict(),
+    "seeds": list(range(config.first_seed, config.first_seed + config.seeds)),
+    "scores": _to_lists(results),
+    "summary": _mean_std(results),
+    "published_embeddings_reference": reference,
+    "train_seconds_including_compilation": train_seconds,
+    "training_log": logs,
+    "jax_version": jax.__version__,
+    "devices": [str(d) for d in jax.devices()],
   }
   write_json_atomic(workdir / "metrics.json", summary)
   if config.plot:
     from jaxurban.viz.embedding_plot import plot_city_embeddings
-    plot_city_embeddings(z_x[0], z_y[0], city_x.labels["gdp"], city_y.labels["gdp"],
-                         city_x.name.upper(), city_y.name.upper(),
-                         workdir / "embeddings.png",
-                         title=f"{config.variant}, seed {config.first_seed}")
-  _log(f"wrote {workdir}/metrics.json, embeddings and checkpoints "
-       f"({time.perf_counter() - wall_start:.1f} s in all)")
+
+    plot_city_embeddings(
+      z_x[0],
+      z_y[0],
+      city_x.labels["gdp"],
+      city_y.labels["gdp"],
+      city_x.name.upper(),
+      city_y.name.upper(),
+      workdir / "embeddings.png",
+      title=f"{config.variant}, seed {config.first_seed}",
+    )
+  _log(
+    f"wrote {workdir}/metrics.json, embeddings and checkpoints "
+    f"({time.perf_counter() - wall_start:.1f} s in all)"
+  )
   return summary
 
 
@@ -342,11 +415,14 @@ def rank_procrustes(z_x, z_y, city_x, city_y) -> dict[str, np.ndarray]:
   """RP baseline on [K, N, d] embeddings: each city mapped into the other's
   space by rank anchoring on mobility volume + orthogonal Procrustes."""
   from jaxurban.core.baselines import mobility_volume, translate_both_ways
-  volume = lambda c: mobility_volume(c.edge_origin, c.edge_destination,
-                                     c.edge_weight_raw, c.n_regions)
+
+  volume = lambda c: mobility_volume(
+    c.edge_origin, c.edge_destination, c.edge_weight_raw, c.n_regions
+  )
   stat_x, stat_y = volume(city_x), volume(city_y)
   y_in_x, x_in_y = jax.vmap(lambda a, b: translate_both_ways(a, b, stat_x, stat_y))(
-      jnp.asarray(z_x), jnp.asarray(z_y))
+    jnp.asarray(z_x), jnp.asarray(z_y)
+  )
   return {"emb_y_in_x": np.asarray(y_in_x), "emb_x_in_y": np.asarray(x_in_y)}
 
 
@@ -355,5 +431,4 @@ def _to_lists(tree):
 
 
 def _mean_std(results: dict) -> dict:
-  return jax.tree.map(lambda v: {"mean": float(np.mean(v)),
-                                 "std": float(np.std(v))}, results)
+  return jax.tree.map(lambda v: {"mean": float(np.mean(v)), "std": float(np.std(v))}, results)

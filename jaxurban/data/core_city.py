@@ -42,13 +42,13 @@ from jaxurban.data.errors import DataError
 from jaxurban.data.root import resolve_data_root, subdir
 
 __all__ = [
-    "LABEL_NAMES",
-    "CityData",
-    "city_dir",
-    "list_cities",
-    "load_city",
-    "polygon_centroids",
-    "city_files",
+  "LABEL_NAMES",
+  "CityData",
+  "city_dir",
+  "list_cities",
+  "load_city",
+  "polygon_centroids",
+  "city_files",
 ]
 
 LABEL_NAMES = ("gdp", "population", "co2")
@@ -67,44 +67,44 @@ _GEO_NON_ATTRIBUTES = {"geo_id", "type", "m_lon", "m_lat", *POLYGON_COLUMNS}
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class CityData:
-    """One city's regions, mobility graph and labels (all arrays read-only).
+  """One city's regions, mobility graph and labels (all arrays read-only).
 
-    ``eq=False`` keeps identity comparison and hashing: field-wise ``==`` on
-    numpy arrays has no single truth value.
-    """
+  ``eq=False`` keeps identity comparison and hashing: field-wise ``==`` on
+  numpy arrays has no single truth value.
+  """
 
-    name: str
-    """Lower-case city code, e.g. ``"xa"``."""
-    geo_ids: np.ndarray
-    """(N,) int64 region ids; the position in this array is the region index."""
-    centroids: np.ndarray
-    """(N, 2) float64 (lon, lat): ``m_lon``/``m_lat`` if present, else computed from the polygons."""
-    attributes: dict[str, np.ndarray]
-    """Numeric .geo attribute columns as (N,) float64; non-numeric columns are skipped."""
-    edge_origin: np.ndarray
-    """(E,) int32 origin region index of each .mob row."""
-    edge_destination: np.ndarray
-    """(E,) int32 destination region index of each .mob row (self loops kept)."""
-    edge_weight_raw: np.ndarray
-    """(E,) float64 ``mobility_weight`` exactly as in the file."""
-    edge_weight: np.ndarray
-    """(E,) float64 weights normalised per origin (CoRE eq. 1): raw / sum of that origin's raw weights."""
-    weights_were_normalised: bool
-    """True when every origin's raw weights already summed to 1 (within 1e-4)."""
-    od_flow: np.ndarray | None
-    """(N, N) float64 full origin-destination counts, or None when the file is absent."""
-    labels: dict[str, np.ndarray]
-    """``LABEL_NAMES`` -> (N,) float64, in region order."""
-    source_dir: pathlib.Path
-    """The city folder the files were read from."""
+  name: str
+  """Lower-case city code, e.g. ``"xa"``."""
+  geo_ids: np.ndarray
+  """(N,) int64 region ids; the position in this array is the region index."""
+  centroids: np.ndarray
+  """(N, 2) float64 (lon, lat): ``m_lon``/``m_lat`` if present, else computed from the polygons."""
+  attributes: dict[str, np.ndarray]
+  """Numeric .geo attribute columns as (N,) float64; non-numeric columns are skipped."""
+  edge_origin: np.ndarray
+  """(E,) int32 origin region index of each .mob row."""
+  edge_destination: np.ndarray
+  """(E,) int32 destination region index of each .mob row (self loops kept)."""
+  edge_weight_raw: np.ndarray
+  """(E,) float64 ``mobility_weight`` exactly as in the file."""
+  edge_weight: np.ndarray
+  """(E,) float64 weights normalised per origin (CoRE eq. 1): raw / sum of that origin's raw weights."""
+  weights_were_normalised: bool
+  """True when every origin's raw weights already summed to 1 (within 1e-4)."""
+  od_flow: np.ndarray | None
+  """(N, N) float64 full origin-destination counts, or None when the file is absent."""
+  labels: dict[str, np.ndarray]
+  """``LABEL_NAMES`` -> (N,) float64, in region order."""
+  source_dir: pathlib.Path
+  """The city folder the files were read from."""
 
-    @property
-    def n_regions(self) -> int:
-        return int(self.geo_ids.shape[0])
+  @property
+  def n_regions(self) -> int:
+    return int(self.geo_ids.shape[0])
 
-    @property
-    def n_edges(self) -> int:
-        return int(self.edge_origin.shape[0])
+  @property
+  def n_edges(self) -> int:
+    return int(self.edge_origin.shape[0])
 
 
 # --------------------------------------------------------------------------
@@ -112,85 +112,90 @@ class CityData:
 
 
 def _core_dir(data_root) -> pathlib.Path:
-    return subdir(resolve_data_root(data_root), "core")
+  return subdir(resolve_data_root(data_root), "core")
 
 
 def _is_city_dir(path: pathlib.Path) -> bool:
-    code = path.name.lower()
-    name = f"regionmap_{code}.geo"
-    return (path / name).is_file() or (path / f"regionmap_{code}" / name).is_file()
+  code = path.name.lower()
+  name = f"regionmap_{code}.geo"
+  return (path / name).is_file() or (path / f"regionmap_{code}" / name).is_file()
 
 
 def list_cities(data_root: str | os.PathLike | None = None) -> list[str]:
-    """Lower-case codes of the city folders under ``<root>/core/`` that hold a ``.geo`` file."""
-    core = _core_dir(data_root)
-    return sorted(p.name.lower() for p in core.iterdir() if p.is_dir() and _is_city_dir(p))
+  """Lower-case codes of the city folders under ``<root>/core/`` that hold a ``.geo`` file."""
+  core = _core_dir(data_root)
+  return sorted(p.name.lower() for p in core.iterdir() if p.is_dir() and _is_city_dir(p))
 
 
 def city_dir(name: str, data_root: str | os.PathLike | None = None) -> pathlib.Path:
-    """The folder ``<root>/core/<name>`` (name matched case-insensitively).
+  """The folder ``<root>/core/<name>`` (name matched case-insensitively).
 
-    Raises:
-      DataError: no data root, no ``core`` folder, or no such city (the
-        message lists the cities that do exist).
-    """
-    core = _core_dir(data_root)
-    wanted = str(name).lower()
-    matches = [p for p in core.iterdir() if p.is_dir() and p.name.lower() == wanted]
-    if not matches:
-        known = list_cities(data_root)
-        raise DataError(
-            core / str(name),
-            f"unknown city {name!r}; cities present: {', '.join(known) if known else 'none'}",
-        )
-    if len(matches) > 1:
-        raise DataError(core, f"several folders match city {name!r}: {sorted(p.name for p in matches)}")
-    return matches[0]
+  Raises:
+    DataError: no data root, no ``core`` folder, or no such city (the
+      message lists the cities that do exist).
+  """
+  core = _core_dir(data_root)
+  wanted = str(name).lower()
+  matches = [p for p in core.iterdir() if p.is_dir() and p.name.lower() == wanted]
+  if not matches:
+    known = list_cities(data_root)
+    raise DataError(
+      core / str(name),
+      f"unknown city {name!r}; cities present: {', '.join(known) if known else 'none'}",
+    )
+  if len(matches) > 1:
+    raise DataError(core, f"several folders match city {name!r}: {sorted(p.name for p in matches)}")
+  return matches[0]
 
 
 def city_files(folder: str | os.PathLike, code: str) -> dict[str, pathlib.Path | None]:
-    """Paths of one city's files in ``folder`` (either layout).
+  """Paths of one city's files in ``folder`` (either layout).
 
-    Keys: ``geo``, ``mob``, ``od_flow`` and each of ``LABEL_NAMES``. Required
-    files that are missing raise; a missing ``od_flow`` maps to ``None``.
-    """
-    folder = pathlib.Path(folder)
-    code = code.lower()
-    sub = folder / f"regionmap_{code}"
+  Keys: ``geo``, ``mob``, ``od_flow`` and each of ``LABEL_NAMES``. Required
+  files that are missing raise; a missing ``od_flow`` maps to ``None``.
+  """
+  folder = pathlib.Path(folder)
+  code = code.lower()
+  sub = folder / f"regionmap_{code}"
 
-    def find(filename: str, required: bool) -> pathlib.Path | None:
-        for cand in (folder / filename, sub / filename):
-            if cand.is_file():
-                return cand
-        if not required:
-            return None
-        try:
-            present = sorted(p.name for p in folder.iterdir())
-        except OSError:
-            present = []
-        cities = _sibling_cities(folder)
-        raise DataError(
-            folder / filename,
-            f"required file missing (looked in {folder} and {sub}); "
-            f"the folder has: {', '.join(present) if present else 'nothing'}"
-            + (f"; city folders under {folder.parent}: {', '.join(cities)}" if cities is not None else ""),
-        )
+  def find(filename: str, required: bool) -> pathlib.Path | None:
+    for cand in (folder / filename, sub / filename):
+      if cand.is_file():
+        return cand
+    if not required:
+      return None
+    try:
+      present = sorted(p.name for p in folder.iterdir())
+    except OSError:
+      present = []
+    cities = _sibling_cities(folder)
+    raise DataError(
+      folder / filename,
+      f"required file missing (looked in {folder} and {sub}); "
+      f"the folder has: {', '.join(present) if present else 'nothing'}"
+      + (
+        f"; city folders under {folder.parent}: {', '.join(cities)}" if cities is not None else ""
+      ),
+    )
 
-    files: dict[str, pathlib.Path | None] = {
-        "geo": find(f"regionmap_{code}.geo", True),
-        "mob": find(f"regionmap_{code}.mob", True),
-    }
-    for label in LABEL_NAMES:
-        files[label] = find(f"{label}_{code}_sum.npy", True)
-    files["od_flow"] = find(f"region_od_flow_{code}_11.npy", False)
-    return files
+  files: dict[str, pathlib.Path | None] = {
+    "geo": find(f"regionmap_{code}.geo", True),
+    "mob": find(f"regionmap_{code}.mob", True),
+  }
+  for label in LABEL_NAMES:
+    files[label] = find(f"{label}_{code}_sum.npy", True)
+  files["od_flow"] = find(f"region_od_flow_{code}_11.npy", False)
+  return files
 
 
 def _sibling_cities(folder: pathlib.Path) -> list[str] | None:
-    try:
-        return sorted(p.name.lower() for p in folder.parent.iterdir() if p.is_dir() and _is_city_dir(p)) or None
-    except OSError:
-        return None
+  try:
+    return (
+      sorted(p.name.lower() for p in folder.parent.iterdir() if p.is_dir() and _is_city_dir(p))
+      or None
+    )
+  except OSError:
+    return None
 
 
 # --------------------------------------------------------------------------
@@ -199,127 +204,127 @@ def _sibling_cities(folder: pathlib.Path) -> list[str] | None:
 
 @contextlib.contextmanager
 def _large_csv_fields():
-    # Region outlines are single CSV fields that can exceed csv's default
-    # 128 KiB cap; raise it only while reading and restore it afterwards.
-    old = csv.field_size_limit()
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    try:
-        yield
-    finally:
-        csv.field_size_limit(old)
+  # Region outlines are single CSV fields that can exceed csv's default
+  # 128 KiB cap; raise it only while reading and restore it afterwards.
+  old = csv.field_size_limit()
+  csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+  try:
+    yield
+  finally:
+    csv.field_size_limit(old)
 
 
 class _Table:
-    """A CSV file held as columns of strings, addressed by header name."""
+  """A CSV file held as columns of strings, addressed by header name."""
 
-    def __init__(self, path: pathlib.Path):
-        self.path = path
-        self.file = path.name
+  def __init__(self, path: pathlib.Path):
+    self.path = path
+    self.file = path.name
+    try:
+      with _large_csv_fields(), open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
         try:
-            with _large_csv_fields(), open(path, newline="", encoding="utf-8-sig") as f:
-                reader = csv.reader(f)
-                try:
-                    header = next(reader)
-                except StopIteration:
-                    raise DataError(self.file, "file is empty (no header row)") from None
-                rows = []
-                for row in reader:
-                    if not row:
-                        continue  # tolerate blank lines, e.g. a trailing one
-                    if len(row) != len(header):
-                        raise DataError(
-                            self.file,
-                            f"row {len(rows)} has {len(row)} fields but the header has {len(header)}",
-                        )
-                    rows.append(row)
-        except csv.Error as e:
-            raise DataError(self.file, f"not readable as CSV: {e}") from None
-        except UnicodeDecodeError as e:
-            raise DataError(self.file, f"not UTF-8 text: {e}") from None
-        header = [h.strip() for h in header]
-        # A pandas-written index shows up as a leading column with no name
-        # (or "Unnamed: 0"); it carries no information, so drop it.
-        self.index_dropped = bool(header) and (header[0] == "" or header[0].startswith("Unnamed: 0"))
-        start = 1 if self.index_dropped else 0
-        self.header = header[start:]
-        seen = set()
-        for h in self.header:
-            if h in seen:
-                raise DataError(self.file, "column name appears more than once in the header", column=h)
-            seen.add(h)
-        self.n_rows = len(rows)
-        self._cols = {h: [r[i + start] for r in rows] for i, h in enumerate(self.header)}
-
-    def has(self, column: str) -> bool:
-        return column in self._cols
-
-    def strings(self, column: str) -> list[str]:
-        if column not in self._cols:
+          header = next(reader)
+        except StopIteration:
+          raise DataError(self.file, "file is empty (no header row)") from None
+        rows = []
+        for row in reader:
+          if not row:
+            continue  # tolerate blank lines, e.g. a trailing one
+          if len(row) != len(header):
             raise DataError(
-                self.file,
-                f"required column missing (columns present: {', '.join(self.header)})",
-                column=column,
+              self.file,
+              f"row {len(rows)} has {len(row)} fields but the header has {len(header)}",
             )
-        return self._cols[column]
+          rows.append(row)
+    except csv.Error as e:
+      raise DataError(self.file, f"not readable as CSV: {e}") from None
+    except UnicodeDecodeError as e:
+      raise DataError(self.file, f"not UTF-8 text: {e}") from None
+    header = [h.strip() for h in header]
+    # A pandas-written index shows up as a leading column with no name
+    # (or "Unnamed: 0"); it carries no information, so drop it.
+    self.index_dropped = bool(header) and (header[0] == "" or header[0].startswith("Unnamed: 0"))
+    start = 1 if self.index_dropped else 0
+    self.header = header[start:]
+    seen = set()
+    for h in self.header:
+      if h in seen:
+        raise DataError(self.file, "column name appears more than once in the header", column=h)
+      seen.add(h)
+    self.n_rows = len(rows)
+    self._cols = {h: [r[i + start] for r in rows] for i, h in enumerate(self.header)}
 
-    def floats(self, column: str) -> np.ndarray:
-        values = self.strings(column)
-        try:
-            return np.array(values, dtype=np.float64)
-        except ValueError:
-            pass
-        for i, v in enumerate(values):
-            try:
-                float(v)
-            except ValueError:
-                raise DataError(self.file, f"unparseable number {v!r} at row {i}", column=column) from None
-        raise AssertionError("unreachable")  # pragma: no cover
+  def has(self, column: str) -> bool:
+    return column in self._cols
 
-    def ints(self, column: str) -> np.ndarray:
-        values = self.strings(column)
-        try:
-            return np.array(values, dtype=np.int64)
-        except (ValueError, OverflowError):
-            pass
-        # Ids written through a float column ("12.0") are still exact ids.
-        out = np.empty(len(values), dtype=np.int64)
-        for i, v in enumerate(values):
-            try:
-                out[i] = int(v)
-                continue
-            except ValueError:
-                pass
-            try:
-                f = float(v)
-            except ValueError:
-                f = float("nan")
-            if not (np.isfinite(f) and f.is_integer()):
-                raise DataError(self.file, f"unparseable integer id {v!r} at row {i}", column=column)
-            out[i] = int(f)
-        return out
+  def strings(self, column: str) -> list[str]:
+    if column not in self._cols:
+      raise DataError(
+        self.file,
+        f"required column missing (columns present: {', '.join(self.header)})",
+        column=column,
+      )
+    return self._cols[column]
 
-    def try_floats(self, column: str) -> np.ndarray | None:
-        """The column as float64, or None if any cell is not a number."""
-        try:
-            return np.array(self._cols[column], dtype=np.float64)
-        except ValueError:
-            return None
+  def floats(self, column: str) -> np.ndarray:
+    values = self.strings(column)
+    try:
+      return np.array(values, dtype=np.float64)
+    except ValueError:
+      pass
+    for i, v in enumerate(values):
+      try:
+        float(v)
+      except ValueError:
+        raise DataError(self.file, f"unparseable number {v!r} at row {i}", column=column) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+  def ints(self, column: str) -> np.ndarray:
+    values = self.strings(column)
+    try:
+      return np.array(values, dtype=np.int64)
+    except (ValueError, OverflowError):
+      pass
+    # Ids written through a float column ("12.0") are still exact ids.
+    out = np.empty(len(values), dtype=np.int64)
+    for i, v in enumerate(values):
+      try:
+        out[i] = int(v)
+        continue
+      except ValueError:
+        pass
+      try:
+        f = float(v)
+      except ValueError:
+        f = float("nan")
+      if not (np.isfinite(f) and f.is_integer()):
+        raise DataError(self.file, f"unparseable integer id {v!r} at row {i}", column=column)
+      out[i] = int(f)
+    return out
+
+  def try_floats(self, column: str) -> np.ndarray | None:
+    """The column as float64, or None if any cell is not a number."""
+    try:
+      return np.array(self._cols[column], dtype=np.float64)
+    except ValueError:
+      return None
 
 
 def _check_finite(values: np.ndarray, file: str, column: str, what: str) -> None:
-    bad = ~np.isfinite(values)
-    if bad.any():
-        rows = np.flatnonzero(bad.reshape(len(values), -1).any(axis=1))
-        raise DataError(
-            file,
-            f"{int(bad.sum())} non-finite (NaN/inf) {what} (first at row {int(rows[0])})",
-            column=column,
-        )
+  bad = ~np.isfinite(values)
+  if bad.any():
+    rows = np.flatnonzero(bad.reshape(len(values), -1).any(axis=1))
+    raise DataError(
+      file,
+      f"{int(bad.sum())} non-finite (NaN/inf) {what} (first at row {int(rows[0])})",
+      column=column,
+    )
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
-    a.setflags(write=False)
-    return a
+  a.setflags(write=False)
+  return a
 
 
 # --------------------------------------------------------------------------
@@ -327,220 +332,226 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 
 
 def _polygon_column(table: _Table) -> str | None:
-    for c in POLYGON_COLUMNS:
-        if table.has(c):
-            return c
-    return None
+  for c in POLYGON_COLUMNS:
+    if table.has(c):
+      return c
+  return None
 
 
 def _centroids_from_polygons(table: _Table, column: str) -> np.ndarray:
-    texts = table.strings(column)
-    out = np.empty((len(texts), 2), dtype=np.float64)
-    for i, text in enumerate(texts):
-        try:
-            out[i] = wkt_lib.polygon_centroid(text)
-        except ValueError as e:
-            raise DataError(table.file, f"bad polygon at row {i}: {e}", column=column) from None
-    return out
+  texts = table.strings(column)
+  out = np.empty((len(texts), 2), dtype=np.float64)
+  for i, text in enumerate(texts):
+    try:
+      out[i] = wkt_lib.polygon_centroid(text)
+    except ValueError as e:
+      raise DataError(table.file, f"bad polygon at row {i}: {e}", column=column) from None
+  return out
 
 
 def polygon_centroids(name: str, data_root: str | os.PathLike | None = None) -> np.ndarray:
-    """(N, 2) centroids computed from the ``.geo`` polygons, ignoring any m_lon/m_lat columns."""
-    folder = city_dir(name, data_root)
-    table = _Table(city_files(folder, folder.name)["geo"])
-    column = _polygon_column(table)
-    if column is None:
-        raise DataError(table.file, "no polygon column", column=" or ".join(POLYGON_COLUMNS))
-    return _centroids_from_polygons(table, column)
+  """(N, 2) centroids computed from the ``.geo`` polygons, ignoring any m_lon/m_lat columns."""
+  folder = city_dir(name, data_root)
+  table = _Table(city_files(folder, folder.name)["geo"])
+  column = _polygon_column(table)
+  if column is None:
+    raise DataError(table.file, "no polygon column", column=" or ".join(POLYGON_COLUMNS))
+  return _centroids_from_polygons(table, column)
 
 
 def load_city(name: str, data_root: str | os.PathLike | None = None) -> CityData:
-    """Reads and validates one city from ``<root>/core/<name>/``.
+  """Reads and validates one city from ``<root>/core/<name>/``.
 
-    Args:
-      name: city code, case-insensitive (``"xa"``, ``"cd"``, ``"bj"``).
-      data_root: data root folder; defaults to ``$JAXURBAN_DATA``.
+  Args:
+    name: city code, case-insensitive (``"xa"``, ``"cd"``, ``"bj"``).
+    data_root: data root folder; defaults to ``$JAXURBAN_DATA``.
 
-    Raises:
-      DataError: naming the file, column and problem for any missing or
-        inconsistent input.
-    """
-    folder = city_dir(name, data_root)
-    code = folder.name.lower()
-    files = city_files(folder, code)
+  Raises:
+    DataError: naming the file, column and problem for any missing or
+      inconsistent input.
+  """
+  folder = city_dir(name, data_root)
+  code = folder.name.lower()
+  files = city_files(folder, code)
 
-    geo = _Table(files["geo"])
-    if geo.n_rows == 0:
-        raise DataError(geo.file, "no region rows")
-    n = geo.n_rows
+  geo = _Table(files["geo"])
+  if geo.n_rows == 0:
+    raise DataError(geo.file, "no region rows")
+  n = geo.n_rows
 
-    geo_ids = geo.ints("geo_id")
-    uniq, first_rows, counts = np.unique(geo_ids, return_index=True, return_counts=True)
-    if (counts > 1).any():
-        repeat = np.ones(n, dtype=bool)
-        repeat[first_rows] = False
-        repeat_rows = np.flatnonzero(repeat)
-        raise DataError(
-            geo.file,
-            f"{int((counts > 1).sum())} geo ids appear more than once "
-            f"(e.g. {_examples(geo_ids[repeat_rows])}; first repeat at row {int(repeat_rows[0])})",
-            column="geo_id",
-        )
-
-    centroids = _load_centroids(geo)
-    attributes = {}
-    for column in geo.header:
-        if column in _GEO_NON_ATTRIBUTES:
-            continue
-        values = geo.try_floats(column)
-        if values is not None:
-            attributes[column] = _readonly(values)
-
-    origin, destination, raw = _load_edges(files["mob"], geo_ids, files["geo"].name)
-    weight, was_normalised = _normalise_per_origin(origin, raw, n, geo_ids, files["mob"].name)
-
-    labels = {label: _readonly(_load_label(files[label], n, files["geo"].name)) for label in LABEL_NAMES}
-    od_flow = None if files["od_flow"] is None else _readonly(_load_od_flow(files["od_flow"], n))
-
-    return CityData(
-        name=code,
-        geo_ids=_readonly(geo_ids),
-        centroids=_readonly(centroids),
-        attributes=attributes,
-        edge_origin=_readonly(origin),
-        edge_destination=_readonly(destination),
-        edge_weight_raw=_readonly(raw),
-        edge_weight=_readonly(weight),
-        weights_were_normalised=was_normalised,
-        od_flow=od_flow,
-        labels=labels,
-        source_dir=folder,
+  geo_ids = geo.ints("geo_id")
+  uniq, first_rows, counts = np.unique(geo_ids, return_index=True, return_counts=True)
+  if (counts > 1).any():
+    repeat = np.ones(n, dtype=bool)
+    repeat[first_rows] = False
+    repeat_rows = np.flatnonzero(repeat)
+    raise DataError(
+      geo.file,
+      f"{int((counts > 1).sum())} geo ids appear more than once "
+      f"(e.g. {_examples(geo_ids[repeat_rows])}; first repeat at row {int(repeat_rows[0])})",
+      column="geo_id",
     )
+
+  centroids = _load_centroids(geo)
+  attributes = {}
+  for column in geo.header:
+    if column in _GEO_NON_ATTRIBUTES:
+      continue
+    values = geo.try_floats(column)
+    if values is not None:
+      attributes[column] = _readonly(values)
+
+  origin, destination, raw = _load_edges(files["mob"], geo_ids, files["geo"].name)
+  weight, was_normalised = _normalise_per_origin(origin, raw, n, geo_ids, files["mob"].name)
+
+  labels = {
+    label: _readonly(_load_label(files[label], n, files["geo"].name)) for label in LABEL_NAMES
+  }
+  od_flow = None if files["od_flow"] is None else _readonly(_load_od_flow(files["od_flow"], n))
+
+  return CityData(
+    name=code,
+    geo_ids=_readonly(geo_ids),
+    centroids=_readonly(centroids),
+    attributes=attributes,
+    edge_origin=_readonly(origin),
+    edge_destination=_readonly(destination),
+    edge_weight_raw=_readonly(raw),
+    edge_weight=_readonly(weight),
+    weights_were_normalised=was_normalised,
+    od_flow=od_flow,
+    labels=labels,
+    source_dir=folder,
+  )
 
 
 def _load_centroids(geo: _Table) -> np.ndarray:
-    has_lon, has_lat = geo.has("m_lon"), geo.has("m_lat")
-    if has_lon and has_lat:
-        lon, lat = geo.floats("m_lon"), geo.floats("m_lat")
-        _check_finite(lon, geo.file, "m_lon", "coordinates")
-        _check_finite(lat, geo.file, "m_lat", "coordinates")
-        return np.stack([lon, lat], axis=1)
-    if has_lon != has_lat:
-        missing = "m_lat" if has_lon else "m_lon"
-        raise DataError(geo.file, "centroid column missing while its partner is present", column=missing)
-    column = _polygon_column(geo)
-    if column is None:
-        raise DataError(
-            geo.file,
-            "required column missing: need a polygon column (geometry or WKT) or m_lon/m_lat "
-            f"(columns present: {', '.join(geo.header)})",
-            column="geometry",
-        )
-    return _centroids_from_polygons(geo, column)
+  has_lon, has_lat = geo.has("m_lon"), geo.has("m_lat")
+  if has_lon and has_lat:
+    lon, lat = geo.floats("m_lon"), geo.floats("m_lat")
+    _check_finite(lon, geo.file, "m_lon", "coordinates")
+    _check_finite(lat, geo.file, "m_lat", "coordinates")
+    return np.stack([lon, lat], axis=1)
+  if has_lon != has_lat:
+    missing = "m_lat" if has_lon else "m_lon"
+    raise DataError(
+      geo.file, "centroid column missing while its partner is present", column=missing
+    )
+  column = _polygon_column(geo)
+  if column is None:
+    raise DataError(
+      geo.file,
+      "required column missing: need a polygon column (geometry or WKT) or m_lon/m_lat "
+      f"(columns present: {', '.join(geo.header)})",
+      column="geometry",
+    )
+  return _centroids_from_polygons(geo, column)
 
 
 def _load_edges(path: pathlib.Path, geo_ids: np.ndarray, geo_file: str):
-    mob = _Table(path)
-    for column in ("origin_id", "destination_id", "mobility_weight"):
-        mob.strings(column)  # report a missing column before an empty file
-    if mob.n_rows == 0:
-        raise DataError(mob.file, "no mobility rows (the file has only a header)")
-    origin_ids = mob.ints("origin_id")
-    destination_ids = mob.ints("destination_id")
-    raw = mob.floats("mobility_weight")
+  mob = _Table(path)
+  for column in ("origin_id", "destination_id", "mobility_weight"):
+    mob.strings(column)  # report a missing column before an empty file
+  if mob.n_rows == 0:
+    raise DataError(mob.file, "no mobility rows (the file has only a header)")
+  origin_ids = mob.ints("origin_id")
+  destination_ids = mob.ints("destination_id")
+  raw = mob.floats("mobility_weight")
 
-    _check_finite(raw, mob.file, "mobility_weight", "weights")
-    neg = np.flatnonzero(raw < 0)
-    if len(neg):
-        raise DataError(
-            mob.file,
-            f"{len(neg)} negative weights (first at row {int(neg[0])})",
-            column="mobility_weight",
-        )
+  _check_finite(raw, mob.file, "mobility_weight", "weights")
+  neg = np.flatnonzero(raw < 0)
+  if len(neg):
+    raise DataError(
+      mob.file,
+      f"{len(neg)} negative weights (first at row {int(neg[0])})",
+      column="mobility_weight",
+    )
 
-    sorter = np.argsort(geo_ids, kind="stable")
-    sorted_ids = geo_ids[sorter]
+  sorter = np.argsort(geo_ids, kind="stable")
+  sorted_ids = geo_ids[sorter]
 
-    def to_index(ids: np.ndarray, column: str) -> np.ndarray:
-        pos = np.searchsorted(sorted_ids, ids)
-        pos_clipped = np.minimum(pos, len(sorted_ids) - 1)
-        found = sorted_ids[pos_clipped] == ids
-        if not found.all():
-            missing_rows = np.flatnonzero(~found)
-            unknown = list(dict.fromkeys(ids[missing_rows].tolist()))
-            raise DataError(
-                mob.file,
-                f"{len(missing_rows)} rows reference geo ids absent from {geo_file} "
-                f"({len(unknown)} distinct, e.g. {unknown[:5]}; first at row {int(missing_rows[0])})",
-                column=column,
-            )
-        return sorter[pos_clipped].astype(np.int32)
+  def to_index(ids: np.ndarray, column: str) -> np.ndarray:
+    pos = np.searchsorted(sorted_ids, ids)
+    pos_clipped = np.minimum(pos, len(sorted_ids) - 1)
+    found = sorted_ids[pos_clipped] == ids
+    if not found.all():
+      missing_rows = np.flatnonzero(~found)
+      unknown = list(dict.fromkeys(ids[missing_rows].tolist()))
+      raise DataError(
+        mob.file,
+        f"{len(missing_rows)} rows reference geo ids absent from {geo_file} "
+        f"({len(unknown)} distinct, e.g. {unknown[:5]}; first at row {int(missing_rows[0])})",
+        column=column,
+      )
+    return sorter[pos_clipped].astype(np.int32)
 
-    return to_index(origin_ids, "origin_id"), to_index(destination_ids, "destination_id"), raw
+  return to_index(origin_ids, "origin_id"), to_index(destination_ids, "destination_id"), raw
 
 
 def _normalise_per_origin(origin, raw, n, geo_ids, mob_file):
-    sums = np.bincount(origin, weights=raw, minlength=n)
-    present = np.zeros(n, dtype=bool)
-    present[origin] = True
-    zero = np.flatnonzero(present & (sums <= 0))
-    if len(zero):
-        raise DataError(
-            mob_file,
-            f"{len(zero)} origins have weights summing to 0, so they cannot be normalised "
-            f"(geo ids e.g. {_examples(geo_ids[zero])})",
-            column="mobility_weight",
-        )
-    was_normalised = bool(np.all(np.abs(sums[present] - 1.0) <= NORMALISED_TOL))
-    return raw / sums[origin], was_normalised
+  sums = np.bincount(origin, weights=raw, minlength=n)
+  present = np.zeros(n, dtype=bool)
+  present[origin] = True
+  zero = np.flatnonzero(present & (sums <= 0))
+  if len(zero):
+    raise DataError(
+      mob_file,
+      f"{len(zero)} origins have weights summing to 0, so they cannot be normalised "
+      f"(geo ids e.g. {_examples(geo_ids[zero])})",
+      column="mobility_weight",
+    )
+  was_normalised = bool(np.all(np.abs(sums[present] - 1.0) <= NORMALISED_TOL))
+  return raw / sums[origin], was_normalised
 
 
 def _load_npy(path: pathlib.Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise DataError(path.name, f"not a readable .npy array: {e}") from None
+  try:
+    return np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise DataError(path.name, f"not a readable .npy array: {e}") from None
 
 
 def _load_label(path: pathlib.Path, n: int, geo_file: str) -> np.ndarray:
-    values = _load_npy(path)
-    if values.ndim == 2 and values.shape[1] == 1:
-        values = values[:, 0]
-    if values.ndim != 1:
-        raise DataError(path.name, f"expected a 1-D array of {n} values, got shape {values.shape}")
-    if values.shape[0] != n:
-        raise DataError(
-            path.name,
-            f"label array has {values.shape[0]} values but {geo_file} has {n} regions",
-        )
-    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
-        raise DataError(path.name, f"expected real numbers, got dtype {values.dtype}")
-    values = values.astype(np.float64)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        raise DataError(
-            path.name,
-            f"{int(bad.sum())} non-finite (NaN/inf) label values (first at region {int(np.flatnonzero(bad)[0])})",
-        )
-    return values
+  values = _load_npy(path)
+  if values.ndim == 2 and values.shape[1] == 1:
+    values = values[:, 0]
+  if values.ndim != 1:
+    raise DataError(path.name, f"expected a 1-D array of {n} values, got shape {values.shape}")
+  if values.shape[0] != n:
+    raise DataError(
+      path.name,
+      f"label array has {values.shape[0]} values but {geo_file} has {n} regions",
+    )
+  if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+    raise DataError(path.name, f"expected real numbers, got dtype {values.dtype}")
+  values = values.astype(np.float64)
+  bad = ~np.isfinite(values)
+  if bad.any():
+    raise DataError(
+      path.name,
+      f"{int(bad.sum())} non-finite (NaN/inf) label values (first at region {int(np.flatnonzero(bad)[0])})",
+    )
+  return values
 
 
 def _load_od_flow(path: pathlib.Path, n: int) -> np.ndarray:
-    flow = _load_npy(path)
-    if flow.shape != (n, n):
-        raise DataError(path.name, f"expected shape ({n}, {n}) to match the region count, got {flow.shape}")
-    if not np.issubdtype(flow.dtype, np.number) or np.issubdtype(flow.dtype, np.complexfloating):
-        raise DataError(path.name, f"expected real numbers, got dtype {flow.dtype}")
-    flow = flow.astype(np.float64)
-    bad = ~np.isfinite(flow)
-    if bad.any():
-        raise DataError(path.name, f"{int(bad.sum())} non-finite (NaN/inf) flow values")
-    neg = flow < 0
-    if neg.any():
-        i, j = np.argwhere(neg)[0]
-        raise DataError(path.name, f"{int(neg.sum())} negative flow values (first at [{i}, {j}])")
-    return flow
+  flow = _load_npy(path)
+  if flow.shape != (n, n):
+    raise DataError(
+      path.name, f"expected shape ({n}, {n}) to match the region count, got {flow.shape}"
+    )
+  if not np.issubdtype(flow.dtype, np.number) or np.issubdtype(flow.dtype, np.complexfloating):
+    raise DataError(path.name, f"expected real numbers, got dtype {flow.dtype}")
+  flow = flow.astype(np.float64)
+  bad = ~np.isfinite(flow)
+  if bad.any():
+    raise DataError(path.name, f"{int(bad.sum())} non-finite (NaN/inf) flow values")
+  neg = flow < 0
+  if neg.any():
+    i, j = np.argwhere(neg)[0]
+    raise DataError(path.name, f"{int(neg.sum())} negative flow values (first at [{i}, {j}])")
+  return flow
 
 
 def _examples(values: Sequence | np.ndarray, k: int = 5) -> list:
-    return [v.item() if hasattr(v, "item") else v for v in list(values)[:k]]
+  return [v.item() if hasattr(v, "item") else v for v in list(values)[:k]]

@@ -15,30 +15,30 @@ __all__ = ["DataError"]
 
 
 class DataError(ValueError):
-    """A data file is missing, unreadable or inconsistent.
+  """A data file is missing, unreadable or inconsistent.
 
-    Subclasses ``ValueError`` so callers that already guard against bad
-    values keep working.
+  Subclasses ``ValueError`` so callers that already guard against bad
+  values keep working.
 
-    Args:
-      file: the file or folder concerned (shown as given; loaders pass the
-        bare file name for content problems and the full path for missing
-        files).
-      problem: what is wrong, in words, with counts where they help.
-      column: the CSV column or array field concerned, if any.
-    """
+  Args:
+    file: the file or folder concerned (shown as given; loaders pass the
+      bare file name for content problems and the full path for missing
+      files).
+    problem: what is wrong, in words, with counts where they help.
+    column: the CSV column or array field concerned, if any.
+  """
 
-    def __init__(self, file: str | os.PathLike, problem: str, column: str | None = None):
-        self.file = os.fspath(file)
-        self.column = column
-        self.problem = problem
-        parts = [self.file]
-        if column is not None:
-            parts.append(f"column {column!r}")
-        parts.append(problem)
-        super().__init__(": ".join(parts))
+  def __init__(self, file: str | os.PathLike, problem: str, column: str | None = None):
+    self.file = os.fspath(file)
+    self.column = column
+    self.problem = problem
+    parts = [self.file]
+    if column is not None:
+      parts.append(f"column {column!r}")
+    parts.append(problem)
+    super().__init__(": ".join(parts))
 
-    def __reduce__(self):
-        # Keep the error picklable (multiprocessing, pytest-xdist) despite the
-        # non-standard constructor signature.
-        return (type(self), (self.file, self.problem, self.column))
+  def __reduce__(self):
+    # Keep the error picklable (multiprocessing, pytest-xdist) despite the
+    # non-standard constructor signature.
+    return (type(self), (self.file, self.problem, self.column))

@@ -36,16 +36,16 @@ from jaxurban.data.errors import DataError
 from jaxurban.data.root import DATA_ENV, resolve_data_root
 
 __all__ = [
-    "CACHE_ENV",
-    "CORE_COMMIT",
-    "CORE_FILES",
-    "core_urls",
-    "default_cache_dir",
-    "download_verified",
-    "ensure_city",
-    "fetch_city",
-    "main",
-    "sha256_file",
+  "CACHE_ENV",
+  "CORE_COMMIT",
+  "CORE_FILES",
+  "core_urls",
+  "default_cache_dir",
+  "download_verified",
+  "ensure_city",
+  "fetch_city",
+  "main",
+  "sha256_file",
 ]
 
 CACHE_ENV = "JAXURBAN_CACHE"
@@ -55,27 +55,27 @@ CORE_BASE_URL = f"https://raw.githubusercontent.com/{CORE_REPO}/{CORE_COMMIT}/"
 
 # city -> local file name -> SHA-256 of the file at CORE_COMMIT.
 CORE_FILES: dict[str, dict[str, str]] = {
-    "xa": {
-        "regionmap_xa.geo": "79e1e4c7a41636e44c7df789ee9e4039766eec0455a083499fbf4dc406d4360e",
-        "regionmap_xa.mob": "2a6cb55b12411b2e4db20d63619ec032ee95c2e3fbc26de59b3856a001426a29",
-        "gdp_xa_sum.npy": "920e5673c9e7d9ee2d6a1e516a923dfabd3d626c66e8c1d76b71d684f1376ec3",
-        "population_xa_sum.npy": "9bee087f89fc83e5a0f2ce5102f7fa40f367bd2250b41a109304c68c0df6fcda",
-        "co2_xa_sum.npy": "8ffb9bd80b426e5c62eb26f82fa8415a643b461a72fd80e27fcae142dbbc4c91",
-    },
-    "cd": {
-        "regionmap_cd.geo": "efe522144ad156c24951d9381309010b269fba4d53fc0b91d4afa5c5af698d32",
-        "regionmap_cd.mob": "5a867bd335db0a829d6de52549ce28ba66b13ef0ed913506bcea7ff3e9b97dee",
-        "gdp_cd_sum.npy": "d8fad48945b52391d474acf899e8f1e5a740c687d9752bb33c08a4dd2a7b7c62",
-        "population_cd_sum.npy": "f06ac33d2342537c6bdc0223439acc3828b0bc2772b1d7eee79a7efa1c453bd0",
-        "co2_cd_sum.npy": "1d0696d279e312e178b45bbccc01264b14a91a31317a2846f29a45e75a771b06",
-    },
-    "bj": {
-        "regionmap_bj.geo": "15fdd31876368de0bd9c721882f612968a0d06fa176a3d0f9191973c529a4dc9",
-        "regionmap_bj.mob": "b8f8198ce3aa5438e7b513ccb3557460bc919547ac29d85bfcaf1f26b7d42706",
-        "gdp_bj_sum.npy": "978536d58bd1234f72e585af0ea18020ee049ca98216dbe9038781141e464d37",
-        "population_bj_sum.npy": "9c5cfd6466bfb478b88063a2d5d1d4b7b171c2948e06ff43c78e891108b510f6",
-        "co2_bj_sum.npy": "f21810ce9449c2f0565516494d9541e8eeb8804609747c59c7b5e93aa2e43626",
-    },
+  "xa": {
+    "regionmap_xa.geo": "79e1e4c7a41636e44c7df789ee9e4039766eec0455a083499fbf4dc406d4360e",
+    "regionmap_xa.mob": "2a6cb55b12411b2e4db20d63619ec032ee95c2e3fbc26de59b3856a001426a29",
+    "gdp_xa_sum.npy": "920e5673c9e7d9ee2d6a1e516a923dfabd3d626c66e8c1d76b71d684f1376ec3",
+    "population_xa_sum.npy": "9bee087f89fc83e5a0f2ce5102f7fa40f367bd2250b41a109304c68c0df6fcda",
+    "co2_xa_sum.npy": "8ffb9bd80b426e5c62eb26f82fa8415a643b461a72fd80e27fcae142dbbc4c91",
+  },
+  "cd": {
+    "regionmap_cd.geo": "efe522144ad156c24951d9381309010b269fba4d53fc0b91d4afa5c5af698d32",
+    "regionmap_cd.mob": "5a867bd335db0a829d6de52549ce28ba66b13ef0ed913506bcea7ff3e9b97dee",
+    "gdp_cd_sum.npy": "d8fad48945b52391d474acf899e8f1e5a740c687d9752bb33c08a4dd2a7b7c62",
+    "population_cd_sum.npy": "f06ac33d2342537c6bdc0223439acc3828b0bc2772b1d7eee79a7efa1c453bd0",
+    "co2_cd_sum.npy": "1d0696d279e312e178b45bbccc01264b14a91a31317a2846f29a45e75a771b06",
+  },
+  "bj": {
+    "regionmap_bj.geo": "15fdd31876368de0bd9c721882f612968a0d06fa176a3d0f9191973c529a4dc9",
+    "regionmap_bj.mob": "b8f8198ce3aa5438e7b513ccb3557460bc919547ac29d85bfcaf1f26b7d42706",
+    "gdp_bj_sum.npy": "978536d58bd1234f72e585af0ea18020ee049ca98216dbe9038781141e464d37",
+    "population_bj_sum.npy": "9c5cfd6466bfb478b88063a2d5d1d4b7b171c2948e06ff43c78e891108b510f6",
+    "co2_bj_sum.npy": "f21810ce9449c2f0565516494d9541e8eeb8804609747c59c7b5e93aa2e43626",
+  },
 }
 
 _CHUNK = 1 << 20
@@ -85,204 +85,210 @@ Opener = Callable[..., object]
 
 
 def default_cache_dir() -> pathlib.Path:
-    """``$JAXURBAN_CACHE`` if set, else ``~/.cache/jaxurban``."""
-    env = os.environ.get(CACHE_ENV, "")
-    return pathlib.Path(env).expanduser() if env else pathlib.Path("~/.cache/jaxurban").expanduser()
+  """``$JAXURBAN_CACHE`` if set, else ``~/.cache/jaxurban``."""
+  env = os.environ.get(CACHE_ENV, "")
+  return pathlib.Path(env).expanduser() if env else pathlib.Path("~/.cache/jaxurban").expanduser()
 
 
 def _check_city(name: str) -> str:
-    code = str(name).lower()
-    if code not in CORE_FILES:
-        raise DataError(
-            f"core/{name}",
-            f"unknown CoRE city {name!r}; downloadable cities: {', '.join(sorted(CORE_FILES))}",
-        )
-    return code
+  code = str(name).lower()
+  if code not in CORE_FILES:
+    raise DataError(
+      f"core/{name}",
+      f"unknown CoRE city {name!r}; downloadable cities: {', '.join(sorted(CORE_FILES))}",
+    )
+  return code
 
 
 def core_urls(name: str, base_url: str = CORE_BASE_URL) -> dict[str, str]:
-    """Local file name -> source URL for one city (the repository nests the CSVs one level deeper)."""
-    code = _check_city(name)
-    base = base_url if base_url.endswith("/") else base_url + "/"
-    urls = {}
-    for filename in CORE_FILES[code]:
-        if filename.startswith("regionmap_"):
-            urls[filename] = f"{base}raw_data/{code}/regionmap_{code}/{filename}"
-        else:
-            urls[filename] = f"{base}raw_data/{code}/{filename}"
-    return urls
+  """Local file name -> source URL for one city (the repository nests the CSVs one level deeper)."""
+  code = _check_city(name)
+  base = base_url if base_url.endswith("/") else base_url + "/"
+  urls = {}
+  for filename in CORE_FILES[code]:
+    if filename.startswith("regionmap_"):
+      urls[filename] = f"{base}raw_data/{code}/regionmap_{code}/{filename}"
+    else:
+      urls[filename] = f"{base}raw_data/{code}/{filename}"
+  return urls
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(_CHUNK), b""):
+      h.update(chunk)
+  return h.hexdigest()
 
 
 def download_verified(
-    url: str, target: str | os.PathLike, sha256: str, *, opener: Opener | None = None
+  url: str, target: str | os.PathLike, sha256: str, *, opener: Opener | None = None
 ) -> pathlib.Path:
-    """Downloads ``url`` to ``target`` only if its SHA-256 equals ``sha256``.
+  """Downloads ``url`` to ``target`` only if its SHA-256 equals ``sha256``.
 
-    The bytes go to a temporary file in the target folder and are moved into
-    place with ``os.replace`` after the hash matches, so ``target`` is never
-    left half-written or holding unverified data.
+  The bytes go to a temporary file in the target folder and are moved into
+  place with ``os.replace`` after the hash matches, so ``target`` is never
+  left half-written or holding unverified data.
 
-    Raises:
-      DataError: hash mismatch (the temporary file is deleted).
-      urllib.error.URLError / OSError: the source cannot be read.
-    """
-    target = pathlib.Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    open_url = opener if opener is not None else urllib.request.urlopen
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    tmp = pathlib.Path(tmp_name)
-    try:
-        h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
-            response = open_url(url, timeout=_TIMEOUT_S)
-            try:
-                for chunk in iter(lambda: response.read(_CHUNK), b""):
-                    h.update(chunk)
-                    out.write(chunk)
-            finally:
-                close = getattr(response, "close", None)
-                if close is not None:
-                    close()
-            out.flush()
-            os.fsync(out.fileno())
-        digest = h.hexdigest()
-        if digest != sha256:
-            raise DataError(
-                target.name,
-                f"SHA-256 mismatch for {url}: got {digest}, expected {sha256}; the download was discarded",
-            )
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+  Raises:
+    DataError: hash mismatch (the temporary file is deleted).
+    urllib.error.URLError / OSError: the source cannot be read.
+  """
+  target = pathlib.Path(target)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  open_url = opener if opener is not None else urllib.request.urlopen
+  fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+  tmp = pathlib.Path(tmp_name)
+  try:
+    h = hashlib.sha256()
+    with os.fdopen(fd, "wb") as out:
+      response = open_url(url, timeout=_TIMEOUT_S)
+      try:
+        for chunk in iter(lambda: response.read(_CHUNK), b""):
+          h.update(chunk)
+          out.write(chunk)
+      finally:
+        close = getattr(response, "close", None)
+        if close is not None:
+          close()
+      out.flush()
+      os.fsync(out.fileno())
+    digest = h.hexdigest()
+    if digest != sha256:
+      raise DataError(
+        target.name,
+        f"SHA-256 mismatch for {url}: got {digest}, expected {sha256}; the download was discarded",
+      )
+    os.replace(tmp, target)
+  finally:
+    tmp.unlink(missing_ok=True)
+  return target
 
 
 def _missing_or_stale(folder: pathlib.Path, code: str) -> list[str]:
-    """File names of ``code`` that are absent from ``folder`` or fail their hash."""
-    bad = []
-    for filename, digest in CORE_FILES[code].items():
-        path = folder / filename
-        if not path.is_file() or sha256_file(path) != digest:
-            bad.append(filename)
-    return bad
+  """File names of ``code`` that are absent from ``folder`` or fail their hash."""
+  bad = []
+  for filename, digest in CORE_FILES[code].items():
+    path = folder / filename
+    if not path.is_file() or sha256_file(path) != digest:
+      bad.append(filename)
+  return bad
 
 
 def fetch_city(
-    name: str,
-    dest: str | os.PathLike | None = None,
-    *,
-    base_url: str = CORE_BASE_URL,
-    opener: Opener | None = None,
+  name: str,
+  dest: str | os.PathLike | None = None,
+  *,
+  base_url: str = CORE_BASE_URL,
+  opener: Opener | None = None,
 ) -> pathlib.Path:
-    """Downloads one CoRE city into ``<dest>/core/<city>/`` and returns that folder.
+  """Downloads one CoRE city into ``<dest>/core/<city>/`` and returns that folder.
 
-    Files already present with the right hash are kept; anything else is
-    (re)downloaded and verified.
-    """
-    code = _check_city(name)
-    root = pathlib.Path(dest).expanduser() if dest is not None else default_cache_dir()
-    folder = root / "core" / code
-    urls = core_urls(code, base_url)
-    for filename in _missing_or_stale(folder, code):
-        download_verified(urls[filename], folder / filename, CORE_FILES[code][filename], opener=opener)
-    return folder
+  Files already present with the right hash are kept; anything else is
+  (re)downloaded and verified.
+  """
+  code = _check_city(name)
+  root = pathlib.Path(dest).expanduser() if dest is not None else default_cache_dir()
+  folder = root / "core" / code
+  urls = core_urls(code, base_url)
+  for filename in _missing_or_stale(folder, code):
+    download_verified(urls[filename], folder / filename, CORE_FILES[code][filename], opener=opener)
+  return folder
 
 
 def ensure_city(
-    name: str,
-    data_root: str | os.PathLike | None = None,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    download: bool = True,
-    opener: Opener | None = None,
+  name: str,
+  data_root: str | os.PathLike | None = None,
+  *,
+  cache_dir: str | os.PathLike | None = None,
+  download: bool = True,
+  opener: Opener | None = None,
 ) -> pathlib.Path:
-    """The folder holding city ``name``, fetching it into the cache if needed.
+  """The folder holding city ``name``, fetching it into the cache if needed.
 
-    Looks in order at: the data root (``data_root`` or ``$JAXURBAN_DATA``, when
-    set), the cache (``cache_dir``, ``$JAXURBAN_CACHE`` or
-    ``~/.cache/jaxurban``), and finally downloads into the cache. A folder in
-    the data root is used as it is (either file layout); the cache is checked
-    against the hash table.
+  Looks in order at: the data root (``data_root`` or ``$JAXURBAN_DATA``, when
+  set), the cache (``cache_dir``, ``$JAXURBAN_CACHE`` or
+  ``~/.cache/jaxurban``), and finally downloads into the cache. A folder in
+  the data root is used as it is (either file layout); the cache is checked
+  against the hash table.
 
-    Raises:
-      DataError: the city is nowhere and cannot be downloaded; the message
-        says what to run, or which files to place where.
-    """
-    code = str(name).lower()
-    if data_root is not None or os.environ.get(DATA_ENV):
-        root = resolve_data_root(data_root)
-        folder = root / "core"
-        if folder.is_dir():
-            for entry in folder.iterdir():
-                if entry.is_dir() and entry.name.lower() == code:
-                    try:
-                        city_files(entry, code)
-                        return entry
-                    except DataError:
-                        break  # incomplete: fall through to the cache
+  Raises:
+    DataError: the city is nowhere and cannot be downloaded; the message
+      says what to run, or which files to place where.
+  """
+  code = str(name).lower()
+  if data_root is not None or os.environ.get(DATA_ENV):
+    root = resolve_data_root(data_root)
+    folder = root / "core"
+    if folder.is_dir():
+      for entry in folder.iterdir():
+        if entry.is_dir() and entry.name.lower() == code:
+          try:
+            city_files(entry, code)
+            return entry
+          except DataError:
+            break  # incomplete: fall through to the cache
 
-    code = _check_city(name)
-    cache = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    cached = cache / "core" / code
+  code = _check_city(name)
+  cache = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+  cached = cache / "core" / code
+  missing = _missing_or_stale(cached, code)
+  if not missing:
+    return cached
+  if not download:
+    raise DataError(
+      cached, _manual_instructions(code, cache, missing, "downloading is switched off")
+    )
+  try:
+    return fetch_city(code, cache, opener=opener)
+  except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+    reason = getattr(e, "reason", e)
     missing = _missing_or_stale(cached, code)
-    if not missing:
-        return cached
-    if not download:
-        raise DataError(cached, _manual_instructions(code, cache, missing, "downloading is switched off"))
-    try:
-        return fetch_city(code, cache, opener=opener)
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-        reason = getattr(e, "reason", e)
-        missing = _missing_or_stale(cached, code)
-        raise DataError(cached, _manual_instructions(code, cache, missing, f"download failed ({reason})")) from e
+    raise DataError(
+      cached, _manual_instructions(code, cache, missing, f"download failed ({reason})")
+    ) from e
 
 
 def _manual_instructions(code: str, cache: pathlib.Path, missing: list[str], why: str) -> str:
-    urls = core_urls(code)
-    placement = "; ".join(f"{urls[f]} -> {cache / 'core' / code / f}" for f in missing)
-    return (
-        f"CoRE city {code!r} is not in the data root or the cache and {why}. "
-        f"On a machine with internet access run `python -m jaxurban.data.fetch core {code} --dest DIR` "
-        f"and copy DIR/core/{code}/ here, then pass --data-root DIR or set {DATA_ENV}=DIR; "
-        f"or place these files by hand: {placement}"
-    )
+  urls = core_urls(code)
+  placement = "; ".join(f"{urls[f]} -> {cache / 'core' / code / f}" for f in missing)
+  return (
+    f"CoRE city {code!r} is not in the data root or the cache and {why}. "
+    f"On a machine with internet access run `python -m jaxurban.data.fetch core {code} --dest DIR` "
+    f"and copy DIR/core/{code}/ here, then pass --data-root DIR or set {DATA_ENV}=DIR; "
+    f"or place these files by hand: {placement}"
+  )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m jaxurban.data.fetch",
-        description="Download data sets with SHA-256 verification.",
-    )
-    sub = parser.add_subparsers(dest="dataset", required=True)
-    core = sub.add_parser("core", help=f"CoRE city files from {CORE_REPO} @ {CORE_COMMIT[:12]}")
-    core.add_argument("cities", nargs="+", metavar="CITY", help=f"one or more of: {', '.join(CORE_FILES)}")
-    core.add_argument(
-        "--dest",
-        type=pathlib.Path,
-        default=None,
-        help=f"data root to write into (default: ${CACHE_ENV} or ~/.cache/jaxurban)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        for city in args.cities:
-            folder = fetch_city(city, args.dest)
-            print(f"{city}: {folder}")
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-        print(f"error: download failed: {getattr(e, 'reason', e)}", file=sys.stderr)
-        return 1
-    return 0
+  parser = argparse.ArgumentParser(
+    prog="python -m jaxurban.data.fetch",
+    description="Download data sets with SHA-256 verification.",
+  )
+  sub = parser.add_subparsers(dest="dataset", required=True)
+  core = sub.add_parser("core", help=f"CoRE city files from {CORE_REPO} @ {CORE_COMMIT[:12]}")
+  core.add_argument(
+    "cities", nargs="+", metavar="CITY", help=f"one or more of: {', '.join(CORE_FILES)}"
+  )
+  core.add_argument(
+    "--dest",
+    type=pathlib.Path,
+    default=None,
+    help=f"data root to write into (default: ${CACHE_ENV} or ~/.cache/jaxurban)",
+  )
+  args = parser.parse_args(argv)
+  try:
+    for city in args.cities:
+      folder = fetch_city(city, args.dest)
+      print(f"{city}: {folder}")
+  except DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+    print(f"error: download failed: {getattr(e, 'reason', e)}", file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -25,61 +25,61 @@ __all__ = ["DATA_ENV", "FETCH_HINT", "resolve_data_root", "subdir"]
 DATA_ENV = "JAXURBAN_DATA"
 
 FETCH_HINT = (
-    "the CoRE city files can be downloaded with "
-    "`python -m jaxurban.data.fetch core xa cd --dest DIR`, after which DIR is a valid data root"
+  "the CoRE city files can be downloaded with "
+  "`python -m jaxurban.data.fetch core xa cd --dest DIR`, after which DIR is a valid data root"
 )
 
 
 def resolve_data_root(data_root: str | os.PathLike | None = None) -> pathlib.Path:
-    """Returns the data root folder.
+  """Returns the data root folder.
 
-    Args:
-      data_root: explicit folder; when ``None`` the ``JAXURBAN_DATA``
-        environment variable is used.
+  Args:
+    data_root: explicit folder; when ``None`` the ``JAXURBAN_DATA``
+      environment variable is used.
 
-    Raises:
-      DataError: neither is set, or the folder does not exist.
-    """
-    if data_root is not None and os.fspath(data_root) != "":
-        root = pathlib.Path(data_root).expanduser()
-        origin = "the data_root argument"
-    else:
-        env = os.environ.get(DATA_ENV, "")
-        if not env:
-            raise DataError(
-                "data root",
-                f"no data folder given: pass --data-root DIR (data_root=DIR in Python) "
-                f"or set the environment variable {DATA_ENV}=DIR; {FETCH_HINT}",
-            )
-        root = pathlib.Path(env).expanduser()
-        origin = f"${DATA_ENV}"
-    if not root.is_dir():
-        what = "is not a folder" if root.exists() else "does not exist"
-        raise DataError(root, f"data root from {origin} {what}; {FETCH_HINT}")
-    return root
+  Raises:
+    DataError: neither is set, or the folder does not exist.
+  """
+  if data_root is not None and os.fspath(data_root) != "":
+    root = pathlib.Path(data_root).expanduser()
+    origin = "the data_root argument"
+  else:
+    env = os.environ.get(DATA_ENV, "")
+    if not env:
+      raise DataError(
+        "data root",
+        f"no data folder given: pass --data-root DIR (data_root=DIR in Python) "
+        f"or set the environment variable {DATA_ENV}=DIR; {FETCH_HINT}",
+      )
+    root = pathlib.Path(env).expanduser()
+    origin = f"${DATA_ENV}"
+  if not root.is_dir():
+    what = "is not a folder" if root.exists() else "does not exist"
+    raise DataError(root, f"data root from {origin} {what}; {FETCH_HINT}")
+  return root
 
 
 def subdir(root: str | os.PathLike, *parts: str) -> pathlib.Path:
-    """Returns ``root/parts...``, which must be an existing folder.
+  """Returns ``root/parts...``, which must be an existing folder.
 
-    Raises:
-      DataError: naming the first missing level and what that level's parent
-        does contain, since a misspelt or wrongly nested folder is the usual
-        cause.
-    """
-    path = pathlib.Path(root)
-    for part in parts:
-        child = path / part
-        if not child.is_dir():
-            present = _list_dirs(path)
-            listing = ", ".join(present) if present else "no sub-folders"
-            raise DataError(child, f"folder missing under {path} (it has: {listing})")
-        path = child
-    return path
+  Raises:
+    DataError: naming the first missing level and what that level's parent
+      does contain, since a misspelt or wrongly nested folder is the usual
+      cause.
+  """
+  path = pathlib.Path(root)
+  for part in parts:
+    child = path / part
+    if not child.is_dir():
+      present = _list_dirs(path)
+      listing = ", ".join(present) if present else "no sub-folders"
+      raise DataError(child, f"folder missing under {path} (it has: {listing})")
+    path = child
+  return path
 
 
 def _list_dirs(path: pathlib.Path) -> list[str]:
-    try:
-        return sorted(p.name for p in path.iterdir() if p.is_dir())
-    except OSError:
-        return []
+  try:
+    return sorted(p.name for p in path.iterdir() if p.is_dir())
+  except OSError:
+    return []

@@ -21,6 +21,7 @@ Every label is fitted at once as one multi-target ridge (one factorisation),
 and embeddings with a leading seed axis [K, N, d] are scored with ``jax.vmap``
 in one compiled call.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,13 +35,13 @@ from jaxurban.eval.metrics import METRIC_NAMES, regression_metrics
 from jaxurban.eval.ridge import ridge_fit, ridge_predict
 
 __all__ = [
-    "ARROW",
-    "LABEL_NAMES",
-    "PUBLISHED_CORE",
-    "cross_city_scores",
-    "direction_key",
-    "evaluate_pair",
-    "format_table",
+  "ARROW",
+  "LABEL_NAMES",
+  "PUBLISHED_CORE",
+  "cross_city_scores",
+  "direction_key",
+  "evaluate_pair",
+  "format_table",
 ]
 
 LABEL_NAMES = ("gdp", "population", "co2")
@@ -62,25 +63,25 @@ def direction_key(source: str, target: str) -> str:
 # reference this evaluator must reproduce to 2 decimals; they are not the
 # paper's Table 1, which averages five training runs.
 PUBLISHED_CORE: dict[tuple[str, str], dict[str, dict[str, dict[str, float]]]] = {
-    ("cd", "xa"): {
-        direction_key("cd", "xa"): {
-            "gdp": {"mae": 170.13, "mape": 4.56},
-            "population": {"mae": 591.92, "mape": 4.32},
-            "co2": {"mae": 136.24, "mape": 1.59},
-        },
-        direction_key("xa", "cd"): {
-            "gdp": {"mae": 179.60, "mape": 11.25},
-            "population": {"mae": 609.84, "mape": 3.32},
-            "co2": {"mae": 130.40, "mape": 9.27},
-        },
+  ("cd", "xa"): {
+    direction_key("cd", "xa"): {
+      "gdp": {"mae": 170.13, "mape": 4.56},
+      "population": {"mae": 591.92, "mape": 4.32},
+      "co2": {"mae": 136.24, "mape": 1.59},
     },
+    direction_key("xa", "cd"): {
+      "gdp": {"mae": 179.60, "mape": 11.25},
+      "population": {"mae": 609.84, "mape": 3.32},
+      "co2": {"mae": 130.40, "mape": 9.27},
+    },
+  },
 }
 
 
 def _scores_one(src_emb, src_y, tgt_emb, tgt_y, alpha):
   """Metrics for every label column: src_y [N, T], tgt_y [M, T] -> {m: [T]}."""
   params = ridge_fit(src_emb, src_y, alpha)
-  pred = ridge_predict(params, tgt_emb)                       # [M, T]
+  pred = ridge_predict(params, tgt_emb)  # [M, T]
   return jax.vmap(regression_metrics, in_axes=(1, 1))(tgt_y, pred)
 
 
@@ -88,14 +89,13 @@ def _scores_one(src_emb, src_y, tgt_emb, tgt_y, alpha):
 def _scores(src_emb, src_y, tgt_emb, tgt_y, alpha, *, src_batched, tgt_batched):
   if not (src_batched or tgt_batched):
     return _scores_one(src_emb, src_y, tgt_emb, tgt_y, alpha)
-  in_axes = (0 if src_batched else None, None, 0 if tgt_batched else None,
-             None, None)
-  return jax.vmap(_scores_one, in_axes=in_axes)(src_emb, src_y, tgt_emb,
-                                                 tgt_y, alpha)
+  in_axes = (0 if src_batched else None, None, 0 if tgt_batched else None, None, None)
+  return jax.vmap(_scores_one, in_axes=in_axes)(src_emb, src_y, tgt_emb, tgt_y, alpha)
 
 
-def _label_matrix(labels: Mapping[str, np.ndarray], names: Sequence[str],
-                  n: int, which: str) -> np.ndarray:
+def _label_matrix(
+  labels: Mapping[str, np.ndarray], names: Sequence[str], n: int, which: str
+) -> np.ndarray:
   cols = []
   for name in names:
     if name not in labels:
@@ -104,20 +104,19 @@ def _label_matrix(labels: Mapping[str, np.ndarray], names: Sequence[str],
     # np.load(...).astype('float32'), then widened for the solve.
     col = np.asarray(labels[name]).astype(np.float32).reshape(-1)
     if col.shape[0] != n:
-      raise ValueError(f"{which} label {name!r} has {col.shape[0]} values for "
-                       f"{n} regions")
+      raise ValueError(f"{which} label {name!r} has {col.shape[0]} values for {n} regions")
     cols.append(col)
   return np.stack(cols, axis=1)
 
 
 def cross_city_scores(
-    source_emb,
-    source_labels: Mapping[str, np.ndarray],
-    target_emb,
-    target_labels: Mapping[str, np.ndarray],
-    *,
-    alpha: float = 1.0,
-    precision: str = "float64",
+  source_emb,
+  source_labels: Mapping[str, np.ndarray],
+  target_emb,
+  target_labels: Mapping[str, np.ndarray],
+  *,
+  alpha: float = 1.0,
+  precision: str = "float64",
 ) -> dict[str, dict[str, float | np.ndarray]]:
   """Scores one direction of the cross-city protocol for every label.
 
@@ -144,14 +143,11 @@ def cross_city_scores(
   tgt = np.asarray(target_emb)
   for arr, which in ((src, "source"), (tgt, "target")):
     if arr.ndim not in (2, 3):
-      raise ValueError(f"{which} embeddings must be [N, d] or [K, N, d], got "
-                       f"shape {arr.shape}")
+      raise ValueError(f"{which} embeddings must be [N, d] or [K, N, d], got shape {arr.shape}")
   if src.shape[-1] != tgt.shape[-1]:
-    raise ValueError(f"embedding widths differ: source {src.shape[-1]}, "
-                     f"target {tgt.shape[-1]}")
+    raise ValueError(f"embedding widths differ: source {src.shape[-1]}, target {tgt.shape[-1]}")
   if src.ndim == 3 and tgt.ndim == 3 and src.shape[0] != tgt.shape[0]:
-    raise ValueError(f"seed axes differ: source {src.shape[0]}, target "
-                     f"{tgt.shape[0]}")
+    raise ValueError(f"seed axes differ: source {src.shape[0]}, target {tgt.shape[0]}")
   names = tuple(source_labels)
   src_y = _label_matrix(source_labels, names, src.shape[-2], "source")
   tgt_y = _label_matrix(target_labels, names, tgt.shape[-2], "target")
@@ -159,11 +155,16 @@ def cross_city_scores(
   wide = precision == "float64"
   with jax.enable_x64(wide):
     dtype = jnp.float64 if wide else jnp.float32
-    out = _scores(jnp.asarray(src, dtype), jnp.asarray(src_y, dtype),
-                  jnp.asarray(tgt, dtype), jnp.asarray(tgt_y, dtype),
-                  jnp.asarray(alpha, dtype),
-                  src_batched=src.ndim == 3, tgt_batched=tgt.ndim == 3)
-    out = jax.device_get(out)          # NumPy, still float64
+    out = _scores(
+      jnp.asarray(src, dtype),
+      jnp.asarray(src_y, dtype),
+      jnp.asarray(tgt, dtype),
+      jnp.asarray(tgt_y, dtype),
+      jnp.asarray(alpha, dtype),
+      src_batched=src.ndim == 3,
+      tgt_batched=tgt.ndim == 3,
+    )
+    out = jax.device_get(out)  # NumPy, still float64
 
   batched = src.ndim == 3 or tgt.ndim == 3
   result = {}
@@ -177,17 +178,17 @@ def cross_city_scores(
 
 
 def evaluate_pair(
-    emb_x,
-    emb_y,
-    labels_x: Mapping[str, np.ndarray],
-    labels_y: Mapping[str, np.ndarray],
-    name_x: str,
-    name_y: str,
-    *,
-    emb_y_in_x=None,
-    emb_x_in_y=None,
-    alpha: float = 1.0,
-    precision: str = "float64",
+  emb_x,
+  emb_y,
+  labels_x: Mapping[str, np.ndarray],
+  labels_y: Mapping[str, np.ndarray],
+  name_x: str,
+  name_y: str,
+  *,
+  emb_y_in_x=None,
+  emb_x_in_y=None,
+  alpha: float = 1.0,
+  precision: str = "float64",
 ) -> dict[str, dict[str, dict[str, float | np.ndarray]]]:
   """Both directions of the protocol for a pair of cities.
 
@@ -204,10 +205,8 @@ def evaluate_pair(
   tgt_y = emb_y if emb_y_in_x is None else emb_y_in_x
   tgt_x = emb_x if emb_x_in_y is None else emb_x_in_y
   return {
-      direction_key(name_x, name_y):
-          cross_city_scores(emb_x, labels_x, tgt_y, labels_y, **kw),
-      direction_key(name_y, name_x):
-          cross_city_scores(emb_y, labels_y, tgt_x, labels_x, **kw),
+    direction_key(name_x, name_y): cross_city_scores(emb_x, labels_x, tgt_y, labels_y, **kw),
+    direction_key(name_y, name_x): cross_city_scores(emb_y, labels_y, tgt_x, labels_x, **kw),
   }
 
 
@@ -218,19 +217,18 @@ def _cell(value, digits: int) -> tuple[str, int | None]:
   arr = np.asarray(value, np.float64)
   if arr.ndim == 0:
     return f"{float(arr):.{digits}f}", None
-  return (f"{arr.mean():.{digits}f} ± {arr.std(ddof=0):.{digits}f}",
-          int(arr.shape[0]))
+  return (f"{arr.mean():.{digits}f} ± {arr.std(ddof=0):.{digits}f}", int(arr.shape[0]))
 
 
 def format_table(
-    results: Mapping[str, Mapping[str, Mapping[str, object]]],
-    reference: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
-    *,
-    metrics: Sequence[str] = ("mae", "mape"),
-    labels: Sequence[str] = LABEL_NAMES,
-    name: str = "this evaluation",
-    reference_name: str = "reference",
-    digits: int = 2,
+  results: Mapping[str, Mapping[str, Mapping[str, object]]],
+  reference: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
+  *,
+  metrics: Sequence[str] = ("mae", "mape"),
+  labels: Sequence[str] = LABEL_NAMES,
+  name: str = "this evaluation",
+  reference_name: str = "reference",
+  digits: int = 2,
 ) -> str:
   """Plain-text table, one block per direction.
 
@@ -246,8 +244,9 @@ def format_table(
   """
   if results and set(results) <= set(labels) | set(LABEL_NAMES):
     results = {"": results}
-  header = [""] + [f"{_LABEL_TITLES.get(l, l)} {_METRIC_TITLES.get(m, m)}"
-                    for l in labels for m in metrics]
+  header = [""] + [
+    f"{_LABEL_TITLES.get(l, l)} {_METRIC_TITLES.get(m, m)}" for l in labels for m in metrics
+  ]
   blocks = []
   n_seeds_seen = set()
   for direction, scores in results.items():
@@ -263,15 +262,16 @@ def format_table(
     rows = [[title] + cells]
     ref = None if reference is None else reference.get(direction)
     if ref is not None:
-      rows.append([reference_name] + [
-          _cell(ref.get(l, {}).get(m), digits)[0]
-          for l in labels for m in metrics])
-    widths = [max(len(r[i]) for r in [header] + rows)
-              for i in range(len(header))]
+      rows.append(
+        [reference_name]
+        + [_cell(ref.get(l, {}).get(m), digits)[0] for l in labels for m in metrics]
+      )
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
 
     def fmt(row, widths=widths):
-      return "  ".join((c.ljust(w) if i == 0 else c.rjust(w))
-                       for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+      return "  ".join(
+        (c.ljust(w) if i == 0 else c.rjust(w)) for i, (c, w) in enumerate(zip(row, widths))
+      ).rstrip()
 
     lines = []
     if direction:
@@ -281,9 +281,10 @@ def format_table(
     lines.append("-" * len(fmt(header)))
     lines.extend(fmt(r) for r in rows)
     blocks.append("\n".join(lines))
-  notes = ["MAPE is a ratio over target regions with a non-zero label; "
-           "negative predictions are clipped to 0."]
+  notes = [
+    "MAPE is a ratio over target regions with a non-zero label; "
+    "negative predictions are clipped to 0."
+  ]
   if n_seeds_seen:
-    notes.insert(0, "mean ± std over seeds; std is the population standard "
-                    "deviation (ddof=0).")
+    notes.insert(0, "mean ± std over seeds; std is the population standard deviation (ddof=0).")
   return "\n\n".join(blocks) + "\n\n" + "\n".join(notes) + "\n"

@@ -11,6 +11,7 @@ e_i = max(y_hat_i, 0) - y_i::
 MAPE is a ratio (not multiplied by 100) and skips regions whose label is zero,
 where the relative error is undefined; if every label is zero it is NaN.
 """
+
 from __future__ import annotations
 
 import jax
@@ -45,7 +46,7 @@ def regression_metrics(y_true: jax.Array, y_pred: jax.Array) -> dict[str, jax.Ar
   rel = jnp.where(nonzero, abs_err / jnp.where(nonzero, jnp.abs(y_true), 1), 0)
   mape = jnp.sum(rel) / jnp.sum(nonzero).astype(dtype)
   return {
-      "mae": jnp.mean(abs_err),
-      "rmse": jnp.sqrt(jnp.mean(err * err)),
-      "mape": mape,
+    "mae": jnp.mean(abs_err),
+    "rmse": jnp.sqrt(jnp.mean(err * err)),
+    "mape": mape,
   }

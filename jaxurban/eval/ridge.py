@@ -29,6 +29,7 @@ on that.
 Both functions are jit- and vmap-compatible (e.g. ``jax.vmap(ridge_fit)`` over
 a leading seed axis of ``x``).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -47,6 +48,7 @@ class RidgeParams(NamedTuple):
     weights: [d] for a single target, [d, T] for T targets.
     intercept: [] for a single target, [T] for T targets.
   """
+
   weights: jax.Array
   intercept: jax.Array
 
@@ -84,8 +86,7 @@ def ridge_fit(x: jax.Array, y: jax.Array, alpha: float = 1.0) -> RidgeParams:
   gram = gram + jnp.asarray(alpha, dtype) * jnp.eye(x.shape[-1], dtype=dtype)
   rhs = jnp.matmul(xc.T, yc, precision=jax.lax.Precision.HIGHEST)
   weights = cho_solve(cho_factor(gram, lower=True), rhs)
-  intercept = y_mean - jnp.matmul(x_mean, weights,
-                                  precision=jax.lax.Precision.HIGHEST)
+  intercept = y_mean - jnp.matmul(x_mean, weights, precision=jax.lax.Precision.HIGHEST)
   return RidgeParams(weights=weights, intercept=intercept)
 
 
@@ -93,6 +94,6 @@ def ridge_predict(params: RidgeParams, x: jax.Array) -> jax.Array:
   """Predictions of eq. (3): [M] for a single target, [M, T] for T targets."""
   dtype = _float_dtype(x, params.weights)
   x = jnp.asarray(x, dtype)
-  return (jnp.matmul(x, params.weights.astype(dtype),
-                     precision=jax.lax.Precision.HIGHEST)
-          + params.intercept.astype(dtype))
+  return jnp.matmul(
+    x, params.weights.astype(dtype), precision=jax.lax.Precision.HIGHEST
+  ) + params.intercept.astype(dtype)

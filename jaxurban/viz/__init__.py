@@ -1,4 +1,5 @@
 """Pictures of region embeddings: t-SNE / PCA projections and city plots."""
+
 from jaxurban.viz.embedding_plot import gdp_levels, plot_city_embeddings
 from jaxurban.viz.tsne import pca_2d, tsne
 

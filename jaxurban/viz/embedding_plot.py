@@ -8,6 +8,7 @@ its own city (low / medium / high by that city's tertiles: yellow, green,
 red), so that alignment of semantically similar regions shows as colours
 meeting across markers.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,7 @@ from matplotlib.lines import Line2D
 
 from jaxurban.viz.tsne import pca_2d, tsne
 
-__all__ = ["GDP_LEVEL_COLORS", "GDP_LEVEL_NAMES", "gdp_levels",
-           "plot_city_embeddings"]
+__all__ = ["GDP_LEVEL_COLORS", "GDP_LEVEL_NAMES", "gdp_levels", "plot_city_embeddings"]
 
 GDP_LEVEL_NAMES = ("low", "medium", "high")
 # A darker yellow than pure #ffff00 so that low-GDP points stay visible on
@@ -51,8 +51,7 @@ def _project(z: np.ndarray, method: str, seed: int, **kwargs) -> np.ndarray:
 
 def _save_atomically(fig: Figure, path: pathlib.Path, dpi: int) -> None:
   """Writes next to the target, then renames: readers never see a partial PNG."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                             suffix=".tmp")
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   os.close(fd)
   try:
     fig.savefig(tmp, format="png", dpi=dpi)
@@ -65,10 +64,21 @@ def _save_atomically(fig: Figure, path: pathlib.Path, dpi: int) -> None:
     raise
 
 
-def plot_city_embeddings(z_x, z_y, gdp_x, gdp_y, name_x: str, name_y: str,
-                         path, method: str = "tsne", seed: int = 0,
-                         title: str | None = None, *, dpi: int = 150,
-                         **projection_kwargs) -> pathlib.Path:
+def plot_city_embeddings(
+  z_x,
+  z_y,
+  gdp_x,
+  gdp_y,
+  name_x: str,
+  name_y: str,
+  path,
+  method: str = "tsne",
+  seed: int = 0,
+  title: str | None = None,
+  *,
+  dpi: int = 150,
+  **projection_kwargs,
+) -> pathlib.Path:
   """Projects Z^X and Z^Y jointly to 2-D and saves a scatter plot as PNG.
 
   Args:
@@ -92,13 +102,12 @@ def plot_city_embeddings(z_x, z_y, gdp_x, gdp_y, name_x: str, name_y: str,
   z_x = np.asarray(z_x, np.float32)
   z_y = np.asarray(z_y, np.float32)
   if z_x.shape[1] != z_y.shape[1]:
-    raise ValueError(f"embedding widths differ: {z_x.shape[1]} vs "
-                     f"{z_y.shape[1]}")
+    raise ValueError(f"embedding widths differ: {z_x.shape[1]} vs {z_y.shape[1]}")
   lv_x, lv_y = gdp_levels(gdp_x), gdp_levels(gdp_y)
   if lv_x.shape[0] != z_x.shape[0] or lv_y.shape[0] != z_y.shape[0]:
     raise ValueError("one GDP value per region is needed for each city")
   xy = _project(np.concatenate([z_x, z_y]), method, seed, **projection_kwargs)
-  p_x, p_y = xy[:len(z_x)], xy[len(z_x):]
+  p_x, p_y = xy[: len(z_x)], xy[len(z_x) :]
 
   fig = Figure(figsize=(9.0, 6.5))
   FigureCanvasAgg(fig)
@@ -107,29 +116,35 @@ def plot_city_embeddings(z_x, z_y, gdp_x, gdp_y, name_x: str, name_y: str,
   # cities interleave instead of one covering the other.
   for level, color in enumerate(GDP_LEVEL_COLORS):
     mx, my = lv_x == level, lv_y == level
-    ax.scatter(p_x[mx, 0], p_x[mx, 1], marker="^", s=16, c=color, alpha=0.75,
-               linewidths=0)
-    ax.scatter(p_y[my, 0], p_y[my, 1], marker="o", s=12, c=color, alpha=0.75,
-               linewidths=0)
+    ax.scatter(p_x[mx, 0], p_x[mx, 1], marker="^", s=16, c=color, alpha=0.75, linewidths=0)
+    ax.scatter(p_y[my, 0], p_y[my, 1], marker="o", s=12, c=color, alpha=0.75, linewidths=0)
   handles = [
-      Line2D([], [], ls="", marker="^", ms=7, color="0.35",
-             label=f"{name_x.upper()} ({len(z_x)} regions)"),
-      Line2D([], [], ls="", marker="o", ms=6, color="0.35",
-             label=f"{name_y.upper()} ({len(z_y)} regions)"),
+    Line2D(
+      [], [], ls="", marker="^", ms=7, color="0.35", label=f"{name_x.upper()} ({len(z_x)} regions)"
+    ),
+    Line2D(
+      [], [], ls="", marker="o", ms=6, color="0.35", label=f"{name_y.upper()} ({len(z_y)} regions)"
+    ),
   ] + [
-      Line2D([], [], ls="", marker="s", ms=8, color=c, label=f"{n} GDP")
-      for n, c in zip(GDP_LEVEL_NAMES, GDP_LEVEL_COLORS)
+    Line2D([], [], ls="", marker="s", ms=8, color=c, label=f"{n} GDP")
+    for n, c in zip(GDP_LEVEL_NAMES, GDP_LEVEL_COLORS)
   ]
   # Outside the axes, so that no region is hidden behind it.
-  ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-            borderaxespad=0.0, frameon=False, fontsize=9,
-            title="city / GDP tertile\n(within each city)", title_fontsize=9)
+  ax.legend(
+    handles=handles,
+    loc="upper left",
+    bbox_to_anchor=(1.01, 1.0),
+    borderaxespad=0.0,
+    frameon=False,
+    fontsize=9,
+    title="city / GDP tertile\n(within each city)",
+    title_fontsize=9,
+  )
   ax.set_xticks([])
   ax.set_yticks([])
   if title is None:
     how = "t-SNE" if method == "tsne" else "PCA"
-    title = (f"{name_x.upper()} and {name_y.upper()} region embeddings, "
-             f"joint {how}")
+    title = f"{name_x.upper()} and {name_y.upper()} region embeddings, joint {how}"
   ax.set_title(title, fontsize=11)
   fig.tight_layout()
   path = pathlib.Path(path)

@@ -29,6 +29,7 @@ method):
 Each iteration costs O(N^2) (exact, no Barnes-Hut); both phases run under
 ``lax.fori_loop`` inside one ``jit``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -51,18 +52,16 @@ def pca_2d(x: jax.Array) -> jax.Array:
   x = jnp.asarray(x, jnp.result_type(x, jnp.float32))
   xc = x - jnp.mean(x, axis=0)
   cov = jnp.matmul(xc.T, xc, precision=jax.lax.Precision.HIGHEST)
-  _, vecs = jnp.linalg.eigh(cov)                   # ascending eigenvalues
+  _, vecs = jnp.linalg.eigh(cov)  # ascending eigenvalues
   comps = vecs[:, ::-1][:, :2]
-  pivot = jnp.take_along_axis(comps, jnp.argmax(jnp.abs(comps), axis=0)[None],
-                              axis=0)
+  pivot = jnp.take_along_axis(comps, jnp.argmax(jnp.abs(comps), axis=0)[None], axis=0)
   comps = comps * jnp.where(pivot < 0, -1.0, 1.0).astype(comps.dtype)
   return jnp.matmul(xc, comps, precision=jax.lax.Precision.HIGHEST)
 
 
 def _sq_dists(x: jax.Array) -> jax.Array:
   sq = jnp.sum(x * x, axis=1)
-  d = sq[:, None] + sq[None, :] - 2.0 * jnp.matmul(
-      x, x.T, precision=jax.lax.Precision.HIGHEST)
+  d = sq[:, None] + sq[None, :] - 2.0 * jnp.matmul(x, x.T, precision=jax.lax.Precision.HIGHEST)
   return jnp.maximum(d, 0.0)
 
 
@@ -119,8 +118,9 @@ def _grad(y: jax.Array, p: jax.Array, exaggeration) -> jax.Array:
   q = num / jnp.sum(num)
   w = (exaggeration * p - q) * num
   # sum_j w_ij (y_i - y_j) = y_i sum_j w_ij - (W y)_i
-  return 4.0 * (jnp.sum(w, axis=1, keepdims=True) * y
-                - jnp.matmul(w, y, precision=jax.lax.Precision.HIGHEST))
+  return 4.0 * (
+    jnp.sum(w, axis=1, keepdims=True) * y - jnp.matmul(w, y, precision=jax.lax.Precision.HIGHEST)
+  )
 
 
 def _descend(y, p, n_steps, exaggeration, momentum, lr):
@@ -143,10 +143,17 @@ def _tsne(x, y0, perplexity, lr, exaggeration, *, n_iter, n_exaggeration):
   return _descend(y, p, n_iter - n_exaggeration, 1.0, 0.8, lr)
 
 
-def tsne(x: jax.Array, *, perplexity: float = 30.0, n_iter: int = 1000,
-         early_exaggeration: float = 12.0, n_exaggeration: int = 250,
-         learning_rate: float | str = "auto", init: str = "pca",
-         seed: int = 0) -> jax.Array:
+def tsne(
+  x: jax.Array,
+  *,
+  perplexity: float = 30.0,
+  n_iter: int = 1000,
+  early_exaggeration: float = 12.0,
+  n_exaggeration: int = 250,
+  learning_rate: float | str = "auto",
+  init: str = "pca",
+  seed: int = 0,
+) -> jax.Array:
   """Exact t-SNE of ``x`` [N, D] to [N, 2] (module doc for the algorithm).
 
   Args:
@@ -177,6 +184,12 @@ def tsne(x: jax.Array, *, perplexity: float = 30.0, n_iter: int = 1000,
     y0 = 1e-4 * jax.random.normal(jax.random.key(seed), (n, 2), jnp.float32)
   else:
     raise ValueError(f"init {init!r}: expected 'pca' or 'random'")
-  return _tsne(x, y0, jnp.float32(perplexity), jnp.float32(lr),
-               jnp.float32(early_exaggeration), n_iter=int(n_iter),
-               n_exaggeration=int(n_exaggeration))
+  return _tsne(
+    x,
+    y0,
+    jnp.float32(perplexity),
+    jnp.float32(lr),
+    jnp.float32(early_exaggeration),
+    n_iter=int(n_iter),
+    n_exaggeration=int(n_exaggeration),
+  )
