@@ -58,7 +58,9 @@ Differences from the authors' scripts, all in this harness:
 
 Outputs in ``--out``: ``<s>_emb.npy`` and ``<t>_emb.npy`` (float32, from
 ``model.get_region_emb()`` after the last epoch; not with ``--timing-only``)
-and ``timing.json``.
+and ``timing.json`` (median/mean/p10/p90 ms per epoch, epoch counts,
+threads, torch version, and every epoch's time in ``epoch_ms``).  Per-epoch
+times on a shared CPU have long contention spikes: quote the median.
 """
 
 from __future__ import annotations

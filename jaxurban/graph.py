@@ -205,17 +205,21 @@ class CityGraph:
     n_regions: number of regions N.
     neighbours: the GAT's input graph as neighbour tables.
     graph: the same graph as a `jraph.GraphsTuple`.
-    origin_rows: [N_o] int32, regions with outgoing mobility (rows of the
-      mobility loss that carry weight).
-    target_rows: [N_o, N] float32, target distribution T_ij of eq. (4),
-      summing to 1 over the whole array.
+    origin_rows: [N_o] int32, regions with outgoing mobility.
+    row_weight: [N_o] float32, their share sum_j T_ij of the target.
+    target_origin, target_destination: [E_T] int32, the non-zeros of the
+      target distribution T of eq. (4).
+    target: [E_T] float32, T_ij there (summing to 1).
   """
 
   n_regions: int = flax.struct.field(pytree_node=False)
   neighbours: NeighbourGraph
   graph: jraph.GraphsTuple
   origin_rows: jax.Array
-  target_rows: jax.Array
+  row_weight: jax.Array
+  target_origin: jax.Array
+  target_destination: jax.Array
+  target: jax.Array
 
 
 def city_graph(
@@ -247,18 +251,25 @@ def city_graph(
     np.asarray(origin), np.asarray(destination), np.asarray(edge_weight), n_regions
   )
   if od_flow is not None:
-    matrix = np.asarray(od_flow, np.float64)
+    flow = np.asarray(od_flow, np.float64)
+    t_origin, t_destination = np.nonzero(flow)
+    t_value = flow[t_origin, t_destination]
   else:
-    matrix = np.zeros((n_regions, n_regions), np.float64)
-    np.add.at(
-      matrix, (np.asarray(origin), np.asarray(destination)), np.asarray(target_weight, np.float64)
-    )
-  matrix = matrix / matrix.sum()
-  rows = np.flatnonzero(matrix.sum(axis=1) > 0).astype(np.int32)
+    # Repeated pairs add up, as in a matrix built from the edge list.
+    keys = np.asarray(origin, np.int64) * n_regions + np.asarray(destination, np.int64)
+    unique, inverse = np.unique(keys, return_inverse=True)
+    t_value = np.bincount(inverse, weights=np.asarray(target_weight, np.float64))
+    t_origin, t_destination = np.divmod(unique, n_regions)
+  t_value = t_value / t_value.sum()
+  row_sum = np.bincount(t_origin, weights=t_value, minlength=n_regions)
+  rows = np.flatnonzero(row_sum > 0).astype(np.int32)
   return CityGraph(
     n_regions=n_regions,
     neighbours=neighbour_graph(senders, receivers, weights, n_regions),
     graph=graphs_tuple(senders, receivers, weights, n_regions),
     origin_rows=jnp.asarray(rows),
-    target_rows=jnp.asarray(matrix[rows], jnp.float32),
+    row_weight=jnp.asarray(row_sum[rows], jnp.float32),
+    target_origin=jnp.asarray(t_origin, jnp.int32),
+    target_destination=jnp.asarray(t_destination, jnp.int32),
+    target=jnp.asarray(t_value, jnp.float32),
   )

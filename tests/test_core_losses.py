@@ -72,20 +72,33 @@ SHAPES = [(7, 9, 4, 5), (40, 31, 16, 50), (120, 96, 32, 200)]
 # ---------------------------------------------------------------- values
 
 
+def sparse_target(target):
+  """The arguments of `losses.mobility_loss` for a dense target matrix."""
+  rows = np.flatnonzero(target.sum(1) > 0)
+  origin, destination = np.nonzero(target)
+  return rows, target.sum(1)[rows], origin, destination, target[origin, destination]
+
+
+@pytest.mark.parametrize("row_chunk", [None, 1, 7, 64])
 @pytest.mark.parametrize("n,_,d,__", SHAPES)
-def test_mobility_loss_matches_reference(rng, n, _, d, __):
+def test_mobility_loss_matches_reference(rng, n, _, d, __, row_chunk):
   z = rng.normal(size=(n, d))
   target = random_target(rng, n, max(1, n // 2))
-  rows = np.flatnonzero(target.sum(1) > 0)
   expected = mobility_reference(z, target)
-  got = losses.mobility_loss(
-    jnp.asarray(z, jnp.float32), jnp.asarray(rows), jnp.asarray(target[rows], jnp.float32)
-  )
+  args = [jnp.asarray(a) for a in sparse_target(target)]
+  args = args[:1] + [a.astype(jnp.float32) if a.dtype.kind == "f" else a for a in args[1:]]
+  loss = lambda v: losses.mobility_loss(v, *args, row_chunk=row_chunk)
+  got = loss(jnp.asarray(z, jnp.float32))
   np.testing.assert_allclose(got, expected, rtol=2e-5)
   direct = losses.mobility_loss_direct(
     jnp.asarray(z, jnp.float32), jnp.asarray(target, jnp.float32)
   )
   np.testing.assert_allclose(direct, expected, rtol=2e-5)
+  # Row blocks change nothing in the gradient either.
+  unchunked = jax.grad(lambda v: losses.mobility_loss(v, *args))(jnp.asarray(z, jnp.float32))
+  np.testing.assert_allclose(
+    jax.grad(loss)(jnp.asarray(z, jnp.float32)), unchunked, rtol=1e-4, atol=1e-6
+  )
 
 
 @pytest.mark.parametrize("form", losses.FORMS)
@@ -174,10 +187,9 @@ def test_mobility_gradient_matches_float64_finite_differences(rng):
   n, d = 25, 6
   z = rng.normal(size=(n, d))
   target = random_target(rng, n, 10)
-  rows = np.flatnonzero(target.sum(1) > 0)
   with jax.enable_x64(True):
     grad = jax.grad(losses.mobility_loss)(
-      jnp.asarray(z), jnp.asarray(rows), jnp.asarray(target[rows])
+      jnp.asarray(z), *[jnp.asarray(a) for a in sparse_target(target)], row_chunk=4
     )
   direction = rng.normal(size=z.shape)
   numeric = directional_derivative(lambda v: mobility_reference(v, target), z, direction)

@@ -149,3 +149,26 @@ def test_permute_rows_backward_is_the_inverse_gather(rng):
   ours = jax.vjp(lambda v: permute_rows(v, permutation, inverse), x)[1](cotangent)[0]
   plain = jax.vjp(lambda v: v[permutation], x)[1](cotangent)[0]
   np.testing.assert_array_equal(ours, plain)
+
+
+def test_city_graph_target_is_the_normalised_mobility_matrix(rng):
+  n = 30
+  origin, destination, weight = random_mobility(rng, n)
+  # A repeated pair counts twice, as in a matrix filled from the edge list.
+  origin, destination = np.append(origin, origin[0]), np.append(destination, destination[0])
+  counts = rng.integers(1, 50, len(origin)).astype(float)
+  graph = city_graph(origin, destination, np.ones(len(origin)), counts, n)
+  dense = np.zeros((n, n))
+  np.add.at(dense, (origin, destination), counts)
+  dense /= dense.sum()
+  got = np.zeros((n, n))
+  got[np.asarray(graph.target_origin), np.asarray(graph.target_destination)] = graph.target
+  np.testing.assert_allclose(got, dense, rtol=1e-6)
+  np.testing.assert_allclose(
+    graph.row_weight, dense.sum(1)[np.asarray(graph.origin_rows)], rtol=1e-6
+  )
+  # A full OD matrix, when given, replaces the edge weights.
+  flow = rng.integers(0, 3, (n, n)).astype(float)
+  graph = city_graph(origin, destination, np.ones(len(origin)), counts, n, od_flow=flow)
+  assert float(jnp.sum(graph.target)) == pytest.approx(1.0)
+  assert len(graph.target) == np.count_nonzero(flow)

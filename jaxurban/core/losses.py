@@ -43,18 +43,51 @@ def _inner(a: jax.Array, b: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------
 
 
-def mobility_loss(z: jax.Array, origin_rows: jax.Array, target_rows: jax.Array) -> jax.Array:
+def row_logsumexp(queries: jax.Array, keys: jax.Array, row_chunk: int | None = None) -> jax.Array:
+  """log sum_k exp(q_i . k_k) for every query row, [N_q].
+
+  With `row_chunk`, the rows are processed in blocks of that many under
+  ``lax.map`` with rematerialisation, so neither the forward nor the backward
+  pass holds more than a [row_chunk, N] block of logits: memory O(N) for a
+  fixed chunk instead of O(N_q N).
+  """
+  n_rows = queries.shape[0]
+  if row_chunk is None or row_chunk >= n_rows:
+    return jax.nn.logsumexp(queries @ keys.T, axis=-1)
+  n_blocks = -(-n_rows // row_chunk)
+  padded = jnp.pad(queries, ((0, n_blocks * row_chunk - n_rows), (0, 0)))
+  block_lse = jax.checkpoint(lambda block: jax.nn.logsumexp(block @ keys.T, axis=-1))
+  lse = jax.lax.map(block_lse, padded.reshape(n_blocks, row_chunk, -1))
+  return lse.reshape(-1)[:n_rows]
+
+
+def mobility_loss(
+  z: jax.Array,
+  origin_rows: jax.Array,
+  row_weight: jax.Array,
+  edge_origin: jax.Array,
+  edge_destination: jax.Array,
+  edge_target: jax.Array,
+  row_chunk: int | None = None,
+) -> jax.Array:
   """-sum_ij T_ij log p(j | i), p(j | i) = softmax_j(z_i . z_j) over all N.
+
+  With T sparse (its non-zeros on the mobility edges) the loss is
+  ``sum_i r_i LSE_i - sum_e t_e z_o(e) . z_d(e)``, r_i = sum_j T_ij, so only
+  the row normalisers LSE_i need all N regions (see `row_logsumexp`).
 
   Args:
     z: [N, d] region embeddings.
-    origin_rows: [N_o] regions with outgoing mobility; other rows of T are 0
-      and are skipped.
-    target_rows: [N_o, N] the rows of the target T (summing to 1 overall), so
-      the loss is the trip-averaged negative log-likelihood of eq. (4).
+    origin_rows: [N_o] regions with outgoing mobility (r_i > 0).
+    row_weight: [N_o] their r_i.
+    edge_origin, edge_destination: [E] the non-zeros of T.
+    edge_target: [E] their values T_ij (summing to 1), so the loss is the
+      trip-averaged negative log-likelihood of eq. (4).
+    row_chunk: rows of logits held at once (None: all).
   """
-  logits = z[origin_rows] @ z.T
-  return -jnp.sum(target_rows * jax.nn.log_softmax(logits, axis=-1))
+  lse = row_logsumexp(z[origin_rows], z, row_chunk)
+  pair_logits = jnp.sum(z[edge_origin] * z[edge_destination], axis=-1)
+  return jnp.dot(row_weight, lse) - jnp.dot(edge_target, pair_logits)
 
 
 def mobility_loss_direct(z: jax.Array, target: jax.Array) -> jax.Array:

@@ -65,6 +65,8 @@ class LossSettings:
     n_anchors: N_a, fresh Gaussian anchors drawn every step.
     form: "authors" or "paper" (see `jaxurban.core.losses`).
     direct: use the N x N reference forms instead of the O(N d^2) ones.
+    logits_budget: most elements of the mobility loss's [rows, N] logits
+      held at once; larger cities are processed in row blocks.
   """
 
   alpha: float = 1.0
@@ -72,6 +74,13 @@ class LossSettings:
   n_anchors: int = 1000
   form: str = "authors"
   direct: bool = False
+  logits_budget: int = 1 << 24
+
+  def row_chunk(self, n_rows: int, n_regions: int) -> int | None:
+    """Row block of the mobility loss, None when all rows fit the budget."""
+    if n_rows * n_regions <= self.logits_budget:
+      return None
+    return max(1, self.logits_budget // n_regions)
 
 
 def alignment_losses(
@@ -97,9 +106,17 @@ def mobility_losses(
   def one(z, city):
     if settings.direct:
       target = jnp.zeros((city.n_regions, city.n_regions), z.dtype)
-      target = target.at[city.origin_rows].set(city.target_rows)
+      target = target.at[city.target_origin, city.target_destination].add(city.target)
       return losses.mobility_loss_direct(z, target)
-    return losses.mobility_loss(z, city.origin_rows, city.target_rows)
+    return losses.mobility_loss(
+      z,
+      city.origin_rows,
+      city.row_weight,
+      city.target_origin,
+      city.target_destination,
+      city.target,
+      settings.row_chunk(len(city.origin_rows), city.n_regions),
+    )
 
   return {"re_x": one(z_x, city_x), "re_y": one(z_y, city_y)}
 

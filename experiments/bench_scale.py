@@ -1,0 +1,165 @@
+"""How CoRE's training step scales with the number of regions.
+
+  python -m experiments.bench_scale                       # N = 1k ... 20k
+  python -m experiments.bench_scale --sizes 1000 5000 --max-run-gb 8
+
+For each N, two synthetic cities of N regions each (a jittered grid, about 10
+destinations per origin drawn with distance-decaying probability) train one
+seed with the linear-memory step (neighbour-table GAT, O(N d^2) alignment
+losses, mobility loss in row blocks) and with the direct formulation (the
+N x N forms of every loss). Every (N, formulation) runs in its own process so
+that its peak resident memory can be read. Printed per row: XLA's compiled
+memory estimate (arguments + temporaries), the measured peak RSS of the
+process and the median step time over --repeats steps after a warm-up step.
+A formulation whose compiled estimate exceeds --max-run-gb is not run and is
+reported as out of memory at that budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def synthetic_city(n_regions: int, seed: int, destinations: int = 10):
+  """Edges (origin, destination, count) of a city on a jittered square grid."""
+  rng = np.random.default_rng(seed)
+  side = int(np.ceil(np.sqrt(n_regions)))
+  cell = np.arange(n_regions)
+  row, col = cell // side, cell % side
+  origin, destination = [], []
+  for _ in range(destinations):
+    # Distance-decaying trip lengths: exponential in grid steps, random heading.
+    length = rng.exponential(3.0, n_regions)
+    angle = rng.uniform(0, 2 * np.pi, n_regions)
+    r = np.clip(np.rint(row + length * np.sin(angle)), 0, side - 1).astype(int)
+    c = np.clip(np.rint(col + length * np.cos(angle)), 0, side - 1).astype(int)
+    target = np.minimum(r * side + c, n_regions - 1)
+    origin.append(cell)
+    destination.append(target)
+  origin, destination = np.concatenate(origin), np.concatenate(destination)
+  pairs, counts = np.unique(origin * n_regions + destination, return_counts=True)
+  origin, destination = np.divmod(pairs, n_regions)
+  return origin, destination, counts.astype(np.float64)
+
+
+def child(n_regions: int, direct: bool, repeats: int, max_run_gb: float) -> dict:
+  """Compiles (and if it fits, runs) one training step; returns the figures."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from jaxurban.core.train import CoreConfig, build_model, init_params, make_chunk, make_embed_loss
+  from jaxurban.graph import city_graph
+
+  graphs = []
+  for seed in (0, 1):
+    origin, destination, counts = synthetic_city(n_regions, seed)
+    per_origin = counts / np.bincount(origin, counts, n_regions)[origin]
+    graphs.append(city_graph(origin, destination, per_origin, counts, n_regions))
+  config = dataclasses.replace(CoreConfig(seeds=1), direct=direct)
+  model = build_model(config, *graphs)
+  params, keys = init_params(model, jnp.arange(1), *graphs)
+  optimizer = optax.adam(config.learning_rate)
+  state = (params, jax.vmap(optimizer.init)(params), keys)
+  step = make_chunk(make_embed_loss(model, config.loss_settings()), optimizer, 1)
+  compiled = step.lower(state, *graphs).compile()
+  analysis = compiled.memory_analysis()
+  estimate = (
+    analysis.argument_size_in_bytes + analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+  ) / 2**30
+  result = {
+    "n_regions": n_regions,
+    "direct": direct,
+    "compiled_gb": estimate,
+    "edges_per_city": int(len(graphs[0].target)),
+  }
+  if estimate > max_run_gb:
+    return result | {"ran": False}
+  state, terms = compiled(state, *graphs)
+  jax.block_until_ready(terms)
+  times = []
+  for _ in range(repeats):
+    started = time.perf_counter()
+    state, terms = compiled(state, *graphs)
+    jax.block_until_ready(terms)
+    times.append(time.perf_counter() - started)
+  peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+  return result | {
+    "ran": True,
+    "step_ms": 1e3 * statistics.median(times),
+    "peak_rss_gb": peak_gb,
+    "finite": bool(np.all(np.isfinite(np.asarray(terms["total"])))),
+  }
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 5000, 10000, 20000])
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument(
+    "--max-run-gb",
+    type=float,
+    default=16.0,
+    help="do not run a step whose compiled estimate exceeds this",
+  )
+  parser.add_argument("--child", nargs=2, metavar=("N", "DIRECT"), help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.child:
+    n, direct = int(args.child[0]), args.child[1] == "1"
+    print(json.dumps(child(n, direct, args.repeats, args.max_run_gb)))
+    return 0
+
+  print(
+    f"{'N':>7} {'formulation':>13} {'edges':>7} {'compiled GB':>12} {'peak RSS GB':>12} "
+    f"{'step ms':>9}",
+    flush=True,
+  )
+  for n in args.sizes:
+    for direct in (False, True):
+      command = [
+        sys.executable,
+        "-m",
+        "experiments.bench_scale",
+        "--repeats",
+        str(args.repeats),
+        "--max-run-gb",
+        str(args.max_run_gb),
+        "--child",
+        str(n),
+        "1" if direct else "0",
+      ]
+      done = subprocess.run(command, capture_output=True, text=True)
+      name = "direct N x N" if direct else "linear"
+      if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["(no message)"]
+        print(f"{n:>7} {name:>13}  failed: {tail[0][:100]}", flush=True)
+        continue
+      row = json.loads(done.stdout.strip().splitlines()[-1])
+      if row["ran"]:
+        print(
+          f"{n:>7} {name:>13} {row['edges_per_city']:>7} {row['compiled_gb']:>12.2f} "
+          f"{row['peak_rss_gb']:>12.2f} {row['step_ms']:>9.1f}",
+          flush=True,
+        )
+      else:
+        print(
+          f"{n:>7} {name:>13} {row['edges_per_city']:>7} {row['compiled_gb']:>12.2f} "
+          f"{'not run':>12} {'out of memory at ' + str(args.max_run_gb) + ' GB':>9}",
+          flush=True,
+        )
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,30 @@
+"""The scaling benchmark's synthetic cities and one tiny run of each formulation."""
+
+import numpy as np
+import pytest
+
+from experiments import bench_scale
+
+
+def test_synthetic_city_is_sparse_and_distance_decaying():
+  n = 2500
+  origin, destination, counts = bench_scale.synthetic_city(n, seed=0)
+  per_origin = np.bincount(origin, minlength=n)
+  assert 5 <= per_origin.mean() <= 10 and per_origin.min() >= 1
+  side = int(np.ceil(np.sqrt(n)))
+  distance = np.hypot(origin // side - destination // side, origin % side - destination % side)
+  # Short trips dominate: most within 5 grid steps, few beyond 15.
+  assert np.mean(distance <= 5) > 0.6 and np.mean(distance > 15) < 0.05
+  assert np.all(counts >= 1) and len(np.unique(origin * n + destination)) == len(origin)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_one_step_runs_and_reports(direct):
+  row = bench_scale.child(200, direct, repeats=1, max_run_gb=16.0)
+  assert row["ran"] and row["finite"]
+  assert row["compiled_gb"] > 0 and row["step_ms"] > 0 and row["peak_rss_gb"] > 0
+
+
+def test_a_step_over_the_budget_is_not_run():
+  row = bench_scale.child(200, True, repeats=1, max_run_gb=1e-6)
+  assert row == {**row, "ran": False}
