@@ -53,6 +53,16 @@ def lia_reference(z_x, z_y, w_q, b_q, w_k, b_k, form):
   )
 
 
+def random_query_key(rng, d):
+  """W^q, b^q, W^k, b^k of eq. (11)."""
+  return [
+    rng.normal(size=(d, d)) / np.sqrt(d),
+    rng.normal(size=d) * 0.1,
+    rng.normal(size=(d, d)) / np.sqrt(d),
+    rng.normal(size=d) * 0.1,
+  ]
+
+
 def random_target(rng, n, n_origins):
   target = np.zeros((n, n))
   origins = rng.choice(n, n_origins, replace=False)
@@ -127,12 +137,7 @@ def test_lma_matches_reference(rng, form, n_x, n_y, d, n_a):
 @pytest.mark.parametrize("n_x,n_y,d,_", SHAPES)
 def test_lia_matches_reference(rng, form, n_x, n_y, d, _):
   z_x, z_y = rng.normal(size=(n_x, d)), rng.normal(size=(n_y, d))
-  weights = [
-    rng.normal(size=(d, d)) / np.sqrt(d),
-    rng.normal(size=d) * 0.1,
-    rng.normal(size=(d, d)) / np.sqrt(d),
-    rng.normal(size=d) * 0.1,
-  ]
+  weights = random_query_key(rng, d)
   expected = lia_reference(z_x, z_y, *weights, form)
   f32 = [jnp.asarray(a, jnp.float32) for a in (z_x, z_y, *weights)]
   np.testing.assert_allclose(losses.lia_direct(*f32, form=form), expected, rtol=1e-4)
@@ -157,12 +162,7 @@ def test_alignment_gradients_match_float64_finite_differences(rng, form):
   n_x, n_y, d, n_a = 30, 24, 8, 40
   z_x, z_y = rng.normal(size=(n_x, d)), rng.normal(size=(n_y, d))
   anchors = rng.normal(size=(n_a, d))
-  weights = [
-    rng.normal(size=(d, d)) / np.sqrt(d),
-    rng.normal(size=d) * 0.1,
-    rng.normal(size=(d, d)) / np.sqrt(d),
-    rng.normal(size=d) * 0.1,
-  ]
+  weights = random_query_key(rng, d)
   with jax.enable_x64(True):
     lma_grad = jax.grad(losses.lma_lowrank, argnums=(0, 1))(
       jnp.asarray(z_x), jnp.asarray(z_y), jnp.asarray(anchors), form
@@ -202,12 +202,7 @@ def test_lowrank_float32_gradients_match_direct_float64(rng, form):
   n_x, n_y, d, n_a = 300, 260, 32, 1000
   z_x, z_y = rng.normal(size=(n_x, d)), rng.normal(size=(n_y, d))
   anchors = rng.normal(size=(n_a, d))
-  weights = [
-    rng.normal(size=(d, d)) / np.sqrt(d),
-    rng.normal(size=d) * 0.1,
-    rng.normal(size=(d, d)) / np.sqrt(d),
-    rng.normal(size=d) * 0.1,
-  ]
+  weights = random_query_key(rng, d)
   with jax.enable_x64(True):
     ref_lma = jax.grad(losses.lma_direct, argnums=(0, 1))(
       jnp.asarray(z_x), jnp.asarray(z_y), jnp.asarray(anchors), form

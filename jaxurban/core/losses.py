@@ -167,6 +167,11 @@ def lma_direct(
 # --------------------------------------------------------------------------
 
 
+def _query_key(z, w_q, b_q, w_k, b_k):
+  """Q = Z W^q + b^q and K = Z W^k + b^k of eq. (11)."""
+  return z @ w_q + b_q, z @ w_k + b_k
+
+
 def _lia_target_factors(z, q, k, form):
   """The in-city correlation as a product of two [N, d] factors."""
   if form == "paper":
@@ -201,8 +206,7 @@ def lia_lowrank(
 ) -> jax.Array:
   """Latent individual alignment loss (eqs. 10-12) in O(N d^2)."""
   _check_form(form)
-  q_x, k_x = z_x @ w_q + b_q, z_x @ w_k + b_k  # eq. (11)
-  q_y, k_y = z_y @ w_q + b_q, z_y @ w_k + b_k
+  (q_x, k_x), (q_y, k_y) = _query_key(z_x, w_q, b_q, w_k, b_k), _query_key(z_y, w_q, b_q, w_k, b_k)
   tl_x, tr_x = _lia_target_factors(z_x, q_x, k_x, form)
   tl_y, tr_y = _lia_target_factors(z_y, q_y, k_y, form)
   res_x = _cycle_residual_sq(tl_x, tr_x, q_x, k_x, q_y, k_y)
@@ -223,8 +227,7 @@ def lia_direct(
   """Reference: eqs. (10)-(12) with the N x N matrices."""
   _check_form(form)
   d = w_q.shape[-1]
-  q_x, k_x = z_x @ w_q + b_q, z_x @ w_k + b_k
-  q_y, k_y = z_y @ w_q + b_q, z_y @ w_k + b_k
+  (q_x, k_x), (q_y, k_y) = _query_key(z_x, w_q, b_q, w_k, b_k), _query_key(z_y, w_q, b_q, w_k, b_k)
   attn_xy = q_x @ k_y.T / jnp.sqrt(d)
   attn_yx = q_y @ k_x.T / jnp.sqrt(d)
   if form == "paper":
