@@ -63,6 +63,11 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
   parser.add_argument("--log-every", type=int, default=50)
   parser.add_argument("--checkpoint-every", type=int, default=100)
   parser.add_argument("--no-plot", action="store_true")
+  parser.add_argument(
+    "--shard-seeds",
+    action="store_true",
+    help="split the seeds over all devices (a multiple of the device count)",
+  )
   args = parser.parse_args(argv)
 
   cities = args.pair.split("-")
@@ -101,6 +106,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
       log_every=args.log_every,
       checkpoint_every=args.checkpoint_every,
       plot=not args.no_plot,
+      shard_seeds=args.shard_seeds,
     )
   except ValueError as error:
     parser.error(str(error))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxurban import sharding
 from jaxurban.checkpoint import Checkpointer, save_npy_atomic, write_json_atomic
 from jaxurban.core import losses as core_losses
 from jaxurban.core.model import CoRE, LossSettings, alignment_losses, mobility_losses, total_loss
@@ -53,6 +54,8 @@ class CoreConfig:
     log_every: epochs per jitted chunk and progress line.
     checkpoint_every: epochs between checkpoints (rounded to chunks).
     plot: write the 2-D picture of both cities' embeddings.
+    shard_seeds: split the seeds over all devices (seeds must be a multiple
+      of the device count); the result equals the single-device run.
   """
 
   city_x: str = "xa"
@@ -75,6 +78,7 @@ class CoreConfig:
   log_every: int = 50
   checkpoint_every: int = 100
   plot: bool = True
+  shard_seeds: bool = False
 
   def __post_init__(self):
     problems = []
@@ -111,7 +115,7 @@ class CoreConfig:
 
 
 # Config keys that may change between a run and its resumption.
-_RESUMABLE_KEYS = ("data_root", "log_every", "checkpoint_every", "plot")
+_RESUMABLE_KEYS = ("data_root", "log_every", "checkpoint_every", "plot", "shard_seeds")
 
 
 def load_city_graph(name: str, data_root=None):
@@ -198,6 +202,10 @@ def _run_stage(
   if restored is not None:
     start, state = restored
     _log(f"[{name}] resuming from the checkpoint at epoch {start}")
+  if config.shard_seeds:
+    mesh = sharding.seed_mesh()
+    state = sharding.shard_seeds(state, mesh)
+    data = sharding.shard_seeds(data, mesh) if per_seed_data else sharding.replicate(data, mesh)
   length = _chunk_length(epochs, config.log_every)
   save_every = max(length, (config.checkpoint_every // length) * length)
   chunk = make_chunk(loss_fn, optimizer, length, per_seed_data)
