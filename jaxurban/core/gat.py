@@ -16,9 +16,9 @@ Two implementations share one set of parameters:
 * ``"tables"`` (default): the attention vectors are folded into W, giving
   per-node scalar logits (x (W^h a^h) instead of (x W^h) . a^h); the
   neighbours' x are aggregated before the per-head transform, which is valid
-  because the message is linear in x_j; and all neighbour access goes through
-  receiver-major tables whose backward is a gather (`jaxurban.graph`).
-  The messages are then [N, K, d_in] instead of [E, H, d_out].
+  because the message is linear in x_j; and neighbours are read from
+  receiver-major tables bucketed by in-degree (`jaxurban.graph`). The
+  messages are then [R, K, d_in] per bucket instead of [E, H, d_out].
 * ``"segment"``: the textbook jraph form, gathers over edges, segment softmax
   and ``segment_sum`` by receiver. Kept as the readable reference.
 """
