@@ -27,21 +27,10 @@ HEADS, FEATURES = 8, 128
 def torch_half(args) -> None:
   import torch
 
-  from experiments.torch_reference import import_core_class, load_data, seed_everything
+  from experiments.torch_reference import build_model, import_core_class, seed_everything
 
-  core_class = import_core_class(args.repo)
   seed_everything(0)
-  n_x, graph_x = load_data(args.data_root, "xa")
-  n_y, graph_y = load_data(args.data_root, "cd")
-  model = core_class(
-    s_region_num=n_x,
-    t_region_num=n_y,
-    s_graph_info=graph_x,
-    t_graph_info=graph_y,
-    hidden_dim=FEATURES,
-    gat_layers=2,
-    num_heads=HEADS,
-  )
+  model, _, _ = build_model(import_core_class(args.repo), args.data_root, "xa", "cd")
   out = {"param/" + k: v.detach().numpy() for k, v in model.state_dict().items()}
   with torch.no_grad():
     z_x, z_y = model.get_region_emb()

@@ -149,6 +149,22 @@ def load_data(data_root: str, city: str):
   return region_num, graph_info
 
 
+def build_model(core_class, data_root: str, s_city: str, t_city: str):
+  """The authors' model for a city pair with their settings: (model, N_s, N_t)."""
+  s_region_num, s_graph_info = load_data(data_root, s_city)
+  t_region_num, t_graph_info = load_data(data_root, t_city)
+  model = core_class(
+    s_region_num=s_region_num,
+    t_region_num=t_region_num,
+    s_graph_info=s_graph_info,
+    t_graph_info=t_graph_info,
+    hidden_dim=HIDDEN_DIM,
+    gat_layers=GAT_LAYERS,
+    num_heads=NUM_HEADS,
+  )
+  return model, s_region_num, t_region_num
+
+
 def seed_everything(seed: int) -> None:
   import torch
 
@@ -199,23 +215,13 @@ def main(argv=None) -> int:
   CoRE = import_core_class(args.repo)
 
   seed_everything(args.seed)
-  s_region_num, s_graph_info = load_data(args.data_root, args.s_city)
-  t_region_num, t_graph_info = load_data(args.data_root, args.t_city)
+  model, s_region_num, t_region_num = build_model(CoRE, args.data_root, args.s_city, args.t_city)
   print(
     f"learning {args.s_city} --- {args.t_city}: {s_region_num} / {t_region_num} regions, "
     f"torch {torch.__version__}, {torch.get_num_threads()} threads, seed {args.seed}",
     flush=True,
   )
 
-  model = CoRE(
-    s_region_num=s_region_num,
-    t_region_num=t_region_num,
-    s_graph_info=s_graph_info,
-    t_graph_info=t_graph_info,
-    hidden_dim=HIDDEN_DIM,
-    gat_layers=GAT_LAYERS,
-    num_heads=NUM_HEADS,
-  )
   optim = torch.optim.Adam(model.parameters(), lr=LR)
 
   times: list[float] = []
