@@ -68,6 +68,20 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
     action="store_true",
     help="split the seeds over all devices (a multiple of the device count)",
   )
+  parser.add_argument(
+    "--shard-regions",
+    action="store_true",
+    help="split one large city pair over all devices: the mobility loss's rows and the anchors",
+  )
+  parser.add_argument(
+    "--distributed",
+    action="store_true",
+    help="multi-host: call jax.distributed.initialize() first, so that the device mesh spans "
+    "every host (settings detected on SLURM, Open MPI, Kubernetes, Cloud TPU, or given below)",
+  )
+  parser.add_argument("--coordinator-address", help="with --distributed: host:port of process 0")
+  parser.add_argument("--num-processes", type=int, help="with --distributed: number of processes")
+  parser.add_argument("--process-id", type=int, help="with --distributed: this process's id")
   args = parser.parse_args(argv)
 
   cities = args.pair.split("-")
@@ -107,6 +121,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
       checkpoint_every=args.checkpoint_every,
       plot=not args.no_plot,
       shard_seeds=args.shard_seeds,
+      shard_regions=args.shard_regions,
     )
   except ValueError as error:
     parser.error(str(error))
@@ -114,8 +129,24 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
   return config, out
 
 
+def _start_distributed(argv: list[str] | None) -> None:
+  """jax.distributed.initialize() when --distributed is given; before any computation."""
+  parser = argparse.ArgumentParser(add_help=False)
+  parser.add_argument("--distributed", action="store_true")
+  parser.add_argument("--coordinator-address")
+  parser.add_argument("--num-processes", type=int)
+  parser.add_argument("--process-id", type=int)
+  args, _ = parser.parse_known_args(argv)
+  if args.distributed:
+    import jax
+
+    # Unset values are detected from the cluster environment.
+    jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+
+
 def main(argv: list[str] | None = None) -> int:
   config, out = parse_config(argv)
+  _start_distributed(argv)
   try:
     train_and_evaluate(config, out)
   except DataError as error:

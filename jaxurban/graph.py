@@ -273,3 +273,23 @@ def city_graph(
     target_destination=jnp.asarray(t_destination, jnp.int32),
     target=jnp.asarray(t_value, jnp.float32),
   )
+
+
+def pad_target_rows(city: CityGraph, multiple: int) -> CityGraph:
+  """Pads the mobility target's rows and edges to multiples of `multiple`.
+
+  The padding repeats region 0 with weight 0, so every loss is unchanged;
+  it lets the rows be split evenly over `multiple` devices.
+  """
+
+  def pad(values: jax.Array, fill) -> jax.Array:
+    extra = -len(values) % multiple
+    return jnp.concatenate([values, jnp.full((extra,), fill, values.dtype)]) if extra else values
+
+  return city.replace(
+    origin_rows=pad(city.origin_rows, 0),
+    row_weight=pad(city.row_weight, 0.0),
+    target_origin=pad(city.target_origin, 0),
+    target_destination=pad(city.target_destination, 0),
+    target=pad(city.target, 0.0),
+  )

@@ -1,9 +1,17 @@
 """Device meshes and the names of their axes, in one place.
 
-Training K seeds is embarrassingly parallel: the seed axis of the state is
-split over a one-dimensional mesh and the same jitted step runs on every
-device with the city graphs replicated. On one device every placement here
-is the identity.
+Two ways of spreading CoRE over devices, each a one-dimensional mesh:
+
+* ``SEEDS``: training K seeds is embarrassingly parallel; the seed axis of
+  the state is split and the city graphs are replicated.
+* ``REGIONS``: one large city pair is split by regions. The cost of a step
+  is the mobility loss's row normaliser, O(N_o N d) for the N_o regions with
+  outgoing mobility, and the alignment losses' anchors; those rows (and the
+  target's edges, and the anchors) are split over the devices while the
+  [N, d] embeddings, O(N d), are all-gathered. The jitted step is the same;
+  the loss functions only add sharding constraints when given a mesh.
+
+On one device every placement here is the identity.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 SEEDS = "seeds"  # mesh axis over which independent seeds are split
+REGIONS = "regions"  # mesh axis over which the rows of one city pair are split
 
 
 def seed_mesh(devices=None) -> Mesh:
@@ -40,3 +49,40 @@ def shard_seeds(tree, mesh: Mesh):
 def replicate(tree, mesh: Mesh):
   """Places every array of `tree` whole on every device of `mesh`."""
   return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def region_mesh(devices=None) -> Mesh:
+  """A one-axis mesh over `devices` (default: all) named `REGIONS`."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  return Mesh(devices.reshape(-1), (REGIONS,))
+
+
+def padded_size(n: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` that is >= n."""
+  return -(-n // multiple) * multiple
+
+
+def constrain_rows(x: jax.Array, mesh: Mesh | None, axis: int = 0) -> jax.Array:
+  """Asks XLA to split dimension `axis` of `x` over the `REGIONS` devices.
+
+  The identity without a mesh, so the ordinary single-device step is
+  unchanged. Inside ``jax.vmap`` the mapped (seed) dimension is left
+  replicated.
+  """
+  if mesh is None:
+    return x
+  spec = [None] * x.ndim
+  spec[axis] = REGIONS
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
+def split_rows(tree, mesh: Mesh):
+  """Places every array of `tree` split along its leading (row) axis over `REGIONS`."""
+  n_devices = mesh.devices.size
+  for leaf in jax.tree.leaves(tree):
+    if leaf.shape[0] % n_devices:
+      raise ValueError(
+        f"an array of {leaf.shape[0]} rows cannot be split over {n_devices} devices; "
+        f"pad it to a multiple of {n_devices}"
+      )
+  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec(REGIONS)))

@@ -111,6 +111,25 @@ def test_mobility_loss_matches_reference(rng, n, _, d, __, row_chunk):
   )
 
 
+@pytest.mark.parametrize("n,d", [(45, 8), (70, 16)])
+def test_mobility_loss_through_the_fused_kernel(rng, n, d):
+  """The Pallas row normaliser (interpret mode) inside the loss, against float64."""
+  z = rng.normal(size=(n, d))
+  target = random_target(rng, n, max(1, n // 2))
+  args = [jnp.asarray(a) for a in sparse_target(target)]
+  args = args[:1] + [a.astype(jnp.float32) if a.dtype.kind == "f" else a for a in args[1:]]
+  loss = lambda v, impl: losses.mobility_loss(v, *args, lse_implementation=impl)
+  z32 = jnp.asarray(z, jnp.float32)
+  np.testing.assert_allclose(
+    loss(z32, "pallas-interpret"), mobility_reference(z, target), rtol=2e-5
+  )
+  np.testing.assert_allclose(
+    jax.grad(loss)(z32, "pallas-interpret"), jax.grad(loss)(z32, "xla"), rtol=1e-4, atol=1e-6
+  )
+  with pytest.raises(ValueError, match="implementation"):
+    loss(z32, "cuda")
+
+
 @pytest.mark.parametrize("form", losses.FORMS)
 @pytest.mark.parametrize("n_x,n_y,d,n_a", SHAPES)
 def test_lma_matches_reference(rng, form, n_x, n_y, d, n_a):

@@ -1,4 +1,4 @@
-"""Seeds split over 8 (simulated CPU) devices give the single-device result.
+"""Seeds or regions split over 8 (simulated CPU) devices give the single-device result.
 
 The devices must be configured before jax starts, so the check runs in a
 child process with XLA_FLAGS set.
@@ -47,13 +47,95 @@ CHILD = textwrap.dedent(
 
 
 def test_seeds_sharded_over_eight_devices_match_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  done = subprocess.run(
-    [sys.executable, "-c", CHILD], cwd=repo, env=env, capture_output=True, text=True, timeout=600
-  )
+  done = _run_on_eight_devices(CHILD)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "SHARDED-OK" in done.stdout
+
+
+REGIONS_CHILD = textwrap.dedent(
+  """
+  import dataclasses, tempfile
+  import jax, jax.numpy as jnp, numpy as np
+  assert jax.device_count() == 8, jax.devices()
+  from experiments.bench_scale import synthetic_city
+  from jaxurban import sharding
+  from jaxurban.core import train
+  from jaxurban.graph import city_graph, pad_target_rows
+
+  graphs = []
+  for seed, n in ((0, 150), (1, 170)):
+    origin, destination, counts = synthetic_city(n, seed)
+    per_origin = counts / np.bincount(origin, counts, n)[origin]
+    graphs.append(city_graph(origin, destination, per_origin, counts, n))
+  assert len(graphs[0].origin_rows) % 8 or len(graphs[1].origin_rows) % 8  # padding exercised
+
+  mesh = sharding.region_mesh()
+  padded = [pad_target_rows(g, 8) for g in graphs]
+  for form in ("authors", "paper"):
+    # A small logits budget forces the row-blocked normaliser (lax.map).
+    for budget in (1 << 24, 4000):
+      config = train.CoreConfig(features=16, heads=2, n_anchors=64, loss_form=form)
+      settings = dataclasses.replace(config.loss_settings(), logits_budget=budget)
+      model = train.build_model(config, *graphs)
+      params, keys = train.init_params(model, jnp.arange(1), *graphs)
+      params, key = jax.tree.map(lambda a: a[0], params), keys[0]
+      grad = lambda s: jax.jit(jax.value_and_grad(train.make_embed_loss(model, s), has_aux=True))
+      (loss, terms), grads = grad(settings)(params, key, *graphs)
+      (loss_pad, _), grads_pad = grad(settings)(params, key, *padded)
+      np.testing.assert_allclose(loss_pad, loss, rtol=1e-6)  # padding is exact
+      split_graphs = [train.place_city_graph(g, mesh) for g in padded]
+      assert len(split_graphs[0].origin_rows.sharding.device_set) == 8
+      mesh_settings = dataclasses.replace(settings, mesh=mesh)
+      (loss_split, terms_split), grads_split = grad(mesh_settings)(
+        sharding.replicate(params, mesh), sharding.replicate(key, mesh), *split_graphs
+      )
+      np.testing.assert_allclose(loss_split, loss, rtol=1e-5)
+      for name in terms:
+        np.testing.assert_allclose(terms_split[name], terms[name], rtol=1e-5, atol=1e-6)
+      # Float32 sums in another order: differences relative to each array's scale.
+      jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max()),
+        grads_split,
+        grads,
+      )
+
+  # The fused row-normaliser kernel (interpret mode), one shard per device.
+  kernel_settings = dataclasses.replace(settings, lse_implementation="pallas-interpret")
+  (loss_kernel, _), grads_kernel = grad(dataclasses.replace(kernel_settings, mesh=mesh))(
+    sharding.replicate(params, mesh), sharding.replicate(key, mesh), *split_graphs
+  )
+  np.testing.assert_allclose(loss_kernel, loss, rtol=1e-5)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max()),
+    grads_kernel,
+    grads,
+  )
+
+  results = {}
+  for shard in (False, True):
+    config = train.CoreConfig(seeds=2, epochs=3, log_every=3, n_anchors=32, features=16,
+                              heads=2, plot=False, shard_regions=shard)
+    with tempfile.TemporaryDirectory() as workdir:
+      results[shard] = train.train_embeddings(config, workdir, *graphs)[:2]
+  for single, split in zip(results[False], results[True]):
+    np.testing.assert_allclose(split, single, rtol=2e-5, atol=1e-5)
+  print("REGIONS-OK")
+  """
+)
+
+
+def _run_on_eight_devices(code: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run(
+    [sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=600
+  )
+
+
+def test_regions_split_over_eight_devices_match_one_device():
+  done = _run_on_eight_devices(REGIONS_CHILD)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "REGIONS-OK" in done.stdout
 
 
 def test_uneven_seed_split_is_refused():

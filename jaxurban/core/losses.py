@@ -22,8 +22,13 @@ and two variants (``form``):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from jaxurban.sharding import REGIONS, constrain_rows
 
 FORMS = ("paper", "authors")
 _EPS = 1e-12
@@ -43,21 +48,65 @@ def _inner(a: jax.Array, b: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------
 
 
-def row_logsumexp(queries: jax.Array, keys: jax.Array, row_chunk: int | None = None) -> jax.Array:
+LSE_IMPLEMENTATIONS = (None, "xla", "pallas", "pallas-interpret")
+
+
+def row_logsumexp(
+  queries: jax.Array,
+  keys: jax.Array,
+  row_chunk: int | None = None,
+  mesh: Mesh | None = None,
+  implementation: str | None = None,
+) -> jax.Array:
   """log sum_k exp(q_i . k_k) for every query row, [N_q].
 
-  With `row_chunk`, the rows are processed in blocks of that many under
-  ``lax.map`` with rematerialisation, so neither the forward nor the backward
-  pass holds more than a [row_chunk, N] block of logits: memory O(N) for a
-  fixed chunk instead of O(N_q N).
+  Implementations:
+
+  * ``"xla"``: jax.numpy. With `row_chunk`, the rows are processed in
+    blocks of that many under ``lax.map`` with rematerialisation, so neither
+    the forward nor the backward pass holds more than a [row_chunk, N] block
+    of logits: memory O(N) for a fixed chunk instead of O(N_q N).
+  * ``"pallas"``: the fused kernel `kernels.row_lse` (GPU), which never holds
+    more than a tile of logits; ``"pallas-interpret"`` runs it in Pallas
+    interpret mode on any backend (slow; for checks).
+  * None: ``"pallas"`` on a GPU, ``"xla"`` elsewhere.
+
+  With a `mesh`, the query rows (a multiple of its size) are split over its
+  devices (`jaxurban.sharding.REGIONS`) and the keys are all-gathered.
   """
+  if implementation not in LSE_IMPLEMENTATIONS:
+    raise ValueError(
+      f"row_logsumexp: implementation {implementation!r} not in {LSE_IMPLEMENTATIONS}"
+    )
+  if implementation is None:
+    implementation = "pallas" if jax.default_backend() == "gpu" else "xla"
+  if implementation != "xla":
+    from kernels import row_lse
+
+    kernel = functools.partial(
+      row_lse.row_logsumexp,
+      implementation="pallas",
+      interpret=implementation == "pallas-interpret",
+    )
+    if mesh is None:
+      return kernel(queries, keys)
+    # The kernel sees its device's rows and every key; the keys' cotangent is
+    # summed over devices by shard_map's transpose.
+    return jax.shard_map(
+      kernel,
+      mesh=mesh,
+      in_specs=(PartitionSpec(REGIONS), PartitionSpec()),
+      out_specs=PartitionSpec(REGIONS),
+      check_vma=False,
+    )(queries, keys)
   n_rows = queries.shape[0]
   if row_chunk is None or row_chunk >= n_rows:
-    return jax.nn.logsumexp(queries @ keys.T, axis=-1)
+    return jax.nn.logsumexp(constrain_rows(queries, mesh) @ keys.T, axis=-1)
   n_blocks = -(-n_rows // row_chunk)
   padded = jnp.pad(queries, ((0, n_blocks * row_chunk - n_rows), (0, 0)))
+  padded = constrain_rows(padded.reshape(n_blocks, row_chunk, -1), mesh, axis=1)
   block_lse = jax.checkpoint(lambda block: jax.nn.logsumexp(block @ keys.T, axis=-1))
-  lse = jax.lax.map(block_lse, padded.reshape(n_blocks, row_chunk, -1))
+  lse = jax.lax.map(block_lse, padded)
   return lse.reshape(-1)[:n_rows]
 
 
@@ -69,6 +118,8 @@ def mobility_loss(
   edge_destination: jax.Array,
   edge_target: jax.Array,
   row_chunk: int | None = None,
+  mesh: Mesh | None = None,
+  lse_implementation: str | None = None,
 ) -> jax.Array:
   """-sum_ij T_ij log p(j | i), p(j | i) = softmax_j(z_i . z_j) over all N.
 
@@ -84,9 +135,15 @@ def mobility_loss(
     edge_target: [E] their values T_ij (summing to 1), so the loss is the
       trip-averaged negative log-likelihood of eq. (4).
     row_chunk: rows of logits held at once (None: all).
+    mesh: split the rows and edges over this mesh's devices (their counts
+      must be multiples of its size: `jaxurban.graph.pad_target_rows`).
+    lse_implementation: how the row normalisers are computed (see
+      `row_logsumexp`).
   """
-  lse = row_logsumexp(z[origin_rows], z, row_chunk)
-  pair_logits = jnp.sum(z[edge_origin] * z[edge_destination], axis=-1)
+  lse = row_logsumexp(z[origin_rows], z, row_chunk, mesh, lse_implementation)
+  pair_logits = jnp.sum(
+    constrain_rows(z[edge_origin], mesh) * constrain_rows(z[edge_destination], mesh), axis=-1
+  )
   return jnp.dot(row_weight, lse) - jnp.dot(edge_target, pair_logits)
 
 

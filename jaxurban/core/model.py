@@ -9,8 +9,10 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from jaxurban.core import losses
+from jaxurban.sharding import constrain_rows
 from jaxurban.core.gat import GATEncoder, _uniform
 from jaxurban.graph import CityGraph
 
@@ -67,6 +69,11 @@ class LossSettings:
     direct: use the N x N reference forms instead of the O(N d^2) ones.
     logits_budget: most elements of the mobility loss's [rows, N] logits
       held at once; larger cities are processed in row blocks.
+    mesh: a `jaxurban.sharding.REGIONS` mesh over which the mobility loss's
+      rows and edges and the anchors are split (None: one device).
+    lse_implementation: the mobility loss's row normaliser: None (the fused
+      Pallas kernel on a GPU, row-blocked XLA elsewhere), "xla", "pallas" or
+      "pallas-interpret" (see `jaxurban.core.losses.row_logsumexp`).
   """
 
   alpha: float = 1.0
@@ -75,12 +82,19 @@ class LossSettings:
   form: str = "authors"
   direct: bool = False
   logits_budget: int = 1 << 24
+  mesh: Mesh | None = None
+  lse_implementation: str | None = None
 
   def row_chunk(self, n_rows: int, n_regions: int) -> int | None:
-    """Row block of the mobility loss, None when all rows fit the budget."""
+    """Row block of the mobility loss, None when all rows fit the budget.
+
+    With a mesh the block is a multiple of its size, so that every device
+    takes an equal share of each block.
+    """
     if n_rows * n_regions <= self.logits_budget:
       return None
-    return max(1, self.logits_budget // n_regions)
+    devices = 1 if self.mesh is None else self.mesh.devices.size
+    return max(1, self.logits_budget // (n_regions * devices)) * devices
 
 
 def alignment_losses(
@@ -90,6 +104,7 @@ def alignment_losses(
   out = {}
   if settings.alpha:
     anchors = jax.random.normal(key, (settings.n_anchors, z_x.shape[-1]), z_x.dtype)
+    anchors = constrain_rows(anchors, settings.mesh)
     lma = losses.lma_direct if settings.direct else losses.lma_lowrank
     out["lma"] = lma(z_x, z_y, anchors, settings.form)
   if settings.beta:
@@ -116,6 +131,8 @@ def mobility_losses(
       city.target_destination,
       city.target,
       settings.row_chunk(len(city.origin_rows), city.n_regions),
+      settings.mesh,
+      settings.lse_implementation,
     )
 
   return {"re_x": one(z_x, city_x), "re_y": one(z_y, city_y)}

@@ -22,7 +22,7 @@ from jaxurban import sharding
 from jaxurban.checkpoint import Checkpointer, save_npy_atomic, write_json_atomic
 from jaxurban.core import losses as core_losses
 from jaxurban.core.model import CoRE, LossSettings, alignment_losses, mobility_losses, total_loss
-from jaxurban.graph import CityGraph, city_graph
+from jaxurban.graph import CityGraph, city_graph, pad_target_rows
 
 VARIANTS = ("core", "no-lma", "no-lia", "two-stage", "individual", "rp")
 
@@ -56,6 +56,9 @@ class CoreConfig:
     plot: write the 2-D picture of both cities' embeddings.
     shard_seeds: split the seeds over all devices (seeds must be a multiple
       of the device count); the result equals the single-device run.
+    shard_regions: split one city pair over all devices: the mobility
+      loss's rows and edges and the anchors (n_anchors must be a multiple of
+      the device count); the result equals the single-device run.
   """
 
   city_x: str = "xa"
@@ -79,6 +82,7 @@ class CoreConfig:
   checkpoint_every: int = 100
   plot: bool = True
   shard_seeds: bool = False
+  shard_regions: bool = False
 
   def __post_init__(self):
     problems = []
@@ -98,6 +102,8 @@ class CoreConfig:
     ):
       if getattr(self, name) < 1:
         problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.shard_seeds and self.shard_regions:
+      problems.append("shard_seeds and shard_regions cannot be combined; pick one")
     if self.city_x.lower() == self.city_y.lower():
       problems.append(f"the two cities must differ, got {self.city_x!r} twice")
     if problems:
@@ -115,7 +121,14 @@ class CoreConfig:
 
 
 # Config keys that may change between a run and its resumption.
-_RESUMABLE_KEYS = ("data_root", "log_every", "checkpoint_every", "plot", "shard_seeds")
+_RESUMABLE_KEYS = (
+  "data_root",
+  "log_every",
+  "checkpoint_every",
+  "plot",
+  "shard_seeds",
+  "shard_regions",
+)
 
 
 def load_city_graph(name: str, data_root=None):
@@ -206,6 +219,13 @@ def _run_stage(
     mesh = sharding.seed_mesh()
     state = sharding.shard_seeds(state, mesh)
     data = sharding.shard_seeds(data, mesh) if per_seed_data else sharding.replicate(data, mesh)
+  elif config.shard_regions:
+    mesh = sharding.region_mesh()
+    state = sharding.replicate(state, mesh)
+    data = tuple(
+      place_city_graph(d, mesh) if isinstance(d, CityGraph) else sharding.replicate(d, mesh)
+      for d in data
+    )
   length = _chunk_length(epochs, config.log_every)
   save_every = max(length, (config.checkpoint_every // length) * length)
   chunk = make_chunk(loss_fn, optimizer, length, per_seed_data)
@@ -228,6 +248,17 @@ def _run_stage(
     "seconds": time.perf_counter() - started,
     "resumed_from": start,
   }
+
+
+def place_city_graph(graph: CityGraph, mesh) -> CityGraph:
+  """The mobility target's rows and edges split over `mesh`, the rest replicated.
+
+  The graph must have been padded with `pad_target_rows` to the mesh size.
+  """
+  rows = ("origin_rows", "row_weight", "target_origin", "target_destination", "target")
+  split = sharding.split_rows({name: getattr(graph, name) for name in rows}, mesh)
+  rest = sharding.replicate(graph.replace(**{name: jnp.zeros(0) for name in rows}), mesh)
+  return rest.replace(**split)
 
 
 def build_model(config: CoreConfig, graph_x: CityGraph, graph_y: CityGraph) -> CoRE:
@@ -271,6 +302,16 @@ def train_embeddings(
   """Trains the configured variant; returns Z^X, Z^Y as [K, N, d] and a log."""
   workdir = pathlib.Path(workdir)
   settings = config.loss_settings()
+  if config.shard_regions:
+    mesh = sharding.region_mesh()
+    n_devices = mesh.devices.size
+    if settings.n_anchors % n_devices:
+      raise ValueError(
+        f"shard_regions: {settings.n_anchors} anchors cannot be split over {n_devices} "
+        f"devices; use a multiple of {n_devices}"
+      )
+    graph_x, graph_y = (pad_target_rows(g, n_devices) for g in (graph_x, graph_y))
+    settings = dataclasses.replace(settings, mesh=mesh)
   model = build_model(config, graph_x, graph_y)
   seeds = jnp.arange(config.first_seed, config.first_seed + config.seeds)
   params, train_keys = init_params(model, seeds, graph_x, graph_y)

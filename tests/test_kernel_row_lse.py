@@ -1,0 +1,343 @@
+"""The fused row log-sum-exp kernel against float64 NumPy references.
+
+LSE_i = log sum_{k valid} exp(q_i . k_k); with p_ik = exp(q_i . k_k - LSE_i)
+and a cotangent g, dq_i = g_i sum_k p_ik k_k and dk_k = sum_i g_i p_ik q_i.
+The Pallas path runs in interpret mode (``INTERPRET = True``) on any backend;
+`TestRowLsePallasCompiled` reruns the same tests compiled, on a GPU only.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import row_lse
+
+# (M, N, d): M and N not multiples of the test blocks, multiples, and d not a
+# power of two / below the minimum tile.
+SHAPES = [(37, 53, 8), (64, 128, 16), (100, 300, 32)]
+MASKS = ["none", "random"]
+BLOCK_Q, BLOCK_K = 16, 32
+
+
+# ---------------------------------------------------------------- references
+
+
+def lse_reference(q, k, valid=None):
+  """float64 LSE [M] and softmax p [M, N] (masked keys: p = 0)."""
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  logits = q @ k.T
+  if valid is not None:
+    logits = np.where(np.asarray(valid)[None, :], logits, -np.inf)
+  peak = logits.max(axis=1, keepdims=True)
+  lse = peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=1))
+  return lse, np.exp(logits - lse[:, None])
+
+
+def lse_vjp_reference(q, k, g, valid=None):
+  """(LSE, dq, dk) in float64 from the closed-form gradients."""
+  lse, p = lse_reference(q, k, valid)
+  weight = np.asarray(g, np.float64)[:, None] * p
+  return lse, weight @ np.asarray(k, np.float64), weight.T @ np.asarray(q, np.float64)
+
+
+def random_inputs(rng, m, n, d, mask, dtype=np.float32):
+  # Logits of a few units (max over N around 10-20) exercise the running max.
+  q = rng.normal(size=(m, d)).astype(dtype)
+  k = (rng.normal(size=(n, d)) * 0.7).astype(dtype)
+  g = rng.uniform(0.1, 1.0, size=m).astype(np.float32)
+  valid = None
+  if mask == "random":
+    valid = rng.random(n) < 0.6
+    valid[rng.integers(n)] = True  # at least one valid key per row
+  return q, k, g, valid
+
+
+def assert_close(actual, expected, rtol):
+  """Elementwise |a - e| <= rtol (|e| + max|e|): relative to the array's scale."""
+  expected = np.asarray(expected, np.float64)
+  scale = float(np.max(np.abs(expected))) if expected.size else 1.0
+  chex.assert_trees_all_close(
+    np.asarray(actual, np.float64), expected, rtol=rtol, atol=rtol * max(scale, 1.0)
+  )
+
+
+# ------------------------------------------------------------------ Pallas
+
+
+class TestRowLsePallas:
+  """The Pallas kernels (forward and custom-VJP backward)."""
+
+  INTERPRET = True
+
+  @pytest.fixture(autouse=True)
+  def _needs_gpu_unless_interpreted(self):
+    if not self.INTERPRET and jax.default_backend() != "gpu":
+      pytest.skip("the compiled Pallas kernel needs a GPU")
+
+  def lse_fn(self, valid=None, block_q=BLOCK_Q, block_k=BLOCK_K, **kwargs):
+    return functools.partial(
+      row_lse.row_logsumexp,
+      key_valid=None if valid is None else jnp.asarray(valid),
+      implementation="pallas",
+      interpret=self.INTERPRET,
+      block_q=block_q,
+      block_k=block_k,
+      # Compiled float32 dots would otherwise be TF32 on the GPU.
+      precision=None if self.INTERPRET else jax.lax.Precision.HIGHEST,
+      **kwargs,
+    )
+
+  @pytest.mark.parametrize("mask", MASKS)
+  @pytest.mark.parametrize("shape", SHAPES)
+  def test_forward_and_gradients(self, rng, shape, mask):
+    q, k, g, valid = random_inputs(rng, *shape, mask)
+    lse, vjp = jax.vjp(self.lse_fn(valid), jnp.asarray(q), jnp.asarray(k))
+    dq, dk = vjp(jnp.asarray(g))
+    lse_64, dq_64, dk_64 = lse_vjp_reference(q, k, g, valid)
+    chex.assert_shape(lse, (shape[0],))
+    chex.assert_type(lse, jnp.float32)
+    chex.assert_shape((dq, dk), (q.shape, k.shape))
+    assert_close(lse, lse_64, 1e-5)
+    assert_close(dq, dq_64, 2e-5)
+    assert_close(dk, dk_64, 2e-5)
+    if valid is not None:
+      # Masked keys take no part in any sum: exactly zero gradient.
+      np.testing.assert_array_equal(np.asarray(dk)[~valid], 0.0)
+
+  def test_block_sizes_do_not_change_the_result(self, rng):
+    q, k, g, valid = random_inputs(rng, 50, 70, 24, "random")
+    results = []
+    for block_q, block_k in ((16, 16), (32, 64)):
+      lse, vjp = jax.vjp(self.lse_fn(valid, block_q, block_k), jnp.asarray(q), jnp.asarray(k))
+      results.append((lse, *vjp(jnp.asarray(g))))
+    chex.assert_trees_all_close(results[0], results[1], rtol=1e-5, atol=1e-5)
+
+  def test_bfloat16_accumulates_in_float32(self, rng):
+    q, k, g, _ = random_inputs(rng, 40, 90, 16, "none")
+    q16, k16 = jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16)
+    lse, vjp = jax.vjp(self.lse_fn(), q16, k16)
+    dq, dk = vjp(jnp.asarray(g))
+    chex.assert_type((lse, dq, dk), (jnp.float32, jnp.bfloat16, jnp.bfloat16))
+    # Reference on the bfloat16-rounded inputs: the forward only rounds the
+    # inputs; the backward also rounds p g to bfloat16 for the tile product.
+    lse_64, dq_64, dk_64 = lse_vjp_reference(
+      np.asarray(q16, np.float32), np.asarray(k16, np.float32), g
+    )
+    assert_close(lse, lse_64, 1e-5)
+    assert_close(np.asarray(dq, np.float32), dq_64, 2e-2)
+    assert_close(np.asarray(dk, np.float32), dk_64, 2e-2)
+
+  def test_padded_rows_are_finite_and_get_zero_gradient(self, rng):
+    # 21 rows and 40 keys in blocks of 16 and 32: 11 padded query rows and 24
+    # padded keys inside the kernel. Appending explicit zero rows with zero
+    # cotangent (as a fixed-shape caller pads) changes neither dk nor the
+    # real rows, and the appended rows get dq = 0 and a finite LSE.
+    q, k, g, valid = random_inputs(rng, 21, 40, 8, "random")
+    fn = self.lse_fn(valid)
+    lse, vjp = jax.vjp(fn, jnp.asarray(q), jnp.asarray(k))
+    dq, dk = vjp(jnp.asarray(g))
+    q_pad = np.concatenate([q, np.zeros((7, q.shape[1]), q.dtype)])
+    g_pad = np.concatenate([g, np.zeros(7, g.dtype)])
+    lse_p, vjp_p = jax.vjp(fn, jnp.asarray(q_pad), jnp.asarray(k))
+    dq_p, dk_p = vjp_p(jnp.asarray(g_pad))
+    assert np.all(np.isfinite(np.asarray(lse_p)))
+    assert_close(lse_p[21:], np.full(7, np.log(valid.sum())), 1e-6)  # zero query: log(#valid)
+    np.testing.assert_array_equal(np.asarray(dq_p)[21:], 0.0)
+    chex.assert_trees_all_close((lse_p[:21], dq_p[:21], dk_p), (lse, dq, dk), rtol=1e-6, atol=1e-6)
+
+  def test_row_without_valid_keys(self, rng):
+    q, k, g, _ = random_inputs(rng, 20, 35, 8, "none")
+    valid = np.zeros(35, bool)
+    lse, vjp = jax.vjp(self.lse_fn(valid), jnp.asarray(q), jnp.asarray(k))
+    dq, dk = vjp(jnp.asarray(g))
+    np.testing.assert_array_equal(np.asarray(lse), -np.inf)  # log of an empty sum
+    np.testing.assert_array_equal(np.asarray(dq), 0.0)
+    np.testing.assert_array_equal(np.asarray(dk), 0.0)
+
+  def test_under_jit_and_grad_of_a_scalar_loss(self, rng):
+    # The mobility-loss shape of use: queries are rows of the keys.
+    z, _, g, valid = random_inputs(rng, 45, 45, 16, "random")
+    rows = rng.choice(45, 30, replace=False)
+    fn = self.lse_fn(valid)
+
+    @jax.jit
+    def loss(z):
+      return jnp.dot(jnp.asarray(g[:30]), fn(z[rows], z))
+
+    z64 = z.astype(np.float64)
+    _, dq_64, dk_64 = lse_vjp_reference(z64[rows], z64, g[:30], valid)
+    expected = dk_64.copy()
+    np.add.at(expected, rows, dq_64)
+    assert_close(jax.grad(loss)(jnp.asarray(z)), expected, 2e-5)
+
+  def test_vmap_over_seeds(self, rng):
+    # The training step vectorises seeds with jax.vmap: a batched pallas_call.
+    z = rng.normal(size=(3, 33, 8)).astype(np.float32)
+    _, _, g, valid = random_inputs(rng, 20, 33, 8, "random")
+    fn = self.lse_fn(valid)
+
+    def loss(z):
+      return jnp.dot(jnp.asarray(g), fn(z[:20], z))
+
+    values, grads = jax.jit(jax.vmap(jax.value_and_grad(loss)))(jnp.asarray(z))
+    for seed in range(3):
+      z64 = z[seed].astype(np.float64)
+      lse_64, dq_64, dk_64 = lse_vjp_reference(z64[:20], z64, g, valid)
+      dk_64[:20] += dq_64
+      assert_close(values[seed], g @ lse_64, 1e-5)
+      assert_close(grads[seed], dk_64, 2e-5)
+
+
+class TestRowLsePallasCompiled(TestRowLsePallas):
+  """The same tests with the kernels compiled (Triton); skipped without a GPU."""
+
+  INTERPRET = False
+
+
+# --------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("row_chunk", [None, 7, 1000])
+@pytest.mark.parametrize("mask", MASKS)
+def test_reference_with_row_chunk(rng, row_chunk, mask):
+  q, k, g, valid = random_inputs(rng, 30, 50, 12, mask)
+  fn = functools.partial(
+    row_lse.row_logsumexp_reference,
+    key_valid=None if valid is None else jnp.asarray(valid),
+    row_chunk=row_chunk,
+  )
+  lse, vjp = jax.vjp(fn, jnp.asarray(q), jnp.asarray(k))
+  dq, dk = vjp(jnp.asarray(g))
+  lse_64, dq_64, dk_64 = lse_vjp_reference(q, k, g, valid)
+  assert_close(lse, lse_64, 1e-5)
+  assert_close(dq, dq_64, 2e-5)
+  assert_close(dk, dk_64, 2e-5)
+
+
+def test_reference_matches_float64_under_x64(rng):
+  q, k, _, valid = random_inputs(rng, 17, 23, 5, "random", dtype=np.float64)
+  with jax.enable_x64(True):
+    lse = row_lse.row_logsumexp_reference(jnp.asarray(q), jnp.asarray(k), jnp.asarray(valid), 4)
+    chex.assert_type(lse, jnp.float64)
+    np.testing.assert_allclose(np.asarray(lse), lse_reference(q, k, valid)[0], rtol=1e-12)
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def test_dispatch_picks_reference_off_gpu_and_pallas_on_gpu(rng, monkeypatch):
+  q, k, _, _ = random_inputs(rng, 9, 11, 4, "none")
+  calls = []
+  monkeypatch.setattr(
+    row_lse, "row_logsumexp_reference", lambda *a: calls.append("reference") or jnp.zeros(9)
+  )
+  monkeypatch.setattr(
+    row_lse, "_row_logsumexp_pallas", lambda *a, **kw: calls.append("pallas") or jnp.zeros(9)
+  )
+  row_lse.row_logsumexp(q, k)
+  assert calls == ["pallas" if jax.default_backend() == "gpu" else "reference"]
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  row_lse.row_logsumexp(q, k)
+  assert calls[-1] == "pallas"
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  row_lse.row_logsumexp(q, k)
+  assert calls[-1] == "reference"
+  row_lse.row_logsumexp(q, k, implementation="pallas", interpret=True)
+  assert calls[-1] == "pallas"
+
+
+def test_default_implementation_matches_reference(rng):
+  q, k, _, valid = random_inputs(rng, 12, 19, 6, "random")
+  got = row_lse.row_logsumexp(jnp.asarray(q), jnp.asarray(k), key_valid=jnp.asarray(valid))
+  assert_close(got, lse_reference(q, k, valid)[0], 1e-5)
+
+
+# ------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+  "q_shape, k_shape, valid_shape, kwargs, error, match",
+  [
+    ((8,), (5, 4), None, {}, ValueError, "queries must be a 2-D"),
+    ((8, 4), (5, 3), None, {}, ValueError, "share the feature dimension"),
+    ((8, 4), (5, 4), (4,), {}, ValueError, r"key_valid must have shape \(5,\)"),
+    ((0, 4), (5, 4), None, {}, ValueError, "empty input"),
+    ((8, 4), (5, 4), None, {"implementation": "triton"}, ValueError, "implementation must be"),
+    ((8, 4), (5, 4), None, {"implementation": "pallas", "interpret": True, "block_q": 24},
+     ValueError, "block_q must be a power of two"),
+    ((8, 4), (5, 4), None, {"implementation": "pallas", "interpret": True, "block_k": 8},
+     ValueError, "block_k must be a power of two >= 16"),
+    ((8, 4), (5, 4), None, {"row_chunk": 0}, ValueError, "row_chunk must be a positive int"),
+  ],
+)  # fmt: skip
+def test_bad_input_raises_a_clear_error(q_shape, k_shape, valid_shape, kwargs, error, match):
+  valid = None if valid_shape is None else jnp.ones(valid_shape, bool)
+  with pytest.raises(error, match=match):
+    row_lse.row_logsumexp(
+      jnp.ones(q_shape),
+      jnp.ones(k_shape),
+      key_valid=valid,
+      **{"implementation": "reference", **kwargs},
+    )
+
+
+def test_bad_dtypes_raise_a_clear_error():
+  with pytest.raises(TypeError, match="must have one dtype"):
+    row_lse.row_logsumexp(jnp.ones((4, 3)), jnp.ones((5, 3), jnp.bfloat16))
+  with pytest.raises(TypeError, match="keys must be a floating array"):
+    row_lse.row_logsumexp(jnp.ones((4, 3)), jnp.ones((5, 3), jnp.int32))
+  with pytest.raises(TypeError, match="key_valid must be a bool array"):
+    row_lse.row_logsumexp(jnp.ones((4, 3)), jnp.ones((5, 3)), key_valid=jnp.ones(5))
+  with jax.enable_x64(True):
+    with pytest.raises(TypeError, match="the Pallas kernel takes"):
+      row_lse.row_logsumexp(
+        jnp.ones((4, 3), jnp.float64),
+        jnp.ones((5, 3), jnp.float64),
+        implementation="pallas",
+        interpret=True,
+      )
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the message off the GPU")
+def test_compiled_pallas_off_gpu_says_to_interpret():
+  with pytest.raises(ValueError, match="needs a GPU.*interpret=True"):
+    row_lse.row_logsumexp(jnp.ones((4, 3)), jnp.ones((5, 3)), implementation="pallas")
+
+
+# ------------------------------------------------------- Triton lowering
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_forward_and_backward_lower_to_triton(dtype, masked):
+  """The GPU path lowers (Pallas -> Triton IR) for CUDA, checked without a GPU."""
+  m, n, d = 100, (300 if masked else 256), 32
+  valid = jax.ShapeDtypeStruct((n,), jnp.bool_) if masked else None
+
+  def forward_backward(q, k, valid):
+    fn = functools.partial(
+      row_lse._row_logsumexp_pallas,
+      key_valid=valid,
+      block_q=64,
+      block_k=64,
+      interpret=False,
+      precision=None,
+      num_warps=4,
+      num_stages=2,
+    )
+    lse, vjp = jax.vjp(fn, q, k)
+    return lse, vjp(jnp.ones_like(lse))
+
+  shapes = (jax.ShapeDtypeStruct((m, d), dtype), jax.ShapeDtypeStruct((n, d), dtype), valid)
+  try:
+    lowered = jax.jit(forward_backward).trace(*shapes).lower(lowering_platforms=("cuda",))
+  except (ImportError, NotImplementedError) as e:  # a jaxlib without the Triton bindings
+    pytest.skip(f"no Triton lowering in this jaxlib: {e}")
+  text = lowered.as_text()
+  for name in ("row_lse_forward", "row_lse_backward_dq", "row_lse_backward_dk"):
+    assert name in text
+  assert text.count("__gpu$xla.gpu.triton") == 3
