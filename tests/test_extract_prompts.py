@@ -1,0 +1,433 @@
+"""The PyTorch prompt-vector stage, on tiny randomly initialised models.
+
+Nothing is downloaded: a tiny LLaMA text model and a tiny Mllama
+(LLaMA-3.2-Vision architecture) vision-language model are built from configs,
+with word-level tokenizers trained on a few strings and a PIL image
+processor, saved to a temporary folder and loaded back through the same code
+path as a real checkpoint. Torch tests skip (with the reason) only when
+torch or transformers is not installed; the region-file and template tests
+need neither.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from experiments.prompt_extraction import templates
+from experiments.prompt_extraction.output import ExtractionError
+from experiments.prompt_extraction.regions import check_images, load_regions
+from jaxurban.data.errors import DataError
+from jaxurban.prompts import MANIFEST_NAME, load_prompt_vectors
+
+TORCH_REASON = "the extract extra (torch, transformers) is not installed"
+
+WORDS = (
+  "region street crime parking food the a of in and with is are its on to how many "
+  "Chicago coordinates address POIs shops bars park school transit visits"
+)
+
+
+def _words_tokenizer(specials, bos=None, eos=None, chat_template=None):
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  corpus = [WORDS] + list(templates.TEMPLATES.values())
+  tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=list(specials)))
+  fast = PreTrainedTokenizerFast(
+    tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token=bos, eos_token=eos
+  )
+  if chat_template is not None:
+    fast.chat_template = chat_template
+  return fast
+
+
+def _region_text(i: int) -> str:
+  # Different lengths, so batches really are padded.
+  return f"Centroid Coordinates: (41.{i}, -87.{i})\nIncluded POIs: " + " ".join(
+    ["shops", "bars", "park", "school", "transit"][: 1 + i % 5] * (1 + i % 3)
+  )
+
+
+@pytest.fixture(scope="module")
+def torch_mods():
+  torch = pytest.importorskip("torch", reason=TORCH_REASON)
+  transformers = pytest.importorskip("transformers", reason=TORCH_REASON)
+  torch.set_num_threads(2)
+  return torch, transformers
+
+
+@pytest.fixture(scope="module")
+def text_model(torch_mods, tmp_path_factory) -> pathlib.Path:
+  """A 2-layer LLaMA with a 32-wide hidden state and a word-level tokenizer."""
+  torch, transformers = torch_mods
+  path = tmp_path_factory.mktemp("text_model")
+  tok = _words_tokenizer(["<pad>", "<unk>", "<s>", "</s>"], bos="<s>", eos="</s>")
+  config = transformers.LlamaConfig(
+    vocab_size=len(tok),
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    pad_token_id=tok.pad_token_id,
+    bos_token_id=tok.bos_token_id,
+    eos_token_id=tok.eos_token_id,
+  )
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(config).save_pretrained(path)
+  tok.save_pretrained(path)
+  return path
+
+
+VLM_CHAT = (
+  "{{ bos_token }}{% for m in messages %}{% for c in m['content'] %}"
+  "{% if c['type'] == 'image' %}<|image|>{% else %}{{ c['text'] }}{% endif %}"
+  "{% endfor %}{% endfor %}{% if add_generation_prompt %} <|eot_id|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def vlm(torch_mods, tmp_path_factory) -> pathlib.Path:
+  """A tiny Mllama (the LLaMA-3.2-Vision architecture) with its processor."""
+  torch, transformers = torch_mods
+  from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+  path = tmp_path_factory.mktemp("vlm")
+  specials = ["<pad>", "<unk>", "<|begin_of_text|>", "<|image|>", "<|python_tag|>", "<|eot_id|>"]
+  tok = _words_tokenizer(specials, bos="<|begin_of_text|>", eos="<|eot_id|>")
+  ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+  config = transformers.MllamaConfig(
+    text_config=dict(
+      vocab_size=len(tok),
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=3,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      cross_attention_layers=[1],
+      bos_token_id=ids["<|begin_of_text|>"],
+      eos_token_id=ids["<|eot_id|>"],
+      pad_token_id=ids["<pad>"],
+    ),
+    vision_config=dict(
+      hidden_size=16,
+      num_hidden_layers=2,
+      num_global_layers=1,
+      attention_heads=2,
+      intermediate_size=32,
+      vision_output_dim=48,
+      image_size=16,
+      patch_size=8,
+      max_num_tiles=4,
+      intermediate_layers_indices=[0, 1],
+    ),
+    image_token_index=ids["<|image|>"],
+  )
+  torch.manual_seed(0)
+  transformers.MllamaForConditionalGeneration(config).save_pretrained(path)
+  processor = transformers.MllamaProcessor(
+    image_processor=MllamaImageProcessorPil(size={"height": 16, "width": 16}, max_image_tiles=4),
+    tokenizer=tok,
+    chat_template=VLM_CHAT,
+  )
+  processor.save_pretrained(path)
+  return path
+
+
+def _write_images(folder: pathlib.Path, n: int, seed: int = 0) -> list[str]:
+  from PIL import Image
+
+  rng = np.random.default_rng(seed)
+  folder.mkdir(parents=True, exist_ok=True)
+  paths = []
+  for k in range(n):
+    size = (20 + 4 * (k % 3), 24 + 4 * (k % 2))
+    pixels = rng.integers(0, 256, size + (3,), dtype=np.uint8)
+    p = folder / f"img_{k}.png"
+    Image.fromarray(pixels).save(p)
+    paths.append(p.name)
+  return paths
+
+
+@pytest.fixture
+def text_regions(tmp_path) -> pathlib.Path:
+  records = [{"id": f"r{i}", "text": _region_text(i)} for i in range(7)]
+  path = tmp_path / "regions.json"
+  path.write_text(json.dumps(records))
+  return path
+
+
+@pytest.fixture
+def image_regions(tmp_path) -> pathlib.Path:
+  """Five regions with 1-2 images each, in the chat-message layout."""
+  names = _write_images(tmp_path / "images", 8)
+  entries = []
+  for i in range(5):
+    content = [{"type": "image", "image": f"images/{n}"} for n in names[i : i + 1 + i % 2]]
+    content.append({"type": "text", "text": _region_text(i)})
+    entries.append({"role": "user", "content": content})
+  path = tmp_path / "prompt_data.json"
+  path.write_text(json.dumps(entries))
+  return path
+
+
+def _config(model, **kw):
+  from experiments.prompt_extraction.extract import ExtractConfig
+
+  kw.setdefault("task", "crime")
+  return ExtractConfig(model=str(model), **kw)
+
+
+def _run(config, regions, out, **kw):
+  from experiments.prompt_extraction.extract import extract_prompts
+
+  return extract_prompts(config, regions, out, progress=False, **kw)
+
+
+# --- region files and templates (no torch) ---------------------------------
+
+
+def test_region_file_layouts(tmp_path):
+  plain = tmp_path / "plain.json"
+  plain.write_text(
+    json.dumps([{"id": "a", "text": "t", "images": ["x.png", "/abs/y.png"], "centroid": [1, 2]}])
+  )
+  (region,) = load_regions(plain, prefix_map=[("/abs", "/new")])
+  assert region.id == "a" and region.centroid == (1.0, 2.0)
+  assert region.images == (str(tmp_path / "x.png"), "/new/y.png")
+
+  chat = tmp_path / "chat.json"
+  text = "The area.\nCentroid Coordinates: (42.01, -87.67)\nAddress: x"
+  chat.write_text(
+    json.dumps(
+      [
+        {
+          "role": "user",
+          "content": [{"type": "image", "image": "s.png"}, {"type": "text", "text": text}],
+        },
+        {"role": "user", "content": [{"type": "text", "text": "no centroid"}]},
+      ]
+    )
+  )
+  first, second = load_regions(chat)
+  assert (first.id, second.id) == ("0", "1")
+  assert first.centroid == (42.01, -87.67) and second.centroid is None
+  assert first.images == (str(tmp_path / "s.png"),)
+
+
+def test_region_file_errors(tmp_path):
+  path = tmp_path / "bad.json"
+  path.write_text(json.dumps([{"id": "a", "text": "t"}, {"id": "a", "text": "u"}]))
+  with pytest.raises(DataError, match=r"bad\.json.*'id'.*repeats entry 0"):
+    load_regions(path)
+  path.write_text(json.dumps([{"id": "a", "text": ""}]))
+  with pytest.raises(DataError, match=r"entry 0.*non-empty text"):
+    load_regions(path)
+  path.write_text(json.dumps([{"role": "user", "content": [{"type": "image", "image": "x"}]}]))
+  with pytest.raises(DataError, match="no text item"):
+    load_regions(path)
+
+
+def test_published_prompt_data_reads(data_root):
+  regions = load_regions(data_root / "prompt4re" / "chicago" / "prompt_data.json")
+  assert [r.id for r in regions] == [str(i) for i in range(77)]
+  assert all(r.centroid is not None and 41 < r.centroid[0] < 43 for r in regions)
+  # The images are not published: every region is reported, none is dropped.
+  problems = check_images(regions[:3], max_images=2)
+  assert [p.id for p in problems] == ["0", "1", "2"]
+  assert all(line.endswith(": missing") for p in problems for line in p.problems)
+
+
+def test_templates_are_hashed_and_task_free_for_none():
+  assert set(templates.TASKS) == {"crime", "checkIn", "serviceCall", "none"}
+  hashes = {templates.template_sha256(t) for t in templates.TASKS}
+  assert len(hashes) == 4
+  rendered = templates.render("crime", " {braces} kept ")
+  assert "{braces} kept" in rendered and "{region_text}" not in rendered
+  assert "Task:" not in templates.render("none", "x")
+  with pytest.raises(ValueError, match="unknown task"):
+    templates.render("traffic", "x")
+
+
+# --- extraction -------------------------------------------------------------
+
+
+def test_text_model_output_loads_and_is_deterministic(text_model, text_regions, tmp_path):
+  first = _run(_config(text_model, batch_size=3), text_regions, tmp_path / "a")
+  assert first["shape"] == [7, 32] and first["dtype"] == "float32"
+  assert first["region_ids"] == [f"r{i}" for i in range(7)]
+  assert first["template"]["sha256"] == templates.template_sha256("crime")
+  assert first["model"]["model_type"] == "llama" and first["pooling"] == "mean"
+  assert not (tmp_path / "a" / ".work").exists()
+  ids = [f"r{i}" for i in reversed(range(7))]
+  a, manifest = load_prompt_vectors(
+    tmp_path / "a", ids, task="crime", template_sha256=templates.template_sha256("crime")
+  )
+  assert manifest == first
+  # Same settings: bit-identical. Another batch size: same up to rounding,
+  # since right padding leaves the real tokens' states unchanged.
+  _run(_config(text_model, batch_size=3), text_regions, tmp_path / "b")
+  _run(_config(text_model, batch_size=1), text_regions, tmp_path / "c")
+  b, _ = load_prompt_vectors(tmp_path / "b", ids)
+  c, _ = load_prompt_vectors(tmp_path / "c", ids)
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+  assert np.abs(a[0] - a[1]).max() > 1e-3  # regions differ
+  # Output is refused rather than overwritten by accident.
+  with pytest.raises(ExtractionError, match="--overwrite"):
+    _run(_config(text_model), text_regions, tmp_path / "a")
+
+
+def test_pooling_matches_manual_float64(vlm, image_regions, torch_mods):
+  torch, transformers = torch_mods
+  from experiments.prompt_extraction.extract import embed_batch, load_model
+
+  regions = load_regions(image_regions)
+  processor = transformers.AutoProcessor.from_pretrained(vlm)
+  model = transformers.AutoModel.from_pretrained(vlm, dtype=torch.float32).eval()
+  texts, images = [], []
+  from PIL import Image
+
+  for r in regions:
+    content = [{"type": "image"} for _ in r.images]
+    content.append({"type": "text", "text": templates.render("checkIn", r.text)})
+    messages = [{"role": "user", "content": content}]
+    texts.append(
+      processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    )
+    images.append([Image.open(p).convert("RGB") for p in r.images])
+  processor.tokenizer.padding_side = "right"
+  inputs = processor(
+    text=texts, images=images, padding=True, return_tensors="pt", add_special_tokens=False
+  )
+  with torch.inference_mode():
+    hidden = model(**inputs).last_hidden_state.double().numpy()
+  mask = inputs["attention_mask"].numpy().astype(np.float64)
+  assert mask.min() == 0  # the batch is padded
+  expected_mean = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+  lengths = mask.sum(1).astype(int)
+  expected_last = hidden[np.arange(len(regions)), lengths - 1]
+
+  for pooling, expected in (("mean", expected_mean), ("last", expected_last)):
+    config = _config(vlm, task="checkIn", pooling=pooling, batch_size=len(regions))
+    loaded = load_model(config, need_images=True)
+    got = embed_batch(loaded, config, regions)
+    assert got.dtype == np.float32 and got.shape == (len(regions), 32)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  assert np.abs(expected_mean - expected_last).max() > 1e-3
+
+
+def test_pool_left_padding(torch_mods):
+  torch, _ = torch_mods
+  from experiments.prompt_extraction.extract import pool
+
+  rng = np.random.default_rng(0)
+  hidden = rng.normal(size=(2, 5, 3))
+  mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
+  h, m = torch.tensor(hidden), torch.tensor(mask)
+  np.testing.assert_allclose(pool(h, m, "last").numpy(), hidden[[0, 1], [4, 3]], rtol=1e-6)
+  expected = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+  np.testing.assert_allclose(pool(h, m, "mean").numpy(), expected, rtol=1e-6)
+
+
+def test_images_change_the_vectors(vlm, image_regions, tmp_path):
+  with_images = _run(_config(vlm, batch_size=5), image_regions, tmp_path / "img")
+  assert with_images["inputs"]["images_used"] is True
+  text = _run(_config(vlm, batch_size=5, text_only=True), image_regions, tmp_path / "txt")
+  assert text["inputs"]["images_used"] is False
+  a, _ = load_prompt_vectors(tmp_path / "img")
+  b, _ = load_prompt_vectors(tmp_path / "txt")
+  assert a.shape == b.shape == (5, 32)
+  assert np.abs(a - b).max() > 1e-3
+
+
+def test_resume_after_interruption(text_model, text_regions, tmp_path):
+  class Stop(Exception):
+    pass
+
+  def stop_after(k):
+    def hook(done):
+      if done == k:
+        raise Stop
+
+    return hook
+
+  config = _config(text_model, batch_size=2, task="serviceCall")
+  with pytest.raises(Stop):
+    _run(config, text_regions, tmp_path / "run", after_batch=stop_after(2))
+  work = tmp_path / "run" / ".work"
+  assert len(list(work.glob("batch-*.npz"))) == 2
+  assert not (tmp_path / "run" / MANIFEST_NAME).exists()
+  assert not list(work.glob("*.tmp"))
+
+  # Other settings are refused, not mixed in.
+  with pytest.raises(ExtractionError, match="pooling.*--restart"):
+    _run(
+      _config(text_model, batch_size=2, task="serviceCall", pooling="last"),
+      text_regions,
+      tmp_path / "run",
+    )
+
+  batches = []
+  _run(config, text_regions, tmp_path / "run", after_batch=batches.append)
+  assert batches == [1, 2]  # 7 regions, 4 done: two batches of 2 and 1 left
+  resumed, manifest = load_prompt_vectors(tmp_path / "run")
+  _run(config, text_regions, tmp_path / "whole")
+  whole, _ = load_prompt_vectors(tmp_path / "whole")
+  assert manifest["region_ids"] == [f"r{i}" for i in range(7)]
+  np.testing.assert_allclose(resumed, whole, rtol=1e-6, atol=1e-6)
+  assert not work.exists()
+
+
+def test_missing_images_fail_or_skip(vlm, image_regions, tmp_path):
+  entries = json.loads(image_regions.read_text())
+  entries[3]["content"][0]["image"] = "images/absent.png"
+  (image_regions.parent / "images" / "broken.png").write_bytes(b"not a png")
+  entries[1]["content"][0]["image"] = "images/broken.png"
+  image_regions.write_text(json.dumps(entries))
+
+  with pytest.raises(ExtractionError) as err:
+    _run(_config(vlm), image_regions, tmp_path / "fail")
+  message = str(err.value)
+  assert (
+    "2 of 5 regions" in message and "region '3'" in message and "absent.png: missing" in message
+  )
+  assert "broken.png: unreadable" in message and "--missing-images skip" in message
+  assert not (tmp_path / "fail" / MANIFEST_NAME).exists()
+
+  manifest = _run(_config(vlm, missing_images="skip"), image_regions, tmp_path / "skip")
+  assert manifest["region_ids"] == ["0", "2", "4"]
+  assert [s["id"] for s in manifest["skipped"]] == ["1", "3"]
+  vectors, _ = load_prompt_vectors(tmp_path / "skip", ["0", "2", "4"])
+  assert vectors.shape == (3, 32) and np.isfinite(vectors).all()
+  with pytest.raises(DataError, match=r"region_ids.*'1', '3'.*skipped"):
+    load_prompt_vectors(tmp_path / "skip", [str(i) for i in range(5)])
+
+
+def test_text_model_needs_text_only_for_images(text_model, image_regions, tmp_path):
+  with pytest.raises(ExtractionError, match="no image processor.*--text-only"):
+    _run(_config(text_model), image_regions, tmp_path / "x")
+  manifest = _run(
+    _config(text_model, text_only=True, pooling="last"), image_regions, tmp_path / "y"
+  )
+  assert manifest["shape"] == [5, 32] and manifest["pooling"] == "last"
+
+
+def test_command_line(text_model, text_regions, tmp_path, capsys, torch_mods):
+  from experiments.prompt_extraction.cli import main
+
+  out = tmp_path / "cli"
+  args = ["--regions", str(text_regions), "--model", str(text_model), "--task", "none"]
+  assert main(args + ["--out", str(out), "--out-dtype", "float16", "--no-progress"]) == 0
+  assert "7x32 float16" in capsys.readouterr().out
+  vectors, manifest = load_prompt_vectors(out, task="none")
+  assert manifest["dtype"] == "float16" and vectors.dtype == np.float32
+  assert main(args + ["--out", str(tmp_path / "bad"), "--model", str(tmp_path)]) == 2
+  assert "no config.json" in capsys.readouterr().err

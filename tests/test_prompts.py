@@ -1,0 +1,195 @@
+"""The JAX-side loader of prompt vectors (jaxurban/prompts.py), no torch needed.
+
+Synthetic outputs are written with the extraction step's own (torch-free)
+writer, then damaged one field at a time; every damage must be refused with
+a DataError naming the file and the field. The published Chicago vectors are
+checked against their shipped manifests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from experiments.prompt_extraction import templates
+from experiments.prompt_extraction.output import write_output
+from jaxurban.data.errors import DataError
+from jaxurban.prompts import (
+  CHICAGO_REGIONS,
+  MANIFEST_NAME,
+  chicago_manifest_path,
+  load_chicago_prompts,
+  load_prompt_vectors,
+  read_manifest,
+  text_sha256,
+)
+
+IDS = ["a", "b", "c", "d"]
+
+
+@pytest.fixture
+def output(tmp_path, rng):
+  """A valid output folder: 4 regions x 6, float32, crime template."""
+  array = rng.normal(size=(len(IDS), 6)).astype(np.float32)
+  write_output(
+    tmp_path,
+    array,
+    region_ids=IDS,
+    task="crime",
+    template={
+      "version": templates.TEMPLATE_VERSION,
+      "sha256": templates.template_sha256("crime"),
+      "text": templates.TEMPLATES["crime"],
+    },
+    pooling="mean",
+    model={"name": "tiny", "path": "/m", "revision": None},
+  )
+  return tmp_path, array
+
+
+def _edit(folder, **changes):
+  path = folder / MANIFEST_NAME
+  manifest = json.loads(path.read_text())
+  manifest.update(changes)
+  path.write_text(json.dumps(manifest))
+
+
+def test_loads_and_reorders(output):
+  folder, array = output
+  vectors, manifest = load_prompt_vectors(
+    folder, IDS, task="crime", template_sha256=templates.template_sha256("crime")
+  )
+  np.testing.assert_array_equal(vectors, array)
+  assert manifest["shape"] == [4, 6] and manifest["created"]
+  vectors, _ = load_prompt_vectors(folder, ["c", "a", "d", "b"])
+  np.testing.assert_array_equal(vectors, array[[2, 0, 3, 1]])
+
+
+def test_refuses_region_mismatch(output):
+  folder, _ = output
+  with pytest.raises(
+    DataError, match=r"manifest\.json: column 'region_ids': 1 expected regions absent: 'e'"
+  ):
+    load_prompt_vectors(folder, ["a", "b", "c", "e"])
+  with pytest.raises(DataError, match=r"'region_ids': 1 regions not expected: 'd'"):
+    load_prompt_vectors(folder, ["a", "b", "c"])
+  with pytest.raises(DataError, match="duplicates"):
+    load_prompt_vectors(folder, ["a", "b", "c", "d", "a"])
+
+
+@pytest.mark.parametrize(
+  "changes, field, problem",
+  [
+    ({"shape": [4, 7]}, "shape", r"array shape \[4, 6\] differs from the manifest's \[4, 7\]"),
+    ({"shape": [5, 6]}, "region_ids", "4 region ids for an array of 5 rows"),
+    ({"region_ids": ["a", "b", "c"]}, "region_ids", "3 region ids for an array of 4 rows"),
+    ({"region_ids": ["a", "a", "c", "d"]}, "region_ids", "duplicate region ids: 'a'"),
+    ({"dtype": "float16"}, "dtype", "array dtype float32 differs"),
+    ({"dtype": "int8"}, "dtype", "not one of"),
+    ({"pooling": "max"}, "pooling", "not one of"),
+    ({"format_version": 2}, "format_version", "not supported"),
+    ({"sha256": "0" * 64}, "sha256", "the file was changed"),
+  ],
+)
+def test_refuses_manifest_array_mismatch(output, changes, field, problem):
+  folder, _ = output
+  _edit(folder, **changes)
+  with pytest.raises(DataError, match=rf"column '{field}': .*{problem}") as err:
+    load_prompt_vectors(folder)
+  assert err.value.column == field
+
+
+def test_refuses_template_and_task_mismatch(output):
+  folder, _ = output
+  with pytest.raises(DataError, match=r"'template'.*made with another template text"):
+    load_prompt_vectors(folder, template_sha256=templates.template_sha256("checkIn"))
+  with pytest.raises(DataError, match=r"'task': task is 'crime', expected 'checkIn'"):
+    load_prompt_vectors(folder, task="checkIn")
+  # A template record whose text was edited no longer matches its hash.
+  manifest = json.loads((folder / MANIFEST_NAME).read_text())
+  template = dict(manifest["template"], text=manifest["template"]["text"] + " ")
+  _edit(folder, template=template)
+  with pytest.raises(DataError, match="template sha256 does not match"):
+    load_prompt_vectors(folder)
+
+
+def test_refuses_changed_array_and_nan(output):
+  folder, array = output
+  changed = array.copy()
+  changed[1, 2] = np.nan
+  np.save(folder / "vectors.npy", changed)
+  with pytest.raises(DataError, match=r"vectors\.npy: column 'sha256'"):
+    load_prompt_vectors(folder)
+  from jaxurban.prompts import file_sha256
+
+  _edit(folder, sha256=file_sha256(folder / "vectors.npy"))
+  with pytest.raises(DataError, match=r"1 rows hold NaN.*'b'"):
+    load_prompt_vectors(folder)
+  (folder / "vectors.npy").unlink()
+  with pytest.raises(DataError, match="array file named by"):
+    load_prompt_vectors(folder)
+  (folder / MANIFEST_NAME).unlink()
+  with pytest.raises(DataError, match="manifest file does not exist"):
+    load_prompt_vectors(folder)
+
+
+def test_shipped_manifests_describe_the_published_files():
+  for mllm, task, width in [("llama", "none", 4096), ("qwen", "checkIn", 3584)]:
+    manifest = read_manifest(chicago_manifest_path(mllm, task))
+    assert manifest["shape"] == [CHICAGO_REGIONS, width] and manifest["dtype"] == "float16"
+    assert manifest["region_ids"] == [str(i) for i in range(77)]
+    assert manifest["source"]["repository"] == "townSeven/Prompt4RE"
+    assert manifest["source"]["commit"] == "7d764a6289eae5694713af7515d4d7efeb9a3b97"
+    assert manifest["task"] == task and manifest["pooling"] == "mean"
+  with pytest.raises(ValueError, match="only for llama"):
+    chicago_manifest_path("qwen", "none")
+  with pytest.raises(ValueError, match="mllm must be one of"):
+    chicago_manifest_path("gpt", "crime")
+  assert text_sha256("") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+@pytest.mark.parametrize(
+  "mllm, task",
+  [
+    ("llama", "crime"),
+    ("llama", "checkIn"),
+    ("llama", "serviceCall"),
+    ("llama", "none"),
+    ("qwen", "crime"),
+    ("qwen", "checkIn"),
+    ("qwen", "serviceCall"),
+  ],
+)
+def test_published_chicago_vectors(data_root, mllm, task):
+  vectors = load_chicago_prompts(data_root, mllm, task)
+  raw = np.load(data_root / "prompt4re" / "chicago" / f"prompt_embs_{mllm}_{task}.npy")
+  assert vectors.dtype == np.float32 and vectors.shape == (77, {"llama": 4096, "qwen": 3584}[mllm])
+  np.testing.assert_array_equal(vectors, raw.astype(np.float64))
+  assert np.isfinite(vectors).all()
+
+
+def test_published_templates_differ_and_hash_is_refused(data_root):
+  crime = load_chicago_prompts(data_root, "llama", "crime")
+  none = load_chicago_prompts(data_root, "llama", "none")
+  assert np.abs(crime - none).max() > 0.1
+  folder = data_root / "prompt4re" / "chicago"
+  # The authors' template text is unknown: asking for a specific one fails.
+  with pytest.raises(DataError, match="another template text"):
+    load_prompt_vectors(
+      folder,
+      manifest=chicago_manifest_path("llama", "crime"),
+      template_sha256=templates.template_sha256("crime"),
+    )
+
+
+def test_published_vectors_tampered_copy(data_root, tmp_path):
+  name = "prompt_embs_qwen_crime.npy"
+  shutil.copy(data_root / "prompt4re" / "chicago" / name, tmp_path / name)
+  data = bytearray((tmp_path / name).read_bytes())
+  data[-1] ^= 0x01
+  (tmp_path / name).write_bytes(bytes(data))
+  with pytest.raises(DataError, match=rf"{name}: column 'sha256'.*prompt_embs_qwen_crime\.json"):
+    load_prompt_vectors(tmp_path, manifest=chicago_manifest_path("qwen", "crime"))
