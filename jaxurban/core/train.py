@@ -23,6 +23,8 @@ from jaxurban.checkpoint import Checkpointer, save_npy_atomic, write_json_atomic
 from jaxurban.core import losses as core_losses
 from jaxurban.core.model import CoRE, LossSettings, alignment_losses, mobility_losses, total_loss
 from jaxurban.graph import CityGraph, city_graph, pad_target_rows
+from jaxurban.training import chunk_length as _chunk_length
+from jaxurban.training import make_chunk
 
 VARIANTS = ("core", "no-lma", "no-lia", "two-stage", "individual", "rp")
 
@@ -151,44 +153,6 @@ def load_city_graph(name: str, data_root=None):
     od_flow=city.od_flow,
   )
   return city, graph
-
-
-def _chunk_length(epochs: int, log_every: int) -> int:
-  """Largest divisor of `epochs` not above `log_every` (one compiled chunk)."""
-  return max(d for d in range(1, min(epochs, log_every) + 1) if epochs % d == 0)
-
-
-def make_chunk(
-  loss_fn: Callable,
-  optimizer: optax.GradientTransformation,
-  length: int,
-  per_seed_data: bool = False,
-) -> Callable:
-  """A jitted function advancing all seeds by `length` epochs.
-
-  ``loss_fn(params, key, *data) -> (loss, terms)``. The state is the tuple
-  (params, opt_state, key) with a leading seed axis, and it is donated. The
-  data arguments are shared by all seeds unless `per_seed_data`, when they
-  too carry the seed axis. Returns the new state and the chunk-mean of every
-  loss term per seed.
-  """
-
-  def one_seed(state, *data):
-    def epoch(carry, _):
-      params, opt_state, key = carry
-      key, step_key = jax.random.split(key)
-      (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, step_key, *data)
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state, key), terms
-
-    state, terms = jax.lax.scan(epoch, state, None, length=length)
-    return state, jax.tree.map(lambda t: t.mean(axis=0), terms)
-
-  def chunk(state, *data):
-    data_axis = 0 if per_seed_data else None
-    return jax.vmap(one_seed, in_axes=(0,) + (data_axis,) * len(data))(state, *data)
-
-  return jax.jit(chunk, donate_argnums=0)
 
 
 def _log(message: str) -> None:

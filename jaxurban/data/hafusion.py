@@ -1,0 +1,245 @@
+"""The HAFusion city views (Chicago, New York) and the Chicago centroids.
+
+Layout under the data root (see PROVENANCE.md)::
+
+    hafusion/<City>/mob-adj.npy          N x N origin-destination trip counts
+    hafusion/<City>/mob_dist.npy         N x N trip counts used as the mobility view's features
+    hafusion/<City>/poi_dist.npy         N x 26 POI category counts
+    hafusion/<City>/poi_simi.npy         N x N POI cosine similarity
+    hafusion/<City>/landUse_dist.npy     N x L land-use counts (L = 12 Chicago, 11 New York)
+    hafusion/<City>/landUse_simi.npy     N x N land-use similarity
+    hafusion/<City>/{crime,check,serviceCall}_counts.npy   (N,) task labels
+    prompt4re/chicago/prompt_data.json   Chicago geo-text, region i = entry i
+
+HAFusion feeds ``mob_dist`` to the mobility encoder and reconstructs
+``mob-adj`` (divided by its mean) in the mobility loss; both are kept.
+Every problem with a file raises `DataError` naming the file, the field and
+what is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+
+import numpy as np
+
+from jaxurban.data.errors import DataError
+from jaxurban.data.root import resolve_data_root, subdir
+
+__all__ = ["CITIES", "CityViews", "load_city_views", "load_chicago_centroids", "parse_centroid"]
+
+CITIES = ("Chi", "NY")
+
+# label key -> file name; the keys are the task names used everywhere else.
+_LABEL_FILES = {
+  "crime": "crime_counts.npy",
+  "checkIn": "check_counts.npy",
+  "serviceCall": "serviceCall_counts.npy",
+}
+_POI_CATEGORIES = 26
+
+_CENTROID = re.compile(r"Centroid Coordinates:\s*\(([^)]*)\)")
+
+
+@dataclasses.dataclass(frozen=True)
+class CityViews:
+  """The multi-view inputs and labels of one city, all NumPy arrays.
+
+  Attributes:
+    mobility: [N, N] origin-destination trip counts (``mob-adj.npy``), the
+      target of the mobility loss.
+    poi: [N, 26] POI category counts.
+    poi_similarity: [N, N] POI similarity, target of the POI loss.
+    landuse: [N, L] land-use counts.
+    landuse_similarity: [N, N] land-use similarity, target of the land-use loss.
+    labels: "crime", "checkIn", "serviceCall" -> [N] float64 counts.
+    centroids: [N, 2] (lat, lon) in degrees, or None where the data has none
+      (New York).
+    city: "Chi" or "NY".
+    mobility_dist: [N, N] trip counts fed to the mobility view encoder
+      (``mob_dist.npy``); None means "use `mobility`".
+  """
+
+  mobility: np.ndarray
+  poi: np.ndarray
+  poi_similarity: np.ndarray
+  landuse: np.ndarray
+  landuse_similarity: np.ndarray
+  labels: dict[str, np.ndarray]
+  centroids: np.ndarray | None
+  city: str
+  mobility_dist: np.ndarray | None = None
+
+  @property
+  def n_regions(self) -> int:
+    return int(self.mobility.shape[0])
+
+  @property
+  def mobility_features(self) -> np.ndarray:
+    return self.mobility if self.mobility_dist is None else self.mobility_dist
+
+
+def _load_npy(folder: pathlib.Path, name: str, field: str) -> np.ndarray:
+  path = folder / name
+  if not path.is_file():
+    raise DataError(path, "file missing", column=field)
+  try:
+    array = np.load(path, allow_pickle=False)
+  except Exception as e:  # a truncated or non-npy file: say which one
+    raise DataError(path, f"not a readable .npy array ({type(e).__name__}: {e})", column=field)
+  if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+    raise DataError(name, f"dtype {array.dtype} is not a real number type", column=field)
+  array = array.astype(np.float64)
+  bad = ~np.isfinite(array)
+  if bad.any():
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise DataError(name, f"{int(bad.sum())} NaN/inf values (first at index {first})", column=field)
+  return array
+
+
+def _check_shape(name: str, field: str, array: np.ndarray, expected: tuple, why: str) -> None:
+  if array.shape != expected:
+    raise DataError(name, f"shape {array.shape}, expected {expected} ({why})", column=field)
+
+
+def _check_non_negative(name: str, field: str, array: np.ndarray) -> None:
+  negative = array < 0
+  if negative.any():
+    first = tuple(int(i) for i in np.argwhere(negative)[0])
+    raise DataError(
+      name, f"{int(negative.sum())} negative counts (first at index {first})", column=field
+    )
+
+
+def load_city_views(city: str, data_root: str | os.PathLike | None = None) -> CityViews:
+  """Loads one city's HAFusion views, labels and (Chicago) centroids.
+
+  Args:
+    city: "Chi" or "NY".
+    data_root: data folder; None reads ``$JAXURBAN_DATA``.
+
+  Raises:
+    DataError: unknown city, missing file, wrong or inconsistent shape,
+      NaN/inf, negative counts, unparsable centroid.
+  """
+  if city not in CITIES:
+    raise DataError("hafusion", f"unknown city {city!r}, expected one of {CITIES}", column="city")
+  root = resolve_data_root(data_root)
+  folder = subdir(root, "hafusion", city)
+
+  mobility = _load_npy(folder, "mob-adj.npy", "mobility")
+  if mobility.ndim != 2 or mobility.shape[0] != mobility.shape[1] or mobility.shape[0] == 0:
+    raise DataError(
+      "mob-adj.npy", f"shape {mobility.shape}, expected a square N x N matrix", column="mobility"
+    )
+  n = mobility.shape[0]
+  why = f"N = {n} regions from mob-adj.npy"
+  _check_non_negative("mob-adj.npy", "mobility", mobility)
+  if mobility.sum() <= 0:
+    raise DataError("mob-adj.npy", "all trip counts are zero", column="mobility")
+
+  mobility_dist = _load_npy(folder, "mob_dist.npy", "mobility_dist")
+  _check_shape("mob_dist.npy", "mobility_dist", mobility_dist, (n, n), why)
+  _check_non_negative("mob_dist.npy", "mobility_dist", mobility_dist)
+
+  poi = _load_npy(folder, "poi_dist.npy", "poi")
+  _check_shape("poi_dist.npy", "poi", poi, (n, _POI_CATEGORIES), why)
+  _check_non_negative("poi_dist.npy", "poi", poi)
+
+  landuse = _load_npy(folder, "landUse_dist.npy", "landuse")
+  if landuse.ndim != 2 or landuse.shape[0] != n or landuse.shape[1] == 0:
+    raise DataError(
+      "landUse_dist.npy", f"shape {landuse.shape}, expected ({n}, L) ({why})", column="landuse"
+    )
+  _check_non_negative("landUse_dist.npy", "landuse", landuse)
+
+  similarities = {}
+  for name, field in (
+    ("poi_simi.npy", "poi_similarity"),
+    ("landUse_simi.npy", "landuse_similarity"),
+  ):
+    sim = _load_npy(folder, name, field)
+    _check_shape(name, field, sim, (n, n), why)
+    similarities[field] = sim
+
+  labels = {}
+  for key, name in _LABEL_FILES.items():
+    label = _load_npy(folder, name, key)
+    _check_shape(name, key, label, (n,), why)
+    _check_non_negative(name, key, label)
+    labels[key] = label
+
+  centroids = None
+  if city == "Chi":
+    centroids = load_chicago_centroids(root)
+    if centroids.shape[0] != n:
+      raise DataError(
+        "prompt_data.json",
+        f"{centroids.shape[0]} regions, but the Chicago views have {n}",
+        column="Centroid Coordinates",
+      )
+
+  return CityViews(
+    mobility=mobility,
+    poi=poi,
+    poi_similarity=similarities["poi_similarity"],
+    landuse=landuse,
+    landuse_similarity=similarities["landuse_similarity"],
+    labels=labels,
+    centroids=centroids,
+    city=city,
+    mobility_dist=mobility_dist,
+  )
+
+
+def parse_centroid(text: str, where: str = "prompt_data.json") -> tuple[float, float]:
+  """Parses the "Centroid Coordinates: (lat, lon)" line of one geo-text.
+
+  Raises:
+    DataError: no such line, not two numbers, non-finite or out of range.
+  """
+  field = "Centroid Coordinates"
+  found = _CENTROID.findall(text)
+  if len(found) != 1:
+    raise DataError(where, f"expected one '(lat, lon)' line, found {len(found)}", column=field)
+  parts = [p.strip() for p in found[0].split(",")]
+  if len(parts) != 2:
+    raise DataError(where, f"expected two numbers in ({found[0]}), got {len(parts)}", column=field)
+  try:
+    lat, lon = (float(p) for p in parts)
+  except ValueError:
+    raise DataError(where, f"not numbers: ({found[0]})", column=field) from None
+  if not (np.isfinite(lat) and np.isfinite(lon) and abs(lat) <= 90 and abs(lon) <= 180):
+    raise DataError(where, f"not a valid (lat, lon): ({found[0]})", column=field)
+  return lat, lon
+
+
+def load_chicago_centroids(data_root: str | os.PathLike | None = None) -> np.ndarray:
+  """[77, 2] (lat, lon) of the Chicago regions from ``prompt4re/chicago/prompt_data.json``."""
+  root = resolve_data_root(data_root)
+  path = subdir(root, "prompt4re", "chicago") / "prompt_data.json"
+  if not path.is_file():
+    raise DataError(path, "file missing", column="Centroid Coordinates")
+  try:
+    messages = json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise DataError(path, f"not readable JSON ({e})")
+  if not isinstance(messages, list) or not messages:
+    raise DataError(path.name, "expected a non-empty list of chat messages")
+  coords = []
+  for i, message in enumerate(messages):
+    where = f"{path.name} entry {i}"
+    content = message.get("content") if isinstance(message, dict) else None
+    texts = [
+      item.get("text", "")
+      for item in (content if isinstance(content, list) else [])
+      if isinstance(item, dict) and item.get("type") == "text"
+    ]
+    if len(texts) != 1:
+      raise DataError(where, f"expected one text item, found {len(texts)}", column="content")
+    coords.append(parse_centroid(texts[0], where))
+  return np.asarray(coords, dtype=np.float64)

@@ -1,0 +1,363 @@
+"""Prompt4RE: task-aware prompting of region embeddings (ToPT, Sec. 2.2.3).
+
+Given region embeddings E [N, d] (from SREL) and frozen MLLM prompt vectors
+P [M, D] (any width D: 4096 for LLaMA-3.2-11B-Vision, 3584 for Qwen2.5-VL-7B):
+
+    att_i = softmax(E W_Q^(i) (P W_K^(i))^T / sqrt(d_i)) P W_V^(i)       (eq. 2)
+    MHA(E, P) = Concat(att_1, ..., att_L)                                (eq. 3)
+    P' = LayerNorm(MHA(E, P) + E W_res)                                  (eq. 4)
+    S = P' W_S,   F = [E || S],   y_hat = F w + b
+
+trained with the mean squared error. Sizes follow the authors' code
+(``T_RAlign.py``): L = 4 heads, queries/keys of width d split into d / L per
+head, values of width D / L per head (so MHA and P' have width D), dropout
+0.1 on the attention weights, d_S = 144. As in the authors' code the output
+layer starts from the ridge solution on the training folds for its E part
+(``head_init="ridge"``), so training starts from the "w/o Prompt4RE" model.
+
+Ablations (Table 1 of the ToPT paper):
+
+* w/o task-relevant prompt: the same model on the prompt vectors made without
+  a task template (data, not code: pass the ``none`` vectors);
+* w/o P-R alignment (``alignment=False``): no cross-attention, each region's
+  own prompt vector projected, S = P W_S, and F = [E || S];
+* w/o Prompt4RE: ridge regression on E alone
+  (:func:`jaxurban.eval.kfold.ridge_cv_predictions`).
+
+Row-space basis. Every parameter that reads P (W_K, W_V, and W_S without
+alignment) is a D x (.) matrix applied to rows of P, and P has rank r <= N,
+so with the thin SVD P = U Sigma V^T, P W = (U Sigma)(V^T W): the same
+functions are obtained from the r coordinates C = U Sigma and r x (.)
+parameters. :func:`prompt_rowspace` computes C; ``value_basis="rowspace"``
+trains on C (about 50 times fewer operations for D = 4096, N = 77). The model
+class is exactly the same and plain gradient descent takes exactly the same
+steps; Adam's per-coordinate scaling makes its steps differ. Initial weights
+use the scale of the original width D in both bases (row norms of C equal
+those of P), so the initial function has the same distribution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxurban.eval.kfold import masked_ridge_fit, fold_masks
+
+__all__ = [
+  "Prompt4RE",
+  "Prompt4REConfig",
+  "cross_validated_trajectory",
+  "init_params",
+  "mse_loss",
+  "prompt_rowspace",
+]
+
+CONTEXTS = ("split", "all")
+BASES = ("rowspace", "full")
+HEAD_INITS = ("ridge", "xavier")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt4REConfig:
+  """Prompt-learning stage of ToPT.
+
+  Attributes:
+    epochs: full-batch Adam steps per fold (paper: 3000).
+    learning_rate: Adam step size (paper: 1e-4 crime and service call,
+      3e-4 check-in; see :data:`PAPER_LEARNING_RATES`).
+    soft_prompt_dim: width of the soft prompts S (paper: 144).
+    n_heads: attention heads L (authors' code: 4).
+    attention_dropout: dropout on the attention weights while training
+      (authors' code: 0.1); none at evaluation.
+    alignment: False is the "w/o P-R alignment" ablation (S = P W_S).
+    context: which prompt vectors the regions attend to. "split" (authors'
+      code): training regions attend to the training regions' prompts and a
+      test fold attends to its own regions' prompts; "all": every region
+      attends to all regions' prompts (label-free inputs, so no leakage).
+    value_basis: "rowspace" (default, see the module docstring) or "full".
+    head_init: "ridge" (authors) or "xavier" for the E part of the output layer.
+    ridge_alpha: penalty of that initial ridge fit (authors: 1.0).
+    eval_every: epochs between recorded test-fold predictions (authors: 20).
+  """
+
+  epochs: int = 3000
+  learning_rate: float = 1e-4
+  soft_prompt_dim: int = 144
+  n_heads: int = 4
+  attention_dropout: float = 0.1
+  alignment: bool = True
+  context: str = "split"
+  value_basis: str = "rowspace"
+  head_init: str = "ridge"
+  ridge_alpha: float = 1.0
+  eval_every: int = 20
+
+  def __post_init__(self):
+    for name, allowed in (
+      ("context", CONTEXTS),
+      ("value_basis", BASES),
+      ("head_init", HEAD_INITS),
+    ):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"Prompt4REConfig.{name} must be one of {allowed}")
+    if self.epochs < 1 or self.eval_every < 1 or self.epochs % self.eval_every:
+      raise ValueError(
+        f"Prompt4REConfig: epochs ({self.epochs}) must be a positive multiple of "
+        f"eval_every ({self.eval_every})"
+      )
+
+
+# Prompt-stage learning rates of the paper (Sec. 3.1, "Model Parameters").
+PAPER_LEARNING_RATES = {"crime": 1e-4, "checkIn": 3e-4, "serviceCall": 1e-4}
+
+
+def _symmetric_uniform(limit: float):
+  """U(-limit, limit), PyTorch's nn.Linear default with limit = 1/sqrt(fan_in)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+  return init
+
+
+def _torch_linear(features: int, fan_in: int, name: str) -> nn.Dense:
+  return nn.Dense(
+    features,
+    kernel_init=_symmetric_uniform(1.0 / math.sqrt(fan_in)),
+    bias_init=_symmetric_uniform(1.0 / math.sqrt(fan_in)),
+    name=name,
+  )
+
+
+class Prompt4RE(nn.Module):
+  """Cross-attention alignment of prompts to regions and the prediction head.
+
+  Attributes:
+    prompt_width: D, the width of the MLLM prompt vectors (sets the value
+      width and the initial scale of the layers reading P, also when P is
+      given in its row-space coordinates).
+    soft_prompt_dim, n_heads, attention_dropout, alignment: see
+      :class:`Prompt4REConfig`.
+  """
+
+  prompt_width: int
+  soft_prompt_dim: int = 144
+  n_heads: int = 4
+  attention_dropout: float = 0.1
+  alignment: bool = True
+
+  @nn.compact
+  def __call__(self, e, p, key_mask=None, *, deterministic: bool = True):
+    """Predictions [N] for embeddings e [N, d] and prompts p [M, D or r].
+
+    key_mask: optional boolean [M]; prompts outside it are not attended to.
+    """
+    n, d = e.shape
+    width = self.prompt_width
+    if self.alignment:
+      h = self.n_heads
+      if d % h or width % h:
+        raise ValueError(
+          f"Prompt4RE: embedding width {d} and prompt width {width} must both be "
+          f"divisible by n_heads={h}"
+        )
+      head_dim = d // h
+      # Eq. 2: one projection per head, stored as column blocks of one matrix.
+      q = _torch_linear(d, d, "query")(e).reshape(n, h, head_dim)
+      k = _torch_linear(d, width, "key")(p).reshape(p.shape[0], h, head_dim)
+      v = _torch_linear(width, width, "value")(p).reshape(p.shape[0], h, width // h)
+      scores = jnp.einsum("nhc,mhc->hnm", q, k) / math.sqrt(head_dim)
+      if key_mask is not None:
+        scores = jnp.where(key_mask[None, None, :], scores, -jnp.inf)
+      weights = jax.nn.softmax(scores, axis=-1)
+      weights = nn.Dropout(self.attention_dropout)(weights, deterministic=deterministic)
+      # Eq. 3: heads concatenated back to width D.
+      mha = jnp.einsum("hnm,mhc->nhc", weights, v).reshape(n, width)
+      # Eq. 4: residual projection of E and layer norm (PyTorch's epsilon).
+      aligned = nn.LayerNorm(epsilon=1e-5, name="norm")(
+        mha + _torch_linear(width, d, "residual")(e)
+      )
+      s = _torch_linear(self.soft_prompt_dim, width, "soft_prompt")(aligned)
+    else:
+      # w/o P-R alignment: plain concatenation [E || P W_S].
+      s = _torch_linear(self.soft_prompt_dim, width, "soft_prompt")(p)
+    f = jnp.concatenate([e, s], axis=-1)  # F = [E || S]
+    return _torch_linear(1, d + self.soft_prompt_dim, "head")(f)[:, 0]
+
+
+def mse_loss(pred, target, mask=None):
+  """Mean squared error over the regions where ``mask`` (all when None)."""
+  sq = (pred - target) ** 2
+  if mask is None:
+    return jnp.mean(sq)
+  w = mask.astype(sq.dtype)
+  return jnp.sum(sq * w) / jnp.sum(w)
+
+
+def prompt_rowspace(p: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
+  """Coordinates C = U Sigma [N, r] of the rows of p in their own row space.
+
+  Computed in float64; directions with singular value below ``rtol`` times the
+  largest are dropped (they carry no signal). C C^T = P P^T, and for any W,
+  P W = C (V^T W).
+  """
+  p64 = np.asarray(p, np.float64)
+  u, sigma, _ = np.linalg.svd(p64, full_matrices=False)
+  rank = int(np.sum(sigma > rtol * sigma[0]))
+  return (u[:, :rank] * sigma[:rank]).astype(np.float32)
+
+
+def init_params(model: Prompt4RE, key, e, p, ridge_weights=None, ridge_intercept=None):
+  """Initial parameters; the output layer's E part from ridge when given.
+
+  As in the authors' code the S part of the output layer is Xavier-normal and,
+  with ridge weights, the E part and the bias are the ridge solution, so the
+  initial prediction is the ridge prediction plus the soft-prompt term.
+  """
+  init_key, head_key = jax.random.split(key)
+  params = model.init(init_key, e, p)["params"]
+  d = e.shape[-1]
+  fan_in = d + model.soft_prompt_dim
+  std = math.sqrt(2.0 / (fan_in + 1))
+  kernel = std * jax.random.normal(head_key, (fan_in, 1), e.dtype)
+  bias = params["head"]["bias"]
+  if ridge_weights is not None:
+    kernel = kernel.at[:d, 0].set(ridge_weights.astype(e.dtype))
+    bias = jnp.reshape(ridge_intercept, (1,)).astype(e.dtype)
+  head = {"kernel": kernel, "bias": bias}
+  return {**params, "head": head}
+
+
+def _model(width: int, config: Prompt4REConfig) -> Prompt4RE:
+  return Prompt4RE(
+    prompt_width=width,
+    soft_prompt_dim=config.soft_prompt_dim,
+    n_heads=config.n_heads,
+    attention_dropout=config.attention_dropout,
+    alignment=config.alignment,
+  )
+
+
+def _over_seeds_and_folds(fn):
+  """vmap over seeds (keys/state and embeddings) and folds (keys/state and masks)."""
+  inner = jax.vmap(fn, in_axes=(0, None, None, None, 0))
+  return jax.vmap(inner, in_axes=(0, 0, None, None, None))
+
+
+@functools.partial(jax.jit, static_argnames=("width", "config"))
+def _init_states(keys, e, p, y, tests, *, width, config):
+  model = _model(width, config)
+  optimizer = optax.adam(config.learning_rate)
+
+  def one(key, e_s, p, y, test):
+    if config.head_init == "ridge":
+      ridge = masked_ridge_fit(e_s, y, ~test, config.ridge_alpha)
+      params = init_params(model, key, e_s, p, ridge.weights, ridge.intercept)
+    else:
+      params = init_params(model, key, e_s, p)
+    return params, optimizer.init(params), key
+
+  return _over_seeds_and_folds(one)(keys, e, p, y, tests)
+
+
+@functools.partial(jax.jit, static_argnames=("width", "config"), donate_argnums=0)
+def _train_chunk(state, e, p, y, tests, *, width, config):
+  """``eval_every`` Adam steps for every (seed, fold), then test-fold predictions."""
+  model = _model(width, config)
+  optimizer = optax.adam(config.learning_rate)
+
+  def one(carry, e_s, p, y, test):
+    train = ~test
+    ones = jnp.ones_like(test)
+    train_keys = train if config.context == "split" else ones
+
+    def step(c, _):
+      params, opt_state, key = c
+      key, dropout_key = jax.random.split(key)
+
+      def loss_fn(prm):
+        pred = model.apply(
+          {"params": prm}, e_s, p, train_keys, deterministic=False, rngs={"dropout": dropout_key}
+        )
+        return mse_loss(pred, y, train)
+
+      loss, grads = jax.value_and_grad(loss_fn)(params)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state, key), loss
+
+    carry, losses = jax.lax.scan(step, carry, None, length=config.eval_every)
+    test_keys = test if config.context == "split" else ones
+    pred = model.apply({"params": carry[0]}, e_s, p, test_keys, deterministic=True)
+    return carry, pred, losses[-1]
+
+  return _over_seeds_and_folds(one)(state, e, p, y, tests)
+
+
+def cross_validated_trajectory(
+  config: Prompt4REConfig,
+  embeddings: np.ndarray,
+  prompts: np.ndarray,
+  labels: np.ndarray,
+  fold_of: np.ndarray,
+  n_folds: int,
+  seeds: Sequence[int],
+  progress: bool = True,
+  log=print,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Trains one Prompt4RE per (seed, fold), all in one vectorised program.
+
+  Args:
+    config: the stage's settings.
+    embeddings: [S, N, d] region embeddings, one set per seed.
+    prompts: [N, D] prompt vectors of the same N regions.
+    labels: [N] targets (raw counts, as in the authors' code).
+    fold_of: [N] fold index of each region.
+    n_folds: F.
+    seeds: S integers; seed s initialises and drops out the models of seed s.
+
+  Returns:
+    (trajectory [T, S, F, N] float32 predictions of every region by every
+    fold's model after epochs ``eval_epochs`` [T]; for fold f only the rows of
+    test fold f are out-of-fold), eval_epochs.
+  """
+  embeddings = np.asarray(embeddings, np.float32)
+  if embeddings.ndim != 3 or embeddings.shape[0] != len(seeds):
+    raise ValueError(f"embeddings must be [len(seeds)={len(seeds)}, N, d], got {embeddings.shape}")
+  n = embeddings.shape[1]
+  prompts = np.asarray(prompts, np.float32)
+  labels = np.asarray(labels, np.float32)
+  if prompts.shape[0] != n or labels.shape != (n,):
+    raise ValueError(
+      f"prompts {prompts.shape} and labels {labels.shape} must have N={n} rows like the embeddings"
+    )
+  width = prompts.shape[1]
+  p = jnp.asarray(prompt_rowspace(prompts) if config.value_basis == "rowspace" else prompts)
+  e, y = jnp.asarray(embeddings), jnp.asarray(labels)
+  tests = jnp.asarray(fold_masks(fold_of, n_folds))  # [F, N]
+  keys = jnp.stack(
+    [
+      jnp.stack([jax.random.fold_in(jax.random.PRNGKey(int(s)), f) for f in range(n_folds)])
+      for s in seeds
+    ]
+  )  # [S, F, 2]
+  state = _init_states(keys, e, p, y, tests, width=width, config=config)
+  n_chunks = config.epochs // config.eval_every
+  trajectory = []
+  for i in range(n_chunks):
+    state, pred, loss = _train_chunk(state, e, p, y, tests, width=width, config=config)
+    trajectory.append(np.asarray(pred))
+    if progress and (i + 1) % max(1, n_chunks // 10) == 0:
+      log(
+        f"  prompt4re epoch {(i + 1) * config.eval_every}/{config.epochs}: "
+        f"train mse {float(jnp.mean(loss)):.4g} (mean over seeds and folds)"
+      )
+  epochs = np.arange(1, n_chunks + 1) * config.eval_every
+  return np.stack(trajectory), epochs

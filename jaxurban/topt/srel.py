@@ -1,0 +1,474 @@
+"""ToPT's spatial-aware region embedding learning (SREL), Sec. 2.2.2 of the ToPT paper.
+
+The first two stages are HAFusion's (ICDE 2024) and follow the authors'
+model code:
+
+1. view encoders (intraAFL): POI and land-use counts are projected to the
+   model width by a linear layer + ReLU + dropout, the mobility view enters
+   as raw trip counts; each view goes through transformer blocks whose
+   attention output is augmented with an "edge" term computed from the
+   (head-averaged) attention map, then a DeepFc MLP.
+2. inter-view fusion (interAFL + ViewFusion): external-attention blocks
+   across the three views, mixed with the intra-view embeddings by two
+   learned positive weights, then learned softmax view weights combine the
+   three views into one [N, d_model] matrix H~.
+
+The third stage is ToPT's spatially informed inter-region fusion (replacing
+HAFusion's RegionFusion transformer):
+
+3. strength centrality c_i = sum_j A_ij of the distance adjacency A,
+   max-normalised, linearly projected to d_model and added to H~ (H' of the
+   paper); L Graphormer layers whose attention logits get the spatial bias
+   B_ij = lambda * A_ij (eq. 1, lambda learnable); each layer has the
+   post-norm residual feed-forward of HAFusion's blocks; then the MLPs.
+
+ToPT's public code contains only the prompt stage, so A is
+A_ij = exp(-(d_ij / sigma)^2) with d_ij the distance in km between region
+centroids, i.e. the R = 1, centre 0, width sigma case of the Gaussian
+radial-basis bias of `kernels.biased_attention`.
+
+As in HAFusion the model width d_model equals the number of regions N (the
+authors set ``input_dim = region_num``; the view-weight layer mixes the
+region axis), and the embedding size d = 144 is reached by the last MLP.
+Layers use PyTorch's default initialisation (uniform +-1/sqrt(fan_in) for
+linear layers, Xavier-uniform attention projections, N(0, 0.001^2) for the
+external-attention memories) and LayerNorm epsilon 1e-5, so the model
+starts where the authors' does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.biased_attention import biased_attention, biased_attention_reference
+
+__all__ = [
+  "EARTH_RADIUS_KM",
+  "SREL",
+  "centroids_to_km",
+  "dense_biased_attention",
+  "gaussian_adjacency",
+  "pairwise_distance",
+  "spatial_attention",
+  "strength_centrality",
+]
+
+EARTH_RADIUS_KM = 6371.0088
+_LN_EPS = 1e-5  # PyTorch's LayerNorm default
+_LEAKY_SLOPE = 0.3  # HAFusion's LeakyReLU slope
+
+
+# --------------------------------------------------------------------------
+# Geometry.
+
+
+def centroids_to_km(latlon: np.ndarray) -> np.ndarray:
+  """(lat, lon) degrees -> planar (x, y) km, equirectangular about the mean latitude.
+
+  Within a city (Chicago spans 40 km) Euclidean distances of these
+  coordinates differ from great-circle distances by less than 0.5 % (the
+  east-west scale is taken at the mean latitude), and planar coordinates
+  are what the biased-attention kernel takes.
+  """
+  latlon = np.asarray(latlon, dtype=np.float64)
+  lat = np.radians(latlon[:, 0])
+  lon = np.radians(latlon[:, 1])
+  x = EARTH_RADIUS_KM * np.cos(lat.mean()) * (lon - lon.mean())
+  y = EARTH_RADIUS_KM * (lat - lat.mean())
+  return np.stack([x, y], axis=-1)
+
+
+def pairwise_distance(a: jax.Array, b: jax.Array) -> jax.Array:
+  """[Na, Nb] Euclidean distances (the zero diagonal stays exact)."""
+  squared = jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, axis=-1)
+  return jnp.sqrt(jnp.maximum(squared, 0.0))
+
+
+def gaussian_adjacency(coords: jax.Array, sigma: float) -> jax.Array:
+  """A_ij = exp(-(d_ij / sigma)^2), the distance-based adjacency of SREL."""
+  return jnp.exp(-((pairwise_distance(coords, coords) / sigma) ** 2))
+
+
+def strength_centrality(adjacency: jax.Array) -> jax.Array:
+  """c_i = sum_j A_ij, max-normalised (Sec. 2.2.2 of the ToPT paper)."""
+  strength = jnp.sum(adjacency, axis=-1)
+  return strength / jnp.max(strength)
+
+
+# --------------------------------------------------------------------------
+# Spatially biased attention.
+
+
+# The dense form of eq. (1) is the kernel module's reference (it materialises
+# the [H, N, N] bias); `spatial_attention` picks it or the fused kernel.
+dense_biased_attention = biased_attention_reference
+
+
+def plain_attention(q, k, v, scale=None):
+  """softmax(scale q k^T) v per head; q, k, v [H, N, D]."""
+  if scale is None:
+    scale = 1.0 / math.sqrt(q.shape[-1])
+  weights = jax.nn.softmax(jnp.einsum("hid,hjd->hij", q, k) * scale, axis=-1)
+  return jnp.einsum("hij,hjd->hid", weights, v)
+
+
+ATTENTION_IMPLEMENTATIONS = ("reference", "kernel", "kernel-interpret")
+
+
+def spatial_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  coords: jax.Array | None,
+  bias_params: dict[str, jax.Array] | None,
+  *,
+  scale: float | None = None,
+  implementation: str = "reference",
+) -> jax.Array:
+  """Self-attention with the spatial bias of eq. (1) of the ToPT paper.
+
+  Args:
+    q, k, v: [H, N, D].
+    coords: [N, C] planar coordinates (km), or None for no spatial prior.
+    bias_params: None (no bias), or {"rbf_weight": [H, R], "rbf_centres":
+      [R], "rbf_width": [R]}; SREL uses R = 1, centre 0, width sigma and
+      weight lambda, i.e. B_ij = lambda * exp(-(d_ij / sigma)^2).
+    scale: logit scale, default 1 / sqrt(D).
+    implementation: "reference" (dense, any device), "kernel" (the fused
+      `kernels.biased_attention.biased_attention`, which never materialises
+      the [H, N, N] bias on a GPU and uses its own dense reference
+      elsewhere) or "kernel-interpret" (the Pallas kernel in interpret mode
+      on any backend; slow, for checks).
+  """
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(
+      f"implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}"
+    )
+  if coords is None or bias_params is None:
+    return plain_attention(q, k, v, scale)
+  kernel_implementation = {"reference": "reference", "kernel": None}
+  return biased_attention(
+    q,
+    k,
+    v,
+    coords,
+    coords,
+    bias_params["rbf_weight"],
+    rbf_centres=bias_params["rbf_centres"],
+    rbf_width=bias_params["rbf_width"],
+    scale=scale,
+    implementation=kernel_implementation.get(implementation, "pallas"),
+    interpret=implementation == "kernel-interpret",
+  )
+
+
+# --------------------------------------------------------------------------
+# Layers with PyTorch's initialisation.
+
+
+def _torch_uniform(fan_in: int) -> Callable:
+  bound = 1.0 / math.sqrt(max(fan_in, 1))
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class Linear(nn.Module):
+  """y = x W + b with PyTorch's nn.Linear initialisation (unless overridden)."""
+
+  features: int
+  use_bias: bool = True
+  kernel_init: Callable | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in = x.shape[-1]
+    init = self.kernel_init or _torch_uniform(fan_in)
+    kernel = self.param("kernel", init, (fan_in, self.features))
+    y = x @ kernel
+    if self.use_bias:
+      y = y + self.param("bias", _torch_uniform(fan_in), (self.features,))
+    return y
+
+
+class DeepFc(nn.Module):
+  """HAFusion's MLP: Linear(2d), Linear(2d), LeakyReLU, Linear(out), LeakyReLU."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    width = 2 * x.shape[-1]
+    x = Linear(width)(x)
+    x = nn.leaky_relu(Linear(width)(x), _LEAKY_SLOPE)
+    return nn.leaky_relu(Linear(self.features)(x), _LEAKY_SLOPE)
+
+
+class _QKV(nn.Module):
+  """Joint q/k/v projection of nn.MultiheadAttention: [N, d] -> 3 x [H, N, d/H]."""
+
+  n_heads: int
+
+  @nn.compact
+  def __call__(self, x):
+    n, d = x.shape
+    if d % self.n_heads:
+      raise ValueError(f"model width {d} is not divisible by n_heads={self.n_heads}")
+    # PyTorch: in_proj_weight [3d, d] Xavier-uniform, in_proj_bias zeros.
+    kernel = self.param("kernel", nn.initializers.xavier_uniform(), (d, 3 * d))
+    bias = self.param("bias", nn.initializers.zeros, (3 * d,))
+    qkv = (x @ kernel + bias).reshape(n, 3, self.n_heads, d // self.n_heads)
+    q, k, v = (qkv[:, i].transpose(1, 0, 2) for i in range(3))
+    return q, k, v
+
+
+def _merge_heads(x):
+  h, n, dh = x.shape
+  return x.transpose(1, 0, 2).reshape(n, h * dh)
+
+
+class _FeedForward(nn.Module):
+  """The post-norm residual tail shared by HAFusion's blocks and the Graphormer layer."""
+
+  ff_dim: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, x, attended, deterministic: bool):
+    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    x = nn.LayerNorm(epsilon=_LN_EPS)(x + drop(attended))
+    hidden = drop(nn.relu(Linear(self.ff_dim)(x)))
+    return nn.LayerNorm(epsilon=_LN_EPS)(x + drop(Linear(x.shape[-1])(hidden)))
+
+
+class IntraViewBlock(nn.Module):
+  """HAFusion's intraAFL block: self-attention plus an attention-map edge term.
+
+  The head-averaged attention map a_ij is expanded to c channels
+  e^c_ij = w_c a_ij + b_c (a 1x1 convolution); each region i gets
+  sum_j softmax_j(e^c_ij) e^c_ij per channel, projected back to d and added
+  to the attention output.
+  """
+
+  n_heads: int
+  edge_channels: int
+  ff_dim: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    n, d = x.shape
+    q, k, v = _QKV(self.n_heads)(x)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    weights = jax.nn.softmax(jnp.einsum("hid,hjd->hij", q, k) * scale, axis=-1)
+    # nn.MultiheadAttention drops attention weights and returns the dropped,
+    # head-averaged map, which the edge term then uses.
+    weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
+    attended = Linear(d, kernel_init=_torch_uniform(d))(_merge_heads(weights @ v))
+    attention_map = weights.mean(axis=0)
+    # Conv2d(1, c, 1): fan_in = 1.
+    w = self.param("edge_weight", _torch_uniform(1), (self.edge_channels,))
+    b = self.param("edge_bias", _torch_uniform(1), (self.edge_channels,))
+    edges = attention_map[None] * w[:, None, None] + b[:, None, None]
+    pooled = jnp.sum(jax.nn.softmax(edges, axis=-1) * edges, axis=-1)  # [c, N]
+    attended = attended + Linear(d)(pooled.T)
+    return _FeedForward(self.ff_dim, self.dropout)(x, attended, deterministic)
+
+
+class InterViewBlock(nn.Module):
+  """HAFusion's interAFL block: external attention over the three views.
+
+  x [N, V, d] -> softmax over the view axis of x M_k, renormalised over the
+  memory axis, times M_v. No residual, as in the authors' code.
+  """
+
+  memory: int
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.normal(stddev=1e-3)
+    attn = Linear(self.memory, use_bias=False, kernel_init=init)(x)
+    attn = jax.nn.softmax(attn, axis=1)
+    attn = attn / jnp.sum(attn, axis=2, keepdims=True)
+    return Linear(x.shape[-1], use_bias=False, kernel_init=init)(attn)
+
+
+class ViewFusion(nn.Module):
+  """HAFusion's learned view weights; x [V, N, d] -> softmax weights [V].
+
+  The 1x1 convolution W runs over the region axis (N channels, the feature
+  axis as batch); f1 and f2 score each view, and view i gets
+  mean_b mean_j LeakyReLU(f1[b, j] + f2[b, i]) before the softmax over i.
+  """
+
+  d_prime: int
+
+  @nn.compact
+  def __call__(self, x):
+    _, n, _ = x.shape
+    w = self.param("W", _torch_uniform(n), (n, self.d_prime))
+    f1_w = self.param("f1_weight", _torch_uniform(self.d_prime), (self.d_prime,))
+    f1_b = self.param("f1_bias", _torch_uniform(self.d_prime), ())
+    f2_w = self.param("f2_weight", _torch_uniform(self.d_prime), (self.d_prime,))
+    f2_b = self.param("f2_bias", _torch_uniform(self.d_prime), ())
+    features = jnp.einsum("vnb,no->bov", x, w)  # [d, d_prime, V]
+    f1 = jnp.einsum("bov,o->bv", features, f1_w) + f1_b
+    f2 = jnp.einsum("bov,o->bv", features, f2_w) + f2_b
+    logits = f1[:, None, :] + f2[:, :, None]  # [b, i, j]
+    scores = jnp.mean(nn.leaky_relu(logits, _LEAKY_SLOPE), axis=(0, 2))
+    return jax.nn.softmax(scores)
+
+
+class GraphormerLayer(nn.Module):
+  """Self-attention with the spatial bias of eq. (1), then the residual feed-forward."""
+
+  n_heads: int
+  ff_dim: int
+  dropout: float
+  attention_implementation: str = "kernel"
+
+  @nn.compact
+  def __call__(self, x, coords, bias_params, deterministic: bool):
+    d = x.shape[-1]
+    q, k, v = _QKV(self.n_heads)(x)
+    # No dropout on the attention weights here (HAFusion's RegionFusion has
+    # it): the fused kernel never forms them.
+    heads = spatial_attention(
+      q, k, v, coords, bias_params, implementation=self.attention_implementation
+    )
+    attended = Linear(d, kernel_init=_torch_uniform(d))(_merge_heads(heads))
+    return _FeedForward(self.ff_dim, self.dropout)(x, attended, deterministic)
+
+
+class SREL(nn.Module):
+  """ToPT's SREL: HAFusion view encoders and fusion + spatial Graphormer fusion.
+
+  Attributes:
+    embedding_dim: d of the output embeddings E (144 in the paper).
+    n_heads: attention heads of the view encoders and the Graphormer layers.
+    n_layers: L, Graphormer layers.
+    intra_layers, inter_layers: intraAFL / interAFL blocks.
+    d_prime: width of the view-weight scorer.
+    memory: external-attention memory size (HAFusion's d_m).
+    edge_channels: c of the intraAFL edge term.
+    ff_dim: feed-forward width of every attention block (PyTorch's 2048).
+    dropout: dropout rate (training only).
+    spatial_bias: add B_ij = lambda A_ij to the Graphormer logits.
+    centrality: add the projected strength centrality to H~.
+    sigma_km: sigma of A_ij = exp(-(d_ij / sigma)^2).
+    lambda_init: initial lambda.
+    lambda_learnable: lambda is a parameter (else the constant lambda_init).
+    attention_implementation: see `spatial_attention`.
+  """
+
+  embedding_dim: int = 144
+  n_heads: int = 1
+  n_layers: int = 2
+  intra_layers: int = 1
+  inter_layers: int = 2
+  d_prime: int = 32
+  memory: int = 36
+  edge_channels: int = 32
+  ff_dim: int = 2048
+  dropout: float = 0.1
+  spatial_bias: bool = True
+  centrality: bool = True
+  sigma_km: float = 3.0
+  lambda_init: float = 0.1
+  lambda_learnable: bool = True
+  attention_implementation: str = "kernel"
+
+  @nn.compact
+  def __call__(
+    self,
+    poi: jax.Array,
+    landuse: jax.Array,
+    mobility: jax.Array,
+    coords: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+  ) -> dict[str, Any]:
+    """Runs the model.
+
+    Args:
+      poi: [N, P] counts; landuse: [N, L] counts; mobility: [N, N] trip
+        counts (the mobility view's features).
+      coords: [N, 2] planar centroid coordinates in km, or None (no spatial
+        prior and no centrality, e.g. New York).
+      deterministic: disable dropout (pass a "dropout" rng when False).
+
+    Returns:
+      "embedding" E [N, embedding_dim]; the decoded "source",
+      "destination", "poi", "landuse" [N, embedding_dim]; "view_weights" [3].
+    """
+    d = mobility.shape[0]  # model width = N, as in HAFusion
+    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=deterministic)
+
+    # Stage 1: view encoders.
+    inputs = (
+      drop(nn.relu(Linear(d, name="poi_in")(poi))),
+      drop(nn.relu(Linear(d, name="landuse_in")(landuse))),
+      mobility,
+    )
+    encoded = []
+    for name, x in zip(("poi", "landuse", "mobility"), inputs):
+      for i in range(self.intra_layers):
+        x = IntraViewBlock(
+          self.n_heads, self.edge_channels, self.ff_dim, self.dropout, name=f"{name}_intra_{i}"
+        )(x, deterministic)
+      encoded.append(DeepFc(d, name=f"{name}_intra_fc")(x))
+    intra = jnp.stack(encoded)  # [3, N, d]
+
+    # Stage 2: inter-view fusion.
+    x = intra.transpose(1, 0, 2)  # [N, 3, d]
+    for i in range(self.inter_layers):
+      x = InterViewBlock(self.memory, name=f"inter_{i}")(x)
+    inter = DeepFc(d, name="inter_fc")(x).transpose(1, 0, 2)
+    para1 = self.param("mix_intra", nn.initializers.constant(0.1), (1,))
+    para2 = self.param("mix_inter", nn.initializers.constant(0.9), (1,))
+    mixed = inter * (para2 / (para1 + para2)) + intra * (para1 / (para1 + para2))
+    view_weights = ViewFusion(self.d_prime, name="view_fusion")(mixed)
+    fused = jnp.einsum("v,vnd->nd", view_weights, mixed)  # H~
+
+    # Stage 3: spatially informed inter-region fusion.
+    spatial = coords is not None
+    h = fused
+    if spatial and self.centrality:
+      centrality = strength_centrality(gaussian_adjacency(coords, self.sigma_km))
+      h = h + Linear(d, name="centrality_proj")(centrality[:, None])  # H'
+    bias_params = None
+    if spatial and self.spatial_bias:
+      if self.lambda_learnable:
+        lam = self.param("spatial_lambda", nn.initializers.constant(self.lambda_init), ())
+      else:
+        lam = jnp.asarray(self.lambda_init, jnp.float32)
+      # B_ij = lambda A_ij, A_ij = exp(-(d_ij / sigma)^2): one radial basis
+      # centred at 0 with width sigma, shared by the heads.
+      bias_params = {
+        "rbf_weight": jnp.broadcast_to(lam, (self.n_heads, 1)),
+        "rbf_centres": jnp.zeros((1,), jnp.float32),
+        "rbf_width": jnp.full((1,), self.sigma_km, jnp.float32),
+      }
+    for i in range(self.n_layers):
+      h = GraphormerLayer(
+        self.n_heads,
+        self.ff_dim,
+        self.dropout,
+        self.attention_implementation,
+        name=f"graphormer_{i}",
+      )(h, coords if spatial else None, bias_params, deterministic)
+    h = DeepFc(d, name="region_fc")(h)
+    embedding = DeepFc(self.embedding_dim, name="out_fc")(h)
+
+    out = {"embedding": embedding, "view_weights": view_weights}
+    for name in ("source", "destination", "poi", "landuse"):
+      out[name] = Linear(self.embedding_dim, name=f"decoder_{name}")(embedding)
+    return out

@@ -1,0 +1,457 @@
+"""Training of ToPT's SREL stage, all seeds at once.
+
+Parameters and optimiser states carry a leading seed axis; one jitted,
+vmapped function (state donated) advances every seed by a chunk of epochs
+under ``lax.scan``. Between chunks progress is printed and, given a work
+directory, an orbax checkpoint (with the config beside it) is written from
+which a killed run resumes.
+
+Deviations from the authors' training loop (HAFusion_train.py), on purpose:
+* the returned embeddings are those of the last epoch, computed without
+  dropout; the authors keep the dropout-mode embedding of the epoch with the
+  best downstream R^2 (evaluated every 30 epochs on the test labels), which
+  uses the labels to pick the embedding;
+* no per-epoch downstream evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxurban.checkpoint import Checkpointer, save_npy_atomic, write_json_atomic
+from jaxurban.data.hafusion import CityViews
+from jaxurban.topt.srel import ATTENTION_IMPLEMENTATIONS, SREL, centroids_to_km
+from jaxurban.topt.srel_losses import normalise_mobility, srel_loss
+from jaxurban.training import chunk_length as _chunk_length
+from jaxurban.training import make_chunk
+
+__all__ = [
+  "HAFUSION_CITY_SETTINGS",
+  "TOPT_TASK_SETTINGS",
+  "SRELConfig",
+  "SRELData",
+  "abstract_state",
+  "build_model",
+  "init_state",
+  "make_loss",
+  "make_train_chunk",
+  "prepare_data",
+  "train_srel",
+  "train_srel_with_log",
+]
+
+# HAFusion's per-city architecture (the authors' parse_args.py).
+HAFUSION_CITY_SETTINGS = {
+  "Chi": dict(n_heads=1, intra_layers=1, inter_layers=2, d_prime=32, memory=36, edge_channels=32),
+  "NY": dict(n_heads=4, intra_layers=3, inter_layers=3, d_prime=64, memory=72, edge_channels=32),
+}
+# ToPT's SREL settings per downstream task (Sec. 3.1 of the ToPT paper).
+TOPT_TASK_SETTINGS = {
+  "crime": dict(learning_rate=7e-4, n_layers=2, spatial_lambda=0.1),
+  "checkIn": dict(learning_rate=2e-4, n_layers=5, spatial_lambda=0.4),
+  "serviceCall": dict(learning_rate=8e-4, n_layers=2, spatial_lambda=0.3),
+}
+
+# Config keys that may differ between a run and its resumption.
+_RESUMABLE_KEYS = ("log_every", "checkpoint_every")
+
+
+@dataclasses.dataclass(frozen=True)
+class SRELConfig:
+  """One SREL training run. Defaults: ToPT's crime setting on Chicago.
+
+  Attributes:
+    epochs: full-batch Adam steps (4000 in the ToPT paper).
+    embedding_dim: d of the region embeddings (144).
+    learning_rate: Adam learning rate (ToPT: 7e-4 crime, 2e-4 check-in,
+      8e-4 service calls).
+    weight_decay: L2 penalty added to the gradient before Adam, as PyTorch's
+      ``Adam(weight_decay=5e-4)`` of the authors.
+    dropout: dropout rate during training (HAFusion: 0.1).
+    n_layers: L, Graphormer layers (ToPT: 2 crime / service calls, 5 check-in).
+    n_heads: attention heads (HAFusion Chicago 1, New York 4); must divide N.
+    intra_layers, inter_layers: HAFusion's intraAFL / interAFL blocks.
+    d_prime, memory, edge_channels: HAFusion's d', d_m and c.
+    ff_dim: feed-forward width of the attention blocks (2048).
+    spatial_bias: add lambda * A_ij to the Graphormer logits (eq. 1); False
+      means no bias (lambda = 0).
+    centrality: add the projected strength centrality of A to the features.
+    spatial_lambda: initial lambda (ToPT: 0.1 crime, 0.4 check-in, 0.3
+      service calls).
+    lambda_learnable: lambda is trained (else fixed at spatial_lambda).
+    sigma_km: sigma of A_ij = exp(-(d_ij / sigma)^2). ToPT's code does not
+      publish A; 3 km is about 1.4x the median nearest-centroid distance
+      between Chicago's community areas (2.1 km), so first neighbours get
+      A ~ 0.6 and regions 6 km apart ~ 0.02.
+    seeds: seeds used when `train_srel` is given none; each seed's key
+      initialises its parameters and drives its dropout.
+    attention_implementation: "kernel" (the fused Pallas kernel on a GPU,
+      its dense reference elsewhere), "reference" (dense) or
+      "kernel-interpret" (see `jaxurban.topt.srel.spatial_attention`).
+    log_every: epochs per jitted chunk and per progress line (rounded down
+      to a divisor of epochs).
+    checkpoint_every: epochs between checkpoints (rounded to chunks).
+  """
+
+  epochs: int = 4000
+  embedding_dim: int = 144
+  learning_rate: float = 7e-4
+  weight_decay: float = 5e-4
+  dropout: float = 0.1
+  n_layers: int = 2
+  n_heads: int = 1
+  intra_layers: int = 1
+  inter_layers: int = 2
+  d_prime: int = 32
+  memory: int = 36
+  edge_channels: int = 32
+  ff_dim: int = 2048
+  spatial_bias: bool = True
+  centrality: bool = True
+  spatial_lambda: float = 0.1
+  lambda_learnable: bool = True
+  sigma_km: float = 3.0
+  seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+  attention_implementation: str = "kernel"
+  log_every: int = 100
+  checkpoint_every: int = 500
+
+  def __post_init__(self):
+    problems = []
+    positive = (
+      "epochs",
+      "embedding_dim",
+      "n_heads",
+      "intra_layers",
+      "inter_layers",
+      "d_prime",
+      "memory",
+      "edge_channels",
+      "ff_dim",
+      "log_every",
+      "checkpoint_every",
+    )
+    for name in positive:
+      if getattr(self, name) < 1:
+        problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.n_layers < 0:
+      problems.append(f"n_layers must be >= 0, got {self.n_layers}")
+    if not 0.0 <= self.dropout < 1.0:
+      problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+    if self.learning_rate <= 0 or self.weight_decay < 0:
+      problems.append("learning_rate must be > 0 and weight_decay >= 0")
+    if self.sigma_km <= 0:
+      problems.append(f"sigma_km must be > 0, got {self.sigma_km}")
+    if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+      problems.append(f"attention_implementation {self.attention_implementation!r} unknown")
+    if problems:
+      raise ValueError("SRELConfig: " + "; ".join(problems))
+    object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+
+  @classmethod
+  def for_city(cls, city: str, **overrides) -> "SRELConfig":
+    """HAFusion's architecture for `city` ("Chi" or "NY"), then `overrides`."""
+    if city not in HAFUSION_CITY_SETTINGS:
+      raise ValueError(f"no HAFusion settings for city {city!r}")
+    return cls(**{**HAFUSION_CITY_SETTINGS[city], **overrides})
+
+  @classmethod
+  def for_task(cls, task: str, city: str = "Chi", **overrides) -> "SRELConfig":
+    """ToPT's SREL setting for a downstream task on `city`, then `overrides`."""
+    if task not in TOPT_TASK_SETTINGS:
+      raise ValueError(f"task {task!r} not in {tuple(TOPT_TASK_SETTINGS)}")
+    return cls.for_city(city, **{**TOPT_TASK_SETTINGS[task], **overrides})
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SRELData:
+  """Model inputs and loss targets as float32 device arrays."""
+
+  poi: jax.Array
+  landuse: jax.Array
+  mobility_features: jax.Array
+  coords: jax.Array | None  # [N, 2] km, None without centroids
+  mobility_target: jax.Array  # trips / mean(trips)
+  poi_similarity: jax.Array
+  landuse_similarity: jax.Array
+
+  def as_tuple(self) -> tuple:
+    return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
+def prepare_data(views: CityViews) -> SRELData:
+  """Converts `CityViews` to the arrays the model and the losses take."""
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  coords = None if views.centroids is None else f32(centroids_to_km(views.centroids))
+  return SRELData(
+    poi=f32(views.poi),
+    landuse=f32(views.landuse),
+    mobility_features=f32(views.mobility_features),
+    coords=coords,
+    mobility_target=normalise_mobility(f32(views.mobility)),
+    poi_similarity=f32(views.poi_similarity),
+    landuse_similarity=f32(views.landuse_similarity),
+  )
+
+
+def build_model(config: SRELConfig) -> SREL:
+  return SREL(
+    embedding_dim=config.embedding_dim,
+    n_heads=config.n_heads,
+    n_layers=config.n_layers,
+    intra_layers=config.intra_layers,
+    inter_layers=config.inter_layers,
+    d_prime=config.d_prime,
+    memory=config.memory,
+    edge_channels=config.edge_channels,
+    ff_dim=config.ff_dim,
+    dropout=config.dropout,
+    spatial_bias=config.spatial_bias,
+    centrality=config.centrality,
+    sigma_km=config.sigma_km,
+    lambda_init=config.spatial_lambda,
+    lambda_learnable=config.lambda_learnable,
+    attention_implementation=config.attention_implementation,
+  )
+
+
+def make_optimizer(config: SRELConfig) -> optax.GradientTransformation:
+  # PyTorch's Adam(weight_decay=wd) adds wd * p to the gradient before the
+  # moment estimates (coupled L2, not AdamW).
+  return optax.chain(
+    optax.add_decayed_weights(config.weight_decay), optax.adam(config.learning_rate)
+  )
+
+
+def make_loss(model: SREL) -> Callable:
+  """``loss(params, key, *data) -> (total, terms)`` for one seed, dropout on."""
+
+  def loss(params, key, poi, landuse, mob, coords, mob_target, poi_sim, land_sim):
+    outputs = model.apply(
+      {"params": params}, poi, landuse, mob, coords, deterministic=False, rngs={"dropout": key}
+    )
+    total, terms = srel_loss(outputs, mob_target, poi_sim, land_sim)
+    return total, terms
+
+  return loss
+
+
+def _seed_keys(seeds: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+  """Per-seed (init keys, train keys), each [S, 2]."""
+  keys = jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s)))(
+    jnp.asarray(seeds, dtype=jnp.uint32)
+  )
+  return keys[:, 0], keys[:, 1]
+
+
+def _init_fn(model: SREL, optimizer: optax.GradientTransformation, data: SRELData) -> Callable:
+  inputs = (data.poi, data.landuse, data.mobility_features, data.coords)
+
+  def init(init_keys):
+    params = jax.vmap(lambda k: model.init(k, *inputs)["params"])(init_keys)
+    return params, jax.vmap(optimizer.init)(params)
+
+  return init
+
+
+def init_state(
+  model: SREL, optimizer: optax.GradientTransformation, seeds: Sequence[int], data: SRELData
+) -> tuple[Any, Any, jax.Array]:
+  """(params, opt_state, train keys), each with a leading seed axis."""
+  init_keys, train_keys = _seed_keys(seeds)
+  init = jax.jit(_init_fn(model, optimizer, data)).lower(init_keys)
+  # The initialiser runs once, and XLA's CPU optimisation passes take 3-4x
+  # longer on its unrolled random-number code than running it unoptimised.
+  try:
+    init = init.compile(compiler_options={"xla_backend_optimization_level": 0})
+  except Exception:  # a backend without that option
+    init = init.compile()
+  params, opt_state = init(init_keys)
+  return params, opt_state, train_keys
+
+
+def abstract_state(
+  model: SREL, optimizer: optax.GradientTransformation, seeds: Sequence[int], data: SRELData
+) -> tuple[Any, Any, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of `init_state` without computing it (a restore template)."""
+  init_keys, train_keys = _seed_keys(seeds)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  params, opt_state = jax.eval_shape(_init_fn(model, optimizer, data), init_keys)
+  with_sharding = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+  return jax.tree.map(with_sharding, (params, opt_state, train_keys))
+
+
+def make_train_chunk(
+  loss_fn: Callable, optimizer: optax.GradientTransformation, length: int
+) -> Callable:
+  """``chunk(state, *data) -> (state, terms)`` advancing every seed by `length`
+  epochs (`jaxurban.training.make_chunk`); `terms` are each loss term of the
+  chunk's last epoch per seed."""
+  return make_chunk(loss_fn, optimizer, length, terms="last")
+
+
+def make_embed(model: SREL) -> Callable:
+  """Jitted ``embed(params [S, ...], poi, landuse, mob, coords) -> [S, N, d]`` without dropout."""
+
+  def embed(params, poi, landuse, mob, coords):
+    return model.apply({"params": params}, poi, landuse, mob, coords)["embedding"]
+
+  return jax.jit(jax.vmap(embed, in_axes=(0, None, None, None, None)))
+
+
+def effective_config(config: SRELConfig, views: CityViews) -> SRELConfig:
+  """`config` with the spatial parts switched off where there are no centroids."""
+  if views.centroids is None and (config.spatial_bias or config.centrality):
+    return dataclasses.replace(config, spatial_bias=False, centrality=False)
+  return config
+
+
+def train_srel_with_log(
+  config: SRELConfig,
+  views: CityViews,
+  seeds: Sequence[int] | None = None,
+  workdir: str | pathlib.Path | None = None,
+  progress: bool = True,
+) -> tuple[np.ndarray, dict]:
+  """`train_srel`, also returning the per-chunk loss history and timings."""
+  seeds = tuple(config.seeds if seeds is None else (int(s) for s in seeds))
+  if not seeds:
+    raise ValueError("train_srel: no seeds given")
+  if views.n_regions % config.n_heads:
+    raise ValueError(
+      f"train_srel: {views.city} has N = {views.n_regions} regions, the model width, "
+      f"which n_heads={config.n_heads} must divide"
+    )
+  say = print if progress else (lambda *a, **k: None)
+  used = effective_config(config, views)
+  if used != config:
+    say(f"[srel] {views.city}: no centroids, training without spatial bias and centrality")
+  data = prepare_data(views)
+  model = build_model(used)
+  optimizer = make_optimizer(used)
+  run_config = {
+    **used.to_dict(),
+    "seeds": list(seeds),
+    "city": views.city,
+    "n_regions": views.n_regions,
+  }
+
+  start, state, checkpointer = 0, None, None
+  if workdir is not None:
+    workdir = pathlib.Path(workdir)
+    checkpointer = Checkpointer(workdir, subdir="srel")
+    if checkpointer.latest_step() is not None:
+      # Restoring needs only the state's structure: skip initialising it.
+      template = abstract_state(model, optimizer, seeds, data)
+      start, state = checkpointer.restore(template, run_config, ignore=_RESUMABLE_KEYS)
+      say(f"[srel] resuming from the checkpoint at epoch {start}")
+    write_json_atomic(workdir / "srel_config.json", run_config)
+  if state is None:
+    state = init_state(model, optimizer, seeds, data)
+
+  length = _chunk_length(used.epochs, used.log_every)
+  save_every = max(length, (used.checkpoint_every // length) * length)
+  chunk = make_train_chunk(make_loss(model), optimizer, length)
+  args = data.as_tuple()
+  history = []
+  started = time.perf_counter()
+  for epoch in range(start, used.epochs, length):
+    state, terms = chunk(state, *args)
+    terms = jax.device_get(terms)
+    done = epoch + length
+    row = {"epoch": done, **{k: np.asarray(v).tolist() for k, v in terms.items()}}
+    history.append(row)
+    parts = "  ".join(f"{k} {np.mean(v):.4g}" for k, v in terms.items())
+    say(
+      f"[srel {views.city}] epoch {done:>5}/{used.epochs}  {parts}  "
+      f"({time.perf_counter() - started:.1f} s, {len(seeds)} seed(s))",
+      flush=True,
+    )
+    if checkpointer is not None and (done % save_every == 0 or done == used.epochs):
+      checkpointer.save(done, state, run_config)
+  seconds = time.perf_counter() - started
+  if checkpointer is not None:
+    checkpointer.close()
+
+  params = state[0]
+  embeddings = make_embed(model)(params, *args[:4])
+  embeddings = np.asarray(jax.device_get(embeddings), dtype=np.float32)
+  log = {
+    "config": run_config,
+    "history": history,
+    "train_seconds": seconds,
+    "resumed_from": start,
+    "final_terms": history[-1] if history else None,
+  }
+  if used.spatial_bias and used.lambda_learnable and data.coords is not None:
+    log["spatial_lambda"] = np.asarray(params["spatial_lambda"]).tolist()
+  if workdir is not None:
+    save_npy_atomic(workdir / "srel_emb.npy", embeddings)
+    write_json_atomic(workdir / "srel_log.json", log)
+  return embeddings, log
+
+
+def train_srel(
+  config: SRELConfig,
+  views: CityViews,
+  seeds: Sequence[int] | None = None,
+  workdir: str | pathlib.Path | None = None,
+  progress: bool = True,
+) -> np.ndarray:
+  """Trains SREL for every seed at once; returns float32 embeddings [S, N, d].
+
+  Args:
+    config: the run's settings (`SRELConfig`).
+    views: the city (`jaxurban.data.hafusion.load_city_views`); without
+      centroids (New York) the spatial bias and centrality are off.
+    seeds: one model per seed, vectorised with jax.vmap; None uses
+      ``config.seeds``.
+    workdir: if given, orbax checkpoints with the config under
+      ``workdir/checkpoints/srel`` (a rerun resumes from the latest), plus
+      ``srel_config.json``, ``srel_emb.npy`` and ``srel_log.json``.
+    progress: print one line per chunk of epochs.
+  """
+  return train_srel_with_log(config, views, seeds, workdir, progress)[0]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """``python -m jaxurban.topt.srel_train --city Chi --workdir DIR [--task crime] ...``"""
+  import argparse
+
+  from jaxurban.data.hafusion import load_city_views
+
+  parser = argparse.ArgumentParser(description=main.__doc__)
+  parser.add_argument("--city", default="Chi", choices=("Chi", "NY"))
+  parser.add_argument("--task", default="crime", choices=tuple(TOPT_TASK_SETTINGS))
+  parser.add_argument("--data-root", default=None)
+  parser.add_argument("--workdir", default=None)
+  parser.add_argument("--seeds", type=int, nargs="+", default=None)
+  parser.add_argument("--epochs", type=int, default=None)
+  parser.add_argument("--no-spatial-bias", action="store_true")
+  parser.add_argument("--no-centrality", action="store_true")
+  args = parser.parse_args(argv)
+  overrides = {"spatial_bias": not args.no_spatial_bias, "centrality": not args.no_centrality}
+  if args.epochs is not None:
+    overrides["epochs"] = args.epochs
+  config = SRELConfig.for_task(args.task, args.city, **overrides)
+  views = load_city_views(args.city, args.data_root)
+  embeddings, log = train_srel_with_log(config, views, args.seeds, args.workdir)
+  if args.workdir is not None:
+    save_npy_atomic(pathlib.Path(args.workdir) / "emb.npy", embeddings)
+  final = {k: float(np.mean(v)) for k, v in log["final_terms"].items() if k != "epoch"}
+  print(f"[srel] done: {embeddings.shape} in {log['train_seconds']:.1f} s; final losses {final}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,57 @@
+"""Training loops shared by the models: K seeds advanced by one jitted chunk.
+
+Parameters and optimiser states carry a leading seed axis; one jitted,
+vmapped function advances every seed by a chunk of epochs under
+``lax.scan``, with the state donated. Drivers print progress and write
+checkpoints between chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import optax
+
+
+def chunk_length(epochs: int, log_every: int) -> int:
+  """Largest divisor of `epochs` not above `log_every` (one compiled chunk)."""
+  return max(d for d in range(1, min(epochs, log_every) + 1) if epochs % d == 0)
+
+
+def make_chunk(
+  loss_fn: Callable,
+  optimizer: optax.GradientTransformation,
+  length: int,
+  per_seed_data: bool = False,
+  terms: str = "mean",
+) -> Callable:
+  """A jitted function advancing all seeds by `length` epochs.
+
+  ``loss_fn(params, key, *data) -> (loss, terms)``. The state is the tuple
+  (params, opt_state, key) with a leading seed axis, and it is donated. The
+  data arguments are shared by all seeds unless `per_seed_data`, when they
+  too carry the seed axis. Returns the new state and, per seed, every loss
+  term averaged over the chunk (`terms="mean"`) or of its last epoch
+  (`terms="last"`).
+  """
+  if terms not in ("mean", "last"):
+    raise ValueError(f"terms must be 'mean' or 'last', got {terms!r}")
+  reduce = (lambda t: t.mean(axis=0)) if terms == "mean" else (lambda t: t[-1])
+
+  def one_seed(state, *data):
+    def epoch(carry, _):
+      params, opt_state, key = carry
+      key, step_key = jax.random.split(key)
+      (_, step_terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, step_key, *data)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state, key), step_terms
+
+    state, history = jax.lax.scan(epoch, state, None, length=length)
+    return state, jax.tree.map(reduce, history)
+
+  def chunk(state, *data):
+    data_axis = 0 if per_seed_data else None
+    return jax.vmap(one_seed, in_axes=(0,) + (data_axis,) * len(data))(state, *data)
+
+  return jax.jit(chunk, donate_argnums=0)

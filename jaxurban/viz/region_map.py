@@ -1,0 +1,81 @@
+"""Map of a city's regions coloured by a per-region value (e.g. absolute error).
+
+Regions are drawn at their centroids (longitude on x, latitude on y, so the
+picture has the city's orientation); regions without a value (NaN, e.g. the
+check-in regions dropped for a zero label) are drawn as grey rings.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+import textwrap
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["plot_region_values"]
+
+
+def plot_region_values(
+  centroids,
+  values,
+  path,
+  *,
+  title: str = "",
+  colorbar_label: str = "absolute error",
+  dpi: int = 120,
+) -> pathlib.Path:
+  """Writes a PNG scatter of region centroids coloured by ``values``.
+
+  Args:
+    centroids: [N, 2] (lat, lon) in degrees.
+    values: [N]; NaN marks a region without a value.
+    path: output PNG, written atomically (temporary file, then rename).
+
+  Returns:
+    The path written.
+  """
+  centroids = np.asarray(centroids, np.float64)
+  values = np.asarray(values, np.float64)
+  if centroids.ndim != 2 or centroids.shape[1] != 2 or values.shape != (centroids.shape[0],):
+    raise ValueError(
+      f"plot_region_values: centroids must be [N, 2] and values [N], got "
+      f"{centroids.shape} and {values.shape}"
+    )
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig = Figure(figsize=(5.5, 6.0))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  known = np.isfinite(values)
+  lat, lon = centroids[:, 0], centroids[:, 1]
+  if (~known).any():
+    ax.scatter(
+      lon[~known], lat[~known], s=60, facecolors="none", edgecolors="0.6", label="not scored"
+    )
+    ax.legend(loc="lower left", fontsize=8)
+  points = ax.scatter(
+    lon[known], lat[known], c=values[known], s=60, cmap="viridis", edgecolors="k", linewidths=0.3
+  )
+  fig.colorbar(points, ax=ax, label=colorbar_label)
+  ax.set_xlabel("longitude")
+  ax.set_ylabel("latitude")
+  # Equal degrees would stretch east-west at this latitude; scale by cos(lat).
+  ax.set_aspect(1.0 / np.cos(np.deg2rad(np.nanmean(lat))))
+  wrapped = "\n".join(textwrap.fill(line, 60) for line in title.splitlines())
+  ax.set_title(wrapped, fontsize=9)
+  fig.tight_layout()
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  os.close(fd)
+  try:
+    fig.savefig(tmp, format="png", dpi=dpi)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return path

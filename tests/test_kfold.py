@@ -1,0 +1,112 @@
+"""The k-fold protocol: folds, leakage, metrics vs scikit-learn, clipping, labels."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.linear_model import Ridge
+from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+from sklearn.model_selection import KFold
+
+from jaxurban.eval import kfold
+from jaxurban.eval.ridge import ridge_fit
+
+
+@pytest.mark.parametrize("n,k,seed", [(77, 10, 2024), (74, 10, 3), (20, 3, 0)])
+def test_folds_partition_and_match_sklearn(n, k, seed):
+  fold_of = kfold.fold_assignment(n, k, seed)
+  masks = kfold.fold_masks(fold_of, k)
+  np.testing.assert_array_equal(masks.sum(0), np.ones(n))  # every region in exactly one fold
+  for f, (_, test) in enumerate(KFold(k, shuffle=True, random_state=seed).split(np.arange(n))):
+    np.testing.assert_array_equal(np.flatnonzero(masks[f]), np.sort(test))
+
+
+def test_fold_count_is_checked():
+  with pytest.raises(ValueError, match="n_folds"):
+    kfold.fold_assignment(5, 6)
+
+
+def test_masked_ridge_is_ridge_on_the_training_rows(rng):
+  x, y = rng.normal(size=(30, 5)), rng.normal(size=30)
+  train = rng.random(30) < 0.7
+  with jax.enable_x64(True):
+    masked = kfold.masked_ridge_fit(jnp.asarray(x), jnp.asarray(y), jnp.asarray(train), 1.0)
+    direct = ridge_fit(jnp.asarray(x[train]), jnp.asarray(y[train]), 1.0)
+    # Changing held-out labels changes nothing.
+    y2 = y + 50.0 * ~train
+    again = kfold.masked_ridge_fit(jnp.asarray(x), jnp.asarray(y2), jnp.asarray(train), 1.0)
+  np.testing.assert_allclose(masked.weights, direct.weights, rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(masked.intercept, direct.intercept, rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(again.weights, masked.weights, rtol=1e-12, atol=1e-12)
+
+
+def test_ridge_cv_matches_sklearn(rng):
+  n, d, k = 40, 6, 5
+  emb = rng.normal(size=(2, n, d))
+  y = np.abs(emb[0] @ rng.normal(size=d)) * 10
+  fold_of = kfold.fold_assignment(n, k, 7)
+  pooled = kfold.ridge_cv_predictions(emb, y, fold_of, k, alpha=1.0)
+  assert pooled.shape == (2, n)
+  for s in range(2):
+    expected = np.zeros(n)
+    for train, test in KFold(k, shuffle=True, random_state=7).split(np.arange(n)):
+      expected[test] = Ridge(alpha=1.0).fit(emb[s, train], y[train]).predict(emb[s, test])
+    np.testing.assert_allclose(pooled[s], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_metrics_match_sklearn_with_clipping(rng):
+  y = rng.uniform(0, 100, size=50)
+  pred = y + rng.normal(0, 30, size=50)
+  pred[:5] = -rng.uniform(1, 10, size=5)  # negative predictions are clipped to 0
+  clipped = np.maximum(pred, 0)
+  scores = kfold.score_pooled(pred[None], y)
+  np.testing.assert_allclose(scores["mae"][0], mean_absolute_error(y, clipped), rtol=1e-12)
+  np.testing.assert_allclose(scores["rmse"][0], np.sqrt(mean_squared_error(y, clipped)), rtol=1e-12)
+  np.testing.assert_allclose(scores["r2"][0], r2_score(y, clipped), rtol=1e-12)
+  assert scores["mae"][0] < mean_absolute_error(y, pred)
+  # The masked form equals sklearn on the selected subset.
+  mask = rng.random(50) < 0.5
+  with jax.enable_x64(True):
+    sub = kfold.masked_scores(jnp.asarray(y), jnp.asarray(pred), jnp.asarray(mask))
+  np.testing.assert_allclose(sub["r2"], r2_score(y[mask], clipped[mask]), rtol=1e-10)
+  np.testing.assert_allclose(sub["mae"], mean_absolute_error(y[mask], clipped[mask]), rtol=1e-10)
+
+
+def test_check_in_drops_zero_count_regions(data_root):
+  labels = np.load(data_root / "hafusion" / "Chi" / "check_counts.npy")
+  keep = kfold.keep_mask("checkIn", labels)
+  assert keep.sum() == (labels > 0).sum() and (~keep).sum() > 0
+  assert np.all(labels[keep] > 0)
+  crime = np.load(data_root / "hafusion" / "Chi" / "crime_counts.npy")
+  assert kfold.keep_mask("crime", crime).all()
+
+
+def test_protocols_select_and_are_labelled(rng):
+  n, k = 12, 3
+  y = rng.uniform(1, 10, size=n).astype(np.float32)
+  fold_of = kfold.fold_assignment(n, k, 0)
+  masks = kfold.fold_masks(fold_of, k)
+  noise = np.array([3.0, 0.1, 1.0, 2.0], np.float32)  # epoch 1 is best on every fold
+  z = rng.normal(size=n).astype(np.float32)
+  # Errors scale with the noise level, so epoch 1 has the lowest SSE on each fold.
+  traj = np.stack([np.broadcast_to(y + s * z, (k, n)) for s in noise])
+  traj = traj.astype(np.float32)[:, None]  # [T, S=1, F, N]
+  honest = kfold.select_folds(traj, y, masks, "honest")
+  paper = kfold.select_folds(traj, y, masks, "paper")
+  np.testing.assert_array_equal(honest, traj[-1])
+  np.testing.assert_array_equal(paper, traj[1])
+  assert kfold.protocol_label("paper") == "optimistic (test-fold epoch selection)"
+  assert "honest" in kfold.protocol_label("honest")
+  with pytest.raises(ValueError, match="protocol"):
+    kfold.protocol_label("best")
+  pooled = np.asarray(kfold.pool_folds(paper, masks))
+  np.testing.assert_allclose(pooled[0], traj[1, 0, 0])
+
+
+def test_summarise_mean_and_sample_std():
+  out = kfold.summarise({"r2": np.array([0.5, 0.7, 0.9])})
+  np.testing.assert_allclose(out["r2"]["mean"], 0.7)
+  np.testing.assert_allclose(out["r2"]["std"], 0.2)
+  assert kfold.summarise({"r2": np.array([0.5])})["r2"]["std"] == 0.0

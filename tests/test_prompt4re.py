@@ -1,0 +1,176 @@
+"""Prompt4RE (ToPT eqs. 2-4) against a float64 NumPy reference, ablations, training."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxurban.eval.kfold import fold_assignment, fold_masks
+from jaxurban.topt.prompt4re import (
+  Prompt4RE,
+  Prompt4REConfig,
+  cross_validated_trajectory,
+  init_params,
+  mse_loss,
+  prompt_rowspace,
+)
+
+
+def _reference(params, e, p, n_heads, key_mask=None):
+  """Eqs. 2-4 and F = [E || S] -> linear head, written out in float64 NumPy."""
+  e = np.asarray(e, np.float64)
+  p = np.asarray(p, np.float64)
+  prm = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+
+  def lin(name, x):
+    return x @ prm[name]["kernel"] + prm[name]["bias"]
+
+  n, d = e.shape
+  width = prm["value"]["kernel"].shape[1]
+  q, k, v = lin("query", e), lin("key", p), lin("value", p)
+  dh, dv = d // n_heads, width // n_heads
+  heads = []
+  for i in range(n_heads):
+    s = q[:, i * dh : (i + 1) * dh] @ k[:, i * dh : (i + 1) * dh].T / np.sqrt(dh)  # eq. 2
+    if key_mask is not None:
+      s = np.where(key_mask[None, :], s, -np.inf)
+    a = np.exp(s - s.max(axis=1, keepdims=True))
+    a /= a.sum(axis=1, keepdims=True)
+    heads.append(a @ v[:, i * dv : (i + 1) * dv])
+  x = np.concatenate(heads, axis=1) + lin("residual", e)  # eq. 3 + residual of eq. 4
+  mu = x.mean(axis=1, keepdims=True)
+  var = x.var(axis=1, keepdims=True)
+  aligned = (x - mu) / np.sqrt(var + 1e-5) * prm["norm"]["scale"] + prm["norm"]["bias"]
+  s = lin("soft_prompt", aligned)
+  return lin("head", np.concatenate([e, s], axis=1))[:, 0]
+
+
+@pytest.mark.parametrize("width", [3584, 4096])
+def test_cross_attention_matches_float64_reference(width, rng):
+  n, d, heads = 9, 16, 4
+  e = rng.normal(size=(n, d))
+  p = rng.normal(size=(n, width))
+  key_mask = rng.random(n) < 0.6
+  key_mask[0] = True
+  model = Prompt4RE(prompt_width=width, soft_prompt_dim=12, n_heads=heads)
+  with jax.enable_x64(True):
+    params = init_params(
+      model, jax.random.PRNGKey(0), jnp.asarray(e), jnp.asarray(p), jnp.ones(d), jnp.asarray(3.0)
+    )
+    out = model.apply({"params": params}, jnp.asarray(e), jnp.asarray(p), jnp.asarray(key_mask))
+    chex.assert_shape(out, (n,))
+    chex.assert_type(out, jnp.float64)
+    np.testing.assert_allclose(
+      np.asarray(out), _reference(params, e, p, heads, key_mask), rtol=1e-10, atol=1e-8
+    )
+    # The head's E part and bias are the given ridge solution (authors' init).
+    np.testing.assert_array_equal(np.asarray(params["head"]["kernel"][:d, 0]), np.ones(d))
+  # float32 run of the same model agrees with the float64 reference.
+  params32 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+  out32 = model.apply(
+    {"params": params32}, jnp.asarray(e, jnp.float32), jnp.asarray(p, jnp.float32)
+  )
+  np.testing.assert_allclose(
+    np.asarray(out32), _reference(params, e, p, heads), rtol=2e-4, atol=2e-4
+  )
+
+
+def test_rowspace_basis_gives_the_same_function(rng):
+  n, d, width = 7, 8, 64
+  e, p = rng.normal(size=(n, d)), rng.normal(size=(n, width))
+  c = prompt_rowspace(p)
+  assert c.shape == (n, n)
+  model = Prompt4RE(prompt_width=width, soft_prompt_dim=6)
+  with jax.enable_x64(True):
+    full = model.init(jax.random.PRNGKey(1), jnp.asarray(e), jnp.asarray(p))["params"]
+    # P W = (U Sigma)(V^T W): the row-space parameters are V^T W.
+    _, _, vt = np.linalg.svd(p, full_matrices=False)
+    rs = dict(full)
+    for name in ("key", "value"):
+      rs[name] = {**full[name], "kernel": jnp.asarray(vt @ np.asarray(full[name]["kernel"]))}
+    out_full = model.apply({"params": full}, jnp.asarray(e), jnp.asarray(p))
+    out_rs = model.apply({"params": rs}, jnp.asarray(e), jnp.asarray(c, np.float64))
+  np.testing.assert_allclose(np.asarray(out_rs), np.asarray(out_full), rtol=1e-5, atol=1e-5)
+
+
+def test_ablation_switches_change_the_computation(rng):
+  n, d, width = 8, 8, 32
+  e, p = jnp.asarray(rng.normal(size=(n, d))), jnp.asarray(rng.normal(size=(n, width)))
+  key = jax.random.PRNGKey(2)
+  aligned = Prompt4RE(prompt_width=width, soft_prompt_dim=4)
+  concat = Prompt4RE(prompt_width=width, soft_prompt_dim=4, alignment=False)
+  pa, pc = init_params(aligned, key, e, p), init_params(concat, key, e, p)
+  assert {"query", "key", "value", "residual", "norm"} <= set(pa)
+  assert set(pc) == {"soft_prompt", "head"}
+  # w/o P-R alignment is exactly [E || P W_S] -> head.
+  s = p @ pc["soft_prompt"]["kernel"] + pc["soft_prompt"]["bias"]
+  expected = jnp.concatenate([e, s], 1) @ pc["head"]["kernel"][:, 0] + pc["head"]["bias"][0]
+  np.testing.assert_allclose(concat.apply({"params": pc}, e, p), expected, rtol=1e-5, atol=1e-5)
+  # Other prompt vectors (e.g. the no-task-template ones) change the output.
+  other = jnp.asarray(rng.normal(size=(n, width)))
+  assert not np.allclose(
+    aligned.apply({"params": pa}, e, p), aligned.apply({"params": pa}, e, other)
+  )
+  # Dropout acts only when training.
+  train = [
+    aligned.apply(
+      {"params": pa}, e, p, deterministic=False, rngs={"dropout": jax.random.PRNGKey(i)}
+    )
+    for i in range(2)
+  ]
+  assert not np.allclose(train[0], train[1])
+  np.testing.assert_array_equal(
+    aligned.apply({"params": pa}, e, p), aligned.apply({"params": pa}, e, p)
+  )
+
+
+def test_heads_must_divide_widths():
+  model = Prompt4RE(prompt_width=30, n_heads=4)
+  with pytest.raises(ValueError, match="divisible by n_heads"):
+    model.init(jax.random.PRNGKey(0), jnp.ones((3, 8)), jnp.ones((3, 30)))
+
+
+def test_mse_loss_masked():
+  pred, y = jnp.array([1.0, 2.0, 5.0]), jnp.array([0.0, 2.0, 1.0])
+  np.testing.assert_allclose(mse_loss(pred, y), 17.0 / 3.0, rtol=1e-6)
+  np.testing.assert_allclose(mse_loss(pred, y, jnp.array([True, True, False])), 0.5, rtol=1e-6)
+
+
+def _tiny_problem(rng, n=24, d=8, width=16, seeds=1):
+  e = rng.normal(size=(seeds, n, d)).astype(np.float32)
+  p = rng.normal(size=(n, width)).astype(np.float32)
+  y = (3.0 + e[0] @ rng.normal(size=d) + p @ rng.normal(size=width) * 0.5).astype(np.float32)
+  return e, p, y
+
+
+def test_training_loss_decreases(rng):
+  e, p, y = _tiny_problem(rng)
+  fold_of = fold_assignment(len(y), 2, seed=0)
+  config = Prompt4REConfig(
+    epochs=200, eval_every=20, learning_rate=3e-3, attention_dropout=0.0, context="all",
+    head_init="xavier", soft_prompt_dim=8,
+  )  # fmt: skip
+  traj, epochs = cross_validated_trajectory(config, e, p, y, fold_of, 2, [0], progress=False)
+  chex.assert_shape(traj, (10, 1, 2, len(y)))
+  np.testing.assert_array_equal(epochs, np.arange(20, 201, 20))
+  train = ~fold_masks(fold_of, 2)  # [F, N]
+  mse = ((traj[:, 0] - y) ** 2 * train).sum(-1) / train.sum(-1)  # [T, F]
+  assert np.all(mse[-1] < 0.5 * mse[0]), mse[[0, -1]]
+
+
+def test_test_fold_labels_do_not_leak(rng):
+  """A test fold's predictions do not depend on that fold's labels."""
+  e, p, y = _tiny_problem(rng, seeds=2)
+  fold_of = fold_assignment(len(y), 3, seed=1)
+  config = Prompt4REConfig(epochs=20, eval_every=10, learning_rate=1e-2, soft_prompt_dim=8)
+  a, _ = cross_validated_trajectory(config, e, p, y, fold_of, 3, [0, 1], progress=False)
+  y2 = y.copy()
+  y2[fold_of == 0] += 100.0
+  b, _ = cross_validated_trajectory(config, e, p, y2, fold_of, 3, [0, 1], progress=False)
+  test0 = fold_of == 0
+  np.testing.assert_allclose(a[:, :, 0][..., test0], b[:, :, 0][..., test0], rtol=1e-5, atol=1e-4)
+  # ... while the other folds, which train on those labels, do change.
+  assert not np.allclose(a[:, :, 1][..., ~test0], b[:, :, 1][..., ~test0])

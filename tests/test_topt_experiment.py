@@ -1,0 +1,51 @@
+"""End to end on the real Chicago data: SREL, Prompt4RE, metrics.json and the map."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from experiments import topt
+from jaxurban.eval.kfold import protocol_label
+
+
+def test_tiny_chicago_run_writes_metrics_and_map(data_root, tmp_path, capsys):
+  out = tmp_path / "run"
+  argv = [
+    "--city", "Chi", "--task", "checkIn", "--seeds", "1", "--epochs-srel", "2",
+    "--epochs-prompt", "20", "--folds", "3", "--protocol", "paper",
+    "--data-root", str(data_root), "--out", str(out),
+  ]  # fmt: skip
+  assert topt.main(argv) == 0
+  printed = capsys.readouterr().out
+  assert "optimistic (test-fold epoch selection)" in printed
+  assert "paper Table 1: ToPT" in printed
+
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert metrics["config"]["protocol"] == "paper"
+  assert metrics["config"]["srel_epochs"] == 2 and metrics["config"]["n_folds"] == 3
+  assert metrics["protocol_label"] == protocol_label("paper")
+  task = metrics["tasks"]["checkIn"]
+  labels = np.load(data_root / "hafusion" / "Chi" / "check_counts.npy")
+  assert task["n_regions"] == int((labels > 0).sum())  # zero-count regions dropped
+  assert task["dropped_regions"] == np.flatnonzero(labels == 0).tolist()
+  assert protocol_label("paper") in task["reported_model"]
+  for summary in task["models"].values():
+    for metric in ("mae", "rmse", "r2"):
+      assert np.isfinite(summary[metric]["mean"]) and len(summary[metric]["per_seed"]) == 1
+  assert metrics["paper_table1"]["ToPT"]["crime"]["r2"] == 0.874
+  assert metrics["timings"]["total_s"] > 0
+
+  emb = np.load(out / "embeddings.npy")
+  assert emb.shape == (1, labels.shape[0], metrics["config"]["embedding_dim"])
+  pred = np.load(out / "predictions_checkIn.npy")
+  assert pred.shape == (1, task["n_regions"])
+  png = (out / "errors_checkIn.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_new_york_runs_without_prompts(data_root):
+  config, _ = topt.parse_config(["--city", "NY", "--data-root", str(data_root)])
+  assert not config.uses_prompts
+  assert config.model_name().startswith("w/o Prompt4RE")

@@ -1,0 +1,305 @@
+"""ToPT's SREL: biased attention, centrality, switches, losses, training."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxurban.data.hafusion import CityViews, load_city_views
+from jaxurban.topt import srel_losses, srel_train
+from jaxurban.topt.srel import (
+  centroids_to_km,
+  dense_biased_attention,
+  gaussian_adjacency,
+  spatial_attention,
+  strength_centrality,
+)
+from jaxurban.topt.srel_train import (
+  SRELConfig,
+  build_model,
+  prepare_data,
+  train_srel_with_log,
+)
+
+# A model small enough to compile in a few seconds.
+TINY = dict(
+  embedding_dim=8,
+  n_heads=2,
+  n_layers=1,
+  intra_layers=1,
+  inter_layers=1,
+  d_prime=4,
+  memory=6,
+  edge_channels=3,
+  ff_dim=16,
+)
+
+
+def _np_softmax(x):
+  x = x - x.max(axis=-1, keepdims=True)
+  e = np.exp(x)
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+def _np_distance(a, b):
+  return np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
+
+
+def _np_biased_attention(q, k, v, cq, ck, w, centres, widths, row=None, col=None, valid=None):
+  logits = np.einsum("hid,hjd->hij", q, k) / np.sqrt(q.shape[-1])
+  d = _np_distance(cq, ck)
+  for r in range(len(centres)):
+    logits = logits + w[:, r, None, None] * np.exp(-(((d - centres[r]) / widths[r]) ** 2))
+  if row is not None:
+    logits = logits + row[:, :, None] + col[:, None, :]
+  if valid is not None:
+    logits = np.where(valid[None, None], logits, -np.inf)
+  return np.einsum("hij,hjd->hid", _np_softmax(logits), v)
+
+
+def test_spatial_attention_matches_float64_reference(rng):
+  h, n, d, sigma, lam = 3, 11, 4, 2.5, 0.7
+  q, k, v = (rng.normal(size=(h, n, d)) for _ in range(3))
+  coords = rng.uniform(0, 10, size=(n, 2))
+  params = {
+    "rbf_weight": jnp.full((h, 1), lam, jnp.float32),
+    "rbf_centres": jnp.zeros((1,), jnp.float32),
+    "rbf_width": jnp.full((1,), sigma, jnp.float32),
+  }
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  got = spatial_attention(f32(q), f32(k), f32(v), f32(coords), params)
+  # eq. (1) with B_ij = lambda exp(-(d_ij / sigma)^2).
+  logits = np.einsum("hid,hjd->hij", q, k) / np.sqrt(d)
+  logits = logits + lam * np.exp(-((_np_distance(coords, coords) / sigma) ** 2))
+  want = np.einsum("hij,hjd->hid", _np_softmax(logits), v)
+  chex.assert_trees_all_close(np.asarray(got, np.float64), want, atol=2e-5, rtol=2e-5)
+  # No bias / no coordinates is plain attention, and differs from the biased one.
+  plain = np.einsum("hij,hjd->hid", _np_softmax(np.einsum("hid,hjd->hij", q, k) / np.sqrt(d)), v)
+  for off in (
+    spatial_attention(f32(q), f32(k), f32(v), None, params),
+    spatial_attention(f32(q), f32(k), f32(v), f32(coords), None),
+  ):
+    chex.assert_trees_all_close(np.asarray(off, np.float64), plain, atol=2e-5, rtol=2e-5)
+  assert np.abs(plain - want).max() > 1e-3
+
+
+def test_spatial_attention_through_the_fused_kernel(rng):
+  """The Pallas kernel (interpret mode) gives the dense path's values and gradients."""
+  h, n, d = 2, 21, 8
+  q, k, v = (jnp.asarray(rng.normal(size=(h, n, d)), jnp.float32) for _ in range(3))
+  coords = jnp.asarray(rng.uniform(0, 10, size=(n, 2)), jnp.float32)
+  centres, width = jnp.zeros((1,), jnp.float32), jnp.full((1,), 3.0, jnp.float32)
+
+  def attend(q, k, v, lam, implementation):
+    params = {
+      "rbf_weight": jnp.broadcast_to(lam, (h, 1)),
+      "rbf_centres": centres,
+      "rbf_width": width,
+    }
+    return spatial_attention(q, k, v, coords, params, implementation=implementation)
+
+  cotangent = jnp.asarray(rng.normal(size=(h, n, d)), jnp.float32)
+  loss = lambda impl: lambda *a: jnp.sum(attend(*a, impl) * cotangent)
+  args = (q, k, v, jnp.float32(0.4))
+  dense = jax.value_and_grad(loss("reference"), argnums=(0, 1, 2, 3))(*args)
+  for impl in ("kernel", "kernel-interpret"):
+    fused = jax.value_and_grad(loss(impl), argnums=(0, 1, 2, 3))(*args)
+    chex.assert_trees_all_close(fused, dense, atol=5e-5, rtol=5e-5)
+  with pytest.raises(ValueError, match="implementation"):
+    attend(*args, "cuda")
+
+
+def test_dense_biased_attention_full_contract(rng):
+  h, nq, nk, d, r = 2, 6, 9, 5, 3
+  q = rng.normal(size=(h, nq, d))
+  k, v = rng.normal(size=(h, nk, d)), rng.normal(size=(h, nk, d))
+  cq, ck = rng.normal(size=(nq, 2)), rng.normal(size=(nk, 2))
+  w, centres, widths = rng.normal(size=(h, r)), rng.uniform(0, 2, r), rng.uniform(0.5, 2, r)
+  row, col = rng.normal(size=(h, nq)), rng.normal(size=(h, nk))
+  valid = rng.random(nk) > 0.3
+  valid[0] = True
+  with jax.enable_x64(True):
+    got = dense_biased_attention(
+      *map(jnp.asarray, (q, k, v, cq, ck, w)),
+      rbf_centres=jnp.asarray(centres),
+      rbf_width=jnp.asarray(widths),
+      row_bias=jnp.asarray(row),
+      col_bias=jnp.asarray(col),
+      key_valid=jnp.asarray(valid),
+    )
+    got = np.asarray(got)
+  want = _np_biased_attention(q, k, v, cq, ck, w, centres, widths, row, col, valid)
+  np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_centrality_value(rng):
+  latlon = np.stack([rng.uniform(41.7, 42.0, 9), rng.uniform(-87.9, -87.55, 9)], axis=-1)
+  coords = centroids_to_km(latlon)
+  # Planar km distances agree with great-circle (haversine) distances.
+  lat, lon = np.radians(latlon[:, 0]), np.radians(latlon[:, 1])
+  a = (
+    np.sin((lat[:, None] - lat) / 2) ** 2
+    + np.cos(lat[:, None]) * np.cos(lat) * np.sin((lon[:, None] - lon) / 2) ** 2
+  )
+  haversine = 2 * 6371.0088 * np.arcsin(np.sqrt(a))
+  np.testing.assert_allclose(_np_distance(coords, coords), haversine, rtol=5e-3, atol=1e-6)
+  sigma = 3.0
+  strength = np.exp(-((_np_distance(coords, coords) / sigma) ** 2)).sum(axis=1)
+  with jax.enable_x64(True):
+    got = np.asarray(strength_centrality(gaussian_adjacency(jnp.asarray(coords), sigma)))
+  np.testing.assert_allclose(got, strength / strength.max(), rtol=1e-12)
+  np.testing.assert_allclose(got.max(), 1.0, rtol=1e-12)  # max-normalised
+
+
+def _synthetic_views(rng, n=12, centroids=True) -> CityViews:
+  trips = rng.integers(0, 30, size=(n, n)).astype(np.float64) + np.eye(n) * 50
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  poi = rng.integers(0, 20, size=(n, 26)).astype(np.float64) + 1
+  landuse = rng.integers(0, 20, size=(n, 5)).astype(np.float64) + 1
+  return CityViews(
+    mobility=trips,
+    poi=poi,
+    poi_similarity=unit(poi) @ unit(poi).T,
+    landuse=landuse,
+    landuse_similarity=unit(landuse) @ unit(landuse).T,
+    labels={k: rng.random(n) for k in ("crime", "checkIn", "serviceCall")},
+    centroids=np.stack([41.8 + rng.random(n) * 0.2, -87.7 + rng.random(n) * 0.2], -1)
+    if centroids
+    else None,
+    city="Chi",
+    mobility_dist=trips.T.copy(),
+  )
+
+
+def _apply(model, params, data):
+  out = model.apply({"params": params}, data.poi, data.landuse, data.mobility_features, data.coords)
+  return np.asarray(out["embedding"])
+
+
+def test_switches_change_the_output(rng):
+  data = prepare_data(_synthetic_views(rng))
+  config = SRELConfig(**TINY, spatial_lambda=3.0)
+  full = build_model(config)
+  params = full.init(
+    jax.random.PRNGKey(0), data.poi, data.landuse, data.mobility_features, data.coords
+  )["params"]
+  out = _apply(full, params, data)
+  chex.assert_tree_all_finite(out)
+
+  # Spatial bias off == lambda = 0 with the bias on, and differs from lambda != 0.
+  no_bias = build_model(dataclasses.replace(config, spatial_bias=False))
+  without_lambda = {k: v for k, v in params.items() if k != "spatial_lambda"}
+  out_no_bias = _apply(no_bias, without_lambda, data)
+  out_zero = _apply(full, {**params, "spatial_lambda": jnp.zeros(())}, data)
+  np.testing.assert_allclose(out_no_bias, out_zero, rtol=1e-5, atol=1e-6)
+  assert np.abs(out - out_no_bias).max() > 1e-5
+
+  # Centrality off == a zero centrality projection, and differs from the real one.
+  no_cent = build_model(dataclasses.replace(config, centrality=False))
+  without_proj = {k: v for k, v in params.items() if k != "centrality_proj"}
+  zero_proj = jax.tree.map(jnp.zeros_like, params["centrality_proj"])
+  np.testing.assert_allclose(
+    _apply(no_cent, without_proj, data),
+    _apply(full, {**params, "centrality_proj": zero_proj}, data),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+  assert np.abs(out - _apply(no_cent, without_proj, data)).max() > 1e-5
+
+  # Without coordinates (New York) neither exists.
+  no_coords = full.init(jax.random.PRNGKey(0), data.poi, data.landuse, data.mobility_features)
+  assert "spatial_lambda" not in no_coords["params"]
+  assert "centrality_proj" not in no_coords["params"]
+
+
+def test_dropout_only_in_training(rng):
+  data = prepare_data(_synthetic_views(rng))
+  model = build_model(SRELConfig(**TINY))
+  args = (data.poi, data.landuse, data.mobility_features, data.coords)
+  params = model.init(jax.random.PRNGKey(1), *args)["params"]
+  train = lambda seed: model.apply(
+    {"params": params}, *args, deterministic=False, rngs={"dropout": jax.random.PRNGKey(seed)}
+  )["embedding"]
+  assert np.abs(np.asarray(train(0) - train(1))).max() > 1e-6
+  chex.assert_trees_all_close(_apply(model, params, data), _apply(model, params, data))
+
+
+def test_losses_match_float64_references(rng):
+  n, d = 7, 5
+  s, t, p, u = (rng.normal(size=(n, d)) for _ in range(4))
+  trips = rng.integers(0, 40, size=(n, n)).astype(np.float64)
+  sim_p, sim_u = rng.random((n, n)), rng.random((n, n))
+  m = trips / trips.mean()
+  ref_mob = (
+    -(m * np.log(_np_softmax(s @ t.T) + 1e-4)).sum()
+    - (m.T * np.log(_np_softmax(t @ s.T) + 1e-4)).sum()
+  )
+  cos = lambda x: (
+    (x / np.linalg.norm(x, axis=1, keepdims=True))
+    @ (x / np.linalg.norm(x, axis=1, keepdims=True)).T
+  )
+  ref_p = np.mean((cos(p) - sim_p) ** 2)
+  ref_u = np.mean((cos(u) - sim_u) ** 2)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  total, terms = srel_losses.srel_loss(
+    {"source": f32(s), "destination": f32(t), "poi": f32(p), "landuse": f32(u)},
+    srel_losses.normalise_mobility(f32(trips)),
+    f32(sim_p),
+    f32(sim_u),
+  )
+  np.testing.assert_allclose(float(terms["mobility"]), ref_mob, rtol=1e-5)
+  np.testing.assert_allclose(float(terms["poi"]), ref_p, rtol=1e-5)
+  np.testing.assert_allclose(float(terms["landuse"]), ref_u, rtol=1e-5)
+  np.testing.assert_allclose(float(total), ref_mob + ref_p + ref_u, rtol=1e-5)
+
+
+def test_step_compiles_once_and_resumes(tmp_path, rng, monkeypatch):
+  views = _synthetic_views(rng, centroids=False)
+  config = SRELConfig(**TINY, epochs=6, log_every=2, checkpoint_every=6)
+  # The loss is traced once for the whole run: the three chunks reuse one
+  # compiled train step (params / optimiser state donated, shapes fixed).
+  make_loss = srel_train.make_loss
+  traced = lambda model: chex.assert_max_traces(make_loss(model), n=1)
+  monkeypatch.setattr(srel_train, "make_loss", traced)
+  first, log = train_srel_with_log(config, views, seeds=(3, 4), workdir=tmp_path, progress=False)
+  chex.assert_shape(first, (2, views.n_regions, TINY["embedding_dim"]))
+  chex.assert_tree_all_finite(first)
+  assert len(log["history"]) == 3
+  # Two seeds give two different models.
+  assert np.abs(first[0] - first[1]).max() > 1e-6
+  assert (tmp_path / "checkpoints" / "srel").is_dir()
+  assert (tmp_path / "srel_config.json").is_file()
+  # A rerun resumes from the last checkpoint and trains nothing more.
+  again, log = train_srel_with_log(config, views, seeds=(3, 4), workdir=tmp_path, progress=False)
+  assert log["resumed_from"] == 6 and log["history"] == []
+  np.testing.assert_array_equal(first, again)
+
+
+def test_few_epochs_on_chicago(data_root):
+  views = load_city_views("Chi", data_root)
+  config = SRELConfig(epochs=16, log_every=8, n_layers=1, ff_dim=256, dropout=0.0)
+  embeddings, log = train_srel_with_log(config, views, seeds=(0, 1), progress=False)
+  chex.assert_shape(embeddings, (2, 77, 144))
+  assert embeddings.dtype == np.float32
+  chex.assert_tree_all_finite(embeddings)
+  totals = np.array([row["total"] for row in log["history"]])  # [chunks, seeds]
+  assert (totals[-1] < totals[0]).all(), totals
+  assert len(log["spatial_lambda"]) == 2
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(dropout=1.0), dict(sigma_km=0.0)])
+def test_config_rejects_bad_values(bad):
+  with pytest.raises(ValueError, match="SRELConfig"):
+    SRELConfig(**bad)
+
+
+def test_task_presets():
+  crime = SRELConfig.for_task("checkIn", "NY")
+  assert (crime.learning_rate, crime.n_layers, crime.spatial_lambda) == (2e-4, 5, 0.4)
+  assert crime.n_heads == 4 and crime.memory == 72
+  assert SRELConfig() == SRELConfig.for_task("crime", "Chi")
