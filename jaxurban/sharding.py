@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 SEEDS = "seeds"  # mesh axis over which independent seeds are split
 REGIONS = "regions"  # mesh axis over which the rows of one city pair are split
+BATCH = "batch"  # mesh axis over which the samples of a forecasting batch are split
 
 
 def seed_mesh(devices=None) -> Mesh:
@@ -86,3 +87,21 @@ def split_rows(tree, mesh: Mesh):
         f"pad it to a multiple of {n_devices}"
       )
   return jax.device_put(tree, NamedSharding(mesh, PartitionSpec(REGIONS)))
+
+
+def batch_mesh(devices=None) -> Mesh:
+  """A one-axis mesh over `devices` (default: all) named `BATCH`."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  return Mesh(devices.reshape(-1), (BATCH,))
+
+
+def shard_batch(tree, mesh: Mesh):
+  """Places every array of `tree` split along its leading (sample) axis over `BATCH`."""
+  n_devices = mesh.devices.size
+  for leaf in jax.tree.leaves(tree):
+    if leaf.shape[0] % n_devices:
+      raise ValueError(
+        f"a batch of {leaf.shape[0]} samples cannot be split over {n_devices} devices; "
+        f"use a batch size that is a multiple of {n_devices}"
+      )
+  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec(BATCH)))

@@ -1,0 +1,328 @@
+"""Los-loop traffic speed: loading, windows, chronological splits, scaling.
+
+Layout under the data root (see PROVENANCE.md)::
+
+    traffic/los_loop/los_speed.csv          T x N speeds (mph), header = detector ids,
+                                            5-minute steps from 2012-03-01 00:00
+    traffic/los_loop/los_adj.csv            N x N weights, no header
+    traffic/los_loop/sensor_locations.csv   index, sensor_id, latitude, longitude
+
+A speed of 0 (or an empty / non-finite cell) is a missing reading: it is kept
+out of the scaler, the loss and every metric through the observation masks,
+and it is fed to the model as the scaled value 0 (the training mean) with its
+mask bit cleared. Every problem with a file raises `DataError` naming the
+file, the field and what is wrong.
+
+Windows follow the usual forecasting setup: a sample starting at step s has
+inputs ``[s, s + t_in)`` and targets ``[s + t_in, s + t_in + t_out)``. The
+chronological 6:2:2 split cuts the *time axis* first and then builds windows
+entirely inside each part, so no target step of one part is an input or
+target of another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import pathlib
+
+import numpy as np
+
+from jaxurban.data.errors import DataError
+from jaxurban.data.root import resolve_data_root, subdir
+
+__all__ = [
+  "START",
+  "STEPS_PER_DAY",
+  "Scaler",
+  "TrafficData",
+  "Windows",
+  "chronological_bounds",
+  "load_los_loop",
+  "make_windows",
+  "read_los_loop_folder",
+]
+
+START = datetime.datetime(2012, 3, 1)  # first step of los_speed.csv (PROVENANCE.md)
+STEP_MINUTES = 5
+STEPS_PER_DAY = 24 * 60 // STEP_MINUTES
+DAYS_PER_WEEK = 7
+
+
+@dataclasses.dataclass(frozen=True)
+class TrafficData:
+  """A traffic series with its detectors, all NumPy arrays.
+
+  Attributes:
+    name: data set name.
+    speed: [T, N] float32 readings; missing readings are 0.
+    mask: [T, N] bool, True where a reading was observed.
+    time_of_day: [T] int32 slot in ``[0, steps_per_day)``.
+    day_of_week: [T] int32, Monday = 0.
+    sensor_ids: [N] detector ids (strings), the column order.
+    coords: [N, 2] float64 (latitude, longitude) in degrees.
+    adjacency: [N, N] float32 weights (kept for reference; UrbanPG uses none).
+    steps_per_day: sampling frequency f of eq. 3.
+  """
+
+  name: str
+  speed: np.ndarray
+  mask: np.ndarray
+  time_of_day: np.ndarray
+  day_of_week: np.ndarray
+  sensor_ids: np.ndarray
+  coords: np.ndarray
+  adjacency: np.ndarray
+  steps_per_day: int = STEPS_PER_DAY
+
+  @property
+  def n_steps(self) -> int:
+    return self.speed.shape[0]
+
+  @property
+  def n_nodes(self) -> int:
+    return self.speed.shape[1]
+
+  def select(self, nodes=None, steps=None) -> TrafficData:
+    """The same data restricted to detector indices `nodes` and time slice/indices `steps`."""
+    nodes = np.arange(self.n_nodes) if nodes is None else np.asarray(nodes)
+    steps = slice(None) if steps is None else steps
+    return dataclasses.replace(
+      self,
+      speed=self.speed[steps][:, nodes],
+      mask=self.mask[steps][:, nodes],
+      time_of_day=self.time_of_day[steps],
+      day_of_week=self.day_of_week[steps],
+      sensor_ids=self.sensor_ids[nodes],
+      coords=self.coords[nodes],
+      adjacency=self.adjacency[np.ix_(nodes, nodes)],
+    )
+
+
+def _read_numeric_csv(path: pathlib.Path, skip_header: bool) -> tuple[list[str], np.ndarray]:
+  """Parses a numeric CSV; empty cells become NaN. Returns (header, [rows, cols])."""
+  try:
+    lines = path.read_text().splitlines()
+  except OSError as e:
+    raise DataError(path, f"cannot be read ({e.strerror})") from e
+  lines = [line for line in lines if line.strip()]
+  if not lines:
+    raise DataError(path.name, "is empty")
+  header = [h.strip() for h in lines[0].split(",")] if skip_header else []
+  body = lines[1:] if skip_header else lines
+  width = len(header) if skip_header else len(body[0].split(","))
+  rows = np.empty((len(body), width), np.float64)
+  for i, line in enumerate(body):
+    cells = line.split(",")
+    row_number = i + (2 if skip_header else 1)
+    if len(cells) != width:
+      raise DataError(path.name, f"row {row_number} has {len(cells)} fields, expected {width}")
+    for j, cell in enumerate(cells):
+      cell = cell.strip()
+      if cell == "":
+        rows[i, j] = np.nan
+        continue
+      try:
+        rows[i, j] = float(cell)
+      except ValueError:
+        column = header[j] if skip_header else str(j)
+        raise DataError(
+          path.name, f"row {row_number}: {cell!r} is not a number", column=column
+        ) from None
+  return header, rows
+
+
+def _read_locations(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+  header, rows = None, []
+  try:
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+  except OSError as e:
+    raise DataError(path, f"cannot be read ({e.strerror})") from e
+  if not lines:
+    raise DataError(path.name, "is empty")
+  header = [h.strip() for h in lines[0].split(",")]
+  for column in ("sensor_id", "latitude", "longitude"):
+    if column not in header:
+      raise DataError(path.name, f"missing from the header {header}", column=column)
+  ids, coords = [], []
+  for k, line in enumerate(lines[1:], start=2):
+    cells = [c.strip() for c in line.split(",")]
+    if len(cells) != len(header):
+      raise DataError(path.name, f"row {k} has {len(cells)} fields, expected {len(header)}")
+    record = dict(zip(header, cells))
+    ids.append(record["sensor_id"])
+    pair = []
+    for column, bound in (("latitude", 90.0), ("longitude", 180.0)):
+      try:
+        value = float(record[column])
+      except ValueError:
+        raise DataError(path.name, f"row {k}: {record[column]!r} is not a number", column) from None
+      if not np.isfinite(value) or abs(value) > bound:
+        raise DataError(path.name, f"row {k}: {value} is outside [-{bound}, {bound}]", column)
+      pair.append(value)
+    coords.append(pair)
+    rows.append(k)
+  return np.asarray(ids), np.asarray(coords, np.float64)
+
+
+def read_los_loop_folder(folder: str | os.PathLike) -> TrafficData:
+  """Reads and checks the three Los-loop files in `folder`."""
+  folder = pathlib.Path(folder)
+  paths = {name: folder / name for name in ("los_speed.csv", "los_adj.csv", "sensor_locations.csv")}
+  for path in paths.values():
+    if not path.is_file():
+      raise DataError(path, "file missing")
+  header, speed = _read_numeric_csv(paths["los_speed.csv"], skip_header=True)
+  name = "los_speed.csv"
+  if speed.shape[0] < 2:
+    raise DataError(name, f"has {speed.shape[0]} time steps; at least 2 are needed")
+  if len(set(header)) != len(header):
+    raise DataError(name, "the header repeats detector ids", column="header")
+  finite = np.isfinite(speed)
+  negative = finite & (speed < 0)
+  if negative.any():
+    t, n = np.argwhere(negative)[0]
+    raise DataError(
+      name, f"{int(negative.sum())} negative speeds (first at row {t + 2})", column=header[n]
+    )
+  mask = finite & (speed > 0)
+  if not mask.any(axis=0).all():
+    n = int(np.flatnonzero(~mask.any(axis=0))[0])
+    raise DataError(name, "no observed (positive) speed in the whole series", column=header[n])
+
+  _, adjacency = _read_numeric_csv(paths["los_adj.csv"], skip_header=False)
+  n_nodes = len(header)
+  if adjacency.shape != (n_nodes, n_nodes):
+    raise DataError(
+      "los_adj.csv",
+      f"shape {adjacency.shape}, expected ({n_nodes}, {n_nodes}) for {n_nodes} detectors",
+    )
+  if not np.isfinite(adjacency).all():
+    raise DataError("los_adj.csv", "has empty or non-finite weights")
+
+  ids, coords = _read_locations(paths["sensor_locations.csv"])
+  if len(ids) != n_nodes:
+    raise DataError(
+      "sensor_locations.csv", f"{len(ids)} detectors, but los_speed.csv has {n_nodes}"
+    )
+  mismatch = np.flatnonzero(ids != np.asarray(header))
+  if mismatch.size:
+    k = int(mismatch[0])
+    raise DataError(
+      "sensor_locations.csv",
+      f"row {k + 2}: detector {ids[k]!r} differs from column {k} of los_speed.csv "
+      f"({header[k]!r}); the two files must list detectors in the same order",
+      column="sensor_id",
+    )
+
+  steps = np.arange(speed.shape[0])
+  minutes = steps * STEP_MINUTES
+  time_of_day = (minutes // STEP_MINUTES) % STEPS_PER_DAY
+  day_of_week = (START.weekday() + minutes // (24 * 60)) % DAYS_PER_WEEK
+  return TrafficData(
+    name="los-loop",
+    speed=np.where(mask, speed, 0.0).astype(np.float32),
+    mask=mask,
+    time_of_day=time_of_day.astype(np.int32),
+    day_of_week=day_of_week.astype(np.int32),
+    sensor_ids=np.asarray(header),
+    coords=coords,
+    adjacency=adjacency.astype(np.float32),
+  )
+
+
+def load_los_loop(data_root: str | os.PathLike | None = None) -> TrafficData:
+  """Los-loop from ``<data_root>/traffic/los_loop`` (data_root None: $JAXURBAN_DATA)."""
+  return read_los_loop_folder(subdir(resolve_data_root(data_root), "traffic", "los_loop"))
+
+
+def chronological_bounds(
+  n_steps: int, ratios: tuple[float, ...] = (0.6, 0.2, 0.2)
+) -> list[tuple[int, int]]:
+  """Cuts ``[0, n_steps)`` into consecutive ``[start, end)`` parts in the given ratios."""
+  if any(r <= 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-9:
+    raise ValueError(f"split ratios must be positive and sum to 1, got {ratios}")
+  edges = np.round(np.cumsum((0.0,) + tuple(ratios)) * n_steps).astype(int)
+  edges[-1] = n_steps
+  return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scaler:
+  """z-score scaling fitted on observed training readings only."""
+
+  mean: float
+  std: float
+
+  @classmethod
+  def fit(cls, values: np.ndarray, mask: np.ndarray) -> Scaler:
+    observed = values[mask]
+    if observed.size == 0:
+      raise ValueError("cannot fit a scaler: no observed values")
+    return cls(float(observed.mean()), float(max(observed.std(), 1e-6)))
+
+  def transform(self, values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    # Missing readings become 0, the training mean in scaled units.
+    return np.where(mask, (values - self.mean) / self.std, 0.0).astype(np.float32)
+
+  def inverse(self, scaled):
+    return scaled * self.std + self.mean
+
+
+@dataclasses.dataclass(frozen=True)
+class Windows:
+  """Forecasting samples, all NumPy arrays with a leading sample axis S.
+
+  Attributes:
+    x: [S, t_in, N] scaled inputs (missing -> 0).
+    x_mask: [S, t_in, N] bool observation mask of the inputs.
+    y: [S, t_out, N] raw targets (missing -> 0).
+    y_mask: [S, t_out, N] bool; metrics and the loss use only True entries.
+    time_of_day: [S] slot of the last input step (eq. 3's index).
+    day_of_week: [S] day of the last input step.
+    start: [S] first input step of each sample in the source series.
+  """
+
+  x: np.ndarray
+  x_mask: np.ndarray
+  y: np.ndarray
+  y_mask: np.ndarray
+  time_of_day: np.ndarray
+  day_of_week: np.ndarray
+  start: np.ndarray
+
+  def __len__(self) -> int:
+    return self.x.shape[0]
+
+  def take(self, index) -> Windows:
+    return Windows(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
+
+
+def make_windows(
+  data: TrafficData, scaler: Scaler, start: int, end: int, t_in: int = 12, t_out: int = 12
+) -> Windows:
+  """All windows lying entirely in steps ``[start, end)``.
+
+  Raises ValueError when the range is shorter than one window.
+  """
+  length = t_in + t_out
+  n = end - start - length + 1
+  if n < 1:
+    raise ValueError(
+      f"steps [{start}, {end}) hold {end - start} steps, fewer than one window of {length}"
+    )
+  starts = np.arange(start, start + n)
+  inputs = starts[:, None] + np.arange(t_in)
+  targets = starts[:, None] + t_in + np.arange(t_out)
+  scaled = scaler.transform(data.speed, data.mask)
+  last = starts + t_in - 1
+  return Windows(
+    x=scaled[inputs],
+    x_mask=data.mask[inputs],
+    y=data.speed[targets],
+    y_mask=data.mask[targets],
+    time_of_day=data.time_of_day[last],
+    day_of_week=data.day_of_week[last],
+    start=starts,
+  )

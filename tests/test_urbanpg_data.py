@@ -1,0 +1,128 @@
+"""Los-loop loader: checks, masks, windows, chronological split, scaling."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from jaxurban.data.errors import DataError
+from jaxurban.data.traffic import (
+  STEPS_PER_DAY,
+  Scaler,
+  chronological_bounds,
+  load_los_loop,
+  make_windows,
+  read_los_loop_folder,
+)
+
+
+@pytest.fixture(scope="module")
+def los(data_root):
+  return load_los_loop(data_root)
+
+
+def test_real_los_loop_shapes_and_calendar(los):
+  assert los.speed.shape == (2016, 207) and los.mask.shape == (2016, 207)
+  assert los.coords.shape == (207, 2) and los.adjacency.shape == (207, 207)
+  assert los.speed.dtype == np.float32
+  # 2012-03-01 was a Thursday (Monday = 0); 288 five-minute slots per day.
+  assert los.day_of_week[0] == 3 and los.day_of_week[-1] == 2
+  np.testing.assert_array_equal(los.time_of_day[:3], [0, 1, 2])
+  assert los.time_of_day[STEPS_PER_DAY] == 0 and los.day_of_week[STEPS_PER_DAY] == 4
+  assert np.all(los.speed[los.mask] > 0) and np.all(los.speed[~los.mask] == 0)
+  assert 33 < los.coords[:, 0].min() and los.coords[:, 1].max() < -117
+
+
+def _copy(data_root, tmp_path):
+  folder = tmp_path / "los_loop"
+  shutil.copytree(data_root / "traffic" / "los_loop", folder)
+  return folder
+
+
+def _edit_cell(path, row, col, value):
+  lines = path.read_text().splitlines()
+  cells = lines[row].split(",")
+  cells[col] = value
+  lines[row] = ",".join(cells)
+  path.write_text("\n".join(lines) + "\n")
+
+
+def test_zero_and_empty_readings_are_masked_and_kept_out_of_the_scaler(data_root, tmp_path):
+  folder = _copy(data_root, tmp_path)
+  _edit_cell(folder / "los_speed.csv", 1, 0, "0")  # step 0, detector 0
+  _edit_cell(folder / "los_speed.csv", 5, 3, "")  # step 4, detector 3
+  data = read_los_loop_folder(folder)
+  assert not data.mask[0, 0] and not data.mask[4, 3] and data.mask.sum() == data.mask.size - 2
+  assert data.speed[4, 3] == 0
+  scaler = Scaler.fit(data.speed, data.mask)
+  observed = data.speed[data.mask].astype(np.float64)
+  np.testing.assert_allclose(
+    [scaler.mean, scaler.std], [observed.mean(), observed.std()], rtol=1e-5
+  )
+  scaled = scaler.transform(data.speed, data.mask)
+  assert scaled[0, 0] == 0.0 and scaled[4, 3] == 0.0
+
+
+@pytest.mark.parametrize(
+  "edit, file, words",
+  [
+    (lambda f: (f / "los_adj.csv").unlink(), "los_adj.csv", "file missing"),
+    (
+      lambda f: _edit_cell(f / "los_speed.csv", 3, 2, "fast"),
+      "los_speed.csv",
+      "'fast' is not a number",
+    ),
+    (lambda f: _edit_cell(f / "los_speed.csv", 7, 5, "-3"), "los_speed.csv", "negative speeds"),
+    (
+      lambda f: _edit_cell(f / "sensor_locations.csv", 4, 1, "1"),
+      "sensor_locations.csv",
+      "differs",
+    ),
+    (
+      lambda f: _edit_cell(f / "sensor_locations.csv", 2, 2, "123"),
+      "sensor_locations.csv",
+      "outside",
+    ),
+    (lambda f: _edit_cell(f / "los_speed.csv", 9, 0, "1,2"), "los_speed.csv", "fields"),
+  ],
+)
+def test_bad_files_raise_data_errors_naming_file_and_problem(
+  data_root, tmp_path, edit, file, words
+):
+  folder = _copy(data_root, tmp_path)
+  edit(folder)
+  with pytest.raises(DataError) as caught:
+    read_los_loop_folder(folder)
+  assert file in str(caught.value) and words in str(caught.value)
+
+
+def test_adjacency_of_wrong_shape_is_rejected(data_root, tmp_path):
+  folder = _copy(data_root, tmp_path)
+  lines = (folder / "los_adj.csv").read_text().splitlines()
+  (folder / "los_adj.csv").write_text("\n".join(lines[:-1]) + "\n")
+  with pytest.raises(DataError, match=r"los_adj.csv: shape \(206, 207\)"):
+    read_los_loop_folder(folder)
+
+
+def test_chronological_split_is_ordered_disjoint_and_6_2_2():
+  bounds = chronological_bounds(2016)
+  assert bounds == [(0, 1210), (1210, 1613), (1613, 2016)]
+  with pytest.raises(ValueError):
+    chronological_bounds(100, (0.5, 0.6, -0.1))
+
+
+def test_windows_align_inputs_targets_and_time_index(los):
+  (a, b), (c, d), _ = chronological_bounds(los.n_steps)
+  scaler = Scaler.fit(los.speed[a:b], los.mask[a:b])
+  train = make_windows(los, scaler, a, b)
+  val = make_windows(los, scaler, c, d)
+  assert len(train) == b - a - 23 and train.x.shape == (len(train), 12, 207)
+  assert train.start.max() + 24 <= b and val.start.min() == c  # nothing crosses a boundary
+  s = 100
+  raw_inputs = los.speed[train.start[s] : train.start[s] + 12]
+  np.testing.assert_allclose(scaler.inverse(train.x[s]), raw_inputs, rtol=1e-5)
+  np.testing.assert_array_equal(train.y[s], los.speed[train.start[s] + 12 : train.start[s] + 24])
+  assert train.time_of_day[s] == los.time_of_day[train.start[s] + 11]
+  assert train.y_mask.dtype == bool and train.y_mask.all()
+  with pytest.raises(ValueError, match="fewer than one window"):
+    make_windows(los, scaler, 0, 20)

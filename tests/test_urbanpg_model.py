@@ -1,0 +1,187 @@
+"""UrbanPG model: eq. 6 against float64 references, no N x N array, eq. 4, eq. 7, shapes, traces."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxurban.data.traffic import Scaler
+from jaxurban.urbanpg import train
+from jaxurban.urbanpg.model import (
+  ContextPrompts,
+  UrbanPG,
+  linear_context_attention,
+  prompt_gate,
+  softmax_context_attention,
+)
+
+
+def _softmax(x, axis):
+  e = np.exp(x - x.max(axis=axis, keepdims=True))
+  return e / e.sum(axis=axis, keepdims=True)
+
+
+def _linear_reference(q, k, v, p_t, p_s):
+  """Explicit N x 3N kernel form: keys K, P_t, P_s all carry V; weights phi(q).phi(key)."""
+  p_t = np.broadcast_to(p_t, k.shape)
+  keys = np.concatenate([k, p_t, p_s], axis=1)  # [B, 3N, h, e]
+  values = np.concatenate([v, v, v], axis=1)
+  w = np.einsum("bnhk,bmhk->bhnm", _softmax(q, -1), _softmax(keys, -1))
+  return np.einsum("bhnm,bmhv->bnhv", w / w.sum(-1, keepdims=True), values)
+
+
+def test_linear_attention_matches_float64_reference(rng):
+  b, n, h, e = 2, 23, 2, 5
+  q, k, v, p_s = (rng.normal(size=(b, n, h, e)) for _ in range(4))
+  for p_t in (rng.normal(size=(b, 1, h, e)), rng.normal(size=(b, n, h, e))):
+    expected = _linear_reference(q, k, v, p_t, p_s)
+    got = linear_context_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v, p_t, p_s)))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-5)
+    with jax.enable_x64(True):
+      exact = linear_context_attention(*(jnp.asarray(a, jnp.float64) for a in (q, k, v, p_t, p_s)))
+      np.testing.assert_allclose(np.asarray(exact), expected, rtol=1e-12)
+
+
+def test_softmax_attention_matches_float64_reference(rng):
+  b, n, h, e = 2, 11, 2, 4
+  q, k, v, p_t, p_s = (rng.normal(size=(b, n, h, e)) for _ in range(5))
+  logits = np.einsum("bnhk,bmhk->bhnm", q / np.sqrt(e), k + p_t + p_s)
+  expected = np.einsum("bhnm,bmhv->bnhv", _softmax(logits, -1), v)
+  with jax.enable_x64(True):
+    got = softmax_context_attention(*(jnp.asarray(a) for a in (q, k, v, p_t, p_s)))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-12)
+
+
+def test_prompt_gate_is_eq_7(rng):
+  h, p_t, p_s = (rng.normal(size=(3, 4, 6)) for _ in range(3))
+  expected = (h * (1 + p_t) + p_s) * p_t
+  # In float64: float32 rounding of terms of size ~20 can cancel to ~1e-5.
+  with jax.enable_x64(True):
+    got = prompt_gate(*(jnp.asarray(a, jnp.float64) for a in (h, p_t, p_s)))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-12, atol=1e-12)
+
+
+def _avals(jaxpr):
+  for eqn in jaxpr.eqns:
+    for var in eqn.outvars:
+      yield var.aval
+    for param in eqn.params.values():
+      subs = param if isinstance(param, (list, tuple)) else [param]
+      for sub in subs:
+        inner = getattr(sub, "jaxpr", None)
+        if inner is not None:
+          yield from _avals(getattr(inner, "jaxpr", inner))
+
+
+def _square_arrays(attention: str, n: int) -> int:
+  config = train.UrbanPGConfig(features=8, heads=2, attention=attention)
+  model = train.build_model(config, n)
+  x = jnp.zeros((1, 12, n))
+  zeros = jnp.zeros((1,), jnp.int32)
+  # Shapes only: nothing is compiled or run.
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, x > 0, zeros, zeros)["params"]
+  batch = _batch(np.random.default_rng(0), 3, n)
+  scaler = Scaler(50.0, 10.0)
+
+  def loss(p):
+    return train.batch_loss(model, scaler, p, batch, jax.random.PRNGKey(1))
+
+  closed = jax.make_jaxpr(jax.value_and_grad(loss))(params)
+  return sum(sum(dim == n for dim in getattr(a, "shape", ())) >= 2 for a in _avals(closed.jaxpr))
+
+
+def test_no_n_by_n_array_in_the_traced_train_step():
+  n = 37  # distinct from every other dimension
+  assert _square_arrays("linear", n) == 0
+  assert _square_arrays("softmax", n) > 0  # the detector does see N x N arrays
+
+
+def _batch(rng, b, n, t=12):
+  return {
+    "x": rng.normal(size=(b, t, n)).astype(np.float32),
+    "x_mask": rng.uniform(size=(b, t, n)) > 0.1,
+    "y": rng.uniform(20, 70, size=(b, t, n)).astype(np.float32),
+    "y_mask": (rng.uniform(size=(b, t, n)) > 0.1).astype(np.float32),
+    "time_of_day": rng.integers(0, 288, b).astype(np.int32),
+    "day_of_week": rng.integers(0, 7, b).astype(np.int32),
+    "weight": np.ones(b, np.float32),
+  }
+
+
+def test_spatial_perturbation_only_in_training():
+  n, d, b = 400, 8, 4
+  prompts = ContextPrompts(n, d, p=0.6, q=0.5)
+  tod = jnp.arange(b)
+  variables = prompts.init(jax.random.PRNGKey(0), tod, tod, b, False)
+  e_s = np.asarray(variables["params"]["E_s"])
+  e_d = np.asarray(variables["params"]["E_d"])
+  apply = jax.jit(prompts.apply, static_argnums=(3, 4))
+  _, p_s = apply(variables, tod, tod, b, False)
+  np.testing.assert_array_equal(np.asarray(p_s), np.broadcast_to(e_s, (b, n, d)))
+  _, p_s = apply(variables, tod, tod, b, True, rngs={"perturb": jax.random.PRNGKey(3)})
+  p_s = np.asarray(p_s)
+  kept = np.all(p_s == e_s, axis=-1)
+  shared = np.all(p_s == e_d, axis=-1)
+  noise = ~kept & ~shared
+  # Eq. 4 with p = 0.6, q = 0.5: 40% kept, 30% shared E_d, 30% fresh noise.
+  for part, share in ((kept, 0.4), (shared, 0.3), (noise, 0.3)):
+    assert abs(part.mean() - share) < 0.05, (part.mean(), share)
+  off = ContextPrompts(n, d, p=0.0).apply(variables, tod, tod, b, True)[1]
+  np.testing.assert_array_equal(np.asarray(off), np.broadcast_to(e_s, (b, n, d)))
+
+
+def test_time_prompt_indexes_the_last_step_and_shapes():
+  n, b = 9, 5
+  model = UrbanPG(n_nodes=n, t_out=7, features=8, heads=2, layers=2)
+  data = _batch(np.random.default_rng(1), b, n)
+  args = (data["x"], data["x_mask"], data["time_of_day"], data["day_of_week"])
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), *args)
+  apply = jax.jit(model.apply)
+  out = apply(variables, *args)
+  chex.assert_shape(out, (b, 7, n))
+  chex.assert_tree_all_finite(out)
+  prompts = variables["params"]["prompts"]
+  p_t, _ = ContextPrompts(n, 8).apply(
+    {"params": prompts}, data["time_of_day"], data["day_of_week"], b, False
+  )
+  expected = prompts["E_tod"][data["time_of_day"]] + prompts["E_dow"][data["day_of_week"]]
+  np.testing.assert_allclose(np.asarray(p_t[:, 0]), np.asarray(expected), rtol=1e-6)
+  # Per-node time indices ([B, N]) are accepted too.
+  tod = np.broadcast_to(data["time_of_day"][:, None], (b, n))
+  dow = np.broadcast_to(data["day_of_week"][:, None], (b, n))
+  same = apply(variables, data["x"], data["x_mask"], tod, dow)
+  np.testing.assert_allclose(np.asarray(same), np.asarray(out), rtol=1e-5, atol=1e-5)
+  assert set(variables["params"]) == {"prompts", "backbone"}
+  # The backbone's parameter shapes do not depend on the node count.
+  other = UrbanPG(n_nodes=2 * n, t_out=7, features=8, heads=2, layers=2)
+  x2 = np.zeros((1, 12, 2 * n), np.float32)
+  v2 = jax.eval_shape(
+    other.init, jax.random.PRNGKey(0), x2, x2 > 0, np.zeros(1, int), np.zeros(1, int)
+  )
+  chex.assert_trees_all_equal_shapes(v2["params"]["backbone"], variables["params"]["backbone"])
+  with pytest.raises(ValueError, match="nodes"):
+    model.apply(variables, x2, x2 > 0, np.zeros(1, int), np.zeros(1, int))
+
+
+def test_train_step_never_retraces_and_frozen_parameters_stay():
+  n, b = 13, 8
+  config = train.UrbanPGConfig(features=8, heads=2, batch_size=b)
+  model = train.build_model(config, n)
+  params = train.init_params(model, config, jax.random.PRNGKey(0))
+  optimizer = train.make_optimizer(params, train.prompts_only, 1e-2, config)
+  step = train.make_train_step(model, Scaler(50.0, 10.0), optimizer, max_traces=1)
+  backbone = jax.device_get(params["backbone"])
+  prompts = jax.device_get(params["prompts"])
+  state = (params, optimizer.init(params), jax.random.PRNGKey(1))
+  rng = np.random.default_rng(0)
+  losses = []
+  for _ in range(4):
+    state, loss = step(state, _batch(rng, b, n))
+    losses.append(float(loss))
+  assert np.all(np.isfinite(losses))
+  chex.assert_trees_all_equal(jax.device_get(state[0]["backbone"]), backbone)
+  moved = jax.tree.map(
+    lambda a, c: np.abs(a - c).max(), jax.device_get(state[0]["prompts"]), prompts
+  )
+  assert all(v > 0 for k, v in moved.items() if k in ("E_s", "E_tod")), moved

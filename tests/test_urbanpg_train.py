@@ -1,0 +1,160 @@
+"""UrbanPG training: metrics, baselines, the three paradigms end to end, resume, 8-device sharding."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from jaxurban.checkpoint import CheckpointMismatch
+from jaxurban.data.traffic import Scaler, Windows
+from jaxurban.urbanpg import train
+from jaxurban.urbanpg.baselines import HistoricalAverage, PerNodeLinear, last_value
+
+TINY = dict(epochs=2, patience=2, features=8, heads=2, batch_size=64, plot=False, shard_batch=False)
+
+
+def test_masked_metrics_against_a_direct_float64_computation(rng):
+  pred = rng.uniform(20, 70, (5, 12, 4))
+  true = rng.uniform(20, 70, (5, 12, 4))
+  mask = rng.uniform(size=true.shape) > 0.3
+  true[0, 0, 0], mask[0, 0, 0] = 0.0, True  # a zero target never counts
+  m = train.masked_metrics(pred, true, mask)
+  keep = mask & (true != 0)
+  err = (pred - true)[keep]
+  np.testing.assert_allclose(m["avg"]["mae"], np.abs(err).mean(), rtol=1e-12)
+  np.testing.assert_allclose(m["avg"]["rmse"], np.sqrt((err**2).mean()), rtol=1e-12)
+  np.testing.assert_allclose(m["avg"]["mape"], 100 * np.mean(np.abs(err) / true[keep]), rtol=1e-12)
+  h = 5
+  err_h = (pred - true)[:, h][keep[:, h]]
+  np.testing.assert_allclose(m["horizon"]["mae"][h], np.abs(err_h).mean(), rtol=1e-12)
+
+
+def test_padded_batches_cover_every_sample_once():
+  for n in (5, 64, 130):
+    seen = []
+    for index, weight in train.padded_batches(n, 64, np.arange(n)[::-1]):
+      assert index.shape == weight.shape == (64,)
+      seen.extend(index[weight > 0])
+    assert sorted(seen) == list(range(n))
+
+
+def _windows(x, y, tod, x_mask=None):
+  s, t, n = x.shape
+  return Windows(
+    x=x.astype(np.float32),
+    x_mask=np.ones_like(x, bool) if x_mask is None else x_mask,
+    y=y.astype(np.float32),
+    y_mask=np.ones_like(y, bool),
+    time_of_day=tod,
+    day_of_week=np.zeros(s, np.int32),
+    start=np.arange(s),
+  )
+
+
+def test_baselines_recover_their_ground_truth(rng):
+  f, n = 6, 3
+  table = rng.uniform(30, 60, (f, n))
+  tod = np.arange(60) % f
+  ha = HistoricalAverage(table[tod], np.ones((60, n), bool), tod, f)
+  np.testing.assert_allclose(ha.table, table)
+  w = _windows(np.zeros((2, 4, n)), np.zeros((2, 3, n)), np.array([0, 5]))
+  np.testing.assert_allclose(ha.predict(w, 3)[1], table[[0, 1, 2]], rtol=1e-6)
+
+  scaler = Scaler(50.0, 10.0)
+  x = rng.normal(size=(2, 4, n))
+  x_mask = np.ones_like(x, bool)
+  x_mask[0, 3, 1] = False  # the last observed reading of node 1 in sample 0 is step 2
+  lv = last_value(_windows(x, np.zeros((2, 3, n)), np.zeros(2, int), x_mask), scaler, 3)
+  assert lv.shape == (2, 3, n)
+  np.testing.assert_allclose(lv[0, :, 1], scaler.inverse(x[0, 2, 1]), rtol=1e-6)
+  np.testing.assert_allclose(lv[1, :, 0], scaler.inverse(x[1, 3, 0]), rtol=1e-6)
+
+  weights = rng.normal(size=(n, 4, 3))
+  xs = rng.normal(size=(200, 4, n))
+  ys = scaler.inverse(np.einsum("stn,ntk->skn", xs, weights))
+  model = PerNodeLinear(_windows(xs, ys, np.zeros(200, int)), scaler, ridge=1e-8)
+  np.testing.assert_allclose(model.weights[:, :4], weights, atol=1e-5)
+
+
+@pytest.mark.parametrize("paradigm", train.PARADIGMS)
+def test_paradigms_end_to_end_on_los_loop(data_root, tmp_path, paradigm, capsys):
+  stages = (0.8, 1.0) if paradigm == "continual" else (0.7, 0.85, 1.0)
+  config = train.UrbanPGConfig(
+    data_root=str(data_root), paradigm=paradigm, continual_stages=stages, **TINY
+  )
+  result = train.train_and_evaluate(config, tmp_path)
+  saved = json.loads((tmp_path / "metrics.json").read_text())
+  assert saved["config"]["paradigm"] == paradigm and saved["config"]["features"] == 8
+  expected = {
+    "full": {"UrbanPG"},
+    "fewshot": {"UrbanPG prompts-only (pre-trained)", "UrbanPG from scratch"},
+    "continual": {"UrbanPG continual", "UrbanPG retrained per stage"},
+  }[paradigm] | {"historical average", "last value", "per-node linear"}
+  assert set(saved["models"]) == expected
+  for runs in saved["models"].values():
+    for m in runs:
+      assert all(np.isfinite(m["avg"][k]) and m["avg"][k] > 0 for k in ("mae", "rmse", "mape"))
+      assert len(m["horizon"]["mae"]) == 12
+  if paradigm == "fewshot":
+    source, target = saved["splits"]["source_nodes"], saved["splits"]["target_nodes"]
+    assert not set(source) & set(target) and len(source) + len(target) == 207
+  if paradigm == "continual":
+    assert set(saved["stages"]) == {"stage1", "stage2"}
+  if paradigm == "full":
+    # A second run in the same folder resumes from the final checkpoint.
+    again = train.train_and_evaluate(config, tmp_path)
+    assert "resuming at epoch 2" in capsys.readouterr().out
+    assert again["models"]["UrbanPG"] == result["models"]["UrbanPG"]
+    changed = train.UrbanPGConfig(**{**config.to_dict(), "learning_rate": 1e-2})
+    with pytest.raises(CheckpointMismatch, match="learning_rate"):
+      train.train_and_evaluate(changed, tmp_path)
+
+
+CHILD = textwrap.dedent(
+  """
+  import tempfile
+  import jax, numpy as np
+  assert jax.device_count() == 8, jax.devices()
+  from jaxurban import sharding
+  from jaxurban.data.traffic import load_los_loop
+  from jaxurban.urbanpg import train
+
+  data = load_los_loop().select(np.arange(40), slice(0, 700))
+  results = {}
+  for shard in (False, True):
+    config = train.UrbanPGConfig(epochs=2, patience=5, features=8, heads=2, batch_size=64,
+                                 plot=False, shard_batch=shard)
+    task = train.make_task("t", data, config)
+    model = train.build_model(config, data.n_nodes)
+    params = train.init_params(model, config, jax.random.PRNGKey(0))
+    with tempfile.TemporaryDirectory() as workdir:
+      best, log = train.fit(task, model, params, train.everything, 1e-2, config,
+                            __import__("pathlib").Path(workdir), "s", 0)
+    results[shard] = (best, train.evaluate(model, best, task, config)[1])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               results[False][0], results[True][0])
+  np.testing.assert_allclose(results[False][1], results[True][1], rtol=1e-4, atol=1e-3)
+  placed = train.Placement(True, 64).batch({"x": np.zeros((64, 3))})
+  assert len({s.device for s in placed["x"].addressable_shards}) == 8
+  assert placed["x"].sharding.spec == jax.sharding.PartitionSpec(sharding.BATCH)
+  print("SHARDED-OK")
+  """
+)
+
+
+def test_batch_sharded_over_eight_devices_matches_one_device(data_root):
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "JAX_PLATFORMS": "cpu",
+    "JAXURBAN_DATA": str(data_root),
+  }
+  done = subprocess.run(
+    [sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, timeout=300
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "SHARDED-OK" in done.stdout
