@@ -1,0 +1,159 @@
+"""UrbanMMCL on one city: pre-training, ridge probe, fine-tuning, picture.
+
+  python -m experiments.urbanmmcl --city Chi --seeds 5
+  python -m experiments.urbanmmcl --city NY --seeds 5
+  python -m experiments.urbanmmcl --city Chi --no-graph-contrast        # "w/o GCL"
+  python -m experiments.urbanmmcl --city Chi --drop-view distance       # "w/o G(D)"
+  python -m experiments.urbanmmcl --city Chi --images DIR               # + image modality
+
+Chicago uses its geo-text (address, POI composition) and centroids as the
+text and location modalities, New York has neither (graph part only);
+images are used only when --images names a folder of <i>.png / <i>.npy.
+Prints per-epoch-chunk progress and a results table; writes embeddings.npy,
+results.json and embeddings.png (2-D projection coloured by the dominant
+land-use category) into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import tempfile
+
+import numpy as np
+
+from jaxurban.data.errors import DataError
+from jaxurban.urbanmmcl.train import TASKS, UrbanMMCLConfig, train_and_evaluate
+
+
+def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
+  parser = argparse.ArgumentParser(
+    prog="python -m experiments.urbanmmcl",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  parser.add_argument("--city", choices=("Chi", "NY"), default="Chi")
+  parser.add_argument("--data-root", default=None, help="default: $JAXURBAN_DATA")
+  parser.add_argument("--images", default=None, help="folder of per-region images")
+  parser.add_argument("--seeds", type=int, default=5)
+  parser.add_argument("--epochs", type=int, default=UrbanMMCLConfig.epochs)
+  parser.add_argument("--finetune-seeds", type=int, default=UrbanMMCLConfig.finetune_seeds)
+  parser.add_argument("--finetune-epochs", type=int, default=UrbanMMCLConfig.finetune_epochs)
+  parser.add_argument("--no-multimodal", action="store_true", help="ablation: graph part only")
+  parser.add_argument("--no-graph", action="store_true", help="ablation: multi-modal part only")
+  parser.add_argument("--no-vgae", action="store_true", help="ablation: w/o VGAE")
+  parser.add_argument("--no-walks", action="store_true", help="ablation: w/o random walks")
+  parser.add_argument("--no-graph-contrast", action="store_true", help="ablation: w/o GCL")
+  parser.add_argument(
+    "--drop-view", action="append", default=[], choices=("mobility", "poi", "distance")
+  )
+  parser.add_argument("--projection", choices=("tsne", "pca"), default="tsne")
+  parser.add_argument(
+    "--out", type=pathlib.Path, default=None, help="default: $TMPDIR/urbanmmcl_<city>_<variant>"
+  )
+  args = parser.parse_args(argv)
+  config = UrbanMMCLConfig(
+    city=args.city,
+    data_root=args.data_root,
+    images=args.images,
+    seeds=args.seeds,
+    epochs=args.epochs,
+    finetune_seeds=min(args.finetune_seeds, args.seeds),
+    finetune_epochs=args.finetune_epochs,
+    no_multimodal=args.no_multimodal,
+    no_graph=args.no_graph,
+    no_vgae=args.no_vgae,
+    no_walks=args.no_walks,
+    no_graph_contrast=args.no_graph_contrast,
+    drop_views=tuple(args.drop_view),
+  )
+  variant = (
+    "-".join(
+      [
+        n
+        for n, on in (
+          ("nomm", args.no_multimodal),
+          ("nograph", args.no_graph),
+          ("novgae", args.no_vgae),
+          ("norw", args.no_walks),
+          ("nogcl", args.no_graph_contrast),
+        )
+        if on
+      ]
+      + [f"no{v}" for v in args.drop_view]
+    )
+    or "full"
+  )
+  # Outputs go outside the checkout unless --out says otherwise.
+  out = args.out or pathlib.Path(tempfile.gettempdir()) / f"urbanmmcl_{args.city}_{variant}"
+  return config, out, args.projection
+
+
+def results_table(results: dict) -> str:
+  """Ridge probe (embeddings vs raw features) and fine-tuning, as Markdown."""
+  lines = [
+    f"views {results['views']}, modalities {results['modalities'] or 'none'}",
+    "",
+    "| task | ridge R2 embeddings (mean ± sd over seeds) | ridge R2 raw features | MAE emb / raw | RMSE emb / raw |",
+    "| --- | --- | --- | --- | --- |",
+  ]
+  for task in TASKS:
+    e = results["ridge"]["embedding"][task]
+    r = results["ridge"]["raw_features"][task]
+    lines.append(
+      f"| {task} | {e['r2']['mean']:.4f} ± {e['r2']['std']:.4f} | {r['r2']['mean']:.4f} | "
+      f"{e['mae']['mean']:.2f} / {r['mae']['mean']:.2f} | {e['rmse']['mean']:.2f} / {r['rmse']['mean']:.2f} |"
+    )
+  if results["finetune"]:
+    lines += ["", "| fine-tuned task | metrics (mean over fine-tuned seeds) |", "| --- | --- |"]
+    for task, runs in results["finetune"].items():
+      keys = [k for k in runs[0] if k != "best_epochs"]
+      lines.append(
+        f"| {task} | "
+        + ", ".join(f"{k} {np.mean([run[k] for run in runs]):.4f}" for k in keys)
+        + " |"
+      )
+  return "\n".join(lines)
+
+
+def plot(results: dict, path: pathlib.Path, city: str, projection: str) -> None:
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  from jaxurban.viz.tsne import pca_2d, tsne
+
+  z = np.asarray(results["embeddings"][0], np.float32)
+  xy = np.asarray(
+    tsne(z, perplexity=min(30.0, (z.shape[0] - 2) / 3)) if projection == "tsne" else pca_2d(z)
+  )
+  # Colour = the landUse_dist column that dominates the region.
+  classes = np.asarray(results["landuse_classes"])[np.asarray(results["landuse"])]
+  fig = Figure(figsize=(6, 5))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  scatter = ax.scatter(xy[:, 0], xy[:, 1], c=classes, cmap="tab20", s=18)
+  ax.legend(*scatter.legend_elements(), title="dominant land-use column", fontsize=6, loc="best")
+  ax.set_title(f"UrbanMMCL embeddings, {city} ({projection}, seed 0)")
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=130)
+
+
+def main(argv=None) -> int:
+  config, out, projection = parse_config(argv)
+  try:
+    results = train_and_evaluate(config, out, log=lambda m: print(m, flush=True))
+  except DataError as e:
+    print(f"data error: {e}", file=sys.stderr)
+    return 2
+  table = results_table(results)
+  print(table)
+  (out / "results.md").write_text(table + "\n")
+  plot(results, out / "embeddings.png", config.city, projection)
+  print(f"wrote {out}/results.json, results.md, embeddings.npy, embeddings.png")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,542 @@
+"""Pre-training, fine-tuning and evaluation of UrbanMMCL on one city.
+
+Pipeline of `train_and_evaluate`:
+
+1. inputs: the view graphs and raw features (`graphs`), the Chicago geo-text
+   (byte tokens) and centroids, images when a folder is given;
+2. pre-training, one seed after another, full batch, eq. (27)
+   L = alpha L_mmcl + beta L_mvgcl, Adam(W); one jitted function runs a chunk
+   of epochs under ``lax.scan`` with the state donated;
+3. region embeddings: the model in evaluation mode (VGAE means, no sampling
+   noise), averaged over ``eval_walks`` walk draws with a fixed key;
+4. ridge probe: `jaxurban.eval.kfold` out-of-fold Ridge(alpha) on the
+   z-scored embeddings, against the same probe on the z-scored raw input
+   features; MAE / RMSE / R2 of pooled predictions (zero check-in regions
+   dropped);
+5. fine-tuning (Sec. 3.5.2): an MLP head on the embedding with all encoder
+   parameters updated, per test fold of a k-fold split: the next fold is the
+   validation fold, the rest trains; the predictions kept are those of the
+   epoch with the lowest validation loss, with early stopping after
+   ``patience`` epochs without improvement. The test fold is never looked
+   at. All folds train together under ``jax.vmap``. Regression uses MSE on
+   labels standardised with the training folds' statistics; land-use
+   classification (dominant ``landUse_dist`` category) uses cross-entropy
+   and reports accuracy, macro F1 and macro recall.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxurban.checkpoint import save_npy_atomic, write_json_atomic
+from jaxurban.data.errors import DataError
+from jaxurban.data.hafusion import load_city_views
+from jaxurban.data.root import resolve_data_root, subdir
+from jaxurban.eval import kfold
+from jaxurban.urbanmmcl.graphs import build_view_graphs, dominant_landuse, raw_features
+from jaxurban.urbanmmcl.model import ModelConfig, UrbanMMCL, encode_texts, equal_earth, total_loss
+
+__all__ = [
+  "TASKS",
+  "UrbanMMCLConfig",
+  "load_geo_texts",
+  "load_images",
+  "make_train_step",
+  "prepare",
+  "train_and_evaluate",
+]
+
+TASKS = ("crime", "checkIn", "serviceCall")
+_RESULT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class UrbanMMCLConfig:
+  """One UrbanMMCL run on one city.
+
+  Attributes:
+    city: "Chi" or "NY".
+    data_root: data folder; None reads ``$JAXURBAN_DATA``.
+    images: folder of per-region images ``<i>.png`` or ``<i>.npy`` (region
+      i in the HAFusion order); None = no image modality.
+    seeds, first_seed: pre-training seeds first_seed .. first_seed+seeds-1.
+    epochs: full-batch pre-training epochs.
+    learning_rate, weight_decay: AdamW of pre-training.
+    alpha, beta: weights of eq. (27) (paper: 0.5 / 0.5).
+    text_max_bytes: geo-text length kept (bytes).
+    image_size: images are resized (nearest neighbour) to this square size.
+    model: architecture; the ``use_*`` switches and the location
+      normalisation are filled in by `prepare` from the data and the
+      ablation switches below.
+    no_multimodal: ablation "w/o multi-modal part" (graph part only).
+    no_graph: ablation "w/o graph part" (multi-modal part only).
+    no_vgae, no_walks, no_graph_contrast: ablations "w/o VGAE", "w/o RW",
+      "w/o GCL" (Sec. 4.3.4).
+    drop_views: views removed ("mobility", "poi", "distance").
+    ridge_folds, ridge_alpha, fold_seed: the ridge probe's k-fold protocol.
+    eval_walks: walk draws averaged into the evaluation embedding.
+    finetune_seeds: how many of the pre-trained seeds are fine-tuned (0 =
+      no fine-tuning).
+    finetune_folds, finetune_epochs, finetune_lr, patience: fine-tuning.
+    finetune_tasks: tasks fine-tuned ("landuse" = classification).
+    log_every: epochs per jitted chunk and per progress line.
+  """
+
+  city: str = "Chi"
+  data_root: str | None = None
+  images: str | None = None
+  seeds: int = 5
+  first_seed: int = 0
+  epochs: int = 300
+  learning_rate: float = 1e-3
+  weight_decay: float = 1e-4
+  alpha: float = 0.5
+  beta: float = 0.5
+  text_max_bytes: int = 640
+  image_size: int = 32
+  model: ModelConfig = ModelConfig()
+  no_multimodal: bool = False
+  no_graph: bool = False
+  no_vgae: bool = False
+  no_walks: bool = False
+  no_graph_contrast: bool = False
+  drop_views: tuple[str, ...] = ()
+  ridge_folds: int = 10
+  ridge_alpha: float = 1.0
+  fold_seed: int = 2024
+  eval_walks: int = 4
+  finetune_seeds: int = 1
+  finetune_folds: int = 5
+  finetune_epochs: int = 60
+  finetune_lr: float = 1e-3
+  patience: int = 20
+  finetune_tasks: tuple[str, ...] = TASKS + ("landuse",)
+  log_every: int = 50
+
+  def __post_init__(self):
+    if self.city not in ("Chi", "NY"):
+      raise ValueError(f"city must be 'Chi' or 'NY', got {self.city!r}")
+    if self.seeds < 1 or self.epochs < 1:
+      raise ValueError("seeds and epochs must be >= 1")
+    if not 0 <= self.finetune_seeds <= self.seeds:
+      raise ValueError(f"finetune_seeds must be in [0, seeds={self.seeds}]")
+    bad = set(self.finetune_tasks) - set(TASKS + ("landuse",))
+    if bad:
+      raise ValueError(f"unknown fine-tuning task(s) {sorted(bad)}")
+
+
+# ------------------------------------------------------------------ inputs
+
+_BOILERPLATE = "The following is the geographical information description within the area."
+
+
+def load_geo_texts(data_root=None) -> list[str]:
+  """Chicago geo-texts (address and POI composition), region i = entry i.
+
+  The boilerplate first sentence and the centroid line are removed: the
+  centroid is the location modality, and leaving its digits in the text
+  would let text-location alignment be solved by reading numbers.
+  """
+  path = subdir(resolve_data_root(data_root), "prompt4re", "chicago") / "prompt_data.json"
+  if not path.is_file():
+    raise DataError(path, "file missing", column="content")
+  try:
+    messages = json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise DataError(path, f"not readable JSON ({e})")
+  texts = []
+  for i, message in enumerate(messages if isinstance(messages, list) else []):
+    content = message.get("content") if isinstance(message, dict) else None
+    items = [
+      c.get("text") for c in content or [] if isinstance(c, dict) and c.get("type") == "text"
+    ]
+    if len(items) != 1 or not isinstance(items[0], str):
+      raise DataError(
+        f"{path.name} entry {i}", f"expected one text item, found {len(items)}", column="content"
+      )
+    lines = [
+      line.strip()
+      for line in items[0].splitlines()
+      if line.strip()
+      and line.strip() != _BOILERPLATE
+      and not line.startswith("Centroid Coordinates")
+    ]
+    texts.append("\n".join(lines))
+  if not texts:
+    raise DataError(path.name, "expected a non-empty list of chat messages")
+  return texts
+
+
+def load_images(folder, n: int, size: int) -> np.ndarray:
+  """[n, size, size, 3] float32 in [0, 1] from ``<folder>/<i>.png`` or ``<i>.npy``."""
+  import matplotlib.image as mpimg
+
+  folder = pathlib.Path(folder)
+  out = np.zeros((n, size, size, 3), np.float32)
+  for i in range(n):
+    png, npy = folder / f"{i}.png", folder / f"{i}.npy"
+    if npy.is_file():
+      image = np.load(npy).astype(np.float32)
+    elif png.is_file():
+      image = np.asarray(mpimg.imread(png), np.float32)
+    else:
+      raise DataError(
+        folder, f"no image for region {i} ({png.name} or {npy.name})", column="images"
+      )
+    if image.ndim == 2:
+      image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] < 3:
+      raise DataError(png if png.is_file() else npy, f"shape {image.shape}, expected H x W x 3")
+    image = image[..., :3]
+    if image.max() > 1.0:
+      image = image / 255.0
+    rows = np.arange(size) * image.shape[0] // size
+    cols = np.arange(size) * image.shape[1] // size
+    out[i] = image[rows][:, cols]
+  return out
+
+
+def prepare(config: UrbanMMCLConfig):
+  """(inputs dict of arrays, ModelConfig, metadata) for `config`."""
+  views = load_city_views(config.city, config.data_root)
+  graphs = build_view_graphs(views, config.drop_views)
+  inputs = {
+    "features": raw_features(views),
+    "propagation": graphs.propagation,
+    "target": graphs.target,
+  }
+  mm = not config.no_multimodal
+  use_text = mm and config.city == "Chi"
+  use_location = mm and views.centroids is not None
+  use_images = mm and config.images is not None
+  model = dataclasses.replace(
+    config.model,
+    use_text=use_text,
+    use_location=use_location,
+    use_images=use_images,
+    use_graph=not config.no_graph,
+    use_vgae=not config.no_vgae,
+    use_walks=not config.no_walks,
+    use_graph_contrast=not config.no_graph_contrast,
+    n_views=len(graphs.names),
+  )
+  if use_text:
+    inputs["tokens"] = encode_texts(
+      load_geo_texts(config.data_root), config.text_max_bytes, model.bytes_per_token
+    )
+  if use_location:
+    coords = views.centroids.astype(np.float32)
+    xy = np.asarray(equal_earth(coords[:, 0], coords[:, 1]))
+    model = dataclasses.replace(
+      model,
+      loc_center=tuple(float(v) for v in xy.mean(axis=0)),
+      loc_scale=float(xy.std(axis=0).max()),
+    )
+    inputs["coords"] = coords
+  if use_images:
+    inputs["images"] = load_images(config.images, views.n_regions, config.image_size)
+  if not (use_text or use_location or use_images) and config.no_graph:
+    raise ValueError(f"{config.city}: no modality available, so 'w/o graph part' has no input left")
+  landuse, classes = dominant_landuse(views)
+  meta = {
+    "views": graphs.names,
+    "modalities": [
+      m for m, on in (("image", use_images), ("text", use_text), ("location", use_location)) if on
+    ],
+    "labels": views.labels,
+    "landuse": np.searchsorted(classes, landuse).astype(np.int32),
+    "n_classes": int(classes.size),
+    "landuse_classes": classes,
+    "n_regions": views.n_regions,
+  }
+  return {k: jnp.asarray(v) for k, v in inputs.items()}, model, meta
+
+
+# ------------------------------------------------------------- pre-training
+
+
+def make_train_step(model: UrbanMMCL, tx, alpha: float, beta: float):
+  """Pure train step (params, opt_state, inputs, key) -> (params, opt_state, losses)."""
+
+  def loss_fn(params, inputs, key):
+    _, losses = model.apply(params, inputs, key, train=True)
+    return total_loss(losses, alpha, beta), losses
+
+  def step(params, opt_state, inputs, key):
+    (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, inputs, key)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, dict(losses, total=loss)
+
+  return step
+
+
+def _optimizer(lr: float, weight_decay: float):
+  return optax.adamw(lr, weight_decay=weight_decay)
+
+
+class _Compiled:
+  """The jitted pre-training and embedding functions of one model, shared by all seeds."""
+
+  def __init__(self, config: UrbanMMCLConfig, model_config: ModelConfig):
+    self.model = UrbanMMCL(model_config)
+    self.tx = _optimizer(config.learning_rate, config.weight_decay)
+    step = make_train_step(self.model, self.tx, config.alpha, config.beta)
+    model = self.model
+
+    @functools.partial(jax.jit, static_argnums=(4,), donate_argnums=(0, 1))
+    def chunk(params, opt_state, inputs, key, n):
+      def body(carry, k):
+        p, o, losses = step(*carry, inputs, k)
+        return (p, o), losses
+
+      keys = jax.random.split(key, n)
+      (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), keys)
+      return params, opt_state, jax.tree.map(lambda v: v[-1], losses)
+
+    @functools.partial(jax.jit, static_argnums=(3,))
+    def embed(params, inputs, key, n_walks):
+      keys = jax.random.split(key, n_walks)
+      run = jax.vmap(lambda k: model.apply(params, inputs, k, train=False)[0])
+      return jnp.mean(run(keys), axis=0)
+
+    self.chunk, self.embed = chunk, embed
+
+
+def _pretrain(config, compiled: _Compiled, inputs, seed: int, log):
+  key = jax.random.PRNGKey(seed)
+  init_key, train_key = jax.random.split(key)
+  params = compiled.model.init(init_key, inputs, init_key, train=True)
+  opt_state = compiled.tx.init(params)
+  done, history = 0, []
+  while done < config.epochs:
+    n = min(config.log_every, config.epochs - done)
+    chunk_key = jax.random.fold_in(train_key, done)
+    params, opt_state, last = compiled.chunk(params, opt_state, inputs, chunk_key, n)
+    done += n
+    last = {k: float(v) for k, v in last.items()}
+    history.append({"epoch": done, **last})
+    log(
+      f"  seed {seed} epoch {done}/{config.epochs}: total {last['total']:.4f} mmcl {last['mmcl']:.4f} "
+      f"recon {last['recon']:.4f} kl {last['kl']:.4f} gcl {last['graph_contrast']:.4f}"
+    )
+  return params, history
+
+
+# ------------------------------------------------------------- evaluation
+
+
+def _zscore(x: np.ndarray) -> np.ndarray:
+  x = np.asarray(x, np.float64)
+  std = x.std(axis=-2, keepdims=True)
+  return np.divide(x - x.mean(axis=-2, keepdims=True), std, out=np.zeros_like(x), where=std > 0)
+
+
+def ridge_probe(embeddings: np.ndarray, labels: dict, config: UrbanMMCLConfig) -> dict:
+  """Out-of-fold ridge scores per task of embeddings [S, N, d] (z-scored)."""
+  out = {}
+  for task in TASKS:
+    y = np.asarray(labels[task], np.float64)
+    keep = kfold.keep_mask(task, y)
+    fold_of = kfold.fold_assignment(int(keep.sum()), config.ridge_folds, config.fold_seed)
+    x = _zscore(embeddings[:, keep])
+    pooled = kfold.ridge_cv_predictions(x, y[keep], fold_of, config.ridge_folds, config.ridge_alpha)
+    out[task] = kfold.summarise(kfold.score_pooled(pooled, y[keep]))
+  return out
+
+
+class FineTuneModel(nn.Module):
+  """The pre-trained encoder and a small MLP head (Sec. 3.5.2)."""
+
+  config: ModelConfig
+  outputs: int
+
+  @nn.compact
+  def __call__(self, inputs, key, train: bool):
+    emb, _ = UrbanMMCL(self.config, name="encoder")(inputs, key, train)
+    h = nn.relu(nn.Dense(self.config.dim, name="head_hidden")(emb))
+    return nn.Dense(self.outputs, name="head_out")(h)
+
+
+@functools.lru_cache(maxsize=8)
+def _finetune_runner(config, model_config, outputs: int, classification: bool):
+  """Jitted fine-tuning of all folds at once; cached so tasks share compilations.
+
+  Returns run(params, inputs, y, train [F, N], val [F, N], keys [F]) ->
+  (outputs of the best-validation epoch [F, N(, C)], that epoch [F]).
+  """
+  model = FineTuneModel(model_config, outputs)
+  tx = _optimizer(config.finetune_lr, config.weight_decay)
+
+  def loss_of(out, y, mask, mean, std):
+    w = mask.astype(jnp.float32)
+    if classification:
+      per = optax.softmax_cross_entropy_with_integer_labels(out, y)
+    else:
+      per = (out[:, 0] - (y - mean) / std) ** 2
+    return jnp.sum(per * w) / jnp.sum(w)
+
+  def one_fold(params, inputs, y, train_m, val_m, fold_key):
+    w = train_m.astype(jnp.float32)
+    if classification:
+      mean, std = 0.0, 1.0
+    else:  # training folds' statistics only
+      mean = jnp.sum(y * w) / jnp.sum(w)
+      std = jnp.sqrt(jnp.sum(w * (y - mean) ** 2) / jnp.sum(w)) + 1e-6
+    eval_key = jax.random.fold_in(fold_key, 1)
+
+    def train_loss(p, ep_key):
+      return loss_of(model.apply(p, inputs, ep_key, True), y, train_m, mean, std)
+
+    def epoch(carry, ep_key):
+      p, o, best_val, best_out, best_ep, ep = carry
+      updates, o = tx.update(jax.grad(train_loss)(p, ep_key), o, p)
+      p = optax.apply_updates(p, updates)
+      out = model.apply(p, inputs, eval_key, False)
+      v = loss_of(out, y, val_m, mean, std)
+      # Early stopping on the validation fold: after `patience` epochs
+      # without improvement the kept outputs no longer change.
+      better = (v < best_val) & (ep - best_ep <= config.patience)
+      best_val = jnp.where(better, v, best_val)
+      best_out = jnp.where(better, out, best_out)
+      best_ep = jnp.where(better, ep, best_ep)
+      return (p, o, best_val, best_out, best_ep, ep + 1), v
+
+    out0 = model.apply(params, inputs, eval_key, False)
+    init = (params, tx.init(params), jnp.inf, out0, jnp.int32(0), jnp.int32(0))
+    carry, _ = jax.lax.scan(epoch, init, jax.random.split(fold_key, config.finetune_epochs))
+    best_out = carry[3]
+    if not classification:
+      best_out = best_out[:, 0] * std + mean
+    return best_out, carry[4]
+
+  return jax.jit(jax.vmap(one_fold, in_axes=(None, None, None, 0, 0, 0)))
+
+
+def _finetune_task(config, model_config, pre_params, inputs, task, meta, seed, log) -> dict:
+  n = meta["n_regions"]
+  classification = task == "landuse"
+  if classification:
+    y = meta["landuse"]
+    keep = np.ones(n, bool)
+    outputs = meta["n_classes"]
+  else:
+    y = np.asarray(meta["labels"][task], np.float64)
+    keep = kfold.keep_mask(task, y)
+    outputs = 1
+  k = config.finetune_folds
+  fold_of = np.full(n, -1, np.int32)
+  fold_of[keep] = kfold.fold_assignment(int(keep.sum()), k, config.fold_seed)
+  test = fold_of[None, :] == np.arange(k)[:, None]  # [F, N]
+  val = fold_of[None, :] == ((np.arange(k) + 1) % k)[:, None]
+  train = keep[None, :] & ~test & ~val
+
+  model = FineTuneModel(model_config, outputs)
+  key = jax.random.PRNGKey(10_000 + seed)
+  params = model.init(key, inputs, key, train=False)
+  params = {"params": dict(params["params"], encoder=pre_params["params"])}
+  run = _finetune_runner(config, model_config, outputs, classification)
+  y_j = jnp.asarray(y, jnp.int32 if classification else jnp.float32)
+  folds = (jnp.asarray(train), jnp.asarray(val), jax.random.split(key, k))
+  per_fold, best_epochs = run(params, inputs, y_j, *folds)
+  if classification:
+    pred = np.asarray(
+      jnp.argmax(kfold.pool_folds(jnp.moveaxis(per_fold, -1, 0), jnp.asarray(test)), 0)
+    )
+    from sklearn.metrics import accuracy_score, f1_score, recall_score
+
+    result = {
+      "accuracy": float(accuracy_score(y, pred)),
+      "f1_macro": float(f1_score(y, pred, average="macro", zero_division=0)),
+      "recall_macro": float(recall_score(y, pred, average="macro", zero_division=0)),
+      "f1_weighted": float(f1_score(y, pred, average="weighted", zero_division=0)),
+    }
+  else:
+    pooled = np.asarray(kfold.pool_folds(per_fold, jnp.asarray(test)))
+    scores = kfold.score_pooled(pooled[None, keep], y[keep])
+    result = {m: float(v[0]) for m, v in scores.items()}
+  result["best_epochs"] = np.asarray(best_epochs).tolist()
+  log(
+    f"  fine-tune seed {seed} {task}: "
+    + ", ".join(f"{m} {v:.4f}" for m, v in result.items() if m != "best_epochs")
+  )
+  return result
+
+
+# ------------------------------------------------------------------ driver
+
+
+def _config_json(config: UrbanMMCLConfig) -> dict:
+  return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def train_and_evaluate(config: UrbanMMCLConfig, workdir, log=print) -> dict:
+  """Pre-trains every seed, probes and fine-tunes; writes results to ``workdir``.
+
+  Writes ``embeddings.npy`` [S, N, d], ``results.json``. Returns the results
+  dict (with the embeddings under "embeddings" and the land-use classes
+  under "landuse", for plotting).
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  inputs, model_config, meta = prepare(config)
+  log(
+    f"{config.city}: {meta['n_regions']} regions, views {meta['views']}, "
+    f"modalities {meta['modalities'] or 'none'}, features {inputs['features'].shape[1]}"
+  )
+  compiled = _Compiled(config, model_config)
+  embeddings, histories, params_list, times = [], [], [], []
+  for s in range(config.seeds):
+    seed = config.first_seed + s
+    start = time.perf_counter()
+    params, history = _pretrain(config, compiled, inputs, seed, log)
+    times.append(time.perf_counter() - start)
+    # Evaluation embeddings: VGAE means, averaged over eval_walks walk draws.
+    embeddings.append(
+      np.asarray(compiled.embed(params, inputs, jax.random.PRNGKey(seed), config.eval_walks))
+    )
+    histories.append(history)
+    if s < config.finetune_seeds:
+      params_list.append(params)
+  embeddings = np.stack(embeddings)
+  save_npy_atomic(workdir / "embeddings.npy", embeddings)
+
+  raw = np.asarray(inputs["features"])[None]
+  results = {
+    "version": _RESULT_VERSION,
+    "config": _config_json(config),
+    "views": list(meta["views"]),
+    "modalities": meta["modalities"],
+    "pretrain_seconds_per_seed": times,
+    "history": histories,
+    "ridge": {
+      "embedding": ridge_probe(embeddings, meta["labels"], config),
+      "raw_features": ridge_probe(raw, meta["labels"], config),
+    },
+    "finetune": {},
+  }
+  for task in TASKS:
+    e, r = results["ridge"]["embedding"][task]["r2"], results["ridge"]["raw_features"][task]["r2"]
+    log(
+      f"  ridge {task}: embedding R2 {e['mean']:.4f} ± {e['std']:.4f} | raw features R2 {r['mean']:.4f}"
+    )
+  for s, params in enumerate(params_list):
+    seed = config.first_seed + s
+    for task in config.finetune_tasks:
+      results["finetune"].setdefault(task, []).append(
+        _finetune_task(config, model_config, params, inputs, task, meta, seed, log)
+      )
+  write_json_atomic(workdir / "results.json", results)
+  # "landuse": class index per region; landuse_classes[index] = landUse_dist column.
+  return dict(
+    results, embeddings=embeddings, landuse=meta["landuse"], landuse_classes=meta["landuse_classes"]
+  )

@@ -1,0 +1,311 @@
+"""UrbanMMCL: losses against float64 references, walks, graphs, encoders, a tiny run."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxurban.urbanmmcl import graphs, model, walks
+from jaxurban.urbanmmcl.model import ModelConfig, UrbanMMCL
+
+
+def _np_info_nce(a, b, tau):
+  a = a / np.linalg.norm(a, axis=1, keepdims=True)
+  b = b / np.linalg.norm(b, axis=1, keepdims=True)
+  logits = a @ b.T / tau
+  logits = logits - logits.max(axis=1, keepdims=True)
+  log_prob = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+  return -np.mean(np.diag(log_prob))
+
+
+def test_info_nce_matches_float64_reference(rng):
+  a = rng.normal(size=(11, 7))
+  b = rng.normal(size=(11, 7))
+  for tau in (0.5, 0.1):
+    got = model.info_nce(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), tau)
+    np.testing.assert_allclose(float(got), _np_info_nce(a, b, tau), rtol=1e-5)
+    sym = model.symmetric_info_nce(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), tau)
+    want = _np_info_nce(a, b, tau) + _np_info_nce(b, a, tau)
+    np.testing.assert_allclose(float(sym), want, rtol=1e-5)
+  # Perfectly aligned, well separated pairs: the loss approaches its minimum.
+  eye = np.eye(6) * 10
+  assert float(model.info_nce(jnp.asarray(eye), jnp.asarray(eye), 0.05)) < 1e-6
+
+
+def test_vgae_losses_match_float64_reference(rng):
+  target = rng.uniform(size=(9, 9))
+  recon = rng.uniform(size=(9, 9))
+  np.testing.assert_allclose(
+    float(model.vgae_recon_loss(jnp.asarray(target), jnp.asarray(recon))),
+    np.mean((target - recon) ** 2),
+    rtol=1e-6,
+  )
+  mu = rng.normal(size=(9, 4))
+  log_sigma = 0.3 * rng.normal(size=(9, 4))
+  sigma2 = np.exp(2 * log_sigma)
+  want = -0.5 * np.mean(np.sum(1 + np.log(sigma2) - mu**2 - sigma2, axis=1)) / 9
+  got = model.vgae_kl_loss(jnp.asarray(mu, jnp.float32), jnp.asarray(log_sigma, jnp.float32))
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  # The KL is zero exactly at the prior.
+  assert float(model.vgae_kl_loss(jnp.zeros((3, 2)), jnp.zeros((3, 2)))) == 0.0
+
+
+def _sparse_weights(rng, v, n, density=0.3):
+  w = rng.uniform(0.1, 2.0, size=(v, n, n)) * (rng.uniform(size=(v, n, n)) < density)
+  w[:, 0, :] = 0.0  # node 0 has no out-edge: its walks terminate at once
+  return w.astype(np.float32)
+
+
+def test_random_walks_follow_positive_edges_and_respect_length(rng):
+  length = 20
+  w = _sparse_weights(rng, 3, 15)
+  nodes, valid = walks.random_walks(
+    jax.random.PRNGKey(int(rng.integers(1 << 30))), jnp.asarray(w), length
+  )
+  nodes, valid = np.asarray(nodes), np.asarray(valid)
+  chex.assert_shape(nodes, (3, 15, length + 1))
+  chex.assert_shape(valid, (3, 15, length + 1))
+  np.testing.assert_array_equal(nodes[:, :, 0], np.broadcast_to(np.arange(15), (3, 15)))
+  assert valid[:, :, 0].all()
+  # Every valid step moves along an edge of positive weight.
+  for v, i, t in itertools.product(range(3), range(15), range(length)):
+    if valid[v, i, t + 1]:
+      assert w[v, nodes[v, i, t], nodes[v, i, t + 1]] > 0
+  # Validity never comes back after a termination, and terminations happen
+  # exactly at nodes without out-edges.
+  assert not np.any(~valid[..., :-1] & valid[..., 1:])
+  stopped = valid[..., :-1] & ~valid[..., 1:]
+  for v, i, t in zip(*np.nonzero(stopped)):
+    assert w[v, nodes[v, i, t]].sum() == 0
+  assert not valid[:, 0, 1:].any()
+
+
+def test_random_walk_transition_frequencies_follow_eq22():
+  # Node 0 -> {1: weight 1, 2: weight 3}; from 1 and 2 back to 0.
+  w = np.zeros((1, 3, 3), np.float32)
+  w[0, 0, 1], w[0, 0, 2], w[0, 1, 0], w[0, 2, 0] = 1.0, 3.0, 1.0, 1.0
+  w = np.repeat(w, 4000, axis=0)  # 4000 independent views of the same graph
+  nodes, _ = walks.random_walks(jax.random.PRNGKey(3), jnp.asarray(w), 1)
+  share = float(np.mean(np.asarray(nodes)[:, 0, 1] == 2))
+  assert abs(share - 0.75) < 0.03  # P = 3 / (1 + 3); 4 sigma ~ 0.027
+
+
+def test_top_k_graph_and_first_visits():
+  w = jnp.asarray([[5.0, 1.0, 3.0, 2.0], [1.0, 0.0, 0.0, 4.0], [0, 0, 0, 0], [1, 1, 1, 1.0]])
+  top = np.asarray(walks.top_k_graph(w, 2))
+  np.testing.assert_array_equal(top[0], [0, 0, 3, 2])  # diagonal dropped
+  np.testing.assert_array_equal(top[1], [1, 0, 0, 4])
+  np.testing.assert_array_equal(top[2], [0, 0, 0, 0])
+  nodes = jnp.asarray([[0, 1, 0, 2, 2]])
+  valid = jnp.asarray([[True, True, True, True, False]])
+  np.testing.assert_array_equal(
+    np.asarray(walks.first_visits(nodes, valid)), [[True, True, False, True, False]]
+  )
+
+
+def test_gcn_normalisation_matches_reference(rng):
+  a = rng.uniform(size=(6, 6))
+  np.fill_diagonal(a, 0.0)
+  sym = 0.5 * (a + a.T) + np.eye(6)
+  d = sym.sum(axis=1)
+  want = sym / np.sqrt(d)[:, None] / np.sqrt(d)[None, :]
+  np.testing.assert_allclose(graphs.gcn_normalise(a), want, rtol=1e-12)
+  got = graphs.gcn_normalise(jnp.asarray(np.stack([a, a]), jnp.float32))
+  np.testing.assert_allclose(np.asarray(got[1]), want, rtol=1e-5)
+  # A symmetric normalised matrix has spectrum in (-1, 1].
+  assert np.max(np.abs(np.linalg.eigvalsh(want))) <= 1 + 1e-9
+
+
+def test_view_graphs_follow_section_3_4_1(rng):
+  trips = rng.integers(0, 50, size=(5, 5)).astype(float)
+  m = graphs.mobility_graph(trips)
+  logged = np.log1p(trips)
+  np.fill_diagonal(logged, 0)
+  np.testing.assert_allclose(m, logged / logged.sum(axis=1, keepdims=True))
+  poi = rng.integers(0, 9, size=(5, 4)).astype(float)
+  unit = poi / np.linalg.norm(poi, axis=1, keepdims=True)
+  want = unit @ unit.T
+  np.fill_diagonal(want, 0)
+  np.testing.assert_allclose(graphs.poi_graph(poi), want, atol=1e-12)
+  # 0.01 degree of latitude is 1.112 km.
+  d = graphs.distance_graph(np.array([[41.0, -87.0], [41.01, -87.0]]))
+  np.testing.assert_allclose(1.0 / d[0, 1], 1.112, rtol=1e-3)
+  assert d[0, 0] == 0.0
+
+
+def test_location_encoder_shapes_and_determinism():
+  coords = jnp.asarray([[41.9, -87.6], [40.7, -74.0], [0.0, 0.0]])
+  enc = model.LocationEncoder(scales=(1.0, 16.0), n_features=8, hidden=16, out=12, seed=4)
+  params = enc.init(jax.random.PRNGKey(0), coords)
+  out = enc.apply(params, coords)
+  chex.assert_shape(out, (3, 12))
+  chex.assert_tree_all_finite(out)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(enc.apply(params, coords)))
+  again = enc.init(jax.random.PRNGKey(0), coords)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(enc.apply(again, coords)))
+  other = model.LocationEncoder(scales=(1.0, 16.0), n_features=8, hidden=16, out=12, seed=5)
+  assert not np.allclose(np.asarray(out), np.asarray(other.apply(params, coords)))
+  # Equal Earth maps (0, 0) to the origin and is odd in longitude.
+  xy = np.asarray(model.equal_earth(jnp.asarray([0.0, 30.0]), jnp.asarray([0.0, 45.0])))
+  np.testing.assert_allclose(xy[0], [0.0, 0.0], atol=1e-7)
+  mirrored = np.asarray(model.equal_earth(jnp.asarray(30.0), jnp.asarray(-45.0)))
+  np.testing.assert_allclose(mirrored, [-xy[1, 0], xy[1, 1]], rtol=1e-6)
+
+
+def test_vit_and_text_encoder_on_synthetic_inputs(rng):
+  images = jnp.asarray(rng.uniform(size=(5, 16, 16, 3)), jnp.float32)
+  vit = model.ViT(dim=16, depth=1, heads=2, patch=4, out=8)
+  params = jax.jit(vit.init)(jax.random.PRNGKey(0), images)
+  out = jax.jit(vit.apply)(params, images)
+  chex.assert_shape(out, (5, 8))
+  chex.assert_tree_all_finite(out)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(vit.apply(p, images) ** 2)))(params)
+  assert any(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
+  with pytest.raises(ValueError, match="patch size"):
+    vit.apply(params, images[:, :15])
+
+  tokens = model.encode_texts(["abc", "ünïcode text", ""], max_bytes=10, bytes_per_token=4)
+  chex.assert_shape(tokens, (3, 12))
+  assert tokens[0, 3] == model.BYTE_PAD and tokens[0, 0] == ord("a")
+  text = model.TextEncoder(dim=16, depth=1, heads=2, bytes_per_token=4, out=8)
+  tp = jax.jit(text.init)(jax.random.PRNGKey(1), jnp.asarray(tokens))
+  text_apply = jax.jit(text.apply)
+  t = text_apply(tp, jnp.asarray(tokens))
+  chex.assert_shape(t, (3, 8))
+  chex.assert_tree_all_finite(t)
+  # Padding positions are masked out: changing the embedding of PAD changes nothing.
+  tp2 = jax.tree_util.tree_map_with_path(
+    lambda path, x: x.at[model.BYTE_PAD].add(1.0) if "embedding" in str(path[-1]) else x, tp
+  )
+  np.testing.assert_allclose(
+    np.asarray(text_apply(tp2, jnp.asarray(tokens))), np.asarray(t), atol=1e-5
+  )
+
+
+def _synthetic_inputs(rng, n=12, views=2, images=True):
+  adj = rng.uniform(size=(views, n, n)) * (rng.uniform(size=(views, n, n)) < 0.5)
+  for a in adj:
+    np.fill_diagonal(a, 0)
+  inputs = {
+    "features": rng.normal(size=(n, 7)).astype(np.float32),
+    "propagation": graphs.gcn_normalise(adj).astype(np.float32),
+    "target": adj.astype(np.float32),
+    "tokens": model.encode_texts([f"region {i} text" for i in range(n)], 24, 8),
+    "coords": np.stack([41.8 + 0.01 * np.arange(n), -87.7 + 0.01 * np.arange(n)], 1).astype(
+      np.float32
+    ),
+  }
+  if images:
+    inputs["images"] = rng.uniform(size=(n, 16, 16, 3)).astype(np.float32)
+  return {k: jnp.asarray(v) for k, v in inputs.items()}
+
+
+_TINY = ModelConfig(
+  dim=8,
+  gcn_hidden=8,
+  walk_length=5,
+  walk_top_k=3,
+  text_dim=8,
+  text_depth=1,
+  text_heads=2,
+  vit_dim=8,
+  vit_depth=1,
+  vit_heads=2,
+  patch_size=8,
+  loc_features=4,
+  use_images=True,
+  n_views=2,
+)
+
+
+@pytest.mark.parametrize(
+  "switches",
+  [
+    {},
+    {"use_vgae": False, "use_walks": False, "use_graph_contrast": False},
+    {"use_graph": False},
+  ],
+)
+def test_model_losses_and_ablation_switches(rng, switches):
+  inputs = _synthetic_inputs(rng)
+  cfg = dataclasses.replace(_TINY, **switches)
+  m = UrbanMMCL(cfg)
+  key = jax.random.PRNGKey(0)
+  params = m.init(key, inputs, key)
+
+  def loss_fn(p):
+    emb, losses = m.apply(p, inputs, key)
+    return model.total_loss(losses, 0.5, 0.5), (emb, losses)
+
+  (total, (emb, losses)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+  chex.assert_shape(emb, (12, 8 * 2 if cfg.use_graph else 8))  # views concatenated
+  chex.assert_tree_all_finite((emb, losses, grads))
+  assert float(losses["mmcl"]) > 0  # image-text + image-location
+  assert (float(losses["graph_contrast"]) > 0) == (cfg.use_graph and cfg.use_graph_contrast)
+  assert (float(losses["recon"]) > 0) == (cfg.use_graph and cfg.use_vgae)
+  want = 0.5 * losses["mmcl"] + 0.5 * (losses["recon"] + losses["kl"] + losses["graph_contrast"])
+  np.testing.assert_allclose(float(total), float(want), rtol=1e-6)
+  # Evaluation mode (VGAE means) is deterministic for a fixed walk key.
+  evaluate = jax.jit(lambda p, k: m.apply(p, inputs, k, train=False)[0])
+  np.testing.assert_array_equal(
+    np.asarray(evaluate(params, key)), np.asarray(evaluate(params, key))
+  )
+
+
+def test_tiny_end_to_end_runs(tmp_path, data_root, rng):
+  from jaxurban.data.errors import DataError
+  from jaxurban.urbanmmcl.train import (
+    UrbanMMCLConfig,
+    load_geo_texts,
+    load_images,
+    train_and_evaluate,
+  )
+
+  texts = load_geo_texts(data_root)
+  assert len(texts) == 77 and "Centroid" not in texts[0] and "Address" in texts[0]
+  # The image loader (the ViT itself runs in the model test above).
+  image_dir = tmp_path / "images"
+  image_dir.mkdir()
+  for i in range(3):
+    np.save(image_dir / f"{i}.npy", rng.uniform(0, 255, size=(20, 24, 3)).astype(np.float32))
+  images = load_images(image_dir, 3, 16)
+  chex.assert_shape(images, (3, 16, 16, 3))
+  assert 0 <= images.min() and images.max() <= 1
+  with pytest.raises(DataError, match="no image for region 3"):
+    load_images(image_dir, 4, 16)
+
+  tiny = dataclasses.replace(_TINY, use_images=False)
+  base = dict(data_root=str(data_root), seeds=1, epochs=2, log_every=1, eval_walks=1, model=tiny)
+  config = UrbanMMCLConfig(city="Chi", finetune_seeds=0, ridge_folds=3, **base)
+  out = train_and_evaluate(config, tmp_path / "chi", log=lambda *_: None)
+  assert out["modalities"] == ["text", "location"]
+  assert out["views"] == ["mobility", "poi", "distance"]
+  chex.assert_shape(out["embeddings"], (1, 77, 8 * 3))
+  for task in ("crime", "checkIn", "serviceCall"):
+    assert np.isfinite(out["ridge"]["embedding"][task]["r2"]["mean"])
+  saved = json.loads((tmp_path / "chi" / "results.json").read_text())
+  assert saved["ridge"]["raw_features"]["crime"]["r2"]["per_seed"]
+
+  config = UrbanMMCLConfig(
+    city="NY",
+    finetune_seeds=1,
+    finetune_folds=3,
+    finetune_epochs=3,
+    patience=1,
+    finetune_tasks=("crime", "landuse"),
+    **base,
+  )
+  out = train_and_evaluate(config, tmp_path / "ny", log=lambda *_: None)
+  assert out["modalities"] == [] and out["views"] == ["mobility", "poi"]
+  crime, landuse = out["finetune"]["crime"][0], out["finetune"]["landuse"][0]
+  assert (
+    np.isfinite(crime["r2"]) and 0 <= landuse["f1_macro"] <= 1 and 0 <= landuse["recall_macro"] <= 1
+  )
+  assert all(0 <= e < 3 for e in crime["best_epochs"])
