@@ -1,6 +1,6 @@
 """Time per SREL training epoch: this project (JAX) vs the HAFusion authors' PyTorch.
 
-    python -m experiments.bench_srel --data-root /work/shared/data \\
+    python -m experiments.bench_srel --data-root ../shared/data \\
       [--torch-python /path/to/python --torch-repo /path/to/HAFusion] [--out bench.json]
 
 JAX: one jitted chunk of `--epochs-per-call` full training steps (forward,
