@@ -121,6 +121,7 @@ def plot(results: dict, path: pathlib.Path, city: str, projection: str) -> None:
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 
+  from jaxurban.viz.embedding_plot import save_figure_atomic
   from jaxurban.viz.tsne import pca_2d, tsne
 
   z = np.asarray(results["embeddings"][0], np.float32)
@@ -136,8 +137,7 @@ def plot(results: dict, path: pathlib.Path, city: str, projection: str) -> None:
   ax.legend(*scatter.legend_elements(), title="dominant land-use column", fontsize=6, loc="best")
   ax.set_title(f"UrbanMMCL embeddings, {city} ({projection}, seed 0)")
   fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=130)
+  save_figure_atomic(fig, path, dpi=130)
 
 
 def main(argv=None) -> int:

@@ -25,42 +25,60 @@ REGIONS = "regions"  # mesh axis over which the rows of one city pair are split
 BATCH = "batch"  # mesh axis over which the samples of a forecasting batch are split
 
 
-def seed_mesh(devices=None) -> Mesh:
-  """A one-axis mesh over `devices` (default: all) named `SEEDS`."""
+def _mesh(axis: str, devices=None) -> Mesh:
   devices = np.asarray(jax.devices() if devices is None else devices)
-  return Mesh(devices.reshape(-1), (SEEDS,))
+  return Mesh(devices.reshape(-1), (axis,))
 
 
-def shard_seeds(tree, mesh: Mesh):
-  """Places every array of `tree` split along its leading (seed) axis.
+def _split_leading(tree, mesh: Mesh, axis: str, what: str, remedy: str):
+  """Places every array of `tree` split along its leading axis over `axis`.
 
-  Raises ValueError when the number of seeds is not a multiple of the
-  number of devices, which jax cannot split evenly.
+  Raises ValueError when a leading size is not a multiple of the number of
+  devices, which jax cannot split evenly.
   """
   n_devices = mesh.devices.size
   for leaf in jax.tree.leaves(tree):
     if leaf.shape[0] % n_devices:
       raise ValueError(
-        f"{leaf.shape[0]} seeds cannot be split over {n_devices} devices; "
-        f"use a multiple of {n_devices} seeds"
+        f"{leaf.shape[0]} {what} cannot be split over {n_devices} devices; "
+        f"{remedy} a multiple of {n_devices}"
       )
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec(SEEDS)))
+  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec(axis)))
+
+
+def seed_mesh(devices=None) -> Mesh:
+  """A one-axis mesh over `devices` (default: all) named `SEEDS`."""
+  return _mesh(SEEDS, devices)
+
+
+def region_mesh(devices=None) -> Mesh:
+  """A one-axis mesh over `devices` (default: all) named `REGIONS`."""
+  return _mesh(REGIONS, devices)
+
+
+def batch_mesh(devices=None) -> Mesh:
+  """A one-axis mesh over `devices` (default: all) named `BATCH`."""
+  return _mesh(BATCH, devices)
+
+
+def shard_seeds(tree, mesh: Mesh):
+  """Places every array of `tree` split along its leading (seed) axis."""
+  return _split_leading(tree, mesh, SEEDS, "seeds", "use")
+
+
+def split_rows(tree, mesh: Mesh):
+  """Places every array of `tree` split along its leading (row) axis over `REGIONS`."""
+  return _split_leading(tree, mesh, REGIONS, "rows", "pad them to")
+
+
+def shard_batch(tree, mesh: Mesh):
+  """Places every array of `tree` split along its leading (sample) axis over `BATCH`."""
+  return _split_leading(tree, mesh, BATCH, "samples", "use a batch size that is")
 
 
 def replicate(tree, mesh: Mesh):
   """Places every array of `tree` whole on every device of `mesh`."""
   return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
-
-
-def region_mesh(devices=None) -> Mesh:
-  """A one-axis mesh over `devices` (default: all) named `REGIONS`."""
-  devices = np.asarray(jax.devices() if devices is None else devices)
-  return Mesh(devices.reshape(-1), (REGIONS,))
-
-
-def padded_size(n: int, multiple: int) -> int:
-  """The smallest multiple of `multiple` that is >= n."""
-  return -(-n // multiple) * multiple
 
 
 def constrain_rows(x: jax.Array, mesh: Mesh | None, axis: int = 0) -> jax.Array:
@@ -75,33 +93,3 @@ def constrain_rows(x: jax.Array, mesh: Mesh | None, axis: int = 0) -> jax.Array:
   spec = [None] * x.ndim
   spec[axis] = REGIONS
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
-
-
-def split_rows(tree, mesh: Mesh):
-  """Places every array of `tree` split along its leading (row) axis over `REGIONS`."""
-  n_devices = mesh.devices.size
-  for leaf in jax.tree.leaves(tree):
-    if leaf.shape[0] % n_devices:
-      raise ValueError(
-        f"an array of {leaf.shape[0]} rows cannot be split over {n_devices} devices; "
-        f"pad it to a multiple of {n_devices}"
-      )
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec(REGIONS)))
-
-
-def batch_mesh(devices=None) -> Mesh:
-  """A one-axis mesh over `devices` (default: all) named `BATCH`."""
-  devices = np.asarray(jax.devices() if devices is None else devices)
-  return Mesh(devices.reshape(-1), (BATCH,))
-
-
-def shard_batch(tree, mesh: Mesh):
-  """Places every array of `tree` split along its leading (sample) axis over `BATCH`."""
-  n_devices = mesh.devices.size
-  for leaf in jax.tree.leaves(tree):
-    if leaf.shape[0] % n_devices:
-      raise ValueError(
-        f"a batch of {leaf.shape[0]} samples cannot be split over {n_devices} devices; "
-        f"use a batch size that is a multiple of {n_devices}"
-      )
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec(BATCH)))

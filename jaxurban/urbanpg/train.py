@@ -703,6 +703,8 @@ def plot_predictions(
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 
+  from jaxurban.viz.embedding_plot import save_figure_atomic
+
   spread = np.argsort(task.test.y.std(axis=(0, 1)))[::-1]
   nodes = spread[np.linspace(0, len(spread) - 1, n).astype(int)]
   steps = task.test.start + task.test.x.shape[1] + horizon - 1
@@ -717,7 +719,7 @@ def plot_predictions(
     ax.legend(fontsize=7, loc="lower left")
   ax.set_xlabel("5-minute step")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  save_figure_atomic(fig, path, dpi=110)
 
 
 def train_and_evaluate(config: UrbanPGConfig, workdir: str | pathlib.Path) -> dict:

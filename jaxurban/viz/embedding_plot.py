@@ -49,8 +49,10 @@ def _project(z: np.ndarray, method: str, seed: int, **kwargs) -> np.ndarray:
   return np.asarray(pca_2d(z))
 
 
-def _save_atomically(fig: Figure, path: pathlib.Path, dpi: int) -> None:
-  """Writes next to the target, then renames: readers never see a partial PNG."""
+def save_figure_atomic(fig: Figure, path, dpi: int) -> pathlib.Path:
+  """Writes a PNG next to the target, then renames: readers never see a partial picture."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   os.close(fd)
   try:
@@ -62,6 +64,7 @@ def _save_atomically(fig: Figure, path: pathlib.Path, dpi: int) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+  return path
 
 
 def plot_city_embeddings(
@@ -148,5 +151,5 @@ def plot_city_embeddings(
   ax.set_title(title, fontsize=11)
   fig.tight_layout()
   path = pathlib.Path(path)
-  _save_atomically(fig, path, dpi)
+  save_figure_atomic(fig, path, dpi)
   return path

@@ -7,14 +7,14 @@ check-in regions dropped for a zero label) are drawn as grey rings.
 
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 import textwrap
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from jaxurban.viz.embedding_plot import save_figure_atomic
 
 __all__ = ["plot_region_values"]
 
@@ -45,8 +45,6 @@ def plot_region_values(
       f"plot_region_values: centroids must be [N, 2] and values [N], got "
       f"{centroids.shape} and {values.shape}"
     )
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   fig = Figure(figsize=(5.5, 6.0))
   FigureCanvasAgg(fig)
   ax = fig.add_subplot(1, 1, 1)
@@ -68,14 +66,4 @@ def plot_region_values(
   wrapped = "\n".join(textwrap.fill(line, 60) for line in title.splitlines())
   ax.set_title(wrapped, fontsize=9)
   fig.tight_layout()
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  os.close(fd)
-  try:
-    fig.savefig(tmp, format="png", dpi=dpi)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  return save_figure_atomic(fig, path, dpi)
