@@ -29,6 +29,12 @@ def main(argv=None) -> dict:
   )
   parser.add_argument("--patience", type=int, default=UrbanPGConfig.patience)
   parser.add_argument("--features", type=int, default=UrbanPGConfig.features)
+  parser.add_argument("--layers", type=int, default=UrbanPGConfig.layers)
+  parser.add_argument(
+    "--last-value-skip",
+    action="store_true",
+    help="add each node's last input to its forecasts (not in the paper)",
+  )
   parser.add_argument("--data-root", default=None, help="data folder (default: $JAXURBAN_DATA)")
   parser.add_argument("--out", default="runs/urbanpg", help="output folder")
   parser.add_argument("--no-plot", action="store_true")
@@ -42,6 +48,8 @@ def main(argv=None) -> dict:
     epochs=args.epochs,
     patience=args.patience,
     features=args.features,
+    layers=args.layers,
+    last_value_skip=args.last_value_skip,
     plot=not args.no_plot,
   )
   return train_and_evaluate(config, args.out)

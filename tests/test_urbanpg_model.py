@@ -185,3 +185,19 @@ def test_train_step_never_retraces_and_frozen_parameters_stay():
     lambda a, c: np.abs(a - c).max(), jax.device_get(state[0]["prompts"]), prompts
   )
   assert all(v > 0 for k, v in moved.items() if k in ("E_s", "E_tod")), moved
+
+
+def test_last_value_skip_adds_the_last_observed_input():
+  n, b = 6, 4
+  data = _batch(np.random.default_rng(2), b, n)
+  mask = np.asarray(data["x_mask"]).copy()
+  mask[0, -1, :2] = False  # two missing last readings: they add the scaled mean, 0
+  args = (data["x"], mask, data["time_of_day"], data["day_of_week"])
+  plain = UrbanPG(n_nodes=n, t_out=5, features=8, heads=2)
+  skip = UrbanPG(n_nodes=n, t_out=5, features=8, heads=2, last_value_skip=True)
+  variables = plain.init(jax.random.PRNGKey(0), *args)
+  # Same parameters: the skip adds no parameter of its own.
+  chex.assert_trees_all_equal_shapes(variables, skip.init(jax.random.PRNGKey(0), *args))
+  difference = np.asarray(skip.apply(variables, *args)) - np.asarray(plain.apply(variables, *args))
+  last = np.where(mask[:, -1, :], np.asarray(data["x"])[:, -1, :], 0.0)
+  np.testing.assert_allclose(difference, np.broadcast_to(last[:, None, :], (b, 5, n)), atol=1e-5)

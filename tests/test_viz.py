@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxurban.viz import pca_2d, plot_city_embeddings, tsne
 from jaxurban.viz.embedding_plot import gdp_levels
-from jaxurban.viz.tsne import _conditional_p, _sq_dists
+from jaxurban.viz.tsne import _conditional_p, _grad, _sq_dists
 
 
 def _blobs(rng, per=30, dim=10, sep=12.0):
@@ -40,6 +41,23 @@ def test_perplexity_calibration(rng):
   assert np.all(np.diag(p) == 0)
   ent = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), axis=1)
   np.testing.assert_allclose(ent, np.log(12.0), atol=1e-3)
+
+
+@pytest.mark.parametrize("n, exaggeration", [(7, 1.0), (50, 12.0)])
+def test_tsne_gradient_matches_float64_reference(rng, n, exaggeration):
+  y = rng.normal(size=(n, 2))
+  p = rng.uniform(size=(n, n))
+  p = p + p.T
+  np.fill_diagonal(p, 0.0)
+  p /= p.sum()
+  # dC/dy_i = 4 sum_j (e p_ij - q_ij)(1 + |y_i - y_j|^2)^-1 (y_i - y_j), written out.
+  diff = y[:, None, :] - y[None, :, :]
+  num = 1.0 / (1.0 + (diff**2).sum(-1))
+  np.fill_diagonal(num, 0.0)
+  q = num / num.sum()
+  expected = 4.0 * (((exaggeration * p - q) * num)[..., None] * diff).sum(1)
+  got = np.asarray(_grad(jnp.asarray(y, jnp.float32), jnp.asarray(p, jnp.float32), exaggeration))
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
 def test_pca_2d_matches_svd(rng):

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import jraph
 
-from jaxurban.graph import CityGraph, permute_rows
+from jaxurban.graph import CityGraph, permute_rows, take_rows
 
 Initializer = Callable[..., jax.Array]
 
@@ -87,7 +87,7 @@ class GATLayer(nn.Module):
         if bucket.in_index.shape[1] == 1:
           # Regions whose only in-edge is their self loop (a third of XA/CD):
           # every head's softmax is 1, so the layer is x_i sum_h W^h.
-          parts.append(x[bucket.in_index[:, 0]] @ kernel.sum(axis=0))
+          parts.append(take_rows(x, bucket.in_index[:, 0]) @ kernel.sum(axis=0))
         else:
           parts.append(
             _aggregate_bucket(
@@ -120,15 +120,15 @@ class GATLayer(nn.Module):
 def _aggregate_bucket(table, x, src_logit, dst_logit, edge_scale, slope):
   """sum_j alpha_ij^h x_j for the receivers of one neighbour table: [R, H, d_in]."""
   logits = (
-    src_logit[table.in_index]
-    + dst_logit[table.receivers][:, None, :]
+    take_rows(src_logit, table.in_index)
+    + take_rows(dst_logit, table.receivers)[:, None, :]
     + table.in_weight[..., None] * edge_scale
   )  # [R, K, H]
   logits = nn.leaky_relu(logits, slope)
   logits = jnp.where(table.in_mask[..., None], logits, -jnp.inf)
   alpha = jax.nn.softmax(logits, axis=1)
   alpha = jnp.where(table.in_mask[..., None], alpha, 0.0)
-  neighbours = x[table.in_index]  # [R, K, d_in]
+  neighbours = take_rows(x, table.in_index)  # [R, K, d_in]
   return jnp.einsum("rkh,rki->rhi", alpha, neighbours)
 
 

@@ -6,7 +6,9 @@ Each alignment loss comes in two forms with the same value:
   the paper's equations is a product of N x d factors, so squared Frobenius
   norms of their differences reduce to traces of d x d Gram matrices,
   ``||A B^T - C D^T||^2 = <A^T A, B^T B> - 2 <A^T C, B^T D> + <C^T C, D^T D>``,
-  at O(N d^2) time and O(N d + d^2) memory.
+  at O(N d^2) time and O(N d + d^2) memory. Those Gram matrices all derive
+  from each city's moments Z^T Z and Z^T 1 (`city_moments`), so training
+  computes the moments once and calls ``*_from_moments``.
 * ``*_direct``: the equations written out with the full matrices. It is the
   reference the tests compare against, and what the benchmark times.
 
@@ -23,11 +25,13 @@ and two variants (``form``):
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
+from jaxurban.graph import take_rows
 from jaxurban.sharding import REGIONS, constrain_rows
 
 FORMS = ("paper", "authors")
@@ -140,9 +144,11 @@ def mobility_loss(
     lse_implementation: how the row normalisers are computed (see
       `row_logsumexp`).
   """
-  lse = row_logsumexp(z[origin_rows], z, row_chunk, mesh, lse_implementation)
+  lse = row_logsumexp(take_rows(z, origin_rows), z, row_chunk, mesh, lse_implementation)
   pair_logits = jnp.sum(
-    constrain_rows(z[edge_origin], mesh) * constrain_rows(z[edge_destination], mesh), axis=-1
+    constrain_rows(take_rows(z, edge_origin), mesh)
+    * constrain_rows(take_rows(z, edge_destination), mesh),
+    axis=-1,
   )
   return jnp.dot(row_weight, lse) - jnp.dot(edge_target, pair_logits)
 
@@ -153,33 +159,75 @@ def mobility_loss_direct(z: jax.Array, target: jax.Array) -> jax.Array:
 
 
 # --------------------------------------------------------------------------
+# City moments: everything the alignment losses need from a city.
+# --------------------------------------------------------------------------
+
+
+class CityMoments(NamedTuple):
+  """Second and first moments of a city's embeddings Z ([N, d]).
+
+  Both alignment losses depend on a city only through these: the anchor
+  Gram matrix of eq. (8) through S = Z^T Z, and every Gram matrix of
+  Q = Z W^q + 1 b^q and K = Z W^k + 1 b^k in eq. (12) through S, s = Z^T 1
+  and N. One [d, N] x [N, d] product per city then replaces the ten or so
+  that forming Q, K and their products would take, and the backward pass
+  into Z is the single product Z (dS + dS^T) + 1 ds^T.
+  """
+
+  gram: jax.Array  # S = Z^T Z, [d, d]
+  total: jax.Array  # s = Z^T 1, [d]
+  count: jax.Array  # N, a scalar in Z's dtype
+
+
+def city_moments(z: jax.Array) -> CityMoments:
+  return CityMoments(z.T @ z, jnp.sum(z, axis=0), jnp.asarray(z.shape[0], z.dtype))
+
+
+def _affine_cross(moments: CityMoments, a, a_bias, b, b_bias) -> jax.Array:
+  """(Z A + 1 a^T)^T (Z B + 1 b^T) from the moments, [d, d].
+
+  ``A^T S B + (A^T s) b^T + a (s^T B) + N a b^T``; None stands for the
+  identity matrix (A = I) or a zero bias.
+  """
+  s_b = moments.gram if b is None else moments.gram @ b
+  out = s_b if a is None else a.T @ s_b
+  left_total = moments.total if a is None else moments.total @ a
+  right_total = moments.total if b is None else moments.total @ b
+  if b_bias is not None:
+    out = out + jnp.outer(left_total, b_bias)
+  if a_bias is not None:
+    out = out + jnp.outer(a_bias, right_total)
+  if a_bias is not None and b_bias is not None:
+    out = out + moments.count * jnp.outer(a_bias, b_bias)
+  return out
+
+
+# --------------------------------------------------------------------------
 # Latent manifold alignment, eqs. (5)-(9).
 # --------------------------------------------------------------------------
 
 
-def _anchor_factors(anchors: jax.Array, z: jax.Array):
+def _anchor_factors(anchors: jax.Array, gram: jax.Array) -> jax.Array:
   """Anchors scaled so that U S U^T is the unit-row-norm Gram of eq. (8).
 
   A_rel = A Z^T has row norms sqrt(a_i S a_i^T) with S = Z^T Z, so rescaling
   the rows of A_rel to unit norm (eq. 7) is rescaling the rows of A.
   """
-  gram = z.T @ z  # S, [d, d]
   row_norm_sq = jnp.sum((anchors @ gram) * anchors, axis=-1)
-  scaled = anchors * jax.lax.rsqrt(jnp.maximum(row_norm_sq, _EPS))[:, None]
-  return scaled, gram
+  return anchors * jax.lax.rsqrt(jnp.maximum(row_norm_sq, _EPS))[:, None]
 
 
-def lma_lowrank(
-  z_x: jax.Array, z_y: jax.Array, anchors: jax.Array, form: str = "authors"
+def lma_from_moments(
+  moments_x: CityMoments, moments_y: CityMoments, anchors: jax.Array, form: str = "authors"
 ) -> jax.Array:
-  """Latent manifold alignment loss in O((N + N_a) d^2).
+  """Latent manifold alignment loss from the cities' moments, O(N_a d^2).
 
   With U = rescaled anchors and S = Z^T Z per city, the anchor Gram matrix of
   eq. (8) is G = U S U^T (N_a x N_a), which is never formed.
   """
   _check_form(form)
-  u_x, s_x = _anchor_factors(anchors, z_x)
-  u_y, s_y = _anchor_factors(anchors, z_y)
+  s_x, s_y = moments_x.gram, moments_y.gram
+  u_x, u_y = _anchor_factors(anchors, s_x), _anchor_factors(anchors, s_y)
   c_xx, c_yy, c_xy = u_x.T @ u_x, u_y.T @ u_y, u_x.T @ u_y
   n_anchors = anchors.shape[0]
   if form == "authors":
@@ -199,6 +247,13 @@ def lma_lowrank(
   cross = jnp.sum((u_x @ (s_x @ c_xy @ s_y)) * u_y, axis=-1)
   cosine = cross * jax.lax.rsqrt(jnp.maximum(norm_x * norm_y, _EPS))
   return jnp.sum(2.0 - 2.0 * cosine) / n_anchors**2
+
+
+def lma_lowrank(
+  z_x: jax.Array, z_y: jax.Array, anchors: jax.Array, form: str = "authors"
+) -> jax.Array:
+  """Latent manifold alignment loss in O((N + N_a) d^2) (`lma_from_moments`)."""
+  return lma_from_moments(city_moments(z_x), city_moments(z_y), anchors, form)
 
 
 def _unit_rows(m: jax.Array) -> jax.Array:
@@ -229,27 +284,46 @@ def _query_key(z, w_q, b_q, w_k, b_k):
   return z @ w_q + b_q, z @ w_k + b_k
 
 
-def _lia_target_factors(z, q, k, form):
-  """The in-city correlation as a product of two [N, d] factors."""
-  if form == "paper":
-    return z, z  # Cor = Z Z^T, eq. (10)
-  return q / jnp.sqrt(q.shape[-1]), k  # authors: Q K^T / sqrt(d)
+def _cycle_residual_sq(
+  here: CityMoments, there: CityMoments, w_q, b_q, w_k, b_k, form: str
+) -> jax.Array:
+  """||T_l T_r^T - Q_here M K_here^T||^2 of eq. (12) in O(d^3).
 
-
-def _cycle_residual_sq(target_left, target_right, q_here, k_here, q_there, k_there) -> jax.Array:
-  """||T_l T_r^T - Q_here (K_there^T Q_there) K_here^T / d||^2 in O(N d^2).
-
-  The cycle X -> Y -> X of eq. (12) is Attn^{XY} Attn^{YX}
-  = Q^X K^{Y T} Q^Y K^{X T} / d, a rank-d product (Q^X M)(K^X)^T.
+  The cycle X -> Y -> X is Attn^{XY} Attn^{YX} = Q^X (K^{Y T} Q^Y / d) K^{X T},
+  a rank-d product Q^X M K^{X T}. The target is Z Z^T (paper) or
+  Q K^T / sqrt(d) (authors), so with ||A B^T - C D^T||^2 =
+  <A^T A, B^T B> - 2 <A^T C, B^T D> + <C^T C, D^T D> every term is a product
+  of d x d Gram matrices of Z, Q and K, each one `_affine_cross` of the
+  city's moments.
   """
-  d = q_here.shape[-1]
-  left = q_here @ ((k_there.T @ q_there) / d)
-  right = k_here
-  return (
-    _inner(target_left.T @ target_left, target_right.T @ target_right)
-    - 2 * _inner(target_left.T @ left, target_right.T @ right)
-    + _inner(left.T @ left, right.T @ right)
-  )
+  d = w_q.shape[-1]
+  m = _affine_cross(there, w_k, b_k, w_q, b_q) / d  # K_there^T Q_there / d
+  qq = _affine_cross(here, w_q, b_q, w_q, b_q)  # Q^T Q
+  kk = _affine_cross(here, w_k, b_k, w_k, b_k)  # K^T K
+  cycle = _inner(m.T @ qq @ m, kk)  # <(QM)^T (QM), K^T K>
+  if form == "paper":
+    zq = _affine_cross(here, None, None, w_q, b_q)  # Z^T Q
+    zk = _affine_cross(here, None, None, w_k, b_k)  # Z^T K
+    return _inner(here.gram, here.gram) - 2 * _inner(zq @ m, zk) + cycle
+  return _inner(qq, kk) / d - 2 * _inner(qq @ m, kk) / jnp.sqrt(d) + cycle
+
+
+def lia_from_moments(
+  moments_x: CityMoments,
+  moments_y: CityMoments,
+  w_q: jax.Array,
+  b_q: jax.Array,
+  w_k: jax.Array,
+  b_k: jax.Array,
+  form: str = "authors",
+) -> jax.Array:
+  """Latent individual alignment loss (eqs. 10-12) from the cities' moments."""
+  _check_form(form)
+  weights = (w_q, b_q, w_k, b_k)
+  res_x = _cycle_residual_sq(moments_x, moments_y, *weights, form)
+  res_y = _cycle_residual_sq(moments_y, moments_x, *weights, form)
+  power = 2 if form == "paper" else 1
+  return res_x / moments_x.count**power + res_y / moments_y.count**power
 
 
 def lia_lowrank(
@@ -261,15 +335,8 @@ def lia_lowrank(
   b_k: jax.Array,
   form: str = "authors",
 ) -> jax.Array:
-  """Latent individual alignment loss (eqs. 10-12) in O(N d^2)."""
-  _check_form(form)
-  (q_x, k_x), (q_y, k_y) = _query_key(z_x, w_q, b_q, w_k, b_k), _query_key(z_y, w_q, b_q, w_k, b_k)
-  tl_x, tr_x = _lia_target_factors(z_x, q_x, k_x, form)
-  tl_y, tr_y = _lia_target_factors(z_y, q_y, k_y, form)
-  res_x = _cycle_residual_sq(tl_x, tr_x, q_x, k_x, q_y, k_y)
-  res_y = _cycle_residual_sq(tl_y, tr_y, q_y, k_y, q_x, k_x)
-  power = 2 if form == "paper" else 1
-  return res_x / z_x.shape[0] ** power + res_y / z_y.shape[0] ** power
+  """Latent individual alignment loss in O(N d^2) (`lia_from_moments`)."""
+  return lia_from_moments(city_moments(z_x), city_moments(z_y), w_q, b_q, w_k, b_k, form)
 
 
 def lia_direct(

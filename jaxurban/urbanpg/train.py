@@ -71,6 +71,8 @@ class UrbanPGConfig:
       blocks, MLP expansion.
     p, q, noise_std: random perturbation of eq. 4.
     attention: "linear" (eq. 6 in O(N d^2)) or "softmax" (N x N).
+    last_value_skip: add each node's last input to its forecasts (not in the
+      paper; `jaxurban.urbanpg.model.Backbone`).
     split: chronological train / validation / test ratios.
     fewshot_fraction: share of the target's training period used in few-shot.
     continual_stages: growing node shares, one per period (last must be 1).
@@ -101,6 +103,7 @@ class UrbanPGConfig:
   q: float = 0.5
   noise_std: float = 0.1
   attention: str = "linear"
+  last_value_skip: bool = False
   split: tuple[float, float, float] = (0.6, 0.2, 0.2)
   fewshot_fraction: float = 0.1
   continual_stages: tuple[float, ...] = (0.7, 0.85, 1.0)
@@ -259,6 +262,7 @@ def build_model(config: UrbanPGConfig, n_nodes: int, steps_per_day: int = 288) -
     q=config.q,
     noise_std=config.noise_std,
     attention=config.attention,
+    last_value_skip=config.last_value_skip,
   )
 
 
