@@ -246,7 +246,11 @@ def take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
 
   Its value and gradient are those of ``x[index]`` (the backward pass adds
   the cotangent rows back with a scatter-add); only its layout under a vmap
-  over seeds differs (see above). Reverse-mode differentiable in x.
+  over seeds differs (see above). Reverse-mode differentiable in x. The
+  rows must lie in [0, N): under the seed-major rule a negative or too
+  large row would read another seed's table instead of wrapping or being
+  clamped. Every caller's indices come from `neighbour_graph` or
+  `city_graph`, which build them in range.
   """
   return _gather_rows(x, index)
 
