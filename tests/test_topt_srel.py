@@ -13,8 +13,11 @@ import pytest
 from jaxurban.data.hafusion import CityViews, load_city_views
 from jaxurban.topt import srel_losses, srel_train
 from jaxurban.topt.srel import (
+  Linear,
+  _softmax_of_large_logits,
   centroids_to_km,
   dense_biased_attention,
+  edge_pool,
   gaussian_adjacency,
   spatial_attention,
   strength_centrality,
@@ -256,6 +259,62 @@ def test_losses_match_float64_references(rng):
   np.testing.assert_allclose(float(terms["poi"]), ref_p, rtol=1e-5)
   np.testing.assert_allclose(float(terms["landuse"]), ref_u, rtol=1e-5)
   np.testing.assert_allclose(float(total), ref_mob + ref_p + ref_u, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels,n", [(3, 5), (32, 77)])
+def test_edge_pool_matches_float64_direct_form(rng, channels, n):
+  """Values and all three gradients of the closed-form edge term against
+  autodiff of sum_j softmax_j(e) e, e = w a + b, in float64 numpy/jax."""
+  a = _np_softmax(rng.normal(size=(n, n)) * 3.0)
+  w = rng.uniform(-1.0, 1.0, channels)
+  b = rng.uniform(-1.0, 1.0, channels)
+  g = rng.normal(size=(channels, n))
+  edges = a[None] * w[:, None, None] + b[:, None, None]
+  expected = np.sum(_np_softmax(edges) * edges, axis=-1)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  chex.assert_trees_all_close(np.asarray(edge_pool(f32(a), f32(w), f32(b))), expected, atol=1e-6)
+  with jax.enable_x64(True):
+    direct = lambda a, w, b: jnp.sum(
+      jnp.sum(
+        jax.nn.softmax(a[None] * w[:, None, None] + b[:, None, None], -1)
+        * (a[None] * w[:, None, None] + b[:, None, None]),
+        -1,
+      )
+      * g
+    )
+    grads64 = jax.grad(direct, (0, 1, 2))(jnp.asarray(a), jnp.asarray(w), jnp.asarray(b))
+  closed = jax.grad(lambda a, w, b: jnp.sum(edge_pool(a, w, b) * f32(g)), (0, 1, 2))(
+    f32(a), f32(w), f32(b)
+  )
+  for got, want in zip(closed, grads64):
+    scale = float(np.max(np.abs(np.asarray(want))))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5 * max(scale, 1.0))
+
+
+def test_softmax_of_large_logits(rng):
+  """Same values and gradients as jax.nn.softmax, including at the row maximum,
+  and finite where the logits are of the size the raw mobility view gives."""
+  x = jnp.asarray(rng.normal(size=(2, 6, 9)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(2, 6, 9)), jnp.float32)
+  chex.assert_trees_all_close(_softmax_of_large_logits(x), jax.nn.softmax(x, -1), atol=1e-6)
+  ours = jax.grad(lambda x: jnp.sum(_softmax_of_large_logits(x) * g))(x)
+  theirs = jax.grad(lambda x: jnp.sum(jax.nn.softmax(x, -1) * g))(x)
+  chex.assert_trees_all_close(ours, theirs, atol=1e-6)
+  huge = x * 1e9
+  value, grad = jax.value_and_grad(lambda x: jnp.sum(_softmax_of_large_logits(x) * g))(huge)
+  chex.assert_tree_all_finite((value, grad))
+
+
+def test_out_by_in_linear_is_the_same_map(rng):
+  """Storing W as [out, in] changes the layout only: same function given
+  the transposed kernel, same initial distribution bound 1/sqrt(in)."""
+  x = jnp.asarray(rng.normal(size=(4, 64)), jnp.float32)
+  plain, flipped = Linear(3), Linear(3, out_by_in=True)
+  p_flipped = flipped.init(jax.random.PRNGKey(0), x)
+  assert p_flipped["params"]["kernel"].shape == (3, 64)
+  assert float(jnp.max(jnp.abs(p_flipped["params"]["kernel"]))) <= 1.0 / 8.0
+  moved = {"params": {**p_flipped["params"], "kernel": p_flipped["params"]["kernel"].T}}
+  chex.assert_trees_all_close(flipped.apply(p_flipped, x), plain.apply(moved, x), atol=1e-6)
 
 
 def test_step_compiles_once_and_resumes(tmp_path, rng, monkeypatch):

@@ -370,6 +370,15 @@ def train_srel_with_log(
     state, terms = chunk(state, *args)
     terms = jax.device_get(terms)
     done = epoch + length
+    diverged = [s for s, v in zip(seeds, np.asarray(terms["total"])) if not np.isfinite(v)]
+    if diverged:
+      # Stop before a checkpoint keeps non-finite parameters; the previous
+      # checkpoint (if any) stays the latest.
+      raise FloatingPointError(
+        f"SREL on {views.city}: the loss of seed(s) {diverged} is not finite after epoch "
+        f"{done}; the mobility view's raw trip counts make the intra-view attention "
+        "logits very large, so try a lower learning_rate"
+      )
     row = {"epoch": done, **{k: np.asarray(v).tolist() for k, v in terms.items()}}
     history.append(row)
     parts = "  ".join(f"{k} {np.mean(v):.4g}" for k, v in terms.items())
