@@ -11,7 +11,8 @@ text and location modalities, New York has neither (graph part only);
 images are used only when --images names a folder of <i>.png / <i>.npy.
 Prints per-epoch-chunk progress and a results table; writes embeddings.npy,
 results.json and embeddings.png (2-D projection coloured by the dominant
-land-use category) into --out.
+land-use category) into --out. Pre-training checkpoints each seed under
+--out/checkpoints; the same command with the same --out resumes a killed run.
 """
 
 from __future__ import annotations

@@ -309,3 +309,42 @@ def test_tiny_end_to_end_runs(tmp_path, data_root, rng):
     np.isfinite(crime["r2"]) and 0 <= landuse["f1_macro"] <= 1 and 0 <= landuse["recall_macro"] <= 1
   )
   assert all(0 <= e < 3 for e in crime["best_epochs"])
+
+
+def test_pretraining_resumes_on_the_uninterrupted_trajectory(tmp_path, data_root):
+  from jaxurban.checkpoint import CheckpointMismatch
+  from jaxurban.urbanmmcl.train import UrbanMMCLConfig, train_and_evaluate
+
+  config = UrbanMMCLConfig(
+    city="NY",
+    data_root=str(data_root),
+    seeds=1,
+    epochs=3,
+    log_every=1,
+    eval_walks=1,
+    finetune_seeds=0,
+    ridge_folds=3,
+    model=dataclasses.replace(_TINY, use_images=False),
+  )
+  whole = train_and_evaluate(config, tmp_path / "whole", log=lambda *_: None)
+
+  def killed_after_two_chunks(message):
+    if "epoch 2/3" in message:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    train_and_evaluate(config, tmp_path / "resumed", log=killed_after_two_chunks)
+  assert not (tmp_path / "resumed" / "results.json").exists()
+  messages = []
+  resumed = train_and_evaluate(config, tmp_path / "resumed", log=messages.append)
+  assert any("resuming pre-training at epoch 2/3" in m for m in messages)
+  np.testing.assert_array_equal(resumed["embeddings"], whole["embeddings"])
+  assert resumed["history"] == whole["history"] and len(whole["history"][0]) == 3
+  # Results and evaluation settings may change; what shapes training may not.
+  train_and_evaluate(
+    dataclasses.replace(config, ridge_folds=4), tmp_path / "resumed", log=lambda *_: None
+  )
+  with pytest.raises(CheckpointMismatch, match="learning_rate"):
+    train_and_evaluate(
+      dataclasses.replace(config, learning_rate=2e-3), tmp_path / "resumed", log=lambda *_: None
+    )

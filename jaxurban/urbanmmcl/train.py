@@ -6,7 +6,8 @@ Pipeline of `train_and_evaluate`:
    (byte tokens) and centroids, images when a folder is given;
 2. pre-training, one seed after another, full batch, eq. (27)
    L = alpha L_mmcl + beta L_mvgcl, Adam(W); one jitted function runs a chunk
-   of epochs under ``lax.scan`` with the state donated;
+   of epochs under ``lax.scan`` with the state donated; a checkpoint after
+   every chunk, from which a killed run resumes on the same trajectory;
 3. region embeddings: the model in evaluation mode (VGAE means, no sampling
    noise), averaged over ``eval_walks`` walk draws with a fixed key;
 4. ridge probe: `jaxurban.eval.kfold` out-of-fold Ridge(alpha) on the
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxurban.checkpoint import save_npy_atomic, write_json_atomic
+from jaxurban.checkpoint import Checkpointer, save_npy_atomic, write_json_atomic
 from jaxurban.data.errors import DataError
 from jaxurban.data.hafusion import load_city_views
 from jaxurban.data.root import resolve_data_root, subdir
@@ -312,23 +313,85 @@ class _Compiled:
     self.chunk, self.embed = chunk, embed
 
 
-def _pretrain(config, compiled: _Compiled, inputs, seed: int, log):
+# Config fields that do not change a seed's pre-training: a checkpoint written
+# with other values of these is still the same run.
+_PRETRAIN_IRRELEVANT = (
+  "data_root",
+  "seeds",
+  "first_seed",
+  "ridge_folds",
+  "ridge_alpha",
+  "fold_seed",
+  "eval_walks",
+  "finetune_seeds",
+  "finetune_folds",
+  "finetune_epochs",
+  "finetune_lr",
+  "patience",
+  "finetune_tasks",
+)
+
+
+def _pretrain(config, compiled: _Compiled, inputs, seed: int, log, workdir):
+  """Pre-trains one seed, checkpointing after every chunk of ``log_every`` epochs.
+
+  A run killed part-way resumes from the last chunk it finished, and the
+  resumed trajectory is the uninterrupted one: each chunk's random key is
+  derived from the seed and the epoch it starts at, never from how the run
+  got there. The loss history travels inside the checkpoint as a fixed-shape
+  array (one row per chunk, NaN until written).
+  """
   key = jax.random.PRNGKey(seed)
   init_key, train_key = jax.random.split(key)
   params = compiled.model.init(init_key, inputs, init_key, train=True)
   opt_state = compiled.tx.init(params)
-  done, history = 0, []
+  loss_names = sorted(jax.eval_shape(compiled.chunk, params, opt_state, inputs, train_key, 1)[2])
+  n_chunks = -(-config.epochs // config.log_every)
+  record = {
+    "params": params,
+    "opt_state": opt_state,
+    "epoch": np.asarray(0, np.int32),
+    "history": np.full((n_chunks, 1 + len(loss_names)), np.nan, np.float64),
+  }
+  checkpointer = Checkpointer(workdir, subdir=f"pretrain_seed{seed}")
+  restored = checkpointer.restore(record, _config_json(config), ignore=_PRETRAIN_IRRELEVANT)
+  if restored is not None:
+    record = restored[1]
+    log(f"  seed {seed}: resuming pre-training at epoch {int(record['epoch'])}/{config.epochs}")
+  params, opt_state = record["params"], record["opt_state"]
+  done, table = int(record["epoch"]), np.array(record["history"])
   while done < config.epochs:
     n = min(config.log_every, config.epochs - done)
     chunk_key = jax.random.fold_in(train_key, done)
     params, opt_state, last = compiled.chunk(params, opt_state, inputs, chunk_key, n)
-    done += n
     last = {k: float(v) for k, v in last.items()}
-    history.append({"epoch": done, **last})
+    if not all(np.isfinite(v) for v in last.values()):
+      raise FloatingPointError(
+        f"UrbanMMCL pre-training of {config.city}, seed {seed}: non-finite loss "
+        f"{last} in epochs {done + 1}-{done + n}; no checkpoint written for them"
+      )
+    table[done // config.log_every] = [done + n] + [last[k] for k in loss_names]
+    done += n
+    checkpointer.save(
+      done,
+      {
+        "params": params,
+        "opt_state": opt_state,
+        "epoch": np.asarray(done, np.int32),
+        "history": table,
+      },
+      _config_json(config),
+    )
     log(
       f"  seed {seed} epoch {done}/{config.epochs}: total {last['total']:.4f} mmcl {last['mmcl']:.4f} "
       f"recon {last['recon']:.4f} kl {last['kl']:.4f} gcl {last['graph_contrast']:.4f}"
     )
+  checkpointer.close()
+  history = [
+    {"epoch": int(row[0]), **{k: float(v) for k, v in zip(loss_names, row[1:])}}
+    for row in table
+    if np.isfinite(row[0])
+  ]
   return params, history
 
 
@@ -482,7 +545,10 @@ def _config_json(config: UrbanMMCLConfig) -> dict:
 def train_and_evaluate(config: UrbanMMCLConfig, workdir, log=print) -> dict:
   """Pre-trains every seed, probes and fine-tunes; writes results to ``workdir``.
 
-  Writes ``embeddings.npy`` [S, N, d], ``results.json``. Returns the results
+  Writes ``embeddings.npy`` [S, N, d], ``results.json`` and, per seed, the
+  pre-training checkpoints under ``checkpoints/pretrain_seed<seed>`` (with the
+  config); run again in the same ``workdir``, finished seeds are restored and
+  an interrupted one resumes where it stopped. Returns the results
   dict (with the embeddings under "embeddings" and the land-use classes
   under "landuse", for plotting).
   """
@@ -498,7 +564,7 @@ def train_and_evaluate(config: UrbanMMCLConfig, workdir, log=print) -> dict:
   for s in range(config.seeds):
     seed = config.first_seed + s
     start = time.perf_counter()
-    params, history = _pretrain(config, compiled, inputs, seed, log)
+    params, history = _pretrain(config, compiled, inputs, seed, log, workdir)
     times.append(time.perf_counter() - start)
     # Evaluation embeddings: VGAE means, averaged over eval_walks walk draws.
     embeddings.append(
