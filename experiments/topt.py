@@ -8,7 +8,9 @@
 
 Evaluation: 10-fold cross-validation over regions, MAE / RMSE / R2 of pooled
 out-of-fold predictions with negatives clipped to 0. The default protocol is
-honest (fixed epoch budget, final epoch scored); ``--protocol paper`` picks
+honest (fixed epoch budget, final epoch scored); ``--protocol validated``
+picks each fold's epoch on an inner validation fold (the next fold, left out
+of that model's training); ``--protocol paper`` picks
 each fold's best epoch on its test fold, as the authors' code does, and every
 number it produces is labelled optimistic. Writes embeddings.npy,
 predictions, metrics.json and per-task error maps into --out.

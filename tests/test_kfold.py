@@ -110,3 +110,29 @@ def test_summarise_mean_and_sample_std():
   np.testing.assert_allclose(out["r2"]["mean"], 0.7)
   np.testing.assert_allclose(out["r2"]["std"], 0.2)
   assert kfold.summarise({"r2": np.array([0.5])})["r2"]["std"] == 0.0
+
+
+def test_validated_protocol_chooses_on_the_validation_fold(rng):
+  n, k = 15, 3
+  y = rng.uniform(1, 10, size=n).astype(np.float32)
+  fold_of = kfold.fold_assignment(n, k, 0)
+  masks = kfold.fold_masks(fold_of, k)
+  val = kfold.validation_masks(masks)
+  np.testing.assert_array_equal(val, masks[[1, 2, 0]])
+  assert not np.any(val & masks)
+  z = rng.normal(size=n).astype(np.float32)
+  # Test predictions are best at epoch 3, validation predictions at epoch 1:
+  # the choice must follow the validation rows only.
+  test_noise = np.array([3.0, 2.0, 1.0, 0.1], np.float32)
+  val_noise = np.array([3.0, 0.1, 1.0, 2.0], np.float32)
+  traj = np.stack([np.broadcast_to(y + s * z, (k, n)) for s in test_noise])[:, None]
+  val_traj = np.stack([np.broadcast_to(y + s * z, (k, n)) for s in val_noise])[:, None]
+  chosen = kfold.select_folds(traj, y, masks, "validated", validation=(val_traj, val))
+  np.testing.assert_array_equal(chosen, traj[1])
+  assert "validation" in kfold.protocol_label("validated")
+  with pytest.raises(ValueError, match="validation trajectory"):
+    kfold.select_folds(traj, y, masks, "validated")
+  with pytest.raises(ValueError, match="overlaps"):
+    kfold.select_folds(traj, y, masks, "validated", validation=(val_traj, masks))
+  with pytest.raises(ValueError, match="at least 3 folds"):
+    kfold.validation_masks(kfold.fold_masks(kfold.fold_assignment(n, 2, 0), 2))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxurban.eval.kfold import fold_assignment, fold_masks
+from jaxurban.eval.kfold import fold_assignment, fold_masks, validation_masks
 from jaxurban.topt.prompt4re import (
   Prompt4RE,
   Prompt4REConfig,
@@ -153,7 +153,7 @@ def test_training_loss_decreases(rng):
     epochs=200, eval_every=20, learning_rate=3e-3, attention_dropout=0.0, context="all",
     head_init="xavier", soft_prompt_dim=8,
   )  # fmt: skip
-  traj, epochs = cross_validated_trajectory(config, e, p, y, fold_of, 2, [0], progress=False)
+  traj, epochs, _ = cross_validated_trajectory(config, e, p, y, fold_of, 2, [0], progress=False)
   chex.assert_shape(traj, (10, 1, 2, len(y)))
   np.testing.assert_array_equal(epochs, np.arange(20, 201, 20))
   train = ~fold_masks(fold_of, 2)  # [F, N]
@@ -166,11 +166,47 @@ def test_test_fold_labels_do_not_leak(rng):
   e, p, y = _tiny_problem(rng, seeds=2)
   fold_of = fold_assignment(len(y), 3, seed=1)
   config = Prompt4REConfig(epochs=20, eval_every=10, learning_rate=1e-2, soft_prompt_dim=8)
-  a, _ = cross_validated_trajectory(config, e, p, y, fold_of, 3, [0, 1], progress=False)
+  a, *_ = cross_validated_trajectory(config, e, p, y, fold_of, 3, [0, 1], progress=False)
   y2 = y.copy()
   y2[fold_of == 0] += 100.0
-  b, _ = cross_validated_trajectory(config, e, p, y2, fold_of, 3, [0, 1], progress=False)
+  b, *_ = cross_validated_trajectory(config, e, p, y2, fold_of, 3, [0, 1], progress=False)
   test0 = fold_of == 0
   np.testing.assert_allclose(a[:, :, 0][..., test0], b[:, :, 0][..., test0], rtol=1e-5, atol=1e-4)
   # ... while the other folds, which train on those labels, do change.
   assert not np.allclose(a[:, :, 1][..., ~test0], b[:, :, 1][..., ~test0])
+
+
+def test_validation_folds_are_held_out_of_training(rng):
+  """With validation folds, a model's test and validation rows are both unseen."""
+  e, p, y = _tiny_problem(rng, n=30)
+  n_folds = 3
+  fold_of = fold_assignment(len(y), n_folds, seed=1)
+  val = validation_masks(fold_masks(fold_of, n_folds))  # model f validates on fold f + 1
+  config = Prompt4REConfig(epochs=20, eval_every=10, learning_rate=1e-2, soft_prompt_dim=8)
+  a = cross_validated_trajectory(
+    config, e, p, y, fold_of, n_folds, [0], progress=False, validation_masks=val
+  )
+  chex.assert_shape(a.validation, a.predictions.shape)
+  y2 = y.copy()
+  y2[fold_of == 0] += 100.0
+  b = cross_validated_trajectory(
+    config, e, p, y2, fold_of, n_folds, [0], progress=False, validation_masks=val
+  )
+  # Fold 0 is model 0's test fold and model 2's validation fold: neither moves.
+  for model in (0, 2):
+    np.testing.assert_allclose(
+      a.predictions[:, :, model], b.predictions[:, :, model], rtol=1e-5, atol=1e-4
+    )
+    np.testing.assert_allclose(
+      a.validation[:, :, model], b.validation[:, :, model], rtol=1e-5, atol=1e-4
+    )
+  # Model 1 trains on fold 0.
+  assert not np.allclose(a.predictions[:, :, 1], b.predictions[:, :, 1])
+  # Without validation folds model 2 trains on fold 0 as well.
+  c = cross_validated_trajectory(config, e, p, y, fold_of, n_folds, [0], progress=False)
+  assert c.validation is None
+  with pytest.raises(ValueError, match="overlap"):
+    cross_validated_trajectory(
+      config, e, p, y, fold_of, n_folds, [0], progress=False,
+      validation_masks=fold_masks(fold_of, n_folds),
+    )  # fmt: skip

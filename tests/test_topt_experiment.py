@@ -49,3 +49,24 @@ def test_new_york_runs_without_prompts(data_root):
   config, _ = topt.parse_config(["--city", "NY", "--data-root", str(data_root)])
   assert not config.uses_prompts
   assert config.model_name().startswith("w/o Prompt4RE")
+
+
+def test_validated_protocol_reports_one_honest_row(data_root, tmp_path, rng):
+  labels = np.load(data_root / "hafusion" / "Chi" / "crime_counts.npy")
+  emb = tmp_path / "emb.npy"
+  np.save(emb, rng.normal(size=(1, labels.shape[0], 16)).astype(np.float32))
+  out = tmp_path / "run"
+  argv = [
+    "--city", "Chi", "--task", "crime", "--seeds", "1", "--embeddings", str(emb),
+    "--epochs-prompt", "20", "--folds", "4", "--protocol", "validated",
+    "--data-root", str(data_root), "--out", str(out),
+  ]  # fmt: skip
+  assert topt.main(argv) == 0
+  metrics = json.loads((out / "metrics.json").read_text())
+  task = metrics["tasks"]["crime"]
+  assert metrics["protocol_label"] == protocol_label("validated")
+  assert task["reported_model"] == f"ToPT [{protocol_label('validated')}]"
+  assert sorted(task["models"]) == sorted(
+    ["w/o Prompt4RE (ridge on SREL embeddings)", task["reported_model"]]
+  )
+  assert np.isfinite(task["models"][task["reported_model"]]["r2"]["mean"])

@@ -50,12 +50,14 @@ __all__ = [
   "select_folds",
   "summarise",
   "fold_masks",
+  "validation_masks",
 ]
 
 DEFAULT_FOLDS = 10
-PROTOCOLS = ("honest", "paper")
+PROTOCOLS = ("honest", "validated", "paper")
 PROTOCOL_LABELS = {
   "honest": "honest (fixed epoch budget, final epoch scored; no test-fold selection)",
+  "validated": "honest (epoch chosen on an inner validation fold; no test-fold selection)",
   "paper": "optimistic (test-fold epoch selection)",
 }
 METRICS = ("mae", "rmse", "r2")
@@ -174,23 +176,57 @@ def pool_folds(per_fold, masks):
   return jnp.sum(jnp.where(masks, per_fold, 0), axis=-2)
 
 
-def select_folds(trajectory, labels, masks, protocol: str):
-  """Per-fold predictions [..., F, n] chosen from a trajectory [T, ..., F, n].
+def validation_masks(masks) -> np.ndarray:
+  """[F, n] validation rows of each test fold's model: fold f + 1 (mod F).
 
-  ``honest``: the last evaluation (fixed budget). ``paper``: per fold, the
-  evaluation with the highest R2 on that very test fold (optimistic).
+  The validation fold is carved out of test fold f's training folds, so fold
+  f's model trains on the F - 2 remaining folds and never sees fold f.
   """
-  protocol_label(protocol)
-  trajectory = jnp.asarray(trajectory)
-  if protocol == "honest":
-    return trajectory[-1]
+  masks = np.asarray(masks, bool)
+  if masks.shape[0] < 3:
+    raise ValueError(f"an inner validation fold needs at least 3 folds, got {masks.shape[0]}")
+  return np.roll(masks, -1, axis=0)
+
+
+def _fold_r2_trajectory(trajectory, labels, masks):
+  """R2 [T, ..., F] of every evaluation of every fold's model on its ``masks`` rows."""
   masks = jnp.asarray(masks)
 
   def fold_r2(per_fold):  # [F, n] -> [F]
     return jax.vmap(lambda p, m: masked_scores(labels, p, m)["r2"])(per_fold, masks)
 
   flat = trajectory.reshape((-1,) + trajectory.shape[-2:])
-  scores = jax.vmap(fold_r2)(flat).reshape(trajectory.shape[:-1])  # [T, ..., F]
+  return jax.vmap(fold_r2)(flat).reshape(trajectory.shape[:-1])
+
+
+def select_folds(trajectory, labels, masks, protocol: str, validation=None):
+  """Per-fold predictions [..., F, n] chosen from a trajectory [T, ..., F, n].
+
+  ``honest``: the last evaluation (fixed budget). ``validated``: per fold,
+  the evaluation with the highest R2 on that fold's validation rows;
+  ``validation`` = (validation trajectory [T, ..., F, n], validation masks
+  [F, n]), the validation predictions of the same models (see
+  `validation_masks`). ``paper``: per fold, the evaluation with the highest
+  R2 on that very test fold (optimistic).
+  """
+  protocol_label(protocol)
+  trajectory = jnp.asarray(trajectory)
+  if protocol == "honest":
+    return trajectory[-1]
+  if protocol == "validated":
+    if validation is None:
+      raise ValueError("the 'validated' protocol needs the validation trajectory and masks")
+    val_trajectory, val_masks = validation
+    val_trajectory = jnp.asarray(val_trajectory)
+    if val_trajectory.shape != trajectory.shape:
+      raise ValueError(
+        f"validation trajectory {val_trajectory.shape} must match the trajectory {trajectory.shape}"
+      )
+    if np.any(np.asarray(val_masks) & np.asarray(masks)):
+      raise ValueError("a validation fold overlaps its own test fold")
+    scores = _fold_r2_trajectory(val_trajectory, labels, val_masks)
+  else:
+    scores = _fold_r2_trajectory(trajectory, labels, masks)
   best = jnp.argmax(scores, axis=0)  # [..., F]
   return jnp.take_along_axis(trajectory, best[None, ..., None], axis=0)[0]
 

@@ -62,8 +62,11 @@ class ToptConfig:
     tasks: subset of ("crime", "checkIn", "serviceCall").
     mllm: "llama" or "qwen" prompt vectors.
     seeds: one SREL run and one Prompt4RE model per fold for each seed.
-    protocol: "honest" (fixed epoch budget, final epoch) or "paper"
-      (per-fold best epoch chosen on the test fold; labelled optimistic).
+    protocol: "honest" (fixed epoch budget, final epoch), "validated" (per
+      fold, the epoch with the best R2 on the next fold, which is then left
+      out of that fold's training; the test fold is never looked at) or
+      "paper" (per-fold best epoch chosen on the test fold; labelled
+      optimistic).
     n_folds, fold_seed: k-fold split over regions (KFold-identical; the
       authors use 10 folds and seed 2024).
     prompt4re: False reports only the "w/o Prompt4RE" ridge row.
@@ -294,13 +297,31 @@ def train_and_evaluate(
         f"{config.n_folds} folds vmapped"
       )
       t_p = time.perf_counter()
-      trajectory, _ = cross_validated_trajectory(
-        pcfg, e, prompts, y.astype(np.float32), fold_of, config.n_folds, config.seeds, log=log
+      # "validated" trains each fold's model without its validation fold; the
+      # other protocols train on all F - 1 training folds.
+      val_masks = kfold.validation_masks(masks) if config.protocol == "validated" else None
+      run = cross_validated_trajectory(
+        pcfg,
+        e,
+        prompts,
+        y.astype(np.float32),
+        fold_of,
+        config.n_folds,
+        config.seeds,
+        log=log,
+        validation_masks=val_masks,
       )
       entry["prompt4re_s"] = time.perf_counter() - t_p
       pooled = {}
-      for protocol in ("honest", config.protocol):
-        per_fold = kfold.select_folds(trajectory, y.astype(np.float32), masks, protocol)
+      protocols = ("validated",) if config.protocol == "validated" else ("honest", config.protocol)
+      for protocol in protocols:
+        per_fold = kfold.select_folds(
+          run.predictions,
+          y.astype(np.float32),
+          masks,
+          protocol,
+          validation=(run.validation, val_masks) if protocol == "validated" else None,
+        )
         pooled[protocol] = np.asarray(kfold.pool_folds(per_fold, masks))
       name = f"{config.model_name()} [{label}]"
       models[name] = kfold.summarise(kfold.score_pooled(pooled[config.protocol], y))

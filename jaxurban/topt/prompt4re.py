@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -54,6 +54,7 @@ from jaxurban.eval.kfold import masked_ridge_fit, fold_masks
 __all__ = [
   "Prompt4RE",
   "Prompt4REConfig",
+  "Trajectory",
   "cross_validated_trajectory",
   "init_params",
   "mse_loss",
@@ -252,31 +253,39 @@ def _over_seeds_and_folds(fn):
   return jax.vmap(inner, in_axes=(0, 0, None, None, None))
 
 
+# Row masks of one fold's model, stacked as [3, N] per fold.
+_TRAIN, _TEST, _VALIDATION = 0, 1, 2
+
+
 @functools.partial(jax.jit, static_argnames=("width", "config"))
-def _init_states(keys, e, p, y, tests, *, width, config):
+def _init_states(keys, e, p, y, masks, *, width, config):
   model = _model(width, config)
   optimizer = optax.adam(config.learning_rate)
 
-  def one(key, e_s, p, y, test):
+  def one(key, e_s, p, y, m):
     if config.head_init == "ridge":
-      ridge = masked_ridge_fit(e_s, y, ~test, config.ridge_alpha)
+      ridge = masked_ridge_fit(e_s, y, m[_TRAIN], config.ridge_alpha)
       params = init_params(model, key, e_s, p, ridge.weights, ridge.intercept)
     else:
       params = init_params(model, key, e_s, p)
     return params, optimizer.init(params), key
 
-  return _over_seeds_and_folds(one)(keys, e, p, y, tests)
+  return _over_seeds_and_folds(one)(keys, e, p, y, masks)
 
 
-@functools.partial(jax.jit, static_argnames=("width", "config"), donate_argnums=0)
-def _train_chunk(state, e, p, y, tests, *, width, config):
-  """``eval_every`` Adam steps for every (seed, fold), then test-fold predictions."""
+@functools.partial(jax.jit, static_argnames=("width", "config", "validated"), donate_argnums=0)
+def _train_chunk(state, e, p, y, masks, *, width, config, validated):
+  """``eval_every`` Adam steps for every (seed, fold), then the held-out predictions.
+
+  Returns the new state, predictions made as for the test fold, those made as
+  for the validation fold (None unless ``validated``), and the last loss.
+  """
   model = _model(width, config)
   optimizer = optax.adam(config.learning_rate)
 
-  def one(carry, e_s, p, y, test):
-    train = ~test
-    ones = jnp.ones_like(test)
+  def one(carry, e_s, p, y, m):
+    train = m[_TRAIN]
+    ones = jnp.ones_like(train)
     train_keys = train if config.context == "split" else ones
 
     def step(c, _):
@@ -294,11 +303,32 @@ def _train_chunk(state, e, p, y, tests, *, width, config):
       return (optax.apply_updates(params, updates), opt_state, key), loss
 
     carry, losses = jax.lax.scan(step, carry, None, length=config.eval_every)
-    test_keys = test if config.context == "split" else ones
-    pred = model.apply({"params": carry[0]}, e_s, p, test_keys, deterministic=True)
-    return carry, pred, losses[-1]
 
-  return _over_seeds_and_folds(one)(state, e, p, y, tests)
+    # With context "split" a held-out fold attends to its own regions' prompts,
+    # so validation rows are predicted exactly as test rows would be.
+    def held_out(rows):
+      keys_rows = rows if config.context == "split" else ones
+      return model.apply({"params": carry[0]}, e_s, p, keys_rows, deterministic=True)
+
+    val_pred = held_out(m[_VALIDATION]) if validated else None
+    return carry, held_out(m[_TEST]), val_pred, losses[-1]
+
+  return _over_seeds_and_folds(one)(state, e, p, y, masks)
+
+
+class Trajectory(NamedTuple):
+  """Held-out predictions of every (seed, fold) model along training.
+
+  predictions: [T, S, F, N] float32; for fold f only the rows of test fold f
+    are out-of-fold.
+  epochs: [T] epoch of each evaluation.
+  validation: [T, S, F, N] predictions made as for fold f's validation rows
+    (None when no validation folds were given).
+  """
+
+  predictions: np.ndarray
+  epochs: np.ndarray
+  validation: np.ndarray | None
 
 
 def cross_validated_trajectory(
@@ -311,7 +341,8 @@ def cross_validated_trajectory(
   seeds: Sequence[int],
   progress: bool = True,
   log=print,
-) -> tuple[np.ndarray, np.ndarray]:
+  validation_masks: np.ndarray | None = None,
+) -> Trajectory:
   """Trains one Prompt4RE per (seed, fold), all in one vectorised program.
 
   Args:
@@ -322,11 +353,12 @@ def cross_validated_trajectory(
     fold_of: [N] fold index of each region.
     n_folds: F.
     seeds: S integers; seed s initialises and drops out the models of seed s.
+    validation_masks: optional [F, N] rows held out of fold f's training (and
+      of its initial ridge fit) to choose its epoch
+      (`jaxurban.eval.kfold.validation_masks`); they must not overlap fold f.
 
   Returns:
-    (trajectory [T, S, F, N] float32 predictions of every region by every
-    fold's model after epochs ``eval_epochs`` [T]; for fold f only the rows of
-    test fold f are out-of-fold), eval_epochs.
+    A `Trajectory` after epochs ``eval_every``, ``2 eval_every``, ...
   """
   embeddings = np.asarray(embeddings, np.float32)
   if embeddings.ndim != 3 or embeddings.shape[0] != len(seeds):
@@ -341,23 +373,34 @@ def cross_validated_trajectory(
   width = prompts.shape[1]
   p = jnp.asarray(prompt_rowspace(prompts) if config.value_basis == "rowspace" else prompts)
   e, y = jnp.asarray(embeddings), jnp.asarray(labels)
-  tests = jnp.asarray(fold_masks(fold_of, n_folds))  # [F, N]
+  tests = fold_masks(fold_of, n_folds)  # [F, N]
+  validated = validation_masks is not None
+  vals = np.asarray(validation_masks, bool) if validated else np.zeros_like(tests)
+  if vals.shape != tests.shape:
+    raise ValueError(f"validation_masks must be [F={n_folds}, N={n}], got {vals.shape}")
+  if np.any(vals & tests):
+    raise ValueError("validation_masks overlap the test fold of the same model")
+  masks = jnp.asarray(np.stack([~(tests | vals), tests, vals], axis=1))  # [F, 3, N]
   keys = jnp.stack(
     [
       jnp.stack([jax.random.fold_in(jax.random.PRNGKey(int(s)), f) for f in range(n_folds)])
       for s in seeds
     ]
   )  # [S, F, 2]
-  state = _init_states(keys, e, p, y, tests, width=width, config=config)
+  state = _init_states(keys, e, p, y, masks, width=width, config=config)
   n_chunks = config.epochs // config.eval_every
-  trajectory = []
+  trajectory, val_trajectory = [], []
   for i in range(n_chunks):
-    state, pred, loss = _train_chunk(state, e, p, y, tests, width=width, config=config)
+    state, pred, val_pred, loss = _train_chunk(
+      state, e, p, y, masks, width=width, config=config, validated=validated
+    )
     trajectory.append(np.asarray(pred))
+    if validated:
+      val_trajectory.append(np.asarray(val_pred))
     if progress and (i + 1) % max(1, n_chunks // 10) == 0:
       log(
         f"  prompt4re epoch {(i + 1) * config.eval_every}/{config.epochs}: "
         f"train mse {float(jnp.mean(loss)):.4g} (mean over seeds and folds)"
       )
   epochs = np.arange(1, n_chunks + 1) * config.eval_every
-  return np.stack(trajectory), epochs
+  return Trajectory(np.stack(trajectory), epochs, np.stack(val_trajectory) if validated else None)
