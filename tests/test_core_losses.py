@@ -189,6 +189,9 @@ def test_alignment_gradients_match_float64_finite_differences(rng, form):
     lia_grad = jax.grad(losses.lia_lowrank, argnums=(0, 1))(
       *map(jnp.asarray, (z_x, z_y, *weights)), form=form
     )
+    # To NumPy inside the scope: a float64 jax array used after it would be
+    # truncated to float32 in the products below.
+    lma_grad, lia_grad = jax.tree.map(np.asarray, (lma_grad, lia_grad))
   for _ in range(3):
     direction_x = rng.normal(size=z_x.shape)
     numeric = directional_derivative(
@@ -210,6 +213,7 @@ def test_mobility_gradient_matches_float64_finite_differences(rng):
     grad = jax.grad(losses.mobility_loss)(
       jnp.asarray(z), *[jnp.asarray(a) for a in sparse_target(target)], row_chunk=4
     )
+    grad = np.asarray(grad)  # float64 NumPy, as above
   direction = rng.normal(size=z.shape)
   numeric = directional_derivative(lambda v: mobility_reference(v, target), z, direction)
   np.testing.assert_allclose(np.sum(grad * direction), numeric, rtol=1e-6)
