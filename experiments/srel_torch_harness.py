@@ -1,9 +1,20 @@
-"""Times one training epoch of the authors' PyTorch HAFusion (run by bench_srel).
+"""The authors' PyTorch HAFusion, for timing (run by bench_srel) and as a reference.
 
 Run with a Python that has torch, numpy and scikit-learn::
 
     python experiments/srel_torch_harness.py --repo DIR [--city Chi] [--epochs 20] [--repeats 5]
       [--flush-denormal]
+    python experiments/srel_torch_harness.py --repo DIR --train-epochs 2000 --seeds 0 1 2 \
+      --snapshot-every 30 --out DIR2
+
+The second form trains their model from scratch for each seed
+(``torch.manual_seed(seed)``, their Adam and learning rate, their default
+2000 epochs) and writes ``embeddings_last.npy`` [S, N, d] (the embeddings
+of the last epoch) and ``snapshots_seed<S>.npy`` [T, N, d] with
+``snapshot_epochs.npy``: the embeddings their ``train_model`` would score
+every ``--snapshot-every`` epochs (from the training-mode forward pass, as
+theirs). Score them with jaxurban's evaluator, e.g.
+``python -m experiments.topt --no-prompt4re --embeddings DIR2/embeddings_last.npy``.
 
 DIR is a checkout of the HAFusion authors' repository; their model, data
 loader and loss are imported from it at run time (nothing of theirs lives
@@ -38,7 +49,16 @@ def main() -> None:
     action="store_true",
     help="flush denormal floats to zero (XLA does on CPU; PyTorch does not by default)",
   )
+  parser.add_argument(
+    "--train-epochs", type=int, default=0, help="train and save embeddings instead of timing"
+  )
+  parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+  parser.add_argument("--snapshot-every", type=int, default=30)
+  parser.add_argument("--out", default=None, help="folder for the saved embeddings")
   args = parser.parse_args()
+  if args.train_epochs and not args.out:
+    parser.error("--train-epochs needs --out")
+  args.out = os.path.abspath(args.out) if args.out else None
 
   import torch
 
@@ -51,21 +71,23 @@ def main() -> None:
   sys.argv = [sys.argv[0], "--city", args.city]
   import HAFusion_train as theirs  # loads the data, defines HAFusion and ModelLoss
 
-  torch.manual_seed(0)
-  model = theirs.HAFusion(
-    theirs.POI_dim,
-    theirs.landUse_dim,
-    theirs.region_num,
-    theirs.embedding_size,
-    theirs.d_prime,
-    theirs.d_m,
-    theirs.c,
-  )
+  def build(seed: int):
+    torch.manual_seed(seed)
+    model = theirs.HAFusion(
+      theirs.POI_dim,
+      theirs.landUse_dim,
+      theirs.region_num,
+      theirs.embedding_size,
+      theirs.d_prime,
+      theirs.d_m,
+      theirs.c,
+    )
+    optimizer = torch.optim.Adam(
+      model.parameters(), lr=theirs.args.learning_rate, weight_decay=theirs.args.weight_decay
+    )
+    return model, optimizer
+
   loss_fn = theirs.ModelLoss()
-  hp = theirs.args
-  optimizer = torch.optim.Adam(
-    model.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay
-  )
   features, mob_adj, poi_sim, land_sim = (
     theirs.features,
     theirs.mob_adj,
@@ -73,15 +95,25 @@ def main() -> None:
     theirs.land_sim,
   )
 
+  def step(model, optimizer):
+    model.train()
+    out_s, out_t, out_p, out_l = model(features)
+    loss = loss_fn(out_s, out_t, mob_adj, out_p, poi_sim, out_l, land_sim)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss
+
+  if args.train_epochs:
+    _train_and_save(args, build, step)
+    return
+
+  model, optimizer = build(0)
+
   def run(epochs: int) -> float:
     loss = None
     for _ in range(epochs):
-      model.train()
-      out_s, out_t, out_p, out_l = model(features)
-      loss = loss_fn(out_s, out_t, mob_adj, out_p, poi_sim, out_l, land_sim)
-      optimizer.zero_grad()
-      loss.backward()
-      optimizer.step()
+      loss = step(model, optimizer)
     return float(loss.item())
 
   first_loss = run(1)  # warm-up
@@ -110,6 +142,31 @@ def main() -> None:
       }
     )
   )
+
+
+def _train_and_save(args, build, step) -> None:
+  import numpy as np
+
+  os.makedirs(args.out, exist_ok=True)
+  last, log = [], []
+  for seed in args.seeds:
+    model, optimizer = build(seed)
+    snapshots, epochs = [], []
+    start = time.perf_counter()
+    for epoch in range(args.train_epochs):
+      loss = step(model, optimizer)
+      if epoch % args.snapshot_every == 0 or epoch == args.train_epochs - 1:
+        snapshots.append(model.out_feature().detach().cpu().numpy())
+        epochs.append(epoch)
+    seconds = time.perf_counter() - start
+    last.append(snapshots[-1])
+    np.save(os.path.join(args.out, f"snapshots_seed{seed}.npy"), np.stack(snapshots))
+    log.append({"seed": seed, "seconds": seconds, "last_loss": float(loss.item())})
+    print(json.dumps(log[-1]), flush=True)
+  np.save(os.path.join(args.out, "snapshot_epochs.npy"), np.asarray(epochs))
+  np.save(os.path.join(args.out, "embeddings_last.npy"), np.stack(last))
+  with open(os.path.join(args.out, "log.json"), "w") as handle:
+    json.dump({"args": vars(args), "runs": log}, handle, indent=2)
 
 
 if __name__ == "__main__":
