@@ -37,6 +37,7 @@ import numpy as np
 
 from jaxurban.data.hafusion import load_city_views
 from jaxurban.topt.srel_train import (
+  HAFUSION_FUSION,
   SRELConfig,
   build_model,
   init_state,
@@ -48,7 +49,7 @@ from jaxurban.topt.srel_train import (
 
 VARIANTS = {
   "topt": dict(),
-  "hafusion": dict(n_layers=3, spatial_bias=False, centrality=False),
+  "hafusion": HAFUSION_FUSION,
 }
 
 

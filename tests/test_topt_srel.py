@@ -25,6 +25,7 @@ from jaxurban.topt.srel import (
 from jaxurban.topt.srel_train import (
   SRELConfig,
   build_model,
+  parse_cli,
   prepare_data,
   train_srel_with_log,
 )
@@ -362,3 +363,17 @@ def test_task_presets():
   assert (crime.learning_rate, crime.n_layers, crime.spatial_lambda) == (2e-4, 5, 0.4)
   assert crime.n_heads == 4 and crime.memory == 72
   assert SRELConfig() == SRELConfig.for_task("crime", "Chi")
+
+
+def test_command_line_settings():
+  default, _ = parse_cli([])
+  assert default == SRELConfig.for_task("crime", "Chi")
+  ablated, _ = parse_cli(["--task", "serviceCall", "--no-centrality", "--epochs", "7"])
+  assert ablated == SRELConfig.for_task("serviceCall", centrality=False, epochs=7)
+  # HAFusion's own setting, as the authors' PyTorch code trains it.
+  hafusion, _ = parse_cli(["--hafusion", "--city", "NY"])
+  assert (hafusion.n_layers, hafusion.learning_rate, hafusion.epochs) == (3, 5e-4, 2000)
+  assert not hafusion.spatial_bias and not hafusion.centrality and hafusion.n_heads == 4
+  for clash in (["--hafusion", "--task", "crime"], ["--hafusion", "--no-spatial-bias"]):
+    with pytest.raises(SystemExit):
+      parse_cli(clash)

@@ -16,6 +16,7 @@ Deviations from the authors' training loop (HAFusion_train.py), on purpose:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import pathlib
 import time
@@ -35,6 +36,8 @@ from jaxurban.training import make_chunk
 
 __all__ = [
   "HAFUSION_CITY_SETTINGS",
+  "HAFUSION_FUSION",
+  "HAFUSION_TRAINING",
   "TOPT_TASK_SETTINGS",
   "SRELConfig",
   "SRELData",
@@ -53,6 +56,11 @@ HAFUSION_CITY_SETTINGS = {
   "Chi": dict(n_heads=1, intra_layers=1, inter_layers=2, d_prime=32, memory=36, edge_channels=32),
   "NY": dict(n_heads=4, intra_layers=3, inter_layers=3, d_prime=64, memory=72, edge_channels=32),
 }
+# HAFusion's own region fusion (three plain self-attention layers, no spatial
+# prior) and its training defaults (lr 5e-4, 2000 epochs; parse_args.py): the
+# setting in which this code is compared with the authors' PyTorch HAFusion.
+HAFUSION_FUSION = dict(n_layers=3, spatial_bias=False, centrality=False)
+HAFUSION_TRAINING = dict(**HAFUSION_FUSION, learning_rate=5e-4, epochs=2000)
 # ToPT's SREL settings per downstream task (Sec. 3.1 of the ToPT paper).
 TOPT_TASK_SETTINGS = {
   "crime": dict(learning_rate=7e-4, n_layers=2, spatial_lambda=0.1),
@@ -434,15 +442,19 @@ def train_srel(
   return train_srel_with_log(config, views, seeds, workdir, progress)[0]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  """``python -m jaxurban.topt.srel_train --city Chi --workdir DIR [--task crime] ...``"""
-  import argparse
-
-  from jaxurban.data.hafusion import load_city_views
-
+def parse_cli(argv: Sequence[str] | None = None) -> tuple[SRELConfig, argparse.Namespace]:
+  """The run's `SRELConfig` and the parsed flags of `main`'s command line."""
   parser = argparse.ArgumentParser(description=main.__doc__)
   parser.add_argument("--city", default="Chi", choices=("Chi", "NY"))
-  parser.add_argument("--task", default="crime", choices=tuple(TOPT_TASK_SETTINGS))
+  setting = parser.add_mutually_exclusive_group()
+  setting.add_argument(
+    "--task", default=None, choices=tuple(TOPT_TASK_SETTINGS), help="ToPT's setting (crime)"
+  )
+  setting.add_argument(
+    "--hafusion",
+    action="store_true",
+    help="HAFusion's own fusion and training (3 plain layers, lr 5e-4, 2000 epochs)",
+  )
   parser.add_argument("--data-root", default=None)
   parser.add_argument("--workdir", default=None)
   parser.add_argument("--seeds", type=int, nargs="+", default=None)
@@ -450,10 +462,27 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--no-spatial-bias", action="store_true")
   parser.add_argument("--no-centrality", action="store_true")
   args = parser.parse_args(argv)
-  overrides = {"spatial_bias": not args.no_spatial_bias, "centrality": not args.no_centrality}
-  if args.epochs is not None:
-    overrides["epochs"] = args.epochs
-  config = SRELConfig.for_task(args.task, args.city, **overrides)
+  if args.hafusion and (args.no_spatial_bias or args.no_centrality):
+    parser.error("--hafusion has no spatial prior to switch off")
+  epochs = {} if args.epochs is None else {"epochs": args.epochs}
+  if args.hafusion:
+    config = SRELConfig.for_city(args.city, **{**HAFUSION_TRAINING, **epochs})
+  else:
+    config = SRELConfig.for_task(
+      args.task or "crime",
+      args.city,
+      spatial_bias=not args.no_spatial_bias,
+      centrality=not args.no_centrality,
+      **epochs,
+    )
+  return config, args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """``python -m jaxurban.topt.srel_train --city Chi --workdir DIR [--task crime | --hafusion] ...``"""
+  from jaxurban.data.hafusion import load_city_views
+
+  config, args = parse_cli(argv)
   views = load_city_views(args.city, args.data_root)
   embeddings, log = train_srel_with_log(config, views, args.seeds, args.workdir)
   if args.workdir is not None:

@@ -1,0 +1,91 @@
+"""Ridge-probe scores of saved SREL/HAFusion embedding snapshots, per task.
+
+    python -m experiments.score_srel_snapshots --snapshots DIR [--city Chi] [--data-root ROOT]
+
+DIR holds what ``experiments/srel_torch_harness.py --train-epochs ... --out DIR``
+writes: ``snapshots_seed<S>.npy`` [T, N, d] and ``snapshot_epochs.npy`` [T].
+For every task and seed it prints the pooled 10-fold ``Ridge(1)`` R² of the
+last snapshot (a fixed epoch budget, honest) and of the snapshot with the
+best R² on those same test folds: the authors' HAFusion keeps that one, so
+it is labelled optimistic. The folds and metrics are the ToPT evaluator's
+(`jaxurban.eval.kfold`). Writes ``DIR/snapshot_scores.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import re
+
+import numpy as np
+
+from jaxurban.checkpoint import write_json_atomic
+from jaxurban.data.hafusion import load_city_views
+from jaxurban.data.errors import DataError
+from jaxurban.eval import kfold
+from jaxurban.topt.pipeline import TASKS
+
+
+def load_snapshots(
+  folder: pathlib.Path, n_regions: int
+) -> tuple[dict[int, np.ndarray], np.ndarray]:
+  """{seed: [T, N, d]} and the epochs [T] of the snapshots in `folder`."""
+  epochs_path = folder / "snapshot_epochs.npy"
+  if not epochs_path.is_file():
+    raise DataError(epochs_path, "file missing")
+  epochs = np.load(epochs_path)
+  runs = {}
+  for path in sorted(folder.glob("snapshots_seed*.npy")):
+    seed = int(re.fullmatch(r"snapshots_seed(\d+)\.npy", path.name).group(1))
+    snaps = np.load(path)
+    if snaps.ndim != 3 or snaps.shape[:2] != (len(epochs), n_regions):
+      raise DataError(path, f"shape {snaps.shape}, expected [{len(epochs)}, {n_regions}, d]")
+    if not np.all(np.isfinite(snaps)):
+      raise DataError(path, "non-finite values")
+    runs[seed] = snaps
+  if not runs:
+    raise DataError(folder, "no snapshots_seed<S>.npy files")
+  return runs, epochs
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--snapshots", required=True, help="folder written by the torch harness")
+  parser.add_argument("--city", default="Chi", choices=("Chi", "NY"))
+  parser.add_argument("--data-root", default=None)
+  args = parser.parse_args(argv)
+  folder = pathlib.Path(args.snapshots)
+  views = load_city_views(args.city, args.data_root)
+  runs, epochs = load_snapshots(folder, views.n_regions)
+  print(f"{len(runs)} seed(s), {len(epochs)} snapshots, epochs {epochs[0]}..{epochs[-1]}")
+  results = {"snapshots": str(folder), "city": args.city, "seeds": sorted(runs), "tasks": {}}
+  for task in TASKS:
+    labels = np.asarray(views.labels[task], np.float64)
+    keep = kfold.keep_mask(task, labels)
+    fold_of = kfold.fold_assignment(int(keep.sum()))
+    last, best, best_epoch = [], [], []
+    for seed in sorted(runs):
+      pooled = kfold.ridge_cv_predictions(
+        runs[seed][:, keep], labels[keep], fold_of, kfold.DEFAULT_FOLDS
+      )
+      r2 = kfold.score_pooled(pooled, labels[keep])["r2"]  # [T]
+      last.append(float(r2[-1]))
+      best.append(float(r2.max()))
+      best_epoch.append(int(epochs[int(r2.argmax())]))
+    summary = {
+      "last_epoch_r2": kfold.summarise({"r2": last})["r2"],
+      "best_snapshot_r2_optimistic": kfold.summarise({"r2": best})["r2"],
+      "best_snapshot_epochs": best_epoch,
+    }
+    results["tasks"][task] = summary
+    print(
+      f"{task:<12} last epoch R2 {summary['last_epoch_r2']['mean']:.3f} ± "
+      f"{summary['last_epoch_r2']['std']:.3f} | best snapshot on the test folds "
+      f"(optimistic) {summary['best_snapshot_r2_optimistic']['mean']:.3f} ± "
+      f"{summary['best_snapshot_r2_optimistic']['std']:.3f} (epochs {best_epoch})"
+    )
+  write_json_atomic(folder / "snapshot_scores.json", results)
+
+
+if __name__ == "__main__":
+  main()
