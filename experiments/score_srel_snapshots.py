@@ -40,6 +40,9 @@ def load_snapshots(
     snaps = np.load(path)
     if snaps.ndim != 3 or snaps.shape[:2] != (len(epochs), n_regions):
       raise DataError(path, f"shape {snaps.shape}, expected [{len(epochs)}, {n_regions}, d]")
+    first = next(iter(runs.values()), snaps)
+    if snaps.shape != first.shape:
+      raise DataError(path, f"shape {snaps.shape} differs from the other seeds' {first.shape}")
     if not np.all(np.isfinite(snaps)):
       raise DataError(path, "non-finite values")
     runs[seed] = snaps
@@ -59,22 +62,19 @@ def main(argv=None) -> None:
   runs, epochs = load_snapshots(folder, views.n_regions)
   print(f"{len(runs)} seed(s), {len(epochs)} snapshots, epochs {epochs[0]}..{epochs[-1]}")
   results = {"snapshots": str(folder), "city": args.city, "seeds": sorted(runs), "tasks": {}}
+  stacked = np.stack([runs[seed] for seed in sorted(runs)])  # [S, T, N, d]
   for task in TASKS:
     labels = np.asarray(views.labels[task], np.float64)
     keep = kfold.keep_mask(task, labels)
     fold_of = kfold.fold_assignment(int(keep.sum()))
-    last, best, best_epoch = [], [], []
-    for seed in sorted(runs):
-      pooled = kfold.ridge_cv_predictions(
-        runs[seed][:, keep], labels[keep], fold_of, kfold.DEFAULT_FOLDS
-      )
-      r2 = kfold.score_pooled(pooled, labels[keep])["r2"]  # [T]
-      last.append(float(r2[-1]))
-      best.append(float(r2.max()))
-      best_epoch.append(int(epochs[int(r2.argmax())]))
+    # Every seed's every snapshot in one vmapped ridge call.
+    kept = stacked[:, :, keep].reshape((-1, int(keep.sum()), stacked.shape[-1]))
+    pooled = kfold.ridge_cv_predictions(kept, labels[keep], fold_of, kfold.DEFAULT_FOLDS)
+    r2 = kfold.score_pooled(pooled, labels[keep])["r2"].reshape(stacked.shape[:2])  # [S, T]
+    best_epoch = epochs[np.argmax(r2, axis=1)].tolist()
     summary = {
-      "last_epoch_r2": kfold.summarise({"r2": last})["r2"],
-      "best_snapshot_r2_optimistic": kfold.summarise({"r2": best})["r2"],
+      "last_epoch_r2": kfold.summarise({"r2": r2[:, -1]})["r2"],
+      "best_snapshot_r2_optimistic": kfold.summarise({"r2": r2.max(axis=1)})["r2"],
       "best_snapshot_epochs": best_epoch,
     }
     results["tasks"][task] = summary

@@ -13,7 +13,8 @@ The second form trains their model from scratch for each seed
 of the last epoch) and ``snapshots_seed<S>.npy`` [T, N, d] with
 ``snapshot_epochs.npy``: the embeddings their ``train_model`` would score
 every ``--snapshot-every`` epochs (from the training-mode forward pass, as
-theirs). Score them with jaxurban's evaluator, e.g.
+theirs). Files are written atomically; re-running the same command skips
+the seeds whose snapshots exist. Score them with jaxurban's evaluator, e.g.
 ``python -m experiments.topt --no-prompt4re --embeddings DIR2/embeddings_last.npy``.
 
 DIR is a checkout of the HAFusion authors' repository; their model, data
@@ -144,12 +145,27 @@ def main() -> None:
   )
 
 
+def _save_atomic(path: str, save) -> None:
+  """Writes through a temporary file, so a killed run leaves no torn file."""
+  partial = path + ".partial"
+  with open(partial, "wb") as handle:
+    save(handle)
+  os.replace(partial, path)
+
+
 def _train_and_save(args, build, step) -> None:
   import numpy as np
 
   os.makedirs(args.out, exist_ok=True)
   last, log = [], []
   for seed in args.seeds:
+    done = os.path.join(args.out, f"snapshots_seed{seed}.npy")
+    if os.path.exists(done):  # finished before an interruption: keep it
+      snapshots = list(np.load(done))
+      last.append(snapshots[-1])
+      epochs = np.load(os.path.join(args.out, "snapshot_epochs.npy")).tolist()
+      print(json.dumps({"seed": seed, "resumed": done}), flush=True)
+      continue
     model, optimizer = build(seed)
     snapshots, epochs = [], []
     start = time.perf_counter()
@@ -160,13 +176,18 @@ def _train_and_save(args, build, step) -> None:
         epochs.append(epoch)
     seconds = time.perf_counter() - start
     last.append(snapshots[-1])
-    np.save(os.path.join(args.out, f"snapshots_seed{seed}.npy"), np.stack(snapshots))
+    # The epochs first: a seed's snapshots count as finished once they exist.
+    _save_atomic(
+      os.path.join(args.out, "snapshot_epochs.npy"), lambda f: np.save(f, np.asarray(epochs))
+    )
+    _save_atomic(done, lambda f: np.save(f, np.stack(snapshots)))
     log.append({"seed": seed, "seconds": seconds, "last_loss": float(loss.item())})
     print(json.dumps(log[-1]), flush=True)
-  np.save(os.path.join(args.out, "snapshot_epochs.npy"), np.asarray(epochs))
-  np.save(os.path.join(args.out, "embeddings_last.npy"), np.stack(last))
-  with open(os.path.join(args.out, "log.json"), "w") as handle:
-    json.dump({"args": vars(args), "runs": log}, handle, indent=2)
+  _save_atomic(os.path.join(args.out, "embeddings_last.npy"), lambda f: np.save(f, np.stack(last)))
+  _save_atomic(
+    os.path.join(args.out, "log.json"),
+    lambda f: f.write(json.dumps({"args": vars(args), "runs": log}, indent=2).encode()),
+  )
 
 
 if __name__ == "__main__":
