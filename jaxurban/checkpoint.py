@@ -42,6 +42,11 @@ def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
   os.replace(temporary, path)
 
 
+def _as_json(value: Any) -> Any:
+  """``value`` as the plain JSON types it reads back as (tuples become lists)."""
+  return json.loads(json.dumps(value, default=_json_default))
+
+
 def _json_default(value):
   if isinstance(value, (np.floating, np.integer)):
     return value.item()
@@ -67,15 +72,25 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any, config: dict) -> None:
-    self._manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        config=ocp.args.JsonSave(json.loads(json.dumps(config, default=_json_default))),
-      ),
-    )
+  def save(self, step: int, state: Any, config: dict, log: Any = None) -> None:
+    """Writes ``state`` with ``config``; ``log`` (JSON, e.g. the loss history
+    so far) travels beside them so that a resumed run keeps it."""
+    items = {
+      "state": ocp.args.StandardSave(state),
+      "config": ocp.args.JsonSave(_as_json(config)),
+    }
+    if log is not None:
+      items["log"] = ocp.args.JsonSave(_as_json(log))
+    self._manager.save(step, args=ocp.args.Composite(**items))
     self._manager.wait_until_finished()
+
+  def restore_log(self) -> Any:
+    """The ``log`` saved with the latest checkpoint; None without a checkpoint
+    or when that checkpoint has none (written before logs were saved)."""
+    step = self._manager.latest_step()
+    if step is None or not (self.directory / str(step) / "log").exists():
+      return None
+    return self._manager.restore(step, args=ocp.args.Composite(log=ocp.args.JsonRestore()))["log"]
 
   def restore(
     self, state_template: Any, config: dict, ignore: tuple[str, ...] = ()
@@ -95,7 +110,7 @@ class Checkpointer:
       ),
     )
     saved = restored["config"]
-    current = json.loads(json.dumps(config, default=_json_default))
+    current = _as_json(config)
     differing = sorted(
       k for k in set(saved) | set(current) if k not in ignore and saved.get(k) != current.get(k)
     )

@@ -56,8 +56,8 @@ def test_killed_run_resumes_to_the_same_result(data_root, graphs, tmp_path, monk
 
   original_save = Checkpointer.save
 
-  def save_then_die(self, step, state, cfg):
-    original_save(self, step, state, cfg)
+  def save_then_die(self, step, state, cfg, **kwargs):
+    original_save(self, step, state, cfg, **kwargs)
     raise KeyboardInterrupt("killed after the first checkpoint")
 
   monkeypatch.setattr(Checkpointer, "save", save_then_die)
@@ -66,6 +66,8 @@ def test_killed_run_resumes_to_the_same_result(data_root, graphs, tmp_path, monk
   monkeypatch.setattr(Checkpointer, "save", original_save)
   resumed = train.train_embeddings(config, tmp_path / "killed", *graphs)
   assert resumed[2]["embed"]["resumed_from"] == 2
+  # The loss history of the killed part came back from the checkpoint.
+  assert resumed[2]["embed"]["history"] == expected[2]["embed"]["history"]
   np.testing.assert_array_equal(resumed[0], expected[0])
   np.testing.assert_array_equal(resumed[1], expected[1])
 

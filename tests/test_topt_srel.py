@@ -334,10 +334,44 @@ def test_step_compiles_once_and_resumes(tmp_path, rng, monkeypatch):
   assert np.abs(first[0] - first[1]).max() > 1e-6
   assert (tmp_path / "checkpoints" / "srel").is_dir()
   assert (tmp_path / "srel_config.json").is_file()
-  # A rerun resumes from the last checkpoint and trains nothing more.
-  again, log = train_srel_with_log(config, views, seeds=(3, 4), workdir=tmp_path, progress=False)
-  assert log["resumed_from"] == 6 and log["history"] == []
+  # A rerun resumes from the last checkpoint, trains nothing more and keeps
+  # the loss history, which travels inside the checkpoint.
+  again, log_again = train_srel_with_log(
+    config, views, seeds=(3, 4), workdir=tmp_path, progress=False
+  )
+  assert log_again["resumed_from"] == 6
+  assert log_again["history"] == log["history"]
   np.testing.assert_array_equal(first, again)
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_killed_run_resumes_with_its_history(tmp_path, rng, monkeypatch):
+  views = _synthetic_views(rng, centroids=False)
+  config = SRELConfig(**TINY, epochs=6, log_every=2, checkpoint_every=2)
+  whole, whole_log = train_srel_with_log(
+    config, views, seeds=(1,), workdir=tmp_path / "whole", progress=False
+  )
+  # Kill the run right after its second checkpoint (epoch 4).
+  save = srel_train.Checkpointer.save
+
+  def save_then_die(self, step, *args, **kwargs):
+    save(self, step, *args, **kwargs)
+    if step == 4:
+      raise _Killed
+
+  monkeypatch.setattr(srel_train.Checkpointer, "save", save_then_die)
+  with pytest.raises(_Killed):
+    train_srel_with_log(config, views, seeds=(1,), workdir=tmp_path / "killed", progress=False)
+  monkeypatch.setattr(srel_train.Checkpointer, "save", save)
+  resumed, log = train_srel_with_log(
+    config, views, seeds=(1,), workdir=tmp_path / "killed", progress=False
+  )
+  assert log["resumed_from"] == 4
+  assert log["history"] == whole_log["history"]
+  np.testing.assert_array_equal(resumed, whole)
 
 
 def test_few_epochs_on_chicago(data_root):

@@ -174,10 +174,12 @@ def _run_stage(
   optimizer = optax.adam(config.learning_rate)
   state = (init_params, jax.vmap(optimizer.init)(init_params), keys)
   checkpointer = Checkpointer(workdir, subdir=name)
-  start = 0
+  start, history = 0, []
   restored = checkpointer.restore(state, config.to_dict(), ignore=_RESUMABLE_KEYS)
   if restored is not None:
     start, state = restored
+    # The loss history up to the checkpoint travels inside it.
+    history = [row for row in (checkpointer.restore_log() or []) if row["epoch"] <= start]
     _log(f"[{name}] resuming from the checkpoint at epoch {start}")
   if config.shard_seeds:
     mesh = sharding.seed_mesh()
@@ -193,7 +195,6 @@ def _run_stage(
   length = _chunk_length(epochs, config.log_every)
   save_every = max(length, (config.checkpoint_every // length) * length)
   chunk = make_chunk(loss_fn, optimizer, length, per_seed_data)
-  history = []
   started = time.perf_counter()
   for epoch in range(start, epochs, length):
     state, terms = chunk(state, *data)
@@ -205,7 +206,7 @@ def _run_stage(
     parts = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
     _log(f"[{name}] epoch {done:>5}/{epochs}  {parts}  ({time.perf_counter() - started:.1f} s)")
     if done % save_every == 0 or done == epochs:
-      checkpointer.save(done, state, config.to_dict())
+      checkpointer.save(done, state, config.to_dict(), log=history)
   checkpointer.close()
   return state[0], {
     "history": history,

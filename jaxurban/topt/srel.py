@@ -38,6 +38,7 @@ starts where the authors' does.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -51,6 +52,7 @@ from kernels.biased_attention import biased_attention, biased_attention_referenc
 __all__ = [
   "EARTH_RADIUS_KM",
   "SREL",
+  "SRELArchitecture",
   "centroids_to_km",
   "dense_biased_attention",
   "edge_pool",
@@ -443,24 +445,34 @@ class GraphormerLayer(nn.Module):
     return _FeedForward(self.ff_dim, self.dropout)(x, attended, deterministic)
 
 
-class SREL(nn.Module):
-  """ToPT's SREL: HAFusion view encoders and fusion + spatial Graphormer fusion.
+@dataclasses.dataclass(frozen=True)
+class SRELArchitecture:
+  """The shape of an SREL model. Defaults: ToPT's crime setting on Chicago.
+
+  `jaxurban.topt.srel_train.SRELConfig` extends it with the training
+  settings, so a run's saved config names every field below.
 
   Attributes:
     embedding_dim: d of the output embeddings E (144 in the paper).
-    n_heads: attention heads of the view encoders and the Graphormer layers.
-    n_layers: L, Graphormer layers.
-    intra_layers, inter_layers: intraAFL / interAFL blocks.
-    d_prime: width of the view-weight scorer.
+    n_heads: attention heads of the view encoders and the Graphormer layers
+      (HAFusion: Chicago 1, New York 4); must divide the region count N.
+    n_layers: L, Graphormer layers (ToPT: 2 crime / service calls, 5 check-in).
+    intra_layers, inter_layers: HAFusion's intraAFL / interAFL blocks.
+    d_prime: width of the view-weight scorer (HAFusion's d').
     memory: external-attention memory size (HAFusion's d_m).
     edge_channels: c of the intraAFL edge term.
     ff_dim: feed-forward width of every attention block (PyTorch's 2048).
-    dropout: dropout rate (training only).
-    spatial_bias: add B_ij = lambda A_ij to the Graphormer logits.
-    centrality: add the projected strength centrality to H~.
-    sigma_km: sigma of A_ij = exp(-(d_ij / sigma)^2).
-    lambda_init: initial lambda.
-    lambda_learnable: lambda is a parameter (else the constant lambda_init).
+    dropout: dropout rate during training (HAFusion: 0.1).
+    spatial_bias: add B_ij = lambda A_ij to the Graphormer logits (eq. 1);
+      False means no bias (lambda = 0).
+    centrality: add the projected strength centrality of A to H~.
+    spatial_lambda: initial lambda (ToPT: 0.1 crime, 0.4 check-in, 0.3
+      service calls).
+    lambda_learnable: lambda is a parameter (else the constant spatial_lambda).
+    sigma_km: sigma of A_ij = exp(-(d_ij / sigma)^2). ToPT's code does not
+      publish A; 3 km is about 1.4x the median nearest-centroid distance
+      between Chicago's community areas (2.1 km), so first neighbours get
+      A ~ 0.6 and regions 6 km apart ~ 0.02.
     attention_implementation: see `spatial_attention`.
   """
 
@@ -476,10 +488,56 @@ class SREL(nn.Module):
   dropout: float = 0.1
   spatial_bias: bool = True
   centrality: bool = True
-  sigma_km: float = 3.0
-  lambda_init: float = 0.1
+  spatial_lambda: float = 0.1
   lambda_learnable: bool = True
+  sigma_km: float = 3.0
   attention_implementation: str = "kernel"
+
+  def __post_init__(self):
+    problems = self.problems()
+    if problems:
+      raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
+
+  def problems(self) -> list[str]:
+    """What is wrong with the settings (empty when they are valid)."""
+    problems = []
+    positive = (
+      "embedding_dim",
+      "n_heads",
+      "intra_layers",
+      "inter_layers",
+      "d_prime",
+      "memory",
+      "edge_channels",
+      "ff_dim",
+    )
+    for name in positive:
+      if getattr(self, name) < 1:
+        problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.n_layers < 0:
+      problems.append(f"n_layers must be >= 0, got {self.n_layers}")
+    if not 0.0 <= self.dropout < 1.0:
+      problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+    if self.sigma_km <= 0:
+      problems.append(f"sigma_km must be > 0, got {self.sigma_km}")
+    if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+      problems.append(f"attention_implementation {self.attention_implementation!r} unknown")
+    return problems
+
+  def architecture(self) -> "SRELArchitecture":
+    """The architecture fields alone (drops what a subclass adds)."""
+    names = [f.name for f in dataclasses.fields(SRELArchitecture)]
+    return SRELArchitecture(**{name: getattr(self, name) for name in names})
+
+
+class SREL(nn.Module):
+  """ToPT's SREL: HAFusion view encoders and fusion + spatial Graphormer fusion.
+
+  Attributes:
+    architecture: the model's sizes and switches (`SRELArchitecture`).
+  """
+
+  architecture: SRELArchitecture = SRELArchitecture()
 
   @nn.compact
   def __call__(
@@ -504,8 +562,9 @@ class SREL(nn.Module):
       "embedding" E [N, embedding_dim]; the decoded "source",
       "destination", "poi", "landuse" [N, embedding_dim]; "view_weights" [3].
     """
+    arch = self.architecture
     d = mobility.shape[0]  # model width = N, as in HAFusion
-    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    drop = lambda y: nn.Dropout(arch.dropout)(y, deterministic=deterministic)
 
     # Stage 1: view encoders.
     inputs = (
@@ -515,55 +574,55 @@ class SREL(nn.Module):
     )
     encoded = []
     for name, x in zip(("poi", "landuse", "mobility"), inputs):
-      for i in range(self.intra_layers):
+      for i in range(arch.intra_layers):
         x = IntraViewBlock(
-          self.n_heads, self.edge_channels, self.ff_dim, self.dropout, name=f"{name}_intra_{i}"
+          arch.n_heads, arch.edge_channels, arch.ff_dim, arch.dropout, name=f"{name}_intra_{i}"
         )(x, deterministic)
       encoded.append(DeepFc(d, name=f"{name}_intra_fc")(x))
     intra = jnp.stack(encoded)  # [3, N, d]
 
     # Stage 2: inter-view fusion.
     x = intra.transpose(1, 0, 2)  # [N, 3, d]
-    for i in range(self.inter_layers):
-      x = InterViewBlock(self.memory, name=f"inter_{i}")(x)
+    for i in range(arch.inter_layers):
+      x = InterViewBlock(arch.memory, name=f"inter_{i}")(x)
     inter = DeepFc(d, name="inter_fc")(x).transpose(1, 0, 2)
     para1 = self.param("mix_intra", nn.initializers.constant(0.1), (1,))
     para2 = self.param("mix_inter", nn.initializers.constant(0.9), (1,))
     mixed = inter * (para2 / (para1 + para2)) + intra * (para1 / (para1 + para2))
-    view_weights = ViewFusion(self.d_prime, name="view_fusion")(mixed)
+    view_weights = ViewFusion(arch.d_prime, name="view_fusion")(mixed)
     fused = jnp.einsum("v,vnd->nd", view_weights, mixed)  # H~
 
     # Stage 3: spatially informed inter-region fusion.
     spatial = coords is not None
     h = fused
-    if spatial and self.centrality:
-      centrality = strength_centrality(gaussian_adjacency(coords, self.sigma_km))
+    if spatial and arch.centrality:
+      centrality = strength_centrality(gaussian_adjacency(coords, arch.sigma_km))
       h = h + Linear(d, name="centrality_proj")(centrality[:, None])  # H'
     bias_params = None
-    if spatial and self.spatial_bias:
-      if self.lambda_learnable:
-        lam = self.param("spatial_lambda", nn.initializers.constant(self.lambda_init), ())
+    if spatial and arch.spatial_bias:
+      if arch.lambda_learnable:
+        lam = self.param("spatial_lambda", nn.initializers.constant(arch.spatial_lambda), ())
       else:
-        lam = jnp.asarray(self.lambda_init, jnp.float32)
+        lam = jnp.asarray(arch.spatial_lambda, jnp.float32)
       # B_ij = lambda A_ij, A_ij = exp(-(d_ij / sigma)^2): one radial basis
       # centred at 0 with width sigma, shared by the heads.
       bias_params = {
-        "rbf_weight": jnp.broadcast_to(lam, (self.n_heads, 1)),
+        "rbf_weight": jnp.broadcast_to(lam, (arch.n_heads, 1)),
         "rbf_centres": jnp.zeros((1,), jnp.float32),
-        "rbf_width": jnp.full((1,), self.sigma_km, jnp.float32),
+        "rbf_width": jnp.full((1,), arch.sigma_km, jnp.float32),
       }
-    for i in range(self.n_layers):
+    for i in range(arch.n_layers):
       h = GraphormerLayer(
-        self.n_heads,
-        self.ff_dim,
-        self.dropout,
-        self.attention_implementation,
+        arch.n_heads,
+        arch.ff_dim,
+        arch.dropout,
+        arch.attention_implementation,
         name=f"graphormer_{i}",
       )(h, coords if spatial else None, bias_params, deterministic)
     h = DeepFc(d, name="region_fc")(h)
-    embedding = DeepFc(self.embedding_dim, name="out_fc")(h)
+    embedding = DeepFc(arch.embedding_dim, name="out_fc")(h)
 
     out = {"embedding": embedding, "view_weights": view_weights}
     for name in ("source", "destination", "poi", "landuse"):
-      out[name] = Linear(self.embedding_dim, name=f"decoder_{name}")(embedding)
+      out[name] = Linear(arch.embedding_dim, name=f"decoder_{name}")(embedding)
     return out

@@ -29,7 +29,7 @@ import optax
 
 from jaxurban.checkpoint import Checkpointer, save_npy_atomic, write_json_atomic
 from jaxurban.data.hafusion import CityViews
-from jaxurban.topt.srel import ATTENTION_IMPLEMENTATIONS, SREL, centroids_to_km
+from jaxurban.topt.srel import SREL, SRELArchitecture, centroids_to_km
 from jaxurban.topt.srel_losses import normalise_mobility, srel_loss
 from jaxurban.training import chunk_length as _chunk_length
 from jaxurban.training import make_chunk
@@ -73,96 +73,42 @@ _RESUMABLE_KEYS = ("log_every", "checkpoint_every")
 
 
 @dataclasses.dataclass(frozen=True)
-class SRELConfig:
-  """One SREL training run. Defaults: ToPT's crime setting on Chicago.
+class SRELConfig(SRELArchitecture):
+  """One SREL training run: the model's `SRELArchitecture` fields (their
+  defaults are ToPT's crime setting on Chicago) plus the training settings.
 
   Attributes:
     epochs: full-batch Adam steps (4000 in the ToPT paper).
-    embedding_dim: d of the region embeddings (144).
     learning_rate: Adam learning rate (ToPT: 7e-4 crime, 2e-4 check-in,
       8e-4 service calls).
     weight_decay: L2 penalty added to the gradient before Adam, as PyTorch's
       ``Adam(weight_decay=5e-4)`` of the authors.
-    dropout: dropout rate during training (HAFusion: 0.1).
-    n_layers: L, Graphormer layers (ToPT: 2 crime / service calls, 5 check-in).
-    n_heads: attention heads (HAFusion Chicago 1, New York 4); must divide N.
-    intra_layers, inter_layers: HAFusion's intraAFL / interAFL blocks.
-    d_prime, memory, edge_channels: HAFusion's d', d_m and c.
-    ff_dim: feed-forward width of the attention blocks (2048).
-    spatial_bias: add lambda * A_ij to the Graphormer logits (eq. 1); False
-      means no bias (lambda = 0).
-    centrality: add the projected strength centrality of A to the features.
-    spatial_lambda: initial lambda (ToPT: 0.1 crime, 0.4 check-in, 0.3
-      service calls).
-    lambda_learnable: lambda is trained (else fixed at spatial_lambda).
-    sigma_km: sigma of A_ij = exp(-(d_ij / sigma)^2). ToPT's code does not
-      publish A; 3 km is about 1.4x the median nearest-centroid distance
-      between Chicago's community areas (2.1 km), so first neighbours get
-      A ~ 0.6 and regions 6 km apart ~ 0.02.
     seeds: seeds used when `train_srel` is given none; each seed's key
       initialises its parameters and drives its dropout.
-    attention_implementation: "kernel" (the fused Pallas kernel on a GPU,
-      its dense reference elsewhere), "reference" (dense) or
-      "kernel-interpret" (see `jaxurban.topt.srel.spatial_attention`).
     log_every: epochs per jitted chunk and per progress line (rounded down
       to a divisor of epochs).
     checkpoint_every: epochs between checkpoints (rounded to chunks).
   """
 
   epochs: int = 4000
-  embedding_dim: int = 144
   learning_rate: float = 7e-4
   weight_decay: float = 5e-4
-  dropout: float = 0.1
-  n_layers: int = 2
-  n_heads: int = 1
-  intra_layers: int = 1
-  inter_layers: int = 2
-  d_prime: int = 32
-  memory: int = 36
-  edge_channels: int = 32
-  ff_dim: int = 2048
-  spatial_bias: bool = True
-  centrality: bool = True
-  spatial_lambda: float = 0.1
-  lambda_learnable: bool = True
-  sigma_km: float = 3.0
   seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-  attention_implementation: str = "kernel"
   log_every: int = 100
   checkpoint_every: int = 500
 
   def __post_init__(self):
-    problems = []
-    positive = (
-      "epochs",
-      "embedding_dim",
-      "n_heads",
-      "intra_layers",
-      "inter_layers",
-      "d_prime",
-      "memory",
-      "edge_channels",
-      "ff_dim",
-      "log_every",
-      "checkpoint_every",
-    )
-    for name in positive:
+    super().__post_init__()
+    object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+
+  def problems(self) -> list[str]:
+    problems = super().problems()
+    for name in ("epochs", "log_every", "checkpoint_every"):
       if getattr(self, name) < 1:
         problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-    if self.n_layers < 0:
-      problems.append(f"n_layers must be >= 0, got {self.n_layers}")
-    if not 0.0 <= self.dropout < 1.0:
-      problems.append(f"dropout must be in [0, 1), got {self.dropout}")
     if self.learning_rate <= 0 or self.weight_decay < 0:
       problems.append("learning_rate must be > 0 and weight_decay >= 0")
-    if self.sigma_km <= 0:
-      problems.append(f"sigma_km must be > 0, got {self.sigma_km}")
-    if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
-      problems.append(f"attention_implementation {self.attention_implementation!r} unknown")
-    if problems:
-      raise ValueError("SRELConfig: " + "; ".join(problems))
-    object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+    return problems
 
   @classmethod
   def for_city(cls, city: str, **overrides) -> "SRELConfig":
@@ -213,25 +159,9 @@ def prepare_data(views: CityViews) -> SRELData:
   )
 
 
-def build_model(config: SRELConfig) -> SREL:
-  return SREL(
-    embedding_dim=config.embedding_dim,
-    n_heads=config.n_heads,
-    n_layers=config.n_layers,
-    intra_layers=config.intra_layers,
-    inter_layers=config.inter_layers,
-    d_prime=config.d_prime,
-    memory=config.memory,
-    edge_channels=config.edge_channels,
-    ff_dim=config.ff_dim,
-    dropout=config.dropout,
-    spatial_bias=config.spatial_bias,
-    centrality=config.centrality,
-    sigma_km=config.sigma_km,
-    lambda_init=config.spatial_lambda,
-    lambda_learnable=config.lambda_learnable,
-    attention_implementation=config.attention_implementation,
-  )
+def build_model(config: SRELArchitecture) -> SREL:
+  """The SREL module of a run's config (its architecture fields)."""
+  return SREL(config.architecture())
 
 
 def make_optimizer(config: SRELConfig) -> optax.GradientTransformation:
@@ -355,7 +285,7 @@ def train_srel_with_log(
     "n_regions": views.n_regions,
   }
 
-  start, state, checkpointer = 0, None, None
+  start, state, checkpointer, history = 0, None, None, []
   if workdir is not None:
     workdir = pathlib.Path(workdir)
     checkpointer = Checkpointer(workdir, subdir="srel")
@@ -363,6 +293,9 @@ def train_srel_with_log(
       # Restoring needs only the state's structure: skip initialising it.
       template = abstract_state(model, optimizer, seeds, data)
       start, state = checkpointer.restore(template, run_config, ignore=_RESUMABLE_KEYS)
+      # The loss history up to the checkpoint travels inside it (absent from
+      # checkpoints written before it did).
+      history = [row for row in (checkpointer.restore_log() or []) if row["epoch"] <= start]
       say(f"[srel] resuming from the checkpoint at epoch {start}")
     write_json_atomic(workdir / "srel_config.json", run_config)
   if state is None:
@@ -372,7 +305,6 @@ def train_srel_with_log(
   save_every = max(length, (used.checkpoint_every // length) * length)
   chunk = make_train_chunk(make_loss(model), optimizer, length)
   args = data.as_tuple()
-  history = []
   started = time.perf_counter()
   for epoch in range(start, used.epochs, length):
     state, terms = chunk(state, *args)
@@ -396,7 +328,7 @@ def train_srel_with_log(
       flush=True,
     )
     if checkpointer is not None and (done % save_every == 0 or done == used.epochs):
-      checkpointer.save(done, state, run_config)
+      checkpointer.save(done, state, run_config, log=history)
   seconds = time.perf_counter() - started
   if checkpointer is not None:
     checkpointer.close()
@@ -487,8 +419,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   embeddings, log = train_srel_with_log(config, views, args.seeds, args.workdir)
   if args.workdir is not None:
     save_npy_atomic(pathlib.Path(args.workdir) / "emb.npy", embeddings)
-  final = {k: float(np.mean(v)) for k, v in log["final_terms"].items() if k != "epoch"}
-  print(f"[srel] done: {embeddings.shape} in {log['train_seconds']:.1f} s; final losses {final}")
+  final_terms = log["final_terms"] or {}
+  final = {k: float(np.mean(v)) for k, v in final_terms.items() if k != "epoch"}
+  print(
+    f"[srel] done: {embeddings.shape} in {log['train_seconds']:.1f} s "
+    f"(resumed at epoch {log['resumed_from']}); final losses {final or 'not recorded'}"
+  )
 
 
 if __name__ == "__main__":
