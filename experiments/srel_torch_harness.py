@@ -146,7 +146,11 @@ def main() -> None:
 
 
 def _save_atomic(path: str, save) -> None:
-  """Writes through a temporary file, so a killed run leaves no torn file."""
+  """Writes through a temporary file, so a killed run leaves no torn file.
+
+  (jaxurban's writers are not used: importing jaxurban pulls in JAX and
+  orbax, which the PyTorch environment running this script need not have.)
+  """
   partial = path + ".partial"
   with open(partial, "wb") as handle:
     save(handle)

@@ -85,8 +85,9 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def restore_log(self) -> Any:
-    """The ``log`` saved with the latest checkpoint; None without a checkpoint
-    or when that checkpoint has none (written before logs were saved)."""
+    """The ``log`` saved with the latest checkpoint (the one `restore` reads);
+    None without a checkpoint or when that checkpoint has none (written
+    before logs were saved)."""
     step = self._manager.latest_step()
     if step is None or not (self.directory / str(step) / "log").exists():
       return None

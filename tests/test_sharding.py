@@ -70,6 +70,14 @@ REGIONS_CHILD = GRAPHS + textwrap.dedent(
 
   assert len(graphs[0].origin_rows) % 8 or len(graphs[1].origin_rows) % 8  # padding exercised
 
+  def assert_trees_close(actual, expected, rtol, scale_atol):
+    # Float32 sums in another order: differences relative to each array's scale.
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=scale_atol * np.abs(b).max()),
+      actual,
+      expected,
+    )
+
   mesh = sharding.region_mesh()
   padded = [pad_target_rows(g, 8) for g in graphs]
   # The loss form (alignment terms) and the logits budget (mobility term) act on
@@ -86,11 +94,7 @@ REGIONS_CHILD = GRAPHS + textwrap.dedent(
     (loss_pad, _), grads_pad = grad(settings)(params, key, *padded)
     # Padding is exact: padded rows carry no target and no normaliser.
     np.testing.assert_allclose(loss_pad, loss, rtol=1e-6)
-    jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max()),
-      grads_pad,
-      grads,
-    )
+    assert_trees_close(grads_pad, grads, rtol=1e-5, scale_atol=1e-6)
     split_graphs = [train.place_city_graph(g, mesh) for g in padded]
     assert len(split_graphs[0].origin_rows.sharding.device_set) == 8
     mesh_settings = dataclasses.replace(settings, mesh=mesh)
@@ -100,12 +104,7 @@ REGIONS_CHILD = GRAPHS + textwrap.dedent(
     np.testing.assert_allclose(loss_split, loss, rtol=1e-5)
     for name in terms:
       np.testing.assert_allclose(terms_split[name], terms[name], rtol=1e-5, atol=1e-6)
-    # Float32 sums in another order: differences relative to each array's scale.
-    jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max()),
-      grads_split,
-      grads,
-    )
+    assert_trees_close(grads_split, grads, rtol=1e-4, scale_atol=1e-5)
 
   # The fused row-normaliser kernel (interpret mode), one shard per device.
   kernel_settings = dataclasses.replace(settings, lse_implementation="pallas-interpret")
@@ -113,11 +112,7 @@ REGIONS_CHILD = GRAPHS + textwrap.dedent(
     sharding.replicate(params, mesh), sharding.replicate(key, mesh), *split_graphs
   )
   np.testing.assert_allclose(loss_kernel, loss, rtol=1e-5)
-  jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max()),
-    grads_kernel,
-    grads,
-  )
+  assert_trees_close(grads_kernel, grads, rtol=1e-4, scale_atol=1e-5)
 
   results = {}
   for shard in (False, True):

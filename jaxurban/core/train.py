@@ -179,7 +179,7 @@ def _run_stage(
   if restored is not None:
     start, state = restored
     # The loss history up to the checkpoint travels inside it.
-    history = [row for row in (checkpointer.restore_log() or []) if row["epoch"] <= start]
+    history = checkpointer.restore_log() or []
     _log(f"[{name}] resuming from the checkpoint at epoch {start}")
   if config.shard_seeds:
     mesh = sharding.seed_mesh()

@@ -293,9 +293,8 @@ def train_srel_with_log(
       # Restoring needs only the state's structure: skip initialising it.
       template = abstract_state(model, optimizer, seeds, data)
       start, state = checkpointer.restore(template, run_config, ignore=_RESUMABLE_KEYS)
-      # The loss history up to the checkpoint travels inside it (absent from
-      # checkpoints written before it did).
-      history = [row for row in (checkpointer.restore_log() or []) if row["epoch"] <= start]
+      # The loss history up to the checkpoint travels inside it.
+      history = checkpointer.restore_log() or []
       say(f"[srel] resuming from the checkpoint at epoch {start}")
     write_json_atomic(workdir / "srel_config.json", run_config)
   if state is None:
@@ -421,9 +420,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     save_npy_atomic(pathlib.Path(args.workdir) / "emb.npy", embeddings)
   final_terms = log["final_terms"] or {}
   final = {k: float(np.mean(v)) for k, v in final_terms.items() if k != "epoch"}
+  resumed = f" (resumed at epoch {log['resumed_from']})" if log["resumed_from"] else ""
   print(
-    f"[srel] done: {embeddings.shape} in {log['train_seconds']:.1f} s "
-    f"(resumed at epoch {log['resumed_from']}); final losses {final or 'not recorded'}"
+    f"[srel] done: {embeddings.shape} in {log['train_seconds']:.1f} s{resumed}; "
+    f"final losses {final or 'not recorded'}"
   )
 
 
