@@ -226,6 +226,11 @@ def _load_scalars(ref, count: int):
   return [ref[r] for r in range(count)]
 
 
+def _load_bias_parameters(w_ref, centre_ref, invw_ref, cfg: _Config):
+  """One head's RBF weights, centres and inverse widths, as lists of scalars."""
+  return tuple(_load_scalars(ref, cfg.n_rbf) for ref in (w_ref, centre_ref, invw_ref))
+
+
 def _tile_phis(q_coords, k_coords, centres, inv_width):
   """φ_r(d_ij) on one [bq, bk] tile from the coordinate columns of its nodes."""
   dist2 = None
@@ -250,6 +255,20 @@ def _tile_logits(q, k, phis, weights, row_term, col_term, valid, scale):
   return jnp.where(valid[None, :], logits, _MASK_VALUE)
 
 
+def _biased_logits(q, k, q_coords, k_coords, bias, row_term, col_term, valid, cfg: _Config):
+  """One tile's base-2 logits, and the φ_r(d_ij) they were built from."""
+  weights, centres, inv_width = bias
+  phis = _tile_phis(q_coords, k_coords, centres, inv_width)
+  return _tile_logits(q, k, phis, weights, row_term, col_term, valid, cfg.scale * _LOG2E), phis
+
+
+def _recomputed_p_and_ds(s, lse, valid, do, v, delta):
+  """P recomputed from the saved base-2 LSE, and dS = P∘(dP − δ)
+  (FlashAttention-2, Alg. 2), on one tile."""
+  p = jnp.where(valid[None, :], jnp.exp2(s - lse[:, None]), 0.0)
+  return p, p * (_dot(do, v, 1, 1) - delta[:, None])
+
+
 def _forward_kernel(
   q_ref,
   k_ref,
@@ -272,10 +291,7 @@ def _forward_kernel(
   q = q_ref[...]
   q_coords = [cq_ref[c, :] for c in range(cfg.n_coords)]
   row_term = row_ref[...]
-  weights = _load_scalars(w_ref, cfg.n_rbf)
-  centres = _load_scalars(centre_ref, cfg.n_rbf)
-  inv_width = _load_scalars(invw_ref, cfg.n_rbf)
-  logit_scale = cfg.scale * _LOG2E
+  bias = _load_bias_parameters(w_ref, centre_ref, invw_ref, cfg)
 
   def body(kb, carry):
     acc, m_prev, l_prev = carry
@@ -284,8 +300,7 @@ def _forward_kernel(
     v = v_ref[ks, :]
     k_coords = [ck_ref[c, ks] for c in range(cfg.n_coords)]
     valid = kmask_ref[ks] > 0.5
-    phis = _tile_phis(q_coords, k_coords, centres, inv_width)
-    s = _tile_logits(q, k, phis, weights, row_term, col_ref[ks], valid, logit_scale)
+    s, _ = _biased_logits(q, k, q_coords, k_coords, bias, row_term, col_ref[ks], valid, cfg)
     # Online softmax (FlashAttention-2, Alg. 1): rescale the running sum and
     # accumulator by exp(m_prev - m_new) instead of renormalising per block.
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
@@ -334,10 +349,7 @@ def _dq_kernel(
   delta = delta_ref[...]
   q_coords = [cq_ref[c, :] for c in range(cfg.n_coords)]
   row_term = row_ref[...]
-  weights = _load_scalars(w_ref, cfg.n_rbf)
-  centres = _load_scalars(centre_ref, cfg.n_rbf)
-  inv_width = _load_scalars(invw_ref, cfg.n_rbf)
-  logit_scale = cfg.scale * _LOG2E
+  bias = _load_bias_parameters(w_ref, centre_ref, invw_ref, cfg)
 
   def body(kb, carry):
     dq, drow = carry
@@ -346,11 +358,8 @@ def _dq_kernel(
     v = v_ref[ks, :]
     k_coords = [ck_ref[c, ks] for c in range(cfg.n_coords)]
     valid = kmask_ref[ks] > 0.5
-    phis = _tile_phis(q_coords, k_coords, centres, inv_width)
-    s = _tile_logits(q, k, phis, weights, row_term, col_ref[ks], valid, logit_scale)
-    p = jnp.where(valid[None, :], jnp.exp2(s - lse[:, None]), 0.0)
-    dp = _dot(do, v, 1, 1)
-    ds = p * (dp - delta[:, None])  # dS = P∘(dP − δ)
+    s, _ = _biased_logits(q, k, q_coords, k_coords, bias, row_term, col_ref[ks], valid, cfg)
+    _, ds = _recomputed_p_and_ds(s, lse, valid, do, v, delta)
     dq = dq + _dot(ds.astype(k.dtype), k, 1, 0)
     drow = drow + jnp.sum(ds, axis=1)  # ∂L/∂row_bias[h,i] = Σ_j dS_ij
     return dq, drow
@@ -391,25 +400,17 @@ def _dkv_kernel(
   k_coords = [ck_ref[c, :] for c in range(cfg.n_coords)]
   col_term = col_ref[...]
   valid = kmask_ref[...] > 0.5
-  weights = _load_scalars(w_ref, cfg.n_rbf)
-  centres = _load_scalars(centre_ref, cfg.n_rbf)
-  inv_width = _load_scalars(invw_ref, cfg.n_rbf)
-  logit_scale = cfg.scale * _LOG2E
+  bias = _load_bias_parameters(w_ref, centre_ref, invw_ref, cfg)
 
   def body(qb, carry):
     dk, dv, dcol, dws = carry
     qs = pl.ds(pl.multiple_of(qb * bq, bq), bq)
     q = q_ref[qs, :]
     do = do_ref[qs, :]
-    lse = lse_ref[qs]
-    delta = delta_ref[qs]
     q_coords = [cq_ref[c, qs] for c in range(cfg.n_coords)]
-    phis = _tile_phis(q_coords, k_coords, centres, inv_width)
-    s = _tile_logits(q, k, phis, weights, row_ref[qs], col_term, valid, logit_scale)
-    p = jnp.where(valid[None, :], jnp.exp2(s - lse[:, None]), 0.0)
+    s, phis = _biased_logits(q, k, q_coords, k_coords, bias, row_ref[qs], col_term, valid, cfg)
+    p, ds = _recomputed_p_and_ds(s, lse_ref[qs], valid, do, v, delta_ref[qs])
     dv = dv + _dot(p.astype(do.dtype), do, 0, 0)  # Pᵀ dO
-    dp = _dot(do, v, 1, 1)
-    ds = p * (dp - delta[:, None])
     dk = dk + _dot(ds.astype(q.dtype), q, 0, 0)  # dSᵀ Q
     dcol = dcol + jnp.sum(ds, axis=0)  # ∂L/∂col_bias[h,j] = Σ_i dS_ij
     # ∂L/∂rbf_weight[h,r] = Σ_ij dS_ij φ_r(d_ij); kept per key here and summed

@@ -84,6 +84,29 @@ def float64_reference(inputs, cotangent, use_row, use_col):
   return out, grads
 
 
+def rbf_weight_gradient_scale(inputs, cotangent):
+  """[H, R] Σ_ij |dS_ij| φ_r(d_ij) in float64 NumPy: the size of the terms
+  whose sum is ∂L/∂rbf_weight[h, r]. Every row of dS = P∘(dP − δ) sums to
+  zero, so that sum cancels; its rounding error scales with the terms, not
+  with the (possibly much smaller) sum."""
+  f64 = {n: np.asarray(x, np.float64) for n, x in inputs.items() if n != "key_valid"}
+  q, k, v = f64["q"], f64["k"], f64["v"]
+  dist = np.linalg.norm(f64["coords_q"][:, None] - f64["coords_k"][None], axis=-1)
+  phi = np.exp(
+    -(((dist[None] - f64["rbf_centres"][:, None, None]) / f64["rbf_width"][:, None, None]) ** 2)
+  )
+  logits = np.einsum("hid,hjd->hij", q, k) / np.sqrt(q.shape[-1])
+  logits += np.einsum("hr,rij->hij", f64["rbf_weight"], phi)
+  logits += f64["row_bias"][:, :, None] + f64["col_bias"][:, None, :]
+  logits = np.where(inputs["key_valid"][None, None], logits, -np.inf)
+  p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  p /= p.sum(axis=-1, keepdims=True)
+  do = np.asarray(cotangent, np.float64)
+  delta = np.sum(do * np.einsum("hij,hjd->hid", p, v), axis=-1)
+  ds = p * (np.einsum("hid,hjd->hij", do, v) - delta[:, :, None])
+  return np.einsum("hij,rij->hr", np.abs(ds), phi)
+
+
 class TestBiasedAttentionPallas:
   INTERPRET = True
   BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
@@ -216,8 +239,14 @@ class TestBiasedAttentionPallas:
       return np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
 
     assert rel(out, ref_out) < 1e-2
-    for name in ("q", "k", "v", "rbf_weight", "col_bias"):
+    for name in ("q", "k", "v", "col_bias"):
       assert rel(grads[name], ref_grads[name]) < 2e-2, name
+    # ∂L/∂rbf_weight is a cancelling sum (see rbf_weight_gradient_scale): over
+    # 200 random draws its error reached 6e-2 of the sum itself but stayed
+    # below 6e-4 of its terms. Its value is checked tightly in float32 above.
+    scale = rbf_weight_gradient_scale(inputs, cotangent)
+    error = np.asarray(grads["rbf_weight"], np.float64) - ref_grads["rbf_weight"]
+    assert np.linalg.norm(error) / np.linalg.norm(scale) < 2e-3
 
   def test_no_quadratic_array_outside_the_kernels(self, rng):
     # O(N) memory: tracing forward and backward, no array of N² elements
