@@ -8,16 +8,46 @@ it.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pathlib
 import secrets
+import shutil
+import tempfile
 
-import numpy as np
-import pytest
+# Many tests compile the same programs (the same tiny models through fresh jit
+# objects, in this process, in the other pytest worker and in the 8-device
+# child processes). One compilation cache for the whole run compiles each of
+# them once (the CoRE training tests: 119 s instead of 187 s). The cache is
+# keyed on the program, the flags and the jax version, so a hit is the same
+# executable. Set before jax is imported so that pytest-xdist workers and
+# child processes inherit it; a cache the user already configured is kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix="jaxurban-tests-xla-cache-")
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-from jaxurban.data.core_city import CityData, load_city
-from jaxurban.data.errors import DataError
-from jaxurban.data.root import DATA_ENV, resolve_data_root
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# In case a plugin imported jax before this file: the flags read the
+# environment only at import.
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update(
+  "jax_persistent_cache_min_compile_time_secs",
+  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
+jax.config.update(
+  "jax_persistent_cache_min_entry_size_bytes",
+  int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]),
+)
+
+from jaxurban.data.core_city import CityData, load_city  # noqa: E402
+from jaxurban.data.errors import DataError  # noqa: E402
+from jaxurban.data.root import DATA_ENV, resolve_data_root  # noqa: E402
 
 REQUIRE_DATA_ENV = "JAXURBAN_REQUIRE_DATA"
 
