@@ -40,7 +40,10 @@ def test_linear_attention_matches_float64_reference(rng):
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-5)
     with jax.enable_x64(True):
       exact = linear_context_attention(*(jnp.asarray(a, jnp.float64) for a in (q, k, v, p_t, p_s)))
-      np.testing.assert_allclose(np.asarray(exact), expected, rtol=1e-12)
+      # An output that is a cancelling sum of O(1) values can be near zero,
+      # so rtol alone is too strict there (5e-11 seen); over 500 draws the
+      # absolute error stayed below 1.4e-15.
+      np.testing.assert_allclose(np.asarray(exact), expected, rtol=1e-12, atol=1e-13)
 
 
 def test_softmax_attention_matches_float64_reference(rng):
