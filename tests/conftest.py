@@ -20,8 +20,10 @@ import tempfile
 # child processes). One compilation cache for the whole run compiles each of
 # them once (the CoRE training tests: 119 s instead of 187 s). The cache is
 # keyed on the program, the flags and the jax version, so a hit is the same
-# executable. Set before jax is imported so that pytest-xdist workers and
-# child processes inherit it; a cache the user already configured is kept.
+# executable. jax reads these variables when it is imported, which happens
+# after this point (no pytest plugin imports it), in this process, in the
+# pytest-xdist workers and in child processes alike; a cache the user already
+# configured is kept.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache_dir = tempfile.mkdtemp(prefix="jaxurban-tests-xla-cache-")
   atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
@@ -29,21 +31,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-# In case a plugin imported jax before this file: the flags read the
-# environment only at import.
-jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update(
-  "jax_persistent_cache_min_compile_time_secs",
-  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
-)
-jax.config.update(
-  "jax_persistent_cache_min_entry_size_bytes",
-  int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]),
-)
 
 from jaxurban.data.core_city import CityData, load_city  # noqa: E402
 from jaxurban.data.errors import DataError  # noqa: E402
