@@ -13,6 +13,14 @@ from typing import Callable
 import jax
 import optax
 
+# XLA options for every training chunk. Region analysis in copy insertion
+# lets the CPU compiler update the loop-carried parameters and Adam moments
+# of the epoch loop in place instead of copying them each epoch: 10 % off a
+# 5-seed Chicago SREL epoch (79.3 -> 71.1 ms, one process, alternating
+# rounds), no change for CoRE, identical losses. Other backends ignore
+# `xla_cpu_*` options.
+CHUNK_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
 
 def chunk_length(epochs: int, log_every: int) -> int:
   """Largest divisor of `epochs` not above `log_every` (one compiled chunk)."""
@@ -54,4 +62,4 @@ def make_chunk(
     data_axis = 0 if per_seed_data else None
     return jax.vmap(one_seed, in_axes=(0,) + (data_axis,) * len(data))(state, *data)
 
-  return jax.jit(chunk, donate_argnums=0)
+  return jax.jit(chunk, donate_argnums=0, compiler_options=CHUNK_COMPILER_OPTIONS)

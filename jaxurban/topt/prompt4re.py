@@ -50,6 +50,7 @@ import numpy as np
 import optax
 
 from jaxurban.eval.kfold import masked_ridge_fit, fold_masks
+from jaxurban.training import CHUNK_COMPILER_OPTIONS
 
 __all__ = [
   "Prompt4RE",
@@ -273,7 +274,12 @@ def _init_states(keys, e, p, y, masks, *, width, config):
   return _over_seeds_and_folds(one)(keys, e, p, y, masks)
 
 
-@functools.partial(jax.jit, static_argnames=("width", "config", "validated"), donate_argnums=0)
+@functools.partial(
+  jax.jit,
+  static_argnames=("width", "config", "validated"),
+  donate_argnums=0,
+  compiler_options=CHUNK_COMPILER_OPTIONS,
+)
 def _train_chunk(state, e, p, y, masks, *, width, config, validated):
   """``eval_every`` Adam steps for every (seed, fold), then the held-out predictions.
 
