@@ -8,6 +8,7 @@ import numpy as np
 
 from experiments import topt
 from jaxurban.eval.kfold import protocol_label
+from jaxurban.topt.pipeline import collapsed_seeds
 
 
 def test_tiny_chicago_run_writes_metrics_and_map(data_root, tmp_path, capsys):
@@ -70,3 +71,15 @@ def test_validated_protocol_reports_one_honest_row(data_root, tmp_path, rng):
     ["w/o Prompt4RE (ridge on SREL embeddings)", task["reported_model"]]
   )
   assert np.isfinite(task["models"][task["reported_model"]]["r2"]["mean"])
+
+
+def test_collapsed_seeds_flags_only_constant_embeddings(rng):
+  emb = rng.normal(size=(4, 30, 8)).astype(np.float32)
+  # Seed 1: one vector for every region, up to float32 noise; seed 3: all zeros.
+  emb[1] = rng.normal(size=8) + 1e-8 * rng.normal(size=(30, 8))
+  emb[3] = 0.0
+  # Seed 2: one region differs from the rest in one dimension: not collapsed.
+  emb[2] = 0.5
+  emb[2, 7, 4] = 0.6
+  assert collapsed_seeds(emb) == [1, 3]
+  assert collapsed_seeds(emb[[0, 2]]) == []

@@ -32,7 +32,14 @@ from jaxurban.topt.prompt4re import (
   cross_validated_trajectory,
 )
 
-__all__ = ["PAPER_TABLE1", "TASKS", "ToptConfig", "format_table", "train_and_evaluate"]
+__all__ = [
+  "PAPER_TABLE1",
+  "TASKS",
+  "ToptConfig",
+  "collapsed_seeds",
+  "format_table",
+  "train_and_evaluate",
+]
 
 TASKS = ("crime", "checkIn", "serviceCall")
 
@@ -198,6 +205,20 @@ def _srel_embeddings(config: ToptConfig, views, workdir, log) -> tuple[np.ndarra
   return np.asarray(emb, np.float32), f"trained: {dataclasses.asdict(srel_config)}"
 
 
+def collapsed_seeds(emb: np.ndarray, rtol: float = 1e-4) -> list[int]:
+  """Seeds whose embeddings are the same for every region ([S, N, d] input).
+
+  A seed counts as collapsed when every dimension's spread over regions is
+  below `rtol` times the embeddings' mean magnitude: a ridge probe on it can
+  only predict the mean. Long SREL runs on New York's raw trip counts end
+  like this for some seeds (see BUILD_NOTES.md).
+  """
+  emb = np.asarray(emb, np.float64)
+  spread = emb.std(axis=1).max(axis=-1)
+  scale = np.abs(emb).mean(axis=(1, 2))
+  return [int(s) for s in np.flatnonzero(spread <= rtol * np.maximum(scale, 1e-30))]
+
+
 def _row(summary: dict) -> tuple[float, float, float]:
   return tuple(summary[m]["mean"] for m in kfold.METRICS)
 
@@ -249,6 +270,14 @@ def train_and_evaluate(
   emb, srel_source = _srel_embeddings(config, views, workdir, log)
   timings = {"srel_s": time.perf_counter() - t0}
   save_npy_atomic(workdir / "embeddings.npy", emb)
+  collapsed = collapsed_seeds(emb)
+  if collapsed:
+    seeds = [config.seeds[i] for i in collapsed]
+    notes.append(
+      f"SREL seeds {seeds} collapsed: their embeddings are the same for every region, so "
+      "their ridge rows predict the mean (R2 about 0); the means over seeds include them."
+    )
+    log("WARNING: " + notes[-1])
 
   results = {
     "config": dataclasses.asdict(config),
