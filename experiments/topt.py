@@ -37,7 +37,18 @@ def parse_config(argv: list[str] | None = None) -> tuple[ToptConfig, pathlib.Pat
   parser.add_argument("--task", choices=TASKS + ("all",), default="all")
   parser.add_argument("--mllm", choices=("llama", "qwen"), default="llama")
   parser.add_argument("--seeds", type=int, default=5, help="seeds 0..K-1, vmapped")
-  parser.add_argument("--epochs-srel", type=int, default=4000)
+  parser.add_argument(
+    "--epochs-srel",
+    type=int,
+    default=None,
+    help="SREL epochs (default: Chi 4000, the paper's; NY 2000, HAFusion's)",
+  )
+  parser.add_argument(
+    "--srel-lr",
+    type=float,
+    default=None,
+    help="SREL learning rate (default: Chi 7e-4, the paper's; NY 5e-4, HAFusion's)",
+  )
   parser.add_argument("--epochs-prompt", type=int, default=3000)
   parser.add_argument(
     "--prompt-lr", type=float, default=None, help="Prompt4RE learning rate (default: paper's)"
@@ -80,6 +91,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[ToptConfig, pathlib.Pat
     spatial_bias=not args.no_spatial_bias,
     centrality=not args.no_centrality,
     srel_epochs=args.epochs_srel,
+    srel_learning_rate=args.srel_lr,
     embeddings_path=args.embeddings,
     prompt_epochs=args.epochs_prompt,
     prompt_learning_rate=args.prompt_lr,

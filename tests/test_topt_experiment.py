@@ -8,7 +8,7 @@ import numpy as np
 
 from experiments import topt
 from jaxurban.eval.kfold import protocol_label
-from jaxurban.topt.pipeline import collapsed_seeds
+from jaxurban.topt.pipeline import SREL_SCHEDULES, collapsed_seeds
 
 
 def test_tiny_chicago_run_writes_metrics_and_map(data_root, tmp_path, capsys):
@@ -26,6 +26,7 @@ def test_tiny_chicago_run_writes_metrics_and_map(data_root, tmp_path, capsys):
   metrics = json.loads((out / "metrics.json").read_text())
   assert metrics["config"]["protocol"] == "paper"
   assert metrics["config"]["srel_epochs"] == 2 and metrics["config"]["n_folds"] == 3
+  assert metrics["srel_schedule"] == {"epochs": 2, "learning_rate": 7e-4}
   assert metrics["protocol_label"] == protocol_label("paper")
   task = metrics["tasks"]["checkIn"]
   labels = np.load(data_root / "hafusion" / "Chi" / "check_counts.npy")
@@ -50,6 +51,12 @@ def test_new_york_runs_without_prompts(data_root):
   config, _ = topt.parse_config(["--city", "NY", "--data-root", str(data_root)])
   assert not config.uses_prompts
   assert config.model_name().startswith("w/o Prompt4RE")
+  # No ToPT setting exists for New York: HAFusion's schedule, unless set.
+  assert config.srel_schedule() == SREL_SCHEDULES["NY"] == (2000, 5e-4)
+  chicago, _ = topt.parse_config(["--city", "Chi"])
+  assert chicago.srel_schedule() == SREL_SCHEDULES["Chi"] == (4000, 7e-4)
+  argv = ["--city", "NY", "--epochs-srel", "300", "--srel-lr", "1e-4"]
+  assert topt.parse_config(argv)[0].srel_schedule() == (300, 1e-4)
 
 
 def test_validated_protocol_reports_one_honest_row(data_root, tmp_path, rng):
