@@ -1,15 +1,16 @@
 """Time per SREL training epoch: this project (JAX) vs the HAFusion authors' PyTorch.
 
-    python -m experiments.bench_srel --data-root ../shared/data \\
+    python -m experiments.bench_srel --data-root ../shared/data [--city Chi|NY] \\
       [--torch-python /path/to/python --torch-repo /path/to/HAFusion] [--out bench.json]
 
 JAX: one jitted chunk of `--epochs-per-call` full training steps (forward,
 loss, gradients, Adam) under lax.scan, timed after a warm-up (compilation)
 call; the epoch time is the median over `--repeats` calls divided by the
 chunk length. Measured for 1 seed and for `--seeds` seeds vmapped together,
-for two variants on Chicago:
+for two variants on `--city` (Chicago by default):
   * "topt": ToPT's SREL (crime setting: L = 2 Graphormer layers, spatial
-    bias and centrality on);
+    bias and centrality on; on New York, which has no centroids, without
+    them, as `experiments.topt --city NY` trains it);
   * "hafusion": the same code with HAFusion's region fusion (3 layers, no
     spatial prior), the architecture the PyTorch reference trains.
 PyTorch (when --torch-python and --torch-repo are given): the authors'
@@ -35,11 +36,13 @@ import time
 import jax
 import numpy as np
 
+from jaxurban.checkpoint import write_json_atomic
 from jaxurban.data.hafusion import load_city_views
 from jaxurban.topt.srel_train import (
   HAFUSION_FUSION,
   SRELConfig,
   build_model,
+  effective_config,
   init_state,
   make_loss,
   make_optimizer,
@@ -84,7 +87,13 @@ def time_jax(config: SRELConfig, views, n_seeds: int, epochs_per_call: int, repe
 
 
 def time_torch(
-  python: str, repo: str, epochs_per_call: int, repeats: int, flush: bool, threads: int
+  python: str,
+  repo: str,
+  epochs_per_call: int,
+  repeats: int,
+  flush: bool,
+  threads: int,
+  city: str = "Chi",
 ) -> dict:
   harness = pathlib.Path(__file__).with_name("srel_torch_harness.py")
   command = [
@@ -93,7 +102,7 @@ def time_torch(
     "--repo",
     repo,
     "--city",
-    "Chi",
+    city,
     "--epochs",
     str(epochs_per_call),
     "--repeats",
@@ -114,6 +123,7 @@ def time_torch(
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--data-root", default=None)
+  parser.add_argument("--city", choices=("Chi", "NY"), default="Chi")
   parser.add_argument("--seeds", type=int, default=5)
   parser.add_argument("--epochs-per-call", type=int, default=20)
   parser.add_argument("--repeats", type=int, default=5)
@@ -131,7 +141,7 @@ def main(argv=None) -> None:
   parser.add_argument("--out", default=None, help="write the results as JSON here")
   args = parser.parse_args(argv)
 
-  views = load_city_views("Chi", args.data_root)
+  views = load_city_views(args.city, args.data_root)
   results = {
     "machine": {
       "platform": platform.platform(),
@@ -140,12 +150,15 @@ def main(argv=None) -> None:
       "jax_version": jax.__version__,
       "devices": [str(d) for d in jax.devices()],
     },
+    "city": args.city,
     "command": " ".join([sys.executable, "-m", "experiments.bench_srel", *sys.argv[1:]]),
     "jax": {},
     "torch": {},
   }
   for variant in args.variants:
-    config = dataclasses.replace(SRELConfig(), **VARIANTS[variant])
+    # HAFusion's per-city shape (heads, blocks), then the variant's fusion.
+    config = dataclasses.replace(SRELConfig.for_city(args.city), **VARIANTS[variant])
+    config = effective_config(config, views)
     for n_seeds in sorted({1, args.seeds}):
       row = time_jax(config, views, n_seeds, args.epochs_per_call, args.repeats)
       results["jax"][f"{variant}_{n_seeds}seed"] = row
@@ -165,6 +178,7 @@ def main(argv=None) -> None:
           args.repeats,
           flush,
           threads,
+          args.city,
         )
         name = f"hafusion_{threads}thread" + ("_flush_denormal" if flush else "")
         results["torch"][name] = row
@@ -186,7 +200,7 @@ def main(argv=None) -> None:
   if args.out:
     path = pathlib.Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
+    write_json_atomic(path, results)
     print(f"wrote {path}")
 
 
