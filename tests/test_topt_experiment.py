@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from experiments import topt
 from jaxurban.eval.kfold import protocol_label
@@ -57,6 +58,9 @@ def test_new_york_runs_without_prompts(data_root):
   assert chicago.srel_schedule() == SREL_SCHEDULES["Chi"] == (4000, 7e-4)
   argv = ["--city", "NY", "--epochs-srel", "300", "--srel-lr", "1e-4"]
   assert topt.parse_config(argv)[0].srel_schedule() == (300, 1e-4)
+  for bad in (["--epochs-srel", "0"], ["--srel-lr", "0"]):
+    with pytest.raises(ValueError, match="srel_"):
+      topt.parse_config(["--city", "NY", *bad])
 
 
 def test_validated_protocol_reports_one_honest_row(data_root, tmp_path, rng):

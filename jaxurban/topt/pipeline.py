@@ -149,6 +149,10 @@ class ToptConfig:
     kfold.protocol_label(self.protocol)
     if not self.seeds:
       raise ValueError("ToptConfig.seeds is empty")
+    if self.srel_epochs is not None and self.srel_epochs < 1:
+      raise ValueError(f"ToptConfig.srel_epochs must be >= 1, got {self.srel_epochs}")
+    if self.srel_learning_rate is not None and not self.srel_learning_rate > 0:
+      raise ValueError(f"ToptConfig.srel_learning_rate must be > 0, got {self.srel_learning_rate}")
 
   def srel_schedule(self) -> tuple[int, float]:
     """(epochs, learning rate) of SREL: the set fields, else the city's default."""
