@@ -77,27 +77,30 @@ def parse_config(argv: list[str] | None = None) -> tuple[ToptConfig, pathlib.Pat
   parser.add_argument("--data-root", default=None, help="data folder (default: $JAXURBAN_DATA)")
   parser.add_argument("--out", default=None, help="output folder (default: runs/topt/<city>)")
   args = parser.parse_args(argv)
-  config = ToptConfig(
-    city=args.city,
-    tasks=TASKS if args.task == "all" else (args.task,),
-    mllm=args.mllm,
-    seeds=tuple(range(args.seeds)),
-    protocol=args.protocol,
-    n_folds=args.folds,
-    fold_seed=args.fold_seed,
-    prompt4re=not args.no_prompt4re,
-    task_prompt=not args.no_task_prompt,
-    alignment=not args.no_alignment,
-    spatial_bias=not args.no_spatial_bias,
-    centrality=not args.no_centrality,
-    srel_epochs=args.epochs_srel,
-    srel_learning_rate=args.srel_lr,
-    embeddings_path=args.embeddings,
-    prompt_epochs=args.epochs_prompt,
-    prompt_learning_rate=args.prompt_lr,
-    context=args.context,
-    data_root=args.data_root,
-  )
+  try:
+    config = ToptConfig(
+      city=args.city,
+      tasks=TASKS if args.task == "all" else (args.task,),
+      mllm=args.mllm,
+      seeds=tuple(range(args.seeds)),
+      protocol=args.protocol,
+      n_folds=args.folds,
+      fold_seed=args.fold_seed,
+      prompt4re=not args.no_prompt4re,
+      task_prompt=not args.no_task_prompt,
+      alignment=not args.no_alignment,
+      spatial_bias=not args.no_spatial_bias,
+      centrality=not args.no_centrality,
+      srel_epochs=args.epochs_srel,
+      srel_learning_rate=args.srel_lr,
+      embeddings_path=args.embeddings,
+      prompt_epochs=args.epochs_prompt,
+      prompt_learning_rate=args.prompt_lr,
+      context=args.context,
+      data_root=args.data_root,
+    )
+  except ValueError as error:  # a setting out of range: say which, as argparse does
+    parser.error(str(error))
   out = pathlib.Path(args.out) if args.out else pathlib.Path("runs") / "topt" / args.city
   return config, out
 
