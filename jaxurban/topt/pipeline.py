@@ -284,17 +284,18 @@ def train_and_evaluate(
   workdir.mkdir(parents=True, exist_ok=True)
   label = kfold.protocol_label(config.protocol)
   notes = []
+  # The SREL schedule this run trains with (None when embeddings are loaded).
+  schedule = None if config.embeddings_path else config.srel_schedule()
   if config.city == "NY":
     notes.append(
       "New York: no coordinates and no prompt vectors, so SREL is trained without the "
       "spatial prior (no distance bias, no centrality) and Prompt4RE is not run; only the "
       "'w/o Prompt4RE' ridge row is reported."
     )
-    if config.embeddings_path is None and config.srel_schedule() == SREL_SCHEDULES["NY"]:
-      epochs, learning_rate = SREL_SCHEDULES["NY"]
+    if schedule == SREL_SCHEDULES["NY"]:
       notes.append(
         "New York: the ToPT paper has no SREL setting for it; SREL runs HAFusion's schedule "
-        f"({epochs} epochs, lr {learning_rate:g})."
+        f"({schedule[0]} epochs, lr {schedule[1]:g})."
       )
   elif not config.prompt4re:
     notes.append("Prompt4RE disabled: only the 'w/o Prompt4RE' ridge row is reported.")
@@ -323,9 +324,7 @@ def train_and_evaluate(
     "protocol_label": label,
     "notes": notes,
     "srel_embeddings": srel_source,
-    "srel_schedule": None if config.embeddings_path else dict(
-      zip(("epochs", "learning_rate"), config.srel_schedule())
-    ),
+    "srel_schedule": None if schedule is None else dict(zip(("epochs", "learning_rate"), schedule)),
     "metric_definition": (
       "pooled out-of-fold predictions (one per region), negatives clipped to 0, then MAE, "
       "RMSE, R2 over the scored regions; mean and sample std (ddof=1) over seeds"
