@@ -8,6 +8,7 @@ checkpoints between chunks.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -22,9 +23,16 @@ import optax
 CHUNK_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
-def chunk_length(epochs: int, log_every: int) -> int:
-  """Largest divisor of `epochs` not above `log_every` (one compiled chunk)."""
-  return max(d for d in range(1, min(epochs, log_every) + 1) if epochs % d == 0)
+def chunk_length(epochs: int, log_every: int, start: int = 0) -> int:
+  """Epochs per compiled chunk for a run from epoch `start` to `epochs`.
+
+  The largest divisor of both `epochs` and `start` not above `log_every`, so
+  that the chunks end exactly at `epochs` and every chunk boundary is a
+  multiple of the length. A run resumed with another `log_every` than the
+  one that wrote its checkpoint still stops at `epochs` and keeps saving.
+  """
+  span = math.gcd(epochs, start)
+  return max(d for d in range(1, min(span, log_every) + 1) if span % d == 0)
 
 
 def make_chunk(

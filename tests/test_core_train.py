@@ -58,8 +58,12 @@ def test_killed_run_resumes_to_the_same_result(data_root, graphs, tmp_path, monk
   with pytest.raises(KeyboardInterrupt):
     train.train_embeddings(config, tmp_path / "killed", *graphs)
   monkeypatch.setattr(Checkpointer, "save", original_save)
-  resumed = train.train_embeddings(config, tmp_path / "killed", *graphs)
+  # Resumed with chunks of 4 epochs (log_every may change on resumption):
+  # the run still stops at epoch 4 and checkpoints it, rather than running a
+  # chunk over epochs 3-6.
+  resumed = train.train_embeddings(tiny(data_root, log_every=4), tmp_path / "killed", *graphs)
   assert resumed[2]["embed"]["resumed_from"] == 2
+  assert Checkpointer(tmp_path / "killed", subdir="embed").latest_step() == 4
   # The loss history of the killed part came back from the checkpoint.
   assert resumed[2]["embed"]["history"] == expected[2]["embed"]["history"]
   # Bit-identical: a fresh run with the same seeds, killed and resumed, is

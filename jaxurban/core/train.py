@@ -192,7 +192,7 @@ def _run_stage(
       place_city_graph(d, mesh) if isinstance(d, CityGraph) else sharding.replicate(d, mesh)
       for d in data
     )
-  length = _chunk_length(epochs, config.log_every)
+  length = _chunk_length(epochs, config.log_every, start)
   save_every = max(length, (config.checkpoint_every // length) * length)
   chunk = make_chunk(loss_fn, optimizer, length, per_seed_data)
   started = time.perf_counter()

@@ -300,7 +300,7 @@ def train_srel_with_log(
   if state is None:
     state = init_state(model, optimizer, seeds, data)
 
-  length = _chunk_length(used.epochs, used.log_every)
+  length = _chunk_length(used.epochs, used.log_every, start)
   save_every = max(length, (used.checkpoint_every // length) * length)
   chunk = make_train_chunk(make_loss(model), optimizer, length)
   args = data.as_tuple()
