@@ -9,52 +9,25 @@ intact.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import tempfile
 from typing import Any
 
-import numpy as np
 import orbax.checkpoint as ocp
+
+# The atomic writers live in `jaxurban.atomic` (no orbax import there, for the
+# data layer); they are re-exported here, beside the checkpoints.
+from jaxurban.atomic import (  # noqa: F401
+  as_json_types as _as_json,
+  atomic_write,
+  save_npy_atomic,
+  write_json_atomic,
+  write_text_atomic,
+)
 
 
 class CheckpointMismatch(ValueError):
   """The checkpoint in a work directory was written by a different config."""
-
-
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-  """Writes JSON to a temporary file in the same folder, then renames it."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-    json.dump(payload, handle, indent=2, sort_keys=True, default=_json_default)
-    temporary = handle.name
-  os.replace(temporary, path)
-
-
-def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".npy") as handle:
-    np.save(handle, np.asarray(array))
-    temporary = handle.name
-  os.replace(temporary, path)
-
-
-def _as_json(value: Any) -> Any:
-  """``value`` as the plain JSON types it reads back as (tuples become lists)."""
-  return json.loads(json.dumps(value, default=_json_default))
-
-
-def _json_default(value):
-  if isinstance(value, (np.floating, np.integer)):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  if isinstance(value, pathlib.Path):
-    return str(value)
-  raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 class Checkpointer:

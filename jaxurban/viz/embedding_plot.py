@@ -11,15 +11,14 @@ meeting across markers.
 
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from jaxurban.atomic import atomic_write
 from jaxurban.viz.tsne import pca_2d, tsne
 
 __all__ = ["GDP_LEVEL_COLORS", "GDP_LEVEL_NAMES", "gdp_levels", "plot_city_embeddings"]
@@ -51,20 +50,7 @@ def _project(z: np.ndarray, method: str, seed: int, **kwargs) -> np.ndarray:
 
 def save_figure_atomic(fig: Figure, path, dpi: int) -> pathlib.Path:
   """Writes a PNG next to the target, then renames: readers never see a partial picture."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  os.close(fd)
-  try:
-    fig.savefig(tmp, format="png", dpi=dpi)
-    # mkstemp creates the file private (0600); a picture is meant to be shared.
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
 
 
 def plot_city_embeddings(

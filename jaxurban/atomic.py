@@ -1,0 +1,99 @@
+"""Files written whole or not at all.
+
+Every result file (metrics, embeddings, pictures, downloads) goes through
+`atomic_write`: a temporary file in the target folder, flushed to disk, then
+renamed over the target, so a killed run never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pathlib
+import tempfile
+from typing import IO, Any, Callable
+
+import numpy as np
+
+
+def shared_file_mode() -> int:
+  """The mode ``open()`` would give a new file (0o666 less the umask).
+
+  ``tempfile`` creates its files private (0o600); results are meant to be
+  read by others, as a plain ``open()`` would allow.
+  """
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o666 & ~umask
+
+
+def atomic_write(
+  path: str | os.PathLike, write: Callable[[IO], None], binary: bool = True
+) -> pathlib.Path:
+  """Writes ``path`` through ``write(file)``: into a temporary file in the
+  same folder, flushed to disk, then renamed over ``path``.
+
+  Readers see the old file or the whole new one, never a partial one; a
+  failure removes the temporary file and leaves ``path`` as it was.
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(temporary, shared_file_mode())
+    os.replace(temporary, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(temporary)
+    raise
+  return path
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
+  """Writes ``payload`` as strict JSON (non-finite floats become null)."""
+  text = json.dumps(
+    _finite_or_null(as_json_types(payload)), indent=2, sort_keys=True, allow_nan=False
+  )
+  atomic_write(path, lambda f: f.write(text + "\n"), binary=False)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
+  array = np.asarray(array)
+  atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def _finite_or_null(value: Any) -> Any:
+  """NaN and infinities as None: JSON has no literal for them, and strict
+  readers reject Python's ``NaN``."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, list):
+    return [_finite_or_null(v) for v in value]
+  if isinstance(value, dict):
+    return {k: _finite_or_null(v) for k, v in value.items()}
+  return value
+
+
+def as_json_types(value: Any) -> Any:
+  """``value`` as the plain JSON types it reads back as (tuples become lists)."""
+  return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(value):
+  if isinstance(value, (np.floating, np.integer)):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if isinstance(value, pathlib.Path):
+    return str(value)
+  raise TypeError(f"not JSON serialisable: {type(value).__name__}")

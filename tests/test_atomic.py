@@ -1,0 +1,69 @@
+"""Result files are written whole, readable by others, and as strict JSON."""
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from jaxurban.atomic import atomic_write, save_npy_atomic, write_json_atomic, write_text_atomic
+
+
+@pytest.fixture
+def umask_022():
+  previous = os.umask(0o022)
+  yield
+  os.umask(previous)
+
+
+def _mode(path):
+  return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_files_get_the_mode_a_plain_open_would_give(tmp_path, umask_022):
+  save_npy_atomic(tmp_path / "a.npy", np.arange(3))
+  write_json_atomic(tmp_path / "m.json", {"x": 1})
+  write_text_atomic(tmp_path / "t.md", "| a |\n")
+  plain = tmp_path / "plain"
+  plain.write_text("")
+  for name in ("a.npy", "m.json", "t.md"):
+    assert _mode(tmp_path / name) == _mode(plain) == 0o644
+  np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.arange(3))
+  assert (tmp_path / "t.md").read_text() == "| a |\n"
+
+
+def test_json_is_strict_with_nan_as_null(tmp_path):
+  path = tmp_path / "metrics.json"
+  write_json_atomic(
+    path, {"mape": np.float32("nan"), "rows": [1.5, float("inf")], "n": np.int64(2)}
+  )
+
+  def refuse(token):
+    raise ValueError(f"non-standard JSON literal {token}")
+
+  assert json.loads(path.read_text(), parse_constant=refuse) == {
+    "mape": None,
+    "n": 2,
+    "rows": [1.5, None],
+  }
+
+
+@pytest.mark.parametrize("payload", [{"bad": object()}, {"ok": 1, "bad": {1, 2}}])
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, payload):
+  path = tmp_path / "metrics.json"
+  write_json_atomic(path, {"old": True})
+  with pytest.raises(TypeError):
+    write_json_atomic(path, payload)
+  assert json.loads(path.read_text()) == {"old": True}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_an_interrupted_writer_leaves_nothing_behind(tmp_path):
+  def write_then_die(f):
+    f.write(b"half")
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    atomic_write(tmp_path / "x.bin", write_then_die)
+  assert list(tmp_path.iterdir()) == []
