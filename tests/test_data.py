@@ -519,6 +519,37 @@ def test_error_nonfinite_labels(tmp_path):
     load_city("zz", root)
 
 
+def test_error_negative_labels(tmp_path):
+  root = make_city(tmp_path, labels={"gdp": np.array([1.0, -1.0, 3.0])})
+  with pytest.raises(
+    DataError, match=r"gdp_zz_sum\.npy: 1 negative label values \(first -1\.0 at region 1\)"
+  ):
+    load_city("zz", root)
+
+
+def test_error_id_too_large(tmp_path):
+  header, rows = _xa_style_mob()
+  rows[2][2] = "99999999999999999999999"
+  with pytest.raises(
+    DataError,
+    match=r"regionmap_zz\.mob: column 'origin_id': integer id '9+' at row 2 does not fit in 64 bits",
+  ):
+    load_city("zz", make_city(tmp_path, mob=(header, rows)))
+
+
+@pytest.mark.parametrize("column, index, value", [("m_lon", 4, 500.0), ("m_lat", 5, -91.5)])
+def test_error_coordinates_out_of_range(tmp_path, column, index, value):
+  header, rows = _xa_style_geo()
+  assert header[index] == column
+  rows[1][index] = value
+  with pytest.raises(
+    DataError,
+    match=rf"regionmap_zz\.geo: column '{column}': 1 values outside .* degrees "
+    rf"\(first {value} at row 1\)",
+  ):
+    load_city("zz", make_city(tmp_path, geo=(header, rows)))
+
+
 def test_error_nonfinite_weights(tmp_path):
   header, rows = _xa_style_mob()
   rows[1][4] = "nan"
@@ -755,6 +786,25 @@ def test_ensure_city_without_download(tmp_path, monkeypatch):
   with pytest.raises(DataError) as info:
     fetch.ensure_city("bj", cache_dir=tmp_path, download=False)
   assert "co2_bj_sum.npy" in str(info.value) and "regionmap_bj.geo" not in str(info.value)
+
+
+def test_ensure_city_names_the_file_missing_from_the_data_root(tmp_path, data_root, monkeypatch):
+  monkeypatch.delenv(DATA_ENV, raising=False)
+  root = tmp_path / "root"
+  for code, copy_as in (("xa", "xa"), ("xa", "sz")):
+    folder = root / "core" / copy_as
+    folder.mkdir(parents=True)
+    for source in (data_root / "core" / code).iterdir():
+      (folder / source.name.replace(f"_{code}", f"_{copy_as}")).write_bytes(source.read_bytes())
+  (root / "core" / "xa" / "gdp_xa_sum.npy").unlink()
+  (root / "core" / "sz" / "co2_sz_sum.npy").unlink()
+  # A city that cannot be downloaded: the loader's own message, naming the file.
+  with pytest.raises(DataError, match="co2_sz_sum"):
+    fetch.ensure_city("sz", root, cache_dir=tmp_path / "cache", download=False)
+  # A downloadable one falls back on the cache; when that fails too the
+  # message still says what the data root's folder lacks.
+  with pytest.raises(DataError, match=r"incomplete in the data root.*gdp_xa_sum"):
+    fetch.ensure_city("xa", root, cache_dir=tmp_path / "cache", download=False)
 
 
 def test_fetch_cli_rejects_unknown_city(capsys):

@@ -294,12 +294,20 @@ class _Table:
         continue
       except ValueError:
         pass
+      except OverflowError:
+        raise DataError(
+          self.file, f"integer id {v!r} at row {i} does not fit in 64 bits", column=column
+        ) from None
       try:
         f = float(v)
       except ValueError:
         f = float("nan")
       if not (np.isfinite(f) and f.is_integer()):
         raise DataError(self.file, f"unparseable integer id {v!r} at row {i}", column=column)
+      if not -(2.0**63) <= f < 2.0**63:
+        raise DataError(
+          self.file, f"integer id {v!r} at row {i} does not fit in 64 bits", column=column
+        )
       out[i] = int(f)
     return out
 
@@ -318,6 +326,18 @@ def _check_finite(values: np.ndarray, file: str, column: str, what: str) -> None
     raise DataError(
       file,
       f"{int(bad.sum())} non-finite (NaN/inf) {what} (first at row {int(rows[0])})",
+      column=column,
+    )
+
+
+def _check_degrees(values: np.ndarray, bound: float, file: str, column: str) -> None:
+  """Longitudes within ±180 and latitudes within ±90 degrees (WGS84)."""
+  bad = np.flatnonzero(np.abs(values) > bound)
+  if len(bad):
+    raise DataError(
+      file,
+      f"{len(bad)} values outside [-{bound:g}, {bound:g}] degrees (first {float(values[bad[0]])!r} "
+      f"at row {int(bad[0])}); coordinates must be WGS84 longitude/latitude",
       column=column,
     )
 
@@ -346,6 +366,8 @@ def _centroids_from_polygons(table: _Table, column: str) -> np.ndarray:
       out[i] = wkt_lib.polygon_centroid(text)
     except ValueError as e:
       raise DataError(table.file, f"bad polygon at row {i}: {e}", column=column) from None
+  _check_degrees(out[:, 0], 180.0, table.file, column)
+  _check_degrees(out[:, 1], 90.0, table.file, column)
   return out
 
 
@@ -431,6 +453,8 @@ def _load_centroids(geo: _Table) -> np.ndarray:
     lon, lat = geo.floats("m_lon"), geo.floats("m_lat")
     _check_finite(lon, geo.file, "m_lon", "coordinates")
     _check_finite(lat, geo.file, "m_lat", "coordinates")
+    _check_degrees(lon, 180.0, geo.file, "m_lon")
+    _check_degrees(lat, 90.0, geo.file, "m_lat")
     return np.stack([lon, lat], axis=1)
   if has_lon != has_lat:
     missing = "m_lat" if has_lon else "m_lon"
@@ -530,6 +554,15 @@ def _load_label(path: pathlib.Path, n: int, geo_file: str) -> np.ndarray:
     raise DataError(
       path.name,
       f"{int(bad.sum())} non-finite (NaN/inf) label values (first at region {int(np.flatnonzero(bad)[0])})",
+    )
+  # GDP, population and emissions are amounts; the evaluation clips
+  # predictions at 0 and MAPE divides by the label.
+  negative = np.flatnonzero(values < 0)
+  if len(negative):
+    raise DataError(
+      path.name,
+      f"{len(negative)} negative label values (first {float(values[negative[0]])!r} at region "
+      f"{int(negative[0])}); labels must be non-negative amounts",
     )
   return values
 

@@ -31,6 +31,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
+from jaxurban.atomic import shared_file_mode
 from jaxurban.data.core_city import city_files
 from jaxurban.data.errors import DataError
 from jaxurban.data.root import DATA_ENV, resolve_data_root
@@ -159,6 +160,7 @@ def download_verified(
         target.name,
         f"SHA-256 mismatch for {url}: got {digest}, expected {sha256}; the download was discarded",
       )
+    os.chmod(tmp, shared_file_mode())  # mkstemp's files are private
     os.replace(tmp, target)
   finally:
     tmp.unlink(missing_ok=True)
@@ -217,6 +219,7 @@ def ensure_city(
       says what to run, or which files to place where.
   """
   code = str(name).lower()
+  in_root = None  # why the data root's folder of this city cannot be used
   if data_root is not None or os.environ.get(DATA_ENV):
     root = resolve_data_root(data_root)
     folder = root / "core"
@@ -226,7 +229,10 @@ def ensure_city(
           try:
             city_files(entry, code)
             return entry
-          except DataError:
+          except DataError as error:
+            if code not in CORE_FILES:
+              raise  # nothing to fall back on: name the file that is missing
+            in_root = error
             break  # incomplete: fall through to the cache
 
   code = _check_city(name)
@@ -237,7 +243,7 @@ def ensure_city(
     return cached
   if not download:
     raise DataError(
-      cached, _manual_instructions(code, cache, missing, "downloading is switched off")
+      cached, _manual_instructions(code, cache, missing, "downloading is switched off", in_root)
     )
   try:
     return fetch_city(code, cache, opener=opener)
@@ -245,15 +251,20 @@ def ensure_city(
     reason = getattr(e, "reason", e)
     missing = _missing_or_stale(cached, code)
     raise DataError(
-      cached, _manual_instructions(code, cache, missing, f"download failed ({reason})")
+      cached, _manual_instructions(code, cache, missing, f"download failed ({reason})", in_root)
     ) from e
 
 
-def _manual_instructions(code: str, cache: pathlib.Path, missing: list[str], why: str) -> str:
+def _manual_instructions(
+  code: str, cache: pathlib.Path, missing: list[str], why: str, in_root: DataError | None = None
+) -> str:
   urls = core_urls(code)
   placement = "; ".join(f"{urls[f]} -> {cache / 'core' / code / f}" for f in missing)
+  where = "is not in the data root or the cache"
+  if in_root is not None:
+    where = f"is incomplete in the data root ({in_root}) and not in the cache"
   return (
-    f"CoRE city {code!r} is not in the data root or the cache and {why}. "
+    f"CoRE city {code!r} {where} and {why}. "
     f"On a machine with internet access run `python -m jaxurban.data.fetch core {code} --dest DIR` "
     f"and copy DIR/core/{code}/ here, then pass --data-root DIR or set {DATA_ENV}=DIR; "
     f"or place these files by hand: {placement}"
