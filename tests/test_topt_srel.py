@@ -221,6 +221,38 @@ def test_switches_change_the_output(rng):
   assert "centrality_proj" not in no_coords["params"]
 
 
+def test_attention_out_projection_bias_starts_at_zero(rng):
+  """As nn.MultiheadAttention's out_proj: zero bias, nn.Linear's kernel; every
+  plain nn.Linear keeps its uniform +-1/sqrt(fan_in) bias."""
+  data = prepare_data(_synthetic_views(rng))
+  model = build_model(SRELConfig(**TINY))
+  params = model.init(
+    jax.random.PRNGKey(0), data.poi, data.landuse, data.mobility_features, data.coords
+  )["params"]
+  d = data.mobility_features.shape[0]
+  out_proj = {f"{view}_intra_0/Linear_0" for view in ("poi", "landuse", "mobility")}
+  out_proj.add("graphormer_0/Linear_0")
+  linears = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = [k.key for k in path]
+    if names[-1] == "bias" and "LayerNorm" not in names[-2] and not names[-2].startswith("_QKV"):
+      linears["/".join(names[:-1])] = leaf
+  assert out_proj <= set(linears) and len(linears) > len(out_proj)
+  for name, bias in linears.items():
+    if name in out_proj:
+      np.testing.assert_array_equal(np.asarray(bias), 0.0, err_msg=name)
+      kernel = np.asarray(_subtree(params, name)["kernel"])
+      assert 0 < np.abs(kernel).max() <= 1.0 / np.sqrt(d), name
+    else:
+      assert np.all(np.asarray(bias) != 0.0), name
+
+
+def _subtree(params, name):
+  for key in name.split("/"):
+    params = params[key]
+  return params
+
+
 def test_dropout_only_in_training(rng):
   data = prepare_data(_synthetic_views(rng))
   model = build_model(SRELConfig(**TINY))

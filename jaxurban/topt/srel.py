@@ -31,7 +31,8 @@ As in HAFusion the model width d_model equals the number of regions N (the
 authors set ``input_dim = region_num``; the view-weight layer mixes the
 region axis), and the embedding size d = 144 is reached by the last MLP.
 Layers use PyTorch's default initialisation (uniform +-1/sqrt(fan_in) for
-linear layers, Xavier-uniform attention projections, N(0, 0.001^2) for the
+linear layers, Xavier-uniform attention input projections, zero biases of
+the attention input and output projections, N(0, 0.001^2) for the
 external-attention memories) and LayerNorm epsilon 1e-5, so the model
 starts where the authors' does.
 """
@@ -263,6 +264,7 @@ class Linear(nn.Module):
   features: int
   use_bias: bool = True
   kernel_init: Callable | None = None
+  bias_init: Callable | None = None
   out_by_in: bool = False
 
   @nn.compact
@@ -276,7 +278,7 @@ class Linear(nn.Module):
       kernel = self.param("kernel", init, (fan_in, self.features))
       y = x @ kernel
     if self.use_bias:
-      y = y + self.param("bias", _torch_uniform(fan_in), (self.features,))
+      y = y + self.param("bias", self.bias_init or _torch_uniform(fan_in), (self.features,))
     return y
 
 
@@ -309,6 +311,15 @@ class _QKV(nn.Module):
     qkv = (x @ kernel + bias).reshape(n, 3, self.n_heads, d // self.n_heads)
     q, k, v = (qkv[:, i].transpose(1, 0, 2) for i in range(3))
     return q, k, v
+
+
+def _out_proj(features: int) -> Linear:
+  """nn.MultiheadAttention's out_proj: nn.Linear's kernel, but a zero bias.
+
+  PyTorch's `_reset_parameters` zeroes out_proj.bias after nn.Linear has drawn
+  it, so the attention output starts unshifted as in the authors' model.
+  """
+  return Linear(features, kernel_init=_torch_uniform(features), bias_init=nn.initializers.zeros)
 
 
 def _merge_heads(x):
@@ -371,7 +382,7 @@ class IntraViewBlock(nn.Module):
     # nn.MultiheadAttention drops attention weights and returns the dropped,
     # head-averaged map, which the edge term then uses.
     weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
-    attended = Linear(d, kernel_init=_torch_uniform(d))(_merge_heads(weights @ v))
+    attended = _out_proj(d)(_merge_heads(weights @ v))
     attention_map = weights.mean(axis=0)
     # Conv2d(1, c, 1): fan_in = 1.
     w = self.param("edge_weight", _torch_uniform(1), (self.edge_channels,))
@@ -441,7 +452,7 @@ class GraphormerLayer(nn.Module):
     heads = spatial_attention(
       q, k, v, coords, bias_params, implementation=self.attention_implementation
     )
-    attended = Linear(d, kernel_init=_torch_uniform(d))(_merge_heads(heads))
+    attended = _out_proj(d)(_merge_heads(heads))
     return _FeedForward(self.ff_dim, self.dropout)(x, attended, deterministic)
 
 
