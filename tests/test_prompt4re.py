@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxurban.eval.kfold import fold_assignment, fold_masks, validation_masks
+from jaxurban.topt import prompt4re
 from jaxurban.topt.prompt4re import (
   Prompt4RE,
   Prompt4REConfig,
@@ -144,6 +145,49 @@ def _tiny_problem(rng, n=24, d=8, width=16, seeds=1):
   p = rng.normal(size=(n, width)).astype(np.float32)
   y = (3.0 + e[0] @ rng.normal(size=d) + p @ rng.normal(size=width) * 0.5).astype(np.float32)
   return e, p, y
+
+
+def test_initialisation_and_dropout_keys_are_distinct(rng, monkeypatch):
+  """No key is used twice: the keys of every (seed, fold) model's initialisation
+  (the one handed to init_params and the two it splits into) and the dropout
+  keys of its first training steps are pairwise different, within a model and
+  across models."""
+  e, p, y = _tiny_problem(rng, n=12, seeds=2)
+  n_folds = 3
+  tests = fold_masks(fold_assignment(len(y), n_folds, seed=0), n_folds)
+  masks = jnp.asarray(np.stack([~tests, tests, np.zeros_like(tests)], axis=1))
+  keys = jnp.stack(
+    [
+      jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), f) for f in range(n_folds)])
+      for s in (0, 1)
+    ]
+  )
+  init_keys = []
+  original = prompt4re.init_params
+
+  def spy(model, key, *args):
+    # Under vmap the callback runs once per (seed, fold).
+    jax.debug.callback(lambda k: init_keys.append(np.asarray(k)), key)
+    return original(model, key, *args)
+
+  monkeypatch.setattr(prompt4re, "init_params", spy)
+  config = Prompt4REConfig(epochs=20, eval_every=10, soft_prompt_dim=8)
+  # Unjitted, so that the spy is traced whatever was compiled before.
+  _, _, carry = prompt4re._init_states.__wrapped__(
+    keys, jnp.asarray(e), jnp.asarray(p), jnp.asarray(y), masks, width=p.shape[1], config=config
+  )
+  chex.assert_shape(carry, keys.shape)
+  assert len(init_keys) == keys.shape[0] * n_folds
+  used = []
+  for init_key in init_keys:
+    used += [init_key, *jax.random.split(init_key)]
+  for key in np.asarray(carry).reshape(-1, keys.shape[-1]):
+    for _ in range(3):  # each training step splits the carry into (carry, dropout key)
+      key, dropout_key = jax.random.split(key)
+      used.append(dropout_key)
+    used.append(key)
+  used = [tuple(np.asarray(k).tolist()) for k in used]
+  assert len(set(used)) == len(used)
 
 
 def test_training_loss_decreases(rng):

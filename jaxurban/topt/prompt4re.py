@@ -264,12 +264,15 @@ def _init_states(keys, e, p, y, masks, *, width, config):
   optimizer = optax.adam(config.learning_rate)
 
   def one(key, e_s, p, y, m):
+    # init_params splits its key into the layers' and the head's; the dropout
+    # keys of training come from a separate branch so that no key is used twice.
+    init_key, train_key = jax.random.split(key)
     if config.head_init == "ridge":
       ridge = masked_ridge_fit(e_s, y, m[_TRAIN], config.ridge_alpha)
-      params = init_params(model, key, e_s, p, ridge.weights, ridge.intercept)
+      params = init_params(model, init_key, e_s, p, ridge.weights, ridge.intercept)
     else:
-      params = init_params(model, key, e_s, p)
-    return params, optimizer.init(params), key
+      params = init_params(model, init_key, e_s, p)
+    return params, optimizer.init(params), train_key
 
   return _over_seeds_and_folds(one)(keys, e, p, y, masks)
 
