@@ -49,11 +49,18 @@ def parse_config(argv: list[str] | None = None) -> tuple[ToptConfig, pathlib.Pat
     default=None,
     help="SREL learning rate (default: Chi 7e-4, the paper's; NY 5e-4, HAFusion's)",
   )
-  parser.add_argument("--epochs-prompt", type=int, default=3000)
+  parser.add_argument(
+    "--epochs-prompt",
+    type=int,
+    default=3000,
+    help=f"Prompt4RE epochs, a multiple of {ToptConfig.eval_every} (the evaluation interval)",
+  )
   parser.add_argument(
     "--prompt-lr", type=float, default=None, help="Prompt4RE learning rate (default: paper's)"
   )
-  parser.add_argument("--folds", type=int, default=10)
+  parser.add_argument(
+    "--folds", type=int, default=10, help="k of the k-fold split (>= 2; >= 3 when validated)"
+  )
   parser.add_argument("--fold-seed", type=int, default=2024)
   parser.add_argument("--protocol", choices=PROTOCOLS, default="honest")
   parser.add_argument("--no-prompt4re", action="store_true", help="ablation: ridge on E only")
@@ -72,7 +79,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[ToptConfig, pathlib.Pat
     help="prompts attended to: the same split's (authors) or all regions'",
   )
   parser.add_argument(
-    "--embeddings", default=None, help="SREL embeddings [S, N, d] .npy to use instead of training"
+    "--embeddings",
+    default=None,
+    help="SREL embeddings [S, N, d] .npy to use instead of training (no SREL flags with it)",
   )
   parser.add_argument("--data-root", default=None, help="data folder (default: $JAXURBAN_DATA)")
   parser.add_argument("--out", default=None, help="output folder (default: runs/topt/<city>)")

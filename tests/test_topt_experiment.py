@@ -9,7 +9,8 @@ import pytest
 
 from experiments import topt
 from jaxurban.eval.kfold import protocol_label
-from jaxurban.topt.pipeline import SREL_SCHEDULES, collapsed_seeds
+from jaxurban.topt import pipeline
+from jaxurban.topt.pipeline import SREL_ONLY_FIELDS, SREL_SCHEDULES, ToptConfig, collapsed_seeds
 
 
 def test_tiny_chicago_run_writes_metrics_and_map(data_root, tmp_path, capsys):
@@ -63,6 +64,87 @@ def test_new_york_runs_without_prompts(data_root, capsys):
     with pytest.raises(SystemExit):  # argparse's usage error, naming the field
       topt.parse_config(["--city", "NY", flag, "0"])
     assert field in capsys.readouterr().err
+
+
+def test_loaded_embeddings_reject_srel_settings(capsys):
+  """With --embeddings SREL is not trained: its settings would only relabel the run."""
+  changed = {
+    "spatial_bias": False,
+    "centrality": False,
+    "srel_epochs": 10,
+    "srel_learning_rate": 1e-3,
+    "srel_layers": 5,
+    "spatial_lambda": 0.4,
+    "embedding_dim": 64,
+  }
+  assert set(changed) == set(SREL_ONLY_FIELDS)
+  for field, value in changed.items():
+    ToptConfig(**{field: value})  # fine when SREL is trained
+    with pytest.raises(ValueError, match=f"{field}.*no effect with --embeddings"):
+      ToptConfig(embeddings_path="emb.npy", **{field: value})
+  assert topt.parse_config(["--embeddings", "emb.npy"])[0].model_name() == "ToPT"
+  flags = {
+    "--no-spatial-bias": "spatial_bias",
+    "--no-centrality": "centrality",
+    "--epochs-srel 10": "srel_epochs",
+    "--srel-lr 1e-3": "srel_learning_rate",
+  }
+  for flag, field in flags.items():
+    with pytest.raises(SystemExit):  # argparse's usage error, naming the field
+      topt.parse_config(["--embeddings", "emb.npy", *flag.split()])
+    err = capsys.readouterr().err
+    assert field in err and "no effect with --embeddings" in err
+
+
+def test_bad_fold_and_prompt_settings_are_usage_errors(capsys):
+  """Caught when the config is made, not after SREL has trained."""
+  bad = {
+    "--folds 1": "n_folds",
+    "--folds 2 --protocol validated": "n_folds",
+    "--fold-seed -1": "fold_seed",
+    "--epochs-prompt 0": "prompt_epochs",
+    "--epochs-prompt 30": "prompt_epochs",  # not a multiple of eval_every (20)
+    "--prompt-lr 0": "prompt_learning_rate",
+  }
+  for flags, field in bad.items():
+    with pytest.raises(SystemExit):
+      topt.parse_config(flags.split())
+    assert field in capsys.readouterr().err, flags
+  # The validation fold is carved out only when Prompt4RE runs.
+  fine = (
+    "--folds 2",
+    "--folds 3 --protocol validated",
+    "--folds 2 --protocol validated --no-prompt4re",
+    "--epochs-prompt 40",
+  )
+  for flags in fine:
+    topt.parse_config(flags.split())
+  fields = {
+    "eval_every": 0,
+    "ridge_alpha": 0.0,
+    "context": "none",
+    "value_basis": "svd",
+    "head_init": "zeros",
+    "embedding_dim": 146,  # Prompt4RE's 4 heads split it
+  }
+  for field, value in fields.items():
+    with pytest.raises(ValueError, match=field):
+      ToptConfig(**{field: value})
+  ToptConfig(embedding_dim=146, prompt4re=False)
+  ToptConfig(embedding_dim=146, alignment=False)
+
+
+def test_too_many_folds_fail_before_srel(data_root, tmp_path, monkeypatch):
+  labels = np.load(data_root / "hafusion" / "Chi" / "check_counts.npy")
+  scored = int((labels > 0).sum())
+
+  def no_srel(*args):
+    raise AssertionError("SREL started")
+
+  monkeypatch.setattr(pipeline, "_srel_embeddings", no_srel)
+  config = ToptConfig(tasks=("checkIn",), n_folds=scored + 1, data_root=str(data_root))
+  with pytest.raises(ValueError, match=f"n_folds={scored + 1} exceeds the {scored} regions"):
+    pipeline.train_and_evaluate(config, tmp_path, log=lambda s: None)
 
 
 def test_validated_protocol_reports_one_honest_row(data_root, tmp_path, rng):

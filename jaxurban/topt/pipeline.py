@@ -27,6 +27,9 @@ from jaxurban.checkpoint import save_npy_atomic, write_json_atomic
 from jaxurban.data.errors import DataError
 from jaxurban.eval import kfold
 from jaxurban.topt.prompt4re import (
+  BASES,
+  CONTEXTS,
+  HEAD_INITS,
   PAPER_LEARNING_RATES,
   Prompt4REConfig,
   cross_validated_trajectory,
@@ -34,6 +37,7 @@ from jaxurban.topt.prompt4re import (
 
 __all__ = [
   "PAPER_TABLE1",
+  "SREL_ONLY_FIELDS",
   "SREL_SCHEDULES",
   "TASKS",
   "ToptConfig",
@@ -70,6 +74,18 @@ PAPER_TABLE1 = {
 # takes HAFusion's defaults, the schedule its own authors used there.
 SREL_SCHEDULES = {"Chi": (4000, 7e-4), "NY": (2000, 5e-4)}
 
+# ToptConfig fields read only when SREL is trained: with loaded embeddings a
+# changed value would change nothing but the run's label.
+SREL_ONLY_FIELDS = (
+  "spatial_bias",
+  "centrality",
+  "srel_epochs",
+  "srel_learning_rate",
+  "srel_layers",
+  "spatial_lambda",
+  "embedding_dim",
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class ToptConfig:
@@ -100,8 +116,10 @@ class ToptConfig:
     srel_layers, spatial_lambda, embedding_dim: SREL settings (defaults: the
       paper's crime settings, used for every task).
     embeddings_path: optional [S', N, d] .npy of SREL embeddings (S' >=
-      len(seeds), the first len(seeds) are used) instead of training SREL.
-    prompt_epochs: Prompt4RE epoch budget (paper: 3000).
+      len(seeds), the first len(seeds) are used) instead of training SREL;
+      the SREL-only fields (`SREL_ONLY_FIELDS`) must then keep their defaults.
+    prompt_epochs: Prompt4RE epoch budget (paper: 3000), a multiple of
+      eval_every.
     prompt_learning_rate: None = the paper's per-task rate.
     eval_every: epochs between recorded test-fold predictions.
     context, value_basis, head_init: see ``Prompt4REConfig``.
@@ -153,6 +171,50 @@ class ToptConfig:
       raise ValueError(f"ToptConfig.srel_epochs must be >= 1, got {self.srel_epochs}")
     if self.srel_learning_rate is not None and not self.srel_learning_rate > 0:
       raise ValueError(f"ToptConfig.srel_learning_rate must be > 0, got {self.srel_learning_rate}")
+    if self.embeddings_path is not None:
+      defaults = {f.name: f.default for f in dataclasses.fields(self)}
+      for name in SREL_ONLY_FIELDS:
+        if getattr(self, name) != defaults[name]:
+          raise ValueError(
+            f"ToptConfig.{name}={getattr(self, name)!r} has no effect with --embeddings "
+            "(embeddings_path): SREL is not trained, its embeddings are loaded"
+          )
+    self._check_evaluation()
+
+  def _check_evaluation(self):
+    """The k-fold and Prompt4RE settings, checked now rather than after SREL has trained."""
+    if self.n_folds < 2:
+      raise ValueError(f"ToptConfig.n_folds must be >= 2, got {self.n_folds}")
+    if self.protocol == "validated" and self.uses_prompts and self.n_folds < 3:
+      raise ValueError(
+        f"ToptConfig.n_folds must be >= 3 for the 'validated' protocol (each model's "
+        f"validation fold is one of its training folds), got {self.n_folds}"
+      )
+    if not 0 <= self.fold_seed < 2**32:  # numpy's RandomState seeds the split
+      raise ValueError(f"ToptConfig.fold_seed must be in [0, 2**32), got {self.fold_seed}")
+    if self.eval_every < 1:
+      raise ValueError(f"ToptConfig.eval_every must be >= 1, got {self.eval_every}")
+    if self.prompt_epochs < 1 or self.prompt_epochs % self.eval_every:
+      raise ValueError(
+        f"ToptConfig.prompt_epochs must be a positive multiple of eval_every "
+        f"({self.eval_every}), got {self.prompt_epochs}"
+      )
+    if self.prompt_learning_rate is not None and not self.prompt_learning_rate > 0:
+      raise ValueError(
+        f"ToptConfig.prompt_learning_rate must be > 0, got {self.prompt_learning_rate}"
+      )
+    if not self.ridge_alpha > 0:
+      raise ValueError(f"ToptConfig.ridge_alpha must be > 0, got {self.ridge_alpha}")
+    for name, allowed in (("context", CONTEXTS), ("value_basis", BASES), ("head_init", HEAD_INITS)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"ToptConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+    heads = Prompt4REConfig.n_heads
+    if self.uses_prompts and self.alignment and self.embeddings_path is None:
+      if self.embedding_dim % heads:
+        raise ValueError(
+          f"ToptConfig.embedding_dim must be divisible by Prompt4RE's {heads} attention "
+          f"heads, got {self.embedding_dim}"
+        )
 
   def srel_schedule(self) -> tuple[int, float]:
     """(epochs, learning rate) of SREL: the set fields, else the city's default."""
@@ -208,6 +270,13 @@ def _srel_embeddings(config: ToptConfig, views, workdir, log) -> tuple[np.ndarra
       raise DataError(
         path.name,
         f"shape {emb.shape}, expected [>= {len(config.seeds)} seeds, {n} regions, d]",
+        column="embeddings_path",
+      )
+    heads = Prompt4REConfig.n_heads
+    if config.uses_prompts and config.alignment and emb.shape[2] % heads:
+      raise DataError(
+        path.name,
+        f"width {emb.shape[2]} is not divisible by Prompt4RE's {heads} attention heads",
         column="embeddings_path",
       )
     log(f"SREL embeddings loaded from {path} (first {len(config.seeds)} of {emb.shape[0]})")
@@ -305,6 +374,13 @@ def train_and_evaluate(
 
   t0 = time.perf_counter()
   views = load_city_views(config.city, config.data_root)
+  # Each fold needs a region: checked here, not after SREL has trained.
+  for task in config.tasks:
+    scored = int(kfold.keep_mask(task, np.asarray(views.labels[task])).sum())
+    if config.n_folds > scored:
+      raise ValueError(
+        f"ToptConfig.n_folds={config.n_folds} exceeds the {scored} regions scored for {task}"
+      )
   emb, srel_source = _srel_embeddings(config, views, workdir, log)
   timings = {"srel_s": time.perf_counter() - t0}
   save_npy_atomic(workdir / "embeddings.npy", emb)
