@@ -39,19 +39,22 @@ def main(argv=None) -> dict:
   parser.add_argument("--out", default="runs/urbanpg", help="output folder")
   parser.add_argument("--no-plot", action="store_true")
   args = parser.parse_args(argv)
-  config = UrbanPGConfig(
-    data=args.data,
-    data_root=args.data_root,
-    paradigm=args.paradigm,
-    seeds=args.seeds,
-    first_seed=args.first_seed,
-    epochs=args.epochs,
-    patience=args.patience,
-    features=args.features,
-    layers=args.layers,
-    last_value_skip=args.last_value_skip,
-    plot=not args.no_plot,
-  )
+  try:
+    config = UrbanPGConfig(
+      data=args.data,
+      data_root=args.data_root,
+      paradigm=args.paradigm,
+      seeds=args.seeds,
+      first_seed=args.first_seed,
+      epochs=args.epochs,
+      patience=args.patience,
+      features=args.features,
+      layers=args.layers,
+      last_value_skip=args.last_value_skip,
+      plot=not args.no_plot,
+    )
+  except ValueError as e:
+    parser.error(str(e))
   return train_and_evaluate(config, args.out)
 
 

@@ -1,4 +1,4 @@
-"""UrbanPG training: metrics, baselines, the three paradigms end to end, resume, 8-device sharding."""
+"""UrbanPG training: config, metrics, baselines, paradigms end to end, resume, 8-device sharding."""
 
 import json
 import os
@@ -6,11 +6,13 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 
-from jaxurban.checkpoint import CheckpointMismatch
-from jaxurban.data.traffic import Scaler, Windows
+from experiments import urbanpg as urbanpg_command
+from jaxurban.checkpoint import Checkpointer, CheckpointMismatch
+from jaxurban.data.traffic import Scaler, Windows, load_los_loop
 from jaxurban.urbanpg import train
 from jaxurban.urbanpg.baselines import HistoricalAverage, PerNodeLinear, last_value
 
@@ -112,6 +114,109 @@ def test_paradigms_end_to_end_on_los_loop(data_root, tmp_path, paradigm, capsys)
     changed = train.UrbanPGConfig(**{**config.to_dict(), "learning_rate": 1e-2})
     with pytest.raises(CheckpointMismatch, match="learning_rate"):
       train.train_and_evaluate(changed, tmp_path)
+
+
+@pytest.mark.parametrize("field", ["heads", "layers", "mlp_ratio", "checkpoint_every"])
+def test_config_rejects_counts_below_one(field):
+  with pytest.raises(ValueError, match=f"{field} must be >= 1, got 0"):
+    train.UrbanPGConfig(**{field: 0})
+
+
+def test_config_rejects_features_not_divisible_by_heads():
+  with pytest.raises(ValueError, match="features 10 must be divisible by heads 4"):
+    train.UrbanPGConfig(features=10, heads=4)
+
+
+def test_command_turns_a_bad_setting_into_a_usage_error(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(urbanpg_command, "train_and_evaluate", lambda *_: pytest.fail("trained"))
+  with pytest.raises(SystemExit) as exit_info:
+    urbanpg_command.main(["--layers", "0", "--out", str(tmp_path)])
+  assert exit_info.value.code == 2
+  assert "layers must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def fit_small(data_root):
+  """``fit_small(workdir, seed=0, **settings)``: `train.fit` of the full paradigm on
+  40 detectors x 700 steps from the seed's fresh parameters."""
+  data = load_los_loop(data_root).select(np.arange(40), slice(0, 700))
+  prepared = {}
+
+  def fit(workdir, seed=0, **settings):
+    config = train.UrbanPGConfig(**{**TINY, **settings})
+    # Task, model and initial parameters depend on none of the settings varied here.
+    if seed not in prepared:
+      task = train.make_task("t", data, config)
+      model = train.build_model(config, data.n_nodes)
+      # On the host: the train step donates device arrays, these are reused.
+      params = jax.device_get(train.init_params(model, config, jax.random.PRNGKey(seed)))
+      prepared[seed] = task, model, params
+    task, model, params = prepared[seed]
+    return train.fit(task, model, params, train.everything, 1e-2, config, workdir, "full", seed)
+
+  return fit
+
+
+def _die_in_third_validation(monkeypatch):
+  """Makes the third validation (epoch 3, after the checkpoint of epoch 2) raise."""
+  original, calls = train.predict_windows, []
+
+  def predict_windows(*args, **kwargs):
+    calls.append(None)
+    if len(calls) == 3:
+      raise KeyboardInterrupt("killed in epoch 3")
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(train, "predict_windows", predict_windows)
+
+
+def test_killed_fit_resumes_to_the_uninterrupted_run(fit_small, tmp_path, monkeypatch, capsys):
+  settings = dict(epochs=4, patience=4, checkpoint_every=2)
+  best, log = fit_small(tmp_path / "straight", **settings)
+  assert [row["epoch"] for row in log["history"]] == [1, 2, 3, 4]
+
+  _die_in_third_validation(monkeypatch)
+  with pytest.raises(KeyboardInterrupt):
+    fit_small(tmp_path / "killed", **settings)
+  monkeypatch.undo()
+  resumed_best, resumed = fit_small(tmp_path / "killed", **settings)
+  assert "resuming at epoch 2" in capsys.readouterr().out
+  # The history before the checkpoint came back with it, and the best value
+  # is the same float64 the uninterrupted run compared against.
+  assert resumed["history"] == log["history"]
+  assert resumed["best_val_mae"] == log["best_val_mae"]
+  assert resumed["best_epoch"] == log["best_epoch"]
+  jax.tree.map(np.testing.assert_array_equal, resumed_best, best)
+  # Resumed from its final checkpoint, a finished run returns the same result.
+  finished_best, finished = fit_small(tmp_path / "straight", **settings)
+  assert finished["history"] == log["history"]
+  assert finished["best_val_mae"] == log["best_val_mae"]
+  jax.tree.map(np.testing.assert_array_equal, finished_best, best)
+
+  # A checkpoint from before the history was saved (no log, float32 best
+  # value) still restores; the history then starts at the resume point.
+  original_save = Checkpointer.save
+
+  def save_old_format(self, step, state, config, log=None):
+    state = {**state, "best_val": np.asarray(state["best_val"], np.float32)}
+    original_save(self, step, state, config)
+
+  monkeypatch.setattr(Checkpointer, "save", save_old_format)
+  _die_in_third_validation(monkeypatch)
+  with pytest.raises(KeyboardInterrupt):
+    fit_small(tmp_path / "old", **settings)
+  monkeypatch.undo()
+  _, from_old = fit_small(tmp_path / "old", **settings)
+  assert from_old["history"] == log["history"][2:]
+
+
+def test_a_seed_resumes_whichever_seeds_the_run_covers(fit_small, tmp_path, capsys):
+  # Seed 1 trained as part of seeds 0..2, then rerun as part of seeds 1..2.
+  best, log = fit_small(tmp_path, seed=1, epochs=1, seeds=3, first_seed=0)
+  again, relog = fit_small(tmp_path, seed=1, epochs=1, seeds=2, first_seed=1)
+  assert "resuming at epoch 1" in capsys.readouterr().out
+  assert relog["best_val_mae"] == log["best_val_mae"]
+  jax.tree.map(np.testing.assert_array_equal, again, best)
 
 
 CHILD = textwrap.dedent(

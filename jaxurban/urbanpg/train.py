@@ -17,7 +17,8 @@ One jitted train step (state donated) advances one batch; the batch is split
 over all devices on the `sharding.BATCH` axis with the state replicated, so
 the result equals the single-device one. Early stopping keeps the parameters
 with the best validation MAE. Orbax checkpoints under
-``workdir/checkpoints/<stage>_seed<k>`` let a killed run resume.
+``workdir/checkpoints/<stage>_seed<k>`` (with the per-epoch history) let a
+killed run resume to the result of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -119,9 +120,24 @@ class UrbanPGConfig:
       problems.append(f"paradigm {self.paradigm!r} not in {PARADIGMS}")
     if self.attention not in ATTENTIONS:
       problems.append(f"attention {self.attention!r} not in {ATTENTIONS}")
-    for name in ("seeds", "epochs", "patience", "batch_size", "t_in", "t_out", "features"):
+    counts = (
+      "seeds",
+      "epochs",
+      "patience",
+      "batch_size",
+      "t_in",
+      "t_out",
+      "features",
+      "heads",
+      "layers",
+      "mlp_ratio",
+      "checkpoint_every",
+    )
+    for name in counts:
       if getattr(self, name) < 1:
         problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.heads >= 1 and self.features % self.heads:
+      problems.append(f"features {self.features} must be divisible by heads {self.heads}")
     if not 0 < self.fewshot_fraction <= 1:
       problems.append(f"fewshot_fraction must be in (0, 1], got {self.fewshot_fraction}")
     stages = self.continual_stages
@@ -136,8 +152,10 @@ class UrbanPGConfig:
     return dataclasses.asdict(self)
 
 
-# Config keys that may change between a run and its resumption.
-_RESUMABLE_KEYS = ("data_root", "checkpoint_every", "shard_batch", "plot", "seeds")
+# Config keys that may change between a run and its resumption. Checkpoints
+# are per seed and a seed's training depends only on its own number, so which
+# seeds a run covers (first_seed, seeds) does not matter to any one of them.
+_RESUMABLE_KEYS = ("data_root", "checkpoint_every", "shard_batch", "plot", "seeds", "first_seed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -440,19 +458,25 @@ def fit(
     "epoch": np.asarray(0, np.int32),
     "best_epoch": np.asarray(0, np.int32),
     "bad_epochs": np.asarray(0, np.int32),
-    "best_val": np.asarray(np.inf, np.float32),
+    # float64, the type of the validation MAE, so that a resumed run compares
+    # against the same best value as an uninterrupted one.
+    "best_val": np.asarray(np.inf, np.float64),
     "done": np.asarray(0, np.int32),
   }
   checkpointer = Checkpointer(workdir, subdir=f"{stage}_seed{seed}")
   restored = checkpointer.restore(record, config.to_dict(), ignore=_RESUMABLE_KEYS)
   if restored is not None:
     record = restored[1]
+    # The per-epoch history up to the checkpoint travels beside it
+    # (checkpoints written before it did restore with an empty history).
+    history = checkpointer.restore_log() or []
     _log(f"[{stage} seed {seed}] resuming at epoch {int(record['epoch'])}")
+  else:
+    history = []
   state = place.state((record["params"], record["opt_state"], record["key"]))
   epoch, bad = int(record["epoch"]), int(record["bad_epochs"])
   best_val, best_epoch = float(record["best_val"]), int(record["best_epoch"])
   best_params, done = record["best_params"], bool(record["done"])
-  history = []
   started = time.perf_counter()
   while not done:
     order = np.random.default_rng([seed, epoch]).permutation(len(task.train))
@@ -486,10 +510,10 @@ def fit(
         "epoch": np.asarray(epoch, np.int32),
         "best_epoch": np.asarray(best_epoch, np.int32),
         "bad_epochs": np.asarray(bad, np.int32),
-        "best_val": np.asarray(best_val, np.float32),
+        "best_val": np.asarray(best_val, np.float64),
         "done": np.asarray(done, np.int32),
       }
-      checkpointer.save(epoch, record, config.to_dict())
+      checkpointer.save(epoch, record, config.to_dict(), log=history)
   checkpointer.close()
   return best_params, {
     "epochs": epoch,
