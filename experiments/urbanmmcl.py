@@ -24,7 +24,9 @@ import tempfile
 
 import numpy as np
 
+from jaxurban.atomic import write_text_atomic
 from jaxurban.data.errors import DataError
+from jaxurban.urbanmmcl.graphs import AblationError
 from jaxurban.urbanmmcl.train import TASKS, UrbanMMCLConfig, train_and_evaluate
 
 
@@ -54,21 +56,24 @@ def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
     "--out", type=pathlib.Path, default=None, help="default: $TMPDIR/urbanmmcl_<city>_<variant>"
   )
   args = parser.parse_args(argv)
-  config = UrbanMMCLConfig(
-    city=args.city,
-    data_root=args.data_root,
-    images=args.images,
-    seeds=args.seeds,
-    epochs=args.epochs,
-    finetune_seeds=min(args.finetune_seeds, args.seeds),
-    finetune_epochs=args.finetune_epochs,
-    no_multimodal=args.no_multimodal,
-    no_graph=args.no_graph,
-    no_vgae=args.no_vgae,
-    no_walks=args.no_walks,
-    no_graph_contrast=args.no_graph_contrast,
-    drop_views=tuple(args.drop_view),
-  )
+  try:
+    config = UrbanMMCLConfig(
+      city=args.city,
+      data_root=args.data_root,
+      images=args.images,
+      seeds=args.seeds,
+      epochs=args.epochs,
+      finetune_seeds=min(args.finetune_seeds, args.seeds),
+      finetune_epochs=args.finetune_epochs,
+      no_multimodal=args.no_multimodal,
+      no_graph=args.no_graph,
+      no_vgae=args.no_vgae,
+      no_walks=args.no_walks,
+      no_graph_contrast=args.no_graph_contrast,
+      drop_views=tuple(args.drop_view),
+    )
+  except ValueError as e:
+    parser.error(str(e))
   variant = (
     "-".join(
       [
@@ -148,9 +153,12 @@ def main(argv=None) -> int:
   except DataError as e:
     print(f"data error: {e}", file=sys.stderr)
     return 2
+  except AblationError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   table = results_table(results)
   print(table)
-  (out / "results.md").write_text(table + "\n")
+  write_text_atomic(out / "results.md", table + "\n")
   plot(results, out / "embeddings.png", config.city, projection)
   print(f"wrote {out}/results.json, results.md, embeddings.npy, embeddings.png")
   return 0

@@ -1,4 +1,4 @@
-"""UrbanMMCL: losses against float64 references, walks, graphs, encoders, a tiny run."""
+"""UrbanMMCL: losses against float64 references, walks, graphs, encoders, tiny runs, the command."""
 
 from __future__ import annotations
 
@@ -348,3 +348,64 @@ def test_pretraining_resumes_on_the_uninterrupted_trajectory(tmp_path, data_root
     train_and_evaluate(
       dataclasses.replace(config, learning_rate=2e-3), tmp_path / "resumed", log=lambda *_: None
     )
+
+
+def test_ablations_of_what_the_city_lacks_are_refused(tmp_path, data_root, capsys):
+  from experiments import urbanmmcl as command
+  from jaxurban.data.hafusion import load_city_views
+  from jaxurban.urbanmmcl.train import UrbanMMCLConfig, prepare
+
+  ny = load_city_views("NY", data_root)
+  with pytest.raises(ValueError, match="NY has no distance view .*mobility, poi"):
+    graphs.build_view_graphs(ny, ("distance",))
+  assert graphs.build_view_graphs(ny, ("poi",)).names == ("mobility",)
+  with pytest.raises(ValueError, match="NY has no text, location or images"):
+    prepare(UrbanMMCLConfig(city="NY", data_root=str(data_root), no_multimodal=True))
+
+  # The command says so in one line, before any training.
+  tiny_run = ["--seeds", "1", "--epochs", "1", "--finetune-seeds", "0"]
+  for flags, message in (
+    (["--drop-view", "distance"], "NY has no distance view"),
+    (["--no-multimodal"], "NY has no text, location or images"),
+  ):
+    argv = ["--city", "NY", "--data-root", str(data_root), "--out", str(tmp_path), *tiny_run]
+    assert command.main(argv + flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_command_writes_the_results_table_atomically(tmp_path, monkeypatch):
+  import os
+  import stat
+
+  from experiments import urbanmmcl as command
+
+  monkeypatch.setattr(command, "train_and_evaluate", lambda *_, **__: {})
+  monkeypatch.setattr(command, "results_table", lambda _: "| table |")
+  monkeypatch.setattr(command, "plot", lambda *_: None)
+  renamed, real_replace = [], os.replace
+
+  def replace(src, dst):
+    renamed.append(os.fspath(dst))
+    real_replace(src, dst)
+
+  monkeypatch.setattr(os, "replace", replace)
+  assert command.main(["--city", "NY", "--out", str(tmp_path)]) == 0
+  results = tmp_path / "results.md"
+  assert renamed == [str(results)]
+  assert results.read_text() == "| table |\n"
+  umask = os.umask(0)
+  os.umask(umask)
+  assert stat.S_IMODE(results.stat().st_mode) == 0o666 & ~umask  # as a plain open() gives
+
+  # A write that fails leaves the previous table and no temporary file.
+  def fail(src, dst):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(os, "replace", fail)
+  monkeypatch.setattr(command, "results_table", lambda _: "| new table |")
+  with pytest.raises(OSError, match="disk full"):
+    command.main(["--city", "NY", "--out", str(tmp_path)])
+  assert results.read_text() == "| table |\n"
+  assert [p.name for p in tmp_path.iterdir()] == ["results.md"]

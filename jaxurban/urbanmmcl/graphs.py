@@ -11,7 +11,8 @@ Three views, each an N x N non-negative adjacency:
 
 The diagonal of every view is zero: self loops are added once, by the GCN
 normalisation. New York has no centroids, so its distance view does not
-exist; the two remaining views (mobility, POI) are used there. Land use is
+exist; the two remaining views (mobility, POI) are used there, and asking to
+drop the distance view there is an error (it would run the full model). Land use is
 never an input: it is the target of the land-use classification task.
 
 For the VGAE reconstruction target each view is divided by its largest entry
@@ -29,6 +30,7 @@ from jaxurban.data.hafusion import CityViews
 
 __all__ = [
   "VIEW_NAMES",
+  "AblationError",
   "ViewGraphs",
   "build_view_graphs",
   "distance_graph",
@@ -41,6 +43,14 @@ __all__ = [
 
 VIEW_NAMES = ("mobility", "poi", "distance")
 _EARTH_RADIUS_KM = 6371.0088
+
+
+class AblationError(ValueError):
+  """An ablation the city's data cannot express.
+
+  Removing a view or modality the city does not have would silently run the
+  full model under the ablation's name.
+  """
 
 
 def mobility_graph(trips: np.ndarray) -> np.ndarray:
@@ -117,16 +127,27 @@ class ViewGraphs:
 
 
 def build_view_graphs(views: CityViews, drop: tuple[str, ...] = ()) -> ViewGraphs:
-  """The available views of ``views`` minus those named in ``drop``."""
+  """The available views of ``views`` minus those named in ``drop``.
+
+  Raises:
+    AblationError: ``drop`` names an unknown view or one the city does not
+      have, or leaves no view.
+  """
   unknown = set(drop) - set(VIEW_NAMES)
   if unknown:
-    raise ValueError(f"unknown view(s) {sorted(unknown)}, expected names from {VIEW_NAMES}")
+    raise AblationError(f"unknown view(s) {sorted(unknown)}, expected names from {VIEW_NAMES}")
   built = {"mobility": mobility_graph(views.mobility), "poi": poi_graph(views.poi)}
   if views.centroids is not None:
     built["distance"] = distance_graph(views.centroids)
+  missing = sorted(set(drop) - set(built))
+  if missing:
+    raise AblationError(
+      f"{views.city} has no {' or '.join(missing)} view (its views: {', '.join(built)}), "
+      "so dropping it would run the full model"
+    )
   names = tuple(n for n in VIEW_NAMES if n in built and n not in drop)
   if not names:
-    raise ValueError(f"no view left for {views.city} after dropping {drop}")
+    raise AblationError(f"no view left for {views.city} after dropping {list(drop)}")
   adjacency = np.stack([built[n] for n in names])
   peak = adjacency.reshape(len(names), -1).max(axis=1)
   target = adjacency / np.where(peak > 0, peak, 1.0)[:, None, None]

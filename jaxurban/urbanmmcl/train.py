@@ -44,7 +44,12 @@ from jaxurban.data.errors import DataError
 from jaxurban.data.hafusion import load_city_views
 from jaxurban.data.root import resolve_data_root, subdir
 from jaxurban.eval import kfold
-from jaxurban.urbanmmcl.graphs import build_view_graphs, dominant_landuse, raw_features
+from jaxurban.urbanmmcl.graphs import (
+  AblationError,
+  build_view_graphs,
+  dominant_landuse,
+  raw_features,
+)
 from jaxurban.urbanmmcl.model import ModelConfig, UrbanMMCL, encode_texts, equal_earth, total_loss
 
 __all__ = [
@@ -208,7 +213,11 @@ def load_images(folder, n: int, size: int) -> np.ndarray:
 
 
 def prepare(config: UrbanMMCLConfig):
-  """(inputs dict of arrays, ModelConfig, metadata) for `config`."""
+  """(inputs dict of arrays, ModelConfig, metadata) for `config`.
+
+  Raises AblationError when an ablation removes a view or modality the city
+  does not have (the run would be the full model) or leaves no input.
+  """
   views = load_city_views(config.city, config.data_root)
   graphs = build_view_graphs(views, config.drop_views)
   inputs = {
@@ -216,10 +225,17 @@ def prepare(config: UrbanMMCLConfig):
     "propagation": graphs.propagation,
     "target": graphs.target,
   }
+  has_text, has_location = config.city == "Chi", views.centroids is not None
+  has_images = config.images is not None
+  if config.no_multimodal and not (has_text or has_location or has_images):
+    raise AblationError(
+      f"{config.city} has no text, location or images, so 'w/o multi-modal part' "
+      "(no_multimodal) would run the full model"
+    )
   mm = not config.no_multimodal
-  use_text = mm and config.city == "Chi"
-  use_location = mm and views.centroids is not None
-  use_images = mm and config.images is not None
+  use_text = mm and has_text
+  use_location = mm and has_location
+  use_images = mm and has_images
   model = dataclasses.replace(
     config.model,
     use_text=use_text,
@@ -247,7 +263,9 @@ def prepare(config: UrbanMMCLConfig):
   if use_images:
     inputs["images"] = load_images(config.images, views.n_regions, config.image_size)
   if not (use_text or use_location or use_images) and config.no_graph:
-    raise ValueError(f"{config.city}: no modality available, so 'w/o graph part' has no input left")
+    raise AblationError(
+      f"{config.city}: no modality available, so 'w/o graph part' has no input left"
+    )
   landuse, classes = dominant_landuse(views)
   meta = {
     "views": graphs.names,
