@@ -15,17 +15,15 @@ the manifest is written last, and the work folder is removed after it.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
-import os
 import pathlib
 import shutil
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from jaxurban.atomic import atomic_write
 from jaxurban.prompts import FORMAT, FORMAT_VERSION, MANIFEST_NAME, file_sha256
 
 __all__ = [
@@ -43,26 +41,6 @@ WORK_NAME = ".work"
 
 class ExtractionError(RuntimeError):
   """The extraction cannot go on; the message says why and what to do."""
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[object], None], binary: bool = True):
-  """Writes ``path`` through ``write(file)`` into a temporary file, then renames it.
-
-  The temporary file sits in the same folder so that ``os.replace`` is an
-  atomic rename on the same file system.
-  """
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
 
 
 def _write_json(path: pathlib.Path, value) -> None:
