@@ -50,6 +50,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from kernels import peaks
+
 __all__ = [
   "BlockSizes",
   "biased_attention",
@@ -869,15 +871,13 @@ def biased_attention(
 # Benchmark: python -m kernels.biased_attention
 # --------------------------------------------------------------------------
 
+
 # Dense bf16/fp16 tensor-core peaks (datasheet, no sparsity), FLOP/s.
-_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
-
-
-def _device_peak(device_kind: str) -> float | None:
-  for name, peak in _PEAK_FLOPS.items():
-    if name.lower() in device_kind.lower():
-      return peak
-  return None
+def _device_peak(device_kind: str, dtype) -> float | None:
+  """Dense peak FLOP/s of the board for ``dtype`` (float32 at TF32, the
+  default matmul precision on Hopper), or None for an unknown board."""
+  found = peaks.device_peak(device_kind, dtype)
+  return None if found is None else found[1] * 1e12
 
 
 def _median_seconds(fn: Callable[[], jax.Array], repeats: int, warmup: int) -> float:
@@ -945,7 +945,8 @@ def _fmt_rate(flops: float, seconds: float | None) -> str:
 def _bench_cpu(args) -> None:
   print(
     "No GPU backend: the Pallas kernel targets the GPU (Triton lowering). Timing the "
-    "jax.numpy reference on a small size only."
+    "jax.numpy reference on one small float32 size only (N=512, H=2, D=64); --sizes, "
+    "--heads, --head-dims and --dtypes apply on a GPU or with --interpret."
   )
   n, heads, d = 512, 2, 64
   q, k, v, coords, w, centres, width, row, col = _bench_inputs(
@@ -1063,11 +1064,15 @@ def main(argv=None) -> None:
     return
 
   device_kind = jax.devices()[0].device_kind
-  peak = _device_peak(device_kind)
   candidates = _unbiased_candidates()
+  board = peaks.board(device_kind)
   print(
-    f"device: {device_kind}; peak dense bf16/fp16 (table: H100 SXM 989, H200 989): "
-    + (f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown")
+    f"device: {device_kind}; %pk against the dense peak of "
+    + (
+      f"{board} for each dtype ({', '.join(f'{k} {v:g}' for k, v in peaks.PEAK_TFLOPS[board].items())} TFLOP/s; float32 runs at tf32)"
+      if board
+      else "an unknown board: none"
+    )
   )
   print(
     "TF/s = 4·N²·D·H forward FLOP (Q Kᵀ and P V at 2 FLOP per multiply-add; bias, exp "
@@ -1090,7 +1095,8 @@ def main(argv=None) -> None:
   for dtype_name in args.dtypes:
     for d in args.head_dims:
       for n in args.sizes:
-        _bench_row(args, key, jnp.dtype(dtype_name), n, d, peak, candidates)
+        dtype = jnp.dtype(dtype_name)
+        _bench_row(args, key, dtype, n, d, _device_peak(device_kind, dtype), candidates)
 
 
 if __name__ == "__main__":
