@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from jaxurban.atomic import write_json_atomic
 from jaxurban.data.traffic import STEPS_PER_DAY
 
 BATCH = 64
@@ -183,8 +184,7 @@ def main(argv=None) -> list[dict]:
         flush=True,
       )
   if args.out:
-    with open(args.out, "w") as handle:
-      json.dump(rows, handle, indent=2)
+    write_json_atomic(args.out, rows)
   return rows
 
 

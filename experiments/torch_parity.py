@@ -21,6 +21,9 @@ import sys
 
 import numpy as np
 
+# numpy-only: importable beside torch without jax.
+from jaxurban.atomic import atomic_write
+
 HEADS, FEATURES = 8, 128
 
 
@@ -43,7 +46,8 @@ def torch_half(args) -> None:
   out.update(
     {"grad/" + k: p.grad.numpy() for k, p in model.named_parameters() if p.grad is not None}
   )
-  np.savez(args.out, z_x=z_x.numpy(), z_y=z_y.numpy(), total=total.item(), **out)
+  arrays = dict(z_x=z_x.numpy(), z_y=z_y.numpy(), total=total.item(), **out)
+  atomic_write(args.out, lambda f: np.savez(f, **arrays))
   print(f"wrote {args.out}: total loss {total.item():.6f}")
 
 

@@ -4,9 +4,10 @@ This is a harness around the original PyTorch implementation of CoRE
 (AIMUrban/CoRE on GitHub).  The authors' code is NOT vendored here: the
 harness imports their ``Model.CoRE.CoRE`` class, unchanged, from a checkout
 given with ``--repo``, and re-does only the data loading and the training loop
-of their ``data/get_dataset.py`` and ``train.py``.  It does not import
-jaxurban and does not run in the jaxurban environment: it needs its own torch
-virtual environment.
+of their ``data/get_dataset.py`` and ``train.py``.  It does not run in the
+jaxurban environment: it needs its own torch virtual environment, and of
+jaxurban it imports only the numpy-only atomic writers (``jaxurban.atomic``),
+run as ``python -m experiments.torch_reference`` from the repository root.
 
 Setup (CPU only)::
 
@@ -67,7 +68,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import random
 import sys
@@ -75,6 +75,9 @@ import time
 import types
 
 import numpy as np
+
+# numpy-only: importable beside torch without jax.
+from jaxurban.atomic import save_npy_atomic, write_json_atomic
 
 WARMUP_EPOCHS = 5
 HIDDEN_DIM = 128
@@ -281,10 +284,13 @@ def main(argv=None) -> int:
       model.eval()
       with torch.no_grad():
         s_emb, t_emb = model.get_region_emb()
-      np.save(os.path.join(args.out, f"{args.s_city}_emb.npy"), s_emb.numpy().astype(np.float32))
-      np.save(os.path.join(args.out, f"{args.t_city}_emb.npy"), t_emb.numpy().astype(np.float32))
-    with open(os.path.join(args.out, "timing.json"), "w") as fh:
-      json.dump(stats, fh, indent=2)
+      save_npy_atomic(
+        os.path.join(args.out, f"{args.s_city}_emb.npy"), s_emb.numpy().astype(np.float32)
+      )
+      save_npy_atomic(
+        os.path.join(args.out, f"{args.t_city}_emb.npy"), t_emb.numpy().astype(np.float32)
+      )
+    write_json_atomic(os.path.join(args.out, "timing.json"), stats)
     print(f"wrote {args.out}", flush=True)
   return 0
 

@@ -25,6 +25,7 @@ import pathlib
 import numpy as np
 
 from experiments.prompt_extraction.output import build_manifest
+from jaxurban.atomic import write_text_atomic
 from jaxurban.data.root import resolve_data_root, subdir
 from jaxurban.prompts import CHICAGO_REGIONS, file_sha256
 
@@ -80,7 +81,7 @@ def main(argv=None) -> None:
   for mllm, task in FILES:
     manifest = published_manifest(folder, mllm, task)
     target = out / f"prompt_embs_{mllm}_{task}.json"
-    target.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    write_text_atomic(target, json.dumps(manifest, indent=1) + "\n")
     print(f"{target}: {manifest['shape']} {manifest['dtype']} {manifest['sha256'][:12]}")
 
 
