@@ -9,7 +9,8 @@ seed with the linear-memory step (neighbour-table GAT, O(N d^2) alignment
 losses, mobility loss in row blocks) and with the direct formulation (the
 N x N forms of every loss). Every (N, formulation) runs in its own process so
 that its peak resident memory can be read. Printed per row: XLA's compiled
-memory estimate (arguments + temporaries), the measured peak RSS of the
+memory estimate (arguments + temporaries + outputs, the donated state counted
+once), the measured peak RSS of the
 process and the median step time over --repeats steps after a warm-up step.
 A formulation whose compiled estimate exceeds --max-run-gb is not run and is
 reported as out of memory at that budget. On a GPU the memory column is the
