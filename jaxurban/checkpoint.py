@@ -30,6 +30,21 @@ class CheckpointMismatch(ValueError):
   """The checkpoint in a work directory was written by a different config."""
 
 
+def check_same_config(saved: dict, config: dict, what: str, ignore: tuple[str, ...] = ()) -> None:
+  """Raises CheckpointMismatch naming every key (outside ``ignore``) in which
+  the ``saved`` config differs from ``config``; ``what`` names the saved thing."""
+  current = _as_json(config)
+  differing = sorted(
+    k for k in set(saved) | set(current) if k not in ignore and saved.get(k) != current.get(k)
+  )
+  if differing:
+    details = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in differing)
+    raise CheckpointMismatch(
+      f"{what} was written with a different config ({details}); "
+      "use another output folder or delete it"
+    )
+
+
 class Checkpointer:
   """Saves and restores ``(state, config)`` pairs under ``workdir/checkpoints/subdir``."""
 
@@ -83,19 +98,9 @@ class Checkpointer:
         state=ocp.args.StandardRestore(state_template), config=ocp.args.JsonRestore()
       ),
     )
-    saved = restored["config"]
-    current = _as_json(config)
-    differing = sorted(
-      k for k in set(saved) | set(current) if k not in ignore and saved.get(k) != current.get(k)
+    check_same_config(
+      restored["config"], config, f"{self.directory}: the checkpoint at step {step}", ignore
     )
-    if differing:
-      details = ", ".join(
-        f"{k}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in differing
-      )
-      raise CheckpointMismatch(
-        f"{self.directory}: the checkpoint at step {step} was written with a "
-        f"different config ({details}); use another output folder or delete it"
-      )
     return step, restored["state"]
 
   def close(self) -> None:

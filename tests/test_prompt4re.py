@@ -254,3 +254,55 @@ def test_validation_folds_are_held_out_of_training(rng):
       config, e, p, y, fold_of, n_folds, [0], progress=False,
       validation_masks=fold_masks(fold_of, n_folds),
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("validated", [False, True])
+def test_killed_run_resumes_to_the_uninterrupted_trajectory(rng, tmp_path, monkeypatch, validated):
+  from jaxurban.checkpoint import CheckpointMismatch, Checkpointer
+
+  e, p, y = _tiny_problem(rng, n=30, seeds=2)
+  n_folds = 3
+  fold_of = fold_assignment(len(y), n_folds, seed=1)
+  val = validation_masks(fold_masks(fold_of, n_folds)) if validated else None
+  config = Prompt4REConfig(epochs=30, eval_every=10, learning_rate=1e-2, soft_prompt_dim=8)
+
+  def run(labels=y, workdir=tmp_path):
+    return cross_validated_trajectory(
+      config, e, p, labels, fold_of, n_folds, [0, 1], progress=False, validation_masks=val,
+      workdir=workdir,
+    )  # fmt: skip
+
+  expected = run(workdir=None)
+  original_save = Checkpointer.save
+  saves = []
+
+  def save_twice_then_die(self, step, state, cfg, **kwargs):
+    original_save(self, step, state, cfg, **kwargs)
+    saves.append(step)
+    if len(saves) == 2:
+      raise KeyboardInterrupt("killed after the second checkpoint")
+
+  monkeypatch.setattr(Checkpointer, "save", save_twice_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    run()
+  monkeypatch.setattr(Checkpointer, "save", original_save)
+  resumed = run()
+  # Bit-equal: the dropout keys travel in the saved state.
+  np.testing.assert_array_equal(resumed.predictions, expected.predictions)
+  np.testing.assert_array_equal(resumed.epochs, expected.epochs)
+  if validated:
+    np.testing.assert_array_equal(resumed.validation, expected.validation)
+
+  # A finished run keeps only its trajectory, not the models' states ...
+  assert not (tmp_path / "checkpoints" / "prompt4re").exists()
+  assert (tmp_path / "checkpoints" / "prompt4re_trajectory.npz").exists()
+
+  # ... and comes back from it without training again.
+  def no_training(*args, **kwargs):
+    raise AssertionError("trained although the checkpoint is complete")
+
+  monkeypatch.setattr(prompt4re, "_train_chunk", no_training)
+  np.testing.assert_array_equal(run().predictions, expected.predictions)
+  # Other labels (or embeddings, prompts, folds) do not resume these models.
+  with pytest.raises(CheckpointMismatch, match="inputs_sha256"):
+    run(labels=y + 1.0)

@@ -454,6 +454,10 @@ def train_and_evaluate(
         config.seeds,
         log=log,
         validation_masks=val_masks,
+        # A killed run resumes the task where it stopped; finished tasks come
+        # back from their last checkpoint without training.
+        workdir=workdir,
+        checkpoint_name=f"prompt4re_{task}",
       )
       entry["prompt4re_s"] = time.perf_counter() - t_p
       pooled = {}

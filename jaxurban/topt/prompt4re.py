@@ -40,7 +40,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
+import pathlib
+import shutil
 from typing import NamedTuple, Sequence
 
 import flax.linen as nn
@@ -49,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxurban.atomic import atomic_write
 from jaxurban.eval.kfold import masked_ridge_fit, fold_masks
 from jaxurban.training import CHUNK_COMPILER_OPTIONS
 
@@ -351,6 +356,8 @@ def cross_validated_trajectory(
   progress: bool = True,
   log=print,
   validation_masks: np.ndarray | None = None,
+  workdir=None,
+  checkpoint_name: str = "prompt4re",
 ) -> Trajectory:
   """Trains one Prompt4RE per (seed, fold), all in one vectorised program.
 
@@ -365,6 +372,11 @@ def cross_validated_trajectory(
     validation_masks: optional [F, N] rows held out of fold f's training (and
       of its initial ridge fit) to choose its epoch
       (`jaxurban.eval.kfold.validation_masks`); they must not overlap fold f.
+    workdir: when given, the models and the trajectory so far are saved under
+      ``workdir/checkpoints/<checkpoint_name>`` at every progress line, and a
+      rerun with the same settings and inputs resumes from there (bit-equal
+      to an uninterrupted run: the dropout keys travel in the state). A
+      checkpoint written with other settings or inputs is refused.
 
   Returns:
     A `Trajectory` after epochs ``eval_every``, ``2 eval_every``, ...
@@ -398,18 +410,81 @@ def cross_validated_trajectory(
   )  # [S, F, 2]
   state = _init_states(keys, e, p, y, masks, width=width, config=config)
   n_chunks = config.epochs // config.eval_every
-  trajectory, val_trajectory = [], []
-  for i in range(n_chunks):
+  every = max(1, n_chunks // 10)
+  # [T, S, F, N] trajectories, filled chunk by chunk (NaN until written), so
+  # that a checkpoint holds the predictions made before it.
+  shape = (n_chunks, len(seeds), n_folds, n)
+  trajectory = np.full(shape, np.nan, np.float32)
+  val_trajectory = np.full(shape, np.nan, np.float32) if validated else None
+  start, checkpointer = 0, None
+  if workdir is not None:
+    from jaxurban.checkpoint import Checkpointer, check_same_config
+
+    run_config = {
+      **dataclasses.asdict(config),
+      "seeds": [int(s) for s in seeds],
+      "n_folds": int(n_folds),
+      "width": int(width),
+      # The inputs themselves: a rerun on other embeddings, prompts, labels
+      # or folds must not resume these models.
+      "inputs_sha256": _digest(embeddings, prompts, labels, np.asarray(masks)),
+    }
+    # A finished run keeps only its trajectory (the models' states of 5 seeds
+    # x 10 folds take hundreds of MB); a rerun reads it back.
+    finished = pathlib.Path(workdir) / "checkpoints" / f"{checkpoint_name}_trajectory.npz"
+    if finished.exists():
+      with np.load(finished) as saved:
+        check_same_config(json.loads(str(saved["config"])), run_config, str(finished))
+        log(f"  prompt4re: finished before, trajectory read from {finished}")
+        return Trajectory(
+          saved["predictions"], saved["epochs"], saved["validation"] if validated else None
+        )
+    checkpointer = Checkpointer(workdir, subdir=checkpoint_name, max_to_keep=1)
+    template = {"chunk": np.zeros((), np.int32), "state": state, "pred": trajectory}
+    if validated:
+      template["val"] = val_trajectory
+    restored = checkpointer.restore(template, run_config)
+    if restored is not None:
+      record = restored[1]
+      start, state = int(record["chunk"]), record["state"]
+      trajectory = np.array(record["pred"])
+      val_trajectory = np.array(record["val"]) if validated else None
+      log(f"  prompt4re: resuming at epoch {start * config.eval_every}/{config.epochs}")
+  for i in range(start, n_chunks):
     state, pred, val_pred, loss = _train_chunk(
       state, e, p, y, masks, width=width, config=config, validated=validated
     )
-    trajectory.append(np.asarray(pred))
+    trajectory[i] = np.asarray(pred)
     if validated:
-      val_trajectory.append(np.asarray(val_pred))
-    if progress and (i + 1) % max(1, n_chunks // 10) == 0:
-      log(
-        f"  prompt4re epoch {(i + 1) * config.eval_every}/{config.epochs}: "
-        f"train mse {float(jnp.mean(loss)):.4g} (mean over seeds and folds)"
-      )
+      val_trajectory[i] = np.asarray(val_pred)
+    if (i + 1) % every == 0 or i + 1 == n_chunks:
+      if progress:
+        log(
+          f"  prompt4re epoch {(i + 1) * config.eval_every}/{config.epochs}: "
+          f"train mse {float(jnp.mean(loss)):.4g} (mean over seeds and folds)"
+        )
+      if checkpointer is not None:
+        record = {"chunk": np.asarray(i + 1, np.int32), "state": state, "pred": trajectory}
+        if validated:
+          record["val"] = val_trajectory
+        checkpointer.save(i + 1, record, run_config)
   epochs = np.arange(1, n_chunks + 1) * config.eval_every
-  return Trajectory(np.stack(trajectory), epochs, np.stack(val_trajectory) if validated else None)
+  if checkpointer is not None:
+    checkpointer.close()
+    arrays = {"predictions": trajectory, "epochs": epochs, "config": json.dumps(run_config)}
+    if validated:
+      arrays["validation"] = val_trajectory
+    atomic_write(finished, lambda f: np.savez(f, **arrays))
+    # Written first, so that a run killed here has one of the two.
+    shutil.rmtree(checkpointer.directory)
+  return Trajectory(trajectory, epochs, val_trajectory)
+
+
+def _digest(*arrays) -> str:
+  """SHA-256 over the shapes, dtypes and bytes of ``arrays``."""
+  h = hashlib.sha256()
+  for a in arrays:
+    a = np.ascontiguousarray(a)
+    h.update(f"{a.shape}{a.dtype}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
