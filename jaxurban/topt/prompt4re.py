@@ -373,10 +373,11 @@ def cross_validated_trajectory(
       of its initial ridge fit) to choose its epoch
       (`jaxurban.eval.kfold.validation_masks`); they must not overlap fold f.
     workdir: when given, the models and the trajectory so far are saved under
-      ``workdir/checkpoints/<checkpoint_name>`` at every progress line, and a
-      rerun with the same settings and inputs resumes from there (bit-equal
-      to an uninterrupted run: the dropout keys travel in the state). A
-      checkpoint written with other settings or inputs is refused.
+      ``workdir/checkpoints/<checkpoint_name>_<digest>`` at every progress
+      line, the digest covering the settings and the inputs, and a rerun with
+      the same ones resumes from there (bit-equal to an uninterrupted run:
+      the dropout keys travel in the state); other settings or inputs train
+      afresh under their own name.
 
   Returns:
     A `Trajectory` after epochs ``eval_every``, ``2 eval_every``, ...
@@ -429,9 +430,14 @@ def cross_validated_trajectory(
       # or folds must not resume these models.
       "inputs_sha256": _digest(embeddings, prompts, labels, np.asarray(masks)),
     }
+    # Named after the settings and inputs: a run with other ones (an ablation
+    # into the same folder) trains afresh beside it instead of resuming it.
+    name = (
+      f"{checkpoint_name}_{_digest(np.frombuffer(json.dumps(run_config).encode(), np.uint8))[:12]}"
+    )
     # A finished run keeps only its trajectory (the models' states of 5 seeds
     # x 10 folds take hundreds of MB); a rerun reads it back.
-    finished = pathlib.Path(workdir) / "checkpoints" / f"{checkpoint_name}_trajectory.npz"
+    finished = pathlib.Path(workdir) / "checkpoints" / f"{name}_trajectory.npz"
     if finished.exists():
       with np.load(finished) as saved:
         check_same_config(json.loads(str(saved["config"])), run_config, str(finished))
@@ -439,7 +445,7 @@ def cross_validated_trajectory(
         return Trajectory(
           saved["predictions"], saved["epochs"], saved["validation"] if validated else None
         )
-    checkpointer = Checkpointer(workdir, subdir=checkpoint_name, max_to_keep=1)
+    checkpointer = Checkpointer(workdir, subdir=name, max_to_keep=1)
     template = {"chunk": np.zeros((), np.int32), "state": state, "pred": trajectory}
     if validated:
       template["val"] = val_trajectory
