@@ -426,6 +426,9 @@ def cross_validated_trajectory(
       "seeds": [int(s) for s in seeds],
       "n_folds": int(n_folds),
       "width": int(width),
+      # With empty validation folds the masks match an unvalidated run's, but
+      # the saved trajectory would lack the validation predictions.
+      "validated": validated,
       # The inputs themselves: a rerun on other embeddings, prompts, labels
       # or folds must not resume these models.
       "inputs_sha256": _digest(embeddings, prompts, labels, np.asarray(masks)),
