@@ -43,7 +43,20 @@ def _split_leading(tree, mesh: Mesh, axis: str, what: str, remedy: str):
         f"{leaf.shape[0]} {what} cannot be split over {n_devices} devices; "
         f"{remedy} a multiple of {n_devices}"
       )
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec(axis)))
+  return _put(tree, NamedSharding(mesh, PartitionSpec(axis)))
+
+
+def _put(tree, target: NamedSharding):
+  """``jax.device_put(tree, target)``, also when `target` spans several processes.
+
+  Every process holds the same values. jax assembles a multi-process array
+  from host data, so with several processes the leaves go through NumPy
+  first (arrays restored from a checkpoint are committed to this process's
+  devices, which jax refuses to move to a mesh spanning other hosts).
+  """
+  if jax.process_count() > 1:
+    tree = to_host(tree)
+  return jax.device_put(tree, target)
 
 
 def seed_mesh(devices=None) -> Mesh:
@@ -78,7 +91,26 @@ def shard_batch(tree, mesh: Mesh):
 
 def replicate(tree, mesh: Mesh):
   """Places every array of `tree` whole on every device of `mesh`."""
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+  return _put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def to_host(tree):
+  """Every array of `tree` as a NumPy array of its whole (global) value.
+
+  With several processes (``--distributed``) an array split over devices of
+  other hosts, such as the seed axis under ``--shard-seeds``, cannot be read
+  by ``jax.device_get``; it is gathered from every process first, so each
+  process gets the whole value. Single-process arrays are read directly.
+  """
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      from jax.experimental import multihost_utils
+
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  return jax.tree.map(one, tree)
 
 
 def constrain_rows(x: jax.Array, mesh: Mesh | None, axis: int = 0) -> jax.Array:

@@ -198,7 +198,7 @@ def _run_stage(
   started = time.perf_counter()
   for epoch in range(start, epochs, length):
     state, terms = chunk(state, *data)
-    terms = jax.device_get(terms)
+    terms = sharding.to_host(terms)  # split over hosts under --distributed --shard-seeds
     done = epoch + length
     # Means over the chunk's epochs and over seeds.
     row = {"epoch": done, **{k: float(np.mean(v)) for k, v in terms.items()}}
@@ -296,7 +296,7 @@ def train_embeddings(
   if config.variant == "two-stage":
     z_x, z_y, log = _align_frozen(config, workdir, settings, z_x, z_y, query_key, align_keys)
     logs["align"] = log
-  return np.asarray(z_x), np.asarray(z_y), logs
+  return sharding.to_host(z_x), sharding.to_host(z_y), logs
 
 
 def _align_frozen(config, workdir, settings, z_x, z_y, query_key, keys):
@@ -384,15 +384,6 @@ def train_and_evaluate(config: CoreConfig, workdir: str | pathlib.Path) -> dict:
     )
   )
 
-  save_npy_atomic(workdir / f"{city_x.name}_region_emb.npy", z_x.astype(np.float32))
-  save_npy_atomic(workdir / f"{city_y.name}_region_emb.npy", z_y.astype(np.float32))
-  if translated:
-    save_npy_atomic(
-      workdir / f"{city_y.name}_in_{city_x.name}_region_emb.npy", translated["emb_y_in_x"]
-    )
-    save_npy_atomic(
-      workdir / f"{city_x.name}_in_{city_y.name}_region_emb.npy", translated["emb_x_in_y"]
-    )
   summary = {
     "config": config.to_dict(),
     "seeds": list(range(config.first_seed, config.first_seed + config.seeds)),
@@ -404,6 +395,20 @@ def train_and_evaluate(config: CoreConfig, workdir: str | pathlib.Path) -> dict:
     "jax_version": jax.__version__,
     "devices": [str(d) for d in jax.devices()],
   }
+  # Under --distributed every process holds the whole result; one writes it
+  # (the checkpoints above are written by all of them together).
+  if jax.process_index() != 0:
+    _log(f"process {jax.process_index()}: outputs written by process 0 into {workdir}")
+    return summary
+  save_npy_atomic(workdir / f"{city_x.name}_region_emb.npy", z_x.astype(np.float32))
+  save_npy_atomic(workdir / f"{city_y.name}_region_emb.npy", z_y.astype(np.float32))
+  if translated:
+    save_npy_atomic(
+      workdir / f"{city_y.name}_in_{city_x.name}_region_emb.npy", translated["emb_y_in_x"]
+    )
+    save_npy_atomic(
+      workdir / f"{city_x.name}_in_{city_y.name}_region_emb.npy", translated["emb_x_in_y"]
+    )
   write_json_atomic(workdir / "metrics.json", summary)
   if config.plot:
     from jaxurban.viz.embedding_plot import plot_city_embeddings

@@ -1,0 +1,119 @@
+"""Two processes joined by `jax.distributed` train as one multi-host run.
+
+Each child process has 2 simulated CPU devices; `jax.distributed.initialize`
+on this host joins them into one 4-device mesh (CPU collectives over gloo),
+which is how ``--distributed`` runs on several hosts. Seeds split over both
+processes, and one city pair split by regions, must give the single-process
+embeddings on every process; a rerun on the same work directory resumes from
+the checkpoint the processes wrote together.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+from experiments.bench_scale import synthetic_city
+from jaxurban.core import train
+from jaxurban.graph import city_graph
+
+# name -> CoreConfig settings besides the shared tiny ones below.
+# "two-stage" with split seeds covers both stages: the second trains on the
+# first one's embeddings, which are then themselves split over the processes.
+RUNS = {
+  "seeds": dict(seeds=4, shard_seeds=True, variant="two-stage"),
+  "regions": dict(seeds=2, shard_regions=True),
+}
+TINY = dict(epochs=3, log_every=3, n_anchors=32, features=16, heads=2, plot=False)
+
+
+def _graphs():
+  graphs = []
+  for seed, n in ((0, 150), (1, 170)):
+    origin, destination, counts = synthetic_city(n, seed)
+    per_origin = counts / np.bincount(origin, counts, n)[origin]
+    graphs.append(city_graph(origin, destination, per_origin, counts, n))
+  return graphs
+
+
+CHILD = textwrap.dedent(
+  """
+  import sys
+  import jax
+  import numpy as np
+
+  process_id, port, workdir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+  jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+  assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
+  from jaxurban.core import train
+  from tests.test_multiprocess import RUNS, TINY, _graphs
+
+  graphs = _graphs()
+  arrays = {}
+  for name, settings in RUNS.items():
+    config = train.CoreConfig(**TINY, **settings)
+    z_x, z_y, _ = train.train_embeddings(config, f"{workdir}/{name}", *graphs)
+    # The rerun restores the checkpoint both processes wrote, trains nothing.
+    again_x, again_y, log = train.train_embeddings(config, f"{workdir}/{name}", *graphs)
+    assert log["embed"]["resumed_from"] == config.epochs, log
+    np.testing.assert_array_equal(again_x, z_x)
+    np.testing.assert_array_equal(again_y, z_y)
+    arrays[f"{name}_x"], arrays[f"{name}_y"] = z_x, z_y
+  np.savez(out, **arrays)
+  print("PROCESS-OK", process_id)
+  """
+)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_as_one_process(tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  port = _free_port()
+  children = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-c",
+        CHILD,
+        str(i),
+        str(port),
+        str(tmp_path / "run"),
+        str(tmp_path / f"{i}"),
+      ],
+      cwd=repo,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  try:
+    outputs = [child.communicate(timeout=600) for child in children]
+  finally:
+    for child in children:
+      child.kill()
+  for i, (child, (stdout, stderr)) in enumerate(zip(children, outputs)):
+    assert child.returncode == 0, f"process {i}:\n{stderr[-3000:]}"
+    assert f"PROCESS-OK {i}" in stdout
+
+  graphs = _graphs()
+  for name, settings in RUNS.items():
+    single = dict(settings, shard_seeds=False, shard_regions=False)
+    z_x, z_y, _ = train.train_embeddings(
+      train.CoreConfig(**TINY, **single), tmp_path / f"single-{name}", *graphs
+    )
+    for i in range(2):
+      with np.load(tmp_path / f"{i}.npz") as got:
+        # Every process holds the whole result, equal to one process's.
+        np.testing.assert_allclose(got[f"{name}_x"], z_x, rtol=2e-5, atol=1e-5)
+        np.testing.assert_allclose(got[f"{name}_y"], z_y, rtol=2e-5, atol=1e-5)
