@@ -26,12 +26,11 @@ import hashlib
 import os
 import pathlib
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-from jaxurban.atomic import shared_file_mode
+from jaxurban.atomic import atomic_write
 from jaxurban.data.core_city import city_files
 from jaxurban.data.errors import DataError
 from jaxurban.data.root import DATA_ENV, resolve_data_root
@@ -127,43 +126,39 @@ def download_verified(
 ) -> pathlib.Path:
   """Downloads ``url`` to ``target`` only if its SHA-256 equals ``sha256``.
 
-  The bytes go to a temporary file in the target folder and are moved into
-  place with ``os.replace`` after the hash matches, so ``target`` is never
-  left half-written or holding unverified data.
+  The bytes go through `jaxurban.atomic.atomic_write` (a temporary file in
+  the target folder, renamed into place) and the hash is checked before the
+  rename, so ``target`` is never left half-written or holding unverified
+  data.
 
   Raises:
     DataError: hash mismatch (the temporary file is deleted).
     urllib.error.URLError / OSError: the source cannot be read.
   """
   target = pathlib.Path(target)
-  target.parent.mkdir(parents=True, exist_ok=True)
   open_url = opener if opener is not None else urllib.request.urlopen
-  fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-  tmp = pathlib.Path(tmp_name)
-  try:
+
+  def download_and_check(out) -> None:
     h = hashlib.sha256()
-    with os.fdopen(fd, "wb") as out:
-      response = open_url(url, timeout=_TIMEOUT_S)
-      try:
-        for chunk in iter(lambda: response.read(_CHUNK), b""):
-          h.update(chunk)
-          out.write(chunk)
-      finally:
-        close = getattr(response, "close", None)
-        if close is not None:
-          close()
-      out.flush()
-      os.fsync(out.fileno())
+    response = open_url(url, timeout=_TIMEOUT_S)
+    try:
+      for chunk in iter(lambda: response.read(_CHUNK), b""):
+        h.update(chunk)
+        out.write(chunk)
+    finally:
+      close = getattr(response, "close", None)
+      if close is not None:
+        close()
     digest = h.hexdigest()
     if digest != sha256:
+      # Raised inside the atomic write: its temporary file is removed and
+      # `target` is left as it was.
       raise DataError(
         target.name,
         f"SHA-256 mismatch for {url}: got {digest}, expected {sha256}; the download was discarded",
       )
-    os.chmod(tmp, shared_file_mode())  # mkstemp's files are private
-    os.replace(tmp, target)
-  finally:
-    tmp.unlink(missing_ok=True)
+
+  atomic_write(target, download_and_check)
   return target
 
 
