@@ -527,12 +527,14 @@ def test_error_negative_labels(tmp_path):
     load_city("zz", root)
 
 
-def test_error_id_too_large(tmp_path):
+@pytest.mark.parametrize("value", ["99999999999999999999999", "1e30"])  # written as int or float
+def test_error_id_too_large(tmp_path, value):
   header, rows = _xa_style_mob()
-  rows[2][2] = "99999999999999999999999"
+  rows[2][2] = value
   with pytest.raises(
     DataError,
-    match=r"regionmap_zz\.mob: column 'origin_id': integer id '9+' at row 2 does not fit in 64 bits",
+    match=rf"regionmap_zz\.mob: column 'origin_id': integer id '{value}' at row 2 does not fit "
+    "in 64 bits",
   ):
     load_city("zz", make_city(tmp_path, mob=(header, rows)))
 

@@ -290,25 +290,20 @@ class _Table:
     out = np.empty(len(values), dtype=np.int64)
     for i, v in enumerate(values):
       try:
-        out[i] = int(v)
-        continue
+        number = int(v)
       except ValueError:
-        pass
-      except OverflowError:
-        raise DataError(
-          self.file, f"integer id {v!r} at row {i} does not fit in 64 bits", column=column
-        ) from None
-      try:
-        f = float(v)
-      except ValueError:
-        f = float("nan")
-      if not (np.isfinite(f) and f.is_integer()):
-        raise DataError(self.file, f"unparseable integer id {v!r} at row {i}", column=column)
-      if not -(2.0**63) <= f < 2.0**63:
+        try:
+          f = float(v)
+        except ValueError:
+          f = float("nan")
+        if not (np.isfinite(f) and f.is_integer()):
+          raise DataError(self.file, f"unparseable integer id {v!r} at row {i}", column=column)
+        number = int(f)
+      if not -(2**63) <= number < 2**63:
         raise DataError(
           self.file, f"integer id {v!r} at row {i} does not fit in 64 bits", column=column
         )
-      out[i] = int(f)
+      out[i] = number
     return out
 
   def try_floats(self, column: str) -> np.ndarray | None:
