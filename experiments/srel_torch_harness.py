@@ -148,8 +148,8 @@ def main() -> None:
 def _save_atomic(path: str, save) -> None:
   """Writes through a temporary file, so a killed run leaves no torn file.
 
-  (jaxurban's writers are not used: importing jaxurban pulls in JAX and
-  orbax, which the PyTorch environment running this script need not have.)
+  (`jaxurban.atomic` is not used: this file runs as a script, by path, in
+  the PyTorch environment, where the jaxurban package need not be importable.)
   """
   partial = path + ".partial"
   with open(partial, "wb") as handle:
