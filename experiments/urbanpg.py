@@ -4,7 +4,8 @@
         [--seeds K] [--epochs N] [--data-root DIR] [--out DIR]
 
 Prints progress and a table of UrbanPG and the baselines (MAE / RMSE / MAPE at
-horizons 3, 6, 12 and averaged over the 12 horizons, mean ± std over seeds);
+horizons 3, 6, 12 and over all 12 horizons pooled, mean ± std over seeds;
+the pooled RMSE is the root of the mean squared error over every horizon);
 writes metrics.json (config included), predictions.png and resumable
 checkpoints into --out.
 """

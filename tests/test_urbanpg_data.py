@@ -47,6 +47,23 @@ def _edit_cell(path, row, col, value):
   path.write_text("\n".join(lines) + "\n")
 
 
+def _insert_line(path, index, text):
+  lines = path.read_text().splitlines()
+  lines.insert(index, text)
+  path.write_text("\n".join(lines) + "\n")
+
+
+def test_trailing_blank_lines_are_ignored(data_root, tmp_path):
+  folder = _copy(data_root, tmp_path)
+  for name in ("los_speed.csv", "los_adj.csv", "sensor_locations.csv"):
+    path = folder / name
+    path.write_text(path.read_text() + "\n\n  \n")
+  data = read_los_loop_folder(folder)
+  reference = read_los_loop_folder(data_root / "traffic" / "los_loop")
+  np.testing.assert_array_equal(data.speed, reference.speed)
+  np.testing.assert_array_equal(data.adjacency, reference.adjacency)
+
+
 def test_zero_and_empty_readings_are_masked_and_kept_out_of_the_scaler(data_root, tmp_path):
   folder = _copy(data_root, tmp_path)
   _edit_cell(folder / "los_speed.csv", 1, 0, "0")  # step 0, detector 0
@@ -72,7 +89,21 @@ def test_zero_and_empty_readings_are_masked_and_kept_out_of_the_scaler(data_root
       "los_speed.csv",
       "'fast' is not a number",
     ),
-    (lambda f: _edit_cell(f / "los_speed.csv", 7, 5, "-3"), "los_speed.csv", "negative speeds"),
+    (
+      lambda f: _edit_cell(f / "los_speed.csv", 7, 5, "-3"),
+      "los_speed.csv",
+      "negative speeds (first at row 8)",
+    ),
+    (
+      lambda f: _insert_line(f / "los_speed.csv", 10, ""),
+      "los_speed.csv",
+      "1 blank lines inside the file (first at line 11)",
+    ),
+    (
+      lambda f: _edit_cell(f / "los_adj.csv", 3, 4, "nan"),
+      "los_adj.csv",
+      "1 empty or non-finite weights (first at row 4, column 5)",
+    ),
     (
       lambda f: _edit_cell(f / "sensor_locations.csv", 4, 1, "1"),
       "sensor_locations.csv",

@@ -194,7 +194,10 @@ def test_last_value_skip_adds_the_last_observed_input():
   n, b = 6, 4
   data = _batch(np.random.default_rng(2), b, n)
   mask = np.asarray(data["x_mask"]).copy()
-  mask[0, -1, :2] = False  # two missing last readings: they add the scaled mean, 0
+  mask[:, -3:, :] = True
+  mask[0, -1, :2] = False  # last reading missing: the one before it is added
+  mask[1, -2:, 3] = False  # two missing: the third from last
+  mask[2, :, 4] = False  # nothing observed: the scaled mean, 0
   args = (data["x"], mask, data["time_of_day"], data["day_of_week"])
   plain = UrbanPG(n_nodes=n, t_out=5, features=8, heads=2)
   skip = UrbanPG(n_nodes=n, t_out=5, features=8, heads=2, last_value_skip=True)
@@ -202,5 +205,9 @@ def test_last_value_skip_adds_the_last_observed_input():
   # Same parameters: the skip adds no parameter of its own.
   chex.assert_trees_all_equal_shapes(variables, skip.init(jax.random.PRNGKey(0), *args))
   difference = np.asarray(skip.apply(variables, *args)) - np.asarray(plain.apply(variables, *args))
-  last = np.where(mask[:, -1, :], np.asarray(data["x"])[:, -1, :], 0.0)
+  x = np.asarray(data["x"])
+  last = x[:, -1, :].copy()
+  last[0, :2] = x[0, -2, :2]
+  last[1, 3] = x[1, -3, 3]
+  last[2, 4] = 0.0
   np.testing.assert_allclose(difference, np.broadcast_to(last[:, None, :], (b, 5, n)), atol=1e-5)

@@ -12,7 +12,8 @@ import pytest
 
 from experiments import urbanpg as urbanpg_command
 from jaxurban.checkpoint import Checkpointer, CheckpointMismatch
-from jaxurban.data.traffic import Scaler, Windows, load_los_loop
+from jaxurban.data.errors import DataError
+from jaxurban.data.traffic import Scaler, Windows, chronological_bounds, load_los_loop
 from jaxurban.urbanpg import train
 from jaxurban.urbanpg.baselines import HistoricalAverage, PerNodeLinear, last_value
 
@@ -33,6 +34,12 @@ def test_masked_metrics_against_a_direct_float64_computation(rng):
   h = 5
   err_h = (pred - true)[:, h][keep[:, h]]
   np.testing.assert_allclose(m["horizon"]["mae"][h], np.abs(err_h).mean(), rtol=1e-12)
+  np.testing.assert_allclose(m["horizon"]["rmse"][h], np.sqrt((err_h**2).mean()), rtol=1e-12)
+  # A horizon with no observed target has no score, not a perfect one.
+  mask[:, 7] = False
+  empty = train.masked_metrics(pred, true, mask)["horizon"]
+  assert all(np.isnan(empty[k][7]) for k in ("mae", "rmse", "mape"))
+  assert np.isfinite(empty["mae"][6])
 
 
 def test_padded_batches_cover_every_sample_once():
@@ -120,6 +127,24 @@ def test_paradigms_end_to_end_on_los_loop(data_root, tmp_path, paradigm, capsys)
 def test_config_rejects_counts_below_one(field):
   with pytest.raises(ValueError, match=f"{field} must be >= 1, got 0"):
     train.UrbanPGConfig(**{field: 0})
+
+
+def test_config_rejects_fewer_output_steps_than_the_reported_horizons():
+  with pytest.raises(ValueError, match=r"t_out must be >= 12 .* got 6"):
+    train.UrbanPGConfig(t_out=6)
+
+
+@pytest.mark.parametrize("steps", [100, 40])
+def test_a_series_too_short_for_the_split_names_the_file_part_and_minimum(data_root, steps):
+  short = load_los_loop(data_root).select(steps=slice(0, steps))
+  config = train.UrbanPGConfig()
+  with pytest.raises(DataError) as caught:
+    train.make_task("full", short, config)
+  message = str(caught.value)
+  assert message.startswith("los_speed.csv: full: the ")
+  # 119 steps split 6:2:2 into 71 + 24 + 24, each holding one 12 + 12 window.
+  assert [hi - lo for lo, hi in chronological_bounds(119)] == [71, 24, 24]
+  assert f"this {steps}-step series would need at least 119 steps" in message
 
 
 def test_config_rejects_features_not_divisible_by_heads():

@@ -100,17 +100,40 @@ class TrafficData:
     )
 
 
-def _read_numeric_csv(path: pathlib.Path, skip_header: bool) -> tuple[list[str], np.ndarray]:
-  """Parses a numeric CSV; empty cells become NaN. Returns (header, [rows, cols])."""
+def _read_lines(path: pathlib.Path) -> list[str]:
+  """The file's lines, trailing blank lines dropped.
+
+  A blank line anywhere else is an error: in a time series it would shift
+  every later reading's calendar by one step, so it is not skipped. With
+  no blank line left, list index k is file line k + 1, the number that
+  error messages give.
+  """
   try:
     lines = path.read_text().splitlines()
   except OSError as e:
     raise DataError(path, f"cannot be read ({e.strerror})") from e
-  lines = [line for line in lines if line.strip()]
+  while lines and not lines[-1].strip():
+    lines.pop()
   if not lines:
     raise DataError(path.name, "is empty")
+  blank = [k + 1 for k, line in enumerate(lines) if not line.strip()]
+  if blank:
+    raise DataError(
+      path.name, f"{len(blank)} blank lines inside the file (first at line {blank[0]})"
+    )
+  return lines
+
+
+def _read_numeric_csv(path: pathlib.Path, skip_header: bool) -> tuple[list[str], np.ndarray]:
+  """Parses a numeric CSV; empty cells become NaN. Returns (header, [rows, cols]).
+
+  Row k of the result is file line k + 2 with a header, k + 1 without.
+  """
+  lines = _read_lines(path)
   header = [h.strip() for h in lines[0].split(",")] if skip_header else []
   body = lines[1:] if skip_header else lines
+  if not body:
+    raise DataError(path.name, "has a header but no data rows")
   width = len(header) if skip_header else len(body[0].split(","))
   rows = np.empty((len(body), width), np.float64)
   for i, line in enumerate(body):
@@ -134,13 +157,7 @@ def _read_numeric_csv(path: pathlib.Path, skip_header: bool) -> tuple[list[str],
 
 
 def _read_locations(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
-  header, rows = None, []
-  try:
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-  except OSError as e:
-    raise DataError(path, f"cannot be read ({e.strerror})") from e
-  if not lines:
-    raise DataError(path.name, "is empty")
+  lines = _read_lines(path)
   header = [h.strip() for h in lines[0].split(",")]
   for column in ("sensor_id", "latitude", "longitude"):
     if column not in header:
@@ -162,7 +179,6 @@ def _read_locations(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(path.name, f"row {k}: {value} is outside [-{bound}, {bound}]", column)
       pair.append(value)
     coords.append(pair)
-    rows.append(k)
   return np.asarray(ids), np.asarray(coords, np.float64)
 
 
@@ -198,8 +214,13 @@ def read_los_loop_folder(folder: str | os.PathLike) -> TrafficData:
       "los_adj.csv",
       f"shape {adjacency.shape}, expected ({n_nodes}, {n_nodes}) for {n_nodes} detectors",
     )
-  if not np.isfinite(adjacency).all():
-    raise DataError("los_adj.csv", "has empty or non-finite weights")
+  bad = ~np.isfinite(adjacency)
+  if bad.any():
+    i, j = np.argwhere(bad)[0]
+    raise DataError(
+      "los_adj.csv",
+      f"{int(bad.sum())} empty or non-finite weights (first at row {i + 1}, column {j + 1})",
+    )
 
   ids, coords = _read_locations(paths["sensor_locations.csv"])
   if len(ids) != n_nodes:
@@ -259,7 +280,7 @@ class Scaler:
   def fit(cls, values: np.ndarray, mask: np.ndarray) -> Scaler:
     observed = values[mask]
     if observed.size == 0:
-      raise ValueError("cannot fit a scaler: no observed values")
+      raise ValueError("cannot fit a scaler: the training readings hold no observed value")
     return cls(float(observed.mean()), float(max(observed.std(), 1e-6)))
 
   def transform(self, values: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -128,6 +128,18 @@ class ContextPrompts(nn.Module):
     return p_t, p_s
 
 
+def last_observed(x: jax.Array, x_mask: jax.Array) -> jax.Array:
+  """Each (sample, node)'s last observed input, [B, N]; 0 (the scaled mean) if none.
+
+  The same reading as the last-value baseline (`baselines.last_value`).
+  """
+  t_in = x.shape[1]
+  observed = x_mask.astype(bool)
+  last = t_in - 1 - jnp.argmax(observed[:, ::-1, :], axis=1)  # [B, N]
+  value = jnp.take_along_axis(x, last[:, None, :], axis=1)[:, 0, :]
+  return jnp.where(observed.any(axis=1), value, 0.0)
+
+
 class Backbone(nn.Module):
   """The general backbone: its parameter shapes depend only on T_in, T_out, d.
 
@@ -174,8 +186,7 @@ class Backbone(nn.Module):
       h = nn.LayerNorm(name=f"norm_mlp_{i}")(h + prompt_gate(m, p_t, p_s))
     out = nn.Dense(self.t_out, name="output")(h).transpose(0, 2, 1)
     if self.last_value_skip:
-      # A missing last reading contributes the scaled mean, 0.
-      out = out + jnp.where(x_mask[:, -1:, :], x[:, -1:, :], 0.0)
+      out = out + last_observed(x, x_mask)[:, None, :]
     return out
 
 

@@ -37,6 +37,7 @@ import optax
 
 from jaxurban import sharding
 from jaxurban.checkpoint import Checkpointer, write_json_atomic
+from jaxurban.data.errors import DataError
 from jaxurban.data.traffic import (
   Scaler,
   TrafficData,
@@ -136,6 +137,11 @@ class UrbanPGConfig:
     for name in counts:
       if getattr(self, name) < 1:
         problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.t_out < max(REPORT_HORIZONS):
+      problems.append(
+        f"t_out must be >= {max(REPORT_HORIZONS)} (the reported horizons are"
+        f" {REPORT_HORIZONS}), got {self.t_out}"
+      )
     if self.heads >= 1 and self.features % self.heads:
       problems.append(f"features {self.features} must be divisible by heads {self.heads}")
     if not 0 < self.fewshot_fraction <= 1:
@@ -188,14 +194,36 @@ def make_task(
 
   The scaler is fitted on the (kept) training readings only.
   """
+  window = config.t_in + config.t_out
   (a, b), (c, d), (e, f) = chronological_bounds(data.n_steps, config.split)
-  b = a + max(int(round((b - a) * train_fraction)), config.t_in + config.t_out)
+  for part, (lo, hi) in (("training", (a, b)), ("validation", (c, d)), ("test", (e, f))):
+    if hi - lo < window:
+      need = _shortest_series(config.split, window)
+      raise DataError(
+        "los_speed.csv",
+        f"{name}: the {part} part holds steps [{lo}, {hi}), {hi - lo} steps, fewer than one "
+        f"{config.t_in} + {config.t_out}-step window; this {data.n_steps}-step series would need "
+        f"at least {need} steps for the {config.split} split",
+      )
+  b = a + max(int(round((b - a) * train_fraction)), window)
+  if not data.mask[a:b].any():
+    raise DataError(
+      "los_speed.csv", f"{name}: no observed reading in training steps [{a}, {b}) to scale by"
+    )
   scaler = Scaler.fit(data.speed[a:b], data.mask[a:b])
   windows = [
     make_windows(data, scaler, lo, hi, config.t_in, config.t_out)
     for lo, hi in ((a, b), (c, d), (e, f))
   ]
   return Task(name, data, scaler, *windows, train_steps=(a, b))
+
+
+def _shortest_series(split: tuple[float, ...], window: int) -> int:
+  """The fewest steps whose chronological `split` gives every part one window."""
+  n_steps = window
+  while min(hi - lo for lo, hi in chronological_bounds(n_steps, split)) < window:
+    n_steps += 1
+  return n_steps
 
 
 def fewshot_nodes(data: TrafficData) -> tuple[np.ndarray, np.ndarray]:
@@ -228,10 +256,13 @@ def continual_tasks(data: TrafficData, config: UrbanPGConfig) -> list[Task]:
 def masked_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray) -> dict:
   """MAE, RMSE and MAPE (%) per horizon and averaged, over observed targets only.
 
-  Arrays are [S, T_out, N]. The average pools every observed (sample,
-  horizon, node) entry, which equals the mean of the per-horizon values
-  when every horizon has the same observed count. MAPE also skips zero
-  targets. Computed in float64.
+  Arrays are [S, T_out, N]. Zero targets count as missing for every metric
+  (the loader reads a zero speed as a missing reading). The average pools
+  every observed (sample, horizon, node) entry: for MAE and MAPE this is the
+  mean of the per-horizon values when every horizon has the same observed
+  count; the average RMSE is the root of the pooled mean squared error, which
+  is at least the mean of the per-horizon RMSEs. A horizon with no observed
+  target gets NaN. Computed in float64.
   """
   pred = np.asarray(pred, np.float64)
   true = np.asarray(true, np.float64)
@@ -240,11 +271,13 @@ def masked_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray) -> dict
   ape = np.where(mask, np.abs(err) / np.where(mask, np.abs(true), 1.0), 0.0)
 
   def reduce(axis):
-    count = np.maximum(mask.sum(axis), 1)
+    count = mask.sum(axis)
+    safe = np.maximum(count, 1)
+    empty = count == 0
     return {
-      "mae": np.abs(err).sum(axis) / count,
-      "rmse": np.sqrt((err**2).sum(axis) / count),
-      "mape": 100.0 * ape.sum(axis) / count,
+      "mae": np.where(empty, np.nan, np.abs(err).sum(axis) / safe),
+      "rmse": np.where(empty, np.nan, np.sqrt((err**2).sum(axis) / safe)),
+      "mape": np.where(empty, np.nan, 100.0 * ape.sum(axis) / safe),
     }
 
   horizon = {k: v.tolist() for k, v in reduce((0, 2)).items()}
