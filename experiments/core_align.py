@@ -17,6 +17,7 @@ import argparse
 import pathlib
 import sys
 
+from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.core.train import VARIANTS, CoreConfig, train_and_evaluate
 from jaxurban.core.losses import FORMS
 from jaxurban.data.errors import DataError
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
   _start_distributed(argv)
   try:
     train_and_evaluate(config, out)
-  except DataError as error:
+  except (DataError, CheckpointMismatch) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
   return 0

@@ -22,6 +22,7 @@ import argparse
 import pathlib
 import sys
 
+from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.errors import DataError
 from jaxurban.eval.kfold import PROTOCOLS
 from jaxurban.topt.pipeline import TASKS, ToptConfig, train_and_evaluate
@@ -127,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     train_and_evaluate(config, out, log=lambda s: print(s, flush=True))
   except DataError as e:
     print(f"data error: {e}", file=sys.stderr)
+    return 2
+  except CheckpointMismatch as e:
+    print(f"error: {e}", file=sys.stderr)
     return 2
   return 0
 

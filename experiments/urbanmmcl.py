@@ -25,6 +25,7 @@ import tempfile
 import numpy as np
 
 from jaxurban.atomic import write_text_atomic
+from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.errors import DataError
 from jaxurban.urbanmmcl.graphs import AblationError
 from jaxurban.urbanmmcl.train import TASKS, UrbanMMCLConfig, train_and_evaluate
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
   except DataError as e:
     print(f"data error: {e}", file=sys.stderr)
     return 2
-  except AblationError as e:
+  except (AblationError, CheckpointMismatch) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   table = results_table(results)

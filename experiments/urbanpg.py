@@ -13,7 +13,10 @@ checkpoints into --out.
 from __future__ import annotations
 
 import argparse
+import sys
 
+from jaxurban.checkpoint import CheckpointMismatch
+from jaxurban.data.errors import DataError
 from jaxurban.urbanpg.train import PARADIGMS, UrbanPGConfig, train_and_evaluate
 
 
@@ -56,7 +59,14 @@ def main(argv=None) -> dict:
     )
   except ValueError as e:
     parser.error(str(e))
-  return train_and_evaluate(config, args.out)
+  try:
+    return train_and_evaluate(config, args.out)
+  except DataError as e:
+    print(f"data error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except CheckpointMismatch as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ intact.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 from typing import Any
 
+import numpy as np
 import orbax.checkpoint as ocp
 
 # The atomic writers live in `jaxurban.atomic` (no orbax import there, for the
@@ -24,6 +26,19 @@ from jaxurban.atomic import (  # noqa: F401
   write_json_atomic,
   write_text_atomic,
 )
+
+
+def arrays_sha256(*arrays) -> str:
+  """SHA-256 over the shapes, dtypes and bytes of ``arrays``: a checkpoint's
+  record of the inputs it was trained on (None entries are skipped)."""
+  h = hashlib.sha256()
+  for a in arrays:
+    if a is None:
+      continue
+    a = np.ascontiguousarray(a)
+    h.update(f"{a.shape}{a.dtype}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
 
 
 class CheckpointMismatch(ValueError):
@@ -92,14 +107,15 @@ class Checkpointer:
     step = self._manager.latest_step()
     if step is None:
       return None
-    restored = self._manager.restore(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state_template), config=ocp.args.JsonRestore()
-      ),
-    )
+    # The config first: a run with other settings (more seeds, another city)
+    # has other array shapes, and restoring the state into them would fail
+    # inside orbax before the settings could be compared and named.
+    saved = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     check_same_config(
-      restored["config"], config, f"{self.directory}: the checkpoint at step {step}", ignore
+      saved["config"], config, f"{self.directory}: the checkpoint at step {step}", ignore
+    )
+    restored = self._manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state_template))
     )
     return step, restored["state"]
 

@@ -140,6 +140,35 @@ def test_command_writes_every_output(data_root, tmp_path, capsys):
   assert np.load(out / "cd_region_emb.npy").shape == (2, 1306, 128)
   assert (out / "embeddings.png").stat().st_size > 10_000
   assert any((out / "checkpoints" / "embed").iterdir())
+  # What was read is recorded: the folder and each file's SHA-256.
+  xa = metrics["data"]["xa"]
+  assert xa["source_dir"] == str(data_root / "core" / "xa") and xa["regions"] == 1056
+  assert set(xa["training"]) == {"regionmap_xa.geo", "regionmap_xa.mob"}
+  assert set(xa["labels"]) == {f"{k}_xa_sum.npy" for k in ("gdp", "population", "co2")}
+  assert all(len(h) == 64 for h in xa["training"].values())
+
+  # Rerunning into the same folder with other settings or other data is
+  # refused with the difference named, before any training.
+  def rerun(*flags, root=data_root):
+    args = ["--pair", "xa-cd", "--data-root", str(root), "--epochs", "2", "--log-every", "1"]
+    return core_align.main(args + ["--anchors", "32", "--out", str(out), *flags])
+
+  capsys.readouterr()
+  assert rerun("--seeds", "3") == 2
+  assert "seeds: saved 2 vs now 3" in capsys.readouterr().err
+  other = tmp_path / "other"
+  for city in ("xa", "cd"):
+    (other / "core" / city).mkdir(parents=True)
+    for source in (data_root / "core" / city).iterdir():
+      (other / "core" / city / source.name).symlink_to(source)
+  mob = other / "core" / "cd" / "regionmap_cd.mob"
+  lines = mob.read_text().splitlines()
+  mob.unlink()
+  lines[1] = lines[1][: lines[1].rindex(",")] + ",0.5"
+  mob.write_text("\n".join(lines) + "\n")
+  assert rerun("--seeds", "2", root=other) == 2
+  error = capsys.readouterr().err
+  assert "a different config (data: saved" in error and "regionmap_cd.mob" in error
 
 
 def test_command_rejects_bad_flags(data_root, capsys):

@@ -303,6 +303,19 @@ def test_beijing_style_variant(tmp_path):
   assert set(city.attributes) == {"MIX", "Shape_Area"}
 
 
+def test_rows_repeating_a_pair_are_one_edge_with_summed_weight(tmp_path):
+  header, rows = _xa_style_mob()
+  # Origin 0's share of 0 -> 1 split over two rows, and 2 -> 2 written twice.
+  rows = (
+    rows[:1] + [[1, "mob", 0, 1, 0.5], [5, "mob", 0, 1, 0.25]] + rows[2:] + [[6, "mob", 2, 2, 0.5]]
+  )
+  city = load_city("zz", make_city(tmp_path, mob=(header, rows)))
+  np.testing.assert_array_equal(city.edge_origin, [0, 0, 1, 2, 2])
+  np.testing.assert_array_equal(city.edge_destination, [0, 1, 2, 0, 2])
+  np.testing.assert_allclose(city.edge_weight_raw, [0.25, 0.75, 1.0, 0.5, 1.0])
+  np.testing.assert_allclose(city.edge_weight, [0.25, 0.75, 1.0, 1 / 3, 2 / 3])
+
+
 def test_od_flow_loaded_when_present(tmp_path):
   flow = np.arange(9, dtype=np.int64).reshape(3, 3)
   city = load_city("zz", make_city(tmp_path, od_flow=flow))
@@ -625,6 +638,7 @@ def test_error_origin_weights_sum_to_zero(tmp_path):
       r"2 negative flow values \(first at \[0, 1\]\)",
     ),
     (np.array([[0, np.nan, 0], [0, 0, 0], [0, 0, 0]]), r"1 non-finite \(NaN/inf\) flow values"),
+    (np.zeros((3, 3)), r"every flow value is 0, so there is no mobility to learn from"),
   ],
 )
 def test_error_bad_od_flow(tmp_path, flow, problem):
@@ -803,10 +817,20 @@ def test_ensure_city_names_the_file_missing_from_the_data_root(tmp_path, data_ro
   # A city that cannot be downloaded: the loader's own message, naming the file.
   with pytest.raises(DataError, match="co2_sz_sum"):
     fetch.ensure_city("sz", root, cache_dir=tmp_path / "cache", download=False)
-  # A downloadable one falls back on the cache; when that fails too the
-  # message still says what the data root's folder lacks.
-  with pytest.raises(DataError, match=r"incomplete in the data root.*gdp_xa_sum"):
-    fetch.ensure_city("xa", root, cache_dir=tmp_path / "cache", download=False)
+  # A downloadable one too, even with a verified copy in the cache: the
+  # cache never stands in for part of a folder the user pointed at.
+  cache = tmp_path / "cache"
+  fetch.fetch_city("xa", cache, base_url=_authors_tree(tmp_path, data_root, "xa").as_uri())
+  with pytest.raises(DataError, match="gdp_xa_sum"):
+    fetch.ensure_city("xa", root, cache_dir=cache, download=False)
+  # A city the data root does not hold at all is taken from the cache.
+  shutil.rmtree(root / "core" / "xa")
+  assert fetch.ensure_city("XA", root, cache_dir=cache, download=False) == cache / "core" / "xa"
+  # An unknown city: the message lists the data root's cities and the downloadable ones.
+  with pytest.raises(DataError) as info:
+    fetch.ensure_city("zz", root, cache_dir=cache, download=False)
+  assert "unknown city 'zz'" in str(info.value) and "holds sz" in str(info.value)
+  assert "downloadable cities are bj, cd, xa" in str(info.value)
 
 
 def test_fetch_cli_rejects_unknown_city(capsys):

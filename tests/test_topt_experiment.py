@@ -168,6 +168,36 @@ def test_validated_protocol_reports_one_honest_row(data_root, tmp_path, rng):
   assert np.isfinite(task["models"][task["reported_model"]]["r2"]["mean"])
 
 
+def _write_nan(path, n):
+  emb = np.ones((2, n, 16), np.float32)
+  emb[1, 5, 3] = np.nan
+  np.save(path, emb)
+
+
+@pytest.mark.parametrize(
+  "write, problem",
+  [
+    (_write_nan, "1 non-finite (NaN/inf) values in the first 2 seeds (first at seed 1, region 5)"),
+    (lambda path, n: np.savez(path, emb=np.ones((2, n, 16))), "is an .npz archive"),
+    (lambda path, n: np.save(path, np.array([{"a": 1}])), "not a readable .npy array"),
+    (lambda path, n: np.save(path, np.full((2, n, 16), "x")), "expected real numbers"),
+  ],
+)
+def test_bad_embeddings_file_is_a_data_error(data_root, tmp_path, capsys, write, problem):
+  n = np.load(data_root / "hafusion" / "Chi" / "crime_counts.npy").shape[0]
+  path = tmp_path / "emb.npy"
+  write(path, n)
+  if not path.exists():  # np.savez appends .npz
+    path.with_suffix(".npy.npz").rename(path)
+  argv = [
+    "--city", "Chi", "--task", "crime", "--seeds", "2", "--embeddings", str(path),
+    "--no-prompt4re", "--data-root", str(data_root), "--out", str(tmp_path / "run"),
+  ]  # fmt: skip
+  assert topt.main(argv) == 2
+  error = capsys.readouterr().err
+  assert "emb.npy: column 'embeddings_path': " in error and problem in error
+
+
 def test_collapsed_seeds_flags_only_constant_embeddings(rng):
   emb = rng.normal(size=(4, 30, 8)).astype(np.float32)
   # Seed 1: one vector for every region, up to float32 noise; seed 3: all zeros.

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.hafusion import CityViews, load_city_views
 from jaxurban.topt import srel_losses, srel_train
 from jaxurban.topt.srel import (
@@ -378,6 +379,10 @@ def test_step_compiles_once_and_resumes(tmp_path, rng, monkeypatch):
   assert log_again["resumed_from"] == 6
   assert log_again["history"] == log["history"]
   np.testing.assert_array_equal(first, again)
+  # Other input data is refused, not resumed.
+  other = dataclasses.replace(views, poi=views.poi[::-1].copy())
+  with pytest.raises(CheckpointMismatch, match="inputs_sha256"):
+    train_srel_with_log(config, other, seeds=(3, 4), workdir=tmp_path, progress=False)
 
   # A run killed right after its checkpoint at epoch 4 resumes there and ends
   # where the uninterrupted run did, with the same loss history.
@@ -414,7 +419,9 @@ def test_few_epochs_on_chicago(data_root):
   assert len(log["spatial_lambda"]) == 2
 
 
-@pytest.mark.parametrize("bad", [dict(epochs=0), dict(dropout=1.0), dict(sigma_km=0.0)])
+@pytest.mark.parametrize(
+  "bad", [dict(epochs=0), dict(dropout=1.0), dict(sigma_km=0.0), dict(seeds=(0, -1))]
+)
 def test_config_rejects_bad_values(bad):
   with pytest.raises(ValueError, match="SRELConfig"):
     SRELConfig(**bad)
@@ -436,6 +443,10 @@ def test_command_line_settings():
   hafusion, _ = parse_cli(["--hafusion", "--city", "NY"])
   assert (hafusion.n_layers, hafusion.learning_rate, hafusion.epochs) == (3, 5e-4, 2000)
   assert not hafusion.spatial_bias and not hafusion.centrality and hafusion.n_heads == 4
-  for clash in (["--hafusion", "--task", "crime"], ["--hafusion", "--no-spatial-bias"]):
+  for clash in (
+    ["--hafusion", "--task", "crime"],
+    ["--hafusion", "--no-spatial-bias"],
+    ["--seeds", "0", "-1"],
+  ):
     with pytest.raises(SystemExit):
       parse_cli(clash)

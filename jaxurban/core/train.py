@@ -155,6 +155,38 @@ def load_city_graph(name: str, data_root=None):
   return city, graph
 
 
+def data_description(city) -> dict:
+  """What a run read from one city: its folder, counts, and each file's SHA-256.
+
+  ``training`` holds the files that shape the training (``.geo``, ``.mob``
+  and the OD matrix when present); it goes into every checkpoint's config,
+  so that a run never resumes weights trained on other data. ``labels``
+  only shape the evaluation, which a resumed run repeats.
+  """
+  from jaxurban.data.core_city import LABEL_NAMES, city_files
+  from jaxurban.data.fetch import sha256_file
+
+  files = city_files(city.source_dir, city.name)
+  digest = lambda keys: {files[k].name: sha256_file(files[k]) for k in keys if files[k]}
+  return {
+    "source_dir": str(city.source_dir),
+    "regions": city.n_regions,
+    "mobility_edges": city.n_edges,
+    "training": digest(("geo", "mob", "od_flow")),
+    "labels": digest(LABEL_NAMES),
+  }
+
+
+def _training_data(description: dict | None) -> dict | None:
+  """The part of `data_description`s that a checkpoint must match."""
+  if description is None:
+    return None
+  return {
+    name: {k: city[k] for k in ("regions", "mobility_edges", "training")}
+    for name, city in description.items()
+  }
+
+
 def _log(message: str) -> None:
   print(message, flush=True)
 
@@ -169,13 +201,19 @@ def _run_stage(
   data: tuple,
   epochs: int,
   per_seed_data: bool = False,
+  data_description: dict | None = None,
 ) -> tuple[Any, dict]:
-  """Trains one stage with checkpoints under ``workdir/checkpoints/<name>``."""
+  """Trains one stage with checkpoints under ``workdir/checkpoints/<name>``.
+
+  Each checkpoint's config is the run's config plus the training files'
+  description (`data_description`), and resuming requires both to match.
+  """
+  run_config = {**config.to_dict(), "data": _training_data(data_description)}
   optimizer = optax.adam(config.learning_rate)
   state = (init_params, jax.vmap(optimizer.init)(init_params), keys)
   checkpointer = Checkpointer(workdir, subdir=name)
   start, history = 0, []
-  restored = checkpointer.restore(state, config.to_dict(), ignore=_RESUMABLE_KEYS)
+  restored = checkpointer.restore(state, run_config, ignore=_RESUMABLE_KEYS)
   if restored is not None:
     start, state = restored
     # The loss history up to the checkpoint travels inside it.
@@ -206,7 +244,7 @@ def _run_stage(
     parts = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
     _log(f"[{name}] epoch {done:>5}/{epochs}  {parts}  ({time.perf_counter() - started:.1f} s)")
     if done % save_every == 0 or done == epochs:
-      checkpointer.save(done, state, config.to_dict(), log=history)
+      checkpointer.save(done, state, run_config, log=history)
   checkpointer.close()
   return state[0], {
     "history": history,
@@ -262,9 +300,17 @@ def make_embed_loss(model: CoRE, settings: LossSettings) -> Callable:
 
 
 def train_embeddings(
-  config: CoreConfig, workdir: str | pathlib.Path, graph_x: CityGraph, graph_y: CityGraph
+  config: CoreConfig,
+  workdir: str | pathlib.Path,
+  graph_x: CityGraph,
+  graph_y: CityGraph,
+  data_description: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
-  """Trains the configured variant; returns Z^X, Z^Y as [K, N, d] and a log."""
+  """Trains the configured variant; returns Z^X, Z^Y as [K, N, d] and a log.
+
+  `data_description` (city name -> `data_description(city)`) is saved with
+  the checkpoints, and a checkpoint trained on other files is refused.
+  """
   workdir = pathlib.Path(workdir)
   settings = config.loss_settings()
   if config.shard_regions:
@@ -287,19 +333,29 @@ def train_embeddings(
   # Derived before the first stage, which donates (consumes) its keys.
   align_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(train_keys)
   params, log = _run_stage(
-    "embed", workdir, config, embed_loss, params, train_keys, (graph_x, graph_y), config.epochs
+    "embed",
+    workdir,
+    config,
+    embed_loss,
+    params,
+    train_keys,
+    (graph_x, graph_y),
+    config.epochs,
+    data_description=data_description,
   )
   embed = jax.jit(jax.vmap(lambda p: model.apply({"params": p}, graph_x, graph_y)))
   z_x, z_y, query_key = embed(params)
   logs = {"embed": log}
 
   if config.variant == "two-stage":
-    z_x, z_y, log = _align_frozen(config, workdir, settings, z_x, z_y, query_key, align_keys)
+    z_x, z_y, log = _align_frozen(
+      config, workdir, settings, z_x, z_y, query_key, align_keys, data_description
+    )
     logs["align"] = log
   return sharding.to_host(z_x), sharding.to_host(z_y), logs
 
 
-def _align_frozen(config, workdir, settings, z_x, z_y, query_key, keys):
+def _align_frozen(config, workdir, settings, z_x, z_y, query_key, keys, data_description=None):
   """Second stage of "two-stage": LMA + LIA on frozen embeddings.
 
   Only a linear map T (initialised to the identity) applied to Z^Y and the
@@ -327,6 +383,7 @@ def _align_frozen(config, workdir, settings, z_x, z_y, query_key, keys):
     (z_x, z_y),
     config.epochs,
     per_seed_data=True,
+    data_description=data_description,
   )
   return z_x, z_y @ params["translation"], log
 
@@ -358,14 +415,17 @@ def train_and_evaluate(config: CoreConfig, workdir: str | pathlib.Path) -> dict:
   wall_start = time.perf_counter()
   city_x, graph_x = load_city_graph(config.city_x, config.data_root)
   city_y, graph_y = load_city_graph(config.city_y, config.data_root)
+  data = {city.name: data_description(city) for city in (city_x, city_y)}
+  for city in (city_x, city_y):
+    _log(
+      f"{city.name.upper()}: {city.n_regions} regions, {city.n_edges} mobility edges, "
+      f"read from {city.source_dir}"
+    )
   _log(
-    f"{city_x.name.upper()}: {city_x.n_regions} regions, "
-    f"{len(city_x.edge_origin)} mobility edges; {city_y.name.upper()}: "
-    f"{city_y.n_regions} regions, {len(city_y.edge_origin)} mobility edges; "
     f"variant {config.variant}, {config.seeds} seed(s), {config.epochs} epochs, "
     f"devices {jax.devices()}"
   )
-  z_x, z_y, logs = train_embeddings(config, workdir, graph_x, graph_y)
+  z_x, z_y, logs = train_embeddings(config, workdir, graph_x, graph_y, data)
   translated = {}
   if config.variant == "rp":
     translated = rank_procrustes(z_x, z_y, city_x, city_y)
@@ -386,6 +446,7 @@ def train_and_evaluate(config: CoreConfig, workdir: str | pathlib.Path) -> dict:
 
   summary = {
     "config": config.to_dict(),
+    "data": data,
     "seeds": list(range(config.first_seed, config.first_seed + config.seeds)),
     "scores": _to_lists(results),
     "summary": _mean_std(results),

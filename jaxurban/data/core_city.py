@@ -86,7 +86,7 @@ class CityData:
   edge_destination: np.ndarray
   """(E,) int32 destination region index of each .mob row (self loops kept)."""
   edge_weight_raw: np.ndarray
-  """(E,) float64 ``mobility_weight`` exactly as in the file."""
+  """(E,) float64 ``mobility_weight`` as in the file (summed over rows that repeat a pair)."""
   edge_weight: np.ndarray
   """(E,) float64 weights normalised per origin (CoRE eq. 1): raw / sum of that origin's raw weights."""
   weights_were_normalised: bool
@@ -418,7 +418,9 @@ def load_city(name: str, data_root: str | os.PathLike | None = None) -> CityData
     if values is not None:
       attributes[column] = _readonly(values)
 
-  origin, destination, raw = _load_edges(files["mob"], geo_ids, files["geo"].name)
+  origin, destination, raw = _merge_repeated_pairs(
+    *_load_edges(files["mob"], geo_ids, files["geo"].name), n
+  )
   weight, was_normalised = _normalise_per_origin(origin, raw, n, geo_ids, files["mob"].name)
 
   labels = {
@@ -507,6 +509,24 @@ def _load_edges(path: pathlib.Path, geo_ids: np.ndarray, geo_file: str):
   return to_index(origin_ids, "origin_id"), to_index(destination_ids, "destination_id"), raw
 
 
+def _merge_repeated_pairs(origin, destination, raw, n):
+  """One edge per (origin, destination) pair, the raw weights of repeated rows summed.
+
+  Eq. (1) of the CoRE paper has one weight w_ij per pair; repeated rows
+  would otherwise enter the GAT as parallel edges, each with its own term in
+  the attention softmax, while the mobility target merges them. Edges keep
+  the file order of each pair's first row.
+  """
+  pairs = origin.astype(np.int64) * n + destination
+  unique, first, inverse = np.unique(pairs, return_index=True, return_inverse=True)
+  if len(unique) == len(pairs):
+    return origin, destination, raw
+  summed = np.bincount(inverse, weights=raw, minlength=len(unique))
+  order = np.argsort(first, kind="stable")
+  keep = first[order]
+  return origin[keep], destination[keep], summed[order]
+
+
 def _normalise_per_origin(origin, raw, n, geo_ids, mob_file):
   sums = np.bincount(origin, weights=raw, minlength=n)
   present = np.zeros(n, dtype=bool)
@@ -578,6 +598,9 @@ def _load_od_flow(path: pathlib.Path, n: int) -> np.ndarray:
   if neg.any():
     i, j = np.argwhere(neg)[0]
     raise DataError(path.name, f"{int(neg.sum())} negative flow values (first at [{i}, {j}])")
+  if not flow.any():
+    # An all-zero matrix would leave the mobility loss with no target at all.
+    raise DataError(path.name, "every flow value is 0, so there is no mobility to learn from")
   return flow
 
 

@@ -205,30 +205,39 @@ def ensure_city(
 
   Looks in order at: the data root (``data_root`` or ``$JAXURBAN_DATA``, when
   set), the cache (``cache_dir``, ``$JAXURBAN_CACHE`` or
-  ``~/.cache/jaxurban``), and finally downloads into the cache. A folder in
-  the data root is used as it is (either file layout); the cache is checked
-  against the hash table.
+  ``~/.cache/jaxurban``), and finally downloads into the cache. A city
+  folder in the data root is used as it is (either file layout), and when it
+  lacks a file that file is named in the error: the cache never stands in
+  for part of a folder the user pointed at. Only a city the data root does
+  not hold at all is looked up in the cache, which is checked against the
+  hash table. Callers should say which folder they read (``CityData.source_dir``).
 
   Raises:
-    DataError: the city is nowhere and cannot be downloaded; the message
-      says what to run, or which files to place where.
+    DataError: the data root's folder of the city is incomplete; or the city
+      is nowhere and cannot be downloaded: the message says what to run, or
+      which files to place where.
   """
   code = str(name).lower()
-  in_root = None  # why the data root's folder of this city cannot be used
+  present = None  # cities in the data root, when one is set
   if data_root is not None or os.environ.get(DATA_ENV):
     root = resolve_data_root(data_root)
     folder = root / "core"
+    present = []
     if folder.is_dir():
-      for entry in folder.iterdir():
-        if entry.is_dir() and entry.name.lower() == code:
-          try:
-            city_files(entry, code)
-            return entry
-          except DataError as error:
-            if code not in CORE_FILES:
-              raise  # nothing to fall back on: name the file that is missing
-            in_root = error
-            break  # incomplete: fall through to the cache
+      for entry in sorted(folder.iterdir()):
+        if not entry.is_dir():
+          continue
+        if entry.name.lower() == code:
+          city_files(entry, code)  # raises naming the missing file
+          return entry
+        present.append(entry.name.lower())
+    if code not in CORE_FILES:
+      where = f"{folder} holds {', '.join(present) if present else 'no city folder'}"
+      raise DataError(
+        folder / str(name),
+        f"unknown city {name!r}: {where}, and the downloadable cities are "
+        f"{', '.join(sorted(CORE_FILES))}",
+      )
 
   code = _check_city(name)
   cache = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -238,7 +247,7 @@ def ensure_city(
     return cached
   if not download:
     raise DataError(
-      cached, _manual_instructions(code, cache, missing, "downloading is switched off", in_root)
+      cached, _manual_instructions(code, cache, missing, "downloading is switched off")
     )
   try:
     return fetch_city(code, cache, opener=opener)
@@ -246,18 +255,14 @@ def ensure_city(
     reason = getattr(e, "reason", e)
     missing = _missing_or_stale(cached, code)
     raise DataError(
-      cached, _manual_instructions(code, cache, missing, f"download failed ({reason})", in_root)
+      cached, _manual_instructions(code, cache, missing, f"download failed ({reason})")
     ) from e
 
 
-def _manual_instructions(
-  code: str, cache: pathlib.Path, missing: list[str], why: str, in_root: DataError | None = None
-) -> str:
+def _manual_instructions(code: str, cache: pathlib.Path, missing: list[str], why: str) -> str:
   urls = core_urls(code)
   placement = "; ".join(f"{urls[f]} -> {cache / 'core' / code / f}" for f in missing)
   where = "is not in the data root or the cache"
-  if in_root is not None:
-    where = f"is incomplete in the data root ({in_root}) and not in the cache"
   return (
     f"CoRE city {code!r} {where} and {why}. "
     f"On a machine with internet access run `python -m jaxurban.data.fetch core {code} --dest DIR` "

@@ -265,7 +265,18 @@ def _srel_embeddings(config: ToptConfig, views, workdir, log) -> tuple[np.ndarra
     path = pathlib.Path(config.embeddings_path)
     if not path.is_file():
       raise DataError(path, "file missing", column="embeddings_path")
-    emb = np.load(path)
+    try:
+      emb = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+      raise DataError(
+        path.name, f"not a readable .npy array: {e}", column="embeddings_path"
+      ) from None
+    if not isinstance(emb, np.ndarray):  # an .npz archive
+      raise DataError(path.name, "is an .npz archive, not one .npy array", column="embeddings_path")
+    if not (np.issubdtype(emb.dtype, np.floating) or np.issubdtype(emb.dtype, np.integer)):
+      raise DataError(
+        path.name, f"dtype {emb.dtype}, expected real numbers", column="embeddings_path"
+      )
     if emb.ndim != 3 or emb.shape[1] != n or emb.shape[0] < len(config.seeds):
       raise DataError(
         path.name,
@@ -279,8 +290,18 @@ def _srel_embeddings(config: ToptConfig, views, workdir, log) -> tuple[np.ndarra
         f"width {emb.shape[2]} is not divisible by Prompt4RE's {heads} attention heads",
         column="embeddings_path",
       )
+    emb = emb[: len(config.seeds)].astype(np.float32)
+    bad = ~np.isfinite(emb)
+    if bad.any():
+      seed, region, _ = np.argwhere(bad)[0]
+      raise DataError(
+        path.name,
+        f"{int(bad.sum())} non-finite (NaN/inf) values in the first {len(config.seeds)} "
+        f"seeds (first at seed {seed}, region {region})",
+        column="embeddings_path",
+      )
     log(f"SREL embeddings loaded from {path} (first {len(config.seeds)} of {emb.shape[0]})")
-    return emb[: len(config.seeds)].astype(np.float32), f"loaded from {path}"
+    return emb, f"loaded from {path}"
   from jaxurban.topt.srel_train import SRELConfig, train_srel
 
   spatial = config.city == "Chi"

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import pathlib
@@ -419,7 +418,7 @@ def cross_validated_trajectory(
   val_trajectory = np.full(shape, np.nan, np.float32) if validated else None
   start, checkpointer = 0, None
   if workdir is not None:
-    from jaxurban.checkpoint import Checkpointer, check_same_config
+    from jaxurban.checkpoint import Checkpointer, arrays_sha256, check_same_config
 
     run_config = {
       **dataclasses.asdict(config),
@@ -431,13 +430,11 @@ def cross_validated_trajectory(
       "validated": validated,
       # The inputs themselves: a rerun on other embeddings, prompts, labels
       # or folds must not resume these models.
-      "inputs_sha256": _digest(embeddings, prompts, labels, np.asarray(masks)),
+      "inputs_sha256": arrays_sha256(embeddings, prompts, labels, np.asarray(masks)),
     }
     # Named after the settings and inputs: a run with other ones (an ablation
     # into the same folder) trains afresh beside it instead of resuming it.
-    name = (
-      f"{checkpoint_name}_{_digest(np.frombuffer(json.dumps(run_config).encode(), np.uint8))[:12]}"
-    )
+    name = f"{checkpoint_name}_{arrays_sha256(np.frombuffer(json.dumps(run_config).encode(), np.uint8))[:12]}"
     # A finished run keeps only its trajectory (the models' states of 5 seeds
     # x 10 folds take hundreds of MB); a rerun reads it back.
     finished = pathlib.Path(workdir) / "checkpoints" / f"{name}_trajectory.npz"
@@ -487,13 +484,3 @@ def cross_validated_trajectory(
     # Written first, so that a run killed here has one of the two.
     shutil.rmtree(checkpointer.directory)
   return Trajectory(trajectory, epochs, val_trajectory)
-
-
-def _digest(*arrays) -> str:
-  """SHA-256 over the shapes, dtypes and bytes of ``arrays``."""
-  h = hashlib.sha256()
-  for a in arrays:
-    a = np.ascontiguousarray(a)
-    h.update(f"{a.shape}{a.dtype}".encode())
-    h.update(a.tobytes())
-  return h.hexdigest()

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxurban.checkpoint import Checkpointer, save_npy_atomic, write_json_atomic
+from jaxurban.checkpoint import Checkpointer, arrays_sha256, save_npy_atomic, write_json_atomic
 from jaxurban.data.hafusion import CityViews
 from jaxurban.topt.srel import SREL, SRELArchitecture, centroids_to_km
 from jaxurban.topt.srel_losses import normalise_mobility, srel_loss
@@ -108,6 +108,7 @@ class SRELConfig(SRELArchitecture):
         problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.learning_rate <= 0 or self.weight_decay < 0:
       problems.append("learning_rate must be > 0 and weight_decay >= 0")
+    problems.extend(seed_problems(self.seeds))
     return problems
 
   @classmethod
@@ -183,6 +184,12 @@ def make_loss(model: SREL) -> Callable:
     return total, terms
 
   return loss
+
+
+def seed_problems(seeds: Sequence[int]) -> list[str]:
+  """Seeds must fit the 32-bit words the random keys are made from."""
+  bad = [int(s) for s in seeds if not 0 <= int(s) < 2**32]
+  return [f"seeds must lie in [0, 2**32), got {bad}"] if bad else []
 
 
 def _seed_keys(seeds: Sequence[int]) -> tuple[jax.Array, jax.Array]:
@@ -266,6 +273,8 @@ def train_srel_with_log(
   seeds = tuple(config.seeds if seeds is None else (int(s) for s in seeds))
   if not seeds:
     raise ValueError("train_srel: no seeds given")
+  if seed_problems(seeds):
+    raise ValueError("train_srel: " + seed_problems(seeds)[0])
   if views.n_regions % config.n_heads:
     raise ValueError(
       f"train_srel: {views.city} has N = {views.n_regions} regions, the model width, "
@@ -283,6 +292,10 @@ def train_srel_with_log(
     "seeds": list(seeds),
     "city": views.city,
     "n_regions": views.n_regions,
+    # The input arrays themselves: a rerun on other data must not resume.
+    "inputs_sha256": arrays_sha256(
+      *(None if a is None else np.asarray(a) for a in data.as_tuple())
+    ),
   }
 
   start, state, checkpointer, history = 0, None, None, []
@@ -395,6 +408,8 @@ def parse_cli(argv: Sequence[str] | None = None) -> tuple[SRELConfig, argparse.N
   args = parser.parse_args(argv)
   if args.hafusion and (args.no_spatial_bias or args.no_centrality):
     parser.error("--hafusion has no spatial prior to switch off")
+  if args.seeds is not None and seed_problems(args.seeds):
+    parser.error("--" + seed_problems(args.seeds)[0])
   epochs = {} if args.epochs is None else {"epochs": args.epochs}
   if args.hafusion:
     config = SRELConfig.for_city(args.city, **{**HAFUSION_TRAINING, **epochs})
