@@ -92,6 +92,8 @@ def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
     )
     or "full"
   )
+  if args.images is not None:
+    variant += "-images"
   # Outputs go outside the checkout unless --out says otherwise.
   out = args.out or pathlib.Path(tempfile.gettempdir()) / f"urbanmmcl_{args.city}_{variant}"
   return config, out, args.projection

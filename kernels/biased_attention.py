@@ -214,13 +214,18 @@ class _Config:
   interpret: bool
   num_warps: int
   num_stages: int
+  precision: lax.Precision | None = None
 
 
-def _dot(a, b, contract_a: int, contract_b: int):
+def _dot(a, b, contract_a: int, contract_b: int, precision=None):
   """2-D tile product with float32 accumulation, contracting the given axes
   (a transposed operand is expressed here rather than materialised)."""
   return lax.dot_general(
-    a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32
+    a,
+    b,
+    (((contract_a,), (contract_b,)), ((), ())),
+    precision=precision,
+    preferred_element_type=jnp.float32,
   )
 
 
@@ -247,10 +252,10 @@ def _tile_phis(q_coords, k_coords, centres, inv_width):
   return phis
 
 
-def _tile_logits(q, k, phis, weights, row_term, col_term, valid, scale):
+def _tile_logits(q, k, phis, weights, row_term, col_term, valid, scale, precision=None):
   """Masked base-2 logits of eq. (1) on one tile: (Q Kᵀ·scale + B)·log2 e, float32
   (the bias terms arrive pre-multiplied by log2 e)."""
-  logits = _dot(q, k, 1, 1) * scale
+  logits = _dot(q, k, 1, 1, precision) * scale
   for w, phi in zip(weights, phis):
     logits = logits + w * phi
   logits = logits + row_term[:, None] + col_term[None, :]
@@ -261,14 +266,17 @@ def _biased_logits(q, k, q_coords, k_coords, bias, row_term, col_term, valid, cf
   """One tile's base-2 logits, and the φ_r(d_ij) they were built from."""
   weights, centres, inv_width = bias
   phis = _tile_phis(q_coords, k_coords, centres, inv_width)
-  return _tile_logits(q, k, phis, weights, row_term, col_term, valid, cfg.scale * _LOG2E), phis
+  logits = _tile_logits(
+    q, k, phis, weights, row_term, col_term, valid, cfg.scale * _LOG2E, cfg.precision
+  )
+  return logits, phis
 
 
-def _recomputed_p_and_ds(s, lse, valid, do, v, delta):
+def _recomputed_p_and_ds(s, lse, valid, do, v, delta, precision=None):
   """P recomputed from the saved base-2 LSE, and dS = P∘(dP − δ)
   (FlashAttention-2, Alg. 2), on one tile."""
   p = jnp.where(valid[None, :], jnp.exp2(s - lse[:, None]), 0.0)
-  return p, p * (_dot(do, v, 1, 1) - delta[:, None])
+  return p, p * (_dot(do, v, 1, 1, precision) - delta[:, None])
 
 
 def _forward_kernel(
@@ -309,7 +317,7 @@ def _forward_kernel(
     correction = jnp.exp2(m_prev - m_new)
     p = jnp.where(valid[None, :], jnp.exp2(s - m_new[:, None]), 0.0)
     l_new = l_prev * correction + jnp.sum(p, axis=1)
-    acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v, 1, 0)
+    acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v, 1, 0, cfg.precision)
     return acc, m_new, l_new
 
   acc = jnp.zeros((bq, q.shape[-1]), jnp.float32)
@@ -361,8 +369,8 @@ def _dq_kernel(
     k_coords = [ck_ref[c, ks] for c in range(cfg.n_coords)]
     valid = kmask_ref[ks] > 0.5
     s, _ = _biased_logits(q, k, q_coords, k_coords, bias, row_term, col_ref[ks], valid, cfg)
-    _, ds = _recomputed_p_and_ds(s, lse, valid, do, v, delta)
-    dq = dq + _dot(ds.astype(k.dtype), k, 1, 0)
+    _, ds = _recomputed_p_and_ds(s, lse, valid, do, v, delta, cfg.precision)
+    dq = dq + _dot(ds.astype(k.dtype), k, 1, 0, cfg.precision)
     drow = drow + jnp.sum(ds, axis=1)  # ∂L/∂row_bias[h,i] = Σ_j dS_ij
     return dq, drow
 
@@ -411,9 +419,9 @@ def _dkv_kernel(
     do = do_ref[qs, :]
     q_coords = [cq_ref[c, qs] for c in range(cfg.n_coords)]
     s, phis = _biased_logits(q, k, q_coords, k_coords, bias, row_ref[qs], col_term, valid, cfg)
-    p, ds = _recomputed_p_and_ds(s, lse_ref[qs], valid, do, v, delta_ref[qs])
-    dv = dv + _dot(p.astype(do.dtype), do, 0, 0)  # Pᵀ dO
-    dk = dk + _dot(ds.astype(q.dtype), q, 0, 0)  # dSᵀ Q
+    p, ds = _recomputed_p_and_ds(s, lse_ref[qs], valid, do, v, delta_ref[qs], cfg.precision)
+    dv = dv + _dot(p.astype(do.dtype), do, 0, 0, cfg.precision)  # Pᵀ dO
+    dk = dk + _dot(ds.astype(q.dtype), q, 0, 0, cfg.precision)  # dSᵀ Q
     dcol = dcol + jnp.sum(ds, axis=0)  # ∂L/∂col_bias[h,j] = Σ_i dS_ij
     # ∂L/∂rbf_weight[h,r] = Σ_ij dS_ij φ_r(d_ij); kept per key here and summed
     # over keys outside the kernel.
@@ -624,7 +632,7 @@ def _pad_axis(x, axis: int, size: int, value=0):
   return jnp.pad(x, widths, constant_values=value)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "blocks", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "blocks", "interpret", "precision"))
 def _pallas_attention(
   q,
   k,
@@ -641,6 +649,7 @@ def _pallas_attention(
   scale,
   blocks,
   interpret,
+  precision=None,
 ):
   """Pads to the tile grid, runs the kernels, slices the padding off.
 
@@ -675,6 +684,7 @@ def _pallas_attention(
     interpret=interpret,
     num_warps=4 if dp <= 64 else 8,
     num_stages=2,
+    precision=precision,
   )
   out = _flash(
     pad_qkv(q, nq_pad),
@@ -775,6 +785,7 @@ def biased_attention(
   implementation=None,
   interpret=False,
   block_sizes: BlockSizes | None = None,
+  precision: lax.Precision | None = None,
 ) -> jax.Array:
   """Spatially biased attention, eq. (1) of the ToPT paper, without an N×N bias.
 
@@ -800,6 +811,9 @@ def biased_attention(
       elsewhere), "pallas" or "reference".
     interpret: run the Pallas kernels in interpret mode (CPU testing).
     block_sizes: tile sizes of the Pallas path; default depends on D.
+    precision: dot precision inside the Pallas kernels (None: the backend's
+      default, TF32 for float32 on Hopper; ``lax.Precision.HIGHEST`` for
+      IEEE float32 products).
 
   Returns:
     [H, Nq, D] in q's dtype.
@@ -864,6 +878,7 @@ def biased_attention(
     scale=float(scale),
     blocks=blocks,
     interpret=bool(interpret),
+    precision=precision,
   )
 
 

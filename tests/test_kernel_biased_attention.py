@@ -1,7 +1,8 @@
 """The spatially biased flash attention kernel against float64 references.
 
 The Pallas kernels run in interpret mode (``INTERPRET = True``), which executes
-the same kernel bodies on the CPU; the oracle is the materialised-bias
+the same kernel bodies on the CPU (`TestBiasedAttentionPallasCompiled` reruns
+the tests compiled, on a GPU only); the oracle is the materialised-bias
 reference evaluated in float64, or NumPy float64 written from eq. (1) of the
 ToPT paper.
 """
@@ -111,9 +112,19 @@ class TestBiasedAttentionPallas:
   INTERPRET = True
   BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
 
+  @pytest.fixture(autouse=True)
+  def _needs_gpu_unless_interpreted(self):
+    if not self.INTERPRET and jax.default_backend() != "gpu":
+      pytest.skip("the compiled Pallas kernel needs a GPU")
+
   def pallas(self, **kwargs):
     return dict(
-      implementation="pallas", interpret=self.INTERPRET, block_sizes=self.BLOCKS, **kwargs
+      implementation="pallas",
+      interpret=self.INTERPRET,
+      block_sizes=self.BLOCKS,
+      # Compiled float32 dots would otherwise be TF32 on the GPU.
+      precision=None if self.INTERPRET else jax.lax.Precision.HIGHEST,
+      **kwargs,
     )
 
   @pytest.mark.parametrize(
@@ -277,6 +288,12 @@ class TestBiasedAttentionPallas:
     walk(jaxpr.jaxpr)
     assert len(kernels) == 3  # forward, dQ, dK/dV
     assert max(sizes) < n * n
+
+
+class TestBiasedAttentionPallasCompiled(TestBiasedAttentionPallas):
+  """The same tests with the kernels compiled (Triton); skipped without a GPU."""
+
+  INTERPRET = False
 
 
 def test_spatial_bias_reference_matches_numpy(rng):

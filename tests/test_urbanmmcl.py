@@ -359,6 +359,12 @@ def test_ablations_of_what_the_city_lacks_are_refused(tmp_path, data_root, capsy
   with pytest.raises(ValueError, match="NY has no distance view .*mobility, poi"):
     graphs.build_view_graphs(ny, ("distance",))
   assert graphs.build_view_graphs(ny, ("poi",)).names == ("mobility",)
+  # One view left: no pair to contrast, so the run would silently lose graph contrast.
+  with pytest.raises(ValueError, match="leaves one view .mobility.*--no-graph-contrast"):
+    prepare(UrbanMMCLConfig(city="NY", data_root=str(data_root), drop_views=("poi",)))
+  for name, value in (("eval_walks", 0), ("log_every", 0), ("finetune_folds", 2), ("patience", -1)):
+    with pytest.raises(ValueError, match=f"{name} must be >= .*, got {value}"):
+      UrbanMMCLConfig(**{name: value})
   with pytest.raises(ValueError, match="NY has no text, location or images"):
     prepare(UrbanMMCLConfig(city="NY", data_root=str(data_root), no_multimodal=True))
 

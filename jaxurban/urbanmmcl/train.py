@@ -132,8 +132,17 @@ class UrbanMMCLConfig:
   def __post_init__(self):
     if self.city not in ("Chi", "NY"):
       raise ValueError(f"city must be 'Chi' or 'NY', got {self.city!r}")
-    if self.seeds < 1 or self.epochs < 1:
-      raise ValueError("seeds and epochs must be >= 1")
+    counts = ("seeds", "epochs", "log_every", "eval_walks", "finetune_epochs")
+    for name in counts:
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    # Fine-tuning holds out a test fold and a validation fold: a third trains.
+    if self.finetune_folds < 3:
+      raise ValueError(f"finetune_folds must be >= 3, got {self.finetune_folds}")
+    if self.ridge_folds < 2:
+      raise ValueError(f"ridge_folds must be >= 2, got {self.ridge_folds}")
+    if self.patience < 0:
+      raise ValueError(f"patience must be >= 0, got {self.patience}")
     if not 0 <= self.finetune_seeds <= self.seeds:
       raise ValueError(f"finetune_seeds must be in [0, seeds={self.seeds}]")
     bad = set(self.finetune_tasks) - set(TASKS + ("landuse",))
@@ -220,6 +229,12 @@ def prepare(config: UrbanMMCLConfig):
   """
   views = load_city_views(config.city, config.data_root)
   graphs = build_view_graphs(views, config.drop_views)
+  if len(graphs.names) < 2 and not config.no_graph and not config.no_graph_contrast:
+    raise AblationError(
+      f"{config.city}: dropping {', '.join(config.drop_views)} leaves one view "
+      f"({graphs.names[0]}), and graph contrast needs two, so the run would also be "
+      "'w/o graph contrastive'; add --no-graph-contrast to run that on purpose"
+    )
   inputs = {
     "features": raw_features(views),
     "propagation": graphs.propagation,
