@@ -113,7 +113,10 @@ def main(argv=None) -> int:
   parser.add_argument("--torch-repo", default=None)
   parser.add_argument("--torch-epochs", type=int, default=30)
   args = parser.parse_args(argv)
-  city_x, city_y = (c.lower() for c in args.pair.split("-"))
+  cities = args.pair.split("-")
+  if len(cities) != 2:
+    parser.error(f"--pair takes two city codes joined by '-', e.g. XA-CD; got {args.pair!r}")
+  city_x, city_y = (c.lower() for c in cities)
   _, graph_x = load_city_graph(city_x, args.data_root)
   _, graph_y = load_city_graph(city_y, args.data_root)
   print(

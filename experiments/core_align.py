@@ -17,10 +17,32 @@ import argparse
 import pathlib
 import sys
 
+from experiments.common import default_output_folder
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.core.train import VARIANTS, CoreConfig, train_and_evaluate
 from jaxurban.core.losses import FORMS
 from jaxurban.data.errors import DataError
+
+
+# Flags that leave the results unchanged, or that the folder name already spells out.
+_NOT_IN_FOLDER_NAME = (
+  "pair",
+  "variant",
+  "no_lma",
+  "no_lia",
+  "two_stage",
+  "data_root",
+  "out",
+  "log_every",
+  "checkpoint_every",
+  "no_plot",
+  "shard_seeds",
+  "shard_regions",
+  "distributed",
+  "coordinator_address",
+  "num_processes",
+  "process_id",
+)
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Path]:
@@ -34,7 +56,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
   )
   parser.add_argument("--data-root", default=None, help="data folder (default: $JAXURBAN_DATA)")
   parser.add_argument(
-    "--out", default=None, help="output folder (default: runs/core_align/<x>-<y>-<variant>)"
+    "--out",
+    default=None,
+    help="output folder (default: runs/core_align/<x>-<y>-<variant>, then each result-changing "
+    "flag not at its default, e.g. xa-cd-core-seeds5)",
   )
   parser.add_argument("--variant", choices=VARIANTS, default="core")
   parser.add_argument("--no-lma", action="store_true", help="ablation: without LMA")
@@ -126,8 +151,14 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
     )
   except ValueError as error:
     parser.error(str(error))
-  out = pathlib.Path(args.out or f"runs/core_align/{config.city_x}-{config.city_y}-{variant}")
-  return config, out
+  out = args.out or default_output_folder(
+    "runs/core_align",
+    parser,
+    args,
+    leading=(config.city_x, config.city_y, variant),
+    ignore=_NOT_IN_FOLDER_NAME,
+  )
+  return config, pathlib.Path(out)
 
 
 def _start_distributed(argv: list[str] | None) -> None:
@@ -145,9 +176,25 @@ def _start_distributed(argv: list[str] | None) -> None:
     jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
 
 
+def _device_count_problem(config: CoreConfig) -> str | None:
+  """What the sharding flags cannot do with the devices present, before any loading."""
+  import jax
+
+  devices = jax.device_count()
+  if config.shard_seeds and config.seeds % devices:
+    return f"--shard-seeds: {config.seeds} seeds cannot be split over {devices} devices"
+  if config.shard_regions and config.n_anchors % devices:
+    return f"--shard-regions: {config.n_anchors} anchors cannot be split over {devices} devices"
+  return None
+
+
 def main(argv: list[str] | None = None) -> int:
   config, out = parse_config(argv)
   _start_distributed(argv)
+  problem = _device_count_problem(config)
+  if problem:
+    print(f"error: {problem}; use a multiple of the device count", file=sys.stderr)
+    return 2
   try:
     train_and_evaluate(config, out)
   except (DataError, CheckpointMismatch) as error:

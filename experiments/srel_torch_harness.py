@@ -15,7 +15,7 @@ of the last epoch) and ``snapshots_seed<S>.npy`` [T, N, d] with
 every ``--snapshot-every`` epochs (from the training-mode forward pass, as
 theirs). Files are written atomically; re-running the same command skips
 the seeds whose snapshots exist. Score them with jaxurban's evaluator, e.g.
-``python -m experiments.topt --no-prompt4re --embeddings DIR2/embeddings_last.npy``.
+``python -m experiments.topt --no-prompt4re --seeds 3 --embeddings DIR2/embeddings_last.npy``.
 
 DIR is a checkout of the HAFusion authors' repository; their model, data
 loader and loss are imported from it at run time (nothing of theirs lives

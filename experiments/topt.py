@@ -22,6 +22,7 @@ import argparse
 import pathlib
 import sys
 
+from experiments.common import default_output_folder
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.errors import DataError
 from jaxurban.eval.kfold import PROTOCOLS
@@ -36,7 +37,16 @@ def parse_config(argv: list[str] | None = None) -> tuple[ToptConfig, pathlib.Pat
   )
   parser.add_argument("--city", choices=("Chi", "NY"), default="Chi")
   parser.add_argument("--task", choices=TASKS + ("all",), default="all")
-  parser.add_argument("--mllm", choices=("llama", "qwen"), default="llama")
+  parser.add_argument(
+    "--mllm", choices=("llama", "qwen"), default="llama", help="which published prompt vectors"
+  )
+  parser.add_argument(
+    "--prompts",
+    default=None,
+    metavar="DIR",
+    help="prompt vectors from experiments.extract_prompts instead of the published ones: "
+    "one task's --out folder, or DIR/<task>/ per task (region ids 0..76)",
+  )
   parser.add_argument("--seeds", type=int, default=5, help="seeds 0..K-1, vmapped")
   parser.add_argument(
     "--epochs-srel",
@@ -85,7 +95,12 @@ def parse_config(argv: list[str] | None = None) -> tuple[ToptConfig, pathlib.Pat
     help="SREL embeddings [S, N, d] .npy to use instead of training (no SREL flags with it)",
   )
   parser.add_argument("--data-root", default=None, help="data folder (default: $JAXURBAN_DATA)")
-  parser.add_argument("--out", default=None, help="output folder (default: runs/topt/<city>)")
+  parser.add_argument(
+    "--out",
+    default=None,
+    help="output folder (default: runs/topt/<city>, then each result-changing flag not at "
+    "its default, e.g. runs/topt/Chi-taskcrime-protocolpaper)",
+  )
   args = parser.parse_args(argv)
   try:
     config = ToptConfig(
@@ -104,6 +119,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[ToptConfig, pathlib.Pat
       srel_epochs=args.epochs_srel,
       srel_learning_rate=args.srel_lr,
       embeddings_path=args.embeddings,
+      prompts_dir=args.prompts,
       prompt_epochs=args.epochs_prompt,
       prompt_learning_rate=args.prompt_lr,
       context=args.context,
@@ -111,8 +127,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[ToptConfig, pathlib.Pat
     )
   except ValueError as error:  # a setting out of range: say which, as argparse does
     parser.error(str(error))
-  out = pathlib.Path(args.out) if args.out else pathlib.Path("runs") / "topt" / args.city
-  return config, out
+  out = args.out or default_output_folder(
+    "runs/topt", parser, args, leading=(args.city,), ignore=("city", "data_root", "out")
+  )
+  return config, pathlib.Path(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
   except DataError as e:
     print(f"data error: {e}", file=sys.stderr)
     return 2
-  except CheckpointMismatch as e:
+  except (CheckpointMismatch, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from experiments.common import default_output_folder
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.errors import DataError
 from jaxurban.urbanpg.train import PARADIGMS, UrbanPGConfig, train_and_evaluate
@@ -40,7 +41,12 @@ def main(argv=None) -> dict:
     help="add each node's last input to its forecasts (not in the paper)",
   )
   parser.add_argument("--data-root", default=None, help="data folder (default: $JAXURBAN_DATA)")
-  parser.add_argument("--out", default="runs/urbanpg", help="output folder")
+  parser.add_argument(
+    "--out",
+    default=None,
+    help="output folder (default: runs/urbanpg/<paradigm>, then each result-changing flag not "
+    "at its default, e.g. runs/urbanpg/full-features128-layers2-last-value-skip)",
+  )
   parser.add_argument("--no-plot", action="store_true")
   args = parser.parse_args(argv)
   try:
@@ -59,8 +65,15 @@ def main(argv=None) -> dict:
     )
   except ValueError as e:
     parser.error(str(e))
+  out = args.out or default_output_folder(
+    "runs/urbanpg",
+    parser,
+    args,
+    leading=(args.paradigm,),
+    ignore=("data", "paradigm", "data_root", "out", "no_plot"),
+  )
   try:
-    return train_and_evaluate(config, args.out)
+    return train_and_evaluate(config, out)
   except DataError as e:
     print(f"data error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -160,7 +160,7 @@ def test_command_writes_every_output(data_root, tmp_path, capsys):
   for city in ("xa", "cd"):
     (other / "core" / city).mkdir(parents=True)
     for source in (data_root / "core" / city).iterdir():
-      (other / "core" / city / source.name).symlink_to(source)
+      (other / "core" / city / source.name).symlink_to(source.resolve())
   mob = other / "core" / "cd" / "regionmap_cd.mob"
   lines = mob.read_text().splitlines()
   mob.unlink()
@@ -185,3 +185,13 @@ def test_command_names_an_unknown_city(data_root, tmp_path, capsys):
   code = core_align.main(["--pair", "XA-ZZ", "--data-root", str(data_root), "--out", str(tmp_path)])
   assert code == 2
   assert "zz" in capsys.readouterr().err.lower()
+
+
+def test_command_checks_sharding_against_the_device_count(data_root, monkeypatch, capsys):
+  monkeypatch.setattr(jax, "device_count", lambda: 2)
+  monkeypatch.setattr(core_align, "train_and_evaluate", lambda *_: pytest.fail("trained"))
+  base = ["--pair", "xa-cd", "--data-root", str(data_root)]
+  assert core_align.main(base + ["--shard-seeds", "--seeds", "3"]) == 2
+  assert "--shard-seeds: 3 seeds cannot be split over 2 devices" in capsys.readouterr().err
+  assert core_align.main(base + ["--shard-regions", "--anchors", "999"]) == 2
+  assert "--shard-regions: 999 anchors cannot be split over 2 devices" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -166,6 +167,78 @@ def test_validated_protocol_reports_one_honest_row(data_root, tmp_path, rng):
     ["w/o Prompt4RE (ridge on SREL embeddings)", task["reported_model"]]
   )
   assert np.isfinite(task["models"][task["reported_model"]]["r2"]["mean"])
+
+
+def _extracted_prompts(folder, n, task, rng, width=24):
+  """An output folder as experiments.extract_prompts writes it (ids 0..n-1)."""
+  from experiments.prompt_extraction import templates
+  from experiments.prompt_extraction.output import write_output
+
+  folder.mkdir(parents=True)
+  write_output(
+    folder,
+    rng.normal(size=(n, width)).astype(np.float32),
+    region_ids=[str(i) for i in range(n)],
+    task=task,
+    template={
+      "version": templates.TEMPLATE_VERSION,
+      "sha256": templates.template_sha256(task),
+      "text": templates.TEMPLATES[task],
+    },
+    pooling="mean",
+    model={"name": "tiny-mllm", "path": "/m", "revision": None},
+  )
+
+
+def test_extracted_prompt_vectors_replace_the_published_ones(data_root, tmp_path, rng, capsys):
+  n = np.load(data_root / "hafusion" / "Chi" / "crime_counts.npy").shape[0]
+  emb = tmp_path / "emb.npy"
+  np.save(emb, rng.normal(size=(1, n, 16)).astype(np.float32))
+  prompts = tmp_path / "prompts"
+  _extracted_prompts(prompts / "crime", n, "crime", rng)  # one subfolder per task
+  argv = [
+    "--city", "Chi", "--task", "crime", "--seeds", "1", "--embeddings", str(emb),
+    "--epochs-prompt", "20", "--folds", "3", "--data-root", str(data_root),
+  ]  # fmt: skip
+  out = tmp_path / "run"
+  assert topt.main(argv + ["--prompts", str(prompts), "--out", str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert f"tiny-mllm ({prompts / 'crime'}) prompts (crime, width 24)" in printed
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert metrics["config"]["prompts_dir"] == str(prompts)
+  task = metrics["tasks"]["crime"]
+  assert np.isfinite(task["models"][task["reported_model"]]["r2"]["mean"])
+  # A folder made for another task is refused, naming the manifest's field.
+  other = tmp_path / "other"
+  _extracted_prompts(other, n, "checkIn", rng)
+  assert topt.main(argv + ["--prompts", str(other), "--out", str(tmp_path / "run2")]) == 2
+  assert (
+    "manifest.json: column 'task': task is 'checkIn', expected 'crime'" in capsys.readouterr().err
+  )
+
+
+def test_default_output_folders_follow_the_settings_that_change_results():
+  from experiments import core_align
+
+  folder = lambda argv: topt.parse_config(argv)[1]
+  assert folder([]) == folder(["--data-root", "/elsewhere"]) == pathlib.Path("runs/topt/Chi")
+  assert folder(["--task", "crime", "--protocol", "paper"]) == pathlib.Path(
+    "runs/topt/Chi-taskcrime-protocolpaper"
+  )
+  assert folder(["--no-spatial-bias"]) == pathlib.Path("runs/topt/Chi-no-spatial-bias")
+  # A path becomes a short digest, the same for the same path.
+  with_emb = folder(["--embeddings", "/runs/a/emb.npy"])
+  assert (
+    with_emb.name.startswith("Chi-embeddings") and len(with_emb.name) == len("Chi-embeddings") + 8
+  )
+  core = lambda argv: core_align.parse_config(argv)[1]
+  assert core(["--pair", "XA-CD", "--log-every", "10"]) == pathlib.Path(
+    "runs/core_align/xa-cd-core"
+  )
+  assert core(["--pair", "xa-cd", "--seeds", "5", "--no-lma"]) == pathlib.Path(
+    "runs/core_align/xa-cd-no-lma-seeds5"
+  )
+  assert core(["--pair", "XA-CD", "--loss-form", "paper", "--out", "x"]) == pathlib.Path("x")
 
 
 def _write_nan(path, n):

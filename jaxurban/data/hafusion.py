@@ -35,7 +35,7 @@ __all__ = ["CITIES", "CityViews", "load_city_views", "load_chicago_centroids", "
 CITIES = ("Chi", "NY")
 
 # label key -> file name; the keys are the task names used everywhere else.
-_LABEL_FILES = {
+LABEL_FILES = {
   "crime": "crime_counts.npy",
   "checkIn": "check_counts.npy",
   "serviceCall": "serviceCall_counts.npy",
@@ -167,7 +167,7 @@ def load_city_views(city: str, data_root: str | os.PathLike | None = None) -> Ci
     similarities[field] = sim
 
   labels = {}
-  for key, name in _LABEL_FILES.items():
+  for key, name in LABEL_FILES.items():
     label = _load_npy(folder, name, key)
     _check_shape(name, key, label, (n,), why)
     _check_non_negative(name, key, label)

@@ -115,6 +115,13 @@ class ToptConfig:
       HAFusion's (2000 epochs, lr 5e-4).
     srel_layers, spatial_lambda, embedding_dim: SREL settings (defaults: the
       paper's crime settings, used for every task).
+    prompts_dir: optional folder of prompt vectors written by
+      ``experiments.extract_prompts`` (``vectors.npy`` + ``manifest.json``),
+      used instead of the published ones: one task's output, or one
+      subfolder per task (``<dir>/<task>/``); the manifest's task must match
+      (``"none"`` without the task template) and its region ids must be
+      ``"0"``…``"76"``, row i of the HAFusion Chicago arrays (what the chat
+      layout of ``prompt_data.json`` gives).
     embeddings_path: optional [S', N, d] .npy of SREL embeddings (S' >=
       len(seeds), the first len(seeds) are used) instead of training SREL;
       the SREL-only fields (`SREL_ONLY_FIELDS`) must then keep their defaults.
@@ -145,6 +152,7 @@ class ToptConfig:
   spatial_lambda: float = 0.1
   embedding_dim: int = 144
   embeddings_path: str | None = None
+  prompts_dir: str | None = None
   prompt_epochs: int = 3000
   prompt_learning_rate: float | None = None
   eval_every: int = 20
@@ -162,8 +170,12 @@ class ToptConfig:
       raise ValueError(f"ToptConfig.tasks must be a non-empty subset of {TASKS}, got {self.tasks}")
     if self.mllm not in ("llama", "qwen"):
       raise ValueError(f"ToptConfig.mllm must be 'llama' or 'qwen', got {self.mllm!r}")
-    if not self.task_prompt and self.mllm != "llama":
+    if not self.task_prompt and self.mllm != "llama" and self.prompts_dir is None:
       raise ValueError("ToptConfig: prompt vectors without a task template exist only for llama")
+    if self.prompts_dir is not None and not self.uses_prompts:
+      raise ValueError(
+        "ToptConfig.prompts_dir has no effect without Prompt4RE (--no-prompt4re, or New York)"
+      )
     kfold.protocol_label(self.protocol)
     if not self.seeds:
       raise ValueError("ToptConfig.seeds is empty")
@@ -257,6 +269,19 @@ class ToptConfig:
       ridge_alpha=self.ridge_alpha,
       eval_every=self.eval_every,
     )
+
+
+def _prompt_vectors(config: ToptConfig, task: str, n_regions: int) -> tuple[np.ndarray, str]:
+  """[N, D] prompt vectors for `task` ("none": no task template) and where they came from."""
+  from jaxurban.prompts import MANIFEST_NAME, load_chicago_prompts, load_prompt_vectors
+
+  if config.prompts_dir is None:
+    return load_chicago_prompts(config.data_root, config.mllm, task), f"published {config.mllm}"
+  folder = pathlib.Path(config.prompts_dir)
+  if (folder / task / MANIFEST_NAME).is_file():
+    folder = folder / task
+  vectors, manifest = load_prompt_vectors(folder, [str(i) for i in range(n_regions)], task=task)
+  return vectors, f"{manifest['model'].get('name', '?')} ({folder})"
 
 
 def _srel_embeddings(config: ToptConfig, views, workdir, log) -> tuple[np.ndarray, str]:
@@ -368,7 +393,7 @@ def train_and_evaluate(
   config: ToptConfig, workdir: str | pathlib.Path, log: Callable[[str], None] = print
 ) -> dict:
   """Runs the experiment of ``config``; returns the metrics dict it wrote."""
-  from jaxurban.data.hafusion import load_city_views
+  from jaxurban.data.hafusion import LABEL_FILES, load_city_views
 
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -399,8 +424,9 @@ def train_and_evaluate(
   for task in config.tasks:
     scored = int(kfold.keep_mask(task, np.asarray(views.labels[task])).sum())
     if config.n_folds > scored:
-      raise ValueError(
-        f"ToptConfig.n_folds={config.n_folds} exceeds the {scored} regions scored for {task}"
+      raise DataError(
+        f"hafusion/{config.city}/{LABEL_FILES[task]}",
+        f"ToptConfig.n_folds={config.n_folds} exceeds the {scored} regions scored for {task}",
       )
   emb, srel_source = _srel_embeddings(config, views, workdir, log)
   timings = {"srel_s": time.perf_counter() - t0}
@@ -451,13 +477,12 @@ def train_and_evaluate(
     entry = {"n_regions": int(len(y)), "dropped_regions": np.flatnonzero(~keep).tolist()}
 
     if config.uses_prompts:
-      from jaxurban.prompts import load_chicago_prompts
-
       prompt_task = task if config.task_prompt else "none"
-      prompts = load_chicago_prompts(config.data_root, config.mllm, prompt_task)[keep]
+      prompts, source = _prompt_vectors(config, prompt_task, views.n_regions)
+      prompts = prompts[keep]
       pcfg = config.prompt_config(task)
       log(
-        f"[{task}] Prompt4RE: {config.mllm} prompts ({prompt_task}, width {prompts.shape[1]}), "
+        f"[{task}] Prompt4RE: {source} prompts ({prompt_task}, width {prompts.shape[1]}), "
         f"{pcfg.epochs} epochs, lr {pcfg.learning_rate}, {len(config.seeds)} seeds x "
         f"{config.n_folds} folds vmapped"
       )

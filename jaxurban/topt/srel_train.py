@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -411,26 +412,35 @@ def parse_cli(argv: Sequence[str] | None = None) -> tuple[SRELConfig, argparse.N
   if args.seeds is not None and seed_problems(args.seeds):
     parser.error("--" + seed_problems(args.seeds)[0])
   epochs = {} if args.epochs is None else {"epochs": args.epochs}
-  if args.hafusion:
-    config = SRELConfig.for_city(args.city, **{**HAFUSION_TRAINING, **epochs})
-  else:
-    config = SRELConfig.for_task(
-      args.task or "crime",
-      args.city,
-      spatial_bias=not args.no_spatial_bias,
-      centrality=not args.no_centrality,
-      **epochs,
-    )
+  try:
+    if args.hafusion:
+      config = SRELConfig.for_city(args.city, **{**HAFUSION_TRAINING, **epochs})
+    else:
+      config = SRELConfig.for_task(
+        args.task or "crime",
+        args.city,
+        spatial_bias=not args.no_spatial_bias,
+        centrality=not args.no_centrality,
+        **epochs,
+      )
+  except ValueError as error:  # a setting out of range: say which, as argparse does
+    parser.error(str(error))
   return config, args
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
   """``python -m jaxurban.topt.srel_train --city Chi --workdir DIR [--task crime | --hafusion] ...``"""
+  from jaxurban.checkpoint import CheckpointMismatch
+  from jaxurban.data.errors import DataError
   from jaxurban.data.hafusion import load_city_views
 
   config, args = parse_cli(argv)
-  views = load_city_views(args.city, args.data_root)
-  embeddings, log = train_srel_with_log(config, views, args.seeds, args.workdir)
+  try:
+    views = load_city_views(args.city, args.data_root)
+    embeddings, log = train_srel_with_log(config, views, args.seeds, args.workdir)
+  except (DataError, CheckpointMismatch, FloatingPointError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
   if args.workdir is not None:
     save_npy_atomic(pathlib.Path(args.workdir) / "emb.npy", embeddings)
   final_terms = log["final_terms"] or {}
@@ -440,7 +450,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     f"[srel] done: {embeddings.shape} in {log['train_seconds']:.1f} s{resumed}; "
     f"final losses {final or 'not recorded'}"
   )
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())
