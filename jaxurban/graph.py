@@ -186,15 +186,25 @@ def graphs_tuple(
 # lays the result out as [rows, S, d] and transposes it to [S, rows, d], and
 # the scatter-add of the backward pass transposes back. For the GAT's
 # neighbour tables those copies cost more than the gathers themselves. The
-# batching rules below instead treat the S seeds as one table of S N rows
-# (row s N + j is row j of seed s), so the gathered rows come out seed-major
-# with no transpose. Measured on XA-CD, 5 seeds: 5 % of a training epoch
-# (9 ms of 180). With a single seed the plain batching is as fast and is kept.
+# batching rules below instead make the seed a batch dimension of the gather
+# and of the scatter-add (``operand_batching_dims``), so the gathered rows
+# come out seed-major with no transpose: 5 % of a 5-seed XA-CD training
+# epoch (9 ms of 180). An earlier form that read the S seeds as one table of
+# S N rows was as fast on one device, but when the seeds are split over
+# devices (`--shard-seeds`) its reshape across the seed axis made XLA insert
+# 115 collectives into a 4-seed, 2-device training chunk; with the seed as a
+# batch dimension there are none (tested). With a single seed the plain
+# batching is as fast and is kept.
 # --------------------------------------------------------------------------
 
 
-def _seed_offsets(n_seeds: int, n_rows: int, index: jax.Array) -> jax.Array:
-  return (jnp.arange(n_seeds, dtype=index.dtype) * n_rows).reshape((n_seeds,) + (1,) * index.ndim)
+def _window_dims(index: jax.Array, row_rank: int) -> tuple[int, ...]:
+  first = 1 + index.ndim
+  return tuple(range(first, first + row_rank))
+
+
+def _seed_batched_indices(n_seeds: int, index: jax.Array) -> jax.Array:
+  return jnp.broadcast_to(index, (n_seeds,) + index.shape)[..., None]
 
 
 @custom_batching.custom_vmap
@@ -205,14 +215,29 @@ def _gather_rows(x: jax.Array, index: jax.Array) -> jax.Array:
 @_gather_rows.def_vmap
 def _gather_rows_vmap(axis_size, in_batched, x, index):
   x_batched, index_batched = in_batched
+  if not (x_batched or index_batched):
+    return x[index], False
   if index_batched or not x_batched or axis_size == 1:
     gather = jax.vmap(
       lambda a, i: a[i], in_axes=(0 if x_batched else None, 0 if index_batched else None)
     )
     return gather(x, index), True
-  n_rows = x.shape[1]
-  flat = x.reshape((axis_size * n_rows,) + x.shape[2:])
-  return flat[index[None] + _seed_offsets(axis_size, n_rows, index)], True
+  row = x.shape[2:]
+  dims = jax.lax.GatherDimensionNumbers(
+    offset_dims=_window_dims(index, len(row)),
+    collapsed_slice_dims=(1,),
+    start_index_map=(1,),
+    operand_batching_dims=(0,),
+    start_indices_batching_dims=(0,),
+  )
+  gathered = jax.lax.gather(
+    x,
+    _seed_batched_indices(axis_size, index),
+    dims,
+    (1, 1) + row,
+    mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+  )
+  return gathered, True
 
 
 @custom_batching.custom_vmap
@@ -226,6 +251,9 @@ def _scatter_add_rows(values: jax.Array, index: jax.Array, row_marker: jax.Array
 def _scatter_add_rows_vmap(axis_size, in_batched, values, index, row_marker):
   values_batched, index_batched, _ = in_batched
   n_rows = row_marker.shape[-1]
+  if not (values_batched or index_batched):
+    out = jnp.zeros((n_rows,) + values.shape[index.ndim :], values.dtype)
+    return out.at[index].add(values), False
   if not values_batched:
     values = jnp.broadcast_to(values, (axis_size,) + values.shape)
   if index_batched or axis_size == 1:
@@ -234,10 +262,23 @@ def _scatter_add_rows_vmap(axis_size, in_batched, values, index, row_marker):
       in_axes=(0, 0 if index_batched else None),
     )
     return scatter(values, index), True
-  row_shape = values.shape[1 + index.ndim :]
-  flat = jnp.zeros((axis_size * n_rows,) + row_shape, values.dtype)
-  flat = flat.at[index[None] + _seed_offsets(axis_size, n_rows, index)].add(values)
-  return flat.reshape((axis_size, n_rows) + row_shape), True
+  row = values.shape[1 + index.ndim :]
+  dims = jax.lax.ScatterDimensionNumbers(
+    update_window_dims=_window_dims(index, len(row)),
+    inserted_window_dims=(1,),
+    scatter_dims_to_operand_dims=(1,),
+    operand_batching_dims=(0,),
+    scatter_indices_batching_dims=(0,),
+  )
+  out = jnp.zeros((axis_size, n_rows) + row, values.dtype)
+  summed = jax.lax.scatter_add(
+    out,
+    _seed_batched_indices(axis_size, index),
+    values,
+    dims,
+    mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+  )
+  return summed, True
 
 
 @jax.custom_vjp
@@ -247,9 +288,9 @@ def take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
   Its value and gradient are those of ``x[index]`` (the backward pass adds
   the cotangent rows back with a scatter-add); only its layout under a vmap
   over seeds differs (see above). Reverse-mode differentiable in x. The
-  rows must lie in [0, N): under the seed-major rule a negative or too
-  large row would read another seed's table instead of wrapping or being
-  clamped. Every caller's indices come from `neighbour_graph` or
+  rows must lie in [0, N): under the seed-batched rule a negative or too
+  large row is not wrapped or clamped (the gather promises in-bounds
+  indices). Every caller's indices come from `neighbour_graph` or
   `city_graph`, which build them in range.
   """
   return _gather_rows(x, index)
