@@ -4,6 +4,8 @@
   python -m experiments.bench_core --pair XA-CD --seeds 1 5 --variants default direct segment
   python -m experiments.bench_core --pair XA-CD \\
       --torch-python /path/to/torch-venv/bin/python --torch-repo /path/to/CoRE
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
+      python -m experiments.bench_core --pair XA-CD --seeds 6 --shard-seeds
 
 Every figure is the median over --repeats timed calls of a jitted chunk of
 --chunk epochs (after one warm-up call that compiles), divided by the chunk
@@ -12,7 +14,9 @@ Variants: "default" (GAT neighbour tables, O(N d^2) alignment losses),
 "direct" (the N x N reference forms of the losses), "segment" (jraph
 segment-sum GAT). With --torch-python/--torch-repo the authors' PyTorch code
 runs in a subprocess on the same data in the same invocation (see
-experiments/torch_reference.py), and the ratio is printed.
+experiments/torch_reference.py), and the ratio is printed. With
+--shard-seeds the seeds are split over all devices (their count must divide
+the seed count), as `experiments.core_align --shard-seeds` trains them.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxurban import sharding
 from jaxurban.core.train import (
   CoreConfig,
   build_model,
@@ -57,6 +62,10 @@ def time_variant(
   params, keys = init_params(model, seeds, graph_x, graph_y)
   optimizer = optax.adam(config.learning_rate)
   state = (params, jax.vmap(optimizer.init)(params), keys)
+  if config.shard_seeds:
+    mesh = sharding.seed_mesh()
+    state = sharding.shard_seeds(state, mesh)
+    graph_x, graph_y = sharding.replicate((graph_x, graph_y), mesh)
   chunk = make_chunk(make_embed_loss(model, config.loss_settings()), optimizer, chunk_length)
   started = time.perf_counter()
   state, terms = chunk(state, graph_x, graph_y)
@@ -109,6 +118,7 @@ def main(argv=None) -> int:
   )
   parser.add_argument("--chunk", type=int, default=10, help="epochs per timed call")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--shard-seeds", action="store_true", help="split the seeds over all devices")
   parser.add_argument("--torch-python", default=None)
   parser.add_argument("--torch-repo", default=None)
   parser.add_argument("--torch-epochs", type=int, default=30)
@@ -120,7 +130,8 @@ def main(argv=None) -> int:
   _, graph_x = load_city_graph(city_x, args.data_root)
   _, graph_y = load_city_graph(city_y, args.data_root)
   print(
-    f"jax {jax.__version__} on {jax.devices()}, {os.cpu_count()} CPU cores; "
+    f"jax {jax.__version__} on {jax.devices()}, {os.cpu_count()} CPU cores"
+    f"{', seeds split over the devices' if args.shard_seeds else ''}; "
     f"{args.pair}: N = {graph_x.n_regions} / {graph_y.n_regions}",
     flush=True,
   )
@@ -129,7 +140,8 @@ def main(argv=None) -> int:
   for variant in args.variants:
     for seeds in args.seeds:
       config = dataclasses.replace(
-        CoreConfig(city_x=city_x, city_y=city_y, seeds=seeds), **VARIANTS[variant]
+        CoreConfig(city_x=city_x, city_y=city_y, seeds=seeds, shard_seeds=args.shard_seeds),
+        **VARIANTS[variant],
       )
       compile_s, ms = time_variant(config, graph_x, graph_y, args.chunk, args.repeats)
       rows.append((variant, seeds, compile_s, ms))
