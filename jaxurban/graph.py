@@ -393,6 +393,8 @@ def city_graph(
     unique, inverse = np.unique(keys, return_inverse=True)
     t_value = np.bincount(inverse, weights=np.asarray(target_weight, np.float64))
     t_origin, t_destination = np.divmod(unique, n_regions)
+  if not t_value.sum() > 0:
+    raise ValueError("city_graph: the mobility target has no positive weight, nothing to learn")
   t_value = t_value / t_value.sum()
   row_sum = np.bincount(t_origin, weights=t_value, minlength=n_regions)
   rows = np.flatnonzero(row_sum > 0).astype(np.int32)

@@ -103,6 +103,10 @@ def test_protocols_select_and_are_labelled(rng):
     kfold.protocol_label("best")
   pooled = np.asarray(kfold.pool_folds(paper, masks))
   np.testing.assert_allclose(pooled[0], traj[1, 0, 0])
+  # A diverged evaluation (NaN predictions, NaN R2) is never chosen.
+  diverged = traj.copy()
+  diverged[2] = np.nan
+  np.testing.assert_array_equal(kfold.select_folds(diverged, y, masks, "paper"), traj[1])
 
 
 def test_summarise_mean_and_sample_std():

@@ -60,6 +60,19 @@ def test_tsne_gradient_matches_float64_reference(rng, n, exaggeration):
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("points", ["identical", "equidistant", "one-dimensional"])
+def test_tsne_of_degenerate_points_is_finite(rng, points):
+  # Tied distances never reach the target entropy; the precision search
+  # must stop at a finite value rather than overflow into NaN.
+  x = {
+    "identical": np.ones((40, 8)),
+    "equidistant": np.eye(40),
+    "one-dimensional": rng.normal(size=(30, 1)),
+  }[points]
+  y = np.asarray(tsne(jnp.asarray(x, jnp.float32), perplexity=5.0, n_iter=300))
+  assert y.shape == (len(x), 2) and np.isfinite(y).all()
+
+
 def test_pca_2d_matches_svd(rng):
   x = rng.normal(size=(80, 6)) * np.array([5, 3, 1, 1, 0.5, 0.1])
   got = np.asarray(pca_2d(jnp.asarray(x, jnp.float32)))

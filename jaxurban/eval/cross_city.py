@@ -152,6 +152,8 @@ def cross_city_scores(
   src_y = _label_matrix(source_labels, names, src.shape[-2], "source")
   tgt_y = _label_matrix(target_labels, names, tgt.shape[-2], "target")
 
+  if isinstance(alpha, (int, float)) and not alpha > 0:
+    raise ValueError(f"cross_city_scores: alpha must be > 0, got {alpha}")
   wide = precision == "float64"
   with jax.enable_x64(wide):
     dtype = jnp.float64 if wide else jnp.float32

@@ -227,7 +227,8 @@ def select_folds(trajectory, labels, masks, protocol: str, validation=None):
     scores = _fold_r2_trajectory(val_trajectory, labels, val_masks)
   else:
     scores = _fold_r2_trajectory(trajectory, labels, masks)
-  best = jnp.argmax(scores, axis=0)  # [..., F]
+  # A diverged evaluation (NaN R2) is never the best one; argmax alone would pick it.
+  best = jnp.argmax(jnp.where(jnp.isnan(scores), -jnp.inf, scores), axis=0)  # [..., F]
   return jnp.take_along_axis(trajectory, best[None, ..., None], axis=0)[0]
 
 

@@ -119,6 +119,8 @@ class Prompt4REConfig:
         f"Prompt4REConfig: epochs ({self.epochs}) must be a positive multiple of "
         f"eval_every ({self.eval_every})"
       )
+    if not self.ridge_alpha > 0:  # alpha = 0 would leave d > N designs singular
+      raise ValueError(f"Prompt4REConfig.ridge_alpha must be > 0, got {self.ridge_alpha}")
 
 
 # Prompt-stage learning rates of the paper (Sec. 3.1, "Model Parameters").

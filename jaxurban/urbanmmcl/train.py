@@ -141,6 +141,8 @@ class UrbanMMCLConfig:
       raise ValueError(f"finetune_folds must be >= 3, got {self.finetune_folds}")
     if self.ridge_folds < 2:
       raise ValueError(f"ridge_folds must be >= 2, got {self.ridge_folds}")
+    if not self.ridge_alpha > 0:  # alpha = 0 would leave d > N designs singular
+      raise ValueError(f"ridge_alpha must be > 0, got {self.ridge_alpha}")
     if self.patience < 0:
       raise ValueError(f"patience must be >= 0, got {self.patience}")
     if not 0 <= self.finetune_seeds <= self.seeds:

@@ -54,6 +54,8 @@ def pca_2d(x: jax.Array) -> jax.Array:
   cov = jnp.matmul(xc.T, xc, precision=jax.lax.Precision.HIGHEST)
   _, vecs = jnp.linalg.eigh(cov)  # ascending eigenvalues
   comps = vecs[:, ::-1][:, :2]
+  if comps.shape[1] < 2:  # one input dimension: the second coordinate is 0
+    comps = jnp.pad(comps, ((0, 0), (0, 2 - comps.shape[1])))
   pivot = jnp.take_along_axis(comps, jnp.argmax(jnp.abs(comps), axis=0)[None], axis=0)
   comps = comps * jnp.where(pivot < 0, -1.0, 1.0).astype(comps.dtype)
   return jnp.matmul(xc, comps, precision=jax.lax.Precision.HIGHEST)
@@ -63,6 +65,9 @@ def _sq_dists(x: jax.Array) -> jax.Array:
   sq = jnp.sum(x * x, axis=1)
   d = sq[:, None] + sq[None, :] - 2.0 * jnp.matmul(x, x.T, precision=jax.lax.Precision.HIGHEST)
   return jnp.maximum(d, 0.0)
+
+
+_MAX_BETA = 1e30
 
 
 def _conditional_p(dist: jax.Array, perplexity: jax.Array) -> jax.Array:
@@ -90,7 +95,9 @@ def _conditional_p(dist: jax.Array, perplexity: jax.Array) -> jax.Array:
     too_flat = h > target
     lo = jnp.where(too_flat, beta, lo)
     hi = jnp.where(too_flat, hi, beta)
-    beta = jnp.where(jnp.isinf(hi), beta * 2.0, 0.5 * (lo + hi))
+    # Capped: a row whose distances all tie never reaches the target entropy,
+    # and an uncapped beta would overflow to inf (then exp(-inf * 0) = NaN).
+    beta = jnp.where(jnp.isinf(hi), jnp.minimum(beta * 2.0, _MAX_BETA), 0.5 * (lo + hi))
     return beta, lo, hi
 
   # Start at the scale of each row's typical shifted distance so that few
