@@ -90,7 +90,7 @@ def as_json_types(value: Any) -> Any:
 
 
 def _json_default(value):
-  if isinstance(value, (np.floating, np.integer)):
+  if isinstance(value, (np.floating, np.integer, np.bool_)):
     return value.item()
   if isinstance(value, np.ndarray):
     return value.tolist()

@@ -36,7 +36,8 @@ def test_files_get_the_mode_a_plain_open_would_give(tmp_path, umask_022):
 def test_json_is_strict_with_nan_as_null(tmp_path):
   path = tmp_path / "metrics.json"
   write_json_atomic(
-    path, {"mape": np.float32("nan"), "rows": [1.5, float("inf")], "n": np.int64(2)}
+    path,
+    {"mape": np.float32("nan"), "rows": [1.5, float("inf")], "n": np.int64(2), "ok": np.bool_(1)},
   )
 
   def refuse(token):
@@ -45,6 +46,7 @@ def test_json_is_strict_with_nan_as_null(tmp_path):
   assert json.loads(path.read_text(), parse_constant=refuse) == {
     "mape": None,
     "n": 2,
+    "ok": True,
     "rows": [1.5, None],
   }
 
