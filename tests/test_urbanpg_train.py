@@ -147,6 +147,18 @@ def test_a_series_too_short_for_the_split_names_the_file_part_and_minimum(data_r
   assert f"this {steps}-step series would need at least 119 steps" in message
 
 
+def test_a_validation_part_without_observed_targets_is_a_data_error(data_root):
+  import dataclasses
+
+  los = load_los_loop(data_root)
+  mask = los.mask.copy()
+  mask[1210:1613] = False  # the whole validation part missing
+  with pytest.raises(
+    DataError, match=r"full: no observed target in the validation steps \[1210, 1613\)"
+  ):
+    train.make_task("full", dataclasses.replace(los, mask=mask), train.UrbanPGConfig())
+
+
 def test_config_rejects_features_not_divisible_by_heads():
   with pytest.raises(ValueError, match="features 10 must be divisible by heads 4"):
     train.UrbanPGConfig(features=10, heads=4)

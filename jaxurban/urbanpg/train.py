@@ -210,6 +210,12 @@ def make_task(
     raise DataError(
       "los_speed.csv", f"{name}: no observed reading in training steps [{a}, {b}) to scale by"
     )
+  for part, (lo, hi) in (("validation", (c, d)), ("test", (e, f))):
+    # Early stopping and the scores would otherwise compare NaN with NaN.
+    if not data.mask[lo + config.t_in : hi].any():
+      raise DataError(
+        "los_speed.csv", f"{name}: no observed target in the {part} steps [{lo}, {hi})"
+      )
   scaler = Scaler.fit(data.speed[a:b], data.mask[a:b])
   windows = [
     make_windows(data, scaler, lo, hi, config.t_in, config.t_out)
