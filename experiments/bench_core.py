@@ -123,6 +123,11 @@ def main(argv=None) -> int:
   parser.add_argument("--torch-repo", default=None)
   parser.add_argument("--torch-epochs", type=int, default=30)
   args = parser.parse_args(argv)
+  uneven = [s for s in args.seeds if s % jax.device_count()]
+  if args.shard_seeds and uneven:
+    parser.error(
+      f"--shard-seeds: seed counts {uneven} cannot be split over {jax.device_count()} devices"
+    )
   cities = args.pair.split("-")
   if len(cities) != 2:
     parser.error(f"--pair takes two city codes joined by '-', e.g. XA-CD; got {args.pair!r}")

@@ -39,7 +39,7 @@ def default_output_folder(
       parts.append(name)
       continue
     if isinstance(value, (list, tuple)):
-      value = "_".join(str(v) for v in value)
+      value = "+".join(str(v) for v in value)
     text = str(value)
     if not re.fullmatch(r"[A-Za-z0-9.+-]{1,24}", text):
       # A path or a long value: a short digest keeps the name portable.

@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
     "--out",
     default=None,
     help="output folder (default: runs/urbanpg/<paradigm>, then each result-changing flag not "
-    "at its default, e.g. runs/urbanpg/full-features128-layers2-last-value-skip)",
+    "at its default, seeds aside, e.g. runs/urbanpg/full-features128-layers2-last-value-skip)",
   )
   parser.add_argument("--no-plot", action="store_true")
   args = parser.parse_args(argv)
@@ -70,7 +70,8 @@ def main(argv=None) -> dict:
     parser,
     args,
     leading=(args.paradigm,),
-    ignore=("data", "paradigm", "data_root", "out", "no_plot"),
+    # Checkpoints are per seed, so runs over other seeds share the folder.
+    ignore=("data", "paradigm", "data_root", "out", "no_plot", "seeds", "first_seed"),
   )
   try:
     return train_and_evaluate(config, out)

@@ -53,11 +53,27 @@ def check_same_config(saved: dict, config: dict, what: str, ignore: tuple[str, .
     k for k in set(saved) | set(current) if k not in ignore and saved.get(k) != current.get(k)
   )
   if differing:
-    details = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in differing)
+    details = ", ".join(
+      part for k in differing for part in _differences(k, saved.get(k), current.get(k))
+    )
     raise CheckpointMismatch(
       f"{what} was written with a different config ({details}); "
       "use another output folder or delete it"
     )
+
+
+def _differences(key: str, saved: Any, current: Any) -> list[str]:
+  """ "key: saved X vs now Y" for each differing leaf, nested dicts walked, so
+  that a changed file hash names that file rather than printing both tables."""
+  if isinstance(saved, dict) and isinstance(current, dict):
+    keys = sorted(set(saved) | set(current))
+    return [
+      part
+      for k in keys
+      if saved.get(k) != current.get(k)
+      for part in _differences(f"{key}.{k}", saved.get(k), current.get(k))
+    ]
+  return [f"{key}: saved {saved!r} vs now {current!r}"]
 
 
 class Checkpointer:

@@ -168,7 +168,7 @@ def test_command_writes_every_output(data_root, tmp_path, capsys):
   mob.write_text("\n".join(lines) + "\n")
   assert rerun("--seeds", "2", root=other) == 2
   error = capsys.readouterr().err
-  assert "a different config (data: saved" in error and "regionmap_cd.mob" in error
+  assert "a different config (data.cd.training.regionmap_cd.mob: saved" in error
 
 
 def test_command_rejects_bad_flags(data_root, capsys):

@@ -208,6 +208,9 @@ def test_extracted_prompt_vectors_replace_the_published_ones(data_root, tmp_path
   assert metrics["config"]["prompts_dir"] == str(prompts)
   task = metrics["tasks"]["crime"]
   assert np.isfinite(task["models"][task["reported_model"]]["r2"]["mean"])
+  # One task's output folder itself works too.
+  single = ["--prompts", str(prompts / "crime"), "--out", str(tmp_path / "single")]
+  assert topt.main(argv + single) == 0
   # A folder made for another task is refused, naming the manifest's field.
   other = tmp_path / "other"
   _extracted_prompts(other, n, "checkIn", rng)

@@ -144,7 +144,7 @@ def test_a_series_too_short_for_the_split_names_the_file_part_and_minimum(data_r
   assert message.startswith("los_speed.csv: full: the ")
   # 119 steps split 6:2:2 into 71 + 24 + 24, each holding one 12 + 12 window.
   assert [hi - lo for lo, hi in chronological_bounds(119)] == [71, 24, 24]
-  assert f"this {steps}-step series would need at least 119 steps" in message
+  assert f"the {steps} steps full splits would need to be at least 119" in message
 
 
 def test_a_validation_part_without_observed_targets_is_a_data_error(data_root):

@@ -71,6 +71,8 @@ def test_tsne_of_degenerate_points_is_finite(rng, points):
   }[points]
   y = np.asarray(tsne(jnp.asarray(x, jnp.float32), perplexity=5.0, n_iter=300))
   assert y.shape == (len(x), 2) and np.isfinite(y).all()
+  if points == "one-dimensional":  # PCA's second coordinate of 1-D data is 0
+    np.testing.assert_array_equal(np.asarray(pca_2d(jnp.asarray(x)))[:, 1], 0.0)
 
 
 def test_pca_2d_matches_svd(rng):

@@ -82,9 +82,9 @@ class CityData:
   attributes: dict[str, np.ndarray]
   """Numeric .geo attribute columns as (N,) float64; non-numeric columns are skipped."""
   edge_origin: np.ndarray
-  """(E,) int32 origin region index of each .mob row."""
+  """(E,) int32 origin region index of each (origin, destination) pair of the .mob."""
   edge_destination: np.ndarray
-  """(E,) int32 destination region index of each .mob row (self loops kept)."""
+  """(E,) int32 destination region index of each pair (self loops kept)."""
   edge_weight_raw: np.ndarray
   """(E,) float64 ``mobility_weight`` as in the file (summed over rows that repeat a pair)."""
   edge_weight: np.ndarray

@@ -280,6 +280,13 @@ def _prompt_vectors(config: ToptConfig, task: str, n_regions: int) -> tuple[np.n
   folder = pathlib.Path(config.prompts_dir)
   if (folder / task / MANIFEST_NAME).is_file():
     folder = folder / task
+  elif not (folder / MANIFEST_NAME).is_file():
+    raise DataError(
+      folder / task / MANIFEST_NAME,
+      f"no prompt vectors for task {task!r}: --prompts takes one task's output folder "
+      f"(with {MANIFEST_NAME}) or a folder with one subfolder per task",
+      column="prompts_dir",
+    )
   vectors, manifest = load_prompt_vectors(folder, [str(i) for i in range(n_regions)], task=task)
   return vectors, f"{manifest['model'].get('name', '?')} ({folder})"
 
@@ -428,6 +435,12 @@ def train_and_evaluate(
         f"hafusion/{config.city}/{LABEL_FILES[task]}",
         f"ToptConfig.n_folds={config.n_folds} exceeds the {scored} regions scored for {task}",
       )
+  # The prompt vectors too: a wrong --prompts folder fails now, not after SREL.
+  prompt_vectors = {}
+  if config.uses_prompts:
+    for task in config.tasks:
+      prompt_task = task if config.task_prompt else "none"
+      prompt_vectors[task] = _prompt_vectors(config, prompt_task, views.n_regions)
   emb, srel_source = _srel_embeddings(config, views, workdir, log)
   timings = {"srel_s": time.perf_counter() - t0}
   save_npy_atomic(workdir / "embeddings.npy", emb)
@@ -478,7 +491,7 @@ def train_and_evaluate(
 
     if config.uses_prompts:
       prompt_task = task if config.task_prompt else "none"
-      prompts, source = _prompt_vectors(config, prompt_task, views.n_regions)
+      prompts, source = prompt_vectors[task]
       prompts = prompts[keep]
       pcfg = config.prompt_config(task)
       log(

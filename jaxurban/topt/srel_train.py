@@ -293,9 +293,16 @@ def train_srel_with_log(
     "seeds": list(seeds),
     "city": views.city,
     "n_regions": views.n_regions,
-    # The input arrays themselves: a rerun on other data must not resume.
+    # The inputs as read (not as computed on the device, whose rounding may
+    # differ between machines): a rerun on other data must not resume.
     "inputs_sha256": arrays_sha256(
-      *(None if a is None else np.asarray(a) for a in data.as_tuple())
+      views.mobility,
+      views.mobility_dist,
+      views.poi,
+      views.poi_similarity,
+      views.landuse,
+      views.landuse_similarity,
+      views.centroids,
     ),
   }
 

@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 from jaxurban import sharding
-from jaxurban.checkpoint import Checkpointer, write_json_atomic
+from jaxurban.checkpoint import Checkpointer, arrays_sha256, write_json_atomic
 from jaxurban.data.errors import DataError
 from jaxurban.data.traffic import (
   Scaler,
@@ -202,8 +202,8 @@ def make_task(
       raise DataError(
         "los_speed.csv",
         f"{name}: the {part} part holds steps [{lo}, {hi}), {hi - lo} steps, fewer than one "
-        f"{config.t_in} + {config.t_out}-step window; this {data.n_steps}-step series would need "
-        f"at least {need} steps for the {config.split} split",
+        f"{config.t_in} + {config.t_out}-step window; the {data.n_steps} steps {name} splits "
+        f"would need to be at least {need} for the {config.split} split",
       )
   b = a + max(int(round((b - a) * train_fraction)), window)
   if not data.mask[a:b].any():
@@ -266,8 +266,8 @@ def masked_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray) -> dict
   (the loader reads a zero speed as a missing reading). The average pools
   every observed (sample, horizon, node) entry: for MAE and MAPE this is the
   mean of the per-horizon values when every horizon has the same observed
-  count; the average RMSE is the root of the pooled mean squared error, which
-  is at least the mean of the per-horizon RMSEs. A horizon with no observed
+  count; the average RMSE is the root of the pooled mean squared error
+  (with equal counts, at least the mean of the per-horizon RMSEs). A horizon with no observed
   target gets NaN. Computed in float64.
   """
   pred = np.asarray(pred, np.float64)
@@ -503,7 +503,12 @@ def fit(
     "done": np.asarray(0, np.int32),
   }
   checkpointer = Checkpointer(workdir, subdir=f"{stage}_seed{seed}")
-  restored = checkpointer.restore(record, config.to_dict(), ignore=_RESUMABLE_KEYS)
+  # The readings this stage trains on: a rerun on other data must not resume.
+  run_config = {
+    **config.to_dict(),
+    "data_sha256": arrays_sha256(task.data.speed, task.data.mask, task.data.adjacency),
+  }
+  restored = checkpointer.restore(record, run_config, ignore=_RESUMABLE_KEYS)
   if restored is not None:
     record = restored[1]
     # The per-epoch history up to the checkpoint travels beside it
@@ -552,7 +557,7 @@ def fit(
         "best_val": np.asarray(best_val, np.float64),
         "done": np.asarray(done, np.int32),
       }
-      checkpointer.save(epoch, record, config.to_dict(), log=history)
+      checkpointer.save(epoch, record, run_config, log=history)
   checkpointer.close()
   return best_params, {
     "epochs": epoch,
