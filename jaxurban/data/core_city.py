@@ -115,7 +115,8 @@ def _core_dir(data_root) -> pathlib.Path:
   return subdir(resolve_data_root(data_root), "core")
 
 
-def _is_city_dir(path: pathlib.Path) -> bool:
+def is_city_dir(path: pathlib.Path) -> bool:
+  """Whether `path` holds a city's `.geo` file (in either layout)."""
   code = path.name.lower()
   name = f"regionmap_{code}.geo"
   return (path / name).is_file() or (path / f"regionmap_{code}" / name).is_file()
@@ -124,7 +125,7 @@ def _is_city_dir(path: pathlib.Path) -> bool:
 def list_cities(data_root: str | os.PathLike | None = None) -> list[str]:
   """Lower-case codes of the city folders under ``<root>/core/`` that hold a ``.geo`` file."""
   core = _core_dir(data_root)
-  return sorted(p.name.lower() for p in core.iterdir() if p.is_dir() and _is_city_dir(p))
+  return sorted(p.name.lower() for p in core.iterdir() if p.is_dir() and is_city_dir(p))
 
 
 def city_dir(name: str, data_root: str | os.PathLike | None = None) -> pathlib.Path:
@@ -191,7 +192,7 @@ def city_files(folder: str | os.PathLike, code: str) -> dict[str, pathlib.Path |
 def _sibling_cities(folder: pathlib.Path) -> list[str] | None:
   try:
     return (
-      sorted(p.name.lower() for p in folder.parent.iterdir() if p.is_dir() and _is_city_dir(p))
+      sorted(p.name.lower() for p in folder.parent.iterdir() if p.is_dir() and is_city_dir(p))
       or None
     )
   except OSError:

@@ -31,7 +31,7 @@ import urllib.request
 from collections.abc import Callable
 
 from jaxurban.atomic import atomic_write
-from jaxurban.data.core_city import city_files
+from jaxurban.data.core_city import city_files, is_city_dir
 from jaxurban.data.errors import DataError
 from jaxurban.data.root import DATA_ENV, resolve_data_root
 
@@ -230,7 +230,8 @@ def ensure_city(
         if entry.name.lower() == code:
           city_files(entry, code)  # raises naming the missing file
           return entry
-        present.append(entry.name.lower())
+        if is_city_dir(entry):
+          present.append(entry.name.lower())
     if code not in CORE_FILES:
       where = f"{folder} holds {', '.join(present) if present else 'no city folder'}"
       raise DataError(
