@@ -9,12 +9,10 @@ intact.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pathlib
 from typing import Any
 
-import numpy as np
 import orbax.checkpoint as ocp
 
 # The atomic writers live in `jaxurban.atomic` (no orbax import there, for the
@@ -26,19 +24,6 @@ from jaxurban.atomic import (  # noqa: F401
   write_json_atomic,
   write_text_atomic,
 )
-
-
-def arrays_sha256(*arrays) -> str:
-  """SHA-256 over the shapes, dtypes and bytes of ``arrays``: a checkpoint's
-  record of the inputs it was trained on (None entries are skipped)."""
-  h = hashlib.sha256()
-  for a in arrays:
-    if a is None:
-      continue
-    a = np.ascontiguousarray(a)
-    h.update(f"{a.shape}{a.dtype}".encode())
-    h.update(a.tobytes())
-  return h.hexdigest()
 
 
 class CheckpointMismatch(ValueError):

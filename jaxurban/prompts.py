@@ -44,8 +44,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from jaxurban.data.errors import DataError
+from jaxurban.data.errors import DataError, read_npy
 from jaxurban.data.root import resolve_data_root, subdir
+from jaxurban.digest import file_sha256
 
 __all__ = [
   "CHICAGO_MLLMS",
@@ -91,15 +92,6 @@ _CHICAGO_MANIFESTS = ("manifests", "prompt4re_chicago")
 
 # How many ids an error message lists before abbreviating.
 _SHOW = 5
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-  """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def text_sha256(text: str) -> str:
@@ -256,10 +248,7 @@ def load_prompt_vectors(
       f"{info['sha256']}: the file was changed or belongs to another manifest",
       column="sha256",
     )
-  try:
-    array = np.load(array_path, allow_pickle=False)
-  except (OSError, ValueError) as e:
-    raise DataError(array_path, f"not a readable .npy array ({e})") from e
+  array = read_npy(array_path, shown=array_path)
   if list(array.shape) != info["shape"]:
     raise DataError(
       array_path.name,

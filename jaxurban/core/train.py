@@ -164,10 +164,10 @@ def data_description(city) -> dict:
   only shape the evaluation, which a resumed run repeats.
   """
   from jaxurban.data.core_city import LABEL_NAMES, city_files
-  from jaxurban.data.fetch import sha256_file
+  from jaxurban.digest import file_sha256
 
   files = city_files(city.source_dir, city.name)
-  digest = lambda keys: {files[k].name: sha256_file(files[k]) for k in keys if files[k]}
+  digest = lambda keys: {files[k].name: file_sha256(files[k]) for k in keys if files[k]}
   return {
     "source_dir": str(city.source_dir),
     "regions": city.n_regions,

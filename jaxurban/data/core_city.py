@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxurban.data import wkt as wkt_lib
-from jaxurban.data.errors import DataError
+from jaxurban.data.errors import DataError, read_npy
 from jaxurban.data.root import resolve_data_root, subdir
 
 __all__ = [
@@ -544,15 +544,8 @@ def _normalise_per_origin(origin, raw, n, geo_ids, mob_file):
   return raw / sums[origin], was_normalised
 
 
-def _load_npy(path: pathlib.Path) -> np.ndarray:
-  try:
-    return np.load(path, allow_pickle=False)
-  except (ValueError, OSError, EOFError) as e:
-    raise DataError(path.name, f"not a readable .npy array: {e}") from None
-
-
 def _load_label(path: pathlib.Path, n: int, geo_file: str) -> np.ndarray:
-  values = _load_npy(path)
+  values = read_npy(path)
   if values.ndim == 2 and values.shape[1] == 1:
     values = values[:, 0]
   if values.ndim != 1:
@@ -584,7 +577,7 @@ def _load_label(path: pathlib.Path, n: int, geo_file: str) -> np.ndarray:
 
 
 def _load_od_flow(path: pathlib.Path, n: int) -> np.ndarray:
-  flow = _load_npy(path)
+  flow = read_npy(path)
   if flow.shape != (n, n):
     raise DataError(
       path.name, f"expected shape ({n}, {n}) to match the region count, got {flow.shape}"

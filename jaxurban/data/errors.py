@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["DataError"]
+import numpy as np
+
+__all__ = ["DataError", "read_npy"]
 
 
 class DataError(ValueError):
@@ -42,3 +44,19 @@ class DataError(ValueError):
     # Keep the error picklable (multiprocessing, pytest-xdist) despite the
     # non-standard constructor signature.
     return (type(self), (self.file, self.problem, self.column))
+
+
+def read_npy(path: str | os.PathLike, column: str | None = None, shown=None) -> np.ndarray:
+  """One .npy array (never a pickle), or a DataError naming the file.
+
+  ``shown`` is how the file is named in the error (default: the file name).
+  """
+  shown = os.path.basename(os.fspath(path)) if shown is None else shown
+  try:
+    array = np.load(path, allow_pickle=False)
+  except Exception as e:  # truncated, not .npy, pickled objects: say which file
+    raise DataError(shown, f"not a readable .npy array: {e}", column=column) from None
+  if not isinstance(array, np.ndarray):  # np.load gives an NpzFile for an archive
+    array.close()
+    raise DataError(shown, "is an .npz archive, not one .npy array", column=column)
+  return array

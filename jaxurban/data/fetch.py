@@ -34,6 +34,7 @@ from jaxurban.atomic import atomic_write
 from jaxurban.data.core_city import city_files, is_city_dir
 from jaxurban.data.errors import DataError
 from jaxurban.data.root import DATA_ENV, resolve_data_root
+from jaxurban.digest import file_sha256 as sha256_file
 
 __all__ = [
   "CACHE_ENV",
@@ -111,14 +112,6 @@ def core_urls(name: str, base_url: str = CORE_BASE_URL) -> dict[str, str]:
     else:
       urls[filename] = f"{base}raw_data/{code}/{filename}"
   return urls
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(_CHUNK), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def download_verified(

@@ -27,7 +27,7 @@ import re
 
 import numpy as np
 
-from jaxurban.data.errors import DataError
+from jaxurban.data.errors import DataError, read_npy
 from jaxurban.data.root import resolve_data_root, subdir
 
 __all__ = ["CITIES", "CityViews", "load_city_views", "load_chicago_centroids", "parse_centroid"]
@@ -87,10 +87,7 @@ def _load_npy(folder: pathlib.Path, name: str, field: str) -> np.ndarray:
   path = folder / name
   if not path.is_file():
     raise DataError(path, "file missing", column=field)
-  try:
-    array = np.load(path, allow_pickle=False)
-  except Exception as e:  # a truncated or non-npy file: say which one
-    raise DataError(path, f"not a readable .npy array ({type(e).__name__}: {e})", column=field)
+  array = read_npy(path, column=field, shown=path)
   if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
     raise DataError(name, f"dtype {array.dtype} is not a real number type", column=field)
   array = array.astype(np.float64)

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from jaxurban.checkpoint import save_npy_atomic, write_json_atomic
-from jaxurban.data.errors import DataError
+from jaxurban.data.errors import DataError, read_npy
 from jaxurban.eval import kfold
 from jaxurban.topt.prompt4re import (
   BASES,
@@ -297,14 +297,7 @@ def _srel_embeddings(config: ToptConfig, views, workdir, log) -> tuple[np.ndarra
     path = pathlib.Path(config.embeddings_path)
     if not path.is_file():
       raise DataError(path, "file missing", column="embeddings_path")
-    try:
-      emb = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-      raise DataError(
-        path.name, f"not a readable .npy array: {e}", column="embeddings_path"
-      ) from None
-    if not isinstance(emb, np.ndarray):  # an .npz archive
-      raise DataError(path.name, "is an .npz archive, not one .npy array", column="embeddings_path")
+    emb = read_npy(path, column="embeddings_path")
     if not (np.issubdtype(emb.dtype, np.floating) or np.issubdtype(emb.dtype, np.integer)):
       raise DataError(
         path.name, f"dtype {emb.dtype}, expected real numbers", column="embeddings_path"

@@ -420,7 +420,8 @@ def cross_validated_trajectory(
   val_trajectory = np.full(shape, np.nan, np.float32) if validated else None
   start, checkpointer = 0, None
   if workdir is not None:
-    from jaxurban.checkpoint import Checkpointer, arrays_sha256, check_same_config
+    from jaxurban.checkpoint import Checkpointer, check_same_config
+    from jaxurban.digest import arrays_sha256
 
     run_config = {
       **dataclasses.asdict(config),

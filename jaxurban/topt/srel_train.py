@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxurban.checkpoint import Checkpointer, arrays_sha256, save_npy_atomic, write_json_atomic
+from jaxurban.checkpoint import Checkpointer, save_npy_atomic, write_json_atomic
+from jaxurban.digest import arrays_sha256
 from jaxurban.data.hafusion import CityViews
 from jaxurban.topt.srel import SREL, SRELArchitecture, centroids_to_km
 from jaxurban.topt.srel_losses import normalise_mobility, srel_loss

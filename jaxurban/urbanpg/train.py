@@ -36,7 +36,8 @@ import numpy as np
 import optax
 
 from jaxurban import sharding
-from jaxurban.checkpoint import Checkpointer, arrays_sha256, write_json_atomic
+from jaxurban.checkpoint import Checkpointer, write_json_atomic
+from jaxurban.digest import arrays_sha256
 from jaxurban.data.errors import DataError
 from jaxurban.data.traffic import (
   Scaler,
