@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def synthetic_city(n_regions: int, seed: int, destinations: int = 10):
   return origin, destination, counts.astype(np.float64)
 
 
-def child(n_regions: int, direct: bool, repeats: int, max_run_gb: float) -> dict:
+def child(n_regions: int, direct: bool, repeats: int, max_run_gb: float, remat: bool) -> dict:
   """Compiles (and if it fits, runs) one training step; returns the figures."""
   import jax
   import jax.numpy as jnp
@@ -70,7 +71,7 @@ def child(n_regions: int, direct: bool, repeats: int, max_run_gb: float) -> dict
     origin, destination, counts = synthetic_city(n_regions, seed)
     per_origin = counts / np.bincount(origin, counts, n_regions)[origin]
     graphs.append(city_graph(origin, destination, per_origin, counts, n_regions))
-  config = dataclasses.replace(CoreConfig(seeds=1), direct=direct)
+  config = dataclasses.replace(CoreConfig(seeds=1), direct=direct, remat_gat=remat)
   model = build_model(config, *graphs)
   params, keys = init_params(model, jnp.arange(1), *graphs)
   optimizer = optax.adam(config.learning_rate)
@@ -128,13 +129,31 @@ def main(argv=None) -> int:
     help="do not run a step whose compiled estimate exceeds this",
   )
   parser.add_argument(
+    "--remat-from",
+    type=int,
+    default=100_000,
+    help="from this N on, the linear step recomputes the GAT layers' activations in the "
+    "backward pass (CoreConfig.remat_gat: less memory, one more encoder forward)",
+  )
+  parser.add_argument(
+    "--direct-up-to",
+    type=int,
+    default=None,
+    help="compile the direct N x N formulation only up to this N (default: every N)",
+  )
+  parser.add_argument(
+    "--compile-only",
+    action="store_true",
+    help="print only the compiled memory estimates (no step is run)",
+  )
+  parser.add_argument(
     "--no-kernels", action="store_true", help="on a GPU, skip the kernels' own benchmarks"
   )
-  parser.add_argument("--child", nargs=2, metavar=("N", "DIRECT"), help=argparse.SUPPRESS)
+  parser.add_argument("--child", nargs=3, metavar=("N", "DIRECT", "REMAT"), help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
-    n, direct = int(args.child[0]), args.child[1] == "1"
-    print(json.dumps(child(n, direct, args.repeats, args.max_run_gb)))
+    n, direct, remat = int(args.child[0]), args.child[1] == "1", args.child[2] == "1"
+    print(json.dumps(child(n, direct, args.repeats, args.max_run_gb, remat)))
     return 0
 
   print(
@@ -144,6 +163,9 @@ def main(argv=None) -> int:
   )
   for n in args.sizes:
     for direct in (False, True):
+      if direct and args.direct_up_to is not None and n > args.direct_up_to:
+        continue
+      remat = not direct and n >= args.remat_from
       command = [
         sys.executable,
         "-m",
@@ -151,15 +173,24 @@ def main(argv=None) -> int:
         "--repeats",
         str(args.repeats),
         "--max-run-gb",
-        str(args.max_run_gb),
+        str(-1.0 if args.compile_only else args.max_run_gb),
         "--child",
         str(n),
         "1" if direct else "0",
+        "1" if remat else "0",
       ]
       done = subprocess.run(command, capture_output=True, text=True)
-      name = "direct N x N" if direct else "linear"
+      name = "direct N x N" if direct else "linear+remat" if remat else "linear"
       if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["(no message)"]
+        if done.returncode < 0:
+          # Killed by a signal: SIGKILL without a message is the kernel's
+          # out-of-memory killer as a rule.
+          signal_name = signal.Signals(-done.returncode).name
+          tail = [
+            f"killed by {signal_name}"
+            + (" (out of host memory?)" if signal_name == "SIGKILL" else "")
+          ]
         print(f"{n:>7} {name:>13}  failed: {tail[0][:100]}", flush=True)
         continue
       row = json.loads(done.stdout.strip().splitlines()[-1])
@@ -170,9 +201,10 @@ def main(argv=None) -> int:
           flush=True,
         )
       else:
+        why = "compiled only" if args.compile_only else f"over --max-run-gb {args.max_run_gb:g}"
         print(
           f"{n:>7} {name:>13} {row['edges_per_city']:>7} {row['compiled_gb']:>12.2f} "
-          f"{'not run':>12} {'out of memory at ' + str(args.max_run_gb) + ' GB':>9}",
+          f"{'not run':>12}  {why}",
           flush=True,
         )
   import jax

@@ -36,6 +36,7 @@ _NOT_IN_FOLDER_NAME = (
   "log_every",
   "checkpoint_every",
   "no_plot",
+  "remat_gat",
   "shard_seeds",
   "shard_regions",
   "distributed",
@@ -86,6 +87,12 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
     "--direct", action="store_true", help="use the N x N reference forms of the losses (slow)"
   )
   parser.add_argument("--gat", choices=("tables", "segment"), default="tables")
+  parser.add_argument(
+    "--remat-gat",
+    action="store_true",
+    help="recompute the GAT layers' activations in the backward pass (same results, less "
+    "memory, slower step; for cities of 10^5 regions and more)",
+  )
   parser.add_argument("--log-every", type=int, default=50)
   parser.add_argument("--checkpoint-every", type=int, default=100)
   parser.add_argument("--no-plot", action="store_true")
@@ -143,6 +150,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
       loss_form=args.loss_form,
       direct=args.direct,
       gat_implementation=args.gat,
+      remat_gat=args.remat_gat,
       log_every=args.log_every,
       checkpoint_every=args.checkpoint_every,
       plot=not args.no_plot,

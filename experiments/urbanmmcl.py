@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import tempfile
 
 import numpy as np
 
+from experiments.common import default_output_folder
 from jaxurban.atomic import write_text_atomic
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.errors import DataError
@@ -54,7 +54,11 @@ def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
   )
   parser.add_argument("--projection", choices=("tsne", "pca"), default="tsne")
   parser.add_argument(
-    "--out", type=pathlib.Path, default=None, help="default: $TMPDIR/urbanmmcl_<city>_<variant>"
+    "--out",
+    type=pathlib.Path,
+    default=None,
+    help="default: runs/urbanmmcl/<city>, then each result-changing flag not at its default, "
+    "e.g. Chi-no-vgae",
   )
   args = parser.parse_args(argv)
   try:
@@ -75,28 +79,27 @@ def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
     )
   except ValueError as e:
     parser.error(str(e))
-  variant = (
-    "-".join(
-      [
-        n
-        for n, on in (
-          ("nomm", args.no_multimodal),
-          ("nograph", args.no_graph),
-          ("novgae", args.no_vgae),
-          ("norw", args.no_walks),
-          ("nogcl", args.no_graph_contrast),
-        )
-        if on
-      ]
-      + [f"no{v}" for v in args.drop_view]
-    )
-    or "full"
+  # Outputs go under runs/urbanmmcl/<city>, then every pre-training flag not
+  # at its default (e.g. Chi-no-vgae), like the other commands. Pre-training
+  # checkpoints are per seed and the fine-tuning settings may change on
+  # resumption, so runs that differ only in those share one folder and its
+  # pre-trained seeds (results.json records the settings of the latest run).
+  out = args.out or default_output_folder(
+    "runs/urbanmmcl",
+    parser,
+    args,
+    leading=(args.city,),
+    ignore=(
+      "city",
+      "data_root",
+      "out",
+      "projection",
+      "seeds",
+      "finetune_seeds",
+      "finetune_epochs",
+    ),
   )
-  if args.images is not None:
-    variant += "-images"
-  # Outputs go outside the checkout unless --out says otherwise.
-  out = args.out or pathlib.Path(tempfile.gettempdir()) / f"urbanmmcl_{args.city}_{variant}"
-  return config, out, args.projection
+  return config, pathlib.Path(out), args.projection
 
 
 def results_table(results: dict) -> str:

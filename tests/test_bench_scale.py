@@ -18,13 +18,13 @@ def test_synthetic_city_is_sparse_and_distance_decaying():
   assert np.all(counts >= 1) and len(np.unique(origin * n + destination)) == len(origin)
 
 
-@pytest.mark.parametrize("direct", [False, True])
-def test_one_step_runs_and_reports(direct):
-  row = bench_scale.child(200, direct, repeats=1, max_run_gb=16.0)
+@pytest.mark.parametrize("direct,remat", [(False, False), (False, True), (True, False)])
+def test_one_step_runs_and_reports(direct, remat):
+  row = bench_scale.child(200, direct, repeats=1, max_run_gb=16.0, remat=remat)
   assert row["ran"] and row["finite"]
   assert row["compiled_gb"] > 0 and row["step_ms"] > 0 and row["peak_rss_gb"] > 0
 
 
 def test_a_step_over_the_budget_is_not_run():
-  row = bench_scale.child(200, True, repeats=1, max_run_gb=1e-6)
+  row = bench_scale.child(200, True, repeats=1, max_run_gb=1e-6, remat=False)
   assert row == {**row, "ran": False}

@@ -242,6 +242,22 @@ def test_default_output_folders_follow_the_settings_that_change_results():
     "runs/core_align/xa-cd-no-lma-seeds5"
   )
   assert core(["--pair", "XA-CD", "--loss-form", "paper", "--out", "x"]) == pathlib.Path("x")
+  # Neither the GAT's recomputation nor the picture changes a result.
+  assert core(["--remat-gat"]) == pathlib.Path("runs/core_align/xa-cd-core")
+
+  from experiments import urbanmmcl
+
+  mmcl = lambda argv: urbanmmcl.parse_config(argv)[1]
+  # Pre-training checkpoints are per seed, and fine-tuning may change on
+  # resumption: those runs share the folder of their pre-training settings.
+  assert (
+    mmcl([])
+    == mmcl(["--seeds", "2", "--finetune-seeds", "1", "--projection", "pca"])
+    == pathlib.Path("runs/urbanmmcl/Chi")
+  )
+  assert mmcl(["--city", "NY", "--no-vgae", "--epochs", "50"]) == pathlib.Path(
+    "runs/urbanmmcl/NY-epochs50-no-vgae"
+  )
 
 
 def _write_nan(path, n):

@@ -58,6 +58,7 @@ class GATLayer(nn.Module):
   heads: int = 8
   negative_slope: float = 0.2
   implementation: str = "tables"
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, city: CityGraph) -> jax.Array:
@@ -88,6 +89,12 @@ class GATLayer(nn.Module):
           # Regions whose only in-edge is their self loop (a third of XA/CD):
           # every head's softmax is 1, so the layer is x_i sum_h W^h.
           parts.append(take_rows(x, bucket.in_index[:, 0]) @ kernel.sum(axis=0))
+        elif self.remat:
+          parts.append(
+            _transform_bucket_in_blocks(
+              bucket, x, src_logit, dst_logit, edge_scale, self.negative_slope, flat_kernel
+            )
+          )
         else:
           parts.append(
             _aggregate_bucket(
@@ -101,6 +108,8 @@ class GATLayer(nn.Module):
         + bias
       )
     elif self.implementation == "segment":
+      if self.remat:
+        raise ValueError("GATLayer.remat needs implementation='tables'")
       graph = city.graph
       n = x.shape[0]
       logits = (
@@ -132,6 +141,41 @@ def _aggregate_bucket(table, x, src_logit, dst_logit, edge_scale, slope):
   return jnp.einsum("rkh,rki->rhi", alpha, neighbours)
 
 
+# Most elements of a block's gathered neighbours [rows, K, d_in] when the
+# layer is rematerialised (64 MB in float32).
+REMAT_BLOCK_ELEMENTS = 1 << 24
+
+
+def _transform_bucket_in_blocks(table, x, src_logit, dst_logit, edge_scale, slope, flat_kernel):
+  """The bucket's [R, d] outputs computed in row blocks, each recomputed in
+  the backward pass (`jax.checkpoint`).
+
+  What the backward keeps is then the layer's input and outputs, O(N d),
+  instead of every bucket's gathered neighbours [R, K, d_in] and per-head
+  aggregates [R, H, d_in]: for a city of 10^6 regions and ~10 destinations
+  per origin those are about 10 GB per layer. The cost is a second forward
+  pass of the layer. Rows that pad the last block repeat the bucket's last
+  row and are dropped from the result, so every row's softmax stays finite.
+  """
+  rows, width = table.in_index.shape
+  block = max(1, min(rows, REMAT_BLOCK_ELEMENTS // (width * x.shape[-1])))
+  n_blocks = -(-rows // block)
+  padded = n_blocks * block
+
+  def blocks(a):
+    a = jnp.concatenate([a, jnp.repeat(a[-1:], padded - rows, axis=0)]) if padded > rows else a
+    return a.reshape((n_blocks, block) + a.shape[1:])
+
+  @jax.checkpoint
+  def one_block(part):
+    aggregated = _aggregate_bucket(part, x, src_logit, dst_logit, edge_scale, slope)
+    return aggregated.reshape(block, -1) @ flat_kernel
+
+  parts = jax.tree.map(blocks, table)
+  out = jax.lax.map(one_block, parts)
+  return out.reshape(padded, -1)[:rows]
+
+
 class GATEncoder(nn.Module):
   """Learnable region inputs E followed by a stack of GAT layers.
 
@@ -144,6 +188,7 @@ class GATEncoder(nn.Module):
   heads: int = 8
   layers: int = 2
   implementation: str = "tables"
+  remat: bool = False
 
   @nn.compact
   def __call__(self, city: CityGraph, prelu_slope: jax.Array) -> jax.Array:
@@ -151,7 +196,11 @@ class GATEncoder(nn.Module):
     z = self.param("inputs", nn.initializers.normal(1.0), (self.n_regions, self.features))
     for layer in range(self.layers):
       z = GATLayer(
-        self.features, self.heads, implementation=self.implementation, name=f"gat_{layer}"
+        self.features,
+        self.heads,
+        implementation=self.implementation,
+        remat=self.remat,
+        name=f"gat_{layer}",
       )(z, city)
       if layer < self.layers - 1:
         z = jnp.where(z >= 0, z, prelu_slope * z)

@@ -35,13 +35,14 @@ class CoRE(nn.Module):
   heads: int = 8
   layers: int = 2
   implementation: str = "tables"
+  remat: bool = False
 
   @nn.compact
   def __call__(self, city_x: CityGraph, city_y: CityGraph):
     # One PReLU for both encoders, initialised at 0.25 like torch.nn.PReLU.
     slope = self.param("prelu_slope", nn.initializers.constant(0.25), ())
     encoder = lambda n, name: GATEncoder(
-      n, self.features, self.heads, self.layers, self.implementation, name=name
+      n, self.features, self.heads, self.layers, self.implementation, self.remat, name=name
     )
     z_x = encoder(self.n_regions_x, "encoder_x")(city_x, slope)
     z_y = encoder(self.n_regions_y, "encoder_y")(city_y, slope)
@@ -68,7 +69,8 @@ class LossSettings:
     form: "authors" or "paper" (see `jaxurban.core.losses`).
     direct: use the N x N reference forms instead of the O(N d^2) ones.
     logits_budget: most elements of the mobility loss's [rows, N] logits
-      held at once; larger cities are processed in row blocks.
+      held at once; larger cities are processed in row blocks. The same
+      budget bounds the loss's [edges, d] gathers of the edges' embeddings.
     mesh: a `jaxurban.sharding.REGIONS` mesh over which the mobility loss's
       rows and edges and the anchors are split (None: one device).
     lse_implementation: the mobility loss's row normaliser: None (the fused
@@ -84,6 +86,12 @@ class LossSettings:
   logits_budget: int = 1 << 24
   mesh: Mesh | None = None
   lse_implementation: str | None = None
+
+  def edge_chunk(self, n_edges: int, features: int) -> int | None:
+    """Edge block of the mobility loss's pair term, None when all edges fit."""
+    if n_edges * features <= self.logits_budget:
+      return None
+    return max(1, self.logits_budget // features)
 
   def row_chunk(self, n_rows: int, n_regions: int) -> int | None:
     """Row block of the mobility loss, None when all rows fit the budget.
@@ -145,6 +153,7 @@ def mobility_losses(
       settings.row_chunk(len(city.origin_rows), city.n_regions),
       settings.mesh,
       settings.lse_implementation,
+      settings.edge_chunk(len(city.target), z.shape[-1]),
     )
 
   return {"re_x": one(z_x, city_x), "re_y": one(z_y, city_y)}

@@ -53,6 +53,10 @@ class CoreConfig:
     loss_form: "authors" or "paper" variant of LMA/LIA.
     direct: use the N x N reference loss forms (slow; for checks).
     gat_implementation: "tables" or "segment".
+    remat_gat: recompute each GAT layer's activations in the backward pass
+      instead of storing them: the same values and gradients, one more
+      encoder forward per step, and stored activations O(N d) per layer
+      instead of O(E d) (for cities of 10^5 regions and more).
     log_every: epochs per jitted chunk and progress line.
     checkpoint_every: epochs between checkpoints (rounded to chunks).
     plot: write the 2-D picture of both cities' embeddings.
@@ -80,6 +84,7 @@ class CoreConfig:
   loss_form: str = "authors"
   direct: bool = False
   gat_implementation: str = "tables"
+  remat_gat: bool = False
   log_every: int = 50
   checkpoint_every: int = 100
   plot: bool = True
@@ -125,6 +130,7 @@ class CoreConfig:
 # Config keys that may change between a run and its resumption.
 _RESUMABLE_KEYS = (
   "data_root",
+  "remat_gat",
   "log_every",
   "checkpoint_every",
   "plot",
@@ -272,6 +278,7 @@ def build_model(config: CoreConfig, graph_x: CityGraph, graph_y: CityGraph) -> C
     config.heads,
     config.layers,
     config.gat_implementation,
+    config.remat_gat,
   )
 
 

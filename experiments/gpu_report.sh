@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Every GPU figure of BUILD_NOTES.md in one run, on one GPU, in about 8 minutes:
+#
+#   bash experiments/gpu_report.sh OUTDIR [PYTHON]
+#
+# 1. the environment (GPU, driver, jax and whether tokamax is importable);
+# 2. the kernels' tests compiled for the GPU (the *Compiled test classes and
+#    the fused normaliser inside CoRE's loss), against float64 references;
+# 3. the spatially biased attention kernel against the best unbiased flash
+#    attention reachable from JAX and against attention with a materialised
+#    [H, N, N] bias (tokamax when installed, else cuDNN / XLA);
+# 4. CoRE's training step at 10^6 regions per city (linear memory only);
+# 5. the fused row log-sum-exp kernel against its XLA reference;
+# 6. CoRE's step at 10^3 and 10^5 regions per city, both formulations.
+#
+# Each part runs under its own time limit (a part that hangs cannot eat the
+# others' time), writes its whole output to OUTDIR/<part>.log, and the
+# summary printed last gives each part's exit status, time and last lines.
+set -u
+out=${1:?usage: bash experiments/gpu_report.sh OUTDIR [PYTHON]}
+py=${2:-python3}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+summary="$out/summary.txt"
+: >"$summary"
+
+part() { # name limit_seconds tail_lines command...
+  local name=$1 limit=$2 lines=$3
+  shift 3
+  local started=$SECONDS
+  echo "== $name (limit ${limit} s)" | tee -a "$summary"
+  echo "\$ $*" >"$out/$name.log"
+  # timeout signals its whole process group, so the benchmarks' child
+  # processes end with the part.
+  timeout -k 10 "$limit" "$@" >>"$out/$name.log" 2>&1
+  local status=$?
+  local note=""
+  [ "$status" -eq 124 ] || [ "$status" -eq 137 ] && note=" (time limit)"
+  echo "   exit $status$note after $((SECONDS - started)) s" | tee -a "$summary"
+  tail -n "$lines" "$out/$name.log" | sed 's/^/   /' >>"$summary"
+}
+
+# Most needed first: a part cut short by the call's own limit is then a late one.
+part environment 45 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv; $py -c '
+import jax, jaxlib
+print(\"jax\", jax.__version__, \"jaxlib\", jaxlib.__version__, jax.devices())
+try:
+  import tokamax
+  print(\"tokamax\", getattr(tokamax, \"__version__\", \"(version unknown)\"))
+except Exception as e:
+  print(\"tokamax not importable:\", type(e).__name__, e)
+'"
+part kernel_tests 150 15 "$py" -m pytest -q -p no:cacheprovider \
+  tests/test_kernel_row_lse.py tests/test_kernel_biased_attention.py tests/test_core_losses.py \
+  -k "Compiled or fused_kernel"
+part biased_attention 120 20 "$py" -m kernels.biased_attention --sizes 4096 16384 32768 \
+  --head-dims 64 128 --dtypes bfloat16 --repeats 10
+part scale_million 150 10 "$py" -m experiments.bench_scale --sizes 1000000 --repeats 2 \
+  --max-run-gb 120 --direct-up-to 100000 --no-kernels
+part row_lse 45 20 "$py" -m kernels.row_lse --repeats 5
+part scale 80 10 "$py" -m experiments.bench_scale --sizes 1000 100000 --repeats 3 \
+  --max-run-gb 120 --no-kernels
+
+echo
+cat "$summary"
