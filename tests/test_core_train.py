@@ -111,6 +111,8 @@ def test_rematerialised_and_blocked_loss_equals_the_plain_one(data_root, graphs,
     value_and_grad = jax.vmap(jax.value_and_grad(loss, has_aux=True), in_axes=(0, 0, None, None))
     results[remat] = jax.jit(value_and_grad)(params, keys, *graphs)
   chex.assert_trees_all_close(results[True], results[False], rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match="remat_gat needs gat_implementation 'tables'"):
+    tiny(data_root, remat_gat=True, gat_implementation="segment")
 
 
 @pytest.mark.parametrize("variant", ["no-lma", "no-lia", "two-stage", "individual", "rp"])

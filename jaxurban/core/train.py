@@ -109,6 +109,12 @@ class CoreConfig:
     ):
       if getattr(self, name) < 1:
         problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.gat_implementation not in ("tables", "segment"):
+      problems.append(
+        f"gat_implementation {self.gat_implementation!r} not in ('tables', 'segment')"
+      )
+    elif self.remat_gat and self.gat_implementation != "tables":
+      problems.append("remat_gat needs gat_implementation 'tables'")
     if self.shard_seeds and self.shard_regions:
       problems.append("shard_seeds and shard_regions cannot be combined; pick one")
     if self.city_x.lower() == self.city_y.lower():
