@@ -19,8 +19,9 @@
 set -u
 out=${1:?usage: bash experiments/gpu_report.sh OUTDIR [PYTHON]}
 py=${2:-python3}
+# OUTDIR is taken relative to where the script was called from.
+mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
-mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 summary="$out/summary.txt"
 : >"$summary"
