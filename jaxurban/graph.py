@@ -308,6 +308,31 @@ def _take_rows_bwd(residuals, cotangent):
 take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
+def map_row_blocks(fn, rows, block: int):
+  """``fn`` over blocks of ``block`` rows, each recomputed in the backward pass.
+
+  ``rows`` is a pytree of arrays sharing their leading length R; ``fn``
+  maps one block of it to per-row outputs ([block, ...]), which come back
+  as [R, ...]. Under ``jax.checkpoint`` the backward pass keeps only each
+  block's inputs, so what ``fn`` gathers or expands per row (a row's
+  neighbours, an edge's two embeddings) never exists for all R rows at
+  once. The last block is padded by repeating each array's last row, so
+  ``fn`` sees only real values; the padding's outputs are dropped (and with
+  them their cotangents).
+  """
+  n_rows = jax.tree.leaves(rows)[0].shape[0]
+  n_blocks = -(-n_rows // block)
+  padding = n_blocks * block - n_rows
+
+  def blocked(a):
+    if padding:
+      a = jnp.concatenate([a, jnp.repeat(a[-1:], padding, axis=0)])
+    return a.reshape((n_blocks, block) + a.shape[1:])
+
+  out = jax.lax.map(jax.checkpoint(fn), jax.tree.map(blocked, rows))
+  return jax.tree.map(lambda o: o.reshape((n_blocks * block,) + o.shape[2:])[:n_rows], out)
+
+
 @jax.custom_vjp
 def permute_rows(x: jax.Array, permutation: jax.Array, inverse: jax.Array) -> jax.Array:
   """``x[permutation]`` whose backward is the gather ``g[inverse]``.

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import jraph
 
-from jaxurban.graph import CityGraph, permute_rows, take_rows
+from jaxurban.graph import CityGraph, map_row_blocks, permute_rows, take_rows
 
 Initializer = Callable[..., jax.Array]
 
@@ -154,26 +154,17 @@ def _transform_bucket_in_blocks(table, x, src_logit, dst_logit, edge_scale, slop
   instead of every bucket's gathered neighbours [R, K, d_in] and per-head
   aggregates [R, H, d_in]: for a city of 10^6 regions and ~10 destinations
   per origin those are about 10 GB per layer. The cost is a second forward
-  pass of the layer. Rows that pad the last block repeat the bucket's last
-  row and are dropped from the result, so every row's softmax stays finite.
+  pass of the layer. Rows padding the last block repeat the bucket's last
+  row (`map_row_blocks`), so no padded softmax is all masked.
   """
   rows, width = table.in_index.shape
   block = max(1, min(rows, REMAT_BLOCK_ELEMENTS // (width * x.shape[-1])))
-  n_blocks = -(-rows // block)
-  padded = n_blocks * block
 
-  def blocks(a):
-    a = jnp.concatenate([a, jnp.repeat(a[-1:], padded - rows, axis=0)]) if padded > rows else a
-    return a.reshape((n_blocks, block) + a.shape[1:])
-
-  @jax.checkpoint
   def one_block(part):
     aggregated = _aggregate_bucket(part, x, src_logit, dst_logit, edge_scale, slope)
-    return aggregated.reshape(block, -1) @ flat_kernel
+    return aggregated.reshape(part.receivers.shape[0], -1) @ flat_kernel
 
-  parts = jax.tree.map(blocks, table)
-  out = jax.lax.map(one_block, parts)
-  return out.reshape(padded, -1)[:rows]
+  return map_row_blocks(one_block, table, block)
 
 
 class GATEncoder(nn.Module):
