@@ -10,8 +10,9 @@ Chicago uses its geo-text (address, POI composition) and centroids as the
 text and location modalities, New York has neither (graph part only);
 images are used only when --images names a folder of <i>.png / <i>.npy.
 Prints per-epoch-chunk progress and a results table; writes embeddings.npy,
-results.json and embeddings.png (2-D projection coloured by the dominant
-land-use category) into --out. Pre-training checkpoints each seed under
+results.json, embeddings.png (2-D projection coloured by the dominant
+land-use category) and losses.png (pre-training curves per seed) into --out.
+Pre-training checkpoints each seed under
 --out/checkpoints; the same command with the same --out resumes a killed run.
 """
 
@@ -29,6 +30,7 @@ from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.errors import DataError
 from jaxurban.urbanmmcl.graphs import AblationError
 from jaxurban.urbanmmcl.train import TASKS, UrbanMMCLConfig, train_and_evaluate
+from jaxurban.viz.loss_curves import merge_seed_histories, plot_loss_history
 
 
 def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
@@ -152,6 +154,16 @@ def plot(results: dict, path: pathlib.Path, city: str, projection: str) -> None:
   save_figure_atomic(fig, path, dpi=130)
 
 
+def plot_losses(results: dict, path: pathlib.Path, config: UrbanMMCLConfig) -> None:
+  """Every pre-training loss term against the epoch, one line per seed."""
+  plot_loss_history(
+    path,
+    merge_seed_histories(results["history"]),
+    title=f"UrbanMMCL pre-training, {config.city}",
+    seed_labels=list(range(config.first_seed, config.first_seed + config.seeds)),
+  )
+
+
 def main(argv=None) -> int:
   config, out, projection = parse_config(argv)
   try:
@@ -166,7 +178,8 @@ def main(argv=None) -> int:
   print(table)
   write_text_atomic(out / "results.md", table + "\n")
   plot(results, out / "embeddings.png", config.city, projection)
-  print(f"wrote {out}/results.json, results.md, embeddings.npy, embeddings.png")
+  plot_losses(results, out / "losses.png", config)
+  print(f"wrote {out}/results.json, results.md, embeddings.npy, embeddings.png, losses.png")
   return 0
 
 

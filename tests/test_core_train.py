@@ -161,6 +161,7 @@ def test_command_writes_every_output(data_root, tmp_path, capsys):
   assert np.load(out / "xa_region_emb.npy").shape == (2, 1056, 128)
   assert np.load(out / "cd_region_emb.npy").shape == (2, 1306, 128)
   assert (out / "embeddings.png").stat().st_size > 10_000
+  assert (out / "losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert any((out / "checkpoints" / "embed").iterdir())
   # What was read is recorded: the folder and each file's SHA-256.
   xa = metrics["data"]["xa"]

@@ -371,6 +371,7 @@ def test_step_compiles_once_and_resumes(tmp_path, rng, monkeypatch):
   assert np.abs(first[0] - first[1]).max() > 1e-6
   assert (tmp_path / "checkpoints" / "srel").is_dir()
   assert (tmp_path / "srel_config.json").is_file()
+  assert (tmp_path / "srel_losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # A rerun resumes from the last checkpoint, trains nothing more and keeps
   # the loss history, which travels inside the checkpoint.
   again, log_again = train_srel_with_log(

@@ -8,6 +8,7 @@ import pytest
 
 from jaxurban.viz import pca_2d, plot_city_embeddings, tsne
 from jaxurban.viz.embedding_plot import gdp_levels
+from jaxurban.viz.loss_curves import loss_table, merge_seed_histories, plot_loss_history
 from jaxurban.viz.tsne import _conditional_p, _grad, _sq_dists
 
 
@@ -100,3 +101,56 @@ def test_plot_writes_png(rng, tmp_path):
     assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
   # Nothing but the two pictures: the temporary files were renamed.
   assert sorted(p.name for p in tmp_path.iterdir()) == ["cities_pca.png", "cities_tsne.png"]
+
+
+def test_loss_table_per_seed_and_averaged():
+  history = [
+    {"epoch": 10, "mobility": [3.0, 4.0], "total": [5.0, 6.0]},
+    {"epoch": 20, "mobility": [2.0, float("nan")], "total": [4.0, 5.0]},
+  ]
+  epochs, table = loss_table(history)
+  np.testing.assert_array_equal(epochs, [10, 20])
+  assert list(table) == ["total", "mobility"]  # the total first
+  np.testing.assert_array_equal(table["total"], [[5.0, 6.0], [4.0, 5.0]])
+  assert np.isnan(table["mobility"][1, 1])
+  # Seed-averaged rows (CoRE's) become one column.
+  _, averaged = loss_table([{"epoch": 1, "lma": 2.5}, {"epoch": 2, "lma": 1.5}])
+  np.testing.assert_array_equal(averaged["lma"], [[2.5], [1.5]])
+
+
+def test_merge_seed_histories():
+  seed0 = [{"epoch": 5, "total": 1.0, "kl": 0.1}, {"epoch": 10, "total": 0.5, "kl": 0.2}]
+  seed1 = [{"epoch": 5, "total": 2.0, "kl": 0.3}, {"epoch": 10, "total": 1.5, "kl": 0.4}]
+  merged = merge_seed_histories([seed0, seed1])
+  assert merged == [
+    {"epoch": 5, "total": [1.0, 2.0], "kl": [0.1, 0.3]},
+    {"epoch": 10, "total": [0.5, 1.5], "kl": [0.2, 0.4]},
+  ]
+  with pytest.raises(ValueError, match="seed history 1 logged epochs \\[5\\], seed 0 \\[5, 10\\]"):
+    merge_seed_histories([seed0, seed0[:1]])
+
+
+@pytest.mark.parametrize(
+  "bad, message",
+  [
+    ([], "empty"),
+    ([{"total": 1.0}], "row 0 has no 'epoch'"),
+    ([{"epoch": 1, "total": 1.0}, {"epoch": 2, "kl": 1.0}], "row 1 \\(epoch 2\\) has terms"),
+    ([{"epoch": 1, "total": [1.0, 2.0]}, {"epoch": 2, "total": [1.0]}], "'total' has per-seed"),
+  ],
+)
+def test_loss_history_errors(bad, message):
+  with pytest.raises(ValueError, match=message):
+    loss_table(bad)
+
+
+def test_plot_loss_history_writes_png(tmp_path):
+  # A term spanning four decades (log axis), one seed with a gap.
+  history = [
+    {"epoch": e, "total": [10.0**-e, 2 * 10.0**-e], "poi": [1.0, np.nan if e == 2 else 0.5]}
+    for e in range(1, 5)
+  ]
+  path = tmp_path / "losses.png"
+  assert plot_loss_history(path, history, title="t", seed_labels=[3, 4]) == path
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert [p.name for p in tmp_path.iterdir()] == ["losses.png"]

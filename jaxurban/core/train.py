@@ -419,7 +419,8 @@ def train_and_evaluate(config: CoreConfig, workdir: str | pathlib.Path) -> dict:
 
   Outputs: ``<x>_region_emb.npy`` and ``<y>_region_emb.npy`` ([K, N, d]),
   ``metrics.json`` (config, per-seed scores, mean and std, reference row,
-  timings), ``checkpoints/`` (orbax, resumable) and ``embeddings.png``.
+  timings), ``checkpoints/`` (orbax, resumable), ``embeddings.png`` and the
+  training curves ``losses.png``.
   """
   from jaxurban.eval.cross_city import PUBLISHED_CORE, format_table
 
@@ -497,11 +498,25 @@ def train_and_evaluate(config: CoreConfig, workdir: str | pathlib.Path) -> dict:
       workdir / "embeddings.png",
       title=f"{config.variant}, seed {config.first_seed}",
     )
+    plot_training_curves(
+      workdir, logs, f"{config.city_x.upper()}-{config.city_y.upper()}, {config.variant}"
+    )
   _log(
     f"wrote {workdir}/metrics.json, embeddings and checkpoints "
     f"({time.perf_counter() - wall_start:.1f} s in all)"
   )
   return summary
+
+
+def plot_training_curves(workdir: pathlib.Path, logs: dict, title: str) -> None:
+  """``losses.png`` (and ``losses_<stage>.png`` for a second stage): each loss
+  term against the epoch, averaged over seeds as it is logged."""
+  from jaxurban.viz.loss_curves import plot_loss_history
+
+  for stage, log in logs.items():
+    if log.get("history"):
+      name = "losses.png" if stage == "embed" else f"losses_{stage}.png"
+      plot_loss_history(workdir / name, log["history"], title=f"{title}: {stage} stage")
 
 
 def rank_procrustes(z_x, z_y, city_x, city_y) -> dict[str, np.ndarray]:

@@ -369,6 +369,15 @@ def train_srel_with_log(
   if workdir is not None:
     save_npy_atomic(workdir / "srel_emb.npy", embeddings)
     write_json_atomic(workdir / "srel_log.json", log)
+    if history:
+      from jaxurban.viz.loss_curves import plot_loss_history
+
+      plot_loss_history(
+        workdir / "srel_losses.png",
+        history,
+        title=f"SREL on {views.city}",
+        seed_labels=seeds,
+      )
   return embeddings, log
 
 
@@ -389,7 +398,8 @@ def train_srel(
       ``config.seeds``.
     workdir: if given, orbax checkpoints with the config under
       ``workdir/checkpoints/srel`` (a rerun resumes from the latest), plus
-      ``srel_config.json``, ``srel_emb.npy`` and ``srel_log.json``.
+      ``srel_config.json``, ``srel_emb.npy``, ``srel_log.json`` and the
+      per-seed training curves ``srel_losses.png``.
     progress: print one line per chunk of epochs.
   """
   return train_srel_with_log(config, views, seeds, workdir, progress)[0]
