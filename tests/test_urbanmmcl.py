@@ -367,6 +367,17 @@ def test_ablations_of_what_the_city_lacks_are_refused(tmp_path, data_root, capsy
       UrbanMMCLConfig(**{name: value})
   with pytest.raises(ValueError, match="NY has no text, location or images"):
     prepare(UrbanMMCLConfig(city="NY", data_root=str(data_root), no_multimodal=True))
+  # Graph ablations under --no-graph would change nothing.
+  for field, value, flag in (
+    ("no_vgae", True, "--no-vgae"),
+    ("no_walks", True, "--no-walks"),
+    ("no_graph_contrast", True, "--no-graph-contrast"),
+    ("drop_views", ("poi",), "--drop-view"),
+  ):
+    with pytest.raises(graphs.AblationError, match=f"--no-graph removes .* so {flag} would"):
+      prepare(
+        UrbanMMCLConfig(city="Chi", data_root=str(data_root), no_graph=True, **{field: value})
+      )
 
   # The command says so in one line, before any training.
   tiny_run = ["--seeds", "1", "--epochs", "1", "--finetune-seeds", "0"]
@@ -390,6 +401,7 @@ def test_command_writes_the_results_table_atomically(tmp_path, monkeypatch):
   monkeypatch.setattr(command, "train_and_evaluate", lambda *_, **__: {})
   monkeypatch.setattr(command, "results_table", lambda _: "| table |")
   monkeypatch.setattr(command, "plot", lambda *_: None)
+  monkeypatch.setattr(command, "plot_losses", lambda *_: None)
   renamed, real_replace = [], os.replace
 
   def replace(src, dst):

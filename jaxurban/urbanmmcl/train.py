@@ -229,6 +229,23 @@ def prepare(config: UrbanMMCLConfig):
   Raises AblationError when an ablation removes a view or modality the city
   does not have (the run would be the full model) or leaves no input.
   """
+  graph_ablations = [
+    flag
+    for flag, on in (
+      ("--no-vgae", config.no_vgae),
+      ("--no-walks", config.no_walks),
+      ("--no-graph-contrast", config.no_graph_contrast),
+      ("--drop-view", bool(config.drop_views)),
+    )
+    if on
+  ]
+  if config.no_graph and graph_ablations:
+    # Without the graph part these switches change nothing, and the run
+    # would be 'w/o graph part' under another name.
+    raise AblationError(
+      f"--no-graph removes the whole graph part, so {', '.join(graph_ablations)} "
+      "would change nothing; run 'w/o graph part' alone"
+    )
   views = load_city_views(config.city, config.data_root)
   graphs = build_view_graphs(views, config.drop_views)
   if len(graphs.names) < 2 and not config.no_graph and not config.no_graph_contrast:
