@@ -190,6 +190,37 @@ def test_train_step_never_retraces_and_frozen_parameters_stay():
   assert all(v > 0 for k, v in moved.items() if k in ("E_s", "E_tod")), moved
 
 
+def test_days_of_week_never_trained_add_nothing_to_the_time_prompt():
+  # Los-loop covers one week: a chronological split evaluates on weekdays
+  # that no training window shows. Their E_dow rows must stay at the zero
+  # start, not be an untrained random vector in every key and in eq. 7.
+  n, b = 11, 8
+  config = train.UrbanPGConfig(features=8, heads=2, batch_size=b)
+  model = train.build_model(config, n)
+  params = train.init_params(model, config, jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(np.asarray(params["prompts"]["E_dow"]), 0.0)
+  optimizer = train.make_optimizer(params, train.everything, 1e-2, config)
+  step = train.make_train_step(model, Scaler(50.0, 10.0), optimizer, max_traces=1)
+  state = (params, optimizer.init(params), jax.random.PRNGKey(1))
+  rng = np.random.default_rng(3)
+  for _ in range(3):
+    batch = _batch(rng, b, n)
+    batch["day_of_week"] = rng.integers(0, 2, b).astype(np.int32)  # Monday, Tuesday only
+    state, loss = step(state, batch)
+    assert np.isfinite(float(loss))
+  e_dow = np.asarray(state[0]["prompts"]["E_dow"])
+  assert np.abs(e_dow[:2]).max() > 0  # the trained days moved (weight decay included)
+  np.testing.assert_array_equal(e_dow[2:], 0.0)
+  # So an unseen day's prompt is the time-of-day prompt alone.
+  tod = jnp.arange(b) * 7
+  p_t, _ = ContextPrompts(n, 8).apply(
+    {"params": state[0]["prompts"]}, tod, jnp.full((b,), 5), b, False
+  )
+  np.testing.assert_array_equal(
+    np.asarray(p_t[:, 0]), np.asarray(state[0]["prompts"]["E_tod"])[np.asarray(tod)]
+  )
+
+
 def test_last_value_skip_adds_the_last_observed_input():
   n, b = 6, 4
   data = _batch(np.random.default_rng(2), b, n)

@@ -114,6 +114,10 @@ def test_paradigms_end_to_end_on_los_loop(data_root, tmp_path, paradigm, capsys)
   if paradigm == "continual":
     assert set(saved["stages"]) == {"stage1", "stage2"}
   if paradigm == "full":
+    # One week of readings, split in time: validation and test fall on
+    # weekdays no training window shows, and the run says so.
+    assert saved["unseen_days"] == {"los-loop": {"val": ["Tue"], "test": ["Tue", "Wed"]}}
+    assert "fall on days of the week that no training window shows" in capsys.readouterr().out
     # A second run in the same folder resumes from the final checkpoint.
     again = train.train_and_evaluate(config, tmp_path)
     assert "resuming at epoch 2" in capsys.readouterr().out

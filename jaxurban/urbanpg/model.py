@@ -105,7 +105,14 @@ class ContextPrompts(nn.Module):
   def __call__(self, time_of_day, day_of_week, batch: int, train: bool):
     init = nn.initializers.xavier_uniform()
     e_tod = self.param("E_tod", init, (self.steps_per_day, self.features))
-    e_dow = self.param("E_dow", init, (self.days_per_week, self.features))
+    # E_dow starts at zero: a series shorter than two weeks, split in time,
+    # evaluates on weekdays no training window shows (Los-loop covers one
+    # week), and their rows never move from the start. From zero such a day
+    # adds nothing to P_t; from a random start it added an untrained vector
+    # to every key and to the multiplicative gate of eq. 7. The time-of-day
+    # table stays random: P_t enters eq. 7 as a factor, and an all-zero P_t
+    # would block every gradient through the gate at the start.
+    e_dow = self.param("E_dow", nn.initializers.zeros, (self.days_per_week, self.features))
     e_s = self.param("E_s", init, (self.n_nodes, self.features))
     e_d = self.param("E_d", nn.initializers.normal(0.1), (self.features,))
     shape = (batch, self.n_nodes)

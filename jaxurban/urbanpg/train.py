@@ -162,6 +162,11 @@ class UrbanPGConfig:
 # Config keys that may change between a run and its resumption. Checkpoints
 # are per seed and a seed's training depends only on its own number, so which
 # seeds a run covers (first_seed, seeds) does not matter to any one of them.
+# Raised when a change of the model's initialisation or computation makes an
+# older checkpoint another model; such checkpoints are refused, not resumed.
+# 2: E_dow starts at zero.
+MODEL_REVISION = 2
+
 _RESUMABLE_KEYS = ("data_root", "checkpoint_every", "shard_batch", "plot", "seeds", "first_seed")
 
 
@@ -222,7 +227,35 @@ def make_task(
     make_windows(data, scaler, lo, hi, config.t_in, config.t_out)
     for lo, hi in ((a, b), (c, d), (e, f))
   ]
-  return Task(name, data, scaler, *windows, train_steps=(a, b))
+  task = Task(name, data, scaler, *windows, train_steps=(a, b))
+  unseen = unseen_days(task)
+  if unseen:
+    parts = " and ".join(f"{part} windows on {'/'.join(days)}" for part, days in unseen.items())
+    _log(
+      f"{name}: the {parts} fall on "
+      "days of the week that no training window shows; their E_dow rows keep their zero "
+      "start and add nothing to P_t"
+    )
+  return task
+
+
+_DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+
+
+def unseen_days(task: Task) -> dict[str, list[str]]:
+  """{"val" / "test": day names} of evaluation windows whose day of the week
+  (eq. 3's E_dow index) no training window has.
+
+  Los-loop covers one week, so a chronological split always evaluates on
+  days that training never saw.
+  """
+  seen = set(np.unique(task.train.day_of_week).tolist())
+  unseen = {}
+  for part in ("val", "test"):
+    days = sorted(set(np.unique(getattr(task, part).day_of_week).tolist()) - seen)
+    if days:
+      unseen[part] = [_DAY_NAMES[d] for d in days]
+  return unseen
 
 
 def _shortest_series(split: tuple[float, ...], window: int) -> int:
@@ -508,6 +541,7 @@ def fit(
   run_config = {
     **config.to_dict(),
     "data_sha256": arrays_sha256(task.data.speed, task.data.mask, task.data.adjacency),
+    "model_revision": MODEL_REVISION,
   }
   restored = checkpointer.restore(record, run_config, ignore=_RESUMABLE_KEYS)
   if restored is not None:
@@ -809,6 +843,7 @@ def train_and_evaluate(config: UrbanPGConfig, workdir: str | pathlib.Path) -> di
   runner = {"full": run_full, "fewshot": run_fewshot, "continual": run_continual}[config.paradigm]
   result = runner(config, workdir, data, seeds)
   task, example = result.pop("plot")
+  result["unseen_days"] = {task.name: unseen_days(task)}
   table = format_table(result["models"])
   _log("\n" + table)
   result.update(
