@@ -46,6 +46,19 @@ def test_tiny_chicago_run_writes_metrics_and_map(data_root, tmp_path, capsys):
   assert emb.shape == (1, labels.shape[0], metrics["config"]["embedding_dim"])
   pred = np.load(out / "predictions_checkIn.npy")
   assert pred.shape == (1, task["n_regions"])
+  # The plain file holds the fixed-budget predictions, the labelled one the
+  # test-fold-selected ones; each scores its own row.
+  y = labels[np.load(out / "regions_checkIn.npy")]
+
+  def r2(p):
+    return 1 - np.sum((np.maximum(p[0], 0) - y) ** 2) / np.sum((y - y.mean()) ** 2)
+
+  honest = next(k for k in task["models"] if protocol_label("honest") in k)
+  optimistic = np.load(out / "predictions_checkIn_optimistic.npy")
+  np.testing.assert_allclose(r2(pred), task["models"][honest]["r2"]["per_seed"][0], rtol=1e-4)
+  np.testing.assert_allclose(
+    r2(optimistic), task["models"][task["reported_model"]]["r2"]["per_seed"][0], rtol=1e-4
+  )
   png = (out / "errors_checkIn.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -115,7 +128,7 @@ def test_bad_fold_and_prompt_settings_are_usage_errors(capsys):
   fine = (
     "--folds 2",
     "--folds 3 --protocol validated",
-    "--folds 2 --protocol validated --no-prompt4re",
+    "--folds 2 --no-prompt4re",
     "--epochs-prompt 40",
   )
   for flags in fine:
@@ -133,6 +146,27 @@ def test_bad_fold_and_prompt_settings_are_usage_errors(capsys):
       ToptConfig(**{field: value})
   ToptConfig(embedding_dim=146, prompt4re=False)
   ToptConfig(embedding_dim=146, alignment=False)
+  # Prompt4RE's settings without Prompt4RE, and the spatial switches on New
+  # York, would label a run that computes the plain ridge row.
+  for flags, field in (
+    ("--no-prompt4re --protocol validated", "protocol"),
+    ("--no-prompt4re --protocol paper", "protocol"),
+    ("--no-prompt4re --mllm qwen", "mllm"),
+    ("--no-prompt4re --no-alignment", "alignment"),
+    ("--no-prompt4re --no-task-prompt", "task_prompt"),
+    ("--no-prompt4re --context all", "context"),
+    ("--no-prompt4re --epochs-prompt 40", "prompt_epochs"),
+    ("--city NY --no-alignment", "alignment"),
+    ("--city NY --no-spatial-bias", "spatial_bias"),
+    ("--city NY --no-centrality", "centrality"),
+  ):
+    with pytest.raises(SystemExit):
+      topt.parse_config(flags.split())
+    assert f"ToptConfig.{field}=" in capsys.readouterr().err, flags
+  assert ToptConfig(mllm="qwen").model_name() == "ToPT (qwen prompt vectors)"
+  assert ToptConfig(mllm="qwen", alignment=False).model_name() == (
+    "w/o P-R Alignment (qwen prompt vectors)"
+  )
 
 
 def test_too_many_folds_fail_before_srel(data_root, tmp_path, monkeypatch):
@@ -218,6 +252,13 @@ def test_extracted_prompt_vectors_replace_the_published_ones(data_root, tmp_path
   assert (
     "manifest.json: column 'task': task is 'checkIn', expected 'crime'" in capsys.readouterr().err
   )
+  # A width the 4 attention heads cannot split is refused before anything trains.
+  odd = tmp_path / "odd"
+  _extracted_prompts(odd, n, "crime", rng, width=30)
+  assert topt.main(argv + ["--prompts", str(odd), "--out", str(tmp_path / "run3")]) == 2
+  error = capsys.readouterr().err
+  assert "column 'prompts_dir': prompt width 30 is not divisible by Prompt4RE's 4" in error
+  assert "Traceback" not in error and not (tmp_path / "run3" / "embeddings.npy").exists()
 
 
 def test_default_output_folders_follow_the_settings_that_change_results():

@@ -13,10 +13,13 @@ predictions are pooled into one prediction per region and scored once with
 convention as :mod:`jaxurban.eval.metrics`). For check-in the regions with a
 zero label are dropped before the folds are drawn, as the authors do.
 
-Two protocols choose which training epoch's predictions are scored:
+Three protocols choose which training epoch's predictions are scored:
 
 * ``"honest"`` (default): a fixed epoch budget; the predictions after the last
   epoch are scored. Nothing about a test fold influences what is reported.
+* ``"validated"``: for each test fold, the epoch with the best R2 on the next
+  fold, which is then left out of that fold's training; the test fold is
+  never looked at.
 * ``"paper"``: for each fold, the evaluation epoch with the best R2 *on that
   test fold* is kept, which is what the authors' code does. This selects on
   the test data and is labelled "optimistic (test-fold epoch selection)" in

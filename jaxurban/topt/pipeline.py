@@ -4,7 +4,10 @@
 
 * ``embeddings.npy``: SREL region embeddings [S, N, d], one set per seed;
 * ``predictions_<task>.npy``: pooled out-of-fold predictions [S, n] of the
-  reported model, and ``regions_<task>.npy``: the n region indices scored;
+  reported model (with ``--protocol paper`` those of the same run at its
+  fixed budget, and the test-fold-selected ones in
+  ``predictions_<task>_optimistic.npy``), and ``regions_<task>.npy``: the n
+  region indices scored;
 * ``metrics.json``: the config, the protocol label, per-seed and mean ± std
   MAE / RMSE / R2 of every model row, the paper's Table 1 rows, timings;
 * ``errors_<task>.png``: the regions at their centroids coloured by the
@@ -84,6 +87,20 @@ SREL_ONLY_FIELDS = (
   "srel_layers",
   "spatial_lambda",
   "embedding_dim",
+)
+# Fields that only change Prompt4RE: without it (--no-prompt4re, or New York,
+# which has no prompt vectors) a non-default value would label a run that is
+# the plain ridge row.
+PROMPT_ONLY_FIELDS = (
+  "mllm",
+  "task_prompt",
+  "alignment",
+  "protocol",
+  "prompt_epochs",
+  "prompt_learning_rate",
+  "context",
+  "value_basis",
+  "head_init",
 )
 
 
@@ -176,6 +193,22 @@ class ToptConfig:
       raise ValueError(
         "ToptConfig.prompts_dir has no effect without Prompt4RE (--no-prompt4re, or New York)"
       )
+    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    if not self.uses_prompts:
+      for name in PROMPT_ONLY_FIELDS:
+        if getattr(self, name) != defaults[name]:
+          raise ValueError(
+            f"ToptConfig.{name}={getattr(self, name)!r} has no effect without Prompt4RE "
+            "(--no-prompt4re, or New York, which has no prompt vectors): the run is the "
+            "ridge row on the SREL embeddings"
+          )
+    if self.city == "NY":
+      for name in ("spatial_bias", "centrality"):
+        if not getattr(self, name):
+          raise ValueError(
+            f"ToptConfig.{name}=False has no effect on New York, which has no coordinates: "
+            "SREL runs there without the spatial prior anyway"
+          )
     kfold.protocol_label(self.protocol)
     if not self.seeds:
       raise ValueError("ToptConfig.seeds is empty")
@@ -255,7 +288,10 @@ class ToptConfig:
       parts.append("w/o spatial bias")
     if not self.centrality:
       parts.append("w/o centrality")
-    return "ToPT" if not parts else ", ".join(parts)
+    name = "ToPT" if not parts else ", ".join(parts)
+    if self.uses_prompts and self.prompts_dir is None and self.mllm != "llama":
+      name += f" ({self.mllm} prompt vectors)"
+    return name
 
   def prompt_config(self, task: str) -> Prompt4REConfig:
     lr = self.prompt_learning_rate
@@ -288,6 +324,14 @@ def _prompt_vectors(config: ToptConfig, task: str, n_regions: int) -> tuple[np.n
       column="prompts_dir",
     )
   vectors, manifest = load_prompt_vectors(folder, [str(i) for i in range(n_regions)], task=task)
+  heads = Prompt4REConfig.n_heads
+  if config.alignment and vectors.shape[1] % heads:
+    # Checked here, before SREL trains, rather than when Prompt4RE first runs.
+    raise DataError(
+      folder / MANIFEST_NAME,
+      f"prompt width {vectors.shape[1]} is not divisible by Prompt4RE's {heads} attention heads",
+      column="prompts_dir",
+    )
   return vectors, f"{manifest['model'].get('name', '?')} ({folder})"
 
 
@@ -315,6 +359,7 @@ def _srel_embeddings(config: ToptConfig, views, workdir, log) -> tuple[np.ndarra
         f"width {emb.shape[2]} is not divisible by Prompt4RE's {heads} attention heads",
         column="embeddings_path",
       )
+    stored_seeds = emb.shape[0]
     emb = emb[: len(config.seeds)].astype(np.float32)
     bad = ~np.isfinite(emb)
     if bad.any():
@@ -325,7 +370,7 @@ def _srel_embeddings(config: ToptConfig, views, workdir, log) -> tuple[np.ndarra
         f"seeds (first at seed {seed}, region {region})",
         column="embeddings_path",
       )
-    log(f"SREL embeddings loaded from {path} (first {len(config.seeds)} of {emb.shape[0]})")
+    log(f"SREL embeddings loaded from {path} (first {len(config.seeds)} of {stored_seeds})")
     return emb, f"loaded from {path}"
   from jaxurban.topt.srel_train import SRELConfig, train_srel
 
@@ -480,6 +525,7 @@ def train_and_evaluate(
     ridge_name = "w/o Prompt4RE (ridge on SREL embeddings)"
     models[ridge_name] = kfold.summarise(kfold.score_pooled(ridge_pred, y))
     reported, reported_name = ridge_pred, ridge_name
+    reported_file = reported
     entry = {"n_regions": int(len(y)), "dropped_regions": np.flatnonzero(~keep).tolist()}
 
     if config.uses_prompts:
@@ -530,11 +576,17 @@ def train_and_evaluate(
         honest = f"{config.model_name()} [{kfold.protocol_label('honest')}]"
         models[honest] = kfold.summarise(kfold.score_pooled(pooled["honest"], y))
       reported, reported_name = pooled[config.protocol], name
+      reported_file = reported
+      if config.protocol == "paper":
+        # The file name carries the label; the plain name keeps the
+        # fixed-budget predictions of the same run.
+        save_npy_atomic(workdir / f"predictions_{task}_optimistic.npy", reported.astype(np.float32))
+        reported_file = pooled["honest"]
       entry["prompt_config"] = dataclasses.asdict(pcfg)
 
     entry["models"] = models
     entry["reported_model"] = reported_name
-    save_npy_atomic(workdir / f"predictions_{task}.npy", reported.astype(np.float32))
+    save_npy_atomic(workdir / f"predictions_{task}.npy", reported_file.astype(np.float32))
     save_npy_atomic(workdir / f"regions_{task}.npy", regions)
     if views.centroids is not None:
       from jaxurban.viz.region_map import plot_region_values
