@@ -54,12 +54,18 @@ class AblationError(ValueError):
 
 
 def mobility_graph(trips: np.ndarray) -> np.ndarray:
-  """Log-normalised mobility adjacency (Sec. 3.4.1); rows without trips stay 0."""
+  """Log-normalised mobility adjacency (Sec. 3.4.1); rows without trips stay 0.
+
+  a_ij = log(1 + m_ij) / sum_k log(1 + m_ik), the sum over every k as in the
+  paper, the region's own trips included; the graph's diagonal is then 0
+  (no self loop; the GCN adds its own).
+  """
   trips = np.asarray(trips, np.float64)
   logged = np.log1p(np.maximum(trips, 0.0))
-  np.fill_diagonal(logged, 0.0)
   total = logged.sum(axis=1, keepdims=True)
-  return np.divide(logged, total, out=np.zeros_like(logged), where=total > 0)
+  adjacency = np.divide(logged, total, out=np.zeros_like(logged), where=total > 0)
+  np.fill_diagonal(adjacency, 0.0)
+  return adjacency
 
 
 def poi_graph(poi: np.ndarray) -> np.ndarray:

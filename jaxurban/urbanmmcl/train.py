@@ -63,7 +63,12 @@ __all__ = [
 ]
 
 TASKS = ("crime", "checkIn", "serviceCall")
-_RESULT_VERSION = 1
+_RESULT_VERSION = 2
+# Raised when a change of the model, its losses or its keys makes an older
+# pre-training checkpoint another model; such checkpoints are refused.
+# 2: the mobility row sum includes self-trips, reconstruction off the
+# diagonal, multi-modal tau 0.5, one key per purpose.
+MODEL_REVISION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +84,8 @@ class UrbanMMCLConfig:
     epochs: full-batch pre-training epochs.
     learning_rate, weight_decay: AdamW of pre-training.
     alpha, beta: weights of eq. (27) (paper: 0.5 / 0.5).
-    text_max_bytes: geo-text length kept (bytes).
+    text_max_bytes: geo-text length kept (bytes; 768 keeps all of Chicago's, the
+      longest being 739).
     image_size: images are resized (nearest neighbour) to this square size.
     model: architecture; the ``use_*`` switches and the location
       normalisation are filled in by `prepare` from the data and the
@@ -108,7 +114,7 @@ class UrbanMMCLConfig:
   weight_decay: float = 1e-4
   alpha: float = 0.5
   beta: float = 0.5
-  text_max_bytes: int = 640
+  text_max_bytes: int = 768
   image_size: int = 32
   model: ModelConfig = ModelConfig()
   no_multimodal: bool = False
@@ -221,6 +227,19 @@ def load_images(folder, n: int, size: int) -> np.ndarray:
     cols = np.arange(size) * image.shape[1] // size
     out[i] = image[rows][:, cols]
   return out
+
+
+_KEY_PURPOSES = ("init", "train", "embed", "finetune")
+
+
+def _purpose_key(seed: int, purpose: str) -> jax.Array:
+  """The key of one use of a seed's randomness, apart from every other use.
+
+  ``split(k, n)[i]`` equals ``fold_in(k, i)`` under JAX's partitionable
+  threefry, so keys split from one parent for different uses can coincide;
+  each use folds its own tag into the seed's key instead.
+  """
+  return jax.random.fold_in(jax.random.PRNGKey(seed), 1 + _KEY_PURPOSES.index(purpose))
 
 
 def prepare(config: UrbanMMCLConfig):
@@ -393,9 +412,8 @@ def _pretrain(config, compiled: _Compiled, inputs, seed: int, log, workdir):
   got there. The loss history travels inside the checkpoint as a fixed-shape
   array (one row per chunk, NaN until written).
   """
-  key = jax.random.PRNGKey(seed)
-  init_key, train_key = jax.random.split(key)
-  params = compiled.model.init(init_key, inputs, init_key, train=True)
+  init_key, train_key = _purpose_key(seed, "init"), _purpose_key(seed, "train")
+  params = compiled.model.init(init_key, inputs, jax.random.fold_in(init_key, 1), train=True)
   opt_state = compiled.tx.init(params)
   loss_names = sorted(jax.eval_shape(compiled.chunk, params, opt_state, inputs, train_key, 1)[2])
   n_chunks = -(-config.epochs // config.log_every)
@@ -406,7 +424,8 @@ def _pretrain(config, compiled: _Compiled, inputs, seed: int, log, workdir):
     "history": np.full((n_chunks, 1 + len(loss_names)), np.nan, np.float64),
   }
   checkpointer = Checkpointer(workdir, subdir=f"pretrain_seed{seed}")
-  restored = checkpointer.restore(record, _config_json(config), ignore=_PRETRAIN_IRRELEVANT)
+  checkpoint_config = {**_config_json(config), "model_revision": MODEL_REVISION}
+  restored = checkpointer.restore(record, checkpoint_config, ignore=_PRETRAIN_IRRELEVANT)
   if restored is not None:
     record = restored[1]
     log(f"  seed {seed}: resuming pre-training at epoch {int(record['epoch'])}/{config.epochs}")
@@ -432,7 +451,7 @@ def _pretrain(config, compiled: _Compiled, inputs, seed: int, log, workdir):
         "epoch": np.asarray(done, np.int32),
         "history": table,
       },
-      _config_json(config),
+      checkpoint_config,
     )
     log(
       f"  seed {seed} epoch {done}/{config.epochs}: total {last['total']:.4f} mmcl {last['mmcl']:.4f} "
@@ -507,7 +526,10 @@ def _finetune_runner(config, model_config, outputs: int, classification: bool):
     else:  # training folds' statistics only
       mean = jnp.sum(y * w) / jnp.sum(w)
       std = jnp.sqrt(jnp.sum(w * (y - mean) ** 2) / jnp.sum(w)) + 1e-6
+    # Each purpose its own key: the evaluation walks must not be the walks
+    # of any training epoch.
     eval_key = jax.random.fold_in(fold_key, 1)
+    epoch_keys = jax.random.split(jax.random.fold_in(fold_key, 0), config.finetune_epochs)
 
     def train_loss(p, ep_key):
       return loss_of(model.apply(p, inputs, ep_key, True), y, train_m, mean, std)
@@ -528,7 +550,7 @@ def _finetune_runner(config, model_config, outputs: int, classification: bool):
 
     out0 = model.apply(params, inputs, eval_key, False)
     init = (params, tx.init(params), jnp.inf, out0, jnp.int32(0), jnp.int32(0))
-    carry, _ = jax.lax.scan(epoch, init, jax.random.split(fold_key, config.finetune_epochs))
+    carry, _ = jax.lax.scan(epoch, init, epoch_keys)
     best_out = carry[3]
     if not classification:
       best_out = best_out[:, 0] * std + mean
@@ -556,12 +578,12 @@ def _finetune_task(config, model_config, pre_params, inputs, task, meta, seed, l
   train = keep[None, :] & ~test & ~val
 
   model = FineTuneModel(model_config, outputs)
-  key = jax.random.PRNGKey(10_000 + seed)
-  params = model.init(key, inputs, key, train=False)
+  key = _purpose_key(seed, "finetune")
+  params = model.init(jax.random.fold_in(key, 0), inputs, jax.random.fold_in(key, 1), train=False)
   params = {"params": dict(params["params"], encoder=pre_params["params"])}
   run = _finetune_runner(config, model_config, outputs, classification)
   y_j = jnp.asarray(y, jnp.int32 if classification else jnp.float32)
-  folds = (jnp.asarray(train), jnp.asarray(val), jax.random.split(key, k))
+  folds = (jnp.asarray(train), jnp.asarray(val), jax.random.split(jax.random.fold_in(key, 2), k))
   per_fold, best_epochs = run(params, inputs, y_j, *folds)
   if classification:
     pred = np.asarray(
@@ -620,7 +642,7 @@ def train_and_evaluate(config: UrbanMMCLConfig, workdir, log=print) -> dict:
     times.append(time.perf_counter() - start)
     # Evaluation embeddings: VGAE means, averaged over eval_walks walk draws.
     embeddings.append(
-      np.asarray(compiled.embed(params, inputs, jax.random.PRNGKey(seed), config.eval_walks))
+      np.asarray(compiled.embed(params, inputs, _purpose_key(seed, "embed"), config.eval_walks))
     )
     histories.append(history)
     if s < config.finetune_seeds:
