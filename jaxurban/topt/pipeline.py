@@ -193,22 +193,17 @@ class ToptConfig:
       raise ValueError(
         "ToptConfig.prompts_dir has no effect without Prompt4RE (--no-prompt4re, or New York)"
       )
-    defaults = {f.name: f.default for f in dataclasses.fields(self)}
     if not self.uses_prompts:
-      for name in PROMPT_ONLY_FIELDS:
-        if getattr(self, name) != defaults[name]:
-          raise ValueError(
-            f"ToptConfig.{name}={getattr(self, name)!r} has no effect without Prompt4RE "
-            "(--no-prompt4re, or New York, which has no prompt vectors): the run is the "
-            "ridge row on the SREL embeddings"
-          )
+      self._refuse_changed(
+        PROMPT_ONLY_FIELDS,
+        "without Prompt4RE (--no-prompt4re, or New York, which has no prompt vectors): "
+        "the run is the ridge row on the SREL embeddings",
+      )
     if self.city == "NY":
-      for name in ("spatial_bias", "centrality"):
-        if not getattr(self, name):
-          raise ValueError(
-            f"ToptConfig.{name}=False has no effect on New York, which has no coordinates: "
-            "SREL runs there without the spatial prior anyway"
-          )
+      self._refuse_changed(
+        ("spatial_bias", "centrality"),
+        "on New York, which has no coordinates: SREL runs there without the spatial prior anyway",
+      )
     kfold.protocol_label(self.protocol)
     if not self.seeds:
       raise ValueError("ToptConfig.seeds is empty")
@@ -217,14 +212,18 @@ class ToptConfig:
     if self.srel_learning_rate is not None and not self.srel_learning_rate > 0:
       raise ValueError(f"ToptConfig.srel_learning_rate must be > 0, got {self.srel_learning_rate}")
     if self.embeddings_path is not None:
-      defaults = {f.name: f.default for f in dataclasses.fields(self)}
-      for name in SREL_ONLY_FIELDS:
-        if getattr(self, name) != defaults[name]:
-          raise ValueError(
-            f"ToptConfig.{name}={getattr(self, name)!r} has no effect with --embeddings "
-            "(embeddings_path): SREL is not trained, its embeddings are loaded"
-          )
+      self._refuse_changed(
+        SREL_ONLY_FIELDS,
+        "with --embeddings (embeddings_path): SREL is not trained, its embeddings are loaded",
+      )
     self._check_evaluation()
+
+  def _refuse_changed(self, names, why: str) -> None:
+    """ValueError naming the first of `names` not at its default: it would change nothing."""
+    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    for name in names:
+      if getattr(self, name) != defaults[name]:
+        raise ValueError(f"ToptConfig.{name}={getattr(self, name)!r} has no effect {why}")
 
   def _check_evaluation(self):
     """The k-fold and Prompt4RE settings, checked now rather than after SREL has trained."""
@@ -307,6 +306,15 @@ class ToptConfig:
     )
 
 
+def _check_head_split(width: int, file, column: str, what: str) -> None:
+  """DataError unless Prompt4RE's attention heads split `width` evenly."""
+  heads = Prompt4REConfig.n_heads
+  if width % heads:
+    raise DataError(
+      file, f"{what} {width} is not divisible by Prompt4RE's {heads} attention heads", column=column
+    )
+
+
 def _prompt_vectors(config: ToptConfig, task: str, n_regions: int) -> tuple[np.ndarray, str]:
   """[N, D] prompt vectors for `task` ("none": no task template) and where they came from."""
   from jaxurban.prompts import MANIFEST_NAME, load_chicago_prompts, load_prompt_vectors
@@ -324,14 +332,9 @@ def _prompt_vectors(config: ToptConfig, task: str, n_regions: int) -> tuple[np.n
       column="prompts_dir",
     )
   vectors, manifest = load_prompt_vectors(folder, [str(i) for i in range(n_regions)], task=task)
-  heads = Prompt4REConfig.n_heads
-  if config.alignment and vectors.shape[1] % heads:
+  if config.alignment:
     # Checked here, before SREL trains, rather than when Prompt4RE first runs.
-    raise DataError(
-      folder / MANIFEST_NAME,
-      f"prompt width {vectors.shape[1]} is not divisible by Prompt4RE's {heads} attention heads",
-      column="prompts_dir",
-    )
+    _check_head_split(vectors.shape[1], folder / MANIFEST_NAME, "prompts_dir", "prompt width")
   return vectors, f"{manifest['model'].get('name', '?')} ({folder})"
 
 
@@ -352,13 +355,8 @@ def _srel_embeddings(config: ToptConfig, views, workdir, log) -> tuple[np.ndarra
         f"shape {emb.shape}, expected [>= {len(config.seeds)} seeds, {n} regions, d]",
         column="embeddings_path",
       )
-    heads = Prompt4REConfig.n_heads
-    if config.uses_prompts and config.alignment and emb.shape[2] % heads:
-      raise DataError(
-        path.name,
-        f"width {emb.shape[2]} is not divisible by Prompt4RE's {heads} attention heads",
-        column="embeddings_path",
-      )
+    if config.uses_prompts and config.alignment:
+      _check_head_split(emb.shape[2], path.name, "embeddings_path", "width")
     stored_seeds = emb.shape[0]
     emb = emb[: len(config.seeds)].astype(np.float32)
     bad = ~np.isfinite(emb)
@@ -525,7 +523,8 @@ def train_and_evaluate(
     ridge_name = "w/o Prompt4RE (ridge on SREL embeddings)"
     models[ridge_name] = kfold.summarise(kfold.score_pooled(ridge_pred, y))
     reported, reported_name = ridge_pred, ridge_name
-    reported_file = reported
+    # The predictions each file holds; only `--protocol paper` has two.
+    prediction_files = {f"predictions_{task}.npy": ridge_pred}
     entry = {"n_regions": int(len(y)), "dropped_regions": np.flatnonzero(~keep).tolist()}
 
     if config.uses_prompts:
@@ -576,17 +575,20 @@ def train_and_evaluate(
         honest = f"{config.model_name()} [{kfold.protocol_label('honest')}]"
         models[honest] = kfold.summarise(kfold.score_pooled(pooled["honest"], y))
       reported, reported_name = pooled[config.protocol], name
-      reported_file = reported
+      prediction_files = {f"predictions_{task}.npy": reported}
       if config.protocol == "paper":
         # The file name carries the label; the plain name keeps the
         # fixed-budget predictions of the same run.
-        save_npy_atomic(workdir / f"predictions_{task}_optimistic.npy", reported.astype(np.float32))
-        reported_file = pooled["honest"]
+        prediction_files = {
+          f"predictions_{task}.npy": pooled["honest"],
+          f"predictions_{task}_optimistic.npy": reported,
+        }
       entry["prompt_config"] = dataclasses.asdict(pcfg)
 
     entry["models"] = models
     entry["reported_model"] = reported_name
-    save_npy_atomic(workdir / f"predictions_{task}.npy", reported_file.astype(np.float32))
+    for file_name, predictions in prediction_files.items():
+      save_npy_atomic(workdir / file_name, predictions.astype(np.float32))
     save_npy_atomic(workdir / f"regions_{task}.npy", regions)
     if views.centroids is not None:
       from jaxurban.viz.region_map import plot_region_values

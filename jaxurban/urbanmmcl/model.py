@@ -82,8 +82,12 @@ def vgae_recon_loss(target: jax.Array, reconstructed: jax.Array) -> jax.Array:
   and pulled every |z_i| down.
   """
   n = target.shape[-1]
-  off_diagonal = 1.0 - jnp.eye(n, dtype=reconstructed.dtype)
-  return jnp.sum(off_diagonal * (target - reconstructed) ** 2) / (n * (n - 1))
+  return jnp.sum(without_diagonal((target - reconstructed) ** 2)) / (n * (n - 1))
+
+
+def without_diagonal(a: jax.Array) -> jax.Array:
+  """[..., N, N] with every [i, i] entry set to 0."""
+  return a * (1.0 - jnp.eye(a.shape[-1], dtype=a.dtype))
 
 
 def vgae_kl_loss(mu: jax.Array, log_sigma: jax.Array) -> jax.Array:
@@ -452,7 +456,7 @@ class UrbanMMCL(nn.Module):
       for v in range(n_views):
         # Without the decoder's diagonal, as the walk branch's graph: the
         # ablation then changes only how the neighbourhood is sampled.
-        prop = gcn_normalise(learned[v] * (1.0 - jnp.eye(learned.shape[-1], dtype=learned.dtype)))
+        prop = gcn_normalise(without_diagonal(learned[v]))
         readouts.append(GCN((c.gcn_hidden, c.dim), root=True, name=f"subgraph_gcn_{v}")(prop, x))
 
     contrast = zero

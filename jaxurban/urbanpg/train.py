@@ -159,14 +159,14 @@ class UrbanPGConfig:
     return dataclasses.asdict(self)
 
 
-# Config keys that may change between a run and its resumption. Checkpoints
-# are per seed and a seed's training depends only on its own number, so which
-# seeds a run covers (first_seed, seeds) does not matter to any one of them.
 # Raised when a change of the model's initialisation or computation makes an
 # older checkpoint another model; such checkpoints are refused, not resumed.
 # 2: E_dow starts at zero.
 MODEL_REVISION = 2
 
+# Config keys that may change between a run and its resumption. Checkpoints
+# are per seed and a seed's training depends only on its own number, so which
+# seeds a run covers (first_seed, seeds) does not matter to any one of them.
 _RESUMABLE_KEYS = ("data_root", "checkpoint_every", "shard_batch", "plot", "seeds", "first_seed")
 
 
