@@ -144,11 +144,18 @@ def test_time_prompt_indexes_the_last_step_and_shapes():
   out = apply(variables, *args)
   chex.assert_shape(out, (b, 7, n))
   chex.assert_tree_all_finite(out)
-  prompts = variables["params"]["prompts"]
+  # Offsets and weekday rows start at zero; random tables test the sum of eq. 3.
+  tables = np.random.default_rng(2)
+  prompts = {
+    k: tables.normal(size=v.shape).astype(np.float32)
+    for k, v in variables["params"]["prompts"].items()
+  }
   p_t, _ = ContextPrompts(n, 8).apply(
     {"params": prompts}, data["time_of_day"], data["day_of_week"], b, False
   )
-  expected = prompts["E_tod"][data["time_of_day"]] + prompts["E_dow"][data["day_of_week"]]
+  expected = (
+    prompts["E_t"] + prompts["E_tod"][data["time_of_day"]] + prompts["E_dow"][data["day_of_week"]]
+  )
   np.testing.assert_allclose(np.asarray(p_t[:, 0]), np.asarray(expected), rtol=1e-6)
   # Per-node time indices ([B, N]) are accepted too.
   tod = np.broadcast_to(data["time_of_day"][:, None], (b, n))
@@ -187,38 +194,48 @@ def test_train_step_never_retraces_and_frozen_parameters_stay():
   moved = jax.tree.map(
     lambda a, c: np.abs(a - c).max(), jax.device_get(state[0]["prompts"]), prompts
   )
-  assert all(v > 0 for k, v in moved.items() if k in ("E_s", "E_tod")), moved
+  assert all(v > 0 for k, v in moved.items() if k in ("E_s", "E_t", "E_tod")), moved
 
 
-def test_days_of_week_never_trained_add_nothing_to_the_time_prompt():
+def test_days_and_slots_never_trained_add_nothing_to_the_time_prompt():
   # Los-loop covers one week: a chronological split evaluates on weekdays
-  # that no training window shows. Their E_dow rows must stay at the zero
-  # start, not be an untrained random vector in every key and in eq. 7.
+  # that no training window shows, and a few-shot target trained on a few
+  # hours on times of day it never saw. Their E_dow rows and E_tod offsets
+  # must stay at the zero start, not be untrained random vectors in every key
+  # and in eq. 7; such a prompt is the shared, trained E_t.
   n, b = 11, 8
   config = train.UrbanPGConfig(features=8, heads=2, batch_size=b)
   model = train.build_model(config, n)
   params = train.init_params(model, config, jax.random.PRNGKey(0))
   np.testing.assert_array_equal(np.asarray(params["prompts"]["E_dow"]), 0.0)
+  np.testing.assert_array_equal(np.asarray(params["prompts"]["E_tod"]), 0.0)
+  e_t_start = np.asarray(params["prompts"]["E_t"])  # the step donates its state
+  assert np.abs(e_t_start).min() > 0
   optimizer = train.make_optimizer(params, train.everything, 1e-2, config)
   step = train.make_train_step(model, Scaler(50.0, 10.0), optimizer, max_traces=1)
   state = (params, optimizer.init(params), jax.random.PRNGKey(1))
   rng = np.random.default_rng(3)
+  trained_slots = np.arange(10, 20)
   for _ in range(3):
     batch = _batch(rng, b, n)
     batch["day_of_week"] = rng.integers(0, 2, b).astype(np.int32)  # Monday, Tuesday only
+    batch["time_of_day"] = rng.choice(trained_slots, b).astype(np.int32)
     state, loss = step(state, batch)
     assert np.isfinite(float(loss))
-  e_dow = np.asarray(state[0]["prompts"]["E_dow"])
-  assert np.abs(e_dow[:2]).max() > 0  # the trained days moved (weight decay included)
-  np.testing.assert_array_equal(e_dow[2:], 0.0)
-  # So an unseen day's prompt is the time-of-day prompt alone.
-  tod = jnp.arange(b) * 7
-  p_t, _ = ContextPrompts(n, 8).apply(
-    {"params": state[0]["prompts"]}, tod, jnp.full((b,), 5), b, False
-  )
+  prompts = jax.device_get(state[0]["prompts"])
+  assert np.abs(prompts["E_dow"][:2]).max() > 0  # the trained days moved
+  np.testing.assert_array_equal(prompts["E_dow"][2:], 0.0)
+  assert np.abs(prompts["E_t"] - e_t_start).max() > 0
+  untrained = np.setdiff1d(np.arange(model.steps_per_day), trained_slots)
+  np.testing.assert_array_equal(prompts["E_tod"][untrained], 0.0)
+  assert np.abs(prompts["E_tod"][trained_slots]).max() > 0
+  # An unseen day at an unseen slot reads E_t alone; at a seen slot, E_t plus its offset.
+  tod = jnp.asarray([0, 5, 12, 15, 100, 200, 250, 287])
+  p_t, _ = ContextPrompts(n, 8).apply({"params": prompts}, tod, jnp.full((b,), 5), b, False)
   np.testing.assert_array_equal(
-    np.asarray(p_t[:, 0]), np.asarray(state[0]["prompts"]["E_tod"])[np.asarray(tod)]
+    np.asarray(p_t[:, 0]), prompts["E_t"] + prompts["E_tod"][np.asarray(tod)]
   )
+  np.testing.assert_array_equal(np.asarray(p_t[0, 0]), prompts["E_t"])
 
 
 def test_last_value_skip_adds_the_last_observed_input():

@@ -111,12 +111,18 @@ def test_paradigms_end_to_end_on_los_loop(data_root, tmp_path, paradigm, capsys)
   if paradigm == "fewshot":
     source, target = saved["splits"]["source_nodes"], saved["splits"]["target_nodes"]
     assert not set(source) & set(target) and len(source) + len(target) == 207
+    # The target trains on its first hours: most evaluation windows end at
+    # times of day it never saw, and the run says how many.
+    shares = saved["unseen_time_of_day"]["target"]
+    np.testing.assert_allclose([shares["val"], shares["test"]], [242 / 380, 282 / 380])
+    assert "end at times of day that no training window shows" in capsys.readouterr().out
   if paradigm == "continual":
     assert set(saved["stages"]) == {"stage1", "stage2"}
   if paradigm == "full":
     # One week of readings, split in time: validation and test fall on
     # weekdays no training window shows, and the run says so.
     assert saved["unseen_days"] == {"los-loop": {"val": ["Tue"], "test": ["Tue", "Wed"]}}
+    assert saved["unseen_time_of_day"] == {"los-loop": {}}
     assert "fall on days of the week that no training window shows" in capsys.readouterr().out
     # A second run in the same folder resumes from the final checkpoint.
     again = train.train_and_evaluate(config, tmp_path)

@@ -5,8 +5,9 @@ features, h heads of width d / h.
 
 * `ContextPrompts` holds every parameter whose shape depends on the scenario
   (the node count N and the sampling frequency f): the time embeddings
-  E_tod [f, d] and E_dow [7, d] (eq. 3), the spatial embedding E_s [N, d] and
-  the shared embedding E_d [d] of the random perturbation (eq. 4).
+  E_tod [f, d] and E_dow [7, d] of eq. 3 (E_tod written as a shared row E_t
+  [d] plus per-slot offsets), the spatial embedding E_s [N, d] and the shared
+  embedding E_d [d] of the random perturbation (eq. 4).
 * `Backbone` holds everything else; its parameters do not depend on N or f,
   which is what lets few-shot and continual learning freeze it (eqs. 8-10).
 
@@ -104,14 +105,26 @@ class ContextPrompts(nn.Module):
   @nn.compact
   def __call__(self, time_of_day, day_of_week, batch: int, train: bool):
     init = nn.initializers.xavier_uniform()
-    e_tod = self.param("E_tod", init, (self.steps_per_day, self.features))
-    # E_dow starts at zero: a series shorter than two weeks, split in time,
-    # evaluates on weekdays no training window shows (Los-loop covers one
-    # week), and their rows never move from the start. From zero such a day
-    # adds nothing to P_t; from a random start it added an untrained vector
-    # to every key and to the multiplicative gate of eq. 7. The time-of-day
-    # table stays random: P_t enters eq. 7 as a factor, and an all-zero P_t
-    # would block every gradient through the gate at the start.
+    # Eq. 3's time-of-day table is held as E_t + E_tod[slot]: one shared row
+    # E_t, drawn at the scale Xavier gives an [f, d] table, plus per-slot
+    # offsets that start at zero. Any table can be written this way, so the
+    # model is eq. 3's; what changes is the start. A slot no training window
+    # shows (a few-shot target trained on part of one day) keeps offset zero
+    # and reads E_t, which every window trains, where a randomly drawn row
+    # would stay an untrained vector multiplying the gate of eq. 7. E_t must
+    # not start at zero: P_t is a factor of eq. 7, and an all-zero P_t would
+    # block every gradient through the gate.
+    bound = (6.0 / (self.steps_per_day + self.features)) ** 0.5
+    e_t = self.param(
+      "E_t",
+      lambda key, shape: jax.random.uniform(key, shape, minval=-bound, maxval=bound),
+      (self.features,),
+    )
+    e_tod = self.param("E_tod", nn.initializers.zeros, (self.steps_per_day, self.features))
+    # E_dow starts at zero for the same reason: a series shorter than two
+    # weeks, split in time, evaluates on weekdays no training window shows
+    # (Los-loop covers one week), and their rows never move from the start.
+    # From zero such a day adds nothing to P_t.
     e_dow = self.param("E_dow", nn.initializers.zeros, (self.days_per_week, self.features))
     e_s = self.param("E_s", init, (self.n_nodes, self.features))
     e_d = self.param("E_d", nn.initializers.normal(0.1), (self.features,))
@@ -122,7 +135,7 @@ class ContextPrompts(nn.Module):
     # scatter); a per-node index [B, N] gives [B, N, d].
     tod = time_of_day.reshape(batch, -1)
     dow = day_of_week.reshape(batch, -1)
-    p_t = e_tod[tod] + e_dow[dow]
+    p_t = e_t + e_tod[tod] + e_dow[dow]
     p_s = jnp.broadcast_to(e_s, shape + (self.features,))
     if train and self.p > 0:
       # Eq. 4: node n of each sample keeps E_s^(n) with probability 1 - p,

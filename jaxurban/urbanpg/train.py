@@ -162,7 +162,8 @@ class UrbanPGConfig:
 # Raised when a change of the model's initialisation or computation makes an
 # older checkpoint another model; such checkpoints are refused, not resumed.
 # 2: E_dow starts at zero.
-MODEL_REVISION = 2
+# 3: E_tod held as a shared row E_t plus per-slot offsets that start at zero.
+MODEL_REVISION = 3
 
 # Config keys that may change between a run and its resumption. Checkpoints
 # are per seed and a seed's training depends only on its own number, so which
@@ -236,6 +237,13 @@ def make_task(
       "days of the week that no training window shows; their E_dow rows keep their zero "
       "start and add nothing to P_t"
     )
+  slots = unseen_slots(task)
+  if slots:
+    parts = " and ".join(f"{share:.0%} of the {part} windows" for part, share in slots.items())
+    _log(
+      f"{name}: {parts} end at times of day that no training window shows; their E_tod "
+      "offsets keep their zero start, so P_t reads the shared E_t there"
+    )
   return task
 
 
@@ -255,6 +263,22 @@ def unseen_days(task: Task) -> dict[str, list[str]]:
     days = sorted(set(np.unique(getattr(task, part).day_of_week).tolist()) - seen)
     if days:
       unseen[part] = [_DAY_NAMES[d] for d in days]
+  return unseen
+
+
+def unseen_slots(task: Task) -> dict[str, float]:
+  """{"val" / "test": share of evaluation windows} whose time-of-day slot
+  (eq. 3's E_tod index) no training window has.
+
+  A few-shot target trained on the first hours of its period is scored on
+  slots of the day it never saw.
+  """
+  seen = np.unique(task.train.time_of_day)
+  unseen = {}
+  for part in ("val", "test"):
+    share = float(np.mean(~np.isin(getattr(task, part).time_of_day, seen)))
+    if share > 0:
+      unseen[part] = share
   return unseen
 
 
@@ -678,6 +702,7 @@ def run_fewshot(config, workdir, data, seeds) -> dict:
       "backbone": pre["backbone"],
       "prompts": {
         **fresh["prompts"],
+        "E_t": pre["prompts"]["E_t"],
         "E_tod": pre["prompts"]["E_tod"],
         "E_dow": pre["prompts"]["E_dow"],
       },
@@ -844,6 +869,7 @@ def train_and_evaluate(config: UrbanPGConfig, workdir: str | pathlib.Path) -> di
   result = runner(config, workdir, data, seeds)
   task, example = result.pop("plot")
   result["unseen_days"] = {task.name: unseen_days(task)}
+  result["unseen_time_of_day"] = {task.name: unseen_slots(task)}
   table = format_table(result["models"])
   _log("\n" + table)
   result.update(
