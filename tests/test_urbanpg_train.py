@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -310,3 +311,17 @@ def test_batch_sharded_over_eight_devices_matches_one_device(data_root):
   )
   assert done.returncode == 0, done.stderr[-3000:]
   assert "SHARDED-OK" in done.stdout
+
+
+def test_keys_of_seeds_and_uses_never_coincide():
+  uses = [(train._INIT, 0), (train._TARGET_INIT, 0), (train._TRAINING, 0)]
+  uses += [(train._STAGE_INIT, tau) for tau in range(4)]
+
+  def keys_of(seed):
+    return jnp.stack([train._seed_key(seed, purpose, index) for purpose, index in uses])
+
+  keys = np.asarray(jax.vmap(keys_of)(jnp.arange(300))).reshape(-1, 2)
+  assert len(np.unique(keys, axis=0)) == len(keys) == 300 * len(uses)
+  # The plain seed keys of the earlier scheme are not among them either.
+  plain = np.asarray(jax.vmap(jax.random.PRNGKey)(jnp.arange(300)))
+  assert not (keys[:, None, :] == plain[None, :, :]).all(-1).any()

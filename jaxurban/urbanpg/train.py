@@ -162,7 +162,8 @@ class UrbanPGConfig:
 # Raised when a change of the model's initialisation or computation makes an
 # older checkpoint another model; such checkpoints are refused, not resumed.
 # 2: E_dow starts at zero.
-# 3: E_tod held as a shared row E_t plus per-slot offsets that start at zero.
+# 3: E_tod held as a shared row E_t plus per-slot offsets that start at zero;
+#    keys folded from the seed per use.
 MODEL_REVISION = 3
 
 # Config keys that may change between a run and its resumption. Checkpoints
@@ -530,6 +531,16 @@ def predict_windows(predict, params, windows: Windows, scaler: Scaler, config, p
 # ----------------------------------------------------------------------------- fitting
 
 
+# What a seed's random draws are for. Each use folds its own tag (and stage)
+# into PRNGKey(seed), so that no key of one seed is a key of another seed or
+# of another use, whatever the seed numbers.
+_INIT, _TARGET_INIT, _STAGE_INIT, _TRAINING = range(4)
+
+
+def _seed_key(seed: int, purpose: int, index: int = 0) -> jax.Array:
+  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), purpose), index)
+
+
 def fit(
   task: Task,
   model: UrbanPG,
@@ -550,7 +561,9 @@ def fit(
   record = {
     "params": params,
     "opt_state": optimizer.init(params),
-    "key": jax.random.PRNGKey(seed * 1000 + 17),
+    # The same in every stage and arm of a seed: common random numbers
+    # (perturbations, batch order) between the compared arms.
+    "key": _seed_key(seed, _TRAINING),
     "best_params": host(params),
     "epoch": np.asarray(0, np.int32),
     "best_epoch": np.asarray(0, np.int32),
@@ -653,10 +666,6 @@ def baseline_metrics(task: Task, config: UrbanPGConfig) -> dict:
 # ----------------------------------------------------------------------------- paradigms
 
 
-def _seed_key(seed: int) -> jax.Array:
-  return jax.random.PRNGKey(seed)
-
-
 def run_full(config, workdir, data, seeds) -> dict:
   task = make_task("los-loop", data, config)
   _log(
@@ -666,7 +675,7 @@ def run_full(config, workdir, data, seeds) -> dict:
   model = build_model(config, data.n_nodes, data.steps_per_day)
   results, logs, example = [], {}, None
   for seed in seeds:
-    params = init_params(model, config, _seed_key(seed))
+    params = init_params(model, config, _seed_key(seed, _INIT))
     params, logs[f"seed{seed}"] = fit(
       task, model, params, everything, config.learning_rate, config, workdir, "full", seed
     )
@@ -691,13 +700,13 @@ def run_fewshot(config, workdir, data, seeds) -> dict:
   tgt_model = build_model(config, len(target_nodes), data.steps_per_day)
   prompt_runs, scratch_runs, logs, example = [], [], {}, None
   for seed in seeds:
-    pre = init_params(src_model, config, _seed_key(seed))
+    pre = init_params(src_model, config, _seed_key(seed, _INIT))
     pre, logs[f"pretrain_seed{seed}"] = fit(
       source, src_model, pre, everything, config.learning_rate, config, workdir, "pretrain", seed
     )
     # Eq. 8: fresh spatial prompt for the new detectors; the frozen backbone
     # and the time tables (same sampling period) come from pre-training.
-    fresh = init_params(tgt_model, config, _seed_key(seed + 10_000))
+    fresh = init_params(tgt_model, config, _seed_key(seed, _TARGET_INIT))
     tuned = {
       "backbone": pre["backbone"],
       "prompts": {
@@ -721,7 +730,7 @@ def run_fewshot(config, workdir, data, seeds) -> dict:
     metrics, pred = evaluate(tgt_model, tuned, target, config)
     prompt_runs.append(metrics)
     example = pred if example is None else example
-    scratch = init_params(tgt_model, config, _seed_key(seed + 10_000))
+    scratch = init_params(tgt_model, config, _seed_key(seed, _TARGET_INIT))
     scratch, logs[f"scratch_seed{seed}"] = fit(
       target, tgt_model, scratch, everything, config.learning_rate, config, workdir, "scratch", seed
     )
@@ -755,7 +764,7 @@ def run_continual(config, workdir, data, seeds) -> dict:
     params = None
     for tau, task in enumerate(tasks):
       model = build_model(config, task.data.n_nodes, data.steps_per_day)
-      fresh = init_params(model, config, _seed_key(seed + 100 * tau))
+      fresh = init_params(model, config, _seed_key(seed, _STAGE_INIT, tau))
       if params is None:
         params, rule, rate = fresh, everything, config.learning_rate
       else:
