@@ -2,6 +2,7 @@
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -260,6 +261,37 @@ def test_lowrank_float32_gradients_match_direct_float64(rng, form):
   for got, ref in zip(got_lma + got_lia, ref_lma + ref_lia):
     scale = np.abs(np.asarray(ref)).max()
     np.testing.assert_allclose(np.asarray(got) / scale, np.asarray(ref) / scale, atol=2e-3)
+
+
+@pytest.mark.parametrize("form", losses.FORMS)
+def test_lowrank_products_ask_for_full_float32_forward_and_backward(rng, form):
+  # The low-rank losses are small differences of large trace terms: on a GPU
+  # whose float32 dots default to TF32 they must ask for full precision. The
+  # CPU computes every float32 dot in full, so the request is what is checked.
+  n, d, n_a = 40, 8, 30
+  z_x, z_y = (jnp.asarray(rng.normal(size=(n, d)), jnp.float32) for _ in range(2))
+  anchors = jnp.asarray(rng.normal(size=(n_a, d)), jnp.float32)
+  weights = tuple(jnp.asarray(w, jnp.float32) for w in random_query_key(rng, d))
+
+  def total(z_x, z_y):
+    return losses.lma_lowrank(z_x, z_y, anchors, form) + losses.lia_lowrank(
+      z_x, z_y, *weights, form=form
+    )
+
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(total, argnums=(0, 1)))(z_x, z_y)
+
+  def dots(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        yield eqn
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        yield from dots(sub)
+
+  found = list(dots(jaxpr.jaxpr))
+  assert len(found) > 20
+  for eqn in found:
+    precision = eqn.params["precision"]
+    assert precision is not None and all(p == jax.lax.Precision.HIGHEST for p in precision), eqn
 
 
 def test_lowrank_losses_jit_and_vmap(rng):

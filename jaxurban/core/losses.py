@@ -47,6 +47,19 @@ def _inner(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.sum(a * b)
 
 
+def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a @ b in full float32 on every backend.
+
+  The low-rank forms get a loss of order 1 as a difference of trace terms
+  several hundred times larger (tr(G_x G_x) - 2 tr(G_x G_y) + tr(G_y G_y)),
+  so a product rounded to TF32's 10-bit mantissa, the default for float32
+  dots on recent NVIDIA GPUs, would cost percents of the loss and its
+  gradient. Their products are d x d or N x d by d x d, cheap at any
+  precision. On a CPU this is the ordinary product.
+  """
+  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 # --------------------------------------------------------------------------
 # Intra-city mobility loss, eqs. (3)-(4).
 # --------------------------------------------------------------------------
@@ -204,7 +217,7 @@ class CityMoments(NamedTuple):
 
 
 def city_moments(z: jax.Array) -> CityMoments:
-  return CityMoments(z.T @ z, jnp.sum(z, axis=0), jnp.asarray(z.shape[0], z.dtype))
+  return CityMoments(_mm(z.T, z), jnp.sum(z, axis=0), jnp.asarray(z.shape[0], z.dtype))
 
 
 def _affine_cross(moments: CityMoments, a, a_bias, b, b_bias) -> jax.Array:
@@ -213,10 +226,10 @@ def _affine_cross(moments: CityMoments, a, a_bias, b, b_bias) -> jax.Array:
   ``A^T S B + (A^T s) b^T + a (s^T B) + N a b^T``; None stands for the
   identity matrix (A = I) or a zero bias.
   """
-  s_b = moments.gram if b is None else moments.gram @ b
-  out = s_b if a is None else a.T @ s_b
-  left_total = moments.total if a is None else moments.total @ a
-  right_total = moments.total if b is None else moments.total @ b
+  s_b = moments.gram if b is None else _mm(moments.gram, b)
+  out = s_b if a is None else _mm(a.T, s_b)
+  left_total = moments.total if a is None else _mm(moments.total, a)
+  right_total = moments.total if b is None else _mm(moments.total, b)
   if b_bias is not None:
     out = out + jnp.outer(left_total, b_bias)
   if a_bias is not None:
@@ -237,7 +250,7 @@ def _anchor_factors(anchors: jax.Array, gram: jax.Array) -> jax.Array:
   A_rel = A Z^T has row norms sqrt(a_i S a_i^T) with S = Z^T Z, so rescaling
   the rows of A_rel to unit norm (eq. 7) is rescaling the rows of A.
   """
-  row_norm_sq = jnp.sum((anchors @ gram) * anchors, axis=-1)
+  row_norm_sq = jnp.sum(_mm(anchors, gram) * anchors, axis=-1)
   return anchors * jax.lax.rsqrt(jnp.maximum(row_norm_sq, _EPS))[:, None]
 
 
@@ -252,23 +265,23 @@ def lma_from_moments(
   _check_form(form)
   s_x, s_y = moments_x.gram, moments_y.gram
   u_x, u_y = _anchor_factors(anchors, s_x), _anchor_factors(anchors, s_y)
-  c_xx, c_yy, c_xy = u_x.T @ u_x, u_y.T @ u_y, u_x.T @ u_y
+  c_xx, c_yy, c_xy = _mm(u_x.T, u_x), _mm(u_y.T, u_y), _mm(u_x.T, u_y)
   n_anchors = anchors.shape[0]
   if form == "authors":
     # ||G_x - G_y||^2 = tr(G_x G_x) - 2 tr(G_x G_y) + tr(G_y G_y), with
     # tr(U_x S_x U_x^T U_y S_y U_y^T) = <S_x C_xy, C_xy S_y>.
     squared = (
-      _inner(s_x @ c_xx, c_xx @ s_x)
-      - 2 * _inner(s_x @ c_xy, c_xy @ s_y)
-      + _inner(s_y @ c_yy, c_yy @ s_y)
+      _inner(_mm(s_x, c_xx), _mm(c_xx, s_x))
+      - 2 * _inner(_mm(s_x, c_xy), _mm(c_xy, s_y))
+      + _inner(_mm(s_y, c_yy), _mm(c_yy, s_y))
     )
     return squared / n_anchors
   # Paper: the rows of G are rescaled to unit norm again (after eq. 8), so
   # ||G^_x - G^_y||^2 = sum_i 2 - 2 <g_x,i, g_y,i> / (|g_x,i| |g_y,i|), and
   # <g_x,i, g_y,i> = u_x,i S_x C_xy S_y u_y,i^T is a row-wise quadratic form.
-  norm_x = jnp.sum((u_x @ (s_x @ c_xx @ s_x)) * u_x, axis=-1)
-  norm_y = jnp.sum((u_y @ (s_y @ c_yy @ s_y)) * u_y, axis=-1)
-  cross = jnp.sum((u_x @ (s_x @ c_xy @ s_y)) * u_y, axis=-1)
+  norm_x = jnp.sum(_mm(u_x, _mm(_mm(s_x, c_xx), s_x)) * u_x, axis=-1)
+  norm_y = jnp.sum(_mm(u_y, _mm(_mm(s_y, c_yy), s_y)) * u_y, axis=-1)
+  cross = jnp.sum(_mm(u_x, _mm(_mm(s_x, c_xy), s_y)) * u_y, axis=-1)
   cosine = cross * jax.lax.rsqrt(jnp.maximum(norm_x * norm_y, _EPS))
   return jnp.sum(2.0 - 2.0 * cosine) / n_anchors**2
 
@@ -324,12 +337,12 @@ def _cycle_residual_sq(
   m = _affine_cross(there, w_k, b_k, w_q, b_q) / d  # K_there^T Q_there / d
   qq = _affine_cross(here, w_q, b_q, w_q, b_q)  # Q^T Q
   kk = _affine_cross(here, w_k, b_k, w_k, b_k)  # K^T K
-  cycle = _inner(m.T @ qq @ m, kk)  # <(QM)^T (QM), K^T K>
+  cycle = _inner(_mm(_mm(m.T, qq), m), kk)  # <(QM)^T (QM), K^T K>
   if form == "paper":
     zq = _affine_cross(here, None, None, w_q, b_q)  # Z^T Q
     zk = _affine_cross(here, None, None, w_k, b_k)  # Z^T K
-    return _inner(here.gram, here.gram) - 2 * _inner(zq @ m, zk) + cycle
-  return _inner(qq, kk) / d - 2 * _inner(qq @ m, kk) / jnp.sqrt(d) + cycle
+    return _inner(here.gram, here.gram) - 2 * _inner(_mm(zq, m), zk) + cycle
+  return _inner(qq, kk) / d - 2 * _inner(_mm(qq, m), kk) / jnp.sqrt(d) + cycle
 
 
 def lia_from_moments(
