@@ -39,8 +39,6 @@ import argparse
 import dataclasses
 import functools
 import math
-import statistics
-import time
 from collections.abc import Callable
 
 import jax
@@ -51,6 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from kernels import peaks
+from kernels.timing import median_seconds
 
 __all__ = [
   "BlockSizes",
@@ -887,25 +886,11 @@ def biased_attention(
 # --------------------------------------------------------------------------
 
 
-# Dense bf16/fp16 tensor-core peaks (datasheet, no sparsity), FLOP/s.
 def _device_peak(device_kind: str, dtype) -> float | None:
   """Dense peak FLOP/s of the board for ``dtype`` (float32 at TF32, the
   default matmul precision on Hopper), or None for an unknown board."""
   found = peaks.device_peak(device_kind, dtype)
   return None if found is None else found[1] * 1e12
-
-
-def _median_seconds(fn: Callable[[], jax.Array], repeats: int, warmup: int) -> float:
-  """Median wall time of ``fn()`` after ``warmup`` untimed calls (compile included
-  there); each call is synchronised before the clock is read."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def _import_tokamax():
@@ -979,7 +964,7 @@ def _bench_inputs(key, n: int, heads: int, head_dim: int, n_rbf: int, dtype):
 
 def _try_time(fn, repeats, warmup) -> tuple[float | None, str]:
   try:
-    return _median_seconds(fn, repeats, warmup), ""
+    return median_seconds(fn, repeats, warmup), ""
   except Exception as e:  # e.g. out of memory at 32k with a materialised bias
     return None, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
 
@@ -1007,7 +992,7 @@ def _bench_cpu(args) -> None:
       q, k, v, coords, coords, w, rbf_centres=centres, rbf_width=width, row_bias=row, col_bias=col
     )
   )
-  seconds = _median_seconds(lambda: ref(q, k, v, w, row, col), args.repeats, args.warmup)
+  seconds = median_seconds(lambda: ref(q, k, v, w, row, col), args.repeats, args.warmup)
   flops = 4 * n * n * d * heads
   print(
     f"reference, N={n}, H={heads}, D={d}, float32: {seconds * 1e3:.3f} ms, "

@@ -25,8 +25,8 @@ and are sliced off, so their gradient is dropped. The feature dimension is
 zero-padded to a power of two >= 16 (Triton tiles must be powers of two and
 its dot needs tiles >= 16); zero features do not change any dot product.
 
-A row with no valid key at all has LSE = -inf; the Pallas backward gives it a
-zero gradient (the reference's gradient there is NaN, as jax.nn.logsumexp's).
+A row with no valid key at all has LSE = -inf and a zero gradient, in the
+Pallas backward and in the reference (jax.nn.logsumexp's).
 
 Run ``python -m kernels.row_lse`` for the benchmark against the chunked XLA
 reference (see `main`).
@@ -38,8 +38,6 @@ import argparse
 import dataclasses
 import functools
 import math
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels import peaks
+from kernels.timing import median_seconds
 
 IMPLEMENTATIONS = (None, "pallas", "reference")
 PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -479,8 +478,6 @@ def row_logsumexp(
 # Benchmark: python -m kernels.row_lse
 # --------------------------------------------------------------------------
 
-# Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's data sheets;
-# the H200 has the H100 SXM's compute with more and faster memory.
 GPU_SIZES = ((16384, 16384, 128), (65536, 65536, 128), (16384, 262144, 128), (16384, 1048576, 128))
 CPU_SIZES = ((1024, 16384, 128),)
 INTERPRET_SIZE = (64, 256, 32)
@@ -496,17 +493,6 @@ def _device_peak(dtype, precision) -> tuple[str, float] | None:
   return peaks.device_peak(jax.devices()[0].device_kind, dtype, precision)
 
 
-def _median_seconds(fn, args, repeats: int, warmup: int) -> float:
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def _reference_chunk(n_keys: int, budget_bytes: int = 1 << 30) -> int:
   """Rows per chunk so that one [chunk, N] float32 logit block fits the budget."""
   return max(1, 2 ** int(math.log2(max(1, budget_bytes // (4 * n_keys)))))
@@ -518,8 +504,8 @@ def _time_forward_backward(lse_fn, q, k, g, repeats, warmup):
   _, vjp_fn = jax.vjp(lse_fn, q, k)
   backward = jax.jit(lambda vjp_fn, g: vjp_fn(g))
   return (
-    _median_seconds(forward, (q, k), repeats, warmup),
-    _median_seconds(backward, (vjp_fn, g), repeats, warmup),
+    median_seconds(lambda: forward(q, k), repeats, warmup),
+    median_seconds(lambda: backward(vjp_fn, g), repeats, warmup),
   )
 
 
@@ -605,7 +591,7 @@ def main(argv=None) -> int:
     m, n, d = INTERPRET_SIZE
     q, k, _ = _random_problem(m, n, d, jnp.float32)
     interp = jax.jit(functools.partial(row_logsumexp, implementation="pallas", interpret=True))
-    seconds = _median_seconds(interp, (q, k), 3, 1)
+    seconds = median_seconds(lambda: interp(q, k), 3, 1)
     gap = float(jnp.max(jnp.abs(interp(q, k) - row_logsumexp_reference(q, k))))
     print(
       f"interpret mode {m}x{n}x{d}: {seconds * 1e3:.1f} ms, max |pallas - reference| = {gap:.2e}"

@@ -157,6 +157,15 @@ class TestRowLsePallas:
     np.testing.assert_array_equal(np.asarray(lse), -np.inf)  # log of an empty sum
     np.testing.assert_array_equal(np.asarray(dq), 0.0)
     np.testing.assert_array_equal(np.asarray(dk), 0.0)
+    # The reference agrees: jax.nn.logsumexp gives such a row a zero gradient too.
+    lse_ref, vjp_ref = jax.vjp(
+      lambda q, k: row_lse.row_logsumexp_reference(q, k, jnp.asarray(valid)),
+      jnp.asarray(q),
+      jnp.asarray(k),
+    )
+    np.testing.assert_array_equal(np.asarray(lse_ref), -np.inf)
+    for grad in vjp_ref(jnp.asarray(g)):
+      np.testing.assert_array_equal(np.asarray(grad), 0.0)
 
   def test_under_jit_and_grad_of_a_scalar_loss(self, rng):
     # The mobility-loss shape of use: queries are rows of the keys.

@@ -1,0 +1,43 @@
+"""Wall-clock timing for the kernel benchmarks.
+
+Device work is asynchronous, so every measurement ends by waiting for the
+result. A single call of a small kernel (tenths of a millisecond) would also
+time the host's dispatch and synchronisation, tens of microseconds: calls are
+therefore timed in batches long enough to make that overhead small, and the
+median over repeats of the per-call time is reported.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+
+
+def median_seconds(
+  fn: Callable[[], Any], repeats: int, warmup: int, min_batch_seconds: float = 0.02
+) -> float:
+  """Median seconds per call of ``fn()`` over `repeats` timed batches.
+
+  `warmup` untimed calls come first (compilation included). A batch holds
+  as many calls as one call takes to fill `min_batch_seconds` (at least one);
+  the calls of a batch are queued back to back and only the last is waited
+  for, since a device runs them in order.
+  """
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  once = time.perf_counter() - start
+  calls = max(1, math.ceil(min_batch_seconds / max(once, 1e-9)))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(calls):
+      out = fn()
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / calls)
+  return statistics.median(times)
