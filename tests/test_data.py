@@ -276,7 +276,7 @@ def test_beijing_style_variant(tmp_path):
       0.1,
       "北京",
       "I: High-rise block",
-      12.0,
+      "",  # a missing value
     ],
   ]
   mob_header = ["", "rel_id", "origin_id", "destination_id", "mobility_weight"]
@@ -299,8 +299,10 @@ def test_beijing_style_variant(tmp_path):
   np.testing.assert_array_equal(city.edge_weight_raw, [3.0, 1.0, 2.0, 0.5])
   np.testing.assert_allclose(city.edge_weight, [0.75, 0.25, 1.0, 1.0])
   assert not city.weights_were_normalised
-  # Text columns are not attributes; numeric ones are, whatever their position.
+  # Text columns are not attributes; numeric ones are, whatever their position,
+  # with an empty cell as NaN.
   assert set(city.attributes) == {"MIX", "Shape_Area"}
+  np.testing.assert_array_equal(city.attributes["Shape_Area"], [1.0, 5.0, np.nan])
 
 
 def test_rows_repeating_a_pair_are_one_edge_with_summed_weight(tmp_path):
@@ -603,6 +605,18 @@ def test_error_ids_absent_from_geo(tmp_path):
   pattern = (
     r"regionmap_zz\.mob: column 'destination_id': 3 rows reference geo ids absent from "
     r"regionmap_zz\.geo \(2 distinct, e\.g\. \[9, 7\]; first at row 1\)"
+  )
+  with pytest.raises(DataError, match=pattern):
+    load_city("zz", make_city(tmp_path, mob=(header, rows)))
+
+
+def test_error_ids_absent_from_geo_in_both_columns_reported_together(tmp_path):
+  header = ["origin_id", "destination_id", "mobility_weight"]
+  rows = [[0, 1, 1.0], [1, 9, 1.0], [8, 7, 1.0], [2, 0, 1.0]]
+  pattern = (
+    r"regionmap_zz\.mob: column 'origin_id': 1 rows reference geo ids absent from "
+    r"regionmap_zz\.geo \(1 distinct, e\.g\. \[8\]; first at row 2\); "
+    r"column 'destination_id': 2 rows .* \(2 distinct, e\.g\. \[9, 7\]; first at row 1\)"
   )
   with pytest.raises(DataError, match=pattern):
     load_city("zz", make_city(tmp_path, mob=(header, rows)))

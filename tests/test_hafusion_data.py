@@ -86,6 +86,9 @@ def _expect(tmp_path, file, field, words):
     load_city_views("Chi", tmp_path)
   message = str(info.value)
   assert file in message and (field is None or repr(field) in message), message
+  # The whole path: Chicago and New York use the same file names.
+  folder = "prompt4re/chicago" if file.startswith("prompt_data") else "hafusion/Chi"
+  assert str(tmp_path / folder / file) in message, message
   for word in words:
     assert word in message, message
 

@@ -80,7 +80,8 @@ class CityData:
   centroids: np.ndarray
   """(N, 2) float64 (lon, lat): ``m_lon``/``m_lat`` if present, else computed from the polygons."""
   attributes: dict[str, np.ndarray]
-  """Numeric .geo attribute columns as (N,) float64; non-numeric columns are skipped."""
+  """Numeric .geo attribute columns as (N,) float64, empty cells as NaN; columns
+  with a non-numeric cell are skipped."""
   edge_origin: np.ndarray
   """(E,) int32 origin region index of each (origin, destination) pair of the .mob."""
   edge_destination: np.ndarray
@@ -308,11 +309,14 @@ class _Table:
     return out
 
   def try_floats(self, column: str) -> np.ndarray | None:
-    """The column as float64, or None if any cell is not a number."""
+    """The column as float64 with empty cells as NaN, or None if any other
+    cell is not a number or no cell holds one."""
+    cells = [cell if cell.strip() else "nan" for cell in self._cols[column]]
     try:
-      return np.array(self._cols[column], dtype=np.float64)
+      values = np.array(cells, dtype=np.float64)
     except ValueError:
       return None
+    return None if np.isnan(values).all() else values
 
 
 def _check_finite(values: np.ndarray, file: str, column: str, what: str) -> None:
@@ -492,22 +496,31 @@ def _load_edges(path: pathlib.Path, geo_ids: np.ndarray, geo_file: str):
   sorter = np.argsort(geo_ids, kind="stable")
   sorted_ids = geo_ids[sorter]
 
-  def to_index(ids: np.ndarray, column: str) -> np.ndarray:
-    pos = np.searchsorted(sorted_ids, ids)
-    pos_clipped = np.minimum(pos, len(sorted_ids) - 1)
-    found = sorted_ids[pos_clipped] == ids
-    if not found.all():
-      missing_rows = np.flatnonzero(~found)
-      unknown = list(dict.fromkeys(ids[missing_rows].tolist()))
-      raise DataError(
-        mob.file,
-        f"{len(missing_rows)} rows reference geo ids absent from {geo_file} "
-        f"({len(unknown)} distinct, e.g. {unknown[:5]}; first at row {int(missing_rows[0])})",
-        column=column,
-      )
-    return sorter[pos_clipped].astype(np.int32)
+  columns = {"origin_id": origin_ids, "destination_id": destination_ids}
+  positions, found = {}, {}
+  for column, ids in columns.items():
+    positions[column] = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    found[column] = sorted_ids[positions[column]] == ids
 
-  return to_index(origin_ids, "origin_id"), to_index(destination_ids, "destination_id"), raw
+  def absent(column: str) -> str:
+    missing_rows = np.flatnonzero(~found[column])
+    unknown = list(dict.fromkeys(columns[column][missing_rows].tolist()))
+    return (
+      f"{len(missing_rows)} rows reference geo ids absent from {geo_file} "
+      f"({len(unknown)} distinct, e.g. {unknown[:5]}; first at row {int(missing_rows[0])})"
+    )
+
+  # Both columns are checked before raising, so one error reports every unknown id.
+  bad = [column for column in columns if not found[column].all()]
+  if len(bad) == 1:
+    raise DataError(mob.file, absent(bad[0]), column=bad[0])
+  if bad:
+    raise DataError(mob.file, "; ".join(f"column {c!r}: {absent(c)}" for c in bad))
+  return (
+    sorter[positions["origin_id"]].astype(np.int32),
+    sorter[positions["destination_id"]].astype(np.int32),
+    raw,
+  )
 
 
 def _merge_repeated_pairs(origin, destination, raw, n):

@@ -89,21 +89,23 @@ def _load_npy(folder: pathlib.Path, name: str, field: str) -> np.ndarray:
     raise DataError(path, "file missing", column=field)
   array = read_npy(path, column=field, shown=path)
   if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
-    raise DataError(name, f"dtype {array.dtype} is not a real number type", column=field)
+    raise DataError(path, f"dtype {array.dtype} is not a real number type", column=field)
   array = array.astype(np.float64)
   bad = ~np.isfinite(array)
   if bad.any():
     first = tuple(int(i) for i in np.argwhere(bad)[0])
-    raise DataError(name, f"{int(bad.sum())} NaN/inf values (first at index {first})", column=field)
+    raise DataError(path, f"{int(bad.sum())} NaN/inf values (first at index {first})", column=field)
   return array
 
 
-def _check_shape(name: str, field: str, array: np.ndarray, expected: tuple, why: str) -> None:
+def _check_shape(
+  name: str | os.PathLike, field: str, array: np.ndarray, expected: tuple, why: str
+) -> None:
   if array.shape != expected:
     raise DataError(name, f"shape {array.shape}, expected {expected} ({why})", column=field)
 
 
-def _check_non_negative(name: str, field: str, array: np.ndarray) -> None:
+def _check_non_negative(name: str | os.PathLike, field: str, array: np.ndarray) -> None:
   negative = array < 0
   if negative.any():
     first = tuple(int(i) for i in np.argwhere(negative)[0])
@@ -131,28 +133,32 @@ def load_city_views(city: str, data_root: str | os.PathLike | None = None) -> Ci
   mobility = _load_npy(folder, "mob-adj.npy", "mobility")
   if mobility.ndim != 2 or mobility.shape[0] != mobility.shape[1] or mobility.shape[0] == 0:
     raise DataError(
-      "mob-adj.npy", f"shape {mobility.shape}, expected a square N x N matrix", column="mobility"
+      folder / "mob-adj.npy",
+      f"shape {mobility.shape}, expected a square N x N matrix",
+      column="mobility",
     )
   n = mobility.shape[0]
   why = f"N = {n} regions from mob-adj.npy"
-  _check_non_negative("mob-adj.npy", "mobility", mobility)
+  _check_non_negative(folder / "mob-adj.npy", "mobility", mobility)
   if mobility.sum() <= 0:
-    raise DataError("mob-adj.npy", "all trip counts are zero", column="mobility")
+    raise DataError(folder / "mob-adj.npy", "all trip counts are zero", column="mobility")
 
   mobility_dist = _load_npy(folder, "mob_dist.npy", "mobility_dist")
-  _check_shape("mob_dist.npy", "mobility_dist", mobility_dist, (n, n), why)
-  _check_non_negative("mob_dist.npy", "mobility_dist", mobility_dist)
+  _check_shape(folder / "mob_dist.npy", "mobility_dist", mobility_dist, (n, n), why)
+  _check_non_negative(folder / "mob_dist.npy", "mobility_dist", mobility_dist)
 
   poi = _load_npy(folder, "poi_dist.npy", "poi")
-  _check_shape("poi_dist.npy", "poi", poi, (n, _POI_CATEGORIES), why)
-  _check_non_negative("poi_dist.npy", "poi", poi)
+  _check_shape(folder / "poi_dist.npy", "poi", poi, (n, _POI_CATEGORIES), why)
+  _check_non_negative(folder / "poi_dist.npy", "poi", poi)
 
   landuse = _load_npy(folder, "landUse_dist.npy", "landuse")
   if landuse.ndim != 2 or landuse.shape[0] != n or landuse.shape[1] == 0:
     raise DataError(
-      "landUse_dist.npy", f"shape {landuse.shape}, expected ({n}, L) ({why})", column="landuse"
+      folder / "landUse_dist.npy",
+      f"shape {landuse.shape}, expected ({n}, L) ({why})",
+      column="landuse",
     )
-  _check_non_negative("landUse_dist.npy", "landuse", landuse)
+  _check_non_negative(folder / "landUse_dist.npy", "landuse", landuse)
 
   similarities = {}
   for name, field in (
@@ -160,14 +166,14 @@ def load_city_views(city: str, data_root: str | os.PathLike | None = None) -> Ci
     ("landUse_simi.npy", "landuse_similarity"),
   ):
     sim = _load_npy(folder, name, field)
-    _check_shape(name, field, sim, (n, n), why)
+    _check_shape(folder / name, field, sim, (n, n), why)
     similarities[field] = sim
 
   labels = {}
   for key, name in LABEL_FILES.items():
     label = _load_npy(folder, name, key)
-    _check_shape(name, key, label, (n,), why)
-    _check_non_negative(name, key, label)
+    _check_shape(folder / name, key, label, (n,), why)
+    _check_non_negative(folder / name, key, label)
     labels[key] = label
 
   centroids = None
@@ -175,8 +181,8 @@ def load_city_views(city: str, data_root: str | os.PathLike | None = None) -> Ci
     centroids = load_chicago_centroids(root)
     if centroids.shape[0] != n:
       raise DataError(
-        "prompt_data.json",
-        f"{centroids.shape[0]} regions, but the Chicago views have {n}",
+        subdir(root, "prompt4re", "chicago") / "prompt_data.json",
+        f"{centroids.shape[0]} regions, but the Chicago views in {folder} have {n}",
         column="Centroid Coordinates",
       )
 
@@ -226,10 +232,10 @@ def load_chicago_centroids(data_root: str | os.PathLike | None = None) -> np.nda
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise DataError(path, f"not readable JSON ({e})")
   if not isinstance(messages, list) or not messages:
-    raise DataError(path.name, "expected a non-empty list of chat messages")
+    raise DataError(path, "expected a non-empty list of chat messages")
   coords = []
   for i, message in enumerate(messages):
-    where = f"{path.name} entry {i}"
+    where = f"{path} entry {i}"
     content = message.get("content") if isinstance(message, dict) else None
     texts = [
       item.get("text", "")
