@@ -131,6 +131,32 @@ def test_variants_train_and_evaluate(data_root, tmp_path, variant):
     assert (tmp_path / "cd_in_xa_region_emb.npy").exists()
 
 
+def test_two_stage_moves_both_cities_through_their_own_affine_layer(
+  data_root, tmp_path, monkeypatch
+):
+  # The paper's "w/o one-stage": both cities' frozen embeddings are projected
+  # by affine layers, and only the projections (and W^q, W^k) train.
+  seen = {}
+  align = train._align_frozen
+
+  def recording(config, workdir, settings, z_x, z_y, *rest, **kwargs):
+    seen["frozen"] = np.asarray(z_x), np.asarray(z_y)
+    seen["aligned"] = align(config, workdir, settings, z_x, z_y, *rest, **kwargs)[:2]
+    return seen["aligned"] + ({},)
+
+  monkeypatch.setattr(train, "_align_frozen", recording)
+  train.train_and_evaluate(tiny(data_root, variant="two-stage", seeds=1, epochs=2), tmp_path)
+  for frozen, aligned in zip(seen["frozen"], seen["aligned"]):
+    moved = np.abs(np.asarray(aligned) - frozen)
+    assert aligned.shape == frozen.shape and 0 < moved.max() < 0.1
+    # An affine map: differences between regions are mapped linearly.
+    d = frozen.shape[-1]
+    fit = np.linalg.lstsq(
+      np.concatenate([frozen[0], np.ones((frozen.shape[1], 1))], 1), aligned[0], rcond=None
+    )[0]
+    np.testing.assert_allclose(frozen[0] @ fit[:d] + fit[d], aligned[0], atol=1e-4)
+
+
 def test_command_writes_every_output(data_root, tmp_path, capsys):
   out = tmp_path / "run"
   code = core_align.main(
