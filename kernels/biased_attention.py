@@ -707,10 +707,16 @@ def _pallas_attention(
 # --------------------------------------------------------------------------
 
 
-def resolve_implementation(implementation: str | None) -> str:
-  """``None`` → ``"pallas"`` on a GPU backend, ``"reference"`` elsewhere."""
+# What the Pallas kernel takes; float64 (the tests' oracle) goes to the reference.
+PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def resolve_implementation(implementation: str | None, dtype=jnp.float32) -> str:
+  """``None`` → ``"pallas"`` on a GPU backend for a dtype it takes,
+  ``"reference"`` otherwise."""
   if implementation is None:
-    return "pallas" if jax.default_backend() == "gpu" else "reference"
+    on_gpu = jax.default_backend() == "gpu"
+    return "pallas" if on_gpu and jnp.dtype(dtype) in PALLAS_DTYPES else "reference"
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
       f"biased_attention: implementation must be None, 'pallas' or 'reference', "
@@ -829,7 +835,12 @@ def biased_attention(
   _validate(
     q, k, v, coords_q, coords_k, rbf_weight, rbf_centres, rbf_width, row_bias, col_bias, key_valid
   )
-  impl = resolve_implementation(implementation)
+  impl = resolve_implementation(implementation, q.dtype)
+  if impl == "pallas" and q.dtype not in PALLAS_DTYPES:
+    raise TypeError(
+      f"biased_attention: the Pallas kernel takes {[jnp.dtype(t).name for t in PALLAS_DTYPES]}, "
+      f"got q of dtype {q.dtype}; use implementation='reference'"
+    )
   if scale is None:
     scale = 1.0 / math.sqrt(q.shape[-1])
   if impl == "reference":

@@ -369,11 +369,15 @@ def test_spatial_bias_reference_matches_numpy(rng):
   np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_dispatch_picks_reference_on_cpu(rng):
+def test_dispatch_picks_reference_on_cpu(rng, monkeypatch):
   if jax.default_backend() == "gpu":
     pytest.skip("the dispatch under test is the non-GPU one")
   assert resolve_implementation(None) == "reference"
   assert resolve_implementation("pallas") == "pallas"
+  with monkeypatch.context() as patched:
+    patched.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_implementation(None, jnp.bfloat16) == "pallas"
+    assert resolve_implementation(None, jnp.float64) == "reference"
   inputs = make_inputs(rng, 2, 9, 11, 8, 2, masked=True)
   auto = biased_attention(**inputs)
   ref = biased_attention_reference(**inputs)
@@ -382,6 +386,11 @@ def test_dispatch_picks_reference_on_cpu(rng):
     biased_attention(**inputs, implementation="pallas")
   with pytest.raises(ValueError, match="implementation"):
     biased_attention(**inputs, implementation="triton")
+  with jax.enable_x64(True), pytest.raises(TypeError, match="float64"):
+    wide = {
+      k: jnp.asarray(v, jnp.float64) if k in ("q", "k", "v") else v for k, v in inputs.items()
+    }
+    biased_attention(**wide, implementation="pallas", interpret=True)
 
 
 @pytest.mark.parametrize(

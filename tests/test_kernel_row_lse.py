@@ -252,6 +252,9 @@ def test_dispatch_picks_reference_off_gpu_and_pallas_on_gpu(rng, monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   row_lse.row_logsumexp(q, k)
   assert calls[-1] == "pallas"
+  with jax.enable_x64(True):  # no kernel for float64: the reference takes it
+    row_lse.row_logsumexp(jnp.asarray(q, jnp.float64), jnp.asarray(k, jnp.float64))
+  assert calls[-1] == "reference"
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   row_lse.row_logsumexp(q, k)
   assert calls[-1] == "reference"

@@ -54,6 +54,9 @@ def test_ridge_cv_matches_sklearn(rng):
     for train, test in KFold(k, shuffle=True, random_state=7).split(np.arange(n)):
       expected[test] = Ridge(alpha=1.0).fit(emb[s, train], y[train]).predict(emb[s, test])
     np.testing.assert_allclose(pooled[s], expected, rtol=1e-9, atol=1e-9)
+  # One seed's [n, d] without the seed axis is refused, not broadcast.
+  with pytest.raises(ValueError, match=r"expected embeddings \[seeds, 40, d\]"):
+    kfold.ridge_cv_predictions(emb[0], y, fold_of, k)
 
 
 def test_metrics_match_sklearn_with_clipping(rng):

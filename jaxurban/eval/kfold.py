@@ -159,6 +159,12 @@ def ridge_cv_predictions(embeddings, labels, fold_of, n_folds: int, alpha: float
   The "w/o Prompt4RE" row: the region embeddings alone with a ridge regressor,
   each fold fitted on the other folds. Solved in float64 (scoped).
   """
+  n = len(fold_of)
+  if np.ndim(embeddings) != 3 or np.shape(embeddings)[1] != n or np.shape(labels) != (n,):
+    raise ValueError(
+      f"ridge_cv_predictions: expected embeddings [seeds, {n}, d] and labels [{n}] for the "
+      f"{n} regions of the folds, got {np.shape(embeddings)} and {np.shape(labels)}"
+    )
   masks = fold_masks(fold_of, n_folds)
   with jax.enable_x64(True):
     x = jnp.asarray(np.asarray(embeddings, np.float64))
