@@ -39,6 +39,7 @@ def synthetic_city(n_regions: int, seed: int, destinations: int = 10):
   """Edges (origin, destination, count) of a city on a jittered square grid."""
   rng = np.random.default_rng(seed)
   side = int(np.ceil(np.sqrt(n_regions)))
+  rows = -(-n_regions // side)  # the last one may be partly filled
   cell = np.arange(n_regions)
   row, col = cell // side, cell % side
   origin, destination = [], []
@@ -46,9 +47,13 @@ def synthetic_city(n_regions: int, seed: int, destinations: int = 10):
     # Distance-decaying trip lengths: exponential in grid steps, random heading.
     length = rng.exponential(3.0, n_regions)
     angle = rng.uniform(0, 2 * np.pi, n_regions)
-    r = np.clip(np.rint(row + length * np.sin(angle)), 0, side - 1).astype(int)
+    r = np.clip(np.rint(row + length * np.sin(angle)), 0, rows - 1).astype(int)
     c = np.clip(np.rint(col + length * np.cos(angle)), 0, side - 1).astype(int)
-    target = np.minimum(r * side + c, n_regions - 1)
+    target = r * side + c
+    # A trip ending past the partly filled last row ends one row up, a region
+    # next to where it was headed. (Folding those trips onto the last region
+    # made it a hub with hundreds of incoming edges.)
+    target = np.where(target < n_regions, target, target - side)
     origin.append(cell)
     destination.append(target)
   origin, destination = np.concatenate(origin), np.concatenate(destination)

@@ -18,6 +18,16 @@ def test_synthetic_city_is_sparse_and_distance_decaying():
   assert np.all(counts >= 1) and len(np.unique(origin * n + destination)) == len(origin)
 
 
+@pytest.mark.parametrize("n", [1000, 20000])
+def test_synthetic_city_has_no_hub_on_a_partly_filled_grid(n):
+  # 1000 and 20000 are not squares: the grid's last row is partly filled (or
+  # the last grid row empty), and no region may collect the trips heading there.
+  origin, destination, _ = bench_scale.synthetic_city(n, seed=0)
+  assert origin.max() < n and destination.max() < n
+  in_degree = np.bincount(destination, minlength=n)
+  assert in_degree.max() <= 40  # XA and CD: 30 and 36
+
+
 @pytest.mark.parametrize("direct,remat", [(False, False), (False, True), (True, False)])
 def test_one_step_runs_and_reports(direct, remat):
   row = bench_scale.child(200, direct, repeats=1, max_run_gb=16.0, remat=remat)
