@@ -431,3 +431,79 @@ def test_command_line(text_model, text_regions, tmp_path, capsys, torch_mods):
   assert manifest["dtype"] == "float16" and vectors.dtype == np.float32
   assert main(args + ["--out", str(tmp_path / "bad"), "--model", str(tmp_path)]) == 2
   assert "no config.json" in capsys.readouterr().err
+
+
+def test_truncated_jpeg_is_found_before_any_model_time(tmp_path):
+  # PIL's verify() passes a JPEG cut short; decoding it fails. The check must
+  # decode, so such a file is reported up front (and skippable), not in a batch.
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  whole, cut = tmp_path / "whole.jpg", tmp_path / "cut.jpg"
+  Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(whole, quality=90)
+  data = whole.read_bytes()
+  cut.write_bytes(data[: len(data) // 2])
+  path = tmp_path / "regions.json"
+  path.write_text(
+    json.dumps(
+      [
+        {"id": "ok", "text": "t", "images": ["whole.jpg"]},
+        {"id": "bad", "text": "t", "images": ["cut.jpg"]},
+      ]
+    )
+  )
+  problems = check_images(load_regions(path))
+  assert [p.id for p in problems] == ["bad"] and "unreadable" in problems[0].problems[0]
+
+
+def test_batches_never_mix_regions_with_and_without_images(tmp_path):
+  from experiments.prompt_extraction.regions import batches_by_kind
+
+  path = tmp_path / "regions.json"
+  records = [{"id": f"r{i}", "text": "t", "images": ["x.png"] if i % 3 else []} for i in range(11)]
+  path.write_text(json.dumps(records))
+  regions = load_regions(path)
+  has = lambda r: bool(r.images)  # noqa: E731
+  batches = batches_by_kind(regions, 3, has)
+  assert all(len(b) <= 3 and len({has(r) for r in b}) == 1 for b in batches)
+  assert sorted(r.id for b in batches for r in b) == sorted(r.id for r in regions)
+  assert [r.id for r in batches[0]] == ["r0", "r3", "r6"]  # image-free first, in order
+  assert len(batches_by_kind(regions, 3, lambda r: False)) == 4  # text only: one kind
+
+
+def test_mixed_image_and_image_free_regions_extract(vlm, image_regions, tmp_path):
+  # Processors differ in whether they take a batch where some prompts have
+  # images and some none (transformers' Mllama processor has refused one);
+  # such regions are batched apart, and a mixed file extracts whole.
+  entries = json.loads(image_regions.read_text())
+  for i in (1, 3):
+    entries[i]["content"] = [c for c in entries[i]["content"] if c["type"] == "text"]
+  image_regions.write_text(json.dumps(entries))
+  manifest = _run(_config(vlm, batch_size=3), image_regions, tmp_path / "mixed")
+  assert manifest["shape"] == [5, 32]
+
+
+def test_failed_overwrite_keeps_the_previous_output(text_model, text_regions, tmp_path):
+  out = tmp_path / "run"
+  _run(_config(text_model), text_regions, out)
+  before, _ = load_prompt_vectors(out)
+  with pytest.raises((DataError, ExtractionError, FileNotFoundError, OSError)):
+    _run(_config(text_model), tmp_path / "absent.json", out, overwrite=True)
+  after, _ = load_prompt_vectors(out)
+  np.testing.assert_array_equal(after, before)
+
+
+def test_weights_missing_from_the_checkpoint_are_refused(text_model, text_regions, tmp_path):
+  # A checkpoint whose tensors do not cover the model class would leave those
+  # weights random (the loading warning is silenced for the backbone).
+  import shutil
+
+  from safetensors.numpy import load_file, save_file
+
+  broken = tmp_path / "broken"
+  shutil.copytree(text_model, broken)
+  weights = load_file(broken / "model.safetensors")
+  dropped = sorted(k for k in weights if "layers.1.mlp" in k)
+  save_file({k: v for k, v in weights.items() if k not in dropped}, broken / "model.safetensors")
+  with pytest.raises(ExtractionError, match="not in the checkpoint.*would stay random"):
+    _run(_config(broken, model_class="base"), text_regions, tmp_path / "out")

@@ -43,7 +43,12 @@ from experiments.prompt_extraction.output import (
   WorkFolder,
   write_output,
 )
-from experiments.prompt_extraction.regions import Region, check_images, load_regions
+from experiments.prompt_extraction.regions import (
+  Region,
+  batches_by_kind,
+  check_images,
+  load_regions,
+)
 from jaxurban.prompts import MANIFEST_NAME, POOLINGS, file_sha256
 
 __all__ = [
@@ -187,13 +192,25 @@ def load_model(config: ExtractConfig, need_images: bool) -> LoadedModel:
       # would report the head's weights as unexpected keys.
       transformers.logging.set_verbosity_error()
     try:
-      model = cls.from_pretrained(path, **kwargs)
-      used = name
-      break
+      candidate, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     except (ValueError, KeyError, OSError) as e:
       errors.append(f"{cls.__name__}: {e}")
+      continue
     finally:
       transformers.logging.set_verbosity(verbosity)
+    # Weights the class has and the checkpoint lacks would be left at their
+    # random initialisation (with the warning silenced above): the vectors
+    # would come from a partly random network. Unexpected keys (the LM head
+    # a backbone does not use) are fine.
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+      errors.append(
+        f"{cls.__name__}: {len(missing)} of its weights are not in the checkpoint "
+        f"(e.g. {missing[:3]}) and would stay random"
+      )
+      continue
+    model, used = candidate, name
+    break
   if model is None:
     raise ExtractionError(f"{path}: the model could not be loaded ({'; '.join(errors)})")
   model.requires_grad_(False)
@@ -414,10 +431,6 @@ def extract_prompts(
       "replace them or choose another --out"
     )
   out.mkdir(parents=True, exist_ok=True)
-  if overwrite:
-    # Remove the old manifest first: an interrupted overwrite must not leave
-    # an old manifest beside a new array.
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
   regions = load_regions(regions_file, config.image_prefix_map)
   use_images = not config.text_only and any(r.images[: config.max_images] for r in regions)
 
@@ -482,9 +495,9 @@ def extract_prompts(
   work = WorkFolder(out, settings)
   done = work.done()
   todo = [r for r in regions if r.id not in done]
-  # Regions without images are batched together: processors differ in how
-  # (or whether) they take a batch mixing image and image-free prompts.
-  todo.sort(key=lambda r: bool(r.images[: config.max_images]) and use_images)
+  batches = batches_by_kind(
+    todo, config.batch_size, lambda r: use_images and bool(r.images[: config.max_images])
+  )
 
   loaded = None
   if todo:
@@ -496,8 +509,7 @@ def extract_prompts(
       )
     bar = _progress(len(regions), len(regions) - len(todo), progress)
     try:
-      for k, start in enumerate(range(0, len(todo), config.batch_size)):
-        batch = todo[start : start + config.batch_size]
+      for k, batch in enumerate(batches):
         vectors = embed_batch(loaded, config, batch)
         work.save_batch([r.id for r in batch], vectors)
         done.update(zip((r.id for r in batch), vectors))
@@ -519,6 +531,11 @@ def extract_prompts(
       f"{config.model}: the model produced NaN or infinite hidden states (try --dtype float32)"
     )
   identity = _model_identity(config, loaded)
+  # An overwrite removes the old manifest only now, when the new array is
+  # ready: a run that fails or is stopped earlier leaves the old output
+  # whole, and one stopped inside write_output leaves an array without a
+  # manifest, which the loader refuses, never an old manifest beside a new array.
+  (out / MANIFEST_NAME).unlink(missing_ok=True)
   manifest = write_output(
     out,
     array,

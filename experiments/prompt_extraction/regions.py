@@ -31,11 +31,11 @@ import math
 import os
 import pathlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from jaxurban.data.errors import DataError
 
-__all__ = ["ImageProblem", "Region", "check_images", "load_regions"]
+__all__ = ["ImageProblem", "Region", "batches_by_kind", "check_images", "load_regions"]
 
 _CENTROID = re.compile(r"Centroid Coordinates:\s*\(\s*([-+0-9.eE]+)\s*,\s*([-+0-9.eE]+)\s*\)")
 
@@ -170,6 +170,21 @@ def _resolve(image: str, base: pathlib.Path, prefix_map: Sequence[tuple[str, str
   return str(path if path.is_absolute() else base / path)
 
 
+def batches_by_kind(
+  regions: Sequence[Region], batch_size: int, with_images: Callable[[Region], bool]
+) -> list[list[Region]]:
+  """Batches of at most `batch_size` regions, never mixing regions that feed
+  images with regions that do not.
+
+  Processors differ in how (or whether) they take such a mix; transformers'
+  Mllama processor (LLaMA-3.2-Vision) has refused a batch in which some
+  prompts have images and others none.
+  Regions without images come first; the order within each kind is kept.
+  """
+  kinds = [[r for r in regions if not with_images(r)], [r for r in regions if with_images(r)]]
+  return [kind[i : i + batch_size] for kind in kinds for i in range(0, len(kind), batch_size)]
+
+
 def check_images(regions: Sequence[Region], max_images: int | None = None) -> list[ImageProblem]:
   """Finds regions whose images are missing or cannot be decoded.
 
@@ -189,6 +204,10 @@ def check_images(regions: Sequence[Region], max_images: int | None = None) -> li
       try:
         with Image.open(image) as im:
           im.verify()
+        # verify() checks the header and chunk structure without decoding
+        # pixels: a truncated JPEG passes it. Decoding the whole image does not.
+        with Image.open(image) as im:
+          im.load()
       except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         found.append(f"{image}: unreadable ({e})")
     if found:
