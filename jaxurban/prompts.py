@@ -122,7 +122,8 @@ def read_manifest(path: str | os.PathLike) -> dict:
     manifest = json.loads(path.read_text(encoding="utf-8"))
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise DataError(path, f"manifest is not readable JSON ({e})") from e
-  name = path.name
+  # The whole path: every extraction writes the same two file names.
+  name = path
   if not isinstance(manifest, dict):
     raise DataError(name, f"manifest must be a JSON object, found {type(manifest).__name__}")
   if manifest.get("format") != FORMAT:
@@ -225,7 +226,7 @@ def load_prompt_vectors(
   directory = pathlib.Path(directory)
   manifest_path = pathlib.Path(manifest) if manifest is not None else directory / MANIFEST_NAME
   info = read_manifest(manifest_path)
-  name = manifest_path.name
+  name = manifest_path
   if task is not None and info["task"] != task:
     raise DataError(name, f"task is {info['task']!r}, expected {task!r}", column="task")
   if template_sha256 is not None and info["template"]["sha256"] != template_sha256:
@@ -243,7 +244,7 @@ def load_prompt_vectors(
   digest = file_sha256(array_path)
   if digest != info["sha256"]:
     raise DataError(
-      array_path.name,
+      array_path,
       f"sha256 of the file is {digest}, the manifest {manifest_path} records "
       f"{info['sha256']}: the file was changed or belongs to another manifest",
       column="sha256",
@@ -251,14 +252,14 @@ def load_prompt_vectors(
   array = read_npy(array_path, shown=array_path)
   if list(array.shape) != info["shape"]:
     raise DataError(
-      array_path.name,
+      array_path,
       f"array shape {list(array.shape)} differs from the manifest's {info['shape']}",
       column="shape",
     )
   stored = array.dtype.name
   if stored != info["dtype"]:
     raise DataError(
-      array_path.name,
+      array_path,
       f"array dtype {stored} differs from the manifest's {info['dtype']}",
       column="dtype",
     )
@@ -267,7 +268,7 @@ def load_prompt_vectors(
   if bad.any():
     rows = [info["region_ids"][i] for i in np.flatnonzero(bad)]
     raise DataError(
-      array_path.name, f"{len(rows)} rows hold NaN or infinite values (regions {_show(rows)})"
+      array_path, f"{len(rows)} rows hold NaN or infinite values (regions {_show(rows)})"
     )
 
   if region_ids is not None:

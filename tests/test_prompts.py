@@ -72,8 +72,10 @@ def test_refuses_region_mismatch(output):
   folder, _ = output
   with pytest.raises(
     DataError, match=r"manifest\.json: column 'region_ids': 1 expected regions absent: 'e'"
-  ):
+  ) as err:
     load_prompt_vectors(folder, ["a", "b", "c", "e"])
+  # The whole path: every extraction's files have the same names.
+  assert str(folder / "manifest.json") in str(err.value)
   with pytest.raises(DataError, match=r"'region_ids': 1 regions not expected: 'd'"):
     load_prompt_vectors(folder, ["a", "b", "c"])
   with pytest.raises(DataError, match="duplicates"):
@@ -121,8 +123,9 @@ def test_refuses_changed_array_and_nan(output):
   changed = array.copy()
   changed[1, 2] = np.nan
   np.save(folder / "vectors.npy", changed)
-  with pytest.raises(DataError, match=r"vectors\.npy: column 'sha256'"):
+  with pytest.raises(DataError, match=r"vectors\.npy: column 'sha256'") as err:
     load_prompt_vectors(folder)
+  assert str(folder / "vectors.npy") in str(err.value)
   from jaxurban.prompts import file_sha256
 
   _edit(folder, sha256=file_sha256(folder / "vectors.npy"))
