@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import pathlib
+import shutil
 
 import chex
 import jax
@@ -351,6 +353,16 @@ def test_pretraining_resumes_on_the_uninterrupted_trajectory(tmp_path, data_root
   with pytest.raises(CheckpointMismatch, match="learning_rate"):
     train_and_evaluate(
       dataclasses.replace(config, learning_rate=2e-3), tmp_path / "resumed", log=lambda *_: None
+    )
+  # Other data of the same shapes (another root, an edited file) trains afresh.
+  other = tmp_path / "other_root"
+  shutil.copytree(pathlib.Path(data_root) / "hafusion" / "NY", other / "hafusion" / "NY")
+  poi = np.load(other / "hafusion" / "NY" / "poi_dist.npy")
+  poi[0, 0] += 1
+  np.save(other / "hafusion" / "NY" / "poi_dist.npy", poi)
+  with pytest.raises(CheckpointMismatch, match="data_sha256"):
+    train_and_evaluate(
+      dataclasses.replace(config, data_root=str(other)), tmp_path / "resumed", log=lambda *_: None
     )
 
 

@@ -43,6 +43,7 @@ from jaxurban.checkpoint import Checkpointer, save_npy_atomic, write_json_atomic
 from jaxurban.data.errors import DataError
 from jaxurban.data.hafusion import load_city_views
 from jaxurban.data.root import resolve_data_root, subdir
+from jaxurban.digest import arrays_sha256
 from jaxurban.eval import kfold
 from jaxurban.urbanmmcl.graphs import (
   AblationError,
@@ -424,7 +425,13 @@ def _pretrain(config, compiled: _Compiled, inputs, seed: int, log, workdir):
     "history": np.full((n_chunks, 1 + len(loss_names)), np.nan, np.float64),
   }
   checkpointer = Checkpointer(workdir, subdir=f"pretrain_seed{seed}")
-  checkpoint_config = {**_config_json(config), "model_revision": MODEL_REVISION}
+  checkpoint_config = {
+    **_config_json(config),
+    "model_revision": MODEL_REVISION,
+    # What it was trained on: a run on another data root (or edited files)
+    # with the same shapes must train afresh, not resume these weights.
+    "data_sha256": arrays_sha256(*(inputs[k] for k in sorted(inputs))),
+  }
   restored = checkpointer.restore(record, checkpoint_config, ignore=_PRETRAIN_IRRELEVANT)
   if restored is not None:
     record = restored[1]
