@@ -69,7 +69,12 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+        max_to_keep=max_to_keep,
+        create=True,
+        enable_async_checkpointing=False,
+        # A save killed part-way leaves a "<step>.orbax-checkpoint-tmp-*" folder,
+        # which restore ignores; the next run of the same folder removes it.
+        cleanup_tmp_directories=True,
       ),
     )
 
