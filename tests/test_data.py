@@ -633,14 +633,23 @@ def test_error_ids_absent_shows_at_most_five(tmp_path):
     )
 
 
-def test_error_origin_weights_sum_to_zero(tmp_path):
+def test_pairs_of_weight_zero_are_no_edges(tmp_path):
+  # As in the authors' code, which keeps the non-zero entries of a dense
+  # matrix: a zero-weight row is no trip, so no edge of the GAT.
   header, rows = _xa_style_mob()
-  rows[2][4] = 0.0
+  rows[1][4] = 0.0  # 0 -> 1
+  rows[2][4] = 0.0  # 1 -> 2, origin 1's only row
+  city = load_city("zz", make_city(tmp_path / "a", mob=(header, rows)))
+  assert city.zero_weight_pairs == 2 and city.n_edges == 3
+  pairs = set(zip(city.edge_origin.tolist(), city.edge_destination.tolist()))
+  assert pairs == {(0, 0), (2, 0), (2, 2)}
+  np.testing.assert_allclose(city.edge_weight, [1.0, 0.5, 0.5])
+  for row in rows:
+    row[4] = 0.0
   with pytest.raises(
-    DataError,
-    match=r"regionmap_zz\.mob: column 'mobility_weight': 1 origins have weights summing to 0.*\[1\]",
+    DataError, match=r"regionmap_zz\.mob: column 'mobility_weight': every weight is 0"
   ):
-    load_city("zz", make_city(tmp_path, mob=(header, rows)))
+    load_city("zz", make_city(tmp_path / "b", mob=(header, rows)))
 
 
 @pytest.mark.parametrize(

@@ -98,6 +98,8 @@ class CityData:
   """``LABEL_NAMES`` -> (N,) float64, in region order."""
   source_dir: pathlib.Path
   """The city folder the files were read from."""
+  zero_weight_pairs: int = 0
+  """(origin, destination) pairs of the .mob whose weight is 0: not edges."""
 
   @property
   def n_regions(self) -> int:
@@ -426,7 +428,15 @@ def load_city(name: str, data_root: str | os.PathLike | None = None) -> CityData
   origin, destination, raw = _merge_repeated_pairs(
     *_load_edges(files["mob"], geo_ids, files["geo"].name), n
   )
-  weight, was_normalised = _normalise_per_origin(origin, raw, n, geo_ids, files["mob"].name)
+  # A pair of weight 0 is no trip: the authors' code builds a dense matrix
+  # and keeps its non-zero entries (to_sparse_coo), so such a row is no edge
+  # of their GAT either. Kept, it would take part in the attention softmax.
+  trips = raw > 0
+  zero_weight_pairs = int((~trips).sum())
+  origin, destination, raw = origin[trips], destination[trips], raw[trips]
+  if not len(raw):
+    raise DataError(files["mob"].name, "every weight is 0", column="mobility_weight")
+  weight, was_normalised = _normalise_per_origin(origin, raw, n)
 
   labels = {
     label: _readonly(_load_label(files[label], n, files["geo"].name)) for label in LABEL_NAMES
@@ -446,6 +456,7 @@ def load_city(name: str, data_root: str | os.PathLike | None = None) -> CityData
     od_flow=od_flow,
     labels=labels,
     source_dir=folder,
+    zero_weight_pairs=zero_weight_pairs,
   )
 
 
@@ -541,18 +552,11 @@ def _merge_repeated_pairs(origin, destination, raw, n):
   return origin[keep], destination[keep], summed[order]
 
 
-def _normalise_per_origin(origin, raw, n, geo_ids, mob_file):
+def _normalise_per_origin(origin, raw, n):
+  """Eq. (1): each origin's positive weights divided by their sum."""
   sums = np.bincount(origin, weights=raw, minlength=n)
   present = np.zeros(n, dtype=bool)
   present[origin] = True
-  zero = np.flatnonzero(present & (sums <= 0))
-  if len(zero):
-    raise DataError(
-      mob_file,
-      f"{len(zero)} origins have weights summing to 0, so they cannot be normalised "
-      f"(geo ids e.g. {_examples(geo_ids[zero])})",
-      column="mobility_weight",
-    )
   was_normalised = bool(np.all(np.abs(sums[present] - 1.0) <= NORMALISED_TOL))
   return raw / sums[origin], was_normalised
 
