@@ -77,6 +77,12 @@ class Checkpointer:
         cleanup_tmp_directories=True,
       ),
     )
+    # Orbax removes those folders in the background and waits for that only
+    # before its next save; waiting here makes the folder clean on return.
+    # (A private hook: without it the removal still happens, only later.)
+    await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+    if await_cleanup is not None:
+      await_cleanup()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
