@@ -122,17 +122,16 @@ def read_manifest(path: str | os.PathLike) -> dict:
     manifest = json.loads(path.read_text(encoding="utf-8"))
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise DataError(path, f"manifest is not readable JSON ({e})") from e
-  # The whole path: every extraction writes the same two file names.
-  name = path
+  # Errors name the whole path: every extraction writes the same two file names.
   if not isinstance(manifest, dict):
-    raise DataError(name, f"manifest must be a JSON object, found {type(manifest).__name__}")
+    raise DataError(path, f"manifest must be a JSON object, found {type(manifest).__name__}")
   if manifest.get("format") != FORMAT:
     raise DataError(
-      name, f"format is {manifest.get('format')!r}, expected {FORMAT!r}", column="format"
+      path, f"format is {manifest.get('format')!r}, expected {FORMAT!r}", column="format"
     )
   if manifest.get("format_version") != FORMAT_VERSION:
     raise DataError(
-      name,
+      path,
       f"format_version {manifest.get('format_version')!r} is not supported "
       f"(this reader understands {FORMAT_VERSION})",
       column="format_version",
@@ -140,58 +139,58 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
   def need(field: str, kind: type | tuple[type, ...], what: str):
     if field not in manifest:
-      raise DataError(name, "field missing", column=field)
+      raise DataError(path, "field missing", column=field)
     value = manifest[field]
     if not isinstance(value, kind) or isinstance(value, bool):
-      raise DataError(name, f"must be {what}, found {value!r:.80}", column=field)
+      raise DataError(path, f"must be {what}, found {value!r:.80}", column=field)
     return value
 
   need("array", str, "a file name")
   if os.path.basename(manifest["array"]) != manifest["array"]:
-    raise DataError(name, "must be a bare file name beside the manifest", column="array")
+    raise DataError(path, "must be a bare file name beside the manifest", column="array")
   sha = need("sha256", str, "a hex sha256 string")
   if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-    raise DataError(name, f"{sha!r} is not a lower-case hex sha256", column="sha256")
+    raise DataError(path, f"{sha!r} is not a lower-case hex sha256", column="sha256")
   shape = need("shape", list, "a list [regions, dimension]")
   if len(shape) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
     raise DataError(
-      name, f"must be two integers [regions, dimension], found {shape}", column="shape"
+      path, f"must be two integers [regions, dimension], found {shape}", column="shape"
     )
   if shape[0] < 1 or shape[1] < 1:
-    raise DataError(name, f"must be positive, found {shape}", column="shape")
+    raise DataError(path, f"must be positive, found {shape}", column="shape")
   dtype = need("dtype", str, "a dtype name")
   if dtype not in _DTYPES:
-    raise DataError(name, f"{dtype!r} is not one of {', '.join(_DTYPES)}", column="dtype")
+    raise DataError(path, f"{dtype!r} is not one of {', '.join(_DTYPES)}", column="dtype")
   ids = need("region_ids", list, "a list of region id strings")
   if not all(isinstance(i, str) for i in ids):
-    raise DataError(name, "every region id must be a string", column="region_ids")
+    raise DataError(path, "every region id must be a string", column="region_ids")
   if len(set(ids)) != len(ids):
     seen: set[str] = set()
     dup = [i for i in ids if i in seen or seen.add(i)]
-    raise DataError(name, f"duplicate region ids: {_show(dup)}", column="region_ids")
+    raise DataError(path, f"duplicate region ids: {_show(dup)}", column="region_ids")
   if len(ids) != shape[0]:
     raise DataError(
-      name, f"{len(ids)} region ids for an array of {shape[0]} rows", column="region_ids"
+      path, f"{len(ids)} region ids for an array of {shape[0]} rows", column="region_ids"
     )
   need("task", str, "a task name")
   pooling = need("pooling", str, "a pooling name")
   if pooling not in POOLINGS:
-    raise DataError(name, f"{pooling!r} is not one of {', '.join(POOLINGS)}", column="pooling")
+    raise DataError(path, f"{pooling!r} is not one of {', '.join(POOLINGS)}", column="pooling")
   template = need("template", dict, "an object {version, sha256, text}")
   for key in ("version", "sha256"):
     if key not in template:
-      raise DataError(name, f"template has no {key!r}", column="template")
+      raise DataError(path, f"template has no {key!r}", column="template")
   text = template.get("text")
   if text is not None:
     # The recorded hash must describe the recorded text: an edited template
     # record would otherwise pass as the original.
     if not isinstance(text, str) or text_sha256(text) != template["sha256"]:
       raise DataError(
-        name, "template sha256 does not match the sha256 of the template text", column="template"
+        path, "template sha256 does not match the sha256 of the template text", column="template"
       )
   model = need("model", dict, "an object describing the model")
   if not isinstance(model.get("name"), str):
-    raise DataError(name, "model has no 'name'", column="model")
+    raise DataError(path, "model has no 'name'", column="model")
   return manifest
 
 
@@ -226,12 +225,11 @@ def load_prompt_vectors(
   directory = pathlib.Path(directory)
   manifest_path = pathlib.Path(manifest) if manifest is not None else directory / MANIFEST_NAME
   info = read_manifest(manifest_path)
-  name = manifest_path
   if task is not None and info["task"] != task:
-    raise DataError(name, f"task is {info['task']!r}, expected {task!r}", column="task")
+    raise DataError(manifest_path, f"task is {info['task']!r}, expected {task!r}", column="task")
   if template_sha256 is not None and info["template"]["sha256"] != template_sha256:
     raise DataError(
-      name,
+      manifest_path,
       f"template sha256 {info['template']['sha256']!r} (version "
       f"{info['template']['version']!r}) differs from the expected {template_sha256!r}: "
       "the vectors were made with another template text",
@@ -287,7 +285,7 @@ def load_prompt_vectors(
           parts.append(f"{len(extra)} regions not expected: {_show(extra)}")
         if not parts:
           parts.append("the expected region ids contain duplicates")
-        raise DataError(name, "; ".join(parts), column="region_ids")
+        raise DataError(manifest_path, "; ".join(parts), column="region_ids")
       row = {rid: k for k, rid in enumerate(have)}
       vectors = vectors[[row[i] for i in wanted]]
   return vectors, info

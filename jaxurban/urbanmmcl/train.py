@@ -404,7 +404,7 @@ _PRETRAIN_IRRELEVANT = (
 )
 
 
-def _pretrain(config, compiled: _Compiled, inputs, seed: int, log, workdir):
+def _pretrain(config, compiled: _Compiled, inputs, data_sha256: str, seed: int, log, workdir):
   """Pre-trains one seed, checkpointing after every chunk of ``log_every`` epochs.
 
   A run killed part-way resumes from the last chunk it finished, and the
@@ -430,7 +430,7 @@ def _pretrain(config, compiled: _Compiled, inputs, seed: int, log, workdir):
     "model_revision": MODEL_REVISION,
     # What it was trained on: a run on another data root (or edited files)
     # with the same shapes must train afresh, not resume these weights.
-    "data_sha256": arrays_sha256(*(inputs[k] for k in sorted(inputs))),
+    "data_sha256": data_sha256,
   }
   restored = checkpointer.restore(record, checkpoint_config, ignore=_PRETRAIN_IRRELEVANT)
   if restored is not None:
@@ -641,11 +641,12 @@ def train_and_evaluate(config: UrbanMMCLConfig, workdir, log=print) -> dict:
     f"modalities {meta['modalities'] or 'none'}, features {inputs['features'].shape[1]}"
   )
   compiled = _Compiled(config, model_config)
+  data_sha256 = arrays_sha256(*(inputs[k] for k in sorted(inputs)))
   embeddings, histories, params_list, times = [], [], [], []
   for s in range(config.seeds):
     seed = config.first_seed + s
     start = time.perf_counter()
-    params, history = _pretrain(config, compiled, inputs, seed, log, workdir)
+    params, history = _pretrain(config, compiled, inputs, data_sha256, seed, log, workdir)
     times.append(time.perf_counter() - start)
     # Evaluation embeddings: VGAE means, averaged over eval_walks walk draws.
     embeddings.append(
