@@ -89,8 +89,8 @@ def time_torch(args) -> float | None:
       "experiments.torch_reference",
       "--repo",
       args.torch_repo,
-      "--data-root",
-      str(args.data_root),
+      # Without --data-root the child reads $JAXURBAN_DATA, as this process.
+      *(["--data-root", str(args.data_root)] if args.data_root else []),
       "--pair",
       args.pair,
       "--epochs",

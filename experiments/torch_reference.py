@@ -22,12 +22,12 @@ Setup (CPU only)::
 Usage (from the repository root)::
 
     /path/to/venv/bin/python -m experiments.torch_reference \\
-        --repo /path/to/CoRE --data-root shared/data --pair XA-CD \\
+        --repo /path/to/CoRE --data-root ../shared/data --pair XA-CD \\
         --epochs 600 --seed 0 --threads 2 --out runs/torch_ref/xa-cd-seed0
 
     # timing only (no embeddings written):
     /path/to/venv/bin/python -m experiments.torch_reference \\
-        --repo /path/to/CoRE --data-root shared/data --pair XA-CD \\
+        --repo /path/to/CoRE --data-root ../shared/data --pair XA-CD \\
         --epochs 40 --threads 2 --timing-only
 
 ``--data-root`` is our layout: ``<data-root>/core/<city>/regionmap_<city>.geo``,
@@ -191,7 +191,9 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   p.add_argument("--repo", required=True, help="checkout of the authors' CoRE repository")
   p.add_argument(
-    "--data-root", default="shared/data", help="folder holding core/<city>/ (default: shared/data)"
+    "--data-root",
+    default=os.environ.get("JAXURBAN_DATA"),
+    help="folder holding core/<city>/ (default: $JAXURBAN_DATA)",
   )
   p.add_argument("--pair", default="XA-CD", help="SOURCE-TARGET city codes, e.g. XA-CD")
   p.add_argument("--epochs", type=int, default=600)
@@ -202,6 +204,8 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   if not args.timing_only and not args.out:
     p.error("--out is required unless --timing-only")
+  if not args.data_root:
+    p.error("the data root is not set: pass --data-root DIR or set JAXURBAN_DATA")
   parts = args.pair.lower().split("-")
   if len(parts) != 2 or not all(parts):
     p.error("--pair must look like XA-CD")

@@ -16,7 +16,7 @@ from jaxurban.eval.cross_city import (
   evaluate_pair,
   format_table,
 )
-from jaxurban.eval.metrics import regression_metrics
+from jaxurban.eval.metrics import classification_metrics, regression_metrics
 from jaxurban.eval.ridge import RidgeParams, ridge_fit, ridge_predict
 
 # (N, d, T); T = None is a 1-D target. (30, 40) has d > N: X^T X is singular
@@ -124,6 +124,28 @@ def test_metrics_vmap(rng):
     np.testing.assert_allclose(
       float(got["mape"][i]), _numpy_metrics(y_true[i], y_pred[i])["mape"], rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("n_classes, n", [(2, 9), (5, 40), (7, 13)])
+def test_classification_metrics_match_sklearn(rng, n_classes, n):
+  from sklearn.metrics import accuracy_score, f1_score, recall_score
+
+  y_true = rng.integers(0, n_classes, size=n)
+  # Some predicted classes never occur in the labels and the reverse.
+  y_pred = rng.integers(1, n_classes + 1, size=n)
+  got = classification_metrics(y_true, y_pred)
+  assert got["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+  assert got["recall_macro"] == pytest.approx(
+    recall_score(y_true, y_pred, average="macro", zero_division=0)
+  )
+  for average in ("macro", "weighted"):
+    assert got[f"f1_{average}"] == pytest.approx(
+      f1_score(y_true, y_pred, average=average, zero_division=0)
+    )
+  perfect = classification_metrics(y_true, y_true)
+  assert perfect == {"accuracy": 1.0, "f1_macro": 1.0, "recall_macro": 1.0, "f1_weighted": 1.0}
+  with pytest.raises(ValueError, match="equal, non-empty"):
+    classification_metrics(y_true, y_pred[:-1])
 
 
 def _synthetic_pair(rng, k=None):

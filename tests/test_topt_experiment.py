@@ -163,6 +163,10 @@ def test_bad_fold_and_prompt_settings_are_usage_errors(capsys):
     with pytest.raises(SystemExit):
       topt.parse_config(flags.split())
     assert f"ToptConfig.{field}=" in capsys.readouterr().err, flags
+  # --mllm picks among the published vectors; --prompts brings its own.
+  with pytest.raises(SystemExit):
+    topt.parse_config(["--prompts", "/some/vectors", "--mllm", "qwen"])
+  assert "ToptConfig.mllm chooses among the published" in capsys.readouterr().err
   assert ToptConfig(mllm="qwen").model_name() == "ToPT (qwen prompt vectors)"
   assert ToptConfig(mllm="qwen", alignment=False).model_name() == (
     "w/o P-R Alignment (qwen prompt vectors)"
@@ -178,8 +182,9 @@ def test_too_many_folds_fail_before_srel(data_root, tmp_path, monkeypatch):
 
   monkeypatch.setattr(pipeline, "_srel_embeddings", no_srel)
   config = ToptConfig(tasks=("checkIn",), n_folds=scored + 1, data_root=str(data_root))
-  with pytest.raises(ValueError, match=f"n_folds={scored + 1} exceeds the {scored} regions"):
+  with pytest.raises(ValueError, match=f"n_folds={scored + 1} exceeds the {scored} regions") as e:
     pipeline.train_and_evaluate(config, tmp_path, log=lambda s: None)
+  assert e.value.file == str(data_root / "hafusion" / "Chi" / "check_counts.npy")
 
 
 def test_validated_protocol_reports_one_honest_row(data_root, tmp_path, rng):
@@ -328,7 +333,7 @@ def test_bad_embeddings_file_is_a_data_error(data_root, tmp_path, capsys, write,
   ]  # fmt: skip
   assert topt.main(argv) == 2
   error = capsys.readouterr().err
-  assert "emb.npy: column 'embeddings_path': " in error and problem in error
+  assert f"{path}: column 'embeddings_path': " in error and problem in error
 
 
 def test_collapsed_seeds_flags_only_constant_embeddings(rng):

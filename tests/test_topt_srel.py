@@ -12,7 +12,7 @@ import pytest
 
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.hafusion import CityViews, load_city_views
-from jaxurban.topt import srel_losses, srel_train
+from jaxurban.topt import srel, srel_losses, srel_train
 from jaxurban.topt.srel import (
   Linear,
   _softmax_of_large_logits,
@@ -24,6 +24,7 @@ from jaxurban.topt.srel import (
   strength_centrality,
 )
 from jaxurban.topt.srel_train import (
+  HAFUSION_TRAINING,
   SRELConfig,
   build_model,
   parse_cli,
@@ -264,6 +265,33 @@ def test_dropout_only_in_training(rng):
   )["embedding"]
   assert np.abs(np.asarray(train(0) - train(1))).max() > 1e-6
   chex.assert_trees_all_close(_apply(model, params, data), _apply(model, params, data))
+
+
+def test_hafusion_fusion_drops_its_attention_weights(rng):
+  """As HAFusion's RegionFusionBlock: attention_dropout drops the Graphormer
+  layer's attention weights in training (the feed-forward dropouts draw the
+  same masks either way), changes nothing when scoring, and is refused
+  beside the spatial bias."""
+  x = jnp.asarray(rng.normal(size=(9, 8)), jnp.float32)
+  layers = {
+    dropped: srel.GraphormerLayer(2, 16, 0.5, "reference", attention_dropout=dropped)
+    for dropped in (False, True)
+  }
+  params = layers[False].init(jax.random.PRNGKey(0), x, None, None, True)
+  chex.assert_trees_all_equal_structs(
+    params, layers[True].init(jax.random.PRNGKey(0), x, None, None, True)
+  )
+  scored = {d: layer.apply(params, x, None, None, True) for d, layer in layers.items()}
+  chex.assert_trees_all_close(scored[True], scored[False], rtol=1e-6, atol=1e-6)
+  trained = {
+    d: layer.apply(params, x, None, None, False, rngs={"dropout": jax.random.PRNGKey(1)})
+    for d, layer in layers.items()
+  }
+  assert np.abs(np.asarray(trained[True] - trained[False])).max() > 1e-3
+  hafusion = SRELConfig.for_city("Chi", **HAFUSION_TRAINING)
+  assert hafusion.attention_dropout and not SRELConfig().attention_dropout
+  with pytest.raises(ValueError, match="attention_dropout needs spatial_bias=False"):
+    SRELConfig(attention_dropout=True)
 
 
 def test_losses_match_float64_references(rng):

@@ -286,6 +286,18 @@ def test_tiny_end_to_end_runs(tmp_path, data_root, rng):
   assert 0 <= images.min() and images.max() <= 1
   with pytest.raises(DataError, match="no image for region 3"):
     load_images(image_dir, 4, 16)
+  # The .npy is the file read when both exist, and the error names it.
+  np.save(image_dir / "3.npy", np.zeros((4, 4, 2), np.float32))
+  (image_dir / "3.png").write_bytes(b"not a png")
+  with pytest.raises(DataError, match=r"3\.npy.*expected H x W x 3"):
+    load_images(image_dir, 4, 16)
+  (image_dir / "3.npy").unlink()
+  with pytest.raises(DataError, match=r"3\.png.*not a readable image"):
+    load_images(image_dir, 4, 16)
+  with pytest.raises(DataError, match="77 geo-texts for 76 regions"):
+    load_geo_texts(data_root, n_regions=76)
+  with pytest.raises(ValueError, match="view_fusion must be"):
+    model.ModelConfig(view_fusion="concatenate")
 
   tiny = dataclasses.replace(_TINY, use_images=False)
   base = dict(data_root=str(data_root), seeds=1, epochs=2, log_every=1, eval_walks=1, model=tiny)

@@ -10,14 +10,20 @@ e_i = max(y_hat_i, 0) - y_i::
 
 MAPE is a ratio (not multiplied by 100) and skips regions whose label is zero,
 where the relative error is undefined; if every label is zero it is NaN.
+
+Classification (land use): accuracy, and F1 and recall per class averaged
+with equal weights (macro) or by the class's count in the labels (weighted),
+over every class that occurs in the labels or the predictions; a ratio whose
+denominator is zero counts as 0 (scikit-learn's ``zero_division=0``).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["METRIC_NAMES", "regression_metrics"]
+__all__ = ["METRIC_NAMES", "classification_metrics", "regression_metrics"]
 
 METRIC_NAMES = ("mae", "rmse", "mape")
 
@@ -49,4 +55,40 @@ def regression_metrics(y_true: jax.Array, y_pred: jax.Array) -> dict[str, jax.Ar
     "mae": jnp.mean(abs_err),
     "rmse": jnp.sqrt(jnp.mean(err * err)),
     "mape": mape,
+  }
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+  return np.where(denominator > 0, numerator / np.maximum(denominator, 1), 0.0)
+
+
+def classification_metrics(y_true, y_pred) -> dict[str, float]:
+  """Accuracy, macro F1, macro recall and support-weighted F1 of class labels.
+
+  Args:
+    y_true, y_pred: [M] integer class labels.
+
+  Returns:
+    ``{"accuracy", "f1_macro", "recall_macro", "f1_weighted"}`` as floats.
+  """
+  y_true = np.asarray(y_true).ravel()
+  y_pred = np.asarray(y_pred).ravel()
+  if y_true.shape != y_pred.shape or y_true.size == 0:
+    raise ValueError(
+      f"need two equal, non-empty label vectors, got {y_true.shape} and {y_pred.shape}"
+    )
+  classes = np.union1d(y_true, y_pred)
+  is_true = y_true[None, :] == classes[:, None]  # [C, M]
+  is_pred = y_pred[None, :] == classes[:, None]
+  true_pos = np.sum(is_true & is_pred, axis=1).astype(np.float64)
+  support = np.sum(is_true, axis=1).astype(np.float64)
+  predicted = np.sum(is_pred, axis=1).astype(np.float64)
+  recall = _ratio(true_pos, support)
+  # F1 = 2 tp / (2 tp + fp + fn) = 2 tp / (support + predicted).
+  f1 = _ratio(2.0 * true_pos, support + predicted)
+  return {
+    "accuracy": float(np.mean(y_true == y_pred)),
+    "f1_macro": float(np.mean(f1)),
+    "recall_macro": float(np.mean(recall)),
+    "f1_weighted": float(np.sum(f1 * support) / np.sum(support)),
   }

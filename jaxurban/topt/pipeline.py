@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxurban.checkpoint import save_npy_atomic, write_json_atomic
 from jaxurban.data.errors import DataError, read_npy
+from jaxurban.data.root import resolve_data_root, subdir
 from jaxurban.eval import kfold
 from jaxurban.topt.prompt4re import (
   BASES,
@@ -189,6 +190,11 @@ class ToptConfig:
       raise ValueError(f"ToptConfig.mllm must be 'llama' or 'qwen', got {self.mllm!r}")
     if not self.task_prompt and self.mllm != "llama" and self.prompts_dir is None:
       raise ValueError("ToptConfig: prompt vectors without a task template exist only for llama")
+    if self.prompts_dir is not None and self.mllm != "llama":
+      raise ValueError(
+        "ToptConfig.mllm chooses among the published prompt vectors; with prompts_dir "
+        "(--prompts) the vectors come from that folder, whatever model made them"
+      )
     if self.prompts_dir is not None and not self.uses_prompts:
       raise ValueError(
         "ToptConfig.prompts_dir has no effect without Prompt4RE (--no-prompt4re, or New York)"
@@ -344,26 +350,24 @@ def _srel_embeddings(config: ToptConfig, views, workdir, log) -> tuple[np.ndarra
     path = pathlib.Path(config.embeddings_path)
     if not path.is_file():
       raise DataError(path, "file missing", column="embeddings_path")
-    emb = read_npy(path, column="embeddings_path")
+    emb = read_npy(path, column="embeddings_path", shown=path)
     if not (np.issubdtype(emb.dtype, np.floating) or np.issubdtype(emb.dtype, np.integer)):
-      raise DataError(
-        path.name, f"dtype {emb.dtype}, expected real numbers", column="embeddings_path"
-      )
+      raise DataError(path, f"dtype {emb.dtype}, expected real numbers", column="embeddings_path")
     if emb.ndim != 3 or emb.shape[1] != n or emb.shape[0] < len(config.seeds):
       raise DataError(
-        path.name,
+        path,
         f"shape {emb.shape}, expected [>= {len(config.seeds)} seeds, {n} regions, d]",
         column="embeddings_path",
       )
     if config.uses_prompts and config.alignment:
-      _check_head_split(emb.shape[2], path.name, "embeddings_path", "width")
+      _check_head_split(emb.shape[2], path, "embeddings_path", "width")
     stored_seeds = emb.shape[0]
     emb = emb[: len(config.seeds)].astype(np.float32)
     bad = ~np.isfinite(emb)
     if bad.any():
       seed, region, _ = np.argwhere(bad)[0]
       raise DataError(
-        path.name,
+        path,
         f"{int(bad.sum())} non-finite (NaN/inf) values in the first {len(config.seeds)} "
         f"seeds (first at seed {seed}, region {region})",
         column="embeddings_path",
@@ -468,7 +472,7 @@ def train_and_evaluate(
     scored = int(kfold.keep_mask(task, np.asarray(views.labels[task])).sum())
     if config.n_folds > scored:
       raise DataError(
-        f"hafusion/{config.city}/{LABEL_FILES[task]}",
+        subdir(resolve_data_root(config.data_root), "hafusion", config.city) / LABEL_FILES[task],
         f"ToptConfig.n_folds={config.n_folds} exceeds the {scored} regions scored for {task}",
       )
   # The prompt vectors too: a wrong --prompts folder fails now, not after SREL.

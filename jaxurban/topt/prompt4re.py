@@ -32,8 +32,9 @@ parameters. :func:`prompt_rowspace` computes C; ``value_basis="rowspace"``
 trains on C (about 50 times fewer operations for D = 4096, N = 77). The model
 class is exactly the same and plain gradient descent takes exactly the same
 steps; Adam's per-coordinate scaling makes its steps differ. Initial weights
-use the scale of the original width D in both bases (row norms of C equal
-those of P), so the initial function has the same distribution.
+use the scale of the original width D in both bases (C C^T = P P^T), so the
+initial function has the same mean and covariance (not the same
+distribution: P W sums D random terms per entry, C W' at most r).
 """
 
 from __future__ import annotations

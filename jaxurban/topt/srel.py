@@ -442,16 +442,26 @@ class GraphormerLayer(nn.Module):
   ff_dim: int
   dropout: float
   attention_implementation: str = "kernel"
+  attention_dropout: bool = False
 
   @nn.compact
   def __call__(self, x, coords, bias_params, deterministic: bool):
     d = x.shape[-1]
     q, k, v = _QKV(self.n_heads)(x)
-    # No dropout on the attention weights here (HAFusion's RegionFusion has
-    # it): the fused kernel never forms them.
-    heads = spatial_attention(
-      q, k, v, coords, bias_params, implementation=self.attention_implementation
-    )
+    if self.attention_dropout:
+      # HAFusion's RegionFusionBlock (nn.MultiheadAttention(dropout=...))
+      # drops the attention weights; only the unbiased form has them.
+      if bias_params is not None:
+        raise ValueError("attention dropout needs the unbiased attention")
+      weights = jax.nn.softmax(jnp.einsum("hid,hjd->hij", q, k) / math.sqrt(q.shape[-1]), axis=-1)
+      weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
+      heads = jnp.einsum("hij,hjd->hid", weights, v)
+    else:
+      # No dropout on the attention weights in ToPT's layers: the fused
+      # kernel never forms them.
+      heads = spatial_attention(
+        q, k, v, coords, bias_params, implementation=self.attention_implementation
+      )
     attended = _out_proj(d)(_merge_heads(heads))
     return _FeedForward(self.ff_dim, self.dropout)(x, attended, deterministic)
 
@@ -485,6 +495,9 @@ class SRELArchitecture:
       between Chicago's community areas (2.1 km), so first neighbours get
       A ~ 0.6 and regions 6 km apart ~ 0.02.
     attention_implementation: see `spatial_attention`.
+    attention_dropout: drop the Graphormer layers' attention weights at
+      ``dropout`` during training, as HAFusion's region fusion does; only
+      without the spatial bias (the fused kernel never forms the weights).
   """
 
   embedding_dim: int = 144
@@ -503,6 +516,7 @@ class SRELArchitecture:
   lambda_learnable: bool = True
   sigma_km: float = 3.0
   attention_implementation: str = "kernel"
+  attention_dropout: bool = False
 
   def __post_init__(self):
     problems = self.problems()
@@ -533,6 +547,8 @@ class SRELArchitecture:
       problems.append(f"sigma_km must be > 0, got {self.sigma_km}")
     if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
       problems.append(f"attention_implementation {self.attention_implementation!r} unknown")
+    if self.attention_dropout and self.spatial_bias:
+      problems.append("attention_dropout needs spatial_bias=False")
     return problems
 
   def architecture(self) -> "SRELArchitecture":
@@ -628,6 +644,7 @@ class SREL(nn.Module):
         arch.ff_dim,
         arch.dropout,
         arch.attention_implementation,
+        arch.attention_dropout,
         name=f"graphormer_{i}",
       )(h, coords if spatial else None, bias_params, deterministic)
     h = DeepFc(d, name="region_fc")(h)

@@ -166,6 +166,10 @@ class ModelConfig:
   n_views: int = 3
   view_fusion: str = "concat"
 
+  def __post_init__(self):
+    if self.view_fusion not in ("concat", "mean"):
+      raise ValueError(f"view_fusion must be 'concat' or 'mean', got {self.view_fusion!r}")
+
 
 # ------------------------------------------------------ transformer parts
 

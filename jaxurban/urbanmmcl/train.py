@@ -45,6 +45,7 @@ from jaxurban.data.hafusion import load_city_views
 from jaxurban.data.root import resolve_data_root, subdir
 from jaxurban.digest import arrays_sha256
 from jaxurban.eval import kfold
+from jaxurban.eval.metrics import classification_metrics
 from jaxurban.urbanmmcl.graphs import (
   AblationError,
   build_view_graphs,
@@ -83,7 +84,8 @@ class UrbanMMCLConfig:
       i in the HAFusion order); None = no image modality.
     seeds, first_seed: pre-training seeds first_seed .. first_seed+seeds-1.
     epochs: full-batch pre-training epochs.
-    learning_rate, weight_decay: AdamW of pre-training.
+    learning_rate: AdamW learning rate of pre-training.
+    weight_decay: AdamW weight decay of pre-training and of fine-tuning.
     alpha, beta: weights of eq. (27) (paper: 0.5 / 0.5).
     text_max_bytes: geo-text length kept (bytes; 768 keeps all of Chicago's, the
       longest being 739).
@@ -164,12 +166,13 @@ class UrbanMMCLConfig:
 _BOILERPLATE = "The following is the geographical information description within the area."
 
 
-def load_geo_texts(data_root=None) -> list[str]:
+def load_geo_texts(data_root=None, n_regions: int | None = None) -> list[str]:
   """Chicago geo-texts (address and POI composition), region i = entry i.
 
   The boilerplate first sentence and the centroid line are removed: the
   centroid is the location modality, and leaving its digits in the text
   would let text-location alignment be solved by reading numbers.
+  ``n_regions``, when given, is the count the texts must match.
   """
   path = subdir(resolve_data_root(data_root), "prompt4re", "chicago") / "prompt_data.json"
   if not path.is_file():
@@ -186,18 +189,19 @@ def load_geo_texts(data_root=None) -> list[str]:
     ]
     if len(items) != 1 or not isinstance(items[0], str):
       raise DataError(
-        f"{path.name} entry {i}", f"expected one text item, found {len(items)}", column="content"
+        path, f"entry {i}: expected one text item, found {len(items)}", column="content"
       )
+    stripped = (line.strip() for line in items[0].splitlines())
     lines = [
-      line.strip()
-      for line in items[0].splitlines()
-      if line.strip()
-      and line.strip() != _BOILERPLATE
-      and not line.startswith("Centroid Coordinates")
+      line
+      for line in stripped
+      if line and line != _BOILERPLATE and not line.startswith("Centroid Coordinates")
     ]
     texts.append("\n".join(lines))
   if not texts:
-    raise DataError(path.name, "expected a non-empty list of chat messages")
+    raise DataError(path, "expected a non-empty list of chat messages")
+  if n_regions is not None and len(texts) != n_regions:
+    raise DataError(path, f"{len(texts)} geo-texts for {n_regions} regions", column="content")
   return texts
 
 
@@ -209,18 +213,24 @@ def load_images(folder, n: int, size: int) -> np.ndarray:
   out = np.zeros((n, size, size, 3), np.float32)
   for i in range(n):
     png, npy = folder / f"{i}.png", folder / f"{i}.npy"
-    if npy.is_file():
-      image = np.load(npy).astype(np.float32)
-    elif png.is_file():
-      image = np.asarray(mpimg.imread(png), np.float32)
-    else:
+    source = npy if npy.is_file() else png  # the .npy wins when both exist
+    if not source.is_file():
       raise DataError(
         folder, f"no image for region {i} ({png.name} or {npy.name})", column="images"
       )
+    try:
+      if source is npy:
+        image = np.load(npy, allow_pickle=False).astype(np.float32)
+      else:
+        image = np.asarray(mpimg.imread(png), np.float32)
+    except (OSError, ValueError, SyntaxError) as e:
+      raise DataError(source, f"not a readable image ({e})", column="images")
     if image.ndim == 2:
       image = np.repeat(image[..., None], 3, axis=-1)
     if image.ndim != 3 or image.shape[-1] < 3:
-      raise DataError(png if png.is_file() else npy, f"shape {image.shape}, expected H x W x 3")
+      raise DataError(source, f"shape {image.shape}, expected H x W x 3", column="images")
+    if not np.all(np.isfinite(image)):
+      raise DataError(source, "contains NaN or infinite values", column="images")
     image = image[..., :3]
     if image.max() > 1.0:
       image = image / 255.0
@@ -303,7 +313,9 @@ def prepare(config: UrbanMMCLConfig):
   )
   if use_text:
     inputs["tokens"] = encode_texts(
-      load_geo_texts(config.data_root), config.text_max_bytes, model.bytes_per_token
+      load_geo_texts(config.data_root, views.n_regions),
+      config.text_max_bytes,
+      model.bytes_per_token,
     )
   if use_location:
     coords = views.centroids.astype(np.float32)
@@ -596,14 +608,7 @@ def _finetune_task(config, model_config, pre_params, inputs, task, meta, seed, l
     pred = np.asarray(
       jnp.argmax(kfold.pool_folds(jnp.moveaxis(per_fold, -1, 0), jnp.asarray(test)), 0)
     )
-    from sklearn.metrics import accuracy_score, f1_score, recall_score
-
-    result = {
-      "accuracy": float(accuracy_score(y, pred)),
-      "f1_macro": float(f1_score(y, pred, average="macro", zero_division=0)),
-      "recall_macro": float(recall_score(y, pred, average="macro", zero_division=0)),
-      "f1_weighted": float(f1_score(y, pred, average="weighted", zero_division=0)),
-    }
+    result = classification_metrics(y, pred)
   else:
     pooled = np.asarray(kfold.pool_folds(per_fold, jnp.asarray(test)))
     scores = kfold.score_pooled(pooled[None, keep], y[keep])
