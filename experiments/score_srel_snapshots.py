@@ -1,14 +1,18 @@
 """Ridge-probe scores of saved SREL/HAFusion embedding snapshots, per task.
 
-    python -m experiments.score_srel_snapshots --snapshots DIR [--city Chi] [--data-root ROOT]
+    python -m experiments.score_srel_snapshots --snapshots DIR [--city Chi] [--folds 10]
+      [--data-root ROOT]
 
 DIR holds what ``experiments/srel_torch_harness.py --train-epochs ... --out DIR``
 writes: ``snapshots_seed<S>.npy`` [T, N, d] and ``snapshot_epochs.npy`` [T].
-For every task and seed it prints the pooled 10-fold ``Ridge(1)`` R² of the
+For every task and seed it prints the pooled k-fold ``Ridge(1)`` R² of the
 last snapshot (a fixed epoch budget, honest) and of the snapshot with the
 best R² on those same test folds: the authors' HAFusion keeps that one, so
-it is labelled optimistic. The folds and metrics are the ToPT evaluator's
-(`jaxurban.eval.kfold`). Writes ``DIR/snapshot_scores.json``.
+it is labelled optimistic. The folds are ``KFold(k, shuffle=True,
+random_state=2024)``: k = 10 is ToPT's evaluator (the default), k = 25
+HAFusion's (its ``tasks_Chi``); both clip negative predictions at 0 and
+drop check-in's zero-count regions. Writes ``DIR/snapshot_scores.json``
+(``snapshot_scores_<k>folds.json`` for k other than 10).
 """
 
 from __future__ import annotations
@@ -55,21 +59,32 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--snapshots", required=True, help="folder written by the torch harness")
   parser.add_argument("--city", default="Chi", choices=("Chi", "NY"))
+  parser.add_argument(
+    "--folds", type=int, default=kfold.DEFAULT_FOLDS, help="10: ToPT's evaluator; 25: HAFusion's"
+  )
   parser.add_argument("--data-root", default=None)
   args = parser.parse_args(argv)
+  if args.folds < 2:
+    parser.error(f"--folds must be >= 2, got {args.folds}")
   folder = pathlib.Path(args.snapshots)
   views = load_city_views(args.city, args.data_root)
   runs, epochs = load_snapshots(folder, views.n_regions)
   print(f"{len(runs)} seed(s), {len(epochs)} snapshots, epochs {epochs[0]}..{epochs[-1]}")
-  results = {"snapshots": str(folder), "city": args.city, "seeds": sorted(runs), "tasks": {}}
+  results = {
+    "snapshots": str(folder),
+    "city": args.city,
+    "folds": args.folds,
+    "seeds": sorted(runs),
+    "tasks": {},
+  }
   stacked = np.stack([runs[seed] for seed in sorted(runs)])  # [S, T, N, d]
   for task in TASKS:
     labels = np.asarray(views.labels[task], np.float64)
     keep = kfold.keep_mask(task, labels)
-    fold_of = kfold.fold_assignment(int(keep.sum()))
+    fold_of = kfold.fold_assignment(int(keep.sum()), args.folds)
     # Every seed's every snapshot in one vmapped ridge call.
     kept = stacked[:, :, keep].reshape((-1, int(keep.sum()), stacked.shape[-1]))
-    pooled = kfold.ridge_cv_predictions(kept, labels[keep], fold_of, kfold.DEFAULT_FOLDS)
+    pooled = kfold.ridge_cv_predictions(kept, labels[keep], fold_of, args.folds)
     r2 = kfold.score_pooled(pooled, labels[keep])["r2"].reshape(stacked.shape[:2])  # [S, T]
     best_epoch = epochs[np.argmax(r2, axis=1)].tolist()
     summary = {
@@ -84,7 +99,8 @@ def main(argv=None) -> None:
       f"(optimistic) {summary['best_snapshot_r2_optimistic']['mean']:.3f} ± "
       f"{summary['best_snapshot_r2_optimistic']['std']:.3f} (epochs {best_epoch})"
     )
-  write_json_atomic(folder / "snapshot_scores.json", results)
+  suffix = "" if args.folds == kfold.DEFAULT_FOLDS else f"_{args.folds}folds"
+  write_json_atomic(folder / f"snapshot_scores{suffix}.json", results)
 
 
 if __name__ == "__main__":

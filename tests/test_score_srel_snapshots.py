@@ -48,3 +48,32 @@ def test_bad_snapshot_folders(tmp_path, data_root):
   write_snapshots(tmp_path, {1: np.full((2, n, 4), np.nan)}, [0, 1])
   with pytest.raises(DataError, match="non-finite"):
     score_srel_snapshots.load_snapshots(tmp_path, n)
+
+
+def test_hafusion_folds_match_its_evaluator(tmp_path, data_root, rng):
+  """--folds 25 is HAFusion's tasks_Chi evaluator: KFold(25, shuffle=True,
+  random_state=2024), Ridge(alpha=1), negative predictions clipped to 0."""
+  from sklearn.linear_model import Ridge
+  from sklearn.metrics import r2_score
+  from sklearn.model_selection import KFold
+
+  views = load_city_views("Chi", data_root)
+  n = views.n_regions
+  snaps = rng.normal(size=(1, n, 6))
+  snaps[0, :, 0] = np.log1p(views.labels["crime"])
+  write_snapshots(tmp_path, {0: snaps}, [0])
+  score_srel_snapshots.main(
+    ["--snapshots", str(tmp_path), "--data-root", str(data_root), "--folds", "25"]
+  )
+  scores = json.loads((tmp_path / "snapshot_scores_25folds.json").read_text())
+  assert scores["folds"] == 25
+  for task, entry in scores["tasks"].items():
+    y = np.asarray(views.labels[task], np.float64)
+    x = snaps[0]
+    if task == "checkIn":
+      x, y = x[y > 0], y[y > 0]
+    pred = np.empty_like(y)
+    for train, test in KFold(25, shuffle=True, random_state=2024).split(x):
+      pred[test] = Ridge(alpha=1.0).fit(x[train], y[train]).predict(x[test])
+    expected = r2_score(y, np.maximum(pred, 0))
+    assert entry["last_epoch_r2"]["per_seed"][0] == pytest.approx(expected, abs=1e-4), task

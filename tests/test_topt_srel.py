@@ -267,31 +267,46 @@ def test_dropout_only_in_training(rng):
   chex.assert_trees_all_close(_apply(model, params, data), _apply(model, params, data))
 
 
-def test_hafusion_fusion_drops_its_attention_weights(rng):
+@pytest.mark.parametrize("biased", [False, True])
+def test_attention_dropout_drops_the_attention_weights(rng, biased):
   """As HAFusion's RegionFusionBlock: attention_dropout drops the Graphormer
   layer's attention weights in training (the feed-forward dropouts draw the
-  same masks either way), changes nothing when scoring, and is refused
-  beside the spatial bias."""
-  x = jnp.asarray(rng.normal(size=(9, 8)), jnp.float32)
+  same masks either way) and changes nothing when scoring, with or without
+  the spatial bias (then in the dense form)."""
+  n = 9
+  x = jnp.asarray(rng.normal(size=(n, 8)), jnp.float32)
+  coords = jnp.asarray(rng.uniform(0, 5, size=(n, 2)), jnp.float32) if biased else None
+  bias = None
+  if biased:
+    bias = {
+      "rbf_weight": jnp.full((2, 1), 1.5, jnp.float32),
+      "rbf_centres": jnp.zeros((1,), jnp.float32),
+      "rbf_width": jnp.full((1,), 2.0, jnp.float32),
+    }
   layers = {
     dropped: srel.GraphormerLayer(2, 16, 0.5, "reference", attention_dropout=dropped)
     for dropped in (False, True)
   }
-  params = layers[False].init(jax.random.PRNGKey(0), x, None, None, True)
+  params = layers[False].init(jax.random.PRNGKey(0), x, coords, bias, True)
   chex.assert_trees_all_equal_structs(
-    params, layers[True].init(jax.random.PRNGKey(0), x, None, None, True)
+    params, layers[True].init(jax.random.PRNGKey(0), x, coords, bias, True)
   )
-  scored = {d: layer.apply(params, x, None, None, True) for d, layer in layers.items()}
-  chex.assert_trees_all_close(scored[True], scored[False], rtol=1e-6, atol=1e-6)
+  scored = {d: layer.apply(params, x, coords, bias, True) for d, layer in layers.items()}
+  chex.assert_trees_all_close(scored[True], scored[False], rtol=1e-5, atol=1e-5)
   trained = {
-    d: layer.apply(params, x, None, None, False, rngs={"dropout": jax.random.PRNGKey(1)})
+    d: layer.apply(params, x, coords, bias, False, rngs={"dropout": jax.random.PRNGKey(1)})
     for d, layer in layers.items()
   }
   assert np.abs(np.asarray(trained[True] - trained[False])).max() > 1e-3
+
+
+def test_attention_dropout_settings():
   hafusion = SRELConfig.for_city("Chi", **HAFUSION_TRAINING)
   assert hafusion.attention_dropout and not SRELConfig().attention_dropout
-  with pytest.raises(ValueError, match="attention_dropout needs spatial_bias=False"):
-    SRELConfig(attention_dropout=True)
+  config, _ = parse_cli(["--attention-dropout"])
+  assert config == SRELConfig(attention_dropout=True)
+  with pytest.raises(SystemExit):
+    parse_cli(["--hafusion", "--attention-dropout"])
 
 
 def test_losses_match_float64_references(rng):

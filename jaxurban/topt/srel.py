@@ -48,7 +48,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.biased_attention import biased_attention, biased_attention_reference
+from kernels.biased_attention import (
+  biased_attention,
+  biased_attention_reference,
+  spatial_bias_reference,
+)
 
 __all__ = [
   "EARTH_RADIUS_KM",
@@ -450,10 +454,18 @@ class GraphormerLayer(nn.Module):
     q, k, v = _QKV(self.n_heads)(x)
     if self.attention_dropout:
       # HAFusion's RegionFusionBlock (nn.MultiheadAttention(dropout=...))
-      # drops the attention weights; only the unbiased form has them.
+      # drops the attention weights. They exist only in the dense form, so
+      # the bias of eq. (1), when there is one, is materialised here.
+      logits = jnp.einsum("hid,hjd->hij", q, k) / math.sqrt(q.shape[-1])
       if bias_params is not None:
-        raise ValueError("attention dropout needs the unbiased attention")
-      weights = jax.nn.softmax(jnp.einsum("hid,hjd->hij", q, k) / math.sqrt(q.shape[-1]), axis=-1)
+        logits = logits + spatial_bias_reference(
+          coords,
+          coords,
+          bias_params["rbf_weight"],
+          bias_params["rbf_centres"],
+          bias_params["rbf_width"],
+        )
+      weights = jax.nn.softmax(logits, axis=-1)
       weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
       heads = jnp.einsum("hij,hjd->hid", weights, v)
     else:
@@ -496,8 +508,9 @@ class SRELArchitecture:
       A ~ 0.6 and regions 6 km apart ~ 0.02.
     attention_implementation: see `spatial_attention`.
     attention_dropout: drop the Graphormer layers' attention weights at
-      ``dropout`` during training, as HAFusion's region fusion does; only
-      without the spatial bias (the fused kernel never forms the weights).
+      ``dropout`` during training, as HAFusion's region fusion does. The
+      fused kernel never forms the weights, so these layers then run the
+      dense form (O(N^2) memory) whatever ``attention_implementation`` says.
   """
 
   embedding_dim: int = 144
@@ -547,8 +560,6 @@ class SRELArchitecture:
       problems.append(f"sigma_km must be > 0, got {self.sigma_km}")
     if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
       problems.append(f"attention_implementation {self.attention_implementation!r} unknown")
-    if self.attention_dropout and self.spatial_bias:
-      problems.append("attention_dropout needs spatial_bias=False")
     return problems
 
   def architecture(self) -> "SRELArchitecture":

@@ -425,9 +425,16 @@ def parse_cli(argv: Sequence[str] | None = None) -> tuple[SRELConfig, argparse.N
   parser.add_argument("--epochs", type=int, default=None)
   parser.add_argument("--no-spatial-bias", action="store_true")
   parser.add_argument("--no-centrality", action="store_true")
+  parser.add_argument(
+    "--attention-dropout",
+    action="store_true",
+    help="drop the Graphormer attention weights in training, as HAFusion does (dense attention)",
+  )
   args = parser.parse_args(argv)
   if args.hafusion and (args.no_spatial_bias or args.no_centrality):
     parser.error("--hafusion has no spatial prior to switch off")
+  if args.hafusion and args.attention_dropout:
+    parser.error("--hafusion drops its attention weights already")
   if args.seeds is not None and seed_problems(args.seeds):
     parser.error("--" + seed_problems(args.seeds)[0])
   epochs = {} if args.epochs is None else {"epochs": args.epochs}
@@ -440,6 +447,7 @@ def parse_cli(argv: Sequence[str] | None = None) -> tuple[SRELConfig, argparse.N
         args.city,
         spatial_bias=not args.no_spatial_bias,
         centrality=not args.no_centrality,
+        attention_dropout=args.attention_dropout,
         **epochs,
       )
   except ValueError as error:  # a setting out of range: say which, as argparse does
