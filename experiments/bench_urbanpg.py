@@ -99,7 +99,7 @@ def child(n_nodes: int, attention: str, repeats: int, max_gb: float) -> dict:
   speed, mask, tod, dow = synthetic_traffic(n_nodes)
   scaler = Scaler.fit(speed, mask)
   scaled = scaler.transform(speed, mask)
-  starts = np.random.default_rng(1).choice(len(speed) - T_IN - T_OUT, BATCH, replace=False)
+  starts = np.random.default_rng(1).choice(len(speed) - T_IN - T_OUT + 1, BATCH, replace=False)
   inputs = starts[:, None] + np.arange(T_IN)
   targets = inputs + T_IN
   batch = {

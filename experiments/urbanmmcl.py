@@ -54,6 +54,13 @@ def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
   parser.add_argument(
     "--drop-view", action="append", default=[], choices=("mobility", "poi", "distance")
   )
+  parser.add_argument(
+    "--location-frame",
+    choices=("city", "geoclip"),
+    default="city",
+    help="location encoder: city-standardised coordinates and bands (default), or GeoCLIP's "
+    "world coordinates and bands 2^0, 2^4, 2^8",
+  )
   parser.add_argument("--projection", choices=("tsne", "pca"), default="tsne")
   parser.add_argument(
     "--out",
@@ -78,6 +85,7 @@ def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
       no_walks=args.no_walks,
       no_graph_contrast=args.no_graph_contrast,
       drop_views=tuple(args.drop_view),
+      location_frame=args.location_frame,
     )
   except ValueError as e:
     parser.error(str(e))

@@ -395,6 +395,27 @@ def test_ablations_of_what_the_city_lacks_are_refused(tmp_path, data_root, capsy
       UrbanMMCLConfig(**{name: value})
   with pytest.raises(ValueError, match="NY has no text, location or images"):
     prepare(UrbanMMCLConfig(city="NY", data_root=str(data_root), no_multimodal=True))
+  # The location frame needs a location modality.
+  for city, extra, why in (
+    ("NY", {}, "NY has no centroids"),
+    ("Chi", {"no_multimodal": True}, "--no-multimodal removes it"),
+  ):
+    with pytest.raises(
+      graphs.AblationError, match=f"location_frame='geoclip' changes nothing.*{why}"
+    ):
+      prepare(
+        UrbanMMCLConfig(city=city, data_root=str(data_root), location_frame="geoclip", **extra)
+      )
+  with pytest.raises(ValueError, match="location_frame must be one of"):
+    UrbanMMCLConfig(location_frame="world")
+  # GeoCLIP's frame: its bands on world coordinates * SF / 180.
+  _, city_model, _ = prepare(UrbanMMCLConfig(city="Chi", data_root=str(data_root)))
+  _, geoclip_model, _ = prepare(
+    UrbanMMCLConfig(city="Chi", data_root=str(data_root), location_frame="geoclip")
+  )
+  assert city_model.loc_scales == model.ModelConfig().loc_scales
+  assert geoclip_model.loc_scales == (1.0, 16.0, 256.0) and geoclip_model.loc_center == (0.0, 0.0)
+  assert geoclip_model.loc_scale == pytest.approx(180.0 / 66.50336)
   # Graph ablations under --no-graph would change nothing.
   for field, value, flag in (
     ("no_vgae", True, "--no-vgae"),

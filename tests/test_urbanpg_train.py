@@ -114,17 +114,29 @@ def test_paradigms_end_to_end_on_los_loop(data_root, tmp_path, paradigm, capsys)
     assert not set(source) & set(target) and len(source) + len(target) == 207
     # The target trains on its first hours: most evaluation windows end at
     # times of day it never saw, and the run says how many.
+    # That holds for the from-scratch arm; the prompts-only arm's time
+    # tables were pre-trained on the source's every slot.
     shares = saved["unseen_time_of_day"]["target"]
-    np.testing.assert_allclose([shares["val"], shares["test"]], [242 / 380, 282 / 380])
-    assert "end at times of day that no training window shows" in capsys.readouterr().out
+    scratch = shares["UrbanPG from scratch"]
+    np.testing.assert_allclose([scratch["val"], scratch["test"]], [242 / 380, 282 / 380])
+    assert shares["UrbanPG prompts-only (pre-trained)"] == {}
+    assert "UrbanPG from scratch: 64% of the val windows" in capsys.readouterr().out
   if paradigm == "continual":
     assert set(saved["stages"]) == {"stage1", "stage2"}
+    # Stage 2 trains only its spatial prompt: its continual arm's time
+    # tables saw stage 1's training days alone, the retrained arm's its own.
+    days = saved["unseen_days"]["stage2"]
+    stages = train.continual_tasks(train.load_los_loop(str(data_root)), config)
+    assert days["UrbanPG continual"] == train.unseen_days(stages[1], stages[:1])
+    assert days["UrbanPG retrained per stage"] == train.unseen_days(stages[1])
+    assert days["UrbanPG continual"] != days["UrbanPG retrained per stage"]
   if paradigm == "full":
     # One week of readings, split in time: validation and test fall on
     # weekdays no training window shows, and the run says so.
-    assert saved["unseen_days"] == {"los-loop": {"val": ["Tue"], "test": ["Tue", "Wed"]}}
-    assert saved["unseen_time_of_day"] == {"los-loop": {}}
-    assert "fall on days of the week that no training window shows" in capsys.readouterr().out
+    unseen = {"val": ["Tue"], "test": ["Tue", "Wed"]}
+    assert saved["unseen_days"] == {"los-loop": {"UrbanPG": unseen}}
+    assert saved["unseen_time_of_day"] == {"los-loop": {"UrbanPG": {}}}
+    assert "fall on days of the week that no window training" in capsys.readouterr().out
     # A second run in the same folder resumes from the final checkpoint.
     again = train.train_and_evaluate(config, tmp_path)
     assert "resuming at epoch 2" in capsys.readouterr().out

@@ -65,6 +65,11 @@ __all__ = [
 ]
 
 TASKS = ("crime", "checkIn", "serviceCall")
+LOCATION_FRAMES = ("city", "geoclip")
+# GeoCLIP's location encoder: Equal Earth (x, y) * SF / 180 and random
+# Fourier bands of sigma 2^0, 2^4, 2^8.
+GEOCLIP_SCALE_FACTOR = 66.50336
+GEOCLIP_BANDS = (1.0, 16.0, 256.0)
 _RESULT_VERSION = 2
 # Raised when a change of the model, its losses or its keys makes an older
 # pre-training checkpoint another model; such checkpoints are refused.
@@ -90,6 +95,11 @@ class UrbanMMCLConfig:
     text_max_bytes: geo-text length kept (bytes; 768 keeps all of Chicago's, the
       longest being 739).
     image_size: images are resized (nearest neighbour) to this square size.
+    location_frame: coordinates and bands of the location encoder. "city":
+      Equal Earth (x, y) standardised within the city, bands
+      ``model.loc_scales``; "geoclip": GeoCLIP's own configuration, world
+      Equal Earth coordinates times SF / 180 (SF = 66.50336) and bands 2^0,
+      2^4, 2^8, which vary smoothly across a city.
     model: architecture; the ``use_*`` switches and the location
       normalisation are filled in by `prepare` from the data and the
       ablation switches below.
@@ -119,6 +129,7 @@ class UrbanMMCLConfig:
   beta: float = 0.5
   text_max_bytes: int = 768
   image_size: int = 32
+  location_frame: str = "city"
   model: ModelConfig = ModelConfig()
   no_multimodal: bool = False
   no_graph: bool = False
@@ -141,6 +152,10 @@ class UrbanMMCLConfig:
   def __post_init__(self):
     if self.city not in ("Chi", "NY"):
       raise ValueError(f"city must be 'Chi' or 'NY', got {self.city!r}")
+    if self.location_frame not in LOCATION_FRAMES:
+      raise ValueError(
+        f"location_frame must be one of {LOCATION_FRAMES}, got {self.location_frame!r}"
+      )
     counts = ("seeds", "epochs", "log_every", "eval_walks", "finetune_epochs")
     for name in counts:
       if getattr(self, name) < 1:
@@ -300,6 +315,12 @@ def prepare(config: UrbanMMCLConfig):
   use_text = mm and has_text
   use_location = mm and has_location
   use_images = mm and has_images
+  if config.location_frame != "city" and not use_location:
+    why = "--no-multimodal removes it" if has_location else f"{config.city} has no centroids"
+    raise AblationError(
+      f"location_frame={config.location_frame!r} changes nothing: there is no location "
+      f"modality ({why})"
+    )
   model = dataclasses.replace(
     config.model,
     use_text=use_text,
@@ -319,12 +340,20 @@ def prepare(config: UrbanMMCLConfig):
     )
   if use_location:
     coords = views.centroids.astype(np.float32)
-    xy = np.asarray(equal_earth(coords[:, 0], coords[:, 1]))
-    model = dataclasses.replace(
-      model,
-      loc_center=tuple(float(v) for v in xy.mean(axis=0)),
-      loc_scale=float(xy.std(axis=0).max()),
-    )
+    if config.location_frame == "geoclip":
+      model = dataclasses.replace(
+        model,
+        loc_scales=GEOCLIP_BANDS,
+        loc_center=(0.0, 0.0),
+        loc_scale=180.0 / GEOCLIP_SCALE_FACTOR,
+      )
+    else:
+      xy = np.asarray(equal_earth(coords[:, 0], coords[:, 1]))
+      model = dataclasses.replace(
+        model,
+        loc_center=tuple(float(v) for v in xy.mean(axis=0)),
+        loc_scale=float(xy.std(axis=0).max()),
+      )
     inputs["coords"] = coords
   if use_images:
     inputs["images"] = load_images(config.images, views.n_regions, config.image_size)

@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import pathlib
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import chex
 import jax
@@ -229,36 +229,24 @@ def make_task(
     make_windows(data, scaler, lo, hi, config.t_in, config.t_out)
     for lo, hi in ((a, b), (c, d), (e, f))
   ]
-  task = Task(name, data, scaler, *windows, train_steps=(a, b))
-  unseen = unseen_days(task)
-  if unseen:
-    parts = " and ".join(f"{part} windows on {'/'.join(days)}" for part, days in unseen.items())
-    _log(
-      f"{name}: the {parts} fall on "
-      "days of the week that no training window shows; their E_dow rows keep their zero "
-      "start and add nothing to P_t"
-    )
-  slots = unseen_slots(task)
-  if slots:
-    parts = " and ".join(f"{share:.0%} of the {part} windows" for part, share in slots.items())
-    _log(
-      f"{name}: {parts} end at times of day that no training window shows; their E_tod "
-      "offsets keep their zero start, so P_t reads the shared E_t there"
-    )
-  return task
+  return Task(name, data, scaler, *windows, train_steps=(a, b))
 
 
 _DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 
-def unseen_days(task: Task) -> dict[str, list[str]]:
-  """{"val" / "test": day names} of evaluation windows whose day of the week
-  (eq. 3's E_dow index) no training window has.
+def unseen_days(task: Task, trained_on: Sequence[Task] | None = None) -> dict[str, list[str]]:
+  """{"val" / "test": day names} of `task`'s evaluation windows whose day of
+  the week (eq. 3's E_dow index) no window that trained the time tables has.
 
-  Los-loop covers one week, so a chronological split always evaluates on
-  days that training never saw.
+  ``trained_on``: the tasks whose training windows updated E_dow (default:
+  `task` alone; a continual stage after the first inherits stage 1's frozen
+  tables, a prompts-only few-shot target the source's tables and its own
+  windows). Los-loop covers one week, so a chronological split always
+  evaluates on days that training never saw.
   """
-  seen = set(np.unique(task.train.day_of_week).tolist())
+  trained_on = (task,) if trained_on is None else trained_on
+  seen = set(np.unique(np.concatenate([t.train.day_of_week for t in trained_on])).tolist())
   unseen = {}
   for part in ("val", "test"):
     days = sorted(set(np.unique(getattr(task, part).day_of_week).tolist()) - seen)
@@ -267,20 +255,51 @@ def unseen_days(task: Task) -> dict[str, list[str]]:
   return unseen
 
 
-def unseen_slots(task: Task) -> dict[str, float]:
-  """{"val" / "test": share of evaluation windows} whose time-of-day slot
-  (eq. 3's E_tod index) no training window has.
+def unseen_slots(task: Task, trained_on: Sequence[Task] | None = None) -> dict[str, float]:
+  """{"val" / "test": share of `task`'s evaluation windows} whose time-of-day
+  slot (eq. 3's E_tod index) no window that trained the time tables has
+  (``trained_on`` as in `unseen_days`).
 
-  A few-shot target trained on the first hours of its period is scored on
-  slots of the day it never saw.
+  A few-shot target trained from scratch on the first hours of its period
+  is scored on slots of the day it never saw.
   """
-  seen = np.unique(task.train.time_of_day)
+  trained_on = (task,) if trained_on is None else trained_on
+  seen = np.unique(np.concatenate([t.train.time_of_day for t in trained_on]))
   unseen = {}
   for part in ("val", "test"):
     share = float(np.mean(~np.isin(getattr(task, part).time_of_day, seen)))
     if share > 0:
       unseen[part] = share
   return unseen
+
+
+def report_unseen(task: Task, arms: dict[str, Sequence[Task]]) -> dict[str, dict]:
+  """Logs, per arm, the weekdays and time slots of `task`'s evaluation windows
+  that the arm's time tables never trained on, and returns them:
+  ``{"days": {arm: unseen_days}, "time_of_day": {arm: unseen_slots}}``.
+
+  ``arms`` maps each arm's name to the tasks whose training windows updated
+  its E_dow and E_tod.
+  """
+  report = {"days": {}, "time_of_day": {}}
+  for arm, trained_on in arms.items():
+    days = report["days"][arm] = unseen_days(task, trained_on)
+    slots = report["time_of_day"][arm] = unseen_slots(task, trained_on)
+    if days:
+      parts = " and ".join(f"{part} windows on {'/'.join(d)}" for part, d in days.items())
+      _log(
+        f"{task.name}, {arm}: the {parts} fall on days of the week that no window "
+        "training its time tables shows; their E_dow rows keep their zero start and add "
+        "nothing to P_t"
+      )
+    if slots:
+      parts = " and ".join(f"{share:.0%} of the {part} windows" for part, share in slots.items())
+      _log(
+        f"{task.name}, {arm}: {parts} end at times of day that no window training its time "
+        "tables shows; their E_tod offsets keep their zero start, so P_t reads the shared "
+        "E_t there"
+      )
+  return report
 
 
 def _shortest_series(split: tuple[float, ...], window: int) -> int:
@@ -304,6 +323,8 @@ def continual_tasks(data: TrafficData, config: UrbanPGConfig) -> list[Task]:
   The prefix order puts every earlier stage's nodes first, so the spatial
   embedding of stage tau is that of stage tau - 1 with rows appended (eq. 9).
   """
+  # In raw degrees (longitude not scaled by cos(latitude)): the order every
+  # reported continual figure was made with.
   distance = np.linalg.norm(data.coords - data.coords.mean(0), axis=1)
   order = np.argsort(distance, kind="stable")
   edges = np.linspace(0, data.n_steps, len(config.continual_stages) + 1).round().astype(int)
@@ -672,6 +693,7 @@ def run_full(config, workdir, data, seeds) -> dict:
     f"full: {data.n_nodes} detectors; windows train {len(task.train)}, "
     f"val {len(task.val)}, test {len(task.test)}"
   )
+  unseen = {task.name: report_unseen(task, {"UrbanPG": (task,)})}
   model = build_model(config, data.n_nodes, data.steps_per_day)
   results, logs, example = [], {}, None
   for seed in seeds:
@@ -684,7 +706,7 @@ def run_full(config, workdir, data, seeds) -> dict:
     example = pred if example is None else example
   models = {"UrbanPG": results}
   models.update({k: [v] for k, v in baseline_metrics(task, config).items()})
-  return {"models": models, "logs": logs, "plot": (task, example)}
+  return {"models": models, "logs": logs, "plot": (task, example), "unseen": unseen}
 
 
 def run_fewshot(config, workdir, data, seeds) -> dict:
@@ -696,6 +718,10 @@ def run_fewshot(config, workdir, data, seeds) -> dict:
     f"target {len(target_nodes)} eastern detectors, {len(target.train)} training windows "
     f"({config.fewshot_fraction:.0%} of its training period)"
   )
+  # The prompts-only arm fine-tunes the source's time tables on the target;
+  # the from-scratch arm trains them on the target's windows alone.
+  arms = {"UrbanPG prompts-only (pre-trained)": (source, target), "UrbanPG from scratch": (target,)}
+  unseen = {target.name: report_unseen(target, arms)}
   src_model = build_model(config, len(source_nodes), data.steps_per_day)
   tgt_model = build_model(config, len(target_nodes), data.steps_per_day)
   prompt_runs, scratch_runs, logs, example = [], [], {}, None
@@ -741,7 +767,13 @@ def run_fewshot(config, workdir, data, seeds) -> dict:
     "source_nodes": data.sensor_ids[source_nodes],
     "target_nodes": data.sensor_ids[target_nodes],
   }
-  return {"models": models, "logs": logs, "plot": (target, example), "splits": splits}
+  return {
+    "models": models,
+    "logs": logs,
+    "plot": (target, example),
+    "splits": splits,
+    "unseen": unseen,
+  }
 
 
 def _grow_params(previous: dict, fresh: dict) -> dict:
@@ -758,6 +790,14 @@ def run_continual(config, workdir, data, seeds) -> dict:
       f"continual {task.name}: {task.data.n_nodes} detectors, steps of period "
       f"{len(task.data.time_of_day)}, windows train {len(task.train)} / test {len(task.test)}"
     )
+  # Stages after the first train the spatial prompt only (eq. 10): the
+  # continual arm's time tables are stage 1's; the retrained arm trains its own.
+  unseen = {
+    t.name: report_unseen(
+      t, {"UrbanPG continual": (tasks[0],), "UrbanPG retrained per stage": (t,)}
+    )
+    for t in tasks
+  }
   per_stage = {t.name: {"UrbanPG continual": [], "UrbanPG retrained per stage": []} for t in tasks}
   logs, example = {}, None
   for seed in seeds:
@@ -805,7 +845,13 @@ def run_continual(config, workdir, data, seeds) -> dict:
   for name in per_stage[tasks[0].name]:
     runs = [per_stage[t.name][name] for t in tasks]
     models[name] = [_mean_metrics([r[i] for r in runs]) for i in range(len(runs[0]))]
-  return {"models": models, "stages": per_stage, "logs": logs, "plot": (tasks[-1], example)}
+  return {
+    "models": models,
+    "stages": per_stage,
+    "logs": logs,
+    "plot": (tasks[-1], example),
+    "unseen": unseen,
+  }
 
 
 def _mean_metrics(items: list[dict]) -> dict:
@@ -877,8 +923,10 @@ def train_and_evaluate(config: UrbanPGConfig, workdir: str | pathlib.Path) -> di
   runner = {"full": run_full, "fewshot": run_fewshot, "continual": run_continual}[config.paradigm]
   result = runner(config, workdir, data, seeds)
   task, example = result.pop("plot")
-  result["unseen_days"] = {task.name: unseen_days(task)}
-  result["unseen_time_of_day"] = {task.name: unseen_slots(task)}
+  # {task: {arm: ...}} for every task that is scored.
+  unseen = result.pop("unseen")
+  result["unseen_days"] = {name: report["days"] for name, report in unseen.items()}
+  result["unseen_time_of_day"] = {name: report["time_of_day"] for name, report in unseen.items()}
   table = format_table(result["models"])
   _log("\n" + table)
   result.update(
