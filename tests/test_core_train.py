@@ -140,12 +140,16 @@ def test_two_stage_moves_both_cities_through_their_own_affine_layer(
   align = train._align_frozen
 
   def recording(config, workdir, settings, z_x, z_y, *rest, **kwargs):
-    seen["frozen"] = np.asarray(z_x), np.asarray(z_y)
+    seen["frozen"] = np.array(z_x), np.array(z_y)  # copies
     seen["aligned"] = align(config, workdir, settings, z_x, z_y, *rest, **kwargs)[:2]
+    seen["after"] = np.asarray(z_x), np.asarray(z_y)
     return seen["aligned"] + ({},)
 
   monkeypatch.setattr(train, "_align_frozen", recording)
   train.train_and_evaluate(tiny(data_root, variant="two-stage", seeds=1, epochs=2), tmp_path)
+  # Stage 2 reads the stage-1 embeddings as data: neither donated nor changed.
+  for frozen, after in zip(seen["frozen"], seen["after"]):
+    np.testing.assert_array_equal(after, frozen)
   for frozen, aligned in zip(seen["frozen"], seen["aligned"]):
     moved = np.abs(np.asarray(aligned) - frozen)
     assert aligned.shape == frozen.shape and 0 < moved.max() < 0.1
@@ -221,13 +225,18 @@ def test_command_writes_every_output(data_root, tmp_path, capsys):
 
 
 def test_command_rejects_bad_flags(data_root, capsys):
-  with pytest.raises(SystemExit):
+  with pytest.raises(SystemExit) as exit_info:
     core_align.main(["--pair", "XA", "--data-root", str(data_root)])
-  assert "two city codes" in capsys.readouterr().err
-  with pytest.raises(SystemExit):
+  assert exit_info.value.code == 2
+  assert "--pair 'XA': expected two city codes like XA-CD" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as exit_info:
     core_align.main(["--pair", "XA-XA"])
-  with pytest.raises(SystemExit):
+  assert exit_info.value.code == 2
+  assert "the two cities must differ, got 'xa' twice" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as exit_info:
     core_align.main(["--no-lma", "--no-lia"])
+  assert exit_info.value.code == 2
+  assert "choose one of --variant, --no-lma, --no-lia, --two-stage" in capsys.readouterr().err
 
 
 def test_command_names_an_unknown_city(data_root, tmp_path, capsys):

@@ -486,11 +486,24 @@ def test_mixed_image_and_image_free_regions_extract(vlm, image_regions, tmp_path
 def test_failed_overwrite_keeps_the_previous_output(text_model, text_regions, tmp_path):
   out = tmp_path / "run"
   _run(_config(text_model), text_regions, out)
-  before, _ = load_prompt_vectors(out)
-  with pytest.raises((DataError, ExtractionError, FileNotFoundError, OSError)):
+  before, manifest = load_prompt_vectors(out)
+  # Before any model time (a missing regions file) ...
+  with pytest.raises(DataError, match="absent.json"):
     _run(_config(text_model), tmp_path / "absent.json", out, overwrite=True)
-  after, _ = load_prompt_vectors(out)
+  np.testing.assert_array_equal(load_prompt_vectors(out)[0], before)
+
+  # ... and part-way through the new extraction, after its first batch.
+  class Stopped(Exception):
+    pass
+
+  def stop(batches_done):
+    raise Stopped(batches_done)
+
+  with pytest.raises(Stopped):
+    _run(_config(text_model, batch_size=1), text_regions, out, overwrite=True, after_batch=stop)
+  after, manifest_after = load_prompt_vectors(out)
   np.testing.assert_array_equal(after, before)
+  assert manifest_after == manifest
 
 
 def test_weights_missing_from_the_checkpoint_are_refused(text_model, text_regions, tmp_path):

@@ -197,3 +197,12 @@ def test_city_graph_target_is_the_normalised_mobility_matrix(rng):
   graph = city_graph(origin, destination, np.ones(len(origin)), counts, n, od_flow=flow)
   assert float(jnp.sum(graph.target)) == pytest.approx(1.0)
   assert len(graph.target) == np.count_nonzero(flow)
+  got = np.zeros((n, n))
+  # add.at, so a pair listed twice would show up as a doubled entry.
+  np.add.at(
+    got, (np.asarray(graph.target_origin), np.asarray(graph.target_destination)), graph.target
+  )
+  np.testing.assert_allclose(got, flow / flow.sum(), rtol=1e-6)
+  np.testing.assert_allclose(
+    graph.row_weight, (flow / flow.sum()).sum(1)[np.asarray(graph.origin_rows)], rtol=1e-6
+  )

@@ -386,11 +386,12 @@ def test_dispatch_picks_reference_on_cpu(rng, monkeypatch):
     biased_attention(**inputs, implementation="pallas")
   with pytest.raises(ValueError, match="implementation"):
     biased_attention(**inputs, implementation="triton")
-  with jax.enable_x64(True), pytest.raises(TypeError, match="float64"):
+  with jax.enable_x64(True):
     wide = {
       k: jnp.asarray(v, jnp.float64) if k in ("q", "k", "v") else v for k, v in inputs.items()
     }
-    biased_attention(**wide, implementation="pallas", interpret=True)
+    with pytest.raises(TypeError, match="the Pallas kernel takes .*float64"):
+      biased_attention(**wide, implementation="pallas", interpret=True)
 
 
 @pytest.mark.parametrize(

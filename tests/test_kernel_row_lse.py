@@ -345,10 +345,10 @@ def test_forward_and_backward_lower_to_triton(dtype, masked):
     return lse, vjp(jnp.ones_like(lse))
 
   shapes = (jax.ShapeDtypeStruct((m, d), dtype), jax.ShapeDtypeStruct((n, d), dtype), valid)
-  try:
-    lowered = jax.jit(forward_backward).trace(*shapes).lower(lowering_platforms=("cuda",))
-  except (ImportError, NotImplementedError) as e:  # a jaxlib without the Triton bindings
-    pytest.skip(f"no Triton lowering in this jaxlib: {e}")
+  # Skip only for a jaxlib without the Triton bindings: a NotImplementedError
+  # from the lowering itself (an unsupported primitive) is a failure.
+  pytest.importorskip("jax._src.pallas.triton.lowering")
+  lowered = jax.jit(forward_backward).trace(*shapes).lower(lowering_platforms=("cuda",))
   text = lowered.as_text()
   for name in ("row_lse_forward", "row_lse_backward_dq", "row_lse_backward_dk"):
     assert name in text

@@ -86,30 +86,42 @@ def test_check_in_drops_zero_count_regions(data_root):
   assert kfold.keep_mask("crime", crime).all()
 
 
+def _noise_levels(best: int, epochs: int = 4) -> np.ndarray:
+  """Noise per evaluation, lowest (so best R2 on any rows) at epoch `best`."""
+  levels = np.arange(1.0, epochs + 1.0, dtype=np.float32)
+  levels[best] = 0.1
+  return levels
+
+
 def test_protocols_select_and_are_labelled(rng):
   n, k = 12, 3
   y = rng.uniform(1, 10, size=n).astype(np.float32)
   fold_of = kfold.fold_assignment(n, k, 0)
   masks = kfold.fold_masks(fold_of, k)
-  noise = np.array([3.0, 0.1, 1.0, 2.0], np.float32)  # epoch 1 is best on every fold
-  z = rng.normal(size=n).astype(np.float32)
-  # Errors scale with the noise level, so epoch 1 has the lowest SSE on each fold.
-  traj = np.stack([np.broadcast_to(y + s * z, (k, n)) for s in noise])
+  z = rng.normal(size=(k, n)).astype(np.float32)  # each fold's model errs its own way
+  # Each fold's model is best at another epoch (errors scale with the noise).
+  best = [1, 3, 0]
+  traj = np.stack([[y + _noise_levels(best[f])[t] * z[f] for f in range(k)] for t in range(4)])
   traj = traj.astype(np.float32)[:, None]  # [T, S=1, F, N]
   honest = kfold.select_folds(traj, y, masks, "honest")
-  paper = kfold.select_folds(traj, y, masks, "paper")
+  paper = np.asarray(kfold.select_folds(traj, y, masks, "paper"))
   np.testing.assert_array_equal(honest, traj[-1])
-  np.testing.assert_array_equal(paper, traj[1])
+  for f in range(k):
+    np.testing.assert_array_equal(paper[0, f], traj[best[f], 0, f])
   assert kfold.protocol_label("paper") == "optimistic (test-fold epoch selection)"
   assert "honest" in kfold.protocol_label("honest")
   with pytest.raises(ValueError, match="protocol"):
     kfold.protocol_label("best")
+  # Each region's pooled prediction comes from the model of its own test fold.
   pooled = np.asarray(kfold.pool_folds(paper, masks))
-  np.testing.assert_allclose(pooled[0], traj[1, 0, 0])
+  for f in range(k):
+    np.testing.assert_array_equal(pooled[0][masks[f]], traj[best[f], 0, f][masks[f]])
   # A diverged evaluation (NaN predictions, NaN R2) is never chosen.
   diverged = traj.copy()
-  diverged[2] = np.nan
-  np.testing.assert_array_equal(kfold.select_folds(diverged, y, masks, "paper"), traj[1])
+  diverged[best[0], :, 0] = np.nan
+  chosen = np.asarray(kfold.select_folds(diverged, y, masks, "paper"))
+  assert np.all(np.isfinite(chosen))
+  np.testing.assert_array_equal(chosen[0, 1:], paper[0, 1:])
 
 
 def test_summarise_mean_and_sample_std():
@@ -128,14 +140,24 @@ def test_validated_protocol_chooses_on_the_validation_fold(rng):
   np.testing.assert_array_equal(val, masks[[1, 2, 0]])
   assert not np.any(val & masks)
   z = rng.normal(size=n).astype(np.float32)
-  # Test predictions are best at epoch 3, validation predictions at epoch 1:
-  # the choice must follow the validation rows only.
-  test_noise = np.array([3.0, 2.0, 1.0, 0.1], np.float32)
-  val_noise = np.array([3.0, 0.1, 1.0, 2.0], np.float32)
-  traj = np.stack([np.broadcast_to(y + s * z, (k, n)) for s in test_noise])[:, None]
-  val_traj = np.stack([np.broadcast_to(y + s * z, (k, n)) for s in val_noise])[:, None]
-  chosen = kfold.select_folds(traj, y, masks, "validated", validation=(val_traj, val))
-  np.testing.assert_array_equal(chosen, traj[1])
+  # Per fold, three different best epochs: of the test predictions, of the
+  # validation predictions on the validation rows, and of the validation
+  # predictions on every other row. The choice must follow the second only.
+  best_test, best_val, best_elsewhere = [3, 2, 1], [1, 3, 0], [2, 0, 3]
+  traj = np.stack([[y + _noise_levels(best_test[f])[t] * z for f in range(k)] for t in range(4)])
+  val_traj = np.stack(
+    [
+      [
+        y + np.where(val[f], _noise_levels(best_val[f])[t], _noise_levels(best_elsewhere[f])[t]) * z
+        for f in range(k)
+      ]
+      for t in range(4)
+    ]
+  )
+  traj, val_traj = traj.astype(np.float32)[:, None], val_traj.astype(np.float32)[:, None]
+  chosen = np.asarray(kfold.select_folds(traj, y, masks, "validated", validation=(val_traj, val)))
+  for f in range(k):
+    np.testing.assert_array_equal(chosen[0, f], traj[best_val[f], 0, f])
   assert "validation" in kfold.protocol_label("validated")
   with pytest.raises(ValueError, match="validation trajectory"):
     kfold.select_folds(traj, y, masks, "validated")

@@ -69,6 +69,7 @@ def test_cross_attention_matches_float64_reference(width, rng):
     )
     # The head's E part and bias are the given ridge solution (authors' init).
     np.testing.assert_array_equal(np.asarray(params["head"]["kernel"][:d, 0]), np.ones(d))
+    np.testing.assert_array_equal(np.asarray(params["head"]["bias"]), [3.0])
   # float32 run of the same model agrees with the float64 reference.
   params32 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
   out32 = model.apply(
@@ -123,9 +124,16 @@ def test_ablation_switches_change_the_computation(rng):
     for i in range(2)
   ]
   assert not np.allclose(train[0], train[1])
-  np.testing.assert_array_equal(
-    aligned.apply({"params": pa}, e, p), aligned.apply({"params": pa}, e, p)
-  )
+  # Scoring, even with a dropout key supplied, is the dropout-free model.
+  undropped = Prompt4RE(prompt_width=width, soft_prompt_dim=4, attention_dropout=0.0)
+  reference = undropped.apply({"params": pa}, e, p)
+  assert not np.allclose(train[0], reference)
+  np.testing.assert_allclose(aligned.apply({"params": pa}, e, p), reference, rtol=1e-6, atol=1e-6)
+  for i in range(2):
+    scored = aligned.apply(
+      {"params": pa}, e, p, deterministic=True, rngs={"dropout": jax.random.PRNGKey(i)}
+    )
+    np.testing.assert_allclose(scored, reference, rtol=1e-6, atol=1e-6)
 
 
 def test_heads_must_divide_widths():

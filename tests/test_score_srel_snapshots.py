@@ -28,10 +28,12 @@ def test_last_and_optimistic_best_snapshot(tmp_path, data_root, rng, capsys):
   score_srel_snapshots.main(["--snapshots", str(tmp_path), "--data-root", str(data_root)])
   scores = json.loads((tmp_path / "snapshot_scores.json").read_text())
   assert scores["seeds"] == [0, 3]
+  assert set(scores["tasks"]) == {"crime", "checkIn", "serviceCall"}
   for task, entry in scores["tasks"].items():
     best, last = entry["best_snapshot_r2_optimistic"], entry["last_epoch_r2"]
     assert entry["best_snapshot_epochs"] == [10, 10], task
-    assert best["mean"] > 0.3 and last["mean"] < 0.2 and best["per_seed"] >= last["per_seed"]
+    assert best["mean"] > 0.3 and last["mean"] < 0.2
+    assert np.all(np.asarray(best["per_seed"]) >= np.asarray(last["per_seed"])), task
   assert "optimistic" in capsys.readouterr().out
 
 
@@ -67,6 +69,7 @@ def test_hafusion_folds_match_its_evaluator(tmp_path, data_root, rng):
   )
   scores = json.loads((tmp_path / "snapshot_scores_25folds.json").read_text())
   assert scores["folds"] == 25
+  assert set(scores["tasks"]) == {"crime", "checkIn", "serviceCall"}
   for task, entry in scores["tasks"].items():
     y = np.asarray(views.labels[task], np.float64)
     x = snaps[0]

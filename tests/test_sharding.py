@@ -65,6 +65,9 @@ CHILD = GRAPHS + textwrap.dedent(
   pattern = r"(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)[-a-z]*\\("
   collectives = re.findall(pattern, hlo)
   assert not collectives, sorted(set(collectives))
+  # The pattern does find a collective where there is one: a sum across seeds.
+  across = jax.jit(jnp.sum).lower(sharding.shard_seeds(jnp.ones((8, 3)), mesh))
+  assert re.findall(pattern, across.compile().as_text())
   print("SHARDED-OK")
   """
 )

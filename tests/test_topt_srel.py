@@ -264,7 +264,16 @@ def test_dropout_only_in_training(rng):
     {"params": params}, *args, deterministic=False, rngs={"dropout": jax.random.PRNGKey(seed)}
   )["embedding"]
   assert np.abs(np.asarray(train(0) - train(1))).max() > 1e-6
-  chex.assert_trees_all_close(_apply(model, params, data), _apply(model, params, data))
+  # Scoring must equal the same parameters through a dropout-free model, even
+  # with a dropout key supplied: any dropout leaking into scoring would differ.
+  undropped = build_model(SRELConfig(**TINY, dropout=0.0))
+  reference = _apply(undropped, params, data)
+  scored = model.apply(
+    {"params": params}, *args, deterministic=True, rngs={"dropout": jax.random.PRNGKey(0)}
+  )["embedding"]
+  chex.assert_trees_all_close(np.asarray(scored), reference, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(_apply(model, params, data), reference, rtol=1e-6, atol=1e-6)
+  assert np.abs(np.asarray(train(0)) - reference).max() > 1e-6
 
 
 @pytest.mark.parametrize("biased", [False, True])
@@ -300,13 +309,14 @@ def test_attention_dropout_drops_the_attention_weights(rng, biased):
   assert np.abs(np.asarray(trained[True] - trained[False])).max() > 1e-3
 
 
-def test_attention_dropout_settings():
+def test_attention_dropout_settings(capsys):
   hafusion = SRELConfig.for_city("Chi", **HAFUSION_TRAINING)
   assert hafusion.attention_dropout and not SRELConfig().attention_dropout
   config, _ = parse_cli(["--attention-dropout"])
   assert config == SRELConfig(attention_dropout=True)
   with pytest.raises(SystemExit):
     parse_cli(["--hafusion", "--attention-dropout"])
+  assert "--hafusion drops its attention weights already" in capsys.readouterr().err
 
 
 def test_losses_match_float64_references(rng):
@@ -478,7 +488,7 @@ def test_task_presets():
   assert SRELConfig() == SRELConfig.for_task("crime", "Chi")
 
 
-def test_command_line_settings():
+def test_command_line_settings(capsys):
   default, _ = parse_cli([])
   assert default == SRELConfig.for_task("crime", "Chi")
   ablated, _ = parse_cli(["--task", "serviceCall", "--no-centrality", "--epochs", "7"])
@@ -487,10 +497,11 @@ def test_command_line_settings():
   hafusion, _ = parse_cli(["--hafusion", "--city", "NY"])
   assert (hafusion.n_layers, hafusion.learning_rate, hafusion.epochs) == (3, 5e-4, 2000)
   assert not hafusion.spatial_bias and not hafusion.centrality and hafusion.n_heads == 4
-  for clash in (
-    ["--hafusion", "--task", "crime"],
-    ["--hafusion", "--no-spatial-bias"],
-    ["--seeds", "0", "-1"],
+  for clash, message in (
+    (["--hafusion", "--task", "crime"], "not allowed with argument"),
+    (["--hafusion", "--no-spatial-bias"], "--hafusion has no spatial prior to switch off"),
+    (["--seeds", "0", "-1"], "--seeds must lie in [0, 2**32), got [-1]"),
   ):
     with pytest.raises(SystemExit):
       parse_cli(clash)
+    assert message in capsys.readouterr().err, clash

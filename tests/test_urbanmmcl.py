@@ -237,6 +237,7 @@ _TINY = ModelConfig(
     {},
     {"use_vgae": False, "use_walks": False, "use_graph_contrast": False},
     {"use_graph": False},
+    {"use_walks": False},
   ],
 )
 def test_model_losses_and_ablation_switches(rng, switches):
@@ -258,11 +259,21 @@ def test_model_losses_and_ablation_switches(rng, switches):
   assert (float(losses["recon"]) > 0) == (cfg.use_graph and cfg.use_vgae)
   want = 0.5 * losses["mmcl"] + 0.5 * (losses["recon"] + losses["kl"] + losses["graph_contrast"])
   np.testing.assert_allclose(float(total), float(want), rtol=1e-6)
-  # Evaluation mode (VGAE means) is deterministic for a fixed walk key.
-  evaluate = jax.jit(lambda p, k: m.apply(p, inputs, k, train=False)[0])
-  np.testing.assert_array_equal(
-    np.asarray(evaluate(params, key)), np.asarray(evaluate(params, key))
-  )
+  run = jax.jit(lambda p, k, train: m.apply(p, inputs, k, train=train)[0], static_argnums=2)
+  keys = (key, jax.random.PRNGKey(1))
+  evaluated = [np.asarray(run(params, k, False)) for k in keys]
+  trained = [np.asarray(run(params, k, True)) for k in keys]
+  # Evaluation mode uses the VGAE means: only the walks draw from the key, so
+  # without walks any two keys give the same embedding.
+  if cfg.use_graph and cfg.use_walks:
+    np.testing.assert_array_equal(np.asarray(run(params, key, False)), evaluated[0])
+  else:
+    np.testing.assert_array_equal(evaluated[0], evaluated[1])
+  # Training mode samples the VGAE latents and the walks from the key.
+  sampled = cfg.use_graph and (cfg.use_vgae or cfg.use_walks)
+  assert (np.abs(trained[0] - trained[1]).max() > 1e-6) == sampled
+  if cfg.use_graph and cfg.use_vgae:  # sampled latents are not the means
+    assert np.abs(trained[0] - evaluated[0]).max() > 1e-6
 
 
 def test_tiny_end_to_end_runs(tmp_path, data_root, rng):
