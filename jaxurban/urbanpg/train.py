@@ -285,20 +285,17 @@ def report_unseen(task: Task, arms: dict[str, Sequence[Task]]) -> dict[str, dict
   for arm, trained_on in arms.items():
     days = report["days"][arm] = unseen_days(task, trained_on)
     slots = report["time_of_day"][arm] = unseen_slots(task, trained_on)
-    if days:
-      parts = " and ".join(f"{part} windows on {'/'.join(d)}" for part, d in days.items())
-      _log(
-        f"{task.name}, {arm}: the {parts} fall on days of the week that no window "
-        "training its time tables shows; their E_dow rows keep their zero start and add "
-        "nothing to P_t"
-      )
-    if slots:
-      parts = " and ".join(f"{share:.0%} of the {part} windows" for part, share in slots.items())
-      _log(
-        f"{task.name}, {arm}: {parts} end at times of day that no window training its time "
-        "tables shows; their E_tod offsets keep their zero start, so P_t reads the shared "
-        "E_t there"
-      )
+    day_parts = [f"{part} windows on {'/'.join(d)}" for part, d in days.items()]
+    slot_parts = [f"{share:.0%} of the {part} windows" for part, share in slots.items()]
+    unseen_by = "that no window training its time tables shows"
+    for parts, template in (
+      (day_parts, "the {} fall on days of the week {}; their E_dow rows keep their zero "
+       "start and add nothing to P_t"),
+      (slot_parts, "{} end at times of day {}; their E_tod offsets keep their zero start, "
+       "so P_t reads the shared E_t there"),
+    ):  # fmt: skip
+      if parts:
+        _log(f"{task.name}, {arm}: " + template.format(" and ".join(parts), unseen_by))
   return report
 
 
