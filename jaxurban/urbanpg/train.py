@@ -614,14 +614,16 @@ def fit(
   started = time.perf_counter()
   while not done:
     order = np.random.default_rng([seed, epoch]).permutation(len(task.train))
-    losses = []
+    losses, real = [], []
     for index, weight in padded_batches(len(task.train), config.batch_size, order):
       state, loss = step(state, place.batch(_batch(task.train, index, weight)))
       losses.append(loss)
+      real.append(weight.sum())
     epoch += 1
     pred = predict_windows(predict, state[0], task.val, task.scaler, config, place)
     val = masked_metrics(pred, task.val.y, task.val.y_mask)["avg"]["mae"]
-    train_loss = float(np.mean(host(losses)))
+    # Batches weighted by their real samples: the padded last one counts less.
+    train_loss = float(np.average(host(losses), weights=real))
     history.append({"epoch": epoch, "train_mae": train_loss, "val_mae": val})
     if val < best_val:
       best_val, best_epoch, bad, best_params = val, epoch, 0, host(state[0])
