@@ -68,6 +68,9 @@ def main(argv=None) -> None:
     parser.error(f"--folds must be >= 2, got {args.folds}")
   folder = pathlib.Path(args.snapshots)
   views = load_city_views(args.city, args.data_root)
+  scored = min(int(kfold.keep_mask(task, np.asarray(views.labels[task])).sum()) for task in TASKS)
+  if args.folds > scored:
+    parser.error(f"--folds {args.folds} exceeds the {scored} regions scored for some task")
   runs, epochs = load_snapshots(folder, views.n_regions)
   print(f"{len(runs)} seed(s), {len(epochs)} snapshots, epochs {epochs[0]}..{epochs[-1]}")
   results = {

@@ -52,7 +52,7 @@ def test_bad_snapshot_folders(tmp_path, data_root):
     score_srel_snapshots.load_snapshots(tmp_path, n)
 
 
-def test_hafusion_folds_match_its_evaluator(tmp_path, data_root, rng):
+def test_hafusion_folds_match_its_evaluator(tmp_path, data_root, rng, capsys):
   """--folds 25 is HAFusion's tasks_Chi evaluator: KFold(25, shuffle=True,
   random_state=2024), Ridge(alpha=1), negative predictions clipped to 0."""
   from sklearn.linear_model import Ridge
@@ -68,6 +68,12 @@ def test_hafusion_folds_match_its_evaluator(tmp_path, data_root, rng):
     ["--snapshots", str(tmp_path), "--data-root", str(data_root), "--folds", "25"]
   )
   scores = json.loads((tmp_path / "snapshot_scores_25folds.json").read_text())
+  # Check-in scores 74 regions: more folds than that is a usage error.
+  with pytest.raises(SystemExit):
+    score_srel_snapshots.main(
+      ["--snapshots", str(tmp_path), "--data-root", str(data_root), "--folds", "75"]
+    )
+  assert "--folds 75 exceeds the 74 regions" in capsys.readouterr().err
   assert scores["folds"] == 25
   assert set(scores["tasks"]) == {"crime", "checkIn", "serviceCall"}
   for task, entry in scores["tasks"].items():

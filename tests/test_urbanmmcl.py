@@ -302,6 +302,10 @@ def test_tiny_end_to_end_runs(tmp_path, data_root, rng):
   (image_dir / "3.png").write_bytes(b"not a png")
   with pytest.raises(DataError, match=r"3\.npy.*expected H x W x 3"):
     load_images(image_dir, 4, 16)
+  np.savez(image_dir / "3.npz", image=np.zeros((4, 4, 3)))
+  (image_dir / "3.npz").rename(image_dir / "3.npy")
+  with pytest.raises(DataError, match=r"3\.npy.*is an \.npz archive"):
+    load_images(image_dir, 4, 16)
   (image_dir / "3.npy").unlink()
   with pytest.raises(DataError, match=r"3\.png.*not a readable image"):
     load_images(image_dir, 4, 16)

@@ -23,9 +23,10 @@ class DataError(ValueError):
   values keep working.
 
   Args:
-    file: the file or folder concerned (shown as given; loaders pass the
-      bare file name for content problems and the full path for missing
-      files).
+    file: the file or folder concerned, shown as given: the full path where
+      the caller has it (some older loaders pass the bare file name for
+      content problems, e.g. the CoRE city files, whose folder the message
+      names otherwise).
     problem: what is wrong, in words, with counts where they help.
     column: the CSV column or array field concerned, if any.
   """

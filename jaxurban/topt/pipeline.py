@@ -193,7 +193,7 @@ class ToptConfig:
     if self.prompts_dir is not None and self.mllm != "llama":
       raise ValueError(
         "ToptConfig.mllm chooses among the published prompt vectors; with prompts_dir "
-        "(--prompts) the vectors come from that folder, whatever model made them"
+        "(--prompts) the vectors come from that folder, whatever model made them: drop --mllm"
       )
     if self.prompts_dir is not None and not self.uses_prompts:
       raise ValueError(

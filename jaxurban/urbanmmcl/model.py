@@ -123,11 +123,14 @@ class ModelConfig:
       sequence short.
     vit_dim, vit_depth, vit_heads, patch_size: ViT size.
     loc_scales: sigma of each random Fourier feature band (GeoCLIP uses
-      2^0, 2^4, 2^8 on world coordinates; coordinates here are standardised
-      within the city first, see `LocationEncoder`).
+      2^0, 2^4, 2^8 on world coordinates; by default coordinates here are
+      standardised within the city first, see `LocationEncoder` and the
+      ``location_frame`` of the training config).
     loc_features: random Fourier features per band.
     loc_seed: seed of the fixed random Fourier matrices.
-    loc_center, loc_scale: Equal Earth (x, y) mean and scale of the city.
+    loc_center, loc_scale: (x - center) / scale of the Equal Earth (x, y):
+      the city's mean and largest standard deviation, or (0, 0) and
+      180 / SF in GeoCLIP's own frame.
     use_text, use_location, use_images, use_graph: which parts exist.
     use_vgae: False = "w/o VGAE": walks and subgraphs on the input graph.
     use_walks: False = "w/o RW": the GCN runs on the full graph.
@@ -292,9 +295,10 @@ class LocationEncoder(nn.Module):
   B_s ~ N(0, sigma_s^2) -> a two-layer MLP per band -> sum over bands.
   The B_s are constants drawn from ``seed`` (not trained), so the encoder is
   a deterministic function of its parameters and input. GeoCLIP applies its
-  bands to world coordinates; a city spans ~1e-3 of that range, so the city
-  standardisation (``center``, ``scale``) is what lets the bands resolve
-  regions.
+  bands to world coordinates, where a city spans ~1e-3 of the range and its
+  code varies smoothly; standardising within the city (``center``,
+  ``scale``) lets the bands resolve regions, and at σ = 4 gives neighbouring
+  regions unrelated codes (both frames are offered by the training config).
   """
 
   scales: tuple[float, ...]

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 
 from jaxurban.checkpoint import Checkpointer, save_npy_atomic, write_json_atomic
-from jaxurban.data.errors import DataError
+from jaxurban.data.errors import DataError, read_npy
 from jaxurban.data.hafusion import load_city_views
 from jaxurban.data.root import resolve_data_root, subdir
 from jaxurban.digest import arrays_sha256
@@ -233,13 +233,13 @@ def load_images(folder, n: int, size: int) -> np.ndarray:
       raise DataError(
         folder, f"no image for region {i} ({png.name} or {npy.name})", column="images"
       )
-    try:
-      if source is npy:
-        image = np.load(npy, allow_pickle=False).astype(np.float32)
-      else:
+    if source is npy:  # a DataError for archives, pickles and unreadable files
+      image = read_npy(npy, column="images", shown=npy).astype(np.float32)
+    else:
+      try:
         image = np.asarray(mpimg.imread(png), np.float32)
-    except (OSError, ValueError, SyntaxError) as e:
-      raise DataError(source, f"not a readable image ({e})", column="images")
+      except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(png, f"not a readable image ({e})", column="images")
     if image.ndim == 2:
       image = np.repeat(image[..., None], 3, axis=-1)
     if image.ndim != 3 or image.shape[-1] < 3:
