@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -307,6 +308,36 @@ def test_attention_dropout_drops_the_attention_weights(rng, biased):
     for d, layer in layers.items()
   }
   assert np.abs(np.asarray(trained[True] - trained[False])).max() > 1e-3
+
+  # Where the mask acts: on the softmax weights (bias included), inverted
+  # scaling, before the product with V.
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and len(context.module.scope.path) == 1:
+      seen[context.module.scope.path[0]] = (args, out)
+    return out
+
+  with nn.intercept_methods(record):
+    layers[True].apply(params, x, coords, bias, False, rngs={"dropout": jax.random.PRNGKey(1)})
+  q, k, v = (np.asarray(a, np.float64) for a in seen["_QKV_0"][1])
+  logits = np.einsum("hid,hjd->hij", q, k) / np.sqrt(q.shape[-1])
+  if biased:
+    c = np.asarray(coords, np.float64)
+    distance = np.linalg.norm(c[:, None] - c[None], axis=-1)
+    logits = logits + 1.5 * np.exp(-((distance / 2.0) ** 2))
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  (dropout_input,), dropped = seen["Dropout_0"]
+  np.testing.assert_allclose(np.asarray(dropout_input), weights, rtol=1e-4, atol=1e-6)
+  dropped = np.asarray(dropped, np.float64)
+  kept = dropped != 0
+  assert 0 < kept.mean() < 1
+  np.testing.assert_allclose(dropped[kept], weights[kept] / 0.5, rtol=1e-4)
+  (merged,), _ = seen["Linear_0"]
+  expected = np.asarray(srel._merge_heads(jnp.asarray(np.einsum("hij,hjd->hid", dropped, v))))
+  np.testing.assert_allclose(np.asarray(merged), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_attention_dropout_settings(capsys):
