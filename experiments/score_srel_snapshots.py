@@ -68,7 +68,9 @@ def main(argv=None) -> None:
     parser.error(f"--folds must be >= 2, got {args.folds}")
   folder = pathlib.Path(args.snapshots)
   views = load_city_views(args.city, args.data_root)
-  scored = min(int(kfold.keep_mask(task, np.asarray(views.labels[task])).sum()) for task in TASKS)
+  labels = {task: np.asarray(views.labels[task], np.float64) for task in TASKS}
+  keeps = {task: kfold.keep_mask(task, labels[task]) for task in TASKS}
+  scored = min(int(keep.sum()) for keep in keeps.values())
   if args.folds > scored:
     parser.error(f"--folds {args.folds} exceeds the {scored} regions scored for some task")
   runs, epochs = load_snapshots(folder, views.n_regions)
@@ -82,13 +84,12 @@ def main(argv=None) -> None:
   }
   stacked = np.stack([runs[seed] for seed in sorted(runs)])  # [S, T, N, d]
   for task in TASKS:
-    labels = np.asarray(views.labels[task], np.float64)
-    keep = kfold.keep_mask(task, labels)
+    keep = keeps[task]
     fold_of = kfold.fold_assignment(int(keep.sum()), args.folds)
     # Every seed's every snapshot in one vmapped ridge call.
     kept = stacked[:, :, keep].reshape((-1, int(keep.sum()), stacked.shape[-1]))
-    pooled = kfold.ridge_cv_predictions(kept, labels[keep], fold_of, args.folds)
-    r2 = kfold.score_pooled(pooled, labels[keep])["r2"].reshape(stacked.shape[:2])  # [S, T]
+    pooled = kfold.ridge_cv_predictions(kept, labels[task][keep], fold_of, args.folds)
+    r2 = kfold.score_pooled(pooled, labels[task][keep])["r2"].reshape(stacked.shape[:2])  # [S, T]
     best_epoch = epochs[np.argmax(r2, axis=1)].tolist()
     summary = {
       "last_epoch_r2": kfold.summarise({"r2": r2[:, -1]})["r2"],
