@@ -52,7 +52,7 @@ def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
   parser.add_argument("--no-walks", action="store_true", help="ablation: w/o random walks")
   parser.add_argument("--no-graph-contrast", action="store_true", help="ablation: w/o GCL")
   parser.add_argument(
-    "--drop-view", action="append", default=[], choices=("mobility", "poi", "distance")
+    "--drop-view", action="append", default=[], choices=("poi", "mobility", "distance")
   )
   parser.add_argument(
     "--location-frame",

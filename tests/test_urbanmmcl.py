@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxurban.data.hafusion import CityViews
 from jaxurban.urbanmmcl import graphs, model, walks
 from jaxurban.urbanmmcl.model import ModelConfig, UrbanMMCL
 
@@ -124,6 +125,61 @@ def test_gcn_normalisation_matches_reference(rng):
   np.testing.assert_allclose(np.asarray(got[1]), want, rtol=1e-5)
   # A symmetric normalised matrix has spectrum in (-1, 1].
   assert np.max(np.abs(np.linalg.eigvalsh(want))) <= 1 + 1e-9
+
+
+@pytest.mark.parametrize("root", [False, True])
+def test_gcn_adds_its_bias_after_the_propagation(rng, root):
+  # H' = P X W + b (+ X W_root): Kipf and Welling's GCN. Inside the product,
+  # P (X W + b), each node's bias would be scaled by its row sum of P.
+  adj = rng.uniform(size=(6, 6))
+  np.fill_diagonal(adj, 0.0)
+  prop = graphs.gcn_normalise(adj)
+  assert np.ptp(prop.sum(axis=1)) > 0.05  # row sums differ: the two forms differ
+  x = rng.normal(size=(6, 5))
+  gcn = model.GCN((3,), root=root)
+  params = gcn.init(
+    jax.random.PRNGKey(0), jnp.asarray(prop, jnp.float32), jnp.asarray(x, jnp.float32)
+  )
+  params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  got = gcn.apply(params, jnp.asarray(prop, jnp.float32), jnp.asarray(x, jnp.float32))
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+  want = prop @ (x @ p["Dense_0"]["kernel"]) + p["bias_0"]
+  if root:
+    want = want + x @ p["Dense_1"]["kernel"]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_views_are_stacked_in_the_papers_order(rng):
+  # Eq. (26) pairs (P, M), (P, D), (M, D), each InfoNCE anchored on its first
+  # view: the model pairs the stacked views with itertools.combinations.
+  assert list(itertools.combinations(graphs.VIEW_NAMES, 2)) == [
+    ("poi", "mobility"),
+    ("poi", "distance"),
+    ("mobility", "distance"),
+  ]
+  n = 5
+  views = CityViews(
+    mobility=rng.integers(0, 50, size=(n, n)).astype(float),
+    poi=rng.integers(1, 9, size=(n, 4)).astype(float),
+    poi_similarity=np.eye(n),
+    landuse=np.ones((n, 3)),
+    landuse_similarity=np.eye(n),
+    labels={},
+    centroids=np.stack([41.8 + 0.01 * np.arange(n), -87.7 + 0.02 * np.arange(n)], 1),
+    city="Chi",
+  )
+  built = graphs.build_view_graphs(views)
+  assert built.names == ("poi", "mobility", "distance")
+  for stacked, want in zip(
+    built.adjacency,
+    (
+      graphs.poi_graph(views.poi),
+      graphs.mobility_graph(views.mobility),
+      graphs.distance_graph(views.centroids),
+    ),
+  ):
+    np.testing.assert_allclose(stacked, want, rtol=1e-6)
+  assert graphs.build_view_graphs(views, ("distance",)).names == ("poi", "mobility")
 
 
 def test_view_graphs_follow_section_3_4_1(rng):
@@ -319,7 +375,7 @@ def test_tiny_end_to_end_runs(tmp_path, data_root, rng):
   config = UrbanMMCLConfig(city="Chi", finetune_seeds=0, ridge_folds=3, **base)
   out = train_and_evaluate(config, tmp_path / "chi", log=lambda *_: None)
   assert out["modalities"] == ["text", "location"]
-  assert out["views"] == ["mobility", "poi", "distance"]
+  assert out["views"] == ["poi", "mobility", "distance"]
   chex.assert_shape(out["embeddings"], (1, 77, 8 * 3))
   for task in ("crime", "checkIn", "serviceCall"):
     assert np.isfinite(out["ridge"]["embedding"][task]["r2"]["mean"])
@@ -336,7 +392,7 @@ def test_tiny_end_to_end_runs(tmp_path, data_root, rng):
     **base,
   )
   out = train_and_evaluate(config, tmp_path / "ny", log=lambda *_: None)
-  assert out["modalities"] == [] and out["views"] == ["mobility", "poi"]
+  assert out["modalities"] == [] and out["views"] == ["poi", "mobility"]
   crime, landuse = out["finetune"]["crime"][0], out["finetune"]["landuse"][0]
   assert (
     np.isfinite(crime["r2"]) and 0 <= landuse["f1_macro"] <= 1 and 0 <= landuse["recall_macro"] <= 1

@@ -41,7 +41,10 @@ __all__ = [
   "raw_features",
 ]
 
-VIEW_NAMES = ("mobility", "poi", "distance")
+# The paper's order K = {P, M, D} (Sec. 3.4.3): the pairs of eq. (26),
+# (P, M), (P, D), (M, D), are then the model's ``itertools.combinations``
+# of the stacked views, each InfoNCE of eq. (25) anchored on its first view.
+VIEW_NAMES = ("poi", "mobility", "distance")
 _EARTH_RADIUS_KM = 6371.0088
 
 

@@ -328,7 +328,11 @@ class LocationEncoder(nn.Module):
 
 
 class GCN(nn.Module):
-  """Dense graph convolutions H' = act(P H W [+ H W_root]) on [..., n, n] normalised P.
+  """Dense graph convolutions H' = act(P H W + b [+ H W_root]) on [..., n, n] normalised P.
+
+  The bias is added after the propagation, as in Kipf and Welling's GCN (and
+  PyTorch Geometric's ``GCNConv``); inside it, P (H W + b), each node's bias
+  would be scaled by its row sum of P.
 
   ``root`` adds a separate weight for each node's own features (the root
   weight of GraphConv). Without it, the dense subgraphs of the walks (every
@@ -342,7 +346,8 @@ class GCN(nn.Module):
   @nn.compact
   def __call__(self, propagation, x):
     for i, width in enumerate(self.features):
-      h = propagation @ nn.Dense(width)(x)
+      bias = self.param(f"bias_{i}", nn.initializers.zeros_init(), (width,))
+      h = propagation @ nn.Dense(width, use_bias=False)(x) + bias
       x = h + nn.Dense(width, use_bias=False)(x) if self.root else h
       if i < len(self.features) - 1:
         x = nn.leaky_relu(x)

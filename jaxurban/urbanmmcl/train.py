@@ -75,7 +75,8 @@ _RESULT_VERSION = 2
 # pre-training checkpoint another model; such checkpoints are refused.
 # 2: the mobility row sum includes self-trips, reconstruction off the
 # diagonal, multi-modal tau 0.5, one key per purpose.
-MODEL_REVISION = 2
+# 3: GCN bias added after the propagation; views stacked as P, M, D.
+MODEL_REVISION = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +108,7 @@ class UrbanMMCLConfig:
     no_graph: ablation "w/o graph part" (multi-modal part only).
     no_vgae, no_walks, no_graph_contrast: ablations "w/o VGAE", "w/o RW",
       "w/o GCL" (Sec. 4.3.4).
-    drop_views: views removed ("mobility", "poi", "distance").
+    drop_views: views removed ("poi", "mobility", "distance").
     ridge_folds, ridge_alpha, fold_seed: the ridge probe's k-fold protocol.
     eval_walks: walk draws averaged into the evaluation embedding.
     finetune_seeds: how many of the pre-trained seeds are fine-tuned (0 =
