@@ -11,7 +11,7 @@ Three views, each an N x N non-negative adjacency:
 
 The diagonal of every view is zero: self loops are added once, by the GCN
 normalisation. New York has no centroids, so its distance view does not
-exist; the two remaining views (mobility, POI) are used there, and asking to
+exist; the two remaining views (POI, mobility) are used there, and asking to
 drop the distance view there is an error (it would run the full model). Land use is
 never an input: it is the target of the land-use classification task.
 

@@ -474,7 +474,7 @@ class UrbanMMCL(nn.Module):
 
     contrast = zero
     if c.use_graph_contrast:
-      for a, b in itertools.combinations(range(n_views), 2):  # eq. (26) pairs
+      for a, b in itertools.combinations(range(n_views), 2):  # eq. (26): (P, M), (P, D), (M, D)
         contrast = contrast + info_nce(readouts[a], readouts[b], c.graph_temperature)
     losses.update(recon=recon, kl=kl, graph_contrast=contrast)
     # Z* of Sec. 3.5.1: the graph part's output. The fused modalities are
