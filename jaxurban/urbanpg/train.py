@@ -235,6 +235,13 @@ def make_task(
 _DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 
+def _trained_values(task: Task, trained_on: Sequence[Task] | None, field: str) -> np.ndarray:
+  """The distinct ``field`` values (``day_of_week`` or ``time_of_day``) of the
+  training windows of ``trained_on`` (default: `task` alone)."""
+  trained_on = (task,) if trained_on is None else trained_on
+  return np.unique(np.concatenate([getattr(t.train, field) for t in trained_on]))
+
+
 def unseen_days(task: Task, trained_on: Sequence[Task] | None = None) -> dict[str, list[str]]:
   """{"val" / "test": day names} of `task`'s evaluation windows whose day of
   the week (eq. 3's E_dow index) no window that trained the time tables has.
@@ -245,8 +252,7 @@ def unseen_days(task: Task, trained_on: Sequence[Task] | None = None) -> dict[st
   windows). Los-loop covers one week, so a chronological split always
   evaluates on days that training never saw.
   """
-  trained_on = (task,) if trained_on is None else trained_on
-  seen = set(np.unique(np.concatenate([t.train.day_of_week for t in trained_on])).tolist())
+  seen = set(_trained_values(task, trained_on, "day_of_week").tolist())
   unseen = {}
   for part in ("val", "test"):
     days = sorted(set(np.unique(getattr(task, part).day_of_week).tolist()) - seen)
@@ -263,8 +269,7 @@ def unseen_slots(task: Task, trained_on: Sequence[Task] | None = None) -> dict[s
   A few-shot target trained from scratch on the first hours of its period
   is scored on slots of the day it never saw.
   """
-  trained_on = (task,) if trained_on is None else trained_on
-  seen = np.unique(np.concatenate([t.train.time_of_day for t in trained_on]))
+  seen = _trained_values(task, trained_on, "time_of_day")
   unseen = {}
   for part in ("val", "test"):
     share = float(np.mean(~np.isin(getattr(task, part).time_of_day, seen)))
