@@ -57,8 +57,7 @@ def synthetic_ny_inputs(data_root, config: UrbanMMCLConfig, seed: int = 0):
   )
   inputs = {
     "features": raw_features(views),
-    "propagation": graphs.propagation,
-    "target": graphs.target,
+    **graphs.model_inputs(),
     "tokens": encode_texts(texts, config.text_max_bytes, model.bytes_per_token),
     "coords": coords,
   }

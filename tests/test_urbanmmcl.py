@@ -180,6 +180,40 @@ def test_views_are_stacked_in_the_papers_order(rng):
   ):
     np.testing.assert_allclose(stacked, want, rtol=1e-6)
   assert graphs.build_view_graphs(views, ("distance",)).names == ("poi", "mobility")
+  # Eq. (17) propagates over A itself; only the reconstruction target is
+  # divided by the view's maximum.
+  np.testing.assert_allclose(built.propagation, graphs.gcn_normalise(built.adjacency), rtol=1e-6)
+  np.testing.assert_allclose(built.target_scale, built.adjacency.max(axis=(1, 2)), rtol=1e-6)
+  np.testing.assert_allclose(built.target.max(axis=(1, 2)), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(
+    built.target * built.target_scale[:, None, None], built.adjacency, rtol=1e-6
+  )
+
+
+@pytest.mark.parametrize("use_vgae", [False, True])
+def test_subgraphs_carry_the_views_own_weights(rng, use_vgae):
+  # The GCN normalisation adds a unit self loop, so it sees the scale of the
+  # graph: the walks' subgraphs must carry A (w/o VGAE) or the decoder's
+  # estimate of A, s * softplus(.), not A / s.
+  inputs = _synthetic_inputs(rng, images=False)
+  cfg = dataclasses.replace(_TINY, use_images=False, use_vgae=use_vgae)
+  m = UrbanMMCL(cfg)
+  key = jax.random.PRNGKey(0)
+  params = m.init(key, inputs, key, train=False)
+  embed = jax.jit(lambda inp: m.apply(params, inp, key, train=False)[0])
+
+  def rescaled(target_factor, scale_factor):
+    return dict(
+      inputs,
+      target=inputs["target"] * target_factor,
+      target_scale=inputs["target_scale"] * scale_factor,
+    )
+
+  base = np.asarray(embed(inputs))
+  if not use_vgae:  # the same A written as (2 A) / 2: the same embedding
+    np.testing.assert_allclose(np.asarray(embed(rescaled(2.0, 0.5))), base, rtol=1e-5, atol=1e-6)
+  # Another A (or another estimate of it) changes the subgraph propagation.
+  assert np.abs(np.asarray(embed(rescaled(1.0, 8.0))) - base).max() > 1e-4
 
 
 def test_view_graphs_follow_section_3_4_1(rng):
@@ -259,6 +293,7 @@ def _synthetic_inputs(rng, n=12, views=2, images=True):
     "features": rng.normal(size=(n, 7)).astype(np.float32),
     "propagation": graphs.gcn_normalise(adj).astype(np.float32),
     "target": adj.astype(np.float32),
+    "target_scale": np.ones(views, np.float32),
     "tokens": model.encode_texts([f"region {i} text" for i in range(n)], 24, 8),
     "coords": np.stack([41.8 + 0.01 * np.arange(n), -87.7 + 0.01 * np.arange(n)], 1).astype(
       np.float32

@@ -17,7 +17,14 @@ never an input: it is the target of the land-use classification task.
 
 For the VGAE reconstruction target each view is divided by its largest entry
 (the paper's eq. 20 compares A with softplus(z_i . z_j) directly; scaling to
-[0, 1] only makes the three views' reconstruction losses commensurable).
+[0, 1] makes the three views' reconstruction losses commensurable). Only the
+loss sees that scale: the VGAE encoder propagates over the view itself
+(eq. 17, GCN(A, X)), and the decoder's output times the view's maximum is the
+learned estimate of A that the walks and subgraph GCNs use. The GCN
+normalisation adds a unit self loop, so it is not scale-invariant: on the
+mobility view, whose rows sum to about 1 and whose largest entry is 0.05-0.09,
+the maximum-scaled graph would leave each region 5-8 % of its own features
+instead of about half.
 """
 
 from __future__ import annotations
@@ -124,15 +131,26 @@ class ViewGraphs:
 
   Attributes:
     names: view names, in stacking order.
-    adjacency: [V, N, N] float32 raw view adjacencies (Sec. 3.4.1).
-    target: [V, N, N] float32 reconstruction targets (adjacency / its max).
-    propagation: [V, N, N] float32 GCN-normalised inputs of the VGAEs.
+    adjacency: [V, N, N] float32 view adjacencies A (Sec. 3.4.1).
+    target: [V, N, N] float32 reconstruction targets, A / target_scale.
+    target_scale: [V] float32, each view's largest entry (1 for an all-zero
+      view).
+    propagation: [V, N, N] float32 GCN normalisation of A, the VGAEs' graph.
   """
 
   names: tuple[str, ...]
   adjacency: np.ndarray
   target: np.ndarray
+  target_scale: np.ndarray
   propagation: np.ndarray
+
+  def model_inputs(self) -> dict[str, np.ndarray]:
+    """The graph entries of the model's input dict (`model.UrbanMMCL`)."""
+    return {
+      "propagation": self.propagation,
+      "target": self.target,
+      "target_scale": self.target_scale,
+    }
 
 
 def build_view_graphs(views: CityViews, drop: tuple[str, ...] = ()) -> ViewGraphs:
@@ -159,12 +177,13 @@ def build_view_graphs(views: CityViews, drop: tuple[str, ...] = ()) -> ViewGraph
     raise AblationError(f"no view left for {views.city} after dropping {list(drop)}")
   adjacency = np.stack([built[n] for n in names])
   peak = adjacency.reshape(len(names), -1).max(axis=1)
-  target = adjacency / np.where(peak > 0, peak, 1.0)[:, None, None]
+  scale = np.where(peak > 0, peak, 1.0)
   return ViewGraphs(
     names=names,
     adjacency=adjacency.astype(np.float32),
-    target=target.astype(np.float32),
-    propagation=gcn_normalise(target).astype(np.float32),
+    target=(adjacency / scale[:, None, None]).astype(np.float32),
+    target_scale=scale.astype(np.float32),
+    propagation=gcn_normalise(adjacency).astype(np.float32),
   )
 
 

@@ -137,7 +137,8 @@ class ModelConfig:
     use_graph_contrast: False = "w/o GCL": no eq. (25) terms.
     n_views: number of view graphs.
     view_fusion: how the views' readouts s^(k) form Z*: "concat" (the
-      embedding is [s^(M); s^(P); s^(D)], width dim * V) or "mean".
+      embedding is [s^(P); s^(M); s^(D)], the order of
+      `graphs.VIEW_NAMES`, width dim * V) or "mean".
   """
 
   dim: int = 64
@@ -373,8 +374,8 @@ class UrbanMMCL(nn.Module):
   """The pre-training model; `__call__` returns (region embeddings, losses).
 
   Inputs (a dict): ``features`` [N, F] raw region features; ``propagation``
-  and ``target`` [V, N, N] GCN-normalised inputs and reconstruction targets
-  of the views; optional ``tokens`` [N, T] bytes, ``coords`` [N, 2] (lat,
+  [V, N, N] the GCN normalisation of each view A; ``target`` [V, N, N] the
+  reconstruction targets A / s and ``target_scale`` [V] the scales s; optional ``tokens`` [N, T] bytes, ``coords`` [N, 2] (lat,
   lon), ``images`` [N, H, W, C].
   """
 
@@ -436,6 +437,7 @@ class UrbanMMCL(nn.Module):
       # whose magnitudes carry each region's activity level.
       x = x + nn.LayerNorm(name="fused_norm")(fused)
     propagation, target = inputs["propagation"], inputs["target"]
+    target_scale = inputs["target_scale"]
     n_views = propagation.shape[0]
     key_vgae, key_walk = jax.random.split(key)
     recon, kl, learned = zero, zero, []
@@ -446,9 +448,10 @@ class UrbanMMCL(nn.Module):
         )
         recon = recon + vgae_recon_loss(target[v], a_hat)
         kl = kl + vgae_kl_loss(mu, log_sigma)
-        learned.append(a_hat)
-      else:  # "w/o VGAE": the fixed input topology
-        learned.append(target[v])
+        # The decoder fits A / s; its estimate of A (eq. 19) is s times that.
+        learned.append(a_hat * target_scale[v])
+      else:  # "w/o VGAE": the fixed input topology A
+        learned.append(target[v] * target_scale[v])
     learned = jnp.stack(learned)  # [V, N, N]
 
     readouts = []

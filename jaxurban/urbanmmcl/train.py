@@ -76,7 +76,9 @@ _RESULT_VERSION = 2
 # 2: the mobility row sum includes self-trips, reconstruction off the
 # diagonal, multi-modal tau 0.5, one key per purpose.
 # 3: GCN bias added after the propagation; views stacked as P, M, D.
-MODEL_REVISION = 3
+# 4: the VGAE propagates over A, the walks' subgraphs carry the estimate of A
+# (not A divided by the view's maximum).
+MODEL_REVISION = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,8 +304,7 @@ def prepare(config: UrbanMMCLConfig):
     )
   inputs = {
     "features": raw_features(views),
-    "propagation": graphs.propagation,
-    "target": graphs.target,
+    **graphs.model_inputs(),
   }
   has_text, has_location = config.city == "Chi", views.centroids is not None
   has_images = config.images is not None
