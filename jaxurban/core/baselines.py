@@ -93,7 +93,8 @@ def mobility_volume(
   Args:
     origin, destination: [E] integer region indices in [0, n_regions).
     weight: [E] edge weights (trip counts or, for the CoRE ``.mob`` files,
-      row-normalised transition frequencies).
+      row-normalised transition frequencies; with those every origin's
+      out-weight is 1, so the volume is 1 + its summed in-shares).
     n_regions: number of regions (static).
 
   Returns:

@@ -111,9 +111,11 @@ class ContextPrompts(nn.Module):
     # model is eq. 3's; what changes is the start. A slot no training window
     # shows (a few-shot target trained on part of one day) keeps offset zero
     # and reads E_t, which every window trains, where a randomly drawn row
-    # would stay an untrained vector multiplying the gate of eq. 7. E_t must
-    # not start at zero: P_t is a factor of eq. 7, and an all-zero P_t would
-    # block every gradient through the gate.
+    # would stay an untrained vector multiplying the gate of eq. 7. E_t is
+    # drawn, not zero, so that the model starts where a Xavier-drawn table
+    # would: at P_t = 0 the gate of eq. 7 would pass no gradient to the
+    # attention and MLP branches it multiplies until P_t had moved (P_t
+    # itself would still train, its gradient there being H + P_s).
     bound = (6.0 / (self.steps_per_day + self.features)) ** 0.5
     e_t = self.param(
       "E_t",
