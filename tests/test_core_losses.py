@@ -141,15 +141,28 @@ def test_mobility_loss_through_the_fused_kernel(rng, n, d):
   np.testing.assert_allclose(
     jax.grad(loss)(z32, "pallas-interpret"), jax.grad(loss)(z32, "xla"), rtol=1e-4, atol=1e-6
   )
-  if jax.default_backend() == "gpu":
-    # The compiled kernel; its dots run at the default precision (TF32 on
-    # Hopper), hence the looser tolerance.
-    np.testing.assert_allclose(loss(z32, "pallas"), mobility_reference(z, target), rtol=2e-3)
-    np.testing.assert_allclose(
-      jax.grad(loss)(z32, "pallas"), jax.grad(loss)(z32, "xla"), rtol=1e-2, atol=1e-4
-    )
   with pytest.raises(ValueError, match="implementation"):
     loss(z32, "cuda")
+
+
+@pytest.mark.skipif(
+  jax.default_backend() != "gpu", reason="the compiled Pallas row normaliser needs a GPU"
+)
+@pytest.mark.parametrize("n,d", [(45, 8), (70, 16)])
+def test_mobility_loss_through_the_compiled_kernel(rng, n, d):
+  """The compiled (Triton) row normaliser inside the loss, against float64."""
+  z = rng.normal(size=(n, d))
+  target = random_target(rng, n, max(1, n // 2))
+  args = [jnp.asarray(a) for a in sparse_target(target)]
+  args = args[:1] + [a.astype(jnp.float32) if a.dtype.kind == "f" else a for a in args[1:]]
+  loss = lambda v, impl: losses.mobility_loss(v, *args, lse_implementation=impl)
+  z32 = jnp.asarray(z, jnp.float32)
+  # Its dots run at the default precision (TF32 on Hopper), hence the looser
+  # tolerance than the interpreted kernel's.
+  np.testing.assert_allclose(loss(z32, "pallas"), mobility_reference(z, target), rtol=2e-3)
+  np.testing.assert_allclose(
+    jax.grad(loss)(z32, "pallas"), jax.grad(loss)(z32, "xla"), rtol=1e-2, atol=1e-4
+  )
 
 
 @pytest.mark.parametrize("form", losses.FORMS)

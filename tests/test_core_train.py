@@ -78,7 +78,7 @@ def test_killed_run_resumes_to_the_same_result(data_root, graphs, tmp_path, monk
 
 
 def test_train_chunk_compiles_once(data_root, graphs):
-  config = tiny(data_root)
+  config = tiny(data_root, alpha=0.3, beta=2.0)  # unequal, so that eq. 13 shows in the total
   model = train.build_model(config, *graphs)
   params, keys = train.init_params(model, jax.numpy.arange(2), *graphs)
   loss = chex.assert_max_traces(train.make_embed_loss(model, config.loss_settings()), n=1)
@@ -89,7 +89,9 @@ def test_train_chunk_compiles_once(data_root, graphs):
     state, terms = chunk(state, *graphs)
   assert set(terms) == {"total", "re_x", "re_y", "lma", "lia"}
   np.testing.assert_allclose(
-    terms["total"], terms["re_x"] + terms["re_y"] + terms["lma"] + terms["lia"], rtol=1e-5
+    terms["total"],
+    terms["re_x"] + terms["re_y"] + 0.3 * terms["lma"] + 2.0 * terms["lia"],
+    rtol=1e-5,
   )
   chex.assert_shape(terms["lma"], (2,))
 

@@ -95,8 +95,26 @@ def test_spatial_attention_matches_float64_reference(rng):
   assert np.abs(plain - want).max() > 1e-3
 
 
-def test_spatial_attention_through_the_fused_kernel(rng):
-  """The Pallas kernel (interpret mode) gives the dense path's values and gradients."""
+_ON_GPU = jax.default_backend() == "gpu"
+
+
+@pytest.mark.parametrize(
+  "implementation, tolerance",
+  [
+    # The Pallas kernel in interpret mode, on any backend.
+    ("kernel-interpret", 5e-5),
+    # "kernel" is the compiled kernel on a GPU (off one it is the dense
+    # reference itself: see the dispatch test below). Its float32 dots run at
+    # the default precision, TF32 on Hopper, hence the tolerance.
+    pytest.param(
+      "kernel",
+      1e-2,
+      marks=pytest.mark.skipif(not _ON_GPU, reason="the compiled Pallas kernel needs a GPU"),
+    ),
+  ],
+)
+def test_spatial_attention_through_the_fused_kernel(rng, implementation, tolerance):
+  """The Pallas kernel gives the dense path's values and gradients."""
   h, n, d = 2, 21, 8
   q, k, v = (jnp.asarray(rng.normal(size=(h, n, d)), jnp.float32) for _ in range(3))
   coords = jnp.asarray(rng.uniform(0, 10, size=(n, 2)), jnp.float32)
@@ -114,11 +132,54 @@ def test_spatial_attention_through_the_fused_kernel(rng):
   loss = lambda impl: lambda *a: jnp.sum(attend(*a, impl) * cotangent)
   args = (q, k, v, jnp.float32(0.4))
   dense = jax.value_and_grad(loss("reference"), argnums=(0, 1, 2, 3))(*args)
-  for impl in ("kernel", "kernel-interpret"):
-    fused = jax.value_and_grad(loss(impl), argnums=(0, 1, 2, 3))(*args)
-    chex.assert_trees_all_close(fused, dense, atol=5e-5, rtol=5e-5)
+  fused = jax.value_and_grad(loss(implementation), argnums=(0, 1, 2, 3))(*args)
+  chex.assert_trees_all_close(fused, dense, atol=tolerance, rtol=tolerance)
   with pytest.raises(ValueError, match="implementation"):
     attend(*args, "cuda")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_spatial_attention_dispatch(rng, monkeypatch, backend):
+  """Which path of `kernels.biased_attention` each implementation runs.
+
+  The two paths are replaced by recorders (the compiled kernel cannot run
+  without a GPU) and the backend is faked, so both dispatches are checked on
+  any machine.
+  """
+  from kernels import biased_attention as kernel_module
+
+  calls = []
+
+  def reference(q, *args, **kwargs):
+    calls.append("reference")
+    return jnp.zeros_like(q)
+
+  def pallas(q, *args, interpret, **kwargs):
+    calls.append("pallas-interpret" if interpret else "pallas-compiled")
+    return jnp.zeros_like(q)
+
+  monkeypatch.setattr(kernel_module, "biased_attention_reference", reference)
+  monkeypatch.setattr(kernel_module, "_pallas_attention", pallas)
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  h, n, d = 2, 5, 4
+  q, k, v = (jnp.asarray(rng.normal(size=(h, n, d)), jnp.float32) for _ in range(3))
+  coords = jnp.asarray(rng.uniform(0, 10, size=(n, 2)), jnp.float32)
+  params = {
+    "rbf_weight": jnp.full((h, 1), 0.4, jnp.float32),
+    "rbf_centres": jnp.zeros((1,), jnp.float32),
+    "rbf_width": jnp.full((1,), 3.0, jnp.float32),
+  }
+  expected = {
+    "reference": "reference",
+    # The fused kernel on a GPU, its dense reference elsewhere.
+    "kernel": "pallas-compiled" if backend == "gpu" else "reference",
+    "kernel-interpret": "pallas-interpret",
+  }
+  assert set(expected) == set(srel.ATTENTION_IMPLEMENTATIONS)
+  for impl, path in expected.items():
+    calls.clear()
+    spatial_attention(q, k, v, coords, params, implementation=impl)
+    assert calls == [path], impl
 
 
 def test_dense_biased_attention_full_contract(rng):
@@ -128,8 +189,9 @@ def test_dense_biased_attention_full_contract(rng):
   cq, ck = rng.normal(size=(nq, 2)), rng.normal(size=(nk, 2))
   w, centres, widths = rng.normal(size=(h, r)), rng.uniform(0, 2, r), rng.uniform(0.5, 2, r)
   row, col = rng.normal(size=(h, nq)), rng.normal(size=(h, nk))
-  valid = rng.random(nk) > 0.3
-  valid[0] = True
+  # A fixed pattern: some keys masked, and every query keeps valid keys.
+  valid = np.array([True, False, True, True, False, True, False, False, True])
+  assert len(valid) == nk and 0 < valid.sum() < nk
   with jax.enable_x64(True):
     got = dense_biased_attention(
       *map(jnp.asarray, (q, k, v, cq, ck, w)),

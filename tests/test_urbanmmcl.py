@@ -340,7 +340,7 @@ def test_model_losses_and_ablation_switches(rng, switches):
 
   def loss_fn(p):
     emb, losses = m.apply(p, inputs, key)
-    return model.total_loss(losses, 0.5, 0.5), (emb, losses)
+    return model.total_loss(losses, 0.3, 0.7), (emb, losses)
 
   (total, (emb, losses)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
   chex.assert_shape(emb, (12, 8 * 2 if cfg.use_graph else 8))  # views concatenated
@@ -348,18 +348,22 @@ def test_model_losses_and_ablation_switches(rng, switches):
   assert float(losses["mmcl"]) > 0  # image-text + image-location
   assert (float(losses["graph_contrast"]) > 0) == (cfg.use_graph and cfg.use_graph_contrast)
   assert (float(losses["recon"]) > 0) == (cfg.use_graph and cfg.use_vgae)
-  want = 0.5 * losses["mmcl"] + 0.5 * (losses["recon"] + losses["kl"] + losses["graph_contrast"])
+  # Eq. (27) with alpha = 0.3 on the multi-modal and beta = 0.7 on the graph part.
+  want = 0.3 * losses["mmcl"] + 0.7 * (losses["recon"] + losses["kl"] + losses["graph_contrast"])
   np.testing.assert_allclose(float(total), float(want), rtol=1e-6)
   run = jax.jit(lambda p, k, train: m.apply(p, inputs, k, train=train)[0], static_argnums=2)
   keys = (key, jax.random.PRNGKey(1))
   evaluated = [np.asarray(run(params, k, False)) for k in keys]
   trained = [np.asarray(run(params, k, True)) for k in keys]
   # Evaluation mode uses the VGAE means: only the walks draw from the key, so
-  # without walks any two keys give the same embedding.
-  if cfg.use_graph and cfg.use_walks:
-    np.testing.assert_array_equal(np.asarray(run(params, key, False)), evaluated[0])
-  else:
-    np.testing.assert_array_equal(evaluated[0], evaluated[1])
+  # two keys give two embeddings with walks and the same one without.
+  np.testing.assert_array_equal(np.asarray(run(params, key, False)), evaluated[0])
+  walked = cfg.use_graph and cfg.use_walks
+  assert (np.abs(evaluated[0] - evaluated[1]).max() > 1e-6) == walked
+  if cfg.use_graph:  # the switch changes the computation, on the same parameters
+    other = UrbanMMCL(dataclasses.replace(cfg, use_walks=not cfg.use_walks))
+    switched = np.asarray(jax.jit(lambda p: other.apply(p, inputs, key, train=False)[0])(params))
+    assert np.abs(switched - evaluated[0]).max() > 1e-4
   # Training mode samples the VGAE latents and the walks from the key.
   sampled = cfg.use_graph and (cfg.use_vgae or cfg.use_walks)
   assert (np.abs(trained[0] - trained[1]).max() > 1e-6) == sampled

@@ -112,9 +112,10 @@ def _batch(rng, b, n, t=12):
   }
 
 
-def test_spatial_perturbation_only_in_training():
+@pytest.mark.parametrize("p, q", [(0.6, 0.5), (0.5, 0.8)])
+def test_spatial_perturbation_only_in_training(p, q):
   n, d, b = 400, 8, 4
-  prompts = ContextPrompts(n, d, p=0.6, q=0.5)
+  prompts = ContextPrompts(n, d, p=p, q=q)
   tod = jnp.arange(b)
   variables = prompts.init(jax.random.PRNGKey(0), tod, tod, b, False)
   e_s = np.asarray(variables["params"]["E_s"])
@@ -127,8 +128,9 @@ def test_spatial_perturbation_only_in_training():
   kept = np.all(p_s == e_s, axis=-1)
   shared = np.all(p_s == e_d, axis=-1)
   noise = ~kept & ~shared
-  # Eq. 4 with p = 0.6, q = 0.5: 40% kept, 30% shared E_d, 30% fresh noise.
-  for part, share in ((kept, 0.4), (shared, 0.3), (noise, 0.3)):
+  # Eq. 4: kept with probability 1 - p, the shared E_d with p q, fresh noise
+  # with p (1 - q); q = 0.8 tells p q from p (1 - q).
+  for part, share in ((kept, 1 - p), (shared, p * q), (noise, p * (1 - q))):
     assert abs(part.mean() - share) < 0.05, (part.mean(), share)
   off = ContextPrompts(n, d, p=0.0).apply(variables, tod, tod, b, True)[1]
   np.testing.assert_array_equal(np.asarray(off), np.broadcast_to(e_s, (b, n, d)))
