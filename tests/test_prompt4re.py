@@ -54,8 +54,7 @@ def test_cross_attention_matches_float64_reference(width, rng):
   n, d, heads = 9, 16, 4
   e = rng.normal(size=(n, d))
   p = rng.normal(size=(n, width))
-  key_mask = rng.random(n) < 0.6
-  key_mask[0] = True
+  key_mask = np.arange(n) % 3 != 1  # a fixed pattern: regions 1, 4 and 7 are not attended to
   model = Prompt4RE(prompt_width=width, soft_prompt_dim=12, n_heads=heads)
   with jax.enable_x64(True):
     params = init_params(
@@ -64,6 +63,9 @@ def test_cross_attention_matches_float64_reference(width, rng):
     out = model.apply({"params": params}, jnp.asarray(e), jnp.asarray(p), jnp.asarray(key_mask))
     chex.assert_shape(out, (n,))
     chex.assert_type(out, jnp.float64)
+    # The mask matters: attending to the masked prompts too gives other outputs.
+    unmasked = _reference(params, e, p, heads)
+    assert np.abs(_reference(params, e, p, heads, key_mask) - unmasked).max() > 1e-3
     np.testing.assert_allclose(
       np.asarray(out), _reference(params, e, p, heads, key_mask), rtol=1e-10, atol=1e-8
     )
@@ -262,6 +264,51 @@ def test_validation_folds_are_held_out_of_training(rng):
       config, e, p, y, fold_of, n_folds, [0], progress=False,
       validation_masks=fold_masks(fold_of, n_folds),
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("context", ["split", "all"])
+def test_split_context_hides_the_other_folds_prompts(rng, context):
+  """context="split": a model's training rows attend only to its training rows'
+  prompts and a held-out fold only to its own; "all": every row attends to
+  every region's prompts.
+
+  With validation folds model f tests on fold f, validates on fold f + 1 and
+  trains on the third. New prompt vectors for fold 0 are then never seen by
+  model 0 on its validation fold (fold 1) nor by model 2 on its test fold
+  (fold 2) under "split", while under "all" both attend to them.
+  """
+  e, p, y = _tiny_problem(rng, n=12)
+  n_folds = 3
+  fold_of = fold_assignment(len(y), n_folds, seed=1)
+  tests = fold_masks(fold_of, n_folds)  # [F, N]
+  val = validation_masks(tests)
+  np.testing.assert_array_equal(val, tests[[1, 2, 0]])
+  # The full basis: row-space coordinates would mix every row's prompt into
+  # every row's coordinates.
+  config = Prompt4REConfig(
+    epochs=2, eval_every=1, learning_rate=1e-2, soft_prompt_dim=8, context=context,
+    value_basis="full",
+  )  # fmt: skip
+  other = p.copy()
+  other[tests[0]] = rng.normal(size=(int(tests[0].sum()), p.shape[1]))
+  a, b = (
+    cross_validated_trajectory(
+      config, e, q, y, fold_of, n_folds, [0], progress=False, validation_masks=val
+    )
+    for q in (p, other)
+  )
+  unseen = {
+    "model 0 on its validation fold": (a.validation, b.validation, 0, tests[1]),
+    "model 2 on its test fold": (a.predictions, b.predictions, 2, tests[2]),
+  }
+  for what, (before, after, model, rows) in unseen.items():
+    before, after = before[:, 0, model][:, rows], after[:, 0, model][:, rows]
+    if context == "split":
+      np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6, err_msg=what)
+    else:
+      assert np.abs(after - before).max() > 1e-3, what
+  # Model 1 trains on fold 0: in either context its predictions move.
+  assert np.abs(a.predictions[:, 0, 1] - b.predictions[:, 0, 1]).max() > 1e-3
 
 
 @pytest.mark.parametrize("validated", [False, True])

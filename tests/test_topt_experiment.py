@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
 from experiments import topt
 from jaxurban.eval.kfold import protocol_label
 from jaxurban.topt import pipeline
-from jaxurban.topt.pipeline import SREL_ONLY_FIELDS, SREL_SCHEDULES, ToptConfig, collapsed_seeds
+from jaxurban.topt.pipeline import (
+  SREL_ONLY_FIELDS,
+  SREL_SCHEDULES,
+  TASKS,
+  ToptConfig,
+  collapsed_seeds,
+)
 
 
 def test_tiny_chicago_run_writes_metrics_and_map(data_root, tmp_path, capsys):
@@ -171,6 +178,75 @@ def test_bad_fold_and_prompt_settings_are_usage_errors(capsys):
   assert ToptConfig(mllm="qwen", alignment=False).model_name() == (
     "w/o P-R Alignment (qwen prompt vectors)"
   )
+
+
+def test_ablation_flags_change_what_prompt4re_is_given(data_root, tmp_path, rng, monkeypatch):
+  """--no-alignment and --no-task-prompt change the model and its inputs, not only the label.
+
+  The pipeline is stopped where Prompt4RE would start training: what it would
+  train is recorded, with the prompt vectors the pipeline loaded.
+  """
+  from jaxurban import prompts as prompt_files
+  from jaxurban.topt import prompt4re
+
+  for task in TASKS:
+    assert ToptConfig().prompt_config(task).alignment is True
+    assert ToptConfig(alignment=False).prompt_config(task).alignment is False
+  labels = np.load(data_root / "hafusion" / "Chi" / "check_counts.npy")
+  keep = labels > 0  # checkIn's scored regions
+  emb = tmp_path / "emb.npy"
+  np.save(emb, rng.normal(size=(1, labels.shape[0], 16)).astype(np.float32))
+  read = prompt_files.load_chicago_prompts
+  loaded = []
+
+  def spy_load(root, mllm, task):
+    loaded.append((mllm, task))
+    return read(root, mllm, task)
+
+  class Stop(Exception):
+    pass
+
+  given = {}
+
+  def stop_before_training(config, embeddings, prompts, *args, **kwargs):
+    given.update(config=config, embeddings=embeddings, prompts=prompts)
+    raise Stop
+
+  monkeypatch.setattr(prompt_files, "load_chicago_prompts", spy_load)
+  monkeypatch.setattr(pipeline, "cross_validated_trajectory", stop_before_training)
+  argv = [
+    "--city", "Chi", "--task", "checkIn", "--seeds", "1", "--embeddings", str(emb),
+    "--epochs-prompt", "20", "--folds", "3", "--data-root", str(data_root),
+  ]  # fmt: skip
+  vectors = {task: read(data_root, "llama", task)[keep] for task in ("checkIn", "none")}
+  assert not np.allclose(vectors["checkIn"], vectors["none"])
+  for flags, prompt_task, alignment in (
+    ([], "checkIn", True),
+    (["--no-task-prompt"], "none", True),
+    (["--no-alignment"], "checkIn", False),
+  ):
+    loaded.clear()
+    given.clear()
+    config, _ = topt.parse_config(argv + flags)
+    assert config.prompt_config("checkIn").alignment is alignment
+    with pytest.raises(Stop):
+      pipeline.train_and_evaluate(config, tmp_path / "run", log=lambda s: None)
+    assert loaded == [("llama", prompt_task)], flags
+    np.testing.assert_array_equal(given["prompts"], vectors[prompt_task])
+    pcfg = given["config"]
+    assert pcfg.alignment is alignment and pcfg.context == "split", flags
+    # The models this config builds (their parameters' shapes): without
+    # alignment no cross-attention.
+    model = prompt4re._model(given["prompts"].shape[1], pcfg)
+    params = jax.eval_shape(
+      lambda e, p: prompt4re.init_params(model, jax.random.PRNGKey(0), e, p),
+      given["embeddings"][0],
+      given["prompts"],
+    )
+    if alignment:
+      assert {"query", "key", "value", "residual", "norm"} <= set(params), flags
+    else:
+      assert set(params) == {"soft_prompt", "head"}, flags
 
 
 def test_too_many_folds_fail_before_srel(data_root, tmp_path, monkeypatch):
