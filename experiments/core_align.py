@@ -18,6 +18,7 @@ import pathlib
 import sys
 
 from experiments.common import default_output_folder
+from jaxurban.atomic import writable_folder_problem
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.core.train import VARIANTS, CoreConfig, train_and_evaluate
 from jaxurban.core.losses import FORMS
@@ -166,6 +167,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
     leading=(config.city_x, config.city_y, variant),
     ignore=_NOT_IN_FOLDER_NAME,
   )
+  problem = writable_folder_problem(out)
+  if problem:
+    parser.error(problem)
   return config, pathlib.Path(out)
 
 
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   try:
     train_and_evaluate(config, out)
-  except (DataError, CheckpointMismatch) as error:
+  except (DataError, CheckpointMismatch, FloatingPointError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
   return 0

@@ -23,6 +23,7 @@ import pathlib
 import sys
 
 from experiments.common import default_output_folder
+from jaxurban.atomic import writable_folder_problem
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.errors import DataError
 from jaxurban.eval.kfold import PROTOCOLS
@@ -130,6 +131,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[ToptConfig, pathlib.Pat
   out = args.out or default_output_folder(
     "runs/topt", parser, args, leading=(args.city,), ignore=("city", "data_root", "out")
   )
+  problem = writable_folder_problem(out)
+  if problem:
+    parser.error(problem)
   return config, pathlib.Path(out)
 
 

@@ -18,6 +18,30 @@ from typing import IO, Any, Callable
 import numpy as np
 
 
+def writable_folder_problem(folder: str | os.PathLike) -> str | None:
+  """Why a run could not write its outputs under `folder`, or None if it can.
+
+  Checked before any work: `folder` must be a folder or not exist yet, and
+  the nearest existing folder on its path must take a new file (tried with a
+  temporary file, which also catches read-only and immutable folders that
+  permission bits do not show).
+  """
+  path = pathlib.Path(folder)
+  if path.exists() and not path.is_dir():
+    return f"{path}: exists and is not a folder"
+  existing = path.absolute()
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir():
+    return f"{path}: cannot be made, since {existing} is a file"
+  try:
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as error:
+    return f"{path}: cannot write in {existing} ({error.strerror or error})"
+  return None
+
+
 def shared_file_mode() -> int:
   """The mode ``open()`` would give a new file (0o666 less the umask).
 

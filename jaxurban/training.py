@@ -9,6 +9,7 @@ checkpoints between chunks.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Callable
 
 import jax
@@ -21,6 +22,29 @@ import optax
 # rounds), no change for CoRE, identical losses. Other backends ignore
 # `xla_cpu_*` options.
 CHUNK_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
+def seed_problems(seeds: Sequence[int], limit: int = 2**32) -> list[str]:
+  """Seeds must fit the words the random keys are made from: [0, limit).
+
+  `limit` is 2**31 where the seeds pass through a default (int32) jax array.
+  """
+  bad = [int(s) for s in seeds if not 0 <= int(s) < limit]
+  exponent = limit.bit_length() - 1
+  return [f"seeds must lie in [0, 2**{exponent}), got {bad}"] if bad else []
+
+
+def rate_problems(**rates: float | None) -> list[str]:
+  """Each named learning rate (None: a default chosen elsewhere) must be finite and > 0.
+
+  A negative rate would climb the loss, and an infinite or NaN one makes
+  every parameter NaN at the first step.
+  """
+  return [
+    f"{name} must be a finite number > 0, got {value}"
+    for name, value in rates.items()
+    if value is not None and not (math.isfinite(value) and value > 0)
+  ]
 
 
 def chunk_length(epochs: int, log_every: int, start: int = 0) -> int:

@@ -7,6 +7,7 @@ import stat
 import numpy as np
 import pytest
 
+from jaxurban import atomic
 from jaxurban.atomic import atomic_write, save_npy_atomic, write_json_atomic, write_text_atomic
 
 
@@ -69,3 +70,17 @@ def test_an_interrupted_writer_leaves_nothing_behind(tmp_path):
   with pytest.raises(KeyboardInterrupt):
     atomic_write(tmp_path / "x.bin", write_then_die)
   assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_folder_that_cannot_be_written_is_named(tmp_path):
+  assert atomic.writable_folder_problem(tmp_path) is None
+  assert atomic.writable_folder_problem(tmp_path / "new" / "run") is None
+  (tmp_path / "file").write_text("x")
+  assert (
+    atomic.writable_folder_problem(tmp_path / "file")
+    == f"{tmp_path / 'file'}: exists and is not a folder"
+  )
+  problem = atomic.writable_folder_problem(tmp_path / "file" / "run")
+  assert (
+    problem == f"{tmp_path / 'file' / 'run'}: cannot be made, since {tmp_path / 'file'} is a file"
+  )

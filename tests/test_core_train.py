@@ -255,3 +255,47 @@ def test_command_checks_sharding_against_the_device_count(data_root, monkeypatch
   assert "--shard-seeds: 3 seeds cannot be split over 2 devices" in capsys.readouterr().err
   assert core_align.main(base + ["--shard-regions", "--anchors", "999"]) == 2
   assert "--shard-regions: 999 anchors cannot be split over 2 devices" in capsys.readouterr().err
+
+
+def test_a_diverged_seed_stops_the_stage_before_its_checkpoint(data_root, tmp_path):
+  import jax.numpy as jnp
+
+  config = tiny(data_root, first_seed=3, epochs=4, log_every=2, checkpoint_every=2)
+
+  def loss_fn(params, key, scale):  # seed 4's scale makes its loss NaN
+    total = jnp.sum(params["w"] ** 2) * scale
+    return total, {"total": total}
+
+  params = {"w": jnp.ones((2, 3))}
+  keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(2))
+  with pytest.raises(
+    FloatingPointError, match=r"\[embed\] the loss of seed\(s\) \[4\].*epochs 1-2"
+  ):
+    train._run_stage(
+      "embed", tmp_path, config, loss_fn, params, keys, (jnp.array([1.0, jnp.nan]),), 4,
+      per_seed_data=True,
+    )  # fmt: skip
+  assert Checkpointer(tmp_path, subdir="embed").latest_step() is None
+
+
+@pytest.mark.parametrize(
+  "overrides, words",
+  [
+    ({"learning_rate": float("nan")}, "learning_rate must be a finite number > 0, got nan"),
+    ({"learning_rate": -1e-3}, "learning_rate must be a finite number > 0"),
+    ({"alpha": float("inf")}, "alpha must be a finite number >= 0"),
+    ({"first_seed": -1}, r"seeds must lie in \[0, 2\*\*31\), got \[-1\]"),
+    ({"first_seed": 2**31 - 1}, r"got \[2147483648\]"),
+  ],
+)
+def test_settings_that_would_not_train_are_refused(data_root, overrides, words):
+  with pytest.raises(ValueError, match=words):
+    tiny(data_root, **overrides)
+
+
+def test_an_output_path_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+  (tmp_path / "taken").write_text("x")
+  with pytest.raises(SystemExit) as stop:
+    core_align.parse_config(["--pair", "XA-CD", "--out", str(tmp_path / "taken")])
+  assert stop.value.code == 2
+  assert "taken: exists and is not a folder" in capsys.readouterr().err

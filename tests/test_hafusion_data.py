@@ -167,6 +167,7 @@ def test_unknown_city(tmp_path):
     ("Centroid Coordinates: (abc, -87.6)", "not numbers"),
     ("Centroid Coordinates: (141.8, -87.6)", "not a valid"),
     ("Centroid Coordinates: (nan, -87.6)", "not a valid"),
+    (5, "the geo-text is a int, not a string"),
   ],
 )
 def test_parse_centroid_errors(text, problem):

@@ -362,3 +362,18 @@ def test_killed_run_resumes_to_the_uninterrupted_trajectory(rng, tmp_path, monke
   # models: that run trains afresh.
   with pytest.raises(AssertionError, match="trained although"):
     run(labels=y + 1.0)
+
+
+def test_a_diverging_run_stops_before_its_checkpoint(rng, tmp_path):
+  from jaxurban.checkpoint import Checkpointer
+
+  e, p, y = _tiny_problem(rng, n=12)
+  fold_of = fold_assignment(len(y), 2, seed=1)
+  # Adam's first steps move every weight by about the learning rate.
+  config = Prompt4REConfig(epochs=20, eval_every=10, learning_rate=1e30, soft_prompt_dim=8)
+  with pytest.raises(
+    FloatingPointError, match=r"not finite for \d+ of 2 \(seed, fold\).*epochs 1-10"
+  ):
+    cross_validated_trajectory(config, e, p, y, fold_of, 2, [0], progress=False, workdir=tmp_path)
+  folders = [f.name for f in (tmp_path / "checkpoints").iterdir() if f.is_dir()]
+  assert folders and all(Checkpointer(tmp_path, subdir=f).latest_step() is None for f in folders)

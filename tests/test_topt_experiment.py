@@ -126,6 +126,8 @@ def test_bad_fold_and_prompt_settings_are_usage_errors(capsys):
     "--epochs-prompt 0": "prompt_epochs",
     "--epochs-prompt 30": "prompt_epochs",  # not a multiple of eval_every (20)
     "--prompt-lr 0": "prompt_learning_rate",
+    "--prompt-lr inf": "prompt_learning_rate must be a finite number > 0",
+    "--out /dev/null": "/dev/null: exists and is not a folder",
   }
   for flags, field in bad.items():
     with pytest.raises(SystemExit):

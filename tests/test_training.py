@@ -2,6 +2,7 @@
 
 import pytest
 
+from jaxurban import training
 from jaxurban.training import chunk_length
 
 
@@ -25,3 +26,17 @@ def test_chunks_end_at_the_last_epoch(epochs, log_every, start, expected):
   assert length <= log_every
   # Chunk boundaries from `start` land exactly on `epochs`.
   assert start % length == 0 and epochs % length == 0
+
+
+def test_seed_and_rate_problems_name_what_is_wrong():
+  assert training.seed_problems([0, 5, 2**32 - 1]) == []
+  assert training.seed_problems([-1, 3, 2**32]) == [
+    "seeds must lie in [0, 2**32), got [-1, 4294967296]"
+  ]
+  assert training.seed_problems([2**31], 2**31) == [
+    "seeds must lie in [0, 2**31), got [2147483648]"
+  ]
+  assert training.rate_problems(lr=1e-3, other=None) == []
+  problems = training.rate_problems(a=0.0, b=-1e-3, c=float("nan"), d=float("inf"))
+  assert [p.split()[0] for p in problems] == ["a", "b", "c", "d"]
+  assert all("must be a finite number > 0" in p for p in problems)

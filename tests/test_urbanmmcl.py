@@ -397,6 +397,12 @@ def test_tiny_end_to_end_runs(tmp_path, data_root, rng):
   (image_dir / "3.png").write_bytes(b"not a png")
   with pytest.raises(DataError, match=r"3\.npy.*expected H x W x 3"):
     load_images(image_dir, 4, 16)
+  np.save(image_dir / "3.npy", np.zeros((0, 0, 3), np.float32))
+  with pytest.raises(DataError, match=r"3\.npy.*shape \(0, 0, 3\), expected H x W x 3"):
+    load_images(image_dir, 4, 16)
+  np.save(image_dir / "3.npy", np.full((4, 4, 3), "a"))
+  with pytest.raises(DataError, match=r"3\.npy.*dtype <U1, expected numbers"):
+    load_images(image_dir, 4, 16)
   np.savez(image_dir / "3.npz", image=np.zeros((4, 4, 3)))
   (image_dir / "3.npz").rename(image_dir / "3.npy")
   with pytest.raises(DataError, match=r"3\.npy.*is an \.npz archive"):

@@ -115,6 +115,11 @@ def test_zero_and_empty_readings_are_masked_and_kept_out_of_the_scaler(data_root
       "outside",
     ),
     (lambda f: _edit_cell(f / "los_speed.csv", 9, 0, "1,2"), "los_speed.csv", "fields"),
+    (
+      lambda f: (f / "los_speed.csv").write_bytes(b"\xff" + (f / "los_speed.csv").read_bytes()),
+      "los_speed.csv",
+      "not UTF-8 text: byte 0 is 0xff",
+    ),
   ],
 )
 def test_bad_files_raise_data_errors_naming_file_and_problem(

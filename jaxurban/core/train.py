@@ -9,6 +9,7 @@ writes an orbax checkpoint from which a killed run resumes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import time
 from typing import Any, Callable
@@ -24,7 +25,7 @@ from jaxurban.core import losses as core_losses
 from jaxurban.core.model import CoRE, LossSettings, alignment_losses, mobility_losses, total_loss
 from jaxurban.graph import CityGraph, city_graph, pad_target_rows
 from jaxurban.training import chunk_length as _chunk_length
-from jaxurban.training import make_chunk
+from jaxurban.training import make_chunk, rate_problems, seed_problems
 
 VARIANTS = ("core", "no-lma", "no-lia", "two-stage", "individual", "rp")
 
@@ -119,6 +120,12 @@ class CoreConfig:
       problems.append("shard_seeds and shard_regions cannot be combined; pick one")
     if self.city_x.lower() == self.city_y.lower():
       problems.append(f"the two cities must differ, got {self.city_x!r} twice")
+    problems.extend(rate_problems(learning_rate=self.learning_rate))
+    for name in ("alpha", "beta"):
+      if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+        problems.append(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+    # The seeds become a default (int32) jax array.
+    problems.extend(seed_problems([self.first_seed, self.first_seed + self.seeds - 1], 2**31))
     if problems:
       raise ValueError("CoreConfig: " + "; ".join(problems))
 
@@ -255,6 +262,17 @@ def _run_stage(
     state, terms = chunk(state, *data)
     terms = sharding.to_host(terms)  # split over hosts under --distributed --shard-seeds
     done = epoch + length
+    totals = np.asarray(terms["total"]).reshape(config.seeds, -1)
+    diverged = [
+      config.first_seed + int(i) for i in np.flatnonzero(~np.isfinite(totals).all(axis=1))
+    ]
+    if diverged:
+      # Stop before a checkpoint keeps non-finite parameters; the previous
+      # checkpoint (if any) stays the latest.
+      raise FloatingPointError(
+        f"[{name}] the loss of seed(s) {diverged} is not finite in "
+        f"epochs {epoch + 1}-{done}; no checkpoint written for them; try a lower learning rate"
+      )
     # Means over the chunk's epochs and over seeds.
     row = {"epoch": done, **{k: float(np.mean(v)) for k, v in terms.items()}}
     history.append(row)

@@ -206,6 +206,8 @@ def parse_centroid(text: str, where: str = "prompt_data.json") -> tuple[float, f
     DataError: no such line, not two numbers, non-finite or out of range.
   """
   field = "Centroid Coordinates"
+  if not isinstance(text, str):
+    raise DataError(where, f"the geo-text is a {type(text).__name__}, not a string", column=field)
   found = _CENTROID.findall(text)
   if len(found) != 1:
     raise DataError(where, f"expected one '(lat, lon)' line, found {len(found)}", column=field)

@@ -25,8 +25,10 @@ __all__ = ["DATA_ENV", "FETCH_HINT", "resolve_data_root", "subdir"]
 DATA_ENV = "JAXURBAN_DATA"
 
 FETCH_HINT = (
-  "the CoRE city files can be downloaded with "
-  "`python -m jaxurban.data.fetch core xa cd --dest DIR`, after which DIR is a valid data root"
+  "a data root holds core/, hafusion/, prompt4re/ and traffic/ folders as the README's "
+  "Data section lays out; CoRE's cities alone can be downloaded with "
+  "`python -m jaxurban.data.fetch core xa cd --dest DIR`, after which DIR serves the CoRE "
+  "commands"
 )
 
 

@@ -109,9 +109,11 @@ def _read_lines(path: pathlib.Path) -> list[str]:
   error messages give.
   """
   try:
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
   except OSError as e:
     raise DataError(path, f"cannot be read ({e.strerror})") from e
+  except UnicodeDecodeError as e:
+    raise DataError(path, f"not UTF-8 text: byte {e.start} is 0x{e.object[e.start]:02x}") from None
   while lines and not lines[-1].strip():
     lines.pop()
   if not lines:

@@ -30,6 +30,7 @@ from jaxurban.checkpoint import save_npy_atomic, write_json_atomic
 from jaxurban.data.errors import DataError, read_npy
 from jaxurban.data.root import resolve_data_root, subdir
 from jaxurban.eval import kfold
+from jaxurban.training import rate_problems
 from jaxurban.topt.prompt4re import (
   BASES,
   CONTEXTS,
@@ -215,8 +216,8 @@ class ToptConfig:
       raise ValueError("ToptConfig.seeds is empty")
     if self.srel_epochs is not None and self.srel_epochs < 1:
       raise ValueError(f"ToptConfig.srel_epochs must be >= 1, got {self.srel_epochs}")
-    if self.srel_learning_rate is not None and not self.srel_learning_rate > 0:
-      raise ValueError(f"ToptConfig.srel_learning_rate must be > 0, got {self.srel_learning_rate}")
+    for problem in rate_problems(srel_learning_rate=self.srel_learning_rate):
+      raise ValueError(f"ToptConfig.{problem}")
     if self.embeddings_path is not None:
       self._refuse_changed(
         SREL_ONLY_FIELDS,
@@ -249,10 +250,8 @@ class ToptConfig:
         f"ToptConfig.prompt_epochs must be a positive multiple of eval_every "
         f"({self.eval_every}), got {self.prompt_epochs}"
       )
-    if self.prompt_learning_rate is not None and not self.prompt_learning_rate > 0:
-      raise ValueError(
-        f"ToptConfig.prompt_learning_rate must be > 0, got {self.prompt_learning_rate}"
-      )
+    for problem in rate_problems(prompt_learning_rate=self.prompt_learning_rate):
+      raise ValueError(f"ToptConfig.{problem}")
     if not self.ridge_alpha > 0:
       raise ValueError(f"ToptConfig.ridge_alpha must be > 0, got {self.ridge_alpha}")
     for name, allowed in (("context", CONTEXTS), ("value_basis", BASES), ("head_init", HEAD_INITS)):

@@ -464,6 +464,14 @@ def cross_validated_trajectory(
     state, pred, val_pred, loss = _train_chunk(
       state, e, p, y, masks, width=width, config=config, validated=validated
     )
+    loss = np.asarray(loss)
+    if not np.isfinite(loss).all():
+      # Stop before a checkpoint keeps non-finite parameters.
+      raise FloatingPointError(
+        f"Prompt4RE: the training loss is not finite for {int((~np.isfinite(loss)).sum())} of "
+        f"{loss.size} (seed, fold) models in epochs {i * config.eval_every + 1}-"
+        f"{(i + 1) * config.eval_every}; no checkpoint written for them; try a lower learning rate"
+      )
     trajectory[i] = np.asarray(pred)
     if validated:
       val_trajectory[i] = np.asarray(val_pred)
@@ -471,7 +479,7 @@ def cross_validated_trajectory(
       if progress:
         log(
           f"  prompt4re epoch {(i + 1) * config.eval_every}/{config.epochs}: "
-          f"train mse {float(jnp.mean(loss)):.4g} (mean over seeds and folds)"
+          f"train mse {float(np.mean(loss)):.4g} (mean over seeds and folds)"
         )
       if checkpointer is not None:
         record = {"chunk": np.asarray(i + 1, np.int32), "state": state, "pred": trajectory}

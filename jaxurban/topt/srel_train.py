@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import pathlib
 import sys
 import time
@@ -28,13 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxurban.atomic import writable_folder_problem
 from jaxurban.checkpoint import Checkpointer, save_npy_atomic, write_json_atomic
 from jaxurban.digest import arrays_sha256
 from jaxurban.data.hafusion import CityViews
 from jaxurban.topt.srel import SREL, SRELArchitecture, centroids_to_km
 from jaxurban.topt.srel_losses import normalise_mobility, srel_loss
 from jaxurban.training import chunk_length as _chunk_length
-from jaxurban.training import make_chunk
+from jaxurban.training import make_chunk, rate_problems, seed_problems
 
 __all__ = [
   "HAFUSION_CITY_SETTINGS",
@@ -109,8 +111,9 @@ class SRELConfig(SRELArchitecture):
     for name in ("epochs", "log_every", "checkpoint_every"):
       if getattr(self, name) < 1:
         problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-    if self.learning_rate <= 0 or self.weight_decay < 0:
-      problems.append("learning_rate must be > 0 and weight_decay >= 0")
+    problems.extend(rate_problems(learning_rate=self.learning_rate))
+    if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+      problems.append(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
     problems.extend(seed_problems(self.seeds))
     return problems
 
@@ -187,12 +190,6 @@ def make_loss(model: SREL) -> Callable:
     return total, terms
 
   return loss
-
-
-def seed_problems(seeds: Sequence[int]) -> list[str]:
-  """Seeds must fit the 32-bit words the random keys are made from."""
-  bad = [int(s) for s in seeds if not 0 <= int(s) < 2**32]
-  return [f"seeds must lie in [0, 2**32), got {bad}"] if bad else []
 
 
 def _seed_keys(seeds: Sequence[int]) -> tuple[jax.Array, jax.Array]:
@@ -452,6 +449,9 @@ def parse_cli(argv: Sequence[str] | None = None) -> tuple[SRELConfig, argparse.N
       )
   except ValueError as error:  # a setting out of range: say which, as argparse does
     parser.error(str(error))
+  problem = args.workdir is not None and writable_folder_problem(args.workdir)
+  if problem:
+    parser.error(problem)
   return config, args
 
 

@@ -46,6 +46,7 @@ from jaxurban.data.root import resolve_data_root, subdir
 from jaxurban.digest import arrays_sha256
 from jaxurban.eval import kfold
 from jaxurban.eval.metrics import classification_metrics
+from jaxurban.training import rate_problems
 from jaxurban.urbanmmcl.graphs import (
   AblationError,
   build_view_graphs,
@@ -170,6 +171,8 @@ class UrbanMMCLConfig:
       raise ValueError(f"ridge_folds must be >= 2, got {self.ridge_folds}")
     if not self.ridge_alpha > 0:  # alpha = 0 would leave d > N designs singular
       raise ValueError(f"ridge_alpha must be > 0, got {self.ridge_alpha}")
+    for problem in rate_problems(learning_rate=self.learning_rate, finetune_lr=self.finetune_lr):
+      raise ValueError(problem)
     if self.patience < 0:
       raise ValueError(f"patience must be >= 0, got {self.patience}")
     if not 0 <= self.finetune_seeds <= self.seeds:
@@ -237,7 +240,10 @@ def load_images(folder, n: int, size: int) -> np.ndarray:
         folder, f"no image for region {i} ({png.name} or {npy.name})", column="images"
       )
     if source is npy:  # a DataError for archives, pickles and unreadable files
-      image = read_npy(npy, column="images", shown=npy).astype(np.float32)
+      image = read_npy(npy, column="images", shown=npy)
+      if image.dtype.kind not in "biuf":
+        raise DataError(npy, f"dtype {image.dtype}, expected numbers", column="images")
+      image = image.astype(np.float32)
     else:
       try:
         image = np.asarray(mpimg.imread(png), np.float32)
@@ -245,7 +251,7 @@ def load_images(folder, n: int, size: int) -> np.ndarray:
         raise DataError(png, f"not a readable image ({e})", column="images")
     if image.ndim == 2:
       image = np.repeat(image[..., None], 3, axis=-1)
-    if image.ndim != 3 or image.shape[-1] < 3:
+    if image.ndim != 3 or image.shape[-1] < 3 or image.size == 0:
       raise DataError(source, f"shape {image.shape}, expected H x W x 3", column="images")
     if not np.all(np.isfinite(image)):
       raise DataError(source, "contains NaN or infinite values", column="images")

@@ -47,6 +47,7 @@ from jaxurban.data.traffic import (
   load_los_loop,
   make_windows,
 )
+from jaxurban.training import rate_problems, seed_problems
 from jaxurban.urbanpg.baselines import HistoricalAverage, PerNodeLinear, last_value
 from jaxurban.urbanpg.model import ATTENTIONS, UrbanPG
 
@@ -152,6 +153,12 @@ class UrbanPGConfig:
       problems.append(f"continual_stages must increase to 1.0, got {stages}")
     if not (0 <= self.p < 1 and 0 <= self.q < 1):
       problems.append(f"p and q must lie in [0, 1), got p={self.p}, q={self.q}")
+    problems.extend(
+      rate_problems(
+        learning_rate=self.learning_rate, finetune_learning_rate=self.finetune_learning_rate
+      )
+    )
+    problems.extend(seed_problems([self.first_seed, self.first_seed + self.seeds - 1], 2**31))
     if problems:
       raise ValueError("UrbanPGConfig: " + "; ".join(problems))
 
