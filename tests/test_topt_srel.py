@@ -594,6 +594,8 @@ def test_command_line_settings(capsys):
     (["--hafusion", "--task", "crime"], "not allowed with argument"),
     (["--hafusion", "--no-spatial-bias"], "--hafusion has no spatial prior to switch off"),
     (["--seeds", "0", "-1"], "--seeds must lie in [0, 2**32), got [-1]"),
+    (["--seeds", "0", "1", "0"], "--seeds repeat [0]"),
+    (["--workdir", "/dev/null"], "/dev/null: exists and is not a folder"),
   ):
     with pytest.raises(SystemExit):
       parse_cli(clash)

@@ -53,11 +53,11 @@ def _insert_line(path, index, text):
   path.write_text("\n".join(lines) + "\n")
 
 
-def test_trailing_blank_lines_are_ignored(data_root, tmp_path):
+def test_trailing_blank_lines_and_a_byte_order_mark_are_ignored(data_root, tmp_path):
   folder = _copy(data_root, tmp_path)
   for name in ("los_speed.csv", "los_adj.csv", "sensor_locations.csv"):
     path = folder / name
-    path.write_text(path.read_text() + "\n\n  \n")
+    path.write_text("\ufeff" + path.read_text() + "\n\n  \n", encoding="utf-8")
   data = read_los_loop_folder(folder)
   reference = read_los_loop_folder(data_root / "traffic" / "los_loop")
   np.testing.assert_array_equal(data.speed, reference.speed)

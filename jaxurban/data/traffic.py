@@ -109,7 +109,7 @@ def _read_lines(path: pathlib.Path) -> list[str]:
   error messages give.
   """
   try:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not data
   except OSError as e:
     raise DataError(path, f"cannot be read ({e.strerror})") from e
   except UnicodeDecodeError as e:

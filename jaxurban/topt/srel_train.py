@@ -114,7 +114,7 @@ class SRELConfig(SRELArchitecture):
     problems.extend(rate_problems(learning_rate=self.learning_rate))
     if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
       problems.append(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
-    problems.extend(seed_problems(self.seeds))
+    problems.extend(_seed_problems(self.seeds))
     return problems
 
   @classmethod
@@ -190,6 +190,12 @@ def make_loss(model: SREL) -> Callable:
     return total, terms
 
   return loss
+
+
+def _seed_problems(seeds: Sequence[int]) -> list[str]:
+  """Seeds in range, and each once: a repeated seed would train the same model twice."""
+  repeated = sorted({int(s) for s in seeds if list(seeds).count(s) > 1})
+  return seed_problems(seeds) + ([f"seeds repeat {repeated}"] if repeated else [])
 
 
 def _seed_keys(seeds: Sequence[int]) -> tuple[jax.Array, jax.Array]:
@@ -273,8 +279,8 @@ def train_srel_with_log(
   seeds = tuple(config.seeds if seeds is None else (int(s) for s in seeds))
   if not seeds:
     raise ValueError("train_srel: no seeds given")
-  if seed_problems(seeds):
-    raise ValueError("train_srel: " + seed_problems(seeds)[0])
+  if _seed_problems(seeds):
+    raise ValueError("train_srel: " + _seed_problems(seeds)[0])
   if views.n_regions % config.n_heads:
     raise ValueError(
       f"train_srel: {views.city} has N = {views.n_regions} regions, the model width, "
@@ -432,8 +438,8 @@ def parse_cli(argv: Sequence[str] | None = None) -> tuple[SRELConfig, argparse.N
     parser.error("--hafusion has no spatial prior to switch off")
   if args.hafusion and args.attention_dropout:
     parser.error("--hafusion drops its attention weights already")
-  if args.seeds is not None and seed_problems(args.seeds):
-    parser.error("--" + seed_problems(args.seeds)[0])
+  if args.seeds is not None and _seed_problems(args.seeds):
+    parser.error("--" + _seed_problems(args.seeds)[0])
   epochs = {} if args.epochs is None else {"epochs": args.epochs}
   try:
     if args.hafusion:
