@@ -1,4 +1,4 @@
-"""What the experiment commands share: the default output folder."""
+"""What the experiment commands share: the output folder, its default and its check."""
 
 from __future__ import annotations
 
@@ -7,6 +7,16 @@ import hashlib
 import pathlib
 import re
 from collections.abc import Iterable
+
+from jaxurban.atomic import writable_folder_problem
+
+
+def checked_output_folder(parser: argparse.ArgumentParser, out) -> pathlib.Path:
+  """`out` as a path, or a usage error (exit 2) when a run could not write there."""
+  problem = writable_folder_problem(out)
+  if problem:
+    parser.error(problem)
+  return pathlib.Path(out)
 
 
 def default_output_folder(

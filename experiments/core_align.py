@@ -17,8 +17,7 @@ import argparse
 import pathlib
 import sys
 
-from experiments.common import default_output_folder
-from jaxurban.atomic import writable_folder_problem
+from experiments.common import checked_output_folder, default_output_folder
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.core.train import VARIANTS, CoreConfig, train_and_evaluate
 from jaxurban.core.losses import FORMS
@@ -167,10 +166,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
     leading=(config.city_x, config.city_y, variant),
     ignore=_NOT_IN_FOLDER_NAME,
   )
-  problem = writable_folder_problem(out)
-  if problem:
-    parser.error(problem)
-  return config, pathlib.Path(out)
+  return config, checked_output_folder(parser, out)
 
 
 def _start_distributed(argv: list[str] | None) -> None:

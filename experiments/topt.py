@@ -22,8 +22,7 @@ import argparse
 import pathlib
 import sys
 
-from experiments.common import default_output_folder
-from jaxurban.atomic import writable_folder_problem
+from experiments.common import checked_output_folder, default_output_folder
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.errors import DataError
 from jaxurban.eval.kfold import PROTOCOLS
@@ -131,10 +130,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[ToptConfig, pathlib.Pat
   out = args.out or default_output_folder(
     "runs/topt", parser, args, leading=(args.city,), ignore=("city", "data_root", "out")
   )
-  problem = writable_folder_problem(out)
-  if problem:
-    parser.error(problem)
-  return config, pathlib.Path(out)
+  return config, checked_output_folder(parser, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,8 +24,8 @@ import sys
 
 import numpy as np
 
-from experiments.common import default_output_folder
-from jaxurban.atomic import writable_folder_problem, write_text_atomic
+from experiments.common import checked_output_folder, default_output_folder
+from jaxurban.atomic import write_text_atomic
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.errors import DataError
 from jaxurban.urbanmmcl.graphs import AblationError
@@ -109,10 +109,7 @@ def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
       "finetune_epochs",
     ),
   )
-  problem = writable_folder_problem(out)
-  if problem:
-    parser.error(problem)
-  return config, pathlib.Path(out), args.projection
+  return config, checked_output_folder(parser, out), args.projection
 
 
 def results_table(results: dict) -> str:

@@ -15,8 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from experiments.common import default_output_folder
-from jaxurban.atomic import writable_folder_problem
+from experiments.common import checked_output_folder, default_output_folder
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.errors import DataError
 from jaxurban.urbanpg.train import PARADIGMS, UrbanPGConfig, train_and_evaluate
@@ -74,9 +73,7 @@ def main(argv=None) -> dict:
     # Checkpoints are per seed, so runs over other seeds share the folder.
     ignore=("data", "paradigm", "data_root", "out", "no_plot", "seeds", "first_seed"),
   )
-  problem = writable_folder_problem(out)
-  if problem:
-    parser.error(problem)
+  out = checked_output_folder(parser, out)
   try:
     return train_and_evaluate(config, out)
   except DataError as e:

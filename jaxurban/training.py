@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Callable
 
 import jax
+import numpy as np
 import optax
 
 # XLA options for every training chunk. Region analysis in copy insertion
@@ -40,11 +41,26 @@ def rate_problems(**rates: float | None) -> list[str]:
   A negative rate would climb the loss, and an infinite or NaN one makes
   every parameter NaN at the first step.
   """
+  return _finite_problems(rates, "> 0", lambda v: v > 0)
+
+
+def weight_problems(**weights: float | None) -> list[str]:
+  """Each named loss or decay weight (None: unset) must be finite and >= 0."""
+  return _finite_problems(weights, ">= 0", lambda v: v >= 0)
+
+
+def _finite_problems(values: dict, bound: str, within: Callable[[float], bool]) -> list[str]:
   return [
-    f"{name} must be a finite number > 0, got {value}"
-    for name, value in rates.items()
-    if value is not None and not (math.isfinite(value) and value > 0)
+    f"{name} must be a finite number {bound}, got {value}"
+    for name, value in values.items()
+    if value is not None and not (math.isfinite(value) and within(value))
   ]
+
+
+def non_finite_seeds(seeds: Sequence[int], totals) -> list[int]:
+  """The seeds whose total loss (``totals`` [S, ...]) is not finite everywhere."""
+  totals = np.asarray(totals).reshape(len(seeds), -1)
+  return [int(seeds[i]) for i in np.flatnonzero(~np.isfinite(totals).all(axis=1))]
 
 
 def chunk_length(epochs: int, log_every: int, start: int = 0) -> int:

@@ -9,7 +9,6 @@ writes an orbax checkpoint from which a killed run resumes.
 from __future__ import annotations
 
 import dataclasses
-import math
 import pathlib
 import time
 from typing import Any, Callable
@@ -25,7 +24,13 @@ from jaxurban.core import losses as core_losses
 from jaxurban.core.model import CoRE, LossSettings, alignment_losses, mobility_losses, total_loss
 from jaxurban.graph import CityGraph, city_graph, pad_target_rows
 from jaxurban.training import chunk_length as _chunk_length
-from jaxurban.training import make_chunk, rate_problems, seed_problems
+from jaxurban.training import (
+  make_chunk,
+  non_finite_seeds,
+  rate_problems,
+  seed_problems,
+  weight_problems,
+)
 
 VARIANTS = ("core", "no-lma", "no-lia", "two-stage", "individual", "rp")
 
@@ -121,9 +126,7 @@ class CoreConfig:
     if self.city_x.lower() == self.city_y.lower():
       problems.append(f"the two cities must differ, got {self.city_x!r} twice")
     problems.extend(rate_problems(learning_rate=self.learning_rate))
-    for name in ("alpha", "beta"):
-      if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-        problems.append(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+    problems.extend(weight_problems(alpha=self.alpha, beta=self.beta))
     # The seeds become a default (int32) jax array.
     problems.extend(seed_problems([self.first_seed, self.first_seed + self.seeds - 1], 2**31))
     if problems:
@@ -262,10 +265,9 @@ def _run_stage(
     state, terms = chunk(state, *data)
     terms = sharding.to_host(terms)  # split over hosts under --distributed --shard-seeds
     done = epoch + length
-    totals = np.asarray(terms["total"]).reshape(config.seeds, -1)
-    diverged = [
-      config.first_seed + int(i) for i in np.flatnonzero(~np.isfinite(totals).all(axis=1))
-    ]
+    diverged = non_finite_seeds(
+      range(config.first_seed, config.first_seed + config.seeds), terms["total"]
+    )
     if diverged:
       # Stop before a checkpoint keeps non-finite parameters; the previous
       # checkpoint (if any) stays the latest.

@@ -17,8 +17,8 @@ Deviations from the authors' training loop (HAFusion_train.py), on purpose:
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
-import math
 import pathlib
 import sys
 import time
@@ -36,7 +36,13 @@ from jaxurban.data.hafusion import CityViews
 from jaxurban.topt.srel import SREL, SRELArchitecture, centroids_to_km
 from jaxurban.topt.srel_losses import normalise_mobility, srel_loss
 from jaxurban.training import chunk_length as _chunk_length
-from jaxurban.training import make_chunk, rate_problems, seed_problems
+from jaxurban.training import (
+  make_chunk,
+  non_finite_seeds,
+  rate_problems,
+  seed_problems,
+  weight_problems,
+)
 
 __all__ = [
   "HAFUSION_CITY_SETTINGS",
@@ -112,8 +118,7 @@ class SRELConfig(SRELArchitecture):
       if getattr(self, name) < 1:
         problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
     problems.extend(rate_problems(learning_rate=self.learning_rate))
-    if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-      problems.append(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+    problems.extend(weight_problems(weight_decay=self.weight_decay))
     problems.extend(_seed_problems(self.seeds))
     return problems
 
@@ -194,7 +199,7 @@ def make_loss(model: SREL) -> Callable:
 
 def _seed_problems(seeds: Sequence[int]) -> list[str]:
   """Seeds in range, and each once: a repeated seed would train the same model twice."""
-  repeated = sorted({int(s) for s in seeds if list(seeds).count(s) > 1})
+  repeated = sorted(int(s) for s, count in collections.Counter(seeds).items() if count > 1)
   return seed_problems(seeds) + ([f"seeds repeat {repeated}"] if repeated else [])
 
 
@@ -335,7 +340,7 @@ def train_srel_with_log(
     state, terms = chunk(state, *args)
     terms = jax.device_get(terms)
     done = epoch + length
-    diverged = [s for s, v in zip(seeds, np.asarray(terms["total"])) if not np.isfinite(v)]
+    diverged = non_finite_seeds(seeds, terms["total"])
     if diverged:
       # Stop before a checkpoint keeps non-finite parameters; the previous
       # checkpoint (if any) stays the latest.

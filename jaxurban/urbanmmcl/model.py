@@ -375,8 +375,9 @@ class UrbanMMCL(nn.Module):
 
   Inputs (a dict): ``features`` [N, F] raw region features; ``propagation``
   [V, N, N] the GCN normalisation of each view A; ``target`` [V, N, N] the
-  reconstruction targets A / s and ``target_scale`` [V] the scales s; optional ``tokens`` [N, T] bytes, ``coords`` [N, 2] (lat,
-  lon), ``images`` [N, H, W, C].
+  reconstruction targets A / s and ``target_scale`` [V] the scales s;
+  optional ``tokens`` [N, T] bytes, ``coords`` [N, 2] (lat, lon), ``images``
+  [N, H, W, C].
   """
 
   config: ModelConfig
