@@ -40,3 +40,15 @@ def test_seed_and_rate_problems_name_what_is_wrong():
   problems = training.rate_problems(a=0.0, b=-1e-3, c=float("nan"), d=float("inf"))
   assert [p.split()[0] for p in problems] == ["a", "b", "c", "d"]
   assert all("must be a finite number > 0" in p for p in problems)
+
+
+def test_non_finite_seeds_and_weight_problems():
+  nan, inf = float("nan"), float("inf")
+  # [S, epochs] and [S] totals: a seed is named once, by its own number.
+  assert training.non_finite_seeds([3, 4, 5], [[1.0, 2.0], [nan, 1.0], [1.0, inf]]) == [4, 5]
+  assert training.non_finite_seeds((0, 1), [1.0, 2.0]) == []
+  assert training.weight_problems(alpha=0.0, beta=None) == []
+  assert training.weight_problems(alpha=-1.0, beta=nan) == [
+    "alpha must be a finite number >= 0, got -1.0",
+    "beta must be a finite number >= 0, got nan",
+  ]
