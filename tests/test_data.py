@@ -525,11 +525,12 @@ def test_error_label_not_an_array(tmp_path):
     load_city("zz", root)
 
 
-def test_error_nonfinite_labels(tmp_path):
-  root = make_city(tmp_path, labels={"population": np.array([1.0, np.nan, np.inf])})
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e300, -4e38])  # the last two overflow float32
+def test_error_nonfinite_labels(tmp_path, bad):
+  root = make_city(tmp_path, labels={"population": np.array([1.0, bad, np.inf])})
   with pytest.raises(
     DataError,
-    match=r"population_zz_sum\.npy: 2 non-finite \(NaN/inf\) label values \(first at region 1\)",
+    match=r"population_zz_sum\.npy: 2 non-finite \(NaN/inf, or beyond float32's range\) label values \(first at region 1\)",
   ):
     load_city("zz", root)
 
@@ -567,13 +568,15 @@ def test_error_coordinates_out_of_range(tmp_path, column, index, value):
     load_city("zz", make_city(tmp_path, geo=(header, rows)))
 
 
-def test_error_nonfinite_weights(tmp_path):
+@pytest.mark.parametrize("bad", ["nan", "1e39"])
+def test_error_nonfinite_weights(tmp_path, bad):
   header, rows = _xa_style_mob()
-  rows[1][4] = "nan"
+  rows[1][4] = bad
   rows[4][4] = "inf"
   with pytest.raises(
     DataError,
-    match=r"regionmap_zz\.mob: column 'mobility_weight': 2 non-finite \(NaN/inf\) weights \(first at row 1\)",
+    match=r"regionmap_zz\.mob: column 'mobility_weight': 2 non-finite \(NaN/inf, or beyond float32's range\) weights "
+    r"\(first at row 1\)",
   ):
     load_city("zz", make_city(tmp_path, mob=(header, rows)))
 
@@ -583,7 +586,8 @@ def test_error_nonfinite_coordinates(tmp_path):
   rows[0][4] = "nan"
   with pytest.raises(
     DataError,
-    match=r"regionmap_zz\.geo: column 'm_lon': 1 non-finite \(NaN/inf\) coordinates \(first at row 0\)",
+    match=r"regionmap_zz\.geo: column 'm_lon': 1 non-finite \(NaN/inf, or beyond float32's range\) coordinates "
+    r"\(first at row 0\)",
   ):
     load_city("zz", make_city(tmp_path, geo=(header, rows)))
 
@@ -660,7 +664,14 @@ def test_pairs_of_weight_zero_are_no_edges(tmp_path):
       np.array([[0, -1, 0], [0, 0, 0], [-2, 0, 0]], dtype=float),
       r"2 negative flow values \(first at \[0, 1\]\)",
     ),
-    (np.array([[0, np.nan, 0], [0, 0, 0], [0, 0, 0]]), r"1 non-finite \(NaN/inf\) flow values"),
+    (
+      np.array([[0, np.nan, 0], [0, 0, 0], [0, 0, 0]]),
+      r"1 non-finite \(NaN/inf, or beyond float32's range\) flow values",
+    ),
+    (
+      np.array([[0, 1e300, 0], [0, 0, 0], [0, 0, 0]]),
+      r"1 non-finite \(NaN/inf, or beyond float32's range\) flow values",
+    ),
     (np.zeros((3, 3)), r"every flow value is 0, so there is no mobility to learn from"),
   ],
 )

@@ -111,13 +111,19 @@ def test_similarity_shape_mismatch(tmp_path, rng):
   _expect(tmp_path, "landUse_simi.npy", "landuse_similarity", ["shape"])
 
 
-def test_nan_values(tmp_path, rng):
+@pytest.mark.parametrize("bad", [np.nan, 1e300])  # 1e300 is finite, but inf in float32
+def test_nan_values(tmp_path, rng, bad):
   folder = _write_root(tmp_path, rng)
   sim = rng.random((N, N))
-  sim[2, 3] = np.nan
+  sim[2, 3] = bad
   sim[4, 0] = np.inf
   np.save(folder / "poi_simi.npy", sim)
-  _expect(tmp_path, "poi_simi.npy", "poi_similarity", ["2 NaN/inf", "(2, 3)"])
+  _expect(
+    tmp_path,
+    "poi_simi.npy",
+    "poi_similarity",
+    ["2 non-finite (NaN/inf, or beyond float32's range) values", "(2, 3)"],
+  )
 
 
 def test_negative_counts(tmp_path, rng):

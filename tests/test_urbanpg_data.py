@@ -102,7 +102,19 @@ def test_zero_and_empty_readings_are_masked_and_kept_out_of_the_scaler(data_root
     (
       lambda f: _edit_cell(f / "los_adj.csv", 3, 4, "nan"),
       "los_adj.csv",
-      "1 empty or non-finite weights (first at row 4, column 5)",
+      "1 empty or non-finite (NaN/inf, or beyond float32's range) weights "
+      "(first at row 4, column 5)",
+    ),
+    (
+      lambda f: _edit_cell(f / "los_adj.csv", 3, 4, "1e39"),
+      "los_adj.csv",
+      "1 empty or non-finite (NaN/inf, or beyond float32's range) weights "
+      "(first at row 4, column 5)",
+    ),
+    (
+      lambda f: _edit_cell(f / "los_speed.csv", 7, 5, "1e300"),
+      "los_speed.csv",
+      "1 speeds beyond float32's range (first 1e+300 at row 8)",
     ),
     (
       lambda f: _edit_cell(f / "sensor_locations.csv", 4, 1, "1"),

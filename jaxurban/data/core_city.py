@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxurban.data import wkt as wkt_lib
-from jaxurban.data.errors import DataError, read_npy
+from jaxurban.data.errors import NOT_FINITE, DataError, not_finite_in_float32, read_npy
 from jaxurban.data.root import resolve_data_root, subdir
 
 __all__ = [
@@ -322,12 +322,12 @@ class _Table:
 
 
 def _check_finite(values: np.ndarray, file: str, column: str, what: str) -> None:
-  bad = ~np.isfinite(values)
+  bad = not_finite_in_float32(values)
   if bad.any():
     rows = np.flatnonzero(bad.reshape(len(values), -1).any(axis=1))
     raise DataError(
       file,
-      f"{int(bad.sum())} non-finite (NaN/inf) {what} (first at row {int(rows[0])})",
+      f"{int(bad.sum())} {NOT_FINITE} {what} (first at row {int(rows[0])})",
       column=column,
     )
 
@@ -575,11 +575,11 @@ def _load_label(path: pathlib.Path, n: int, geo_file: str) -> np.ndarray:
   if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
     raise DataError(path.name, f"expected real numbers, got dtype {values.dtype}")
   values = values.astype(np.float64)
-  bad = ~np.isfinite(values)
+  bad = not_finite_in_float32(values)
   if bad.any():
     raise DataError(
       path.name,
-      f"{int(bad.sum())} non-finite (NaN/inf) label values (first at region {int(np.flatnonzero(bad)[0])})",
+      f"{int(bad.sum())} {NOT_FINITE} label values (first at region {int(np.flatnonzero(bad)[0])})",
     )
   # GDP, population and emissions are amounts; the evaluation clips
   # predictions at 0 and MAPE divides by the label.
@@ -602,9 +602,9 @@ def _load_od_flow(path: pathlib.Path, n: int) -> np.ndarray:
   if not np.issubdtype(flow.dtype, np.number) or np.issubdtype(flow.dtype, np.complexfloating):
     raise DataError(path.name, f"expected real numbers, got dtype {flow.dtype}")
   flow = flow.astype(np.float64)
-  bad = ~np.isfinite(flow)
+  bad = not_finite_in_float32(flow)
   if bad.any():
-    raise DataError(path.name, f"{int(bad.sum())} non-finite (NaN/inf) flow values")
+    raise DataError(path.name, f"{int(bad.sum())} {NOT_FINITE} flow values")
   neg = flow < 0
   if neg.any():
     i, j = np.argwhere(neg)[0]

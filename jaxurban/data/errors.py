@@ -13,7 +13,20 @@ import os
 
 import numpy as np
 
-__all__ = ["DataError", "read_npy"]
+__all__ = ["DataError", "NOT_FINITE", "not_finite_in_float32", "read_npy"]
+
+
+# How the loaders name what `not_finite_in_float32` finds.
+NOT_FINITE = "non-finite (NaN/inf, or beyond float32's range)"
+
+
+def not_finite_in_float32(values: np.ndarray) -> np.ndarray:
+  """True where a value is NaN or infinite, or finite but beyond float32's
+  range (|x| > 3.4e38): the models compute in float32, where such a value
+  becomes inf and turns every result that depends on it to NaN."""
+  values = np.asarray(values, np.float64)
+  with np.errstate(invalid="ignore"):
+    return ~(np.abs(values) <= np.finfo(np.float32).max)
 
 
 class DataError(ValueError):

@@ -27,7 +27,7 @@ import re
 
 import numpy as np
 
-from jaxurban.data.errors import DataError, read_npy
+from jaxurban.data.errors import NOT_FINITE, DataError, not_finite_in_float32, read_npy
 from jaxurban.data.root import resolve_data_root, subdir
 
 __all__ = ["CITIES", "CityViews", "load_city_views", "load_chicago_centroids", "parse_centroid"]
@@ -91,10 +91,12 @@ def _load_npy(folder: pathlib.Path, name: str, field: str) -> np.ndarray:
   if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
     raise DataError(path, f"dtype {array.dtype} is not a real number type", column=field)
   array = array.astype(np.float64)
-  bad = ~np.isfinite(array)
+  bad = not_finite_in_float32(array)
   if bad.any():
     first = tuple(int(i) for i in np.argwhere(bad)[0])
-    raise DataError(path, f"{int(bad.sum())} NaN/inf values (first at index {first})", column=field)
+    raise DataError(
+      path, f"{int(bad.sum())} {NOT_FINITE} values (first at index {first})", column=field
+    )
   return array
 
 

@@ -29,7 +29,7 @@ import pathlib
 
 import numpy as np
 
-from jaxurban.data.errors import DataError
+from jaxurban.data.errors import NOT_FINITE, DataError, not_finite_in_float32
 from jaxurban.data.root import resolve_data_root, subdir
 
 __all__ = [
@@ -198,6 +198,17 @@ def read_los_loop_folder(folder: str | os.PathLike) -> TrafficData:
   if len(set(header)) != len(header):
     raise DataError(name, "the header repeats detector ids", column="header")
   finite = np.isfinite(speed)
+  # An inf cell is a missing reading; a finite one that float32 cannot hold
+  # is an error, since it would become inf in the model's arrays.
+  huge = finite & not_finite_in_float32(speed)
+  if huge.any():
+    t, n = np.argwhere(huge)[0]
+    raise DataError(
+      name,
+      f"{int(huge.sum())} speeds beyond float32's range "
+      f"(first {float(speed[t, n])!r} at row {t + 2})",
+      column=header[n],
+    )
   negative = finite & (speed < 0)
   if negative.any():
     t, n = np.argwhere(negative)[0]
@@ -216,12 +227,12 @@ def read_los_loop_folder(folder: str | os.PathLike) -> TrafficData:
       "los_adj.csv",
       f"shape {adjacency.shape}, expected ({n_nodes}, {n_nodes}) for {n_nodes} detectors",
     )
-  bad = ~np.isfinite(adjacency)
+  bad = not_finite_in_float32(adjacency)
   if bad.any():
     i, j = np.argwhere(bad)[0]
     raise DataError(
       "los_adj.csv",
-      f"{int(bad.sum())} empty or non-finite weights (first at row {i + 1}, column {j + 1})",
+      f"{int(bad.sum())} empty or {NOT_FINITE} weights (first at row {i + 1}, column {j + 1})",
     )
 
   ids, coords = _read_locations(paths["sensor_locations.csv"])
