@@ -117,6 +117,29 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
   parser.add_argument("--process-id", type=int, help="with --distributed: this process's id")
   args = parser.parse_args(argv)
 
+  host_flags = [
+    flag
+    for flag, value in (
+      ("--coordinator-address", args.coordinator_address),
+      ("--num-processes", args.num_processes),
+      ("--process-id", args.process_id),
+    )
+    if value is not None
+  ]
+  if host_flags and not args.distributed:
+    # Without --distributed they would be ignored and each host would train alone.
+    verb = "takes" if len(host_flags) == 1 else "take"
+    parser.error(f"{', '.join(host_flags)} only {verb} effect with --distributed")
+  if args.num_processes is not None and args.num_processes < 1:
+    parser.error(f"--num-processes {args.num_processes}: must be at least 1")
+  if args.process_id is not None and not (
+    0 <= args.process_id < (args.num_processes or float("inf"))
+  ):
+    parser.error(
+      f"--process-id {args.process_id}: must lie in [0, --num-processes)"
+      if args.num_processes
+      else f"--process-id {args.process_id}: must be at least 0"
+    )
   cities = args.pair.split("-")
   if len(cities) != 2 or not all(cities):
     parser.error(f"--pair {args.pair!r}: expected two city codes like XA-CD")

@@ -30,6 +30,12 @@ class CheckpointMismatch(ValueError):
   """The checkpoint in a work directory was written by a different config."""
 
 
+class CheckpointUnreadable(CheckpointMismatch):
+  """The checkpoint's files cannot be read back (edited, truncated, or a part
+  removed by hand). A subclass of CheckpointMismatch, so that every command
+  that reports a mismatch in one line reports this the same way."""
+
+
 def check_same_config(saved: dict, config: dict, what: str, ignore: tuple[str, ...] = ()) -> None:
   """Raises CheckpointMismatch naming every key (outside ``ignore``) in which
   the ``saved`` config differs from ``config``; ``what`` names the saved thing."""
@@ -106,7 +112,7 @@ class Checkpointer:
     step = self._manager.latest_step()
     if step is None or not (self.directory / str(step) / "log").exists():
       return None
-    return self._manager.restore(step, args=ocp.args.Composite(log=ocp.args.JsonRestore()))["log"]
+    return self._read(step, log=ocp.args.JsonRestore())["log"]
 
   def restore(
     self, state_template: Any, config: dict, ignore: tuple[str, ...] = ()
@@ -122,14 +128,25 @@ class Checkpointer:
     # The config first: a run with other settings (more seeds, another city)
     # has other array shapes, and restoring the state into them would fail
     # inside orbax before the settings could be compared and named.
-    saved = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    saved = self._read(step, config=ocp.args.JsonRestore())
     check_same_config(
       saved["config"], config, f"{self.directory}: the checkpoint at step {step}", ignore
     )
-    restored = self._manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state_template))
-    )
+    restored = self._read(step, state=ocp.args.StandardRestore(state_template))
     return step, restored["state"]
+
+  def _read(self, step: int, **items: Any) -> Any:
+    """One restore, with any failure of orbax to read the files turned into
+    one line that names the folder and says how to go on."""
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as error:  # orbax raises KeyError, JSON and tensorstore errors, ...
+      reason = (str(error).strip().splitlines() or [""])[0][:200]
+      raise CheckpointUnreadable(
+        f"{self.directory}: the {', '.join(items)} of the checkpoint at step {step} cannot be "
+        f"read ({type(error).__name__}: {reason}); delete {self.directory} to start afresh, "
+        "or use another output folder"
+      ) from error
 
   def close(self) -> None:
     self._manager.close()

@@ -1,9 +1,11 @@
 """The checkpointer every training loop uses: config inside, resume, leftovers."""
 
+import shutil
+
 import numpy as np
 import pytest
 
-from jaxurban.checkpoint import Checkpointer, CheckpointMismatch
+from jaxurban.checkpoint import Checkpointer, CheckpointMismatch, CheckpointUnreadable
 
 
 def test_restores_the_latest_state_with_its_config_and_log(tmp_path):
@@ -34,3 +36,36 @@ def test_a_save_killed_part_way_is_ignored_then_removed(tmp_path):
   again = Checkpointer(tmp_path)
   assert again.latest_step() == 1 and not leftover.exists()
   assert again.restore(state, {"lr": 0.1})[0] == 1
+
+
+def _truncate_every_file(folder):
+  for file in folder.rglob("*"):
+    if file.is_file() and file.stat().st_size > 100:
+      file.write_bytes(file.read_bytes()[:50])
+
+
+@pytest.mark.parametrize(
+  "damage, part",
+  [
+    (lambda step: shutil.rmtree(step / "config"), "config"),
+    (lambda step: (step / "config" / "metadata").write_text("{not json"), "config"),
+    (lambda step: shutil.rmtree(step / "state"), "state"),
+    (lambda step: _truncate_every_file(step / "state"), "state"),
+    (lambda step: (step / "log" / "metadata").write_text("{not json"), "log"),
+  ],
+)
+def test_a_checkpoint_damaged_by_hand_is_named_in_one_line(tmp_path, damage, part):
+  state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+  saver = Checkpointer(tmp_path)
+  saver.save(4, state, {"lr": 0.1}, log=[1.0])
+  saver.close()
+  damage(saver.directory / "4")
+  reader = Checkpointer(tmp_path)
+  with pytest.raises(CheckpointUnreadable) as caught:
+    reader.restore(state, {"lr": 0.1})
+    reader.restore_log()
+  message = str(caught.value)
+  assert f"the {part} of the checkpoint at step 4 cannot be read" in message
+  assert str(saver.directory) in message and "\n" not in message
+  # Every command already reports a mismatch in one line; this is one.
+  assert isinstance(caught.value, CheckpointMismatch)

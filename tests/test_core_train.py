@@ -299,3 +299,35 @@ def test_an_output_path_that_is_a_file_is_a_usage_error(tmp_path, capsys):
     core_align.parse_config(["--pair", "XA-CD", "--out", str(tmp_path / "taken")])
   assert stop.value.code == 2
   assert "taken: exists and is not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+  "flags, problem",
+  [
+    (["--process-id", "1"], "--process-id only takes effect with --distributed"),
+    (
+      ["--coordinator-address", "h:1", "--num-processes", "2"],
+      "--coordinator-address, --num-processes only take effect with --distributed",
+    ),
+    (["--distributed", "--num-processes", "0"], "--num-processes 0: must be at least 1"),
+    (
+      ["--distributed", "--num-processes", "2", "--process-id", "2"],
+      "--process-id 2: must lie in [0, --num-processes)",
+    ),
+    (["--distributed", "--process-id", "-1"], "--process-id -1: must be at least 0"),
+  ],
+)
+def test_multi_host_flags_are_checked(flags, problem, capsys):
+  # Checked before jax.distributed.initialize, which would wait for the others.
+  with pytest.raises(SystemExit) as stop:
+    core_align.parse_config(["--pair", "XA-CD", *flags])
+  assert stop.value.code == 2
+  assert problem in capsys.readouterr().err
+
+
+def test_multi_host_flags_pass_with_distributed(tmp_path):
+  config, _ = core_align.parse_config(
+    ["--pair", "XA-CD", "--distributed", "--num-processes", "2", "--process-id", "1"]
+    + ["--out", str(tmp_path / "out")]
+  )
+  assert config.city_x == "xa"

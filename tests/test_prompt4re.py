@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxurban.checkpoint import CheckpointUnreadable
 from jaxurban.eval.kfold import fold_assignment, fold_masks, validation_masks
 from jaxurban.topt import prompt4re
 from jaxurban.topt.prompt4re import (
@@ -362,6 +363,10 @@ def test_killed_run_resumes_to_the_uninterrupted_trajectory(rng, tmp_path, monke
   # models: that run trains afresh.
   with pytest.raises(AssertionError, match="trained although"):
     run(labels=y + 1.0)
+  # A finished file cut short by hand is named, not a traceback from numpy.
+  saved.write_bytes(saved.read_bytes()[:100])
+  with pytest.raises(CheckpointUnreadable, match=rf"{saved.name}: cannot be read"):
+    run()
 
 
 def test_a_diverging_run_stops_before_its_checkpoint(rng, tmp_path):

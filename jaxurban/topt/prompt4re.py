@@ -421,7 +421,7 @@ def cross_validated_trajectory(
   val_trajectory = np.full(shape, np.nan, np.float32) if validated else None
   start, checkpointer = 0, None
   if workdir is not None:
-    from jaxurban.checkpoint import Checkpointer, check_same_config
+    from jaxurban.checkpoint import Checkpointer, CheckpointUnreadable, check_same_config
     from jaxurban.digest import arrays_sha256
 
     run_config = {
@@ -443,12 +443,19 @@ def cross_validated_trajectory(
     # x 10 folds take hundreds of MB); a rerun reads it back.
     finished = pathlib.Path(workdir) / "checkpoints" / f"{name}_trajectory.npz"
     if finished.exists():
-      with np.load(finished) as saved:
-        check_same_config(json.loads(str(saved["config"])), run_config, str(finished))
-        log(f"  prompt4re: finished before, trajectory read from {finished}")
-        return Trajectory(
-          saved["predictions"], saved["epochs"], saved["validation"] if validated else None
-        )
+      try:
+        with np.load(finished, allow_pickle=False) as saved:
+          saved_config = json.loads(str(saved["config"]))
+          arrays = (saved["predictions"], saved["epochs"])
+          validation = saved["validation"] if validated else None
+      except Exception as error:  # truncated, edited, a field missing
+        raise CheckpointUnreadable(
+          f"{finished}: cannot be read ({type(error).__name__}: {error}); delete it to "
+          "train these models afresh, or use another output folder"
+        ) from error
+      check_same_config(saved_config, run_config, str(finished))
+      log(f"  prompt4re: finished before, trajectory read from {finished}")
+      return Trajectory(*arrays, validation)
     checkpointer = Checkpointer(workdir, subdir=name, max_to_keep=1)
     template = {"chunk": np.zeros((), np.int32), "state": state, "pred": trajectory}
     if validated:
