@@ -79,7 +79,8 @@ _RESULT_VERSION = 2
 # 3: GCN bias added after the propagation; views stacked as P, M, D.
 # 4: the VGAE propagates over A, the walks' subgraphs carry the estimate of A
 # (not A divided by the view's maximum).
-MODEL_REVISION = 4
+# 5: the VGAE's mu and log sigma heads start at the prior (zero weights).
+MODEL_REVISION = 5
 
 
 @dataclasses.dataclass(frozen=True)
