@@ -41,7 +41,12 @@ def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
   )
   parser.add_argument("--city", choices=("Chi", "NY"), default="Chi")
   parser.add_argument("--data-root", default=None, help="default: $JAXURBAN_DATA")
-  parser.add_argument("--images", default=None, help="folder of per-region images")
+  parser.add_argument(
+    "--images",
+    default=None,
+    help="folder of per-region images <i>.png or <i>.npy (H x W x 3, uint8 or floats in [0, 1]); "
+    "needs text or location to contrast them with, so not New York",
+  )
   parser.add_argument("--seeds", type=int, default=5)
   parser.add_argument("--epochs", type=int, default=UrbanMMCLConfig.epochs)
   parser.add_argument("--finetune-seeds", type=int, default=UrbanMMCLConfig.finetune_seeds)

@@ -413,10 +413,27 @@ def test_tiny_end_to_end_runs(tmp_path, data_root, rng):
   image_dir = tmp_path / "images"
   image_dir.mkdir()
   for i in range(3):
-    np.save(image_dir / f"{i}.npy", rng.uniform(0, 255, size=(20, 24, 3)).astype(np.float32))
+    np.save(image_dir / f"{i}.npy", rng.integers(0, 256, size=(20, 24, 3)).astype(np.uint8))
   images = load_images(image_dir, 3, 16)
   chex.assert_shape(images, (3, 16, 16, 3))
   assert 0 <= images.min() and images.max() <= 1
+  # The scale follows the dtype, not one image's values: a dark uint8 image
+  # is divided by 255 like the others, and floats are taken as they are.
+  np.save(image_dir / "0.npy", np.ones((4, 4, 3), np.uint8))
+  np.save(image_dir / "1.npy", np.full((4, 4, 3), 0.5, np.float32))
+  np.save(image_dir / "2.npy", np.full((4, 4, 4), 255, np.uint8))  # RGBA: alpha dropped
+  np.testing.assert_allclose(
+    load_images(image_dir, 3, 4)[:, 0, 0], [[1 / 255] * 3, [0.5] * 3, [1] * 3]
+  )
+  for bad, words in (
+    (np.full((4, 4, 3), 2.0, np.float32), r"values span \[2, 2\], expected \[0, 1\]"),
+    (np.zeros((3, 8, 8), np.float32), r"shape \(3, 8, 8\).*channels first\?"),
+    (np.zeros((4, 4, 3), np.int64), "dtype int64, expected uint8"),
+  ):
+    np.save(image_dir / "2.npy", bad)
+    with pytest.raises(DataError, match=rf"2\.npy.*{words}"):
+      load_images(image_dir, 3, 4)
+  np.save(image_dir / "2.npy", np.zeros((4, 4, 3), np.uint8))
   with pytest.raises(DataError, match="no image for region 3"):
     load_images(image_dir, 4, 16)
   # The .npy is the file read when both exist, and the error names it.
@@ -428,7 +445,7 @@ def test_tiny_end_to_end_runs(tmp_path, data_root, rng):
   with pytest.raises(DataError, match=r"3\.npy.*shape \(0, 0, 3\), expected H x W x 3"):
     load_images(image_dir, 4, 16)
   np.save(image_dir / "3.npy", np.full((4, 4, 3), "a"))
-  with pytest.raises(DataError, match=r"3\.npy.*dtype <U1, expected numbers"):
+  with pytest.raises(DataError, match=r"3\.npy.*dtype <U1, expected uint8"):
     load_images(image_dir, 4, 16)
   np.savez(image_dir / "3.npz", image=np.zeros((4, 4, 3)))
   (image_dir / "3.npz").rename(image_dir / "3.npy")
@@ -538,6 +555,9 @@ def test_ablations_of_what_the_city_lacks_are_refused(tmp_path, data_root, capsy
       UrbanMMCLConfig(**{name: value})
   with pytest.raises(ValueError, match="NY has no text, location or images"):
     prepare(UrbanMMCLConfig(city="NY", data_root=str(data_root), no_multimodal=True))
+  # Images alone would have nothing to be contrasted with (eq. 14).
+  with pytest.raises(ValueError, match="NY: images need text or location"):
+    prepare(UrbanMMCLConfig(city="NY", data_root=str(data_root), images=str(tmp_path)))
   # The location frame needs a location modality.
   for city, extra, why in (
     ("NY", {}, "NY has no centroids"),

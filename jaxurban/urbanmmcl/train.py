@@ -91,7 +91,9 @@ class UrbanMMCLConfig:
     city: "Chi" or "NY".
     data_root: data folder; None reads ``$JAXURBAN_DATA``.
     images: folder of per-region images ``<i>.png`` or ``<i>.npy`` (region
-      i in the HAFusion order); None = no image modality.
+      i in the HAFusion order; a ``.npy`` is H x W x 3, uint8 or floats in
+      [0, 1]); None = no image modality. Images need text or location to
+      be contrasted with (eq. 14).
     seeds, first_seed: pre-training seeds first_seed .. first_seed+seeds-1.
     epochs: full-batch pre-training epochs.
     learning_rate: AdamW learning rate of pre-training.
@@ -228,7 +230,13 @@ def load_geo_texts(data_root=None, n_regions: int | None = None) -> list[str]:
 
 
 def load_images(folder, n: int, size: int) -> np.ndarray:
-  """[n, size, size, 3] float32 in [0, 1] from ``<folder>/<i>.png`` or ``<i>.npy``."""
+  """[n, size, size, 3] float32 in [0, 1] from ``<folder>/<i>.png`` or ``<i>.npy``.
+
+  A ``.npy`` is H x W (grey) or H x W x C with C = 3 (RGB) or 4 (RGBA, the
+  alpha dropped); uint8 values are divided by 255, and floats must already
+  lie in [0, 1]. The scale follows the dtype, never one image's values, so
+  that every region's image is read on the same scale.
+  """
   import matplotlib.image as mpimg
 
   folder = pathlib.Path(folder)
@@ -242,9 +250,12 @@ def load_images(folder, n: int, size: int) -> np.ndarray:
       )
     if source is npy:  # a DataError for archives, pickles and unreadable files
       image = read_npy(npy, column="images", shown=npy)
-      if image.dtype.kind not in "biuf":
-        raise DataError(npy, f"dtype {image.dtype}, expected numbers", column="images")
-      image = image.astype(np.float32)
+      if image.dtype != np.uint8 and image.dtype.kind != "f":
+        raise DataError(
+          npy, f"dtype {image.dtype}, expected uint8 (0-255) or floats in [0, 1]", column="images"
+        )
+      scale = 255.0 if image.dtype == np.uint8 else 1.0
+      image = image.astype(np.float32) / scale
     else:
       try:
         image = np.asarray(mpimg.imread(png), np.float32)
@@ -252,13 +263,23 @@ def load_images(folder, n: int, size: int) -> np.ndarray:
         raise DataError(png, f"not a readable image ({e})", column="images")
     if image.ndim == 2:
       image = np.repeat(image[..., None], 3, axis=-1)
-    if image.ndim != 3 or image.shape[-1] < 3 or image.size == 0:
-      raise DataError(source, f"shape {image.shape}, expected H x W x 3", column="images")
+    if image.ndim != 3 or image.shape[-1] not in (3, 4) or image.size == 0:
+      hint = (
+        " (channels first? put them last)" if image.ndim == 3 and image.shape[0] in (3, 4) else ""
+      )
+      raise DataError(
+        source, f"shape {image.shape}, expected H x W x 3 (or x 4){hint}", column="images"
+      )
     if not np.all(np.isfinite(image)):
       raise DataError(source, "contains NaN or infinite values", column="images")
+    if image.min() < 0.0 or image.max() > 1.0:
+      raise DataError(
+        source,
+        f"values span [{image.min():g}, {image.max():g}], expected [0, 1] "
+        "(floats) or 0-255 (uint8)",
+        column="images",
+      )
     image = image[..., :3]
-    if image.max() > 1.0:
-      image = image / 255.0
     rows = np.arange(size) * image.shape[0] // size
     cols = np.arange(size) * image.shape[1] // size
     out[i] = image[rows][:, cols]
@@ -364,6 +385,13 @@ def prepare(config: UrbanMMCLConfig):
         loc_scale=float(xy.std(axis=0).max()),
       )
     inputs["coords"] = coords
+  if use_images and not (use_text or use_location):
+    # Eq. (14) contrasts images with text and with location; alone, the
+    # images would enter the graph part untrained by any contrastive loss.
+    raise AblationError(
+      f"{config.city}: images need text or location to be contrasted with (eq. 14), "
+      "and this city has neither"
+    )
   if use_images:
     inputs["images"] = load_images(config.images, views.n_regions, config.image_size)
   if not (use_text or use_location or use_images) and config.no_graph:
