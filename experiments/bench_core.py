@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from experiments.common import check_torch_flags, exit_status, positive_int
 from jaxurban import sharding
 from jaxurban.core.train import (
   CoreConfig,
@@ -108,21 +109,28 @@ def time_torch(args) -> float | None:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    prog="python -m experiments.bench_core",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   parser.add_argument("--pair", default="XA-CD")
   parser.add_argument("--data-root", default=os.environ.get("JAXURBAN_DATA"))
-  parser.add_argument("--seeds", type=int, nargs="+", default=[1, 5])
+  parser.add_argument("--seeds", type=positive_int, nargs="+", default=[1, 5])
   parser.add_argument(
     "--variants", nargs="+", choices=sorted(VARIANTS), default=["default", "direct"]
   )
-  parser.add_argument("--chunk", type=int, default=10, help="epochs per timed call")
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--chunk", type=positive_int, default=10, help="epochs per timed call")
+  parser.add_argument("--repeats", type=positive_int, default=5)
   parser.add_argument("--shard-seeds", action="store_true", help="split the seeds over all devices")
   parser.add_argument("--torch-python", default=None)
   parser.add_argument("--torch-repo", default=None)
-  parser.add_argument("--torch-epochs", type=int, default=30)
+  parser.add_argument("--torch-epochs", type=positive_int, default=30)
   args = parser.parse_args(argv)
+  check_torch_flags(parser, args)
+  if args.torch_python and args.torch_epochs <= 5:
+    parser.error(
+      f"--torch-epochs {args.torch_epochs}: the authors' code times the epochs after 5 warm-up ones"
+    )
   uneven = [s for s in args.seeds if s % jax.device_count()]
   if args.shard_seeds and uneven:
     parser.error(
@@ -166,4 +174,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(exit_status(main))

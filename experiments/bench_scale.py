@@ -34,6 +34,8 @@ import time
 
 import numpy as np
 
+from experiments.common import positive_int
+
 
 def synthetic_city(n_regions: int, seed: int, destinations: int = 10):
   """Edges (origin, destination, count) of a city on a jittered square grid."""
@@ -123,10 +125,14 @@ def child(n_regions: int, direct: bool, repeats: int, max_run_gb: float, remat: 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    prog="python -m experiments.bench_scale",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 5000, 10000, 20000])
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument(
+    "--sizes", type=positive_int, nargs="+", default=[1000, 2000, 5000, 10000, 20000]
+  )
+  parser.add_argument("--repeats", type=positive_int, default=3)
   parser.add_argument(
     "--max-run-gb",
     type=float,

@@ -36,6 +36,7 @@ import time
 import jax
 import numpy as np
 
+from experiments.common import check_torch_flags, checked_output_file, exit_status, positive_int
 from jaxurban.checkpoint import write_json_atomic
 from jaxurban.data.hafusion import load_city_views
 from jaxurban.topt.srel_train import (
@@ -121,18 +122,20 @@ def time_torch(
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m experiments.bench_srel", description=__doc__.split("\n\n")[0]
+  )
   parser.add_argument("--data-root", default=None)
   parser.add_argument("--city", choices=("Chi", "NY"), default="Chi")
-  parser.add_argument("--seeds", type=int, default=5)
-  parser.add_argument("--epochs-per-call", type=int, default=20)
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--torch-epochs-per-call", type=int, default=5)
+  parser.add_argument("--seeds", type=positive_int, default=5)
+  parser.add_argument("--epochs-per-call", type=positive_int, default=20)
+  parser.add_argument("--repeats", type=positive_int, default=5)
+  parser.add_argument("--torch-epochs-per-call", type=positive_int, default=5)
   parser.add_argument("--torch-python", default=None)
   parser.add_argument("--torch-repo", default=None)
   parser.add_argument(
     "--torch-threads",
-    type=int,
+    type=positive_int,
     nargs="+",
     default=[1, 2],
     help="PyTorch intra-op thread counts to time (OpenMP threads suffer on a busy machine)",
@@ -140,6 +143,8 @@ def main(argv=None) -> None:
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
   parser.add_argument("--out", default=None, help="write the results as JSON here")
   args = parser.parse_args(argv)
+  check_torch_flags(parser, args)
+  checked_output_file(parser, args.out)
 
   views = load_city_views(args.city, args.data_root)
   results = {
@@ -205,4 +210,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(exit_status(main))

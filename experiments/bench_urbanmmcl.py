@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import time
 
 import jax
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.common import exit_status, positive_int
 from jaxurban.data.hafusion import load_city_views
 from jaxurban.urbanmmcl.graphs import build_view_graphs, raw_features
 from jaxurban.urbanmmcl.model import ModelConfig, UrbanMMCL, encode_texts, equal_earth
@@ -75,9 +77,11 @@ def _median_time(fn, repeats: int) -> float:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
-    prog="python -m experiments.bench_urbanmmcl", description=__doc__
+    prog="python -m experiments.bench_urbanmmcl",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--repeats", type=positive_int, default=20)
   parser.add_argument("--data-root", default=None)
   args = parser.parse_args(argv)
   config = UrbanMMCLConfig(city="NY", data_root=args.data_root)
@@ -123,4 +127,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(exit_status(main))

@@ -31,11 +31,24 @@ import time
 
 import numpy as np
 
+from experiments.common import checked_output_file, positive_int, positive_int_list
 from jaxurban.atomic import write_json_atomic
 from jaxurban.data.traffic import STEPS_PER_DAY
 
 BATCH = 64
 T_IN = T_OUT = 12
+ATTENTION_FORMS = ("linear", "softmax")
+
+
+def _attention_list(text: str) -> list[str]:
+  """argparse type: comma-separated attention forms out of ATTENTION_FORMS."""
+  forms = text.split(",")
+  unknown = [form for form in forms if form not in ATTENTION_FORMS]
+  if unknown:
+    raise argparse.ArgumentTypeError(
+      f"unknown attention form(s) {', '.join(unknown)}; choose from {', '.join(ATTENTION_FORMS)}"
+    )
+  return forms
 
 
 def synthetic_traffic(n_nodes: int, n_steps: int = 7 * STEPS_PER_DAY, seed: int = 0):
@@ -147,23 +160,36 @@ def _fmt(value, digits=3):
 
 
 def main(argv=None) -> list[dict]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--nodes", default="716,2352,3834,8600")
-  parser.add_argument("--attention", default="linear,softmax")
-  parser.add_argument("--repeats", type=int, default=3)
+  parser = argparse.ArgumentParser(
+    prog="python -m experiments.bench_urbanpg", description=__doc__.split("\n")[0]
+  )
+  parser.add_argument(
+    "--nodes",
+    type=positive_int_list,
+    default="716,2352,3834,8600",
+    help="comma-separated node counts (716,2352,3834,8600)",
+  )
+  parser.add_argument(
+    "--attention",
+    type=_attention_list,
+    default="linear,softmax",
+    help="comma-separated attention forms: linear, softmax or both (linear,softmax)",
+  )
+  parser.add_argument("--repeats", type=positive_int, default=3)
   parser.add_argument("--softmax-max-gb", type=float, default=6.0)
   parser.add_argument("--out", default=None, help="write the rows as JSON here")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  checked_output_file(parser, args.out)
   if args.child:
     n, attention = args.child.split(":")
     limit = args.softmax_max_gb if attention == "softmax" else float("inf")
     print("RESULT " + json.dumps(child(int(n), attention, args.repeats, limit)), flush=True)
     return []
   rows = []
-  nodes = [int(n) for n in args.nodes.split(",")]
+  nodes = args.nodes
   print(f"batch {BATCH}, {T_IN} steps in / {T_OUT} out; median of {args.repeats} after warm-up")
-  for attention in args.attention.split(","):
+  for attention in args.attention:
     for n in nodes:
       command = [sys.executable, "-m", "experiments.bench_urbanpg", "--child", f"{n}:{attention}"]
       command += ["--repeats", str(args.repeats), "--softmax-max-gb", str(args.softmax_max_gb)]

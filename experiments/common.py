@@ -1,14 +1,73 @@
-"""What the experiment commands share: the output folder, its default and its check."""
+"""What the experiment commands share: the output folder, its default and its
+check, the checks of the benchmarks' flags, and their one-line data errors."""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import pathlib
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 
 from jaxurban.atomic import writable_folder_problem
+from jaxurban.data.errors import DataError
+
+
+def positive_int(text: str) -> int:
+  """argparse type: a whole number of at least 1 (counts, repeats, sizes)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+  return value
+
+
+def positive_int_list(text: str) -> list[int]:
+  """argparse type: comma-separated whole numbers of at least 1, e.g. ``716,2352``."""
+  return [positive_int(part) for part in text.split(",")]
+
+
+def checked_output_file(parser: argparse.ArgumentParser, path) -> pathlib.Path | None:
+  """`path` (a file to write) as a path, None when not given, or a usage
+  error (exit 2) when it is a folder or its folder cannot be written."""
+  if path is None:
+    return None
+  path = pathlib.Path(path)
+  if path.is_dir():
+    parser.error(f"--out {path}: is a folder; give the name of a file to write")
+  problem = writable_folder_problem(path.parent if str(path.parent) else ".")
+  if problem:
+    parser.error(f"--out {path}: {problem}")
+  return path
+
+
+def check_torch_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """--torch-python and --torch-repo come together, and name what exists,
+  before any timing runs."""
+  given = [f for f in ("torch_python", "torch_repo") if getattr(args, f)]
+  if len(given) == 1:
+    missing = "--torch-repo" if given == ["torch_python"] else "--torch-python"
+    parser.error(f"--{given[0].replace('_', '-')} needs {missing} too")
+  if given:
+    if not os.access(args.torch_python, os.X_OK) or os.path.isdir(args.torch_python):
+      parser.error(f"--torch-python {args.torch_python}: not an executable file")
+    if not os.path.isdir(args.torch_repo):
+      parser.error(f"--torch-repo {args.torch_repo}: not a folder")
+
+
+def exit_status(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
+  """Runs a benchmark's `main`; a data problem (a missing data root, an
+  unknown city) is one line on stderr and exit status 2, as in the commands."""
+  try:
+    result = main(argv)
+  except DataError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  return result if isinstance(result, int) else 0
 
 
 def checked_output_folder(parser: argparse.ArgumentParser, out) -> pathlib.Path:

@@ -56,7 +56,9 @@ def load_snapshots(
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m experiments.score_srel_snapshots", description=__doc__.split("\n\n")[0]
+  )
   parser.add_argument("--snapshots", required=True, help="folder written by the torch harness")
   parser.add_argument("--city", default="Chi", choices=("Chi", "NY"))
   parser.add_argument(

@@ -23,7 +23,9 @@ from jaxurban.urbanpg.train import PARADIGMS, UrbanPGConfig, train_and_evaluate
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    prog="python -m experiments.urbanpg",
+    description=__doc__,
+    formatter_class=argparse.RawTextHelpFormatter,
   )
   parser.add_argument("--data", default="los-loop", choices=["los-loop"])
   parser.add_argument("--paradigm", default="full", choices=PARADIGMS)

@@ -416,7 +416,9 @@ def train_srel(
 
 def parse_cli(argv: Sequence[str] | None = None) -> tuple[SRELConfig, argparse.Namespace]:
   """The run's `SRELConfig` and the parsed flags of `main`'s command line."""
-  parser = argparse.ArgumentParser(description=main.__doc__)
+  parser = argparse.ArgumentParser(
+    prog="python -m jaxurban.topt.srel_train", description=main.__doc__
+  )
   parser.add_argument("--city", default="Chi", choices=("Chi", "NY"))
   setting = parser.add_mutually_exclusive_group()
   setting.add_argument(

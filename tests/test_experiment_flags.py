@@ -1,0 +1,81 @@
+"""The benchmarks' flags and data errors: usage errors before any timing."""
+
+import argparse
+
+import pytest
+
+from experiments import bench_core, bench_scale, bench_srel, bench_urbanmmcl, bench_urbanpg
+from experiments.common import (
+  check_torch_flags,
+  checked_output_file,
+  exit_status,
+  positive_int,
+  positive_int_list,
+)
+from jaxurban.data.errors import DataError
+
+
+def test_positive_counts():
+  assert positive_int("3") == 3 and positive_int_list("716,2352") == [716, 2352]
+  for text, words in (("0", "at least 1, got 0"), ("-2", "got -2"), ("abc", "whole number")):
+    with pytest.raises(argparse.ArgumentTypeError, match=words):
+      positive_int(text)
+  with pytest.raises(argparse.ArgumentTypeError, match="got 0"):
+    positive_int_list("5,0")
+
+
+@pytest.mark.parametrize(
+  "main, argv, words",
+  [
+    (bench_core.main, ["--seeds", "0"], "--seeds: must be at least 1, got 0"),
+    (bench_core.main, ["--chunk", "0"], "--chunk: must be at least 1"),
+    (bench_core.main, ["--torch-repo", "."], "--torch-repo needs --torch-python too"),
+    (bench_scale.main, ["--sizes", "100", "-5"], "--sizes: must be at least 1, got -5"),
+    (bench_scale.main, ["--repeats", "0"], "--repeats: must be at least 1"),
+    (bench_srel.main, ["--seeds", "0"], "--seeds: must be at least 1"),
+    (bench_urbanmmcl.main, ["--repeats", "0"], "--repeats: must be at least 1"),
+    (bench_urbanpg.main, ["--attention", "linear,flash"], "unknown attention form(s) flash"),
+    (bench_urbanpg.main, ["--nodes", "716,abc"], "expected a whole number, got 'abc'"),
+  ],
+)
+def test_benchmark_flags_are_usage_errors(main, argv, words, capsys):
+  with pytest.raises(SystemExit) as stop:
+    main(argv)
+  assert stop.value.code == 2
+  assert words in capsys.readouterr().err
+
+
+def test_output_files_and_torch_flags(tmp_path, capsys):
+  parser = argparse.ArgumentParser(prog="bench")
+  assert checked_output_file(parser, None) is None
+  assert checked_output_file(parser, tmp_path / "rows.json") == tmp_path / "rows.json"
+  with pytest.raises(SystemExit):
+    checked_output_file(parser, tmp_path)
+  assert "is a folder; give the name of a file" in capsys.readouterr().err
+  # Missing folders on the way are made; a file on the way cannot be.
+  assert checked_output_file(parser, tmp_path / "new" / "rows.json") is not None
+  (tmp_path / "taken").write_text("x")
+  with pytest.raises(SystemExit):
+    checked_output_file(parser, tmp_path / "taken" / "rows.json")
+  assert "taken: exists and is not a folder" in capsys.readouterr().err
+
+  def torch(python, repo):
+    check_torch_flags(parser, argparse.Namespace(torch_python=python, torch_repo=repo))
+
+  torch(None, None)  # neither: nothing to check
+  for python, repo, words in (
+    (str(tmp_path / "python"), str(tmp_path), "not an executable file"),
+    (str(tmp_path), str(tmp_path), "not an executable file"),  # a folder
+  ):
+    with pytest.raises(SystemExit):
+      torch(python, repo)
+    assert words in capsys.readouterr().err
+
+
+def test_data_errors_are_one_line_with_status_2(capsys):
+  def main(argv):
+    raise DataError("regionmap_zz.geo", "file missing")
+
+  assert exit_status(main) == 2
+  assert capsys.readouterr().err == "error: regionmap_zz.geo: file missing\n"
+  assert exit_status(lambda argv: None) == 0 and exit_status(lambda argv: 3) == 3
