@@ -35,6 +35,14 @@ def seed_problems(seeds: Sequence[int], limit: int = 2**32) -> list[str]:
   return [f"seeds must lie in [0, 2**{exponent}), got {bad}"] if bad else []
 
 
+def seed_range_problems(first_seed: int, count: int, limit: int = 2**32) -> list[str]:
+  """`seed_problems` for the seeds first_seed .. first_seed + count - 1; a
+  count below 1 is reported by the caller's own count check, not here."""
+  if count < 1:
+    return []
+  return seed_problems([first_seed, first_seed + count - 1], limit)
+
+
 def rate_problems(**rates: float | None) -> list[str]:
   """Each named learning rate (None: a default chosen elsewhere) must be finite and > 0.
 

@@ -286,6 +286,7 @@ def test_a_diverged_seed_stops_the_stage_before_its_checkpoint(data_root, tmp_pa
     ({"alpha": float("inf")}, "alpha must be a finite number >= 0"),
     ({"first_seed": -1}, r"seeds must lie in \[0, 2\*\*31\), got \[-1\]"),
     ({"first_seed": 2**31 - 1}, r"got \[2147483648\]"),
+    ({"seeds": 0}, r"CoreConfig: seeds must be >= 1, got 0$"),  # and nothing about a range
   ],
 )
 def test_settings_that_would_not_train_are_refused(data_root, overrides, words):

@@ -28,7 +28,7 @@ from jaxurban.training import (
   make_chunk,
   non_finite_seeds,
   rate_problems,
-  seed_problems,
+  seed_range_problems,
   weight_problems,
 )
 
@@ -128,7 +128,7 @@ class CoreConfig:
     problems.extend(rate_problems(learning_rate=self.learning_rate))
     problems.extend(weight_problems(alpha=self.alpha, beta=self.beta))
     # The seeds become a default (int32) jax array.
-    problems.extend(seed_problems([self.first_seed, self.first_seed + self.seeds - 1], 2**31))
+    problems.extend(seed_range_problems(self.first_seed, self.seeds, 2**31))
     if problems:
       raise ValueError("CoreConfig: " + "; ".join(problems))
 

@@ -47,7 +47,7 @@ from jaxurban.data.traffic import (
   load_los_loop,
   make_windows,
 )
-from jaxurban.training import rate_problems, seed_problems
+from jaxurban.training import rate_problems, seed_range_problems
 from jaxurban.urbanpg.baselines import HistoricalAverage, PerNodeLinear, last_value
 from jaxurban.urbanpg.model import ATTENTIONS, UrbanPG
 
@@ -158,7 +158,7 @@ class UrbanPGConfig:
         learning_rate=self.learning_rate, finetune_learning_rate=self.finetune_learning_rate
       )
     )
-    problems.extend(seed_problems([self.first_seed, self.first_seed + self.seeds - 1], 2**31))
+    problems.extend(seed_range_problems(self.first_seed, self.seeds, 2**31))
     if problems:
       raise ValueError("UrbanPGConfig: " + "; ".join(problems))
 
