@@ -4,6 +4,7 @@ check, the checks of the benchmarks' flags, and their one-line data errors."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import pathlib
@@ -68,6 +69,25 @@ def exit_status(main: Callable[[list[str] | None], object], argv: list[str] | No
     print(f"error: {error}", file=sys.stderr)
     return 2
   return result if isinstance(result, int) else 0
+
+
+@contextlib.contextmanager
+def no_empty_folder_left(out):
+  """Runs the block; afterwards removes the folders it made on the way to
+  `out` (which did not exist before) if they hold no file, so that a
+  refused run leaves no trace."""
+  made = None
+  path = pathlib.Path(out).absolute()
+  while not path.exists():
+    made, path = path, path.parent
+  try:
+    yield
+  finally:
+    if made is not None and made.is_dir():
+      inside = list(made.rglob("*"))
+      if not any(p.is_file() or p.is_symlink() for p in inside):
+        for folder in sorted(inside, key=lambda p: -len(p.parts)) + [made]:
+          folder.rmdir()
 
 
 def checked_output_folder(parser: argparse.ArgumentParser, out) -> pathlib.Path:

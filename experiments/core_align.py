@@ -17,7 +17,7 @@ import argparse
 import pathlib
 import sys
 
-from experiments.common import checked_output_folder, default_output_folder
+from experiments.common import checked_output_folder, default_output_folder, no_empty_folder_left
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.core.train import VARIANTS, CoreConfig, train_and_evaluate
 from jaxurban.core.losses import FORMS
@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {problem}; use a multiple of the device count", file=sys.stderr)
     return 2
   try:
-    train_and_evaluate(config, out)
+    with no_empty_folder_left(out):
+      train_and_evaluate(config, out)
   except (DataError, CheckpointMismatch, FloatingPointError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2

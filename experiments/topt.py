@@ -22,7 +22,7 @@ import argparse
 import pathlib
 import sys
 
-from experiments.common import checked_output_folder, default_output_folder
+from experiments.common import checked_output_folder, default_output_folder, no_empty_folder_left
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.errors import DataError
 from jaxurban.eval.kfold import PROTOCOLS
@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     )
   print(f"{config.model_name()} on {config.city}, tasks {config.tasks}, out {out}", flush=True)
   try:
-    train_and_evaluate(config, out, log=lambda s: print(s, flush=True))
+    with no_empty_folder_left(out):
+      train_and_evaluate(config, out, log=lambda s: print(s, flush=True))
   except DataError as e:
     print(f"data error: {e}", file=sys.stderr)
     return 2

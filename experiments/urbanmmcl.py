@@ -24,7 +24,7 @@ import sys
 
 import numpy as np
 
-from experiments.common import checked_output_folder, default_output_folder
+from experiments.common import checked_output_folder, default_output_folder, no_empty_folder_left
 from jaxurban.atomic import write_text_atomic
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.errors import DataError
@@ -180,7 +180,8 @@ def plot_losses(results: dict, path: pathlib.Path, config: UrbanMMCLConfig) -> N
 def main(argv=None) -> int:
   config, out, projection = parse_config(argv)
   try:
-    results = train_and_evaluate(config, out, log=lambda m: print(m, flush=True))
+    with no_empty_folder_left(out):
+      results = train_and_evaluate(config, out, log=lambda m: print(m, flush=True))
   except DataError as e:
     print(f"data error: {e}", file=sys.stderr)
     return 2

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from experiments.common import checked_output_folder, default_output_folder
+from experiments.common import checked_output_folder, default_output_folder, no_empty_folder_left
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.errors import DataError
 from jaxurban.urbanpg.train import PARADIGMS, UrbanPGConfig, train_and_evaluate
@@ -77,7 +77,8 @@ def main(argv=None) -> dict:
   )
   out = checked_output_folder(parser, out)
   try:
-    return train_and_evaluate(config, out)
+    with no_empty_folder_left(out):
+      return train_and_evaluate(config, out)
   except DataError as e:
     print(f"data error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -79,3 +79,24 @@ def test_data_errors_are_one_line_with_status_2(capsys):
   assert exit_status(main) == 2
   assert capsys.readouterr().err == "error: regionmap_zz.geo: file missing\n"
   assert exit_status(lambda argv: None) == 0 and exit_status(lambda argv: 3) == 3
+
+
+def test_a_refused_run_leaves_no_empty_folders(tmp_path):
+  from experiments.common import no_empty_folder_left
+
+  out = tmp_path / "runs" / "model" / "setting"
+  with pytest.raises(DataError):
+    with no_empty_folder_left(out):
+      (out / "checkpoints").mkdir(parents=True)
+      raise DataError("x.npy", "file missing")
+  assert list(tmp_path.iterdir()) == []  # runs/ was made by the run, and went with it
+  # A folder that held files, or existed before, stays.
+  with no_empty_folder_left(out):
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text("{}")
+  assert (out / "metrics.json").is_file()
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  with no_empty_folder_left(existing):
+    pass
+  assert existing.is_dir()

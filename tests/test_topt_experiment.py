@@ -342,6 +342,10 @@ def test_extracted_prompt_vectors_replace_the_published_ones(data_root, tmp_path
   error = capsys.readouterr().err
   assert "column 'prompts_dir': prompt width 30 is not divisible by Prompt4RE's 4" in error
   assert "Traceback" not in error and not (tmp_path / "run3" / "embeddings.npy").exists()
+  # A folder that is not there is named as such.
+  missing = ["--prompts", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run4")]
+  assert topt.main(argv + missing) == 2
+  assert "nowhere: column 'prompts_dir': no such folder" in capsys.readouterr().err
 
 
 def test_default_output_folders_follow_the_settings_that_change_results():

@@ -436,6 +436,8 @@ def test_tiny_end_to_end_runs(tmp_path, data_root, rng):
   np.save(image_dir / "2.npy", np.zeros((4, 4, 3), np.uint8))
   with pytest.raises(DataError, match="no image for region 3"):
     load_images(image_dir, 4, 16)
+  with pytest.raises(DataError, match="nowhere: column 'images': no such folder"):
+    load_images(tmp_path / "nowhere", 4, 16)
   # The .npy is the file read when both exist, and the error names it.
   np.save(image_dir / "3.npy", np.zeros((4, 4, 2), np.float32))
   (image_dir / "3.png").write_bytes(b"not a png")

@@ -327,6 +327,8 @@ def _prompt_vectors(config: ToptConfig, task: str, n_regions: int) -> tuple[np.n
   if config.prompts_dir is None:
     return load_chicago_prompts(config.data_root, config.mllm, task), f"published {config.mllm}"
   folder = pathlib.Path(config.prompts_dir)
+  if not folder.is_dir():
+    raise DataError(folder, "no such folder", column="prompts_dir")
   if (folder / task / MANIFEST_NAME).is_file():
     folder = folder / task
   elif not (folder / MANIFEST_NAME).is_file():

@@ -240,6 +240,8 @@ def load_images(folder, n: int, size: int) -> np.ndarray:
   import matplotlib.image as mpimg
 
   folder = pathlib.Path(folder)
+  if not folder.is_dir():
+    raise DataError(folder, "no such folder", column="images")
   out = np.zeros((n, size, size, 3), np.float32)
   for i in range(n):
     png, npy = folder / f"{i}.png", folder / f"{i}.npy"
