@@ -376,7 +376,8 @@ class VGAE(nn.Module):
     log_sigma = GCN((self.latent,), kernel_init=start_at_prior, name="gcn_sigma")(propagation, x)
     log_sigma = jnp.clip(log_sigma, -8.0, 4.0)
     z = mu + jnp.exp(log_sigma) * jax.random.normal(key, mu.shape) if sample else mu  # eq. (18)
-    # eq. (19), with the inner product scaled by 1/sqrt(d) so that the
+    # eq. (19), with the inner product scaled by 1/sqrt(d): from the prior
+    # (z ~ N(0, I)) the logits z_i . z_j / sqrt(d) have unit variance, so the
     # decoder starts near the [0, 1] range of the targets.
     return jax.nn.softplus(z @ z.T / jnp.sqrt(self.latent)), mu, log_sigma
 
