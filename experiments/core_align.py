@@ -132,14 +132,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
     parser.error(f"{', '.join(host_flags)} only {verb} effect with --distributed")
   if args.num_processes is not None and args.num_processes < 1:
     parser.error(f"--num-processes {args.num_processes}: must be at least 1")
-  if args.process_id is not None and not (
-    0 <= args.process_id < (args.num_processes or float("inf"))
-  ):
-    parser.error(
-      f"--process-id {args.process_id}: must lie in [0, --num-processes)"
-      if args.num_processes
-      else f"--process-id {args.process_id}: must be at least 0"
-    )
+  if args.process_id is not None and args.process_id < 0:
+    parser.error(f"--process-id {args.process_id}: must be at least 0")
+  if args.num_processes and args.process_id is not None and args.process_id >= args.num_processes:
+    parser.error(f"--process-id {args.process_id}: must lie in [0, --num-processes)")
   cities = args.pair.split("-")
   if len(cities) != 2 or not all(cities):
     parser.error(f"--pair {args.pair!r}: expected two city codes like XA-CD")

@@ -284,8 +284,9 @@ def train_srel_with_log(
   seeds = tuple(config.seeds if seeds is None else (int(s) for s in seeds))
   if not seeds:
     raise ValueError("train_srel: no seeds given")
-  if _seed_problems(seeds):
-    raise ValueError("train_srel: " + _seed_problems(seeds)[0])
+  problems = _seed_problems(seeds)
+  if problems:
+    raise ValueError("train_srel: " + problems[0])
   if views.n_regions % config.n_heads:
     raise ValueError(
       f"train_srel: {views.city} has N = {views.n_regions} regions, the model width, "
@@ -445,8 +446,9 @@ def parse_cli(argv: Sequence[str] | None = None) -> tuple[SRELConfig, argparse.N
     parser.error("--hafusion has no spatial prior to switch off")
   if args.hafusion and args.attention_dropout:
     parser.error("--hafusion drops its attention weights already")
-  if args.seeds is not None and _seed_problems(args.seeds):
-    parser.error("--" + _seed_problems(args.seeds)[0])
+  problems = [] if args.seeds is None else _seed_problems(args.seeds)
+  if problems:
+    parser.error("--" + problems[0])
   epochs = {} if args.epochs is None else {"epochs": args.epochs}
   try:
     if args.hafusion:
