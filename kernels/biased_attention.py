@@ -21,8 +21,9 @@ Three things live here:
   and the test oracle).
 * A Pallas implementation (``pl.pallas_call``, lowered through Triton on the
   GPU) following FlashAttention-2: the forward keeps a running max and sum per
-  query row while it walks over key blocks and saves the row log-sum-exp; the
-  backward recomputes P from that LSE, once over query blocks for dQ and the
+  query row while it walks over key blocks and saves the row log-sum-exp as
+  its two parts, the row maximum and the log of the row sum; the backward
+  recomputes P from them, once over query blocks for dQ and the
   row-bias gradient and once over key blocks for dK, dV, the column-bias
   gradient and the RBF-weight gradient.
 * :func:`biased_attention`, the public entry point, and :func:`main`, a
@@ -31,6 +32,12 @@ Three things live here:
 Gradients flow to ``q, k, v, rbf_weight, row_bias, col_bias``. Coordinates,
 RBF centres and RBF widths are treated as constants: their cotangent is zero
 in both implementations.
+
+With float16 inputs the backward casts dS = P∘(dP − δ) to float16 before its
+tile products with K and Q, as FlashAttention does; where |dS| exceeds
+float16's 65504 (very large value or cotangent entries) dQ or dK becomes inf
+while the reference, which differentiates in float32 throughout, stays
+finite. bfloat16, with float32's exponent range, does not have this limit.
 """
 
 from __future__ import annotations
@@ -271,10 +278,16 @@ def _biased_logits(q, k, q_coords, k_coords, bias, row_term, col_term, valid, cf
   return logits, phis
 
 
-def _recomputed_p_and_ds(s, lse, valid, do, v, delta, precision=None):
-  """P recomputed from the saved base-2 LSE, and dS = P∘(dP − δ)
-  (FlashAttention-2, Alg. 2), on one tile."""
-  p = jnp.where(valid[None, :], jnp.exp2(s - lse[:, None]), 0.0)
+def _recomputed_p_and_ds(s, m, log2_l, valid, do, v, delta, precision=None):
+  """P recomputed from the saved row maximum and base-2 log of the row sum,
+  and dS = P∘(dP − δ) (FlashAttention-2, Alg. 2), on one tile.
+
+  The two are kept apart rather than as one LSE = m + log2 l: when every
+  logit of a row carries a large offset (a -1e9 mask on every key, say),
+  float32 rounds m + log2 l to m, the recomputed P becomes 1 instead of
+  1/n, and every gradient comes out n times too large. s − m is exact
+  there (the two are close), so exp2((s − m) − log2 l) is not."""
+  p = jnp.where(valid[None, :], jnp.exp2((s - m[:, None]) - log2_l[:, None]), 0.0)
   return p, p * (_dot(do, v, 1, 1, precision) - delta[:, None])
 
 
@@ -291,7 +304,8 @@ def _forward_kernel(
   col_ref,
   kmask_ref,
   o_ref,
-  lse_ref,
+  m_ref,
+  log2_l_ref,
   *,
   cfg: _Config,
   n_key_blocks: int,
@@ -323,11 +337,14 @@ def _forward_kernel(
   m = jnp.full((bq,), _MASK_VALUE, jnp.float32)
   lsum = jnp.zeros((bq,), jnp.float32)
   acc, m, lsum = lax.fori_loop(0, n_key_blocks, body, (acc, m, lsum))
-  # A row without any valid key has lsum = 0: output 0, and an LSE that makes
-  # the backward's recomputed P vanish, instead of 0/0.
+  # A row without any valid key has lsum = 0: output 0 instead of 0/0 (the
+  # backward's recomputed P is 0 there through the key mask).
   safe = jnp.where(lsum > 0, lsum, 1.0)
   o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = m + jnp.log2(safe)  # base-2 log-sum-exp
+  # The base-2 log-sum-exp is m + log2 l; the two parts are saved apart (see
+  # _recomputed_p_and_ds).
+  m_ref[...] = m
+  log2_l_ref[...] = jnp.log2(safe)
 
 
 def _dq_kernel(
@@ -335,7 +352,8 @@ def _dq_kernel(
   k_ref,
   v_ref,
   do_ref,
-  lse_ref,
+  m_ref,
+  log2_l_ref,
   delta_ref,
   cq_ref,
   ck_ref,
@@ -354,7 +372,8 @@ def _dq_kernel(
   bk = cfg.block_k_bwd
   q = q_ref[...]
   do = do_ref[...]
-  lse = lse_ref[...]
+  m = m_ref[...]
+  log2_l = log2_l_ref[...]
   delta = delta_ref[...]
   q_coords = [cq_ref[c, :] for c in range(cfg.n_coords)]
   row_term = row_ref[...]
@@ -368,13 +387,13 @@ def _dq_kernel(
     k_coords = [ck_ref[c, ks] for c in range(cfg.n_coords)]
     valid = kmask_ref[ks] > 0.5
     s, _ = _biased_logits(q, k, q_coords, k_coords, bias, row_term, col_ref[ks], valid, cfg)
-    _, ds = _recomputed_p_and_ds(s, lse, valid, do, v, delta, cfg.precision)
+    _, ds = _recomputed_p_and_ds(s, m, log2_l, valid, do, v, delta, cfg.precision)
     dq = dq + _dot(ds.astype(k.dtype), k, 1, 0, cfg.precision)
     drow = drow + jnp.sum(ds, axis=1)  # ∂L/∂row_bias[h,i] = Σ_j dS_ij
     return dq, drow
 
   dq = jnp.zeros(q.shape, jnp.float32)
-  drow = jnp.zeros(lse.shape, jnp.float32)
+  drow = jnp.zeros(m.shape, jnp.float32)
   dq, drow = lax.fori_loop(0, n_key_blocks, body, (dq, drow))
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
   drow_ref[...] = drow
@@ -385,7 +404,8 @@ def _dkv_kernel(
   k_ref,
   v_ref,
   do_ref,
-  lse_ref,
+  m_ref,
+  log2_l_ref,
   delta_ref,
   cq_ref,
   ck_ref,
@@ -418,7 +438,9 @@ def _dkv_kernel(
     do = do_ref[qs, :]
     q_coords = [cq_ref[c, qs] for c in range(cfg.n_coords)]
     s, phis = _biased_logits(q, k, q_coords, k_coords, bias, row_ref[qs], col_term, valid, cfg)
-    p, ds = _recomputed_p_and_ds(s, lse_ref[qs], valid, do, v, delta_ref[qs], cfg.precision)
+    p, ds = _recomputed_p_and_ds(
+      s, m_ref[qs], log2_l_ref[qs], valid, do, v, delta_ref[qs], cfg.precision
+    )
     dv = dv + _dot(p.astype(do.dtype), do, 0, 0, cfg.precision)  # Pᵀ dO
     dk = dk + _dot(ds.astype(q.dtype), q, 0, 0, cfg.precision)  # dSᵀ Q
     dcol = dcol + jnp.sum(ds, axis=0)  # ∂L/∂col_bias[h,j] = Σ_i dS_ij
@@ -495,15 +517,17 @@ def _pallas_forward(q, k, v, cq, ck, w, centres, inv_width, row, col, kmask, cfg
   bq = cfg.block_q
   whole_kv = pl.BlockSpec((None, nk, dp), lambda hh, i: (hh, 0, 0))
   q_tile = pl.BlockSpec((None, bq, dp), lambda hh, i: (hh, i, 0))
+  row_tile = pl.BlockSpec((None, bq), lambda hh, i: (hh, i))
   kernel = functools.partial(_forward_kernel, cfg=cfg, n_key_blocks=nk // cfg.block_k)
   return pl.pallas_call(
     kernel,
     grid=(h, nq // bq),
     in_specs=[q_tile, whole_kv, whole_kv, *_shared_specs(cfg, nq, nk, bq, None)],
-    out_specs=[q_tile, pl.BlockSpec((None, bq), lambda hh, i: (hh, i))],
+    out_specs=[q_tile, row_tile, row_tile],
     out_shape=[
       jax.ShapeDtypeStruct(q.shape, q.dtype),
-      jax.ShapeDtypeStruct((h, nq), jnp.float32),
+      jax.ShapeDtypeStruct((h, nq), jnp.float32),  # row maximum m (base 2)
+      jax.ShapeDtypeStruct((h, nq), jnp.float32),  # log2 of the row sum l
     ],
     compiler_params=_compiler_params(cfg),
     interpret=cfg.interpret,
@@ -512,7 +536,7 @@ def _pallas_forward(q, k, v, cq, ck, w, centres, inv_width, row, col, kmask, cfg
 
 
 def _pallas_backward(res, do, cfg: _Config):
-  q, k, v, cq, ck, w, centres, inv_width, row, col, kmask, out, lse = res
+  q, k, v, cq, ck, w, centres, inv_width, row, col, kmask, out, m, log2_l = res
   h, nq, dp = q.shape
   nk = k.shape[1]
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
@@ -540,6 +564,7 @@ def _pallas_backward(res, do, cfg: _Config):
       q_tile,
       row_tile,
       row_tile,
+      row_tile,
       *_shared_specs(cfg, nq, nk, bq, None),
     ],
     out_specs=[q_tile, row_tile],
@@ -550,7 +575,7 @@ def _pallas_backward(res, do, cfg: _Config):
     compiler_params=_compiler_params(cfg),
     interpret=cfg.interpret,
     name="biased_attention_bwd_dq",
-  )(q, k, v, do, lse, delta, *shared)
+  )(q, k, v, do, m, log2_l, delta, *shared)
 
   dk, dv, dcol, dw_per_key = pl.pallas_call(
     functools.partial(_dkv_kernel, cfg=cfg, n_query_blocks=nq // bq),
@@ -560,6 +585,7 @@ def _pallas_backward(res, do, cfg: _Config):
       k_tile,
       k_tile,
       whole_q,
+      whole_row,
       whole_row,
       whole_row,
       *_shared_specs(cfg, nq, nk, None, bk),
@@ -579,7 +605,7 @@ def _pallas_backward(res, do, cfg: _Config):
     compiler_params=_compiler_params(cfg),
     interpret=cfg.interpret,
     name="biased_attention_bwd_dkv",
-  )(q, k, v, do, lse, delta, *shared)
+  )(q, k, v, do, m, log2_l, delta, *shared)
 
   dw = jnp.sum(dw_per_key, axis=-1).astype(w.dtype)
   # Coordinates, centres, widths and the key mask are constants.
@@ -604,8 +630,8 @@ def _flash(q, k, v, cq, ck, w, centres, inv_width, row, col, kmask, cfg):
 
 
 def _flash_fwd(q, k, v, cq, ck, w, centres, inv_width, row, col, kmask, cfg):
-  out, lse = _pallas_forward(q, k, v, cq, ck, w, centres, inv_width, row, col, kmask, cfg)
-  return out, (q, k, v, cq, ck, w, centres, inv_width, row, col, kmask, out, lse)
+  out, m, log2_l = _pallas_forward(q, k, v, cq, ck, w, centres, inv_width, row, col, kmask, cfg)
+  return out, (q, k, v, cq, ck, w, centres, inv_width, row, col, kmask, out, m, log2_l)
 
 
 def _flash_bwd(cfg, res, do):

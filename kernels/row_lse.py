@@ -12,8 +12,9 @@ N = 1e5..1e6 the [M, N] logit matrix must never exist. Two implementations:
   mode anywhere): the forward is FlashAttention's online max/sum over key
   blocks, keeping only a running max m_i and sum l_i per row, so memory is
   O((M + N) d). The backward is a `jax.custom_vjp` that recomputes the logits
-  block by block from the saved LSE (FlashAttention-2, section 3.1.2): with
-  p_ik = exp(q_i . k_k - LSE_i) and g the cotangent of LSE,
+  block by block from the saved LSE (FlashAttention-2, section 3.1.2), kept
+  as its two parts m_i and log l_i so that large logits lose no precision:
+  with p_ik = exp((q_i . k_k - m_i) - log l_i) and g the cotangent of LSE,
       dq_i = g_i sum_k p_ik k_k       (one kernel, grid over query blocks)
       dk_k = sum_i g_i p_ik q_i       (one kernel, grid over key blocks).
 
@@ -180,22 +181,27 @@ def _masked_logits(q, k, valid, precision):
   return s
 
 
-def _probabilities(s, lse):
-  """p_ik = exp(s_ik - LSE_i).
+def _probabilities(s, m, log_l):
+  """p_ik = exp((s_ik - m_i) - log l_i), LSE_i = m_i + log l_i.
 
-  A row whose keys are all masked has LSE = -inf and s = -inf everywhere;
-  shifting by 0 instead makes its p exactly 0 rather than exp(nan).
+  The saved LSE would do in exact arithmetic, but when a row's logits are
+  large (near-tied logits around 1e9, say) float32 rounds m + log l to m and
+  exp(s - LSE) comes out l times too large; s - m is exact there. A row whose
+  keys are all masked has m = log l = -inf and s = -inf everywhere; shifting
+  by 0 instead makes its p exactly 0 rather than exp(nan).
   """
-  shift = jnp.where(lse == _NEG_INF, 0.0, lse)
-  return jnp.exp(s - shift[:, None])
+  empty = m == _NEG_INF
+  m = jnp.where(empty, 0.0, m)
+  log_l = jnp.where(empty, 0.0, log_l)
+  return jnp.exp((s - m[:, None]) - log_l[:, None])
 
 
 def _forward_kernel(q_ref, k_ref, *refs, cfg: _KernelConfig):
   """One query block: online max/sum over all key blocks (FlashAttention alg. 1)."""
   if cfg.masked:
-    valid_ref, lse_ref = refs
+    valid_ref, m_ref, log_l_ref = refs
   else:
-    valid_ref, (lse_ref,) = None, refs
+    valid_ref, (m_ref, log_l_ref) = None, refs
   q = q_ref[...]
   n_key_blocks = k_ref.shape[0] // cfg.block_k
 
@@ -214,24 +220,27 @@ def _forward_kernel(q_ref, k_ref, *refs, cfg: _KernelConfig):
 
   init = (jnp.full((q.shape[0],), _NEG_INF, jnp.float32), jnp.zeros((q.shape[0],), jnp.float32))
   m, l = lax.fori_loop(0, n_key_blocks, body, init)
-  # LSE = m + log l; an all-masked row gives -inf + log 0 = -inf.
-  lse_ref[...] = m + jnp.log(l)
+  # LSE = m + log l, kept as its two parts for the backward (see
+  # _probabilities); an all-masked row gives m = -inf, log 0 = -inf.
+  m_ref[...] = m
+  log_l_ref[...] = jnp.log(l)
 
 
 def _dq_kernel(q_ref, k_ref, *refs, cfg: _KernelConfig):
   """One query block: dq_i = sum_k g_i p_ik k_k over all key blocks."""
   if cfg.masked:
-    valid_ref, lse_ref, g_ref, dq_ref = refs
+    valid_ref, m_ref, log_l_ref, g_ref, dq_ref = refs
   else:
-    valid_ref, (lse_ref, g_ref, dq_ref) = None, refs
-  q, lse, g = q_ref[...], lse_ref[...], g_ref[...]
+    valid_ref, (m_ref, log_l_ref, g_ref, dq_ref) = None, refs
+  q, m, log_l, g = q_ref[...], m_ref[...], log_l_ref[...], g_ref[...]
   n_key_blocks = k_ref.shape[0] // cfg.block_k
 
   def body(j, acc):
     keys = pl.ds(pl.multiple_of(j * cfg.block_k, cfg.block_k), cfg.block_k)
     k = k_ref[keys, :]
     valid = None if valid_ref is None else valid_ref[keys]
-    weight = _probabilities(_masked_logits(q, k, valid, cfg.precision), lse) * g[:, None]
+    s = _masked_logits(q, k, valid, cfg.precision)
+    weight = _probabilities(s, m, log_l) * g[:, None]
     return acc + _dot(weight.astype(k.dtype), k, 1, 0, cfg.precision)
 
   acc = lax.fori_loop(0, n_key_blocks, body, jnp.zeros(q.shape, jnp.float32))
@@ -241,10 +250,10 @@ def _dq_kernel(q_ref, k_ref, *refs, cfg: _KernelConfig):
 def _dk_kernel(q_ref, k_ref, *refs, cfg: _KernelConfig):
   """One key block: dk_k = sum_i g_i p_ik q_i over all query blocks."""
   if cfg.masked:
-    valid_ref, lse_ref, g_ref, dk_ref = refs
+    valid_ref, m_ref, log_l_ref, g_ref, dk_ref = refs
     valid = valid_ref[...]
   else:
-    (lse_ref, g_ref, dk_ref), valid = refs, None
+    (m_ref, log_l_ref, g_ref, dk_ref), valid = refs, None
   k = k_ref[...]
   n_query_blocks = q_ref.shape[0] // cfg.block_q
 
@@ -252,7 +261,7 @@ def _dk_kernel(q_ref, k_ref, *refs, cfg: _KernelConfig):
     rows = pl.ds(pl.multiple_of(i * cfg.block_q, cfg.block_q), cfg.block_q)
     q = q_ref[rows, :]
     s = _masked_logits(q, k, valid, cfg.precision)
-    weight = _probabilities(s, lse_ref[rows]) * g_ref[rows][:, None]
+    weight = _probabilities(s, m_ref[rows], log_l_ref[rows]) * g_ref[rows][:, None]
     # [bq, bk]^T [bq, D] -> [bk, D]
     return acc + _dot(weight.astype(q.dtype), q, 0, 0, cfg.precision)
 
@@ -283,20 +292,22 @@ def _forward_call(cfg: _KernelConfig, q, k, valid):
   if cfg.masked:
     in_specs.append(_whole((n,)))
     args.append(valid)
+  row_block = pl.BlockSpec((cfg.block_q,), lambda i: (i,))
+  # Two [M] outputs: the row maximum m and log l (LSE = m + log l).
   return pl.pallas_call(
     functools.partial(_forward_kernel, cfg=cfg),
-    out_shape=jax.ShapeDtypeStruct((m,), jnp.float32),
+    out_shape=[jax.ShapeDtypeStruct((m,), jnp.float32)] * 2,
     grid=(m // cfg.block_q,),
     in_specs=in_specs,
-    out_specs=pl.BlockSpec((cfg.block_q,), lambda i: (i,)),
+    out_specs=[row_block, row_block],
     compiler_params=cfg.compiler_params(),
-    cost_estimate=_cost(cfg, q, k, 1, 1, 4 * m),
+    cost_estimate=_cost(cfg, q, k, 1, 1, 8 * m),
     interpret=cfg.interpret,
     name="row_lse_forward",
   )(*args)
 
 
-def _dq_call(cfg: _KernelConfig, q, k, valid, lse, g):
+def _dq_call(cfg: _KernelConfig, q, k, valid, row_max, log_l, g):
   m, d = q.shape
   n = k.shape[0]
   row_block = pl.BlockSpec((cfg.block_q,), lambda i: (i,))
@@ -309,16 +320,16 @@ def _dq_call(cfg: _KernelConfig, q, k, valid, lse, g):
     functools.partial(_dq_kernel, cfg=cfg),
     out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
     grid=(m // cfg.block_q,),
-    in_specs=in_specs + [row_block, row_block],
+    in_specs=in_specs + [row_block, row_block, row_block],
     out_specs=pl.BlockSpec((cfg.block_q, d), lambda i: (i, 0)),
     compiler_params=cfg.compiler_params(),
-    cost_estimate=_cost(cfg, q, k, 2, 1, 8 * m + m * d * q.dtype.itemsize),
+    cost_estimate=_cost(cfg, q, k, 2, 1, 12 * m + m * d * q.dtype.itemsize),
     interpret=cfg.interpret,
     name="row_lse_backward_dq",
-  )(*args, lse, g)
+  )(*args, row_max, log_l, g)
 
 
-def _dk_call(cfg: _KernelConfig, q, k, valid, lse, g):
+def _dk_call(cfg: _KernelConfig, q, k, valid, row_max, log_l, g):
   m, d = q.shape
   n = k.shape[0]
   in_specs = [_whole((m, d)), pl.BlockSpec((cfg.block_k, d), lambda j: (j, 0))]
@@ -330,31 +341,33 @@ def _dk_call(cfg: _KernelConfig, q, k, valid, lse, g):
     functools.partial(_dk_kernel, cfg=cfg),
     out_shape=jax.ShapeDtypeStruct(k.shape, k.dtype),
     grid=(n // cfg.block_k,),
-    in_specs=in_specs + [_whole((m,)), _whole((m,))],
+    in_specs=in_specs + [_whole((m,))] * 3,
     out_specs=pl.BlockSpec((cfg.block_k, d), lambda j: (j, 0)),
     compiler_params=cfg.compiler_params(),
-    cost_estimate=_cost(cfg, q, k, 2, 1, 8 * m + n * d * k.dtype.itemsize),
+    cost_estimate=_cost(cfg, q, k, 2, 1, 12 * m + n * d * k.dtype.itemsize),
     interpret=cfg.interpret,
     name="row_lse_backward_dk",
-  )(*args, lse, g)
+  )(*args, row_max, log_l, g)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _padded_lse(cfg: _KernelConfig, q, k, valid):
-  return _forward_call(cfg, q, k, valid)
+  row_max, log_l = _forward_call(cfg, q, k, valid)
+  return row_max + log_l
 
 
 def _padded_lse_fwd(cfg, q, k, valid):
-  lse = _forward_call(cfg, q, k, valid)
-  # Residuals are O((M + N) d): the inputs and the [M] LSE, never the logits.
-  return lse, (q, k, valid, lse)
+  row_max, log_l = _forward_call(cfg, q, k, valid)
+  # Residuals are O((M + N) d): the inputs and the LSE's two [M] parts, never
+  # the logits.
+  return row_max + log_l, (q, k, valid, row_max, log_l)
 
 
 def _padded_lse_bwd(cfg, residuals, g):
-  q, k, valid, lse = residuals
+  q, k, valid, row_max, log_l = residuals
   g = g.astype(jnp.float32)
-  dq = _dq_call(cfg, q, k, valid, lse, g)
-  dk = _dk_call(cfg, q, k, valid, lse, g)
+  dq = _dq_call(cfg, q, k, valid, row_max, log_l, g)
+  dk = _dk_call(cfg, q, k, valid, row_max, log_l, g)
   return dq, dk, None
 
 

@@ -168,6 +168,32 @@ def test_mobility_loss_through_the_fused_kernel(
     loss(z32, "cuda")
 
 
+@pytest.mark.parametrize(
+  "backend, x64, expected",
+  [("cpu", False, "xla"), ("gpu", False, "pallas"), ("gpu", True, "xla")],
+)
+def test_default_row_normaliser_fits_the_backend_and_dtype(
+  rng, monkeypatch, backend, x64, expected
+):
+  """None picks the kernel on a GPU, but float64 (which it does not take)
+  goes to XLA there instead of failing."""
+  from kernels import row_lse
+
+  calls = []
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  monkeypatch.setattr(
+    row_lse, "row_logsumexp", lambda q, k, **kw: calls.append(kw) or jnp.zeros(q.shape[0], q.dtype)
+  )
+  with jax.enable_x64(x64):
+    z = jnp.asarray(rng.normal(size=(12, 4)))
+    got = losses.row_logsumexp(z, z)
+    if expected == "xla":
+      np.testing.assert_allclose(got, jax.nn.logsumexp(z @ z.T, axis=-1), rtol=1e-6)
+  assert calls == (
+    [{"implementation": "pallas", "interpret": False}] if expected == "pallas" else []
+  )
+
+
 @pytest.mark.parametrize("form", losses.FORMS)
 @pytest.mark.parametrize("n_x,n_y,d,n_a", SHAPES)
 def test_lma_matches_reference(rng, form, n_x, n_y, d, n_a):

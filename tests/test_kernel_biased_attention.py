@@ -201,6 +201,31 @@ class TestBiasedAttentionPallas:
     for name in GRAD_NAMES:
       np.testing.assert_array_equal(grads[name], 0.0)
 
+  def test_large_common_offset_keeps_the_gradients(self, rng):
+    # Every key carries the same -1e9 column bias (the usual additive mask,
+    # put on all keys): the softmax is unchanged, uniform here since q = 0 and
+    # the RBF weights are 0. The backward must not recompute P from a float32
+    # LSE = m + log2 l, which rounds to m at this size and makes P 1 instead
+    # of 1/n, every gradient n times too large.
+    h, n, d, r = 2, 37, 16, 2
+    inputs = make_inputs(rng, h, n, n, d, r, masked=True)
+    inputs["q"] = np.zeros_like(inputs["q"])
+    inputs["rbf_weight"] = np.zeros_like(inputs["rbf_weight"])
+    inputs["col_bias"] = np.full_like(inputs["col_bias"], -1e9)
+    cotangent = rng.normal(size=(h, n, d)).astype(np.float32)
+    out, grads = run_with_grads(inputs, cotangent, False, True, **self.pallas())
+    ref_out, ref_grads = float64_reference(inputs, cotangent, False, True)
+    chex.assert_trees_all_close(out, ref_out.astype(np.float32), rtol=2e-5, atol=2e-5)
+    for name in ("q", "k", "v", "rbf_weight", "col_bias"):
+      scale = max(1.0, float(np.max(np.abs(ref_grads[name]))))
+      chex.assert_trees_all_close(
+        grads[name] / scale,
+        (ref_grads[name] / scale).astype(np.float32),
+        rtol=1e-4,
+        atol=1e-5,
+        custom_message=f"gradient of {name}",
+      )
+
   def test_gaussian_adjacency_special_case(self, rng):
     # R = 1, centre 0, width σ, weight λ: B = λ·exp(-(d/σ)²), the distance
     # adjacency of the ToPT paper, checked against NumPy float64 attention.

@@ -167,6 +167,23 @@ class TestRowLsePallas:
     for grad in vjp_ref(jnp.asarray(g)):
       np.testing.assert_array_equal(np.asarray(grad), 0.0)
 
+  @pytest.mark.parametrize("mask", MASKS)
+  def test_large_tied_logits_keep_the_gradients(self, rng, mask):
+    # Every logit is exactly 1e9 (representable in float32): LSE = 1e9 +
+    # log(#valid keys), p uniform. In float32 m + log l rounds to m, so a
+    # backward that recomputed p from the saved LSE would make every p 1.
+    n, d = 37, 16
+    q = np.ones((5, d), np.float32)
+    k = np.full((n, d), 1e9 / d, np.float32)
+    g = rng.uniform(0.1, 1.0, size=5).astype(np.float32)
+    valid = None if mask == "none" else random_inputs(rng, 5, n, d, mask)[3]
+    lse, vjp = jax.vjp(self.lse_fn(valid), jnp.asarray(q), jnp.asarray(k))
+    dq, dk = vjp(jnp.asarray(g))
+    lse_64, dq_64, dk_64 = lse_vjp_reference(q, k, g, valid)
+    assert_close(lse, lse_64, 1e-6)
+    assert_close(dq, dq_64, 1e-5)
+    assert_close(dk, dk_64, 1e-5)
+
   def test_under_jit_and_grad_of_a_scalar_loss(self, rng):
     # The mobility-loss shape of use: queries are rows of the keys.
     z, _, g, valid = random_inputs(rng, 45, 45, 16, "random")

@@ -86,7 +86,8 @@ def row_logsumexp(
   * ``"pallas"``: the fused kernel `kernels.row_lse` (GPU), which never holds
     more than a tile of logits; ``"pallas-interpret"`` runs it in Pallas
     interpret mode on any backend (slow; for checks).
-  * None: ``"pallas"`` on a GPU, ``"xla"`` elsewhere.
+  * None: ``"pallas"`` on a GPU for the kernel's dtypes (float32, bfloat16,
+    float16), ``"xla"`` elsewhere and for float64.
 
   With a `mesh`, the query rows (a multiple of its size) are split over its
   devices (`jaxurban.sharding.REGIONS`) and the keys are all-gathered.
@@ -96,7 +97,10 @@ def row_logsumexp(
       f"row_logsumexp: implementation {implementation!r} not in {LSE_IMPLEMENTATIONS}"
     )
   if implementation is None:
-    implementation = "pallas" if jax.default_backend() == "gpu" else "xla"
+    from kernels.row_lse import PALLAS_DTYPES
+
+    on_gpu = jax.default_backend() == "gpu"
+    implementation = "pallas" if on_gpu and queries.dtype in PALLAS_DTYPES else "xla"
   if implementation != "xla":
     from kernels import row_lse
 
