@@ -95,7 +95,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
   )
   parser.add_argument("--log-every", type=int, default=50)
   parser.add_argument("--checkpoint-every", type=int, default=100)
-  parser.add_argument("--no-plot", action="store_true")
+  parser.add_argument(
+    "--no-plot", action="store_true", help="write neither embeddings.png nor losses.png"
+  )
   parser.add_argument(
     "--shard-seeds",
     action="store_true",

@@ -118,8 +118,16 @@ def test_rematerialised_and_blocked_loss_equals_the_plain_one(data_root, graphs,
 
 
 @pytest.mark.parametrize("variant", ["no-lma", "no-lia", "two-stage", "individual", "rp"])
-def test_variants_train_and_evaluate(data_root, tmp_path, variant):
-  config = tiny(data_root, variant=variant, seeds=1, epochs=2)
+def test_variants_train_and_evaluate(data_root, tmp_path, monkeypatch, variant):
+  from jaxurban.viz import embedding_plot
+
+  plotted = {}
+
+  def record_picture(z_x, z_y, gdp_x, gdp_y, name_x, name_y, path, **kwargs):
+    plotted.update(z_x=np.asarray(z_x), z_y=np.asarray(z_y), name_y=name_y)
+
+  monkeypatch.setattr(embedding_plot, "plot_city_embeddings", record_picture)
+  config = tiny(data_root, variant=variant, seeds=1, epochs=2, plot=True)
   summary = train.train_and_evaluate(config, tmp_path)
   terms = set(summary["training_log"]["embed"]["history"][-1]) - {"epoch", "total"}
   expected = {"no-lma": {"re_x", "re_y", "lia"}, "no-lia": {"re_x", "re_y", "lma"}}
@@ -129,8 +137,18 @@ def test_variants_train_and_evaluate(data_root, tmp_path, variant):
   for direction in ("XA→CD", "CD→XA"):
     for label in ("gdp", "population", "co2"):
       assert np.isfinite(summary["summary"][direction][label]["mae"]["mean"])
+  # The picture shows the two spaces the table scores: under RP, Z^X beside
+  # Z^Y mapped into X's space.
+  emb_x = np.load(tmp_path / "xa_region_emb.npy")[0]
+  np.testing.assert_array_equal(plotted["z_x"], emb_x)
   if variant == "rp":
-    assert (tmp_path / "cd_in_xa_region_emb.npy").exists()
+    emb_y_in_x = np.load(tmp_path / "cd_in_xa_region_emb.npy")[0]
+    np.testing.assert_array_equal(plotted["z_y"], emb_y_in_x)
+    assert plotted["name_y"] == "CD mapped into XA"
+  else:
+    np.testing.assert_array_equal(plotted["z_y"], np.load(tmp_path / "cd_region_emb.npy")[0])
+    assert plotted["name_y"] == "CD"
+  assert (tmp_path / "losses.png").exists()
 
 
 def test_two_stage_moves_both_cities_through_their_own_affine_layer(

@@ -111,6 +111,19 @@ def test_gdp_levels_tertiles():
   np.testing.assert_array_equal(lv, [0, 0, 0, 1, 1, 1, 2, 2, 2])
 
 
+@pytest.mark.parametrize(
+  "gdp, expected",
+  [
+    # Half the regions at zero: the zeros stay together in the lowest level.
+    ([0.0] * 6 + [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [0] * 6 + [1] * 2 + [2] * 4),
+    # Seven in ten at zero: both cuts are zero; the zeros are "low", the rest "high".
+    ([0.0] * 7 + [1.0, 2.0, 3.0], [0] * 7 + [2] * 3),
+  ],
+)
+def test_gdp_levels_keep_tied_values_in_the_lowest_level(gdp, expected):
+  np.testing.assert_array_equal(gdp_levels(np.array(gdp)), expected)
+
+
 def test_plot_writes_png(rng, tmp_path):
   z_x, z_y = rng.normal(size=(40, 8)), rng.normal(size=(30, 8)) + 1
   g_x, g_y = rng.uniform(size=40), rng.uniform(size=30)

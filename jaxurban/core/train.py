@@ -528,13 +528,19 @@ def train_and_evaluate(config: CoreConfig, workdir: str | pathlib.Path) -> dict:
   if config.plot:
     from jaxurban.viz.embedding_plot import plot_city_embeddings
 
+    # The picture shows the spaces the table scores: under RP that is Z^X
+    # beside Z^Y mapped into X's space, not the two untranslated clouds.
+    plotted_y, name_y = z_y[0], city_y.name.upper()
+    if translated:
+      plotted_y = translated["emb_y_in_x"][0]
+      name_y = f"{city_y.name.upper()} mapped into {city_x.name.upper()}"
     plot_city_embeddings(
       z_x[0],
-      z_y[0],
+      plotted_y,
       city_x.labels["gdp"],
       city_y.labels["gdp"],
       city_x.name.upper(),
-      city_y.name.upper(),
+      name_y,
       workdir / "embeddings.png",
       title=f"{config.variant}, seed {config.first_seed}",
     )

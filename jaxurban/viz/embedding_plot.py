@@ -35,11 +35,14 @@ def gdp_levels(gdp) -> np.ndarray:
 
   Tertiles are the 1/3 and 2/3 quantiles of this city's own values (linear
   interpolation, NumPy's default), so each level holds about a third of the
-  city's regions.
+  city's regions. A value equal to a cut takes the lower level: where many
+  regions tie (a third of them with zero GDP, say), the tied values stay
+  together in the lowest level their value reaches instead of being lifted
+  into "medium" or "high".
   """
   gdp = np.asarray(gdp, np.float64).reshape(-1)
   cuts = np.quantile(gdp, [1.0 / 3.0, 2.0 / 3.0])
-  return np.searchsorted(cuts, gdp, side="right")
+  return np.searchsorted(cuts, gdp, side="left")
 
 
 def _project(z: np.ndarray, method: str, seed: int, **kwargs) -> np.ndarray:
