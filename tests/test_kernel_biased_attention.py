@@ -168,6 +168,34 @@ class TestBiasedAttentionPallas:
       if use_col:
         np.testing.assert_array_equal(grads["col_bias"][:, dead], 0.0)
 
+  @pytest.mark.parametrize(
+    "h, nq, nk, d",
+    [
+      (1, 5, 3, 16),  # fewer queries and keys than the smallest block
+      (2, 150, 70, 100),  # D > 64: backward query tiles half the forward's
+      (1, 140, 130, 40),  # forward query blocks of 128, backward of 64
+    ],
+  )
+  def test_default_block_sizes_match_float64(self, rng, h, nq, nk, d):
+    # The default tiles (BlockSizes.for_head_dim), where the forward and the
+    # backward tile the queries differently, and shapes below one tile.
+    inputs = make_inputs(rng, h, nq, nk, d, 2, masked=True)
+    cotangent = rng.normal(size=(h, nq, d)).astype(np.float32)
+    kwargs = self.pallas()
+    kwargs["block_sizes"] = None
+    out, grads = run_with_grads(inputs, cotangent, True, True, **kwargs)
+    ref_out, ref_grads = float64_reference(inputs, cotangent, True, True)
+    chex.assert_trees_all_close(out, ref_out.astype(np.float32), rtol=2e-5, atol=2e-5)
+    for name in GRAD_NAMES:
+      scale = max(1.0, float(np.max(np.abs(ref_grads[name]))))
+      chex.assert_trees_all_close(
+        grads[name] / scale,
+        (ref_grads[name] / scale).astype(np.float32),
+        rtol=1e-4,
+        atol=1e-5,
+        custom_message=f"gradient of {name}",
+      )
+
   def test_rows_with_zero_cotangent_get_zero_gradient(self, rng):
     # The way a caller pads query nodes: their output rows are ignored (zero
     # cotangent), so their q and row-bias gradients must be exactly zero and
@@ -259,17 +287,19 @@ class TestBiasedAttentionPallas:
     expected = np.einsum("hqk,hkd->hqd", p, v)
     chex.assert_trees_all_close(np.asarray(out), expected.astype(np.float32), rtol=2e-5, atol=2e-5)
 
-  def test_bfloat16_inputs(self, rng):
-    # The GPU dtype: tile products in bf16 with float32 accumulation. Relative
-    # error of bf16 operands is expected between 1e-3 and 1e-2.
+  @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+  def test_half_precision_inputs(self, rng, dtype):
+    # The GPU dtypes: tile products in 16 bits with float32 accumulation.
+    # Relative error of bf16 operands is expected between 1e-3 and 1e-2
+    # (float16's, with three more mantissa bits, below that).
     h, nq, nk, d, r = 2, 37, 45, 16, 2
     inputs = make_inputs(rng, h, nq, nk, d, r, masked=True)
     cotangent = rng.normal(size=(h, nq, d)).astype(np.float32)
     ref_out, ref_grads = float64_reference(inputs, cotangent, True, True)
     for name in "qkv":
-      inputs[name] = inputs[name].astype(jnp.bfloat16)
+      inputs[name] = inputs[name].astype(dtype)
     out, grads = run_with_grads(inputs, cotangent, True, True, **self.pallas())
-    assert out.dtype == jnp.bfloat16 and grads["q"].dtype == jnp.bfloat16
+    assert out.dtype == dtype and grads["q"].dtype == dtype
 
     def rel(a, b):
       return np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)

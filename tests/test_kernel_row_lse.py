@@ -116,14 +116,15 @@ class TestRowLsePallas:
       results.append((lse, *vjp(jnp.asarray(g))))
     chex.assert_trees_all_close(results[0], results[1], rtol=1e-5, atol=1e-5)
 
-  def test_bfloat16_accumulates_in_float32(self, rng):
+  @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+  def test_half_precision_accumulates_in_float32(self, rng, dtype):
     q, k, g, _ = random_inputs(rng, 40, 90, 16, "none")
-    q16, k16 = jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16)
+    q16, k16 = jnp.asarray(q, dtype), jnp.asarray(k, dtype)
     lse, vjp = jax.vjp(self.lse_fn(), q16, k16)
     dq, dk = vjp(jnp.asarray(g))
-    chex.assert_type((lse, dq, dk), (jnp.float32, jnp.bfloat16, jnp.bfloat16))
-    # Reference on the bfloat16-rounded inputs: the forward only rounds the
-    # inputs; the backward also rounds p g to bfloat16 for the tile product.
+    chex.assert_type((lse, dq, dk), (jnp.float32, dtype, dtype))
+    # Reference on the rounded inputs: the forward only rounds the inputs;
+    # the backward also rounds p g to 16 bits for the tile product.
     lse_64, dq_64, dk_64 = lse_vjp_reference(
       np.asarray(q16, np.float32), np.asarray(k16, np.float32), g
     )
