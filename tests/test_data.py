@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import http.client
 import io
 import os
 import pathlib
@@ -96,6 +97,13 @@ def test_wkt_parse_structure_and_z():
     ("MULTIPOLYGON ((0 0, 1 0, 1 1, 0 0))", "list of coordinate rings"),
     ("POLYGON ((0 0, 1 0, 2 0, 0 0))", "zero area"),
     ("POLYGON ((0 0, 1 0, nan 1, 0 0))", "non-finite"),
+    # Two disjoint parts written as one polygon: the second is not a hole.
+    ("POLYGON ((0 0, 1 0, 1 1, 0 1, 0 0), (5 5, 6 5, 6 6, 5 6, 5 5))", "ring 1 is not inside"),
+    ("POLYGON ((0 0, 1 0, 1 1, 0 1, 0 0), (0 0, 1 0, 1 1, 0 1, 0 0))", "ring 1 is not inside"),
+    (
+      "MULTIPOLYGON (((0 0, 4 0, 4 4, 0 4, 0 0)), ((0 0, 1 0, 1 1, 0 0), (2 2, 3 2, 3 3, 2 2)))",
+      "polygon 1 ring 1 is not inside",
+    ),
   ],
 )
 def test_wkt_malformed_raises_value_error(text, problem):
@@ -813,6 +821,41 @@ def test_ensure_city_order_and_offline_message(tmp_path, data_root, monkeypatch)
   fetch.fetch_city("cd", cache, base_url=remote.as_uri())
   monkeypatch.setenv(fetch.CACHE_ENV, str(cache))
   assert fetch.ensure_city("cd", opener=offline) == cache / "core" / "cd"
+
+
+def test_cut_short_download_and_unwritable_cache_are_data_errors(tmp_path, monkeypatch, capsys):
+  monkeypatch.delenv(DATA_ENV, raising=False)
+
+  class CutShort:
+    def read(self, size):
+      raise http.client.IncompleteRead(b"abc", 10)
+
+    def close(self):
+      pass
+
+  cache = tmp_path / "cache"
+  with pytest.raises(
+    DataError, match=r"download failed \(IncompleteRead.*place these files by hand"
+  ):
+    fetch.ensure_city("xa", cache_dir=cache, opener=lambda url, timeout: CutShort())
+  assert not cache.exists()  # no empty folders left behind
+
+  not_a_folder = tmp_path / "a_file"
+  not_a_folder.write_text("")
+  with pytest.raises(DataError, match=r"a_file/core/xa: cannot be written \(Not a directory\)"):
+    fetch.ensure_city("xa", cache_dir=not_a_folder, opener=lambda url, timeout: CutShort())
+
+  # The command says what to do instead, and leaves no empty folder either.
+  def offline(url, timeout):
+    raise urllib.error.URLError("Name or service not known")
+
+  monkeypatch.setattr(urllib.request, "urlopen", offline)
+  dest = tmp_path / "dest"
+  assert fetch.main(["core", "xa", "--dest", str(dest)]) == 1
+  err = capsys.readouterr().err
+  assert "download failed (Name or service not known)" in err
+  assert f"-> {dest / 'core' / 'xa' / 'regionmap_xa.geo'}" in err
+  assert not dest.exists()
 
 
 def test_ensure_city_without_download(tmp_path, monkeypatch):

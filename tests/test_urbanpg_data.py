@@ -64,6 +64,43 @@ def test_trailing_blank_lines_and_a_byte_order_mark_are_ignored(data_root, tmp_p
   np.testing.assert_array_equal(data.adjacency, reference.adjacency)
 
 
+def _rewrite(path, line_fn):
+  lines = path.read_text().splitlines()
+  path.write_text("\n".join(line_fn(k, line) for k, line in enumerate(lines)) + "\n")
+
+
+def test_csv_quoting_and_a_row_index_column_are_read_as_csv(data_root, tmp_path):
+  # What R's write.csv and pandas' to_csv write: quoted header cells, a row
+  # index column with an empty (or "Unnamed: 0") header, quoted fields that
+  # hold commas.
+  folder = _copy(data_root, tmp_path)
+  quote_all = lambda line: ",".join(f'"{c}"' for c in line.split(","))
+  _rewrite(
+    folder / "los_speed.csv",
+    lambda k, line: quote_all("," + line if k == 0 else f"{k - 1},{line}"),
+  )
+  _rewrite(
+    folder / "los_adj.csv",
+    lambda k, line: line if k else ",".join(f'"{c}"' for c in line.split(",")),
+  )
+  _rewrite(
+    folder / "sensor_locations.csv",
+    lambda k, line: line + (',"note"' if k == 0 else ',"on ramp, eastbound"'),
+  )
+  data = read_los_loop_folder(folder)
+  reference = read_los_loop_folder(data_root / "traffic" / "los_loop")
+  np.testing.assert_array_equal(data.speed, reference.speed)
+  np.testing.assert_array_equal(data.mask, reference.mask)
+  np.testing.assert_array_equal(data.adjacency, reference.adjacency)
+  np.testing.assert_array_equal(data.coords, reference.coords)
+  # The same with pandas' name for the index column.
+  _rewrite(
+    folder / "los_speed.csv",
+    lambda k, line: line.replace('""', '"Unnamed: 0"', 1) if k == 0 else line,
+  )
+  np.testing.assert_array_equal(read_los_loop_folder(folder).speed, reference.speed)
+
+
 def test_zero_and_empty_readings_are_masked_and_kept_out_of_the_scaler(data_root, tmp_path):
   folder = _copy(data_root, tmp_path)
   _edit_cell(folder / "los_speed.csv", 1, 0, "0")  # step 0, detector 0
@@ -127,6 +164,11 @@ def test_zero_and_empty_readings_are_masked_and_kept_out_of_the_scaler(data_root
       "outside",
     ),
     (lambda f: _edit_cell(f / "los_speed.csv", 9, 0, "1,2"), "los_speed.csv", "fields"),
+    (
+      lambda f: _edit_cell(f / "los_speed.csv", 0, 4, ""),
+      "los_speed.csv",
+      "header cell 5 is empty",
+    ),
     (
       lambda f: (f / "los_speed.csv").write_bytes(b"\xff" + (f / "los_speed.csv").read_bytes()),
       "los_speed.csv",

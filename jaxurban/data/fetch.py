@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import os
 import pathlib
 import sys
@@ -83,6 +84,25 @@ _CHUNK = 1 << 20
 _TIMEOUT_S = 60
 
 Opener = Callable[..., object]
+
+
+# What a failed download raises: no route, a timeout, a refused or dropped
+# connection, or a response cut short (http.client.IncompleteRead).
+_NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException)
+
+
+def _failure_reason(error: Exception) -> str:
+  return str(getattr(error, "reason", None) or error)
+
+
+def _unwritable(error: OSError, folder: pathlib.Path) -> DataError:
+  """An OSError that is not a network failure: the destination cannot be written."""
+  where = error.filename if getattr(error, "filename", None) else folder
+  return DataError(
+    where,
+    f"cannot be written ({error.strerror or error}); choose another folder "
+    f"(--dest, or ${CACHE_ENV} for the cache) or pass --data-root",
+  )
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -181,8 +201,18 @@ def fetch_city(
   root = pathlib.Path(dest).expanduser() if dest is not None else default_cache_dir()
   folder = root / "core" / code
   urls = core_urls(code, base_url)
-  for filename in _missing_or_stale(folder, code):
-    download_verified(urls[filename], folder / filename, CORE_FILES[code][filename], opener=opener)
+  created = [p for p in (folder, folder.parent, root) if not p.exists()]
+  try:
+    for filename in _missing_or_stale(folder, code):
+      download_verified(
+        urls[filename], folder / filename, CORE_FILES[code][filename], opener=opener
+      )
+  except BaseException:
+    # A failed first download leaves no empty folders behind.
+    for path in created:
+      if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+    raise
   return folder
 
 
@@ -245,22 +275,29 @@ def ensure_city(
     )
   try:
     return fetch_city(code, cache, opener=opener)
-  except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-    reason = getattr(e, "reason", e)
+  except _NETWORK_ERRORS as e:
     missing = _missing_or_stale(cached, code)
     raise DataError(
-      cached, _manual_instructions(code, cache, missing, f"download failed ({reason})")
+      cached,
+      _manual_instructions(code, cache, missing, f"download failed ({_failure_reason(e)})"),
     ) from e
+  except OSError as e:
+    raise _unwritable(e, cached) from e
 
 
-def _manual_instructions(code: str, cache: pathlib.Path, missing: list[str], why: str) -> str:
+def _manual_instructions(
+  code: str,
+  root: pathlib.Path,
+  missing: list[str],
+  why: str,
+  where: str = "is not in the data root or the cache",
+) -> str:
   urls = core_urls(code)
-  placement = "; ".join(f"{urls[f]} -> {cache / 'core' / code / f}" for f in missing)
-  where = "is not in the data root or the cache"
+  placement = "; ".join(f"{urls[f]} -> {root / 'core' / code / f}" for f in missing)
   return (
-    f"CoRE city {code!r} {where} and {why}. "
-    f"On a machine with internet access run `python -m jaxurban.data.fetch core {code} --dest DIR` "
-    f"and copy DIR/core/{code}/ here, then pass --data-root DIR or set {DATA_ENV}=DIR; "
+    f"CoRE city {code!r} {where} and {why}. Either run "
+    f"`python -m jaxurban.data.fetch core {code} --dest DIR` on a machine with internet "
+    f"access, copy DIR to this machine and pass --data-root DIR (or set {DATA_ENV}=DIR); "
     f"or place these files by hand: {placement}"
   )
 
@@ -282,15 +319,23 @@ def main(argv: list[str] | None = None) -> int:
     help=f"data root to write into (default: ${CACHE_ENV} or ~/.cache/jaxurban)",
   )
   args = parser.parse_args(argv)
+  root = args.dest.expanduser() if args.dest is not None else default_cache_dir()
   try:
     for city in args.cities:
-      folder = fetch_city(city, args.dest)
+      code = _check_city(city)
+      try:
+        folder = fetch_city(code, root)
+      except _NETWORK_ERRORS as e:
+        missing = _missing_or_stale(root / "core" / code, code)
+        why = f"the download failed ({_failure_reason(e)})"
+        raise DataError(
+          root / "core" / code, _manual_instructions(code, root, missing, why, "is not complete")
+        ) from e
+      except OSError as e:
+        raise _unwritable(e, root / "core" / code) from e
       print(f"{city}: {folder}")
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
-    return 1
-  except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-    print(f"error: download failed: {getattr(e, 'reason', e)}", file=sys.stderr)
     return 1
   return 0
 

@@ -22,6 +22,7 @@ target of another.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import datetime
 import os
@@ -126,20 +127,37 @@ def _read_lines(path: pathlib.Path) -> list[str]:
   return lines
 
 
+def _cells(line: str) -> list[str]:
+  """One CSV line's fields, read as CSV (quoted fields, commas inside
+  quotes), each stripped of surrounding spaces."""
+  return [cell.strip() for cell in next(csv.reader([line]))]
+
+
+_INDEX_HEADERS = ("", "Unnamed: 0")
+
+
 def _read_numeric_csv(path: pathlib.Path, skip_header: bool) -> tuple[list[str], np.ndarray]:
   """Parses a numeric CSV; empty cells become NaN. Returns (header, [rows, cols]).
 
-  Row k of the result is file line k + 2 with a header, k + 1 without.
+  Row k of the result is file line k + 2 with a header, k + 1 without. A
+  first column whose header cell is empty or ``Unnamed: 0`` is a row index
+  (as pandas' ``to_csv`` writes one) and is left out.
   """
   lines = _read_lines(path)
-  header = [h.strip() for h in lines[0].split(",")] if skip_header else []
+  header = _cells(lines[0]) if skip_header else []
   body = lines[1:] if skip_header else lines
   if not body:
     raise DataError(path.name, "has a header but no data rows")
-  width = len(header) if skip_header else len(body[0].split(","))
+  index_column = bool(header) and header[0] in _INDEX_HEADERS
+  if index_column:
+    header = header[1:]
+  empty = [j for j, h in enumerate(header) if h == ""]
+  if empty:
+    raise DataError(path.name, f"header cell {empty[0] + 1 + index_column} is empty", "header")
+  width = len(header) if skip_header else len(_cells(body[0]))
   rows = np.empty((len(body), width), np.float64)
   for i, line in enumerate(body):
-    cells = line.split(",")
+    cells = _cells(line)[1:] if index_column else _cells(line)
     row_number = i + (2 if skip_header else 1)
     if len(cells) != width:
       raise DataError(path.name, f"row {row_number} has {len(cells)} fields, expected {width}")
@@ -160,13 +178,13 @@ def _read_numeric_csv(path: pathlib.Path, skip_header: bool) -> tuple[list[str],
 
 def _read_locations(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
   lines = _read_lines(path)
-  header = [h.strip() for h in lines[0].split(",")]
+  header = _cells(lines[0])
   for column in ("sensor_id", "latitude", "longitude"):
     if column not in header:
       raise DataError(path.name, f"missing from the header {header}", column=column)
   ids, coords = [], []
   for k, line in enumerate(lines[1:], start=2):
-    cells = [c.strip() for c in line.split(",")]
+    cells = _cells(line)
     if len(cells) != len(header):
       raise DataError(path.name, f"row {k} has {len(cells)} fields, expected {len(header)}")
     record = dict(zip(header, cells))
@@ -245,7 +263,7 @@ def read_los_loop_folder(folder: str | os.PathLike) -> TrafficData:
     k = int(mismatch[0])
     raise DataError(
       "sensor_locations.csv",
-      f"row {k + 2}: detector {ids[k]!r} differs from column {k} of los_speed.csv "
+      f"row {k + 2}: detector {str(ids[k])!r} differs from column {k} of los_speed.csv "
       f"({header[k]!r}); the two files must list detectors in the same order",
       column="sensor_id",
     )

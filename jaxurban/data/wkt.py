@@ -25,7 +25,9 @@ def parse_wkt(wkt: str) -> list[list[np.ndarray]]:
 
   Raises:
     ValueError: the text is not a well-formed, non-empty polygon or
-      multipolygon.
+      multipolygon, or a hole does not lie within its polygon's exterior
+      ring (a region of several parts written as one POLYGON would
+      otherwise have its second part subtracted as a hole).
   """
   if not isinstance(wkt, str):
     raise ValueError(f"expected WKT text, got {type(wkt).__name__}")
@@ -53,8 +55,34 @@ def parse_wkt(wkt: str) -> list[list[np.ndarray]]:
   for p, poly in enumerate(polygons):
     if not isinstance(poly, list) or not poly or not all(isinstance(r, str) for r in poly):
       raise ValueError(f"{kind} polygon {p} must be a list of coordinate rings")
-    out.append([_parse_ring(r, p, i) for i, r in enumerate(poly)])
+    rings = [_parse_ring(r, p, i) for i, r in enumerate(poly)]
+    for i, hole in enumerate(rings[1:], start=1):
+      _check_hole_within(rings[0], hole, p, i)
+    out.append(rings)
   return out
+
+
+def _check_hole_within(exterior: np.ndarray, hole: np.ndarray, poly_index: int, ring_index: int):
+  """Refuses a hole that cannot lie inside the exterior ring: one whose
+  bounding box leaves the exterior's, or whose area is not smaller.
+
+  These are necessary conditions only (a full containment test needs
+  segment intersections), but they catch the common mistake: two disjoint
+  parts of a region written as ``POLYGON((part 1), (part 2))``.
+  """
+  lo, hi = exterior.min(axis=0), exterior.max(axis=0)
+  slack = 1e-9 * max(1.0, float(np.abs(exterior).max()))
+  outside = (hole.min(axis=0) < lo - slack).any() or (hole.max(axis=0) > hi + slack).any()
+  if outside or abs(_ring_area(hole)) >= abs(_ring_area(exterior)):
+    raise ValueError(
+      f"polygon {poly_index} ring {ring_index} is not inside ring 0: a POLYGON's later rings "
+      "are holes in its first; write a region of several parts as a MULTIPOLYGON"
+    )
+
+
+def _ring_area(ring: np.ndarray) -> float:
+  xy = ring - ring[0]
+  return float((xy[:-1, 0] * xy[1:, 1] - xy[1:, 0] * xy[:-1, 1]).sum() / 2.0)
 
 
 def polygon_area(wkt: str) -> float:
