@@ -18,6 +18,7 @@ from jaxurban.topt.prompt4re import (
   init_params,
   mse_loss,
   prompt_rowspace,
+  prompt_rowspace_per_model,
 )
 
 
@@ -81,6 +82,27 @@ def test_cross_attention_matches_float64_reference(width, rng):
   np.testing.assert_allclose(
     np.asarray(out32), _reference(params, e, p, heads), rtol=2e-4, atol=2e-4
   )
+
+
+def test_per_model_rowspace_reads_only_the_training_rows(rng):
+  n, width = 9, 40
+  p = rng.normal(size=(n, width))
+  train = np.array([[1, 1, 1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1, 1, 1]], bool)
+  c = prompt_rowspace_per_model(p, train)
+  assert c.shape == (2, n, 6)  # ranks 5 and 6, the first padded with a zero column
+  np.testing.assert_array_equal(c[0, :, 5], 0.0)
+  for f, rows in enumerate(train):
+    # The training rows keep their Gram matrix; every row is projected onto
+    # their span: P V with V from the training rows alone.
+    np.testing.assert_allclose(c[f][rows] @ c[f][rows].T, p[rows] @ p[rows].T, atol=1e-4)
+    _, _, vt = np.linalg.svd(p[rows], full_matrices=False)
+    np.testing.assert_allclose(np.abs(c[f][:, : rows.sum()]), np.abs(p @ vt.T), atol=1e-5)
+  # Other prompt vectors on the held-out rows change only those rows' coordinates.
+  other = p.copy()
+  other[~train[0]] = rng.normal(size=(int((~train[0]).sum()), width))
+  c_other = prompt_rowspace_per_model(other, train[:1])
+  np.testing.assert_array_equal(c_other[0][train[0]], c[0][train[0], :5])
+  assert not np.allclose(c_other[0][~train[0]], c[0][~train[0], :5])
 
 
 def test_rowspace_basis_gives_the_same_function(rng):
@@ -185,7 +207,13 @@ def test_initialisation_and_dropout_keys_are_distinct(rng, monkeypatch):
   config = Prompt4REConfig(epochs=20, eval_every=10, soft_prompt_dim=8)
   # Unjitted, so that the spy is traced whatever was compiled before.
   _, _, carry = prompt4re._init_states.__wrapped__(
-    keys, jnp.asarray(e), jnp.asarray(p), jnp.asarray(y), masks, width=p.shape[1], config=config
+    keys,
+    jnp.asarray(e),
+    jnp.broadcast_to(jnp.asarray(p), (n_folds, *p.shape)),  # each fold's view of the prompts
+    jnp.asarray(y),
+    masks,
+    width=p.shape[1],
+    config=config,
   )
   chex.assert_shape(carry, keys.shape)
   assert len(init_keys) == keys.shape[0] * n_folds
@@ -268,7 +296,8 @@ def test_validation_folds_are_held_out_of_training(rng):
 
 
 @pytest.mark.parametrize("context", ["split", "all"])
-def test_split_context_hides_the_other_folds_prompts(rng, context):
+@pytest.mark.parametrize("value_basis", ["rowspace", "full"])
+def test_split_context_hides_the_other_folds_prompts(rng, context, value_basis):
   """context="split": a model's training rows attend only to its training rows'
   prompts and a held-out fold only to its own; "all": every row attends to
   every region's prompts.
@@ -284,11 +313,12 @@ def test_split_context_hides_the_other_folds_prompts(rng, context):
   tests = fold_masks(fold_of, n_folds)  # [F, N]
   val = validation_masks(tests)
   np.testing.assert_array_equal(val, tests[[1, 2, 0]])
-  # The full basis: row-space coordinates would mix every row's prompt into
-  # every row's coordinates.
+  # In the row-space basis each model's coordinates come from its own
+  # training rows (a basis of all rows would carry fold 0's prompts into
+  # every model's coordinates).
   config = Prompt4REConfig(
     epochs=2, eval_every=1, learning_rate=1e-2, soft_prompt_dim=8, context=context,
-    value_basis="full",
+    value_basis=value_basis,
   )  # fmt: skip
   other = p.copy()
   other[tests[0]] = rng.normal(size=(int(tests[0].sum()), p.shape[1]))

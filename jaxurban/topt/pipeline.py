@@ -53,6 +53,13 @@ __all__ = [
 
 TASKS = ("crime", "checkIn", "serviceCall")
 
+# How the paper's figures were selected, printed beside them: the authors'
+# code scores each fold at the epoch that is best on that fold's test rows.
+PAPER_TABLE1_NOTE = (
+  "paper Table 1 rows: as published; the authors' code picks each fold's epoch on its "
+  "test fold (optimistic)"
+)
+
 # Table 1 of the ToPT paper (Chicago), (MAE, RMSE, R2) per task: the full
 # model, its three ablations and the strongest baseline (FlexiReg).
 PAPER_TABLE1 = {
@@ -434,6 +441,8 @@ def format_table(results: dict, protocol_text: str) -> str:
       lines.append(
         f"{'paper Table 1: ' + name:<{width}} {task:<12} {mae:>18.4g} {rmse:>20.5g} {r2:>16.3f}"
       )
+  if city == "Chi":
+    lines.append(f"({PAPER_TABLE1_NOTE})")
   return "\n".join(lines)
 
 
@@ -508,6 +517,7 @@ def train_and_evaluate(
     ),
     "paper_table1": {k: {t: dict(zip(kfold.METRICS, v)) for t, v in r.items()}
                      for k, r in PAPER_TABLE1.items()},
+    "paper_table1_note": PAPER_TABLE1_NOTE,
     "timings": timings,
     "tasks": {},
   }  # fmt: skip

@@ -35,6 +35,15 @@ steps; Adam's per-coordinate scaling makes its steps differ. Initial weights
 use the scale of the original width D in both bases (C C^T = P P^T), so the
 initial function has the same mean and covariance (not the same
 distribution: P W sums D random terms per entry, C W' at most r).
+
+Under ``context="split"`` each (fold) model's basis comes from its own
+training rows only (:func:`prompt_rowspace_per_model`): V from the SVD of
+P_train, every row's coordinates P V. A basis of all N rows would let a test
+fold's prompt vectors decide the coordinates, hence Adam's steps, of the
+model that is then tested on them. Held-out rows are projected onto the
+training rows' span; the part outside it, which training never changes,
+met only the random initial weights in the full parametrisation and is
+left out here.
 """
 
 from __future__ import annotations
@@ -65,6 +74,7 @@ __all__ = [
   "init_params",
   "mse_loss",
   "prompt_rowspace",
+  "prompt_rowspace_per_model",
 ]
 
 CONTEXTS = ("split", "all")
@@ -224,6 +234,31 @@ def prompt_rowspace(p: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
   return (u[:, :rank] * sigma[:rank]).astype(np.float32)
 
 
+def prompt_rowspace_per_model(
+  p: np.ndarray, train_masks: np.ndarray, rtol: float = 1e-10
+) -> np.ndarray:
+  """Row-space coordinates for each model from its own training rows, [F, N, r].
+
+  For model f, P_f = P[train_masks[f]] = U Sigma V^T (float64, directions
+  with singular value below ``rtol`` times the largest dropped) and every
+  row's coordinates are P V: C C^T = P P^T on the training rows, and a
+  held-out row is projected onto their span. Models whose rank is below the
+  largest are padded with zero columns, which add nothing to any product
+  and receive no gradient.
+  """
+  p64 = np.asarray(p, np.float64)
+  bases = []
+  for rows in np.asarray(train_masks, bool):
+    _, sigma, vt = np.linalg.svd(p64[rows], full_matrices=False)
+    rank = int(np.sum(sigma > rtol * sigma[0]))
+    bases.append(vt[:rank].T)
+  width = max(b.shape[1] for b in bases)
+  out = np.zeros((len(bases), p64.shape[0], width), np.float32)
+  for f, basis in enumerate(bases):
+    out[f, :, : basis.shape[1]] = p64 @ basis
+  return out
+
+
 def init_params(model: Prompt4RE, key, e, p, ridge_weights=None, ridge_intercept=None):
   """Initial parameters; the output layer's E part from ridge when given.
 
@@ -256,8 +291,9 @@ def _model(width: int, config: Prompt4REConfig) -> Prompt4RE:
 
 
 def _over_seeds_and_folds(fn):
-  """vmap over seeds (keys/state and embeddings) and folds (keys/state and masks)."""
-  inner = jax.vmap(fn, in_axes=(0, None, None, None, 0))
+  """vmap over seeds (keys/state and embeddings) and folds (keys/state,
+  prompt coordinates and masks)."""
+  inner = jax.vmap(fn, in_axes=(0, None, 0, None, 0))
   return jax.vmap(inner, in_axes=(0, 0, None, None, None))
 
 
@@ -395,7 +431,6 @@ def cross_validated_trajectory(
       f"prompts {prompts.shape} and labels {labels.shape} must have N={n} rows like the embeddings"
     )
   width = prompts.shape[1]
-  p = jnp.asarray(prompt_rowspace(prompts) if config.value_basis == "rowspace" else prompts)
   e, y = jnp.asarray(embeddings), jnp.asarray(labels)
   tests = fold_masks(fold_of, n_folds)  # [F, N]
   validated = validation_masks is not None
@@ -404,7 +439,16 @@ def cross_validated_trajectory(
     raise ValueError(f"validation_masks must be [F={n_folds}, N={n}], got {vals.shape}")
   if np.any(vals & tests):
     raise ValueError("validation_masks overlap the test fold of the same model")
-  masks = jnp.asarray(np.stack([~(tests | vals), tests, vals], axis=1))  # [F, 3, N]
+  train_rows = ~(tests | vals)
+  masks = jnp.asarray(np.stack([train_rows, tests, vals], axis=1))  # [F, 3, N]
+  # [F, N, r or D]: the prompts as each fold's model reads them.
+  if config.value_basis == "full":
+    p = jnp.broadcast_to(jnp.asarray(prompts), (n_folds, *prompts.shape))
+  elif config.context == "split":
+    p = jnp.asarray(prompt_rowspace_per_model(prompts, train_rows))
+  else:  # "all": every model attends to every region's prompts anyway
+    c = prompt_rowspace(prompts)
+    p = jnp.broadcast_to(jnp.asarray(c), (n_folds, *c.shape))
   keys = jnp.stack(
     [
       jnp.stack([jax.random.fold_in(jax.random.PRNGKey(int(s)), f) for f in range(n_folds)])
@@ -432,6 +476,10 @@ def cross_validated_trajectory(
       # With empty validation folds the masks match an unvalidated run's, but
       # the saved trajectory would lack the validation predictions.
       "validated": validated,
+      # Whose rows span each model's prompt basis (all rows, before).
+      "rowspace_rows": None
+      if config.value_basis == "full"
+      else ("training" if config.context == "split" else "all"),
       # The inputs themselves: a rerun on other embeddings, prompts, labels
       # or folds must not resume these models.
       "inputs_sha256": arrays_sha256(embeddings, prompts, labels, np.asarray(masks)),
