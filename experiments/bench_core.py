@@ -97,7 +97,7 @@ def time_torch(args) -> float | None:
       "--epochs",
       str(args.torch_epochs),
       "--threads",
-      str(os.cpu_count()),
+      str(args.torch_threads),
       "--timing-only",
       "--out",
       out,
@@ -125,6 +125,13 @@ def main(argv=None) -> int:
   parser.add_argument("--torch-python", default=None)
   parser.add_argument("--torch-repo", default=None)
   parser.add_argument("--torch-epochs", type=positive_int, default=30)
+  parser.add_argument(
+    "--torch-threads",
+    type=positive_int,
+    # The cores this process may run on (taskset), not every core of the host.
+    default=len(os.sched_getaffinity(0)),
+    help="threads of the authors' code (default: the cores this process may use)",
+  )
   args = parser.parse_args(argv)
   check_torch_flags(parser, args)
   if args.torch_python and args.torch_epochs <= 5:
@@ -165,7 +172,9 @@ def main(argv=None) -> int:
       )
   if args.torch_python and args.torch_repo:
     torch_ms = time_torch(args)
-    print(f"authors' PyTorch code: {torch_ms:.1f} ms/epoch (one seed)")
+    print(
+      f"authors' PyTorch code: {torch_ms:.1f} ms/epoch (one seed, {args.torch_threads} threads)"
+    )
     for variant, seeds, _, ms in rows:
       print(
         f"  speed-up of {variant}, {seeds} seed(s): {torch_ms / (ms / seeds):.1f}x per seed-epoch"

@@ -16,8 +16,9 @@ for two variants on `--city` (Chicago by default):
 PyTorch (when --torch-python and --torch-repo are given): the authors'
 HAFusion model, loss and Adam step, driven by experiments/srel_torch_harness.py
 in a subprocess on the same machine, with and without flushing denormals,
-for each of `--torch-threads`. For single-threaded JAX set
-XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1".
+for each of `--torch-threads`. For single-threaded JAX pin the whole process
+to one core, `taskset -c 0 python -m experiments.bench_srel ...` (XLA's CPU
+flags such as --xla_cpu_multi_thread_eigen=false leave it on every core).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ def test_positive_counts():
   [
     (bench_core.main, ["--seeds", "0"], "--seeds: must be at least 1, got 0"),
     (bench_core.main, ["--chunk", "0"], "--chunk: must be at least 1"),
+    (bench_core.main, ["--torch-threads", "0"], "--torch-threads: must be at least 1"),
     (bench_core.main, ["--torch-repo", "."], "--torch-repo needs --torch-python too"),
     (bench_scale.main, ["--sizes", "100", "-5"], "--sizes: must be at least 1, got -5"),
     (bench_scale.main, ["--repeats", "0"], "--repeats: must be at least 1"),

@@ -371,3 +371,17 @@ def test_forward_and_backward_lower_to_triton(dtype, masked):
   for name in ("row_lse_forward", "row_lse_backward_dq", "row_lse_backward_dk"):
     assert name in text
   assert text.count("__gpu$xla.gpu.triton") == 3
+
+
+@pytest.mark.parametrize("m, n", [(1024, 16384), (16384, 16384), (16384, 1048576), (3, 5)])
+def test_benchmark_reference_is_always_chunked(m, n):
+  # Unchunked, the timed reference backward would reuse saved [M, N] logits
+  # and skip the recomputation its FLOP count includes.
+  chunk = row_lse._reference_chunk(m, n)
+  assert 1 <= chunk < m and 4 * chunk * n <= 1 << 30
+
+
+def test_benchmark_runs_without_a_gpu(capsys):
+  assert row_lse.main(["--sizes", "40,96,16", "--repeats", "1", "--warmup", "1"]) == 0
+  printed = capsys.readouterr().out
+  assert "bwd" in printed and "interpret mode" in printed
