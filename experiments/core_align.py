@@ -138,6 +138,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
     parser.error(f"--process-id {args.process_id}: must be at least 0")
   if args.num_processes and args.process_id is not None and args.process_id >= args.num_processes:
     parser.error(f"--process-id {args.process_id}: must lie in [0, --num-processes)")
+  if args.distributed and not (args.shard_seeds or args.shard_regions):
+    # Each process would otherwise hold its own copy of the state, which it
+    # cannot checkpoint together with the others, and train all of it alone.
+    parser.error("--distributed needs --shard-seeds or --shard-regions")
   cities = args.pair.split("-")
   if len(cities) != 2 or not all(cities):
     parser.error(f"--pair {args.pair!r}: expected two city codes like XA-CD")
@@ -212,7 +216,9 @@ def _device_count_problem(config: CoreConfig) -> str | None:
   devices = jax.device_count()
   if config.shard_seeds and config.seeds % devices:
     return f"--shard-seeds: {config.seeds} seeds cannot be split over {devices} devices"
-  if config.shard_regions and config.n_anchors % devices:
+  # Anchors are drawn only where the manifold alignment is on.
+  uses_anchors = config.loss_settings().alpha > 0
+  if config.shard_regions and uses_anchors and config.n_anchors % devices:
     return f"--shard-regions: {config.n_anchors} anchors cannot be split over {devices} devices"
   return None
 

@@ -273,6 +273,9 @@ def test_command_checks_sharding_against_the_device_count(data_root, monkeypatch
   assert "--shard-seeds: 3 seeds cannot be split over 2 devices" in capsys.readouterr().err
   assert core_align.main(base + ["--shard-regions", "--anchors", "999"]) == 2
   assert "--shard-regions: 999 anchors cannot be split over 2 devices" in capsys.readouterr().err
+  # Without the manifold alignment no anchor is drawn, so their count is free.
+  config, _ = core_align.parse_config(base + ["--shard-regions", "--anchors", "999", "--no-lma"])
+  assert core_align._device_count_problem(config) is None
 
 
 def test_a_diverged_seed_stops_the_stage_before_its_checkpoint(data_root, tmp_path):
@@ -334,6 +337,9 @@ def test_an_output_path_that_is_a_file_is_a_usage_error(tmp_path, capsys):
       "--process-id 2: must lie in [0, --num-processes)",
     ),
     (["--distributed", "--process-id", "-1"], "--process-id -1: must be at least 0"),
+    # Unsharded, each process would hold its own copy of the state, which
+    # the processes cannot checkpoint together.
+    (["--distributed"], "--distributed needs --shard-seeds or --shard-regions"),
   ],
 )
 def test_multi_host_flags_are_checked(flags, problem, capsys):
@@ -347,6 +353,6 @@ def test_multi_host_flags_are_checked(flags, problem, capsys):
 def test_multi_host_flags_pass_with_distributed(tmp_path):
   config, _ = core_align.parse_config(
     ["--pair", "XA-CD", "--distributed", "--num-processes", "2", "--process-id", "1"]
-    + ["--out", str(tmp_path / "out")]
+    + ["--shard-seeds", "--out", str(tmp_path / "out")]
   )
   assert config.city_x == "xa"

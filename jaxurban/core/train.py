@@ -354,7 +354,7 @@ def train_embeddings(
   if config.shard_regions:
     mesh = sharding.region_mesh()
     n_devices = mesh.devices.size
-    if settings.n_anchors % n_devices:
+    if settings.alpha > 0 and settings.n_anchors % n_devices:
       raise ValueError(
         f"shard_regions: {settings.n_anchors} anchors cannot be split over {n_devices} "
         f"devices; use a multiple of {n_devices}"
