@@ -191,7 +191,7 @@ def test_views_are_stacked_in_the_papers_order(rng):
 
 
 @pytest.mark.parametrize("use_vgae", [False, True])
-def test_subgraphs_carry_the_views_own_weights(rng, use_vgae):
+def test_subgraphs_carry_the_views_own_weights(rng, monkeypatch, use_vgae):
   # The GCN normalisation adds a unit self loop, so it sees the scale of the
   # graph: the walks' subgraphs must carry A (w/o VGAE) or the decoder's
   # estimate of A, s * softplus(.), not A / s.
@@ -214,6 +214,28 @@ def test_subgraphs_carry_the_views_own_weights(rng, use_vgae):
     np.testing.assert_allclose(np.asarray(embed(rescaled(2.0, 0.5))), base, rtol=1e-5, atol=1e-6)
   # Another A (or another estimate of it) changes the subgraph propagation.
   assert np.abs(np.asarray(embed(rescaled(1.0, 8.0))) - base).max() > 1e-4
+
+  # The weights the subgraphs receive are exactly s times the decoder's
+  # output (eq. 19), or s times the target A / s, for s = 8.
+  seen = []
+  original = model.subgraph_adjacency
+
+  def spy(weights, *args):
+    seen.append(np.asarray(weights))
+    return original(weights, *args)
+
+  monkeypatch.setattr(model, "subgraph_adjacency", spy)
+  scaled = rescaled(1.0, 8.0)
+  _, state = m.apply(
+    params, scaled, key, train=False, capture_intermediates=True, mutable=["intermediates"]
+  )
+  assert len(seen) == scaled["target"].shape[0]
+  for v, weights in enumerate(seen):
+    if use_vgae:
+      decoded = np.asarray(state["intermediates"][f"vgae_{v}"]["__call__"][0][0])
+      np.testing.assert_allclose(weights, 8.0 * decoded, rtol=1e-6)
+    else:
+      np.testing.assert_allclose(weights, 8.0 * scaled["target"][v], rtol=1e-6)
 
 
 def test_view_graphs_follow_section_3_4_1(rng):
@@ -283,6 +305,17 @@ def test_vit_and_text_encoder_on_synthetic_inputs(rng):
   np.testing.assert_allclose(
     np.asarray(text_apply(tp2, jnp.asarray(tokens))), np.asarray(t), atol=1e-5
   )
+  # ... and positions made only of padding are not attended to: "abc" fills
+  # position 0 of 3, so new position vectors at 1 and 2 leave its text vector
+  # as it is, while the longer text, which fills them, changes.
+  # (A random change: a constant added to a whole vector is what layer norm removes.)
+  change = jnp.asarray(rng.normal(size=(1, 2, 16)), jnp.float32)
+  tp3 = jax.tree_util.tree_map_with_path(
+    lambda path, x: x.at[:, 1:3].add(change) if str(path[-1]) == "['pos']" else x, tp
+  )
+  t3 = np.asarray(text_apply(tp3, jnp.asarray(tokens)))
+  np.testing.assert_allclose(t3[0], np.asarray(t)[0], atol=1e-6)
+  assert np.abs(t3[1] - np.asarray(t)[1]).max() > 1e-3
 
 
 def _synthetic_inputs(rng, n=12, views=2, images=True):
@@ -396,6 +429,34 @@ def test_model_losses_and_ablation_switches(rng, switches):
   assert (np.abs(trained[0] - trained[1]).max() > 1e-6) == sampled
   if cfg.use_graph and cfg.use_vgae:  # sampled latents are not the means
     assert np.abs(trained[0] - evaluated[0]).max() > 1e-6
+
+
+@pytest.mark.parametrize(
+  "modalities, pairs",
+  [
+    # Eq. (14): with images, image-text and image-location (no text-location).
+    (dict(use_images=True), [("vit", "text"), ("vit", "location")]),
+    (dict(use_images=True, use_location=False), [("vit", "text")]),
+    # Without images, the remaining pair.
+    (dict(use_images=False), [("text", "location")]),
+  ],
+)
+def test_multimodal_loss_is_the_sum_over_the_pairs_of_eq_14(rng, modalities, pairs):
+  inputs = _synthetic_inputs(rng, images=modalities["use_images"])
+  cfg = dataclasses.replace(_TINY, use_graph=False, **modalities)
+  m = UrbanMMCL(cfg)
+  key = jax.random.PRNGKey(0)
+  params = m.init(key, inputs, key)
+  (_, losses), state = m.apply(
+    params, inputs, key, capture_intermediates=True, mutable=["intermediates"]
+  )
+  vectors = {
+    name: state["intermediates"][name]["__call__"][0]
+    for name in ("vit", "text", "location")
+    if name in state["intermediates"]
+  }
+  want = sum(model.symmetric_info_nce(vectors[a], vectors[b], cfg.mm_temperature) for a, b in pairs)
+  np.testing.assert_allclose(float(losses["mmcl"]), float(want), rtol=1e-6)
 
 
 def test_tiny_end_to_end_runs(tmp_path, data_root, rng):
