@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,11 +92,21 @@ def test_baselines_recover_their_ground_truth(rng):
 
 
 @pytest.mark.parametrize("paradigm", train.PARADIGMS)
-def test_paradigms_end_to_end_on_los_loop(data_root, tmp_path, paradigm, capsys):
+def test_paradigms_end_to_end_on_los_loop(data_root, tmp_path, monkeypatch, paradigm, capsys):
   stages = (0.8, 1.0) if paradigm == "continual" else (0.7, 0.85, 1.0)
   config = train.UrbanPGConfig(
     data_root=str(data_root), paradigm=paradigm, continual_stages=stages, **TINY
   )
+  fits = {}  # stage -> (parameters handed in, parameters returned), on the host
+  original_fit = train.fit
+
+  def recording_fit(task, model, params, trainable, rate, cfg, workdir, stage, seed):
+    handed_in = jax.device_get(params)  # copied before the steps donate them
+    best, log = original_fit(task, model, params, trainable, rate, cfg, workdir, stage, seed)
+    fits[stage] = handed_in, jax.device_get(best)
+    return best, log
+
+  monkeypatch.setattr(train, "fit", recording_fit)
   result = train.train_and_evaluate(config, tmp_path)
   saved = json.loads((tmp_path / "metrics.json").read_text())
   assert saved["config"]["paradigm"] == paradigm and saved["config"]["features"] == 8
@@ -124,6 +135,16 @@ def test_paradigms_end_to_end_on_los_loop(data_root, tmp_path, paradigm, capsys)
     np.testing.assert_allclose([scratch["val"], scratch["test"]], [242 / 380, 282 / 380])
     assert shares["UrbanPG prompts-only (pre-trained)"] == {}
     assert "UrbanPG from scratch: 64% of the val windows" in capsys.readouterr().out
+    # Eq. 8: the target's fit starts from the pre-trained backbone and time
+    # tables and leaves them as they are; only the prompts it trains move.
+    _, pretrained = fits["pretrain"]
+    before, after = fits["prompt"]
+    for params in (before, after):
+      chex.assert_trees_all_equal(params["backbone"], pretrained["backbone"])
+    for name in ("E_t", "E_tod", "E_dow"):
+      np.testing.assert_array_equal(before["prompts"][name], pretrained["prompts"][name])
+    assert np.abs(after["prompts"]["E_s"] - before["prompts"]["E_s"]).max() > 0
+    assert np.abs(after["prompts"]["E_t"] - before["prompts"]["E_t"]).max() > 0
   if paradigm == "continual":
     assert set(saved["stages"]) == {"stage1", "stage2"}
     # Stage 2 trains only its spatial prompt: its continual arm's time
@@ -133,6 +154,18 @@ def test_paradigms_end_to_end_on_los_loop(data_root, tmp_path, paradigm, capsys)
     assert days["UrbanPG continual"] == train.unseen_days(stages[1], stages[:1])
     assert days["UrbanPG retrained per stage"] == train.unseen_days(stages[1])
     assert days["UrbanPG continual"] != days["UrbanPG retrained per stage"]
+    # Eq. 9: stage 2 starts from stage 1's parameters with E_s grown by rows
+    # for the new detectors; eq. 10: only E_s and E_d train.
+    _, stage1 = fits["continual_stage1"]
+    before, after = fits["continual_stage2"]
+    n_old = stage1["prompts"]["E_s"].shape[0]
+    assert before["prompts"]["E_s"].shape[0] > n_old
+    np.testing.assert_array_equal(before["prompts"]["E_s"][:n_old], stage1["prompts"]["E_s"])
+    for params in (before, after):
+      chex.assert_trees_all_equal(params["backbone"], stage1["backbone"])
+      for name in ("E_t", "E_tod", "E_dow"):
+        np.testing.assert_array_equal(params["prompts"][name], stage1["prompts"][name])
+    assert np.abs(after["prompts"]["E_s"] - before["prompts"]["E_s"]).max() > 0
   if paradigm == "full":
     # One week of readings, split in time: validation and test fall on
     # weekdays no training window shows, and the run says so.
