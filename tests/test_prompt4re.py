@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -206,7 +208,7 @@ def test_initialisation_and_dropout_keys_are_distinct(rng, monkeypatch):
   monkeypatch.setattr(prompt4re, "init_params", spy)
   config = Prompt4REConfig(epochs=20, eval_every=10, soft_prompt_dim=8)
   # Unjitted, so that the spy is traced whatever was compiled before.
-  _, _, carry = prompt4re._init_states.__wrapped__(
+  initial_state = prompt4re._init_states.__wrapped__(
     keys,
     jnp.asarray(e),
     jnp.broadcast_to(jnp.asarray(p), (n_folds, *p.shape)),  # each fold's view of the prompts
@@ -215,16 +217,56 @@ def test_initialisation_and_dropout_keys_are_distinct(rng, monkeypatch):
     width=p.shape[1],
     config=config,
   )
+  carry = np.asarray(initial_state[2])  # copied: the chunk below may reuse its buffer
   chex.assert_shape(carry, keys.shape)
   assert len(init_keys) == keys.shape[0] * n_folds
-  used = []
-  for init_key in init_keys:
-    used += [init_key, *jax.random.split(init_key)]
+
+  # The dropout keys the training steps hand to the model, as they are used.
+  dropout_keys = []
+  original_model = prompt4re._model
+
+  class RecordingModel:
+    def __init__(self, module):
+      self.module = module
+
+    def __getattr__(self, name):  # init, soft_prompt_dim, ...: the module's own
+      return getattr(self.module, name)
+
+    def apply(self, variables, *args, rngs=None, **kwargs):
+      if rngs is not None:
+        jax.debug.callback(lambda k: dropout_keys.append(np.asarray(k)), rngs["dropout"])
+      return self.module.apply(variables, *args, rngs=rngs, **kwargs)
+
+  monkeypatch.setattr(prompt4re, "_model", lambda *a, **k: RecordingModel(original_model(*a, **k)))
+  chunk = dataclasses.replace(config, epochs=3, eval_every=3)
+  state, *_ = prompt4re._train_chunk.__wrapped__(
+    initial_state,
+    jnp.asarray(e),
+    jnp.broadcast_to(jnp.asarray(p), (n_folds, *p.shape)),
+    jnp.asarray(y),
+    masks,
+    width=p.shape[1],
+    config=chunk,
+    validated=False,
+  )
+  n_models = keys.shape[0] * n_folds
+  assert len(dropout_keys) == 3 * n_models  # one per step of each (seed, fold) model
+  # Each step splits the carried key into (carry, dropout key): the keys used
+  # follow that chain from the carry _init_states returned, and the carry the
+  # chunk returns is where the chain ends.
+  expected, ends = [], []
   for key in np.asarray(carry).reshape(-1, keys.shape[-1]):
-    for _ in range(3):  # each training step splits the carry into (carry, dropout key)
+    chain = []
+    for _ in range(3):
       key, dropout_key = jax.random.split(key)
-      used.append(dropout_key)
-    used.append(key)
+      chain.append(np.asarray(dropout_key))
+    expected.append(chain)
+    ends.append(np.asarray(key))
+  got = sorted(tuple(k.tolist()) for k in dropout_keys)
+  assert got == sorted(tuple(k.tolist()) for chain in expected for k in chain)
+  np.testing.assert_array_equal(np.asarray(state[2]).reshape(-1, keys.shape[-1]), np.stack(ends))
+  used = [*init_keys, *(k for init_key in init_keys for k in jax.random.split(init_key))]
+  used += [*dropout_keys, *ends]
   used = [tuple(np.asarray(k).tolist()) for k in used]
   assert len(set(used)) == len(used)
 
