@@ -280,6 +280,13 @@ def test_switches_change_the_output(rng):
   )
   assert np.abs(out - _apply(no_cent, without_proj, data)).max() > 1e-5
 
+  # A fixed lambda is no parameter and acts as the learnable one at the
+  # same value; another fixed value changes the output.
+  fixed = build_model(dataclasses.replace(config, lambda_learnable=False))
+  np.testing.assert_allclose(_apply(fixed, without_lambda, data), out, rtol=1e-5, atol=1e-6)
+  fixed_other = build_model(dataclasses.replace(config, lambda_learnable=False, spatial_lambda=0.5))
+  assert np.abs(_apply(fixed_other, without_lambda, data) - out).max() > 1e-5
+
   # Without coordinates (New York) neither exists.
   no_coords = full.init(jax.random.PRNGKey(0), data.poi, data.landuse, data.mobility_features)
   assert "spatial_lambda" not in no_coords["params"]

@@ -431,6 +431,19 @@ def test_model_losses_and_ablation_switches(rng, switches):
     assert np.abs(trained[0] - evaluated[0]).max() > 1e-6
 
 
+def test_view_fusion_mean_averages_the_readouts_that_concat_lines_up(rng):
+  inputs = _synthetic_inputs(rng, images=False)
+  cfg = dataclasses.replace(_TINY, use_images=False)
+  key = jax.random.PRNGKey(0)
+  concat = UrbanMMCL(cfg)
+  params = concat.init(key, inputs, key, train=False)
+  lined_up = np.asarray(concat.apply(params, inputs, key, train=False)[0])
+  mean = UrbanMMCL(dataclasses.replace(cfg, view_fusion="mean"))
+  averaged = np.asarray(mean.apply(params, inputs, key, train=False)[0])
+  views = np.split(lined_up, inputs["target"].shape[0], axis=1)
+  np.testing.assert_allclose(averaged, np.mean(views, axis=0), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
   "modalities, pairs",
   [
