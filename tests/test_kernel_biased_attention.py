@@ -85,6 +85,21 @@ def float64_reference(inputs, cotangent, use_row, use_col):
   return out, grads
 
 
+def assert_matches_float64(out, grads, ref_out, ref_grads, names=GRAD_NAMES):
+  """Output within 2e-5 of the float64 reference; each gradient within 1e-4
+  (relative) of it after dividing both by the reference's scale (at least 1)."""
+  chex.assert_trees_all_close(out, ref_out.astype(np.float32), rtol=2e-5, atol=2e-5)
+  for name in names:
+    scale = max(1.0, float(np.max(np.abs(ref_grads[name]))))
+    chex.assert_trees_all_close(
+      grads[name] / scale,
+      (ref_grads[name] / scale).astype(np.float32),
+      rtol=1e-4,
+      atol=1e-5,
+      custom_message=f"gradient of {name}",
+    )
+
+
 def rbf_weight_gradient_scale(inputs, cotangent):
   """[H, R] Σ_ij |dS_ij| φ_r(d_ij) in float64 NumPy: the size of the terms
   whose sum is ∂L/∂rbf_weight[h, r]. Every row of dS = P∘(dP − δ) sums to
@@ -147,19 +162,10 @@ class TestBiasedAttentionPallas:
     ref_out, ref_grads = float64_reference(inputs, cotangent, use_row, use_col)
 
     assert np.all(np.isfinite(out))
-    chex.assert_trees_all_close(out, ref_out.astype(np.float32), rtol=2e-5, atol=2e-5)
-    for name in GRAD_NAMES:
-      if ref_grads[name] is None:
-        assert grads[name] is None
-        continue
-      scale = max(1.0, float(np.max(np.abs(ref_grads[name]))))
-      chex.assert_trees_all_close(
-        grads[name] / scale,
-        (ref_grads[name] / scale).astype(np.float32),
-        rtol=1e-4,
-        atol=1e-5,
-        custom_message=f"gradient of {name}",
-      )
+    present = [name for name in GRAD_NAMES if ref_grads[name] is not None]
+    for name in set(GRAD_NAMES) - set(present):
+      assert grads[name] is None
+    assert_matches_float64(out, grads, ref_out, ref_grads, present)
     if masked:
       dead = ~inputs["key_valid"]
       # Masked keys receive no attention, hence no key/value gradient.
@@ -185,16 +191,7 @@ class TestBiasedAttentionPallas:
     kwargs["block_sizes"] = None
     out, grads = run_with_grads(inputs, cotangent, True, True, **kwargs)
     ref_out, ref_grads = float64_reference(inputs, cotangent, True, True)
-    chex.assert_trees_all_close(out, ref_out.astype(np.float32), rtol=2e-5, atol=2e-5)
-    for name in GRAD_NAMES:
-      scale = max(1.0, float(np.max(np.abs(ref_grads[name]))))
-      chex.assert_trees_all_close(
-        grads[name] / scale,
-        (ref_grads[name] / scale).astype(np.float32),
-        rtol=1e-4,
-        atol=1e-5,
-        custom_message=f"gradient of {name}",
-      )
+    assert_matches_float64(out, grads, ref_out, ref_grads)
 
   def test_rows_with_zero_cotangent_get_zero_gradient(self, rng):
     # The way a caller pads query nodes: their output rows are ignored (zero
@@ -243,16 +240,9 @@ class TestBiasedAttentionPallas:
     cotangent = rng.normal(size=(h, n, d)).astype(np.float32)
     out, grads = run_with_grads(inputs, cotangent, False, True, **self.pallas())
     ref_out, ref_grads = float64_reference(inputs, cotangent, False, True)
-    chex.assert_trees_all_close(out, ref_out.astype(np.float32), rtol=2e-5, atol=2e-5)
-    for name in ("q", "k", "v", "rbf_weight", "col_bias"):
-      scale = max(1.0, float(np.max(np.abs(ref_grads[name]))))
-      chex.assert_trees_all_close(
-        grads[name] / scale,
-        (ref_grads[name] / scale).astype(np.float32),
-        rtol=1e-4,
-        atol=1e-5,
-        custom_message=f"gradient of {name}",
-      )
+    assert_matches_float64(
+      out, grads, ref_out, ref_grads, ("q", "k", "v", "rbf_weight", "col_bias")
+    )
 
   def test_gaussian_adjacency_special_case(self, rng):
     # R = 1, centre 0, width σ, weight λ: B = λ·exp(-(d/σ)²), the distance
