@@ -9,6 +9,7 @@ intact.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 from typing import Any
@@ -51,6 +52,31 @@ def check_same_config(saved: dict, config: dict, what: str, ignore: tuple[str, .
       f"{what} was written with a different config ({details}); "
       "use another output folder or delete it"
     )
+
+
+def check_previous_results(
+  path, config: dict, may_differ: tuple[str, ...] = (), key: str = "config"
+) -> None:
+  """Refuses to write over ``path``, a results file of an earlier run, when
+  that run's config differs from ``config`` outside ``may_differ``.
+
+  Without this a rerun with other settings into the same folder replaced
+  the results file while files of the earlier run (a task's predictions and
+  plots, say) stayed beside it, described by nothing. A results file that
+  cannot be read, or holds no config, is refused too: it was not written by
+  a finished run of this code.
+  """
+  path = pathlib.Path(path)
+  if not path.exists():
+    return
+  try:
+    saved = json.loads(path.read_text())[key]
+  except (OSError, ValueError, KeyError, TypeError) as error:
+    raise CheckpointMismatch(
+      f"{path}: holds no readable {key!r} ({type(error).__name__}); "
+      "use another output folder or delete it"
+    ) from error
+  check_same_config(saved, config, str(path), ignore=may_differ)
 
 
 def _differences(key: str, saved: Any, current: Any) -> list[str]:

@@ -1,5 +1,6 @@
 """The checkpointer every training loop uses: config inside, resume, leftovers."""
 
+import json
 import shutil
 
 import numpy as np
@@ -69,3 +70,19 @@ def test_a_checkpoint_damaged_by_hand_is_named_in_one_line(tmp_path, damage, par
   assert str(saver.directory) in message and "\n" not in message
   # Every command already reports a mismatch in one line; this is one.
   assert isinstance(caught.value, CheckpointMismatch)
+
+
+def test_results_of_another_configuration_are_not_replaced(tmp_path):
+  from jaxurban.checkpoint import check_previous_results
+
+  path = tmp_path / "metrics.json"
+  config = {"task": "crime", "seeds": 5, "data_root": "/a"}
+  check_previous_results(path, config)  # nothing there yet
+  path.write_text(json.dumps({"config": config, "scores": [1.0]}))
+  check_previous_results(path, config)  # the same run again: resumes
+  check_previous_results(path, {**config, "data_root": "/b"}, may_differ=("data_root",))
+  with pytest.raises(CheckpointMismatch, match=r"task: saved 'crime' vs now 'checkIn'"):
+    check_previous_results(path, {**config, "task": "checkIn"})
+  path.write_text("{not json")
+  with pytest.raises(CheckpointMismatch, match="holds no readable 'config'"):
+    check_previous_results(path, config)

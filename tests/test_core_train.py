@@ -129,6 +129,7 @@ def test_variants_train_and_evaluate(data_root, tmp_path, monkeypatch, variant):
   monkeypatch.setattr(embedding_plot, "plot_city_embeddings", record_picture)
   config = tiny(data_root, variant=variant, seeds=1, epochs=2, plot=True)
   summary = train.train_and_evaluate(config, tmp_path)
+  assert summary["software"]["jax"] == jax.__version__
   terms = set(summary["training_log"]["embed"]["history"][-1]) - {"epoch", "total"}
   expected = {"no-lma": {"re_x", "re_y", "lia"}, "no-lia": {"re_x", "re_y", "lma"}}
   assert terms == expected.get(variant, {"re_x", "re_y"})

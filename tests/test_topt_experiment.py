@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -50,6 +51,8 @@ def test_tiny_chicago_run_writes_metrics_and_map(data_root, tmp_path, capsys):
       assert np.isfinite(summary[metric]["mean"]) and len(summary[metric]["per_seed"]) == 1
   assert metrics["paper_table1"]["ToPT"]["crime"]["r2"] == 0.874
   assert "optimistic" in metrics["paper_table1_note"]
+  assert metrics["software"]["jax"] == jax.__version__
+  assert metrics["data_root"] == str(data_root)
   assert metrics["timings"]["total_s"] > 0
 
   emb = np.load(out / "embeddings.npy")
@@ -431,3 +434,16 @@ def test_collapsed_seeds_flags_only_constant_embeddings(rng):
   emb[2, 7, 4] = 0.6
   assert collapsed_seeds(emb) == [1, 3]
   assert collapsed_seeds(emb[[0, 2]]) == []
+
+
+def test_a_run_of_another_configuration_is_refused_before_any_work(tmp_path, capsys):
+  # Results of crime in the folder: a check-in run there would replace
+  # metrics.json while crime's predictions and map stayed beside it.
+  out = tmp_path / "run"
+  out.mkdir()
+  crime, _ = topt.parse_config(["--city", "Chi", "--task", "crime", "--out", str(out)])
+  (out / "metrics.json").write_text(json.dumps({"config": dataclasses.asdict(crime)}))
+  assert topt.main(["--city", "Chi", "--task", "checkIn", "--out", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert "metrics.json was written with a different config (tasks: saved ['crime']" in err
+  assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]

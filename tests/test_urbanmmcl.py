@@ -538,7 +538,13 @@ def test_tiny_end_to_end_runs(tmp_path, data_root, rng):
   tiny = dataclasses.replace(_TINY, use_images=False)
   base = dict(data_root=str(data_root), seeds=1, epochs=2, log_every=1, eval_walks=1, model=tiny)
   config = UrbanMMCLConfig(city="Chi", finetune_seeds=0, ridge_folds=3, **base)
+  # The command's table and pictures of an earlier run are removed before
+  # the new results are written, so that they never sit beside results that
+  # are not theirs.
+  (tmp_path / "chi").mkdir()
+  (tmp_path / "chi" / "results.md").write_text("an earlier run's table")
   out = train_and_evaluate(config, tmp_path / "chi", log=lambda *_: None)
+  assert not (tmp_path / "chi" / "results.md").exists()
   assert out["modalities"] == ["text", "location"]
   assert out["views"] == ["poi", "mobility", "distance"]
   chex.assert_shape(out["embeddings"], (1, 77, 8 * 3))
@@ -546,6 +552,12 @@ def test_tiny_end_to_end_runs(tmp_path, data_root, rng):
     assert np.isfinite(out["ridge"]["embedding"][task]["r2"]["mean"])
   saved = json.loads((tmp_path / "chi" / "results.json").read_text())
   assert saved["ridge"]["raw_features"]["crime"]["r2"]["per_seed"]
+  # The model as trained, not the config's defaults: the location frame is
+  # set from the city's centroids.
+  assert saved["config"]["model"]["loc_scale"] == 1.0
+  assert saved["model_config_used"]["loc_scale"] != 1.0
+  assert saved["software"]["jax"] == jax.__version__
+  assert saved["data_root"] == str(data_root)
 
   config = UrbanMMCLConfig(
     city="NY",

@@ -110,6 +110,7 @@ def test_paradigms_end_to_end_on_los_loop(data_root, tmp_path, monkeypatch, para
   result = train.train_and_evaluate(config, tmp_path)
   saved = json.loads((tmp_path / "metrics.json").read_text())
   assert saved["config"]["paradigm"] == paradigm and saved["config"]["features"] == 8
+  assert saved["software"]["jax"] == jax.__version__ and saved["data_root"] == str(data_root)
   expected = {
     "full": {"UrbanPG"},
     "fewshot": {"UrbanPG prompts-only (pre-trained)", "UrbanPG from scratch"},
@@ -373,3 +374,18 @@ def test_keys_of_seeds_and_uses_never_coincide():
   # The plain seed keys of the earlier scheme are not among them either.
   plain = np.asarray(jax.vmap(jax.random.PRNGKey)(jnp.arange(300)))
   assert not (keys[:, None, :] == plain[None, :, :]).all(-1).any()
+
+
+def test_another_paradigm_into_the_same_folder_is_refused(tmp_path, capsys):
+  full = train.UrbanPGConfig(paradigm="full")
+  (tmp_path / "metrics.json").write_text(json.dumps({"config": full.to_dict()}))
+  with pytest.raises(SystemExit) as exit_info:
+    urbanpg_command.main(["--paradigm", "fewshot", "--out", str(tmp_path)])
+  assert exit_info.value.code == 2
+  assert "paradigm: saved 'full' vs now 'fewshot'" in capsys.readouterr().err
+  # Other seeds share the folder (checkpoints are per seed).
+  train.check_previous_results(
+    tmp_path / "metrics.json",
+    {**full.to_dict(), "seeds": 3, "first_seed": 2},
+    train.RESULTS_MAY_DIFFER,
+  )

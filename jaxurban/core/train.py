@@ -20,6 +20,7 @@ import optax
 
 from jaxurban import sharding
 from jaxurban.checkpoint import Checkpointer, save_npy_atomic, write_json_atomic
+from jaxurban.provenance import software_versions
 from jaxurban.core import losses as core_losses
 from jaxurban.core.model import CoRE, LossSettings, alignment_losses, mobility_losses, total_loss
 from jaxurban.graph import CityGraph, city_graph, pad_target_rows
@@ -508,6 +509,7 @@ def train_and_evaluate(config: CoreConfig, workdir: str | pathlib.Path) -> dict:
     "train_seconds_including_compilation": train_seconds,
     "training_log": logs,
     "jax_version": jax.__version__,
+    "software": software_versions(),
     "devices": [str(d) for d in jax.devices()],
   }
   # Under --distributed every process holds the whole result; one writes it

@@ -26,9 +26,10 @@ from typing import Callable
 
 import numpy as np
 
-from jaxurban.checkpoint import save_npy_atomic, write_json_atomic
+from jaxurban.checkpoint import check_previous_results, save_npy_atomic, write_json_atomic
 from jaxurban.data.errors import DataError, read_npy
 from jaxurban.data.root import resolve_data_root, subdir
+from jaxurban.provenance import software_versions
 from jaxurban.eval import kfold
 from jaxurban.training import rate_problems
 from jaxurban.topt.prompt4re import (
@@ -453,6 +454,9 @@ def train_and_evaluate(
   from jaxurban.data.hafusion import LABEL_FILES, load_city_views
 
   workdir = pathlib.Path(workdir)
+  # Results of another configuration (a task, an ablation) are not replaced
+  # while their predictions and maps would stay beside the new ones.
+  check_previous_results(workdir / "metrics.json", dataclasses.asdict(config), ("data_root",))
   workdir.mkdir(parents=True, exist_ok=True)
   label = kfold.protocol_label(config.protocol)
   notes = []
@@ -505,6 +509,8 @@ def train_and_evaluate(
 
   results = {
     "config": dataclasses.asdict(config),
+    "data_root": str(resolve_data_root(config.data_root)),
+    "software": software_versions(),
     "model": config.model_name(),
     "protocol": config.protocol,
     "protocol_label": label,

@@ -43,6 +43,7 @@ from jaxurban.checkpoint import Checkpointer, save_npy_atomic, write_json_atomic
 from jaxurban.data.errors import DataError, read_npy
 from jaxurban.data.hafusion import load_city_views
 from jaxurban.data.root import resolve_data_root, subdir
+from jaxurban.provenance import software_versions
 from jaxurban.digest import arrays_sha256
 from jaxurban.eval import kfold
 from jaxurban.eval.metrics import classification_metrics
@@ -735,6 +736,11 @@ def train_and_evaluate(config: UrbanMMCLConfig, workdir, log=print) -> dict:
   results = {
     "version": _RESULT_VERSION,
     "config": _config_json(config),
+    # The model as trained: the modalities the data allows, the location
+    # frame and the ablations applied to the config's model settings.
+    "model_config_used": json.loads(json.dumps(dataclasses.asdict(model_config), default=str)),
+    "data_root": str(resolve_data_root(config.data_root)),
+    "software": software_versions(),
     "views": list(meta["views"]),
     "modalities": meta["modalities"],
     "pretrain_seconds_per_seed": times,
@@ -756,6 +762,11 @@ def train_and_evaluate(config: UrbanMMCLConfig, workdir, log=print) -> dict:
       results["finetune"].setdefault(task, []).append(
         _finetune_task(config, model_config, params, inputs, task, meta, seed, log)
       )
+  # Files derived from an earlier run's results (the command's table and
+  # pictures) go first: a run stopped after this write leaves none of them
+  # beside results that are not theirs.
+  for derived in ("results.md", "embeddings.png", "losses.png"):
+    (workdir / derived).unlink(missing_ok=True)
   write_json_atomic(workdir / "results.json", results)
   # "landuse": class index per region; landuse_classes[index] = landUse_dist column.
   return dict(

@@ -36,7 +36,9 @@ import numpy as np
 import optax
 
 from jaxurban import sharding
-from jaxurban.checkpoint import Checkpointer, write_json_atomic
+from jaxurban.checkpoint import Checkpointer, check_previous_results, write_json_atomic
+from jaxurban.data.root import resolve_data_root
+from jaxurban.provenance import software_versions
 from jaxurban.digest import arrays_sha256
 from jaxurban.data.errors import DataError
 from jaxurban.data.traffic import (
@@ -920,9 +922,17 @@ def plot_predictions(
   save_figure_atomic(fig, path, dpi=110)
 
 
+# Settings in which a run may differ from the one whose metrics.json is in
+# its folder: another paradigm or model setting would replace those results,
+# while other seeds share the folder (checkpoints are per seed), as the
+# default folder name has it.
+RESULTS_MAY_DIFFER = ("data_root", "plot", "seeds", "first_seed")
+
+
 def train_and_evaluate(config: UrbanPGConfig, workdir: str | pathlib.Path) -> dict:
   """Runs the configured paradigm; writes metrics.json (with the config) and predictions.png."""
   workdir = pathlib.Path(workdir)
+  check_previous_results(workdir / "metrics.json", config.to_dict(), RESULTS_MAY_DIFFER)
   workdir.mkdir(parents=True, exist_ok=True)
   started = time.perf_counter()
   data = load_los_loop(config.data_root)
@@ -943,6 +953,8 @@ def train_and_evaluate(config: UrbanPGConfig, workdir: str | pathlib.Path) -> di
   result.update(
     {
       "config": config.to_dict(),
+      "data_root": str(resolve_data_root(config.data_root)),
+      "software": software_versions(),
       "summary": {k: summarise(v) for k, v in result["models"].items()},
       "table": table,
       "seconds": time.perf_counter() - started,
