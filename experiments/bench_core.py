@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     "--torch-threads",
     type=positive_int,
     # The cores this process may run on (taskset), not every core of the host.
-    default=len(os.sched_getaffinity(0)),
+    default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
     help="threads of the authors' code (default: the cores this process may use)",
   )
   args = parser.parse_args(argv)

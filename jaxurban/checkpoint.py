@@ -71,12 +71,16 @@ def check_previous_results(
     return
   try:
     saved = json.loads(path.read_text())[key]
+    if not isinstance(saved, dict):
+      raise TypeError(f"{key!r} is a {type(saved).__name__}, not a mapping")
   except (OSError, ValueError, KeyError, TypeError) as error:
     raise CheckpointMismatch(
       f"{path}: holds no readable {key!r} ({type(error).__name__}); "
       "use another output folder or delete it"
     ) from error
-  check_same_config(saved, config, str(path), ignore=may_differ)
+  # As the results file wrote it: non-finite floats became null.
+  current = json.loads(json.dumps(_as_json(config)), parse_constant=lambda _: None)
+  check_same_config(saved, current, str(path), ignore=may_differ)
 
 
 def _differences(key: str, saved: Any, current: Any) -> list[str]:

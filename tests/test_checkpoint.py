@@ -86,3 +86,16 @@ def test_results_of_another_configuration_are_not_replaced(tmp_path):
   path.write_text("{not json")
   with pytest.raises(CheckpointMismatch, match="holds no readable 'config'"):
     check_previous_results(path, config)
+
+
+def test_results_guard_reads_configs_as_the_results_file_wrote_them(tmp_path):
+  from jaxurban.checkpoint import check_previous_results, write_json_atomic
+
+  path = tmp_path / "metrics.json"
+  # Infinities are written as null: the same config is still the same.
+  config = {"grad_clip": float("inf"), "sizes": (1, 2)}
+  write_json_atomic(path, {"config": config})
+  check_previous_results(path, config)
+  path.write_text(json.dumps({"config": None}))
+  with pytest.raises(CheckpointMismatch, match="holds no readable 'config'"):
+    check_previous_results(path, config)

@@ -10,6 +10,7 @@ import os
 import pathlib
 import re
 import shutil
+import ssl
 import subprocess
 import urllib.error
 import urllib.request
@@ -839,6 +840,14 @@ def test_cut_short_download_and_unwritable_cache_are_data_errors(tmp_path, monke
   ):
     fetch.ensure_city("xa", cache_dir=cache, opener=lambda url, timeout: CutShort())
   assert not cache.exists()  # no empty folders left behind
+
+  # A TLS failure mid-read is a network failure, not an unwritable folder.
+  class TlsCutShort(CutShort):
+    def read(self, size):
+      raise ssl.SSLEOFError("EOF occurred in violation of protocol")
+
+  with pytest.raises(DataError, match=r"download failed \(EOF occurred"):
+    fetch.ensure_city("xa", cache_dir=cache, opener=lambda url, timeout: TlsCutShort())
 
   not_a_folder = tmp_path / "a_file"
   not_a_folder.write_text("")

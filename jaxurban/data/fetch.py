@@ -26,6 +26,7 @@ import hashlib
 import http.client
 import os
 import pathlib
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -87,12 +88,26 @@ Opener = Callable[..., object]
 
 
 # What a failed download raises: no route, a timeout, a refused or dropped
-# connection, or a response cut short (http.client.IncompleteRead).
-_NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException)
+# connection, a TLS failure mid-read (not wrapped by urlopen), or a response
+# cut short (http.client.IncompleteRead).
+_NETWORK_ERRORS = (
+  urllib.error.URLError,
+  TimeoutError,
+  ConnectionError,
+  ssl.SSLError,
+  http.client.HTTPException,
+)
 
 
 def _failure_reason(error: Exception) -> str:
-  return str(getattr(error, "reason", None) or error)
+  """The cause in words: URLError's reason, an OSError's strerror, or a lone
+  message argument (ssl's errors print their args as a tuple)."""
+  for value in (getattr(error, "reason", None), getattr(error, "strerror", None)):
+    if value:
+      return str(value)
+  if len(error.args) == 1 and isinstance(error.args[0], str) and error.args[0]:
+    return error.args[0]
+  return str(error) or type(error).__name__
 
 
 def _unwritable(error: OSError, folder: pathlib.Path) -> DataError:

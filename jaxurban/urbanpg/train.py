@@ -926,7 +926,8 @@ def plot_predictions(
 # its folder: another paradigm or model setting would replace those results,
 # while other seeds share the folder (checkpoints are per seed), as the
 # default folder name has it.
-RESULTS_MAY_DIFFER = ("data_root", "plot", "seeds", "first_seed")
+# The settings a resumed run may change (_RESUMABLE_KEYS) are among them.
+RESULTS_MAY_DIFFER = _RESUMABLE_KEYS
 
 
 def train_and_evaluate(config: UrbanPGConfig, workdir: str | pathlib.Path) -> dict:

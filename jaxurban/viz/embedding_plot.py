@@ -31,7 +31,7 @@ _METHODS = ("tsne", "pca")
 
 
 def gdp_levels(gdp) -> np.ndarray:
-  """0 / 1 / 2 = below the first tertile / between / from the second one up.
+  """0 / 1 / 2 = up to the first tertile / up to the second / above it.
 
   Tertiles are the 1/3 and 2/3 quantiles of this city's own values (linear
   interpolation, NumPy's default), so each level holds about a third of the
