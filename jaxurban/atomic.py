@@ -79,11 +79,15 @@ def atomic_write(
   return path
 
 
+def as_written_json(payload: Any) -> Any:
+  """``payload`` as `write_json_atomic` writes it and JSON reads it back:
+  plain JSON types, non-finite floats as None."""
+  return _finite_or_null(as_json_types(payload))
+
+
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
   """Writes ``payload`` as strict JSON (non-finite floats become null)."""
-  text = json.dumps(
-    _finite_or_null(as_json_types(payload)), indent=2, sort_keys=True, allow_nan=False
-  )
+  text = json.dumps(as_written_json(payload), indent=2, sort_keys=True, allow_nan=False)
   atomic_write(path, lambda f: f.write(text + "\n"), binary=False)
 
 

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 # data layer); they are re-exported here, beside the checkpoints.
 from jaxurban.atomic import (  # noqa: F401
   as_json_types as _as_json,
+  as_written_json,
   atomic_write,
   save_npy_atomic,
   write_json_atomic,
@@ -79,8 +80,7 @@ def check_previous_results(
       "use another output folder or delete it"
     ) from error
   # As the results file wrote it: non-finite floats became null.
-  current = json.loads(json.dumps(_as_json(config)), parse_constant=lambda _: None)
-  check_same_config(saved, current, str(path), ignore=may_differ)
+  check_same_config(saved, as_written_json(config), str(path), ignore=may_differ)
 
 
 def _differences(key: str, saved: Any, current: Any) -> list[str]:

@@ -288,16 +288,21 @@ def ensure_city(
     raise DataError(
       cached, _manual_instructions(code, cache, missing, "downloading is switched off")
     )
+  return _fetch_or_explain(code, cache, opener, "is not in the data root or the cache")
+
+
+def _fetch_or_explain(code: str, root: pathlib.Path, opener: Opener | None, where: str):
+  """`fetch_city` into ``root``; a failed download or an unwritable folder
+  becomes a DataError that says what to do instead."""
+  folder = root / "core" / code
   try:
-    return fetch_city(code, cache, opener=opener)
+    return fetch_city(code, root, opener=opener)
   except _NETWORK_ERRORS as e:
-    missing = _missing_or_stale(cached, code)
-    raise DataError(
-      cached,
-      _manual_instructions(code, cache, missing, f"download failed ({_failure_reason(e)})"),
-    ) from e
+    missing = _missing_or_stale(folder, code)
+    why = f"download failed ({_failure_reason(e)})"
+    raise DataError(folder, _manual_instructions(code, root, missing, why, where)) from e
   except OSError as e:
-    raise _unwritable(e, cached) from e
+    raise _unwritable(e, folder) from e
 
 
 def _manual_instructions(
@@ -337,17 +342,7 @@ def main(argv: list[str] | None = None) -> int:
   root = args.dest.expanduser() if args.dest is not None else default_cache_dir()
   try:
     for city in args.cities:
-      code = _check_city(city)
-      try:
-        folder = fetch_city(code, root)
-      except _NETWORK_ERRORS as e:
-        missing = _missing_or_stale(root / "core" / code, code)
-        why = f"the download failed ({_failure_reason(e)})"
-        raise DataError(
-          root / "core" / code, _manual_instructions(code, root, missing, why, "is not complete")
-        ) from e
-      except OSError as e:
-        raise _unwritable(e, root / "core" / code) from e
+      folder = _fetch_or_explain(_check_city(city), root, None, "is not complete")
       print(f"{city}: {folder}")
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -693,7 +693,8 @@ def _finetune_task(config, model_config, pre_params, inputs, task, meta, seed, l
 # ------------------------------------------------------------------ driver
 
 
-def _config_json(config: UrbanMMCLConfig) -> dict:
+def _config_json(config) -> dict:
+  """A config dataclass (the run's or the model's) as JSON types."""
   return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
@@ -738,7 +739,7 @@ def train_and_evaluate(config: UrbanMMCLConfig, workdir, log=print) -> dict:
     "config": _config_json(config),
     # The model as trained: the modalities the data allows, the location
     # frame and the ablations applied to the config's model settings.
-    "model_config_used": json.loads(json.dumps(dataclasses.asdict(model_config), default=str)),
+    "model_config_used": _config_json(model_config),
     "data_root": str(resolve_data_root(config.data_root)),
     "software": software_versions(),
     "views": list(meta["views"]),
