@@ -27,6 +27,14 @@ def positive_int(text: str) -> int:
   return value
 
 
+def absolute_path(text: str) -> str:
+  """argparse type for an input file or folder: the absolute path, so that the
+  config saved with results and checkpoints names the same input the same way
+  whether it was given as ``emb.npy``, ``./emb.npy`` or ``/runs/emb.npy``
+  (a resume or rerun compares configs, and the run may start elsewhere)."""
+  return os.path.abspath(os.path.expanduser(text))
+
+
 def positive_int_list(text: str) -> list[int]:
   """argparse type: comma-separated whole numbers of at least 1, e.g. ``716,2352``."""
   return [positive_int(part) for part in text.split(",")]

@@ -22,7 +22,12 @@ import argparse
 import pathlib
 import sys
 
-from experiments.common import checked_output_folder, default_output_folder, no_empty_folder_left
+from experiments.common import (
+  absolute_path,
+  checked_output_folder,
+  default_output_folder,
+  no_empty_folder_left,
+)
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.errors import DataError
 from jaxurban.eval.kfold import PROTOCOLS
@@ -43,6 +48,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[ToptConfig, pathlib.Pat
   parser.add_argument(
     "--prompts",
     default=None,
+    type=absolute_path,
     metavar="DIR",
     help="prompt vectors from experiments.extract_prompts instead of the published ones: "
     "one task's --out folder, or DIR/<task>/ per task (region ids 0..76)",
@@ -92,6 +98,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[ToptConfig, pathlib.Pat
   parser.add_argument(
     "--embeddings",
     default=None,
+    type=absolute_path,
     help="SREL embeddings [S, N, d] .npy to use instead of training (no SREL flags with it)",
   )
   parser.add_argument("--data-root", default=None, help="data folder (default: $JAXURBAN_DATA)")

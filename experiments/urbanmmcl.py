@@ -24,7 +24,12 @@ import sys
 
 import numpy as np
 
-from experiments.common import checked_output_folder, default_output_folder, no_empty_folder_left
+from experiments.common import (
+  absolute_path,
+  checked_output_folder,
+  default_output_folder,
+  no_empty_folder_left,
+)
 from jaxurban.atomic import write_text_atomic
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.errors import DataError
@@ -44,6 +49,7 @@ def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
   parser.add_argument(
     "--images",
     default=None,
+    type=absolute_path,
     help="folder of per-region images <i>.png or <i>.npy (H x W x 3, uint8 or floats in [0, 1]); "
     "needs text or location to contrast them with, so not New York",
   )

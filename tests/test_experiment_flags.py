@@ -101,3 +101,23 @@ def test_a_refused_run_leaves_no_empty_folders(tmp_path):
   with no_empty_folder_left(existing):
     pass
   assert existing.is_dir()
+
+
+@pytest.mark.parametrize(
+  "command, flag, field",
+  [
+    ("topt", "--embeddings", "embeddings_path"),
+    ("topt", "--prompts", "prompts_dir"),
+    ("urbanmmcl", "--images", "images"),
+  ],
+)
+def test_input_paths_are_saved_absolute(command, flag, field, tmp_path, monkeypatch):
+  """The config saved beside results names an input the same way however it
+  was given, so a rerun or resume from another folder is not refused."""
+  import importlib
+
+  parse_config = importlib.import_module(f"experiments.{command}").parse_config
+  monkeypatch.chdir(tmp_path)
+  out = ["--out", str(tmp_path / "out")]
+  given = [getattr(parse_config([flag, name, *out])[0], field) for name in ("x", "./x", "../t/x")]
+  assert given == [str(tmp_path / "x")] * 2 + [str(tmp_path.parent / "t" / "x")]

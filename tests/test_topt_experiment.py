@@ -271,7 +271,7 @@ def test_too_many_folds_fail_before_srel(data_root, tmp_path, monkeypatch):
   assert e.value.file == str(data_root / "hafusion" / "Chi" / "check_counts.npy")
 
 
-def test_validated_protocol_reports_one_honest_row(data_root, tmp_path, rng):
+def test_validated_protocol_reports_one_honest_row(data_root, tmp_path, rng, monkeypatch):
   labels = np.load(data_root / "hafusion" / "Chi" / "crime_counts.npy")
   emb = tmp_path / "emb.npy"
   np.save(emb, rng.normal(size=(1, labels.shape[0], 16)).astype(np.float32))
@@ -290,6 +290,11 @@ def test_validated_protocol_reports_one_honest_row(data_root, tmp_path, rng):
     ["w/o Prompt4RE (ridge on SREL embeddings)", task["reported_model"]]
   )
   assert np.isfinite(task["models"][task["reported_model"]]["r2"]["mean"])
+  # The same file named relatively is the same run: the rerun is not refused.
+  assert metrics["config"]["embeddings_path"] == str(emb)
+  monkeypatch.chdir(tmp_path)
+  relative = [arg if arg != str(emb) else "emb.npy" for arg in argv]
+  assert topt.main(relative) == 0
 
 
 def _extracted_prompts(folder, n, task, rng, width=24):
