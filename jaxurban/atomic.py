@@ -125,3 +125,17 @@ def _json_default(value):
   if isinstance(value, pathlib.Path):
     return str(value)
   raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def json_differences(key: str, saved: Any, current: Any) -> list[str]:
+  """ "key: saved X vs now Y" for each differing leaf, nested dicts walked, so
+  that a changed file hash names that file rather than printing both tables."""
+  if isinstance(saved, dict) and isinstance(current, dict):
+    keys = sorted(set(saved) | set(current))
+    return [
+      part
+      for k in keys
+      if saved.get(k) != current.get(k)
+      for part in json_differences(f"{key}.{k}", saved.get(k), current.get(k))
+    ]
+  return [f"{key}: saved {saved!r} vs now {current!r}"]

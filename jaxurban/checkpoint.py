@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from jaxurban.atomic import (  # noqa: F401
   as_json_types as _as_json,
   as_written_json,
+  json_differences as _differences,
   atomic_write,
   save_npy_atomic,
   write_json_atomic,
@@ -81,20 +82,6 @@ def check_previous_results(
     ) from error
   # As the results file wrote it: non-finite floats became null.
   check_same_config(saved, as_written_json(config), str(path), ignore=may_differ)
-
-
-def _differences(key: str, saved: Any, current: Any) -> list[str]:
-  """ "key: saved X vs now Y" for each differing leaf, nested dicts walked, so
-  that a changed file hash names that file rather than printing both tables."""
-  if isinstance(saved, dict) and isinstance(current, dict):
-    keys = sorted(set(saved) | set(current))
-    return [
-      part
-      for k in keys
-      if saved.get(k) != current.get(k)
-      for part in _differences(f"{key}.{k}", saved.get(k), current.get(k))
-    ]
-  return [f"{key}: saved {saved!r} vs now {current!r}"]
 
 
 class Checkpointer:

@@ -191,6 +191,17 @@ def read_manifest(path: str | os.PathLike) -> dict:
   model = need("model", dict, "an object describing the model")
   if not isinstance(model.get("name"), str):
     raise DataError(path, "model has no 'name'", column="model")
+  skipped = manifest.get("skipped", [])
+  if not isinstance(skipped, list) or not all(
+    isinstance(s, Mapping) and isinstance(s.get("id"), str) for s in skipped
+  ):
+    raise DataError(path, "must be a list of {id, problems} objects", column="skipped")
+  # A region left out cannot also have a row: the record would be self-contradictory.
+  both = [s["id"] for s in skipped if s["id"] in set(ids)]
+  if both:
+    raise DataError(
+      path, f"{len(both)} regions both skipped and given a row: {_show(both)}", column="skipped"
+    )
   return manifest
 
 
@@ -268,7 +279,18 @@ def load_prompt_vectors(
     raise DataError(
       array_path, f"{len(rows)} rows hold NaN or infinite values (regions {_show(rows)})"
     )
+  # A model's pooled hidden state is never exactly zero; an all-zero row is
+  # a placeholder written for a region whose inference failed.
+  zero = ~vectors.any(axis=1)
+  if zero.any():
+    rows = [info["region_ids"][i] for i in np.flatnonzero(zero)]
+    raise DataError(
+      array_path,
+      f"{len(rows)} rows are all zeros (regions {_show(rows)}): placeholders, not vectors",
+    )
 
+  if isinstance(region_ids, (str, bytes)):
+    raise TypeError(f"region_ids must be a sequence of id strings, not one string {region_ids!r}")
   if region_ids is not None:
     wanted = [str(i) for i in region_ids]
     have = info["region_ids"]

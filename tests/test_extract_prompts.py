@@ -131,7 +131,16 @@ def vlm(torch_mods, tmp_path_factory) -> pathlib.Path:
     image_token_index=ids["<|image|>"],
   )
   torch.manual_seed(0)
-  transformers.MllamaForConditionalGeneration(config).save_pretrained(path)
+  model = transformers.MllamaForConditionalGeneration(config)
+  # A new Mllama starts with its gates at 0: the cross-attention and the
+  # vision encoder's gated layers then pass nothing of the pixels on, and an
+  # extraction that dropped the images would pass every test. Opened gates
+  # make the vectors depend on the pixels, as in the trained model.
+  gates = ("attn_gate", "mlp_gate", "gate_attn", "gate_ffn", ".gate")
+  with torch.no_grad():
+    opened = [p.fill_(1.0) for name, p in model.named_parameters() if name.endswith(gates)]
+  assert opened
+  model.save_pretrained(path)
   processor = transformers.MllamaProcessor(
     image_processor=MllamaImageProcessorPil(size={"height": 16, "width": 16}, max_image_tiles=4),
     tokenizer=tok,
@@ -339,6 +348,15 @@ def test_pool_left_padding(torch_mods):
 
 def test_images_change_the_vectors(vlm, image_regions, tmp_path):
   with_images = _run(_config(vlm, batch_size=5), image_regions, tmp_path / "img")
+  # Regions of one and two images in one file: the vectors do not depend on
+  # the batch size (a batch mixing the counts moved them by up to 1e-3).
+  _run(_config(vlm, batch_size=1), image_regions, tmp_path / "one")
+  np.testing.assert_allclose(
+    load_prompt_vectors(tmp_path / "img")[0],
+    load_prompt_vectors(tmp_path / "one")[0],
+    rtol=1e-5,
+    atol=1e-5,
+  )
   assert with_images["inputs"]["images_used"] is True
   text = _run(_config(vlm, batch_size=5, text_only=True), image_regions, tmp_path / "txt")
   assert text["inputs"]["images_used"] is False
@@ -346,6 +364,14 @@ def test_images_change_the_vectors(vlm, image_regions, tmp_path):
   b, _ = load_prompt_vectors(tmp_path / "txt")
   assert a.shape == b.shape == (5, 32)
   assert np.abs(a - b).max() > 1e-3
+  # The pixels themselves count, not only the image tokens in the prompt:
+  # the same files with other pixels give other vectors, and another record.
+  _write_images(image_regions.parent / "images", 8, seed=1)
+  other = _run(_config(vlm, batch_size=5), image_regions, tmp_path / "other")
+  c, _ = load_prompt_vectors(tmp_path / "other")
+  assert (np.abs(a - c).max(axis=1) > 1e-4).all()  # every region's vector moved
+  assert other["inputs"]["images_sha256"] != with_images["inputs"]["images_sha256"]
+  assert other["inputs"]["regions_sha256"] == with_images["inputs"]["regions_sha256"]
 
 
 def test_resume_after_interruption(text_model, text_regions, tmp_path):
@@ -414,10 +440,64 @@ def test_missing_images_fail_or_skip(vlm, image_regions, tmp_path):
 def test_text_model_needs_text_only_for_images(text_model, image_regions, tmp_path):
   with pytest.raises(ExtractionError, match="no image processor.*--text-only"):
     _run(_config(text_model), image_regions, tmp_path / "x")
+  # The refused run left no work folder, so the retry the message asks for
+  # is not refused as "an unfinished run with other settings".
+  assert not (tmp_path / "x" / ".work").exists()
   manifest = _run(
-    _config(text_model, text_only=True, pooling="last"), image_regions, tmp_path / "y"
+    _config(text_model, text_only=True, pooling="last"), image_regions, tmp_path / "x"
   )
   assert manifest["shape"] == [5, 32] and manifest["pooling"] == "last"
+
+
+def test_float16_overflow_names_regions_and_keeps_the_batches(
+  text_model, text_regions, tmp_path, torch_mods
+):
+  torch, transformers = torch_mods
+  import shutil
+
+  # Final-norm weights scaled up: hidden states beyond float16's 65504.
+  large = tmp_path / "large"
+  shutil.copytree(text_model, large)
+  model = transformers.AutoModelForCausalLM.from_pretrained(large)
+  with torch.no_grad():
+    model.model.norm.weight.mul_(1e5)
+  model.save_pretrained(large)
+  with pytest.raises(ExtractionError) as err:
+    _run(_config(large, out_dtype="float16", batch_size=4), text_regions, tmp_path / "out")
+  message = str(err.value)
+  assert "beyond float16's range" in message and "--out-dtype float32" in message
+  assert "--dtype" not in message
+  # The finished batches (float32) are reused: no model call on the rerun.
+  batches = []
+  manifest = _run(
+    _config(large, out_dtype="float32", batch_size=4),
+    text_regions,
+    tmp_path / "out",
+    after_batch=batches.append,
+  )
+  assert batches == [] and manifest["dtype"] == "float32"
+  vectors, _ = load_prompt_vectors(tmp_path / "out")
+  # The message named exactly the regions that do not fit.
+  over = [f"r{i}" for i in np.flatnonzero(np.abs(vectors).max(axis=1) > np.finfo(np.float16).max)]
+  assert 0 < len(over) < 7 and f"{len(over)} regions ({', '.join(map(repr, over))})" in message
+
+
+def test_non_finite_states_are_refused_per_batch(text_model, text_regions, tmp_path, torch_mods):
+  torch, transformers = torch_mods
+  import shutil
+
+  broken = tmp_path / "broken"
+  shutil.copytree(text_model, broken)
+  model = transformers.AutoModelForCausalLM.from_pretrained(broken)
+  with torch.no_grad():
+    model.model.norm.weight.fill_(float("nan"))
+  model.save_pretrained(broken)
+  with pytest.raises(ExtractionError, match=r"NaN or infinite hidden states for 3 regions "):
+    _run(_config(broken, batch_size=3), text_regions, tmp_path / "out")
+  # Nothing was saved for them, and float32 gets no advice to use float32.
+  assert not list((tmp_path / "out").glob(".work/batch-*.npz"))
+  with pytest.raises(ExtractionError, match=r"\('r0', 'r1', 'r2'\)$"):
+    _run(_config(broken, batch_size=3, dtype="float32"), text_regions, tmp_path / "out")
 
 
 def test_command_line(text_model, text_regions, tmp_path, capsys, torch_mods):
@@ -456,19 +536,20 @@ def test_truncated_jpeg_is_found_before_any_model_time(tmp_path):
   assert [p.id for p in problems] == ["bad"] and "unreadable" in problems[0].problems[0]
 
 
-def test_batches_never_mix_regions_with_and_without_images(tmp_path):
-  from experiments.prompt_extraction.regions import batches_by_kind
+def test_batches_never_mix_image_counts(tmp_path):
+  from experiments.prompt_extraction.regions import batches_by_image_count
 
   path = tmp_path / "regions.json"
-  records = [{"id": f"r{i}", "text": "t", "images": ["x.png"] if i % 3 else []} for i in range(11)]
+  records = [{"id": f"r{i}", "text": "t", "images": ["x.png"] * (i % 3)} for i in range(11)]
   path.write_text(json.dumps(records))
   regions = load_regions(path)
-  has = lambda r: bool(r.images)  # noqa: E731
-  batches = batches_by_kind(regions, 3, has)
-  assert all(len(b) <= 3 and len({has(r) for r in b}) == 1 for b in batches)
+  count = lambda r: len(r.images)  # noqa: E731
+  batches = batches_by_image_count(regions, 3, count)
+  assert all(len(b) <= 3 and len({count(r) for r in b}) == 1 for b in batches)
   assert sorted(r.id for b in batches for r in b) == sorted(r.id for r in regions)
   assert [r.id for r in batches[0]] == ["r0", "r3", "r6"]  # image-free first, in order
-  assert len(batches_by_kind(regions, 3, lambda r: False)) == 4  # text only: one kind
+  assert [count(b[0]) for b in batches] == [0, 0, 1, 1, 2]
+  assert len(batches_by_image_count(regions, 3, lambda r: 0)) == 4  # text only: one group
 
 
 def test_mixed_image_and_image_free_regions_extract(vlm, image_regions, tmp_path):
@@ -520,3 +601,30 @@ def test_weights_missing_from_the_checkpoint_are_refused(text_model, text_region
   save_file({k: v for k, v in weights.items() if k not in dropped}, broken / "model.safetensors")
   with pytest.raises(ExtractionError, match="not in the checkpoint.*would stay random"):
     _run(_config(broken, model_class="base"), text_regions, tmp_path / "out")
+
+
+def test_batches_are_right_padded_whatever_the_processor_default(vlm, image_regions):
+  from experiments.prompt_extraction.extract import embed_batch, load_model
+
+  regions = load_regions(image_regions)[::2]  # one image each, two sizes
+  config = _config(vlm, batch_size=5)
+  loaded = load_model(config, need_images=True)
+  alone = np.concatenate([embed_batch(loaded, config, [r]) for r in regions])
+  # A processor or tokenizer whose own default is left padding (several
+  # transformers processors carry one) is overruled by the call.
+  loaded.processor.tokenizer.padding_side = "left"
+  np.testing.assert_allclose(embed_batch(loaded, config, regions), alone, rtol=1e-5, atol=1e-5)
+
+  class PadsLeft:  # a processor that ignores what it is asked for
+    def __init__(self, processor):
+      self._processor = processor
+
+    def __getattr__(self, name):
+      return getattr(self._processor, name)
+
+    def __call__(self, **kwargs):
+      return self._processor(**{**kwargs, "padding_side": "left"})
+
+  loaded.processor = PadsLeft(loaded.processor)
+  with pytest.raises(ExtractionError, match="padded the batch on the left.*--batch-size 1"):
+    embed_batch(loaded, config, regions)

@@ -139,6 +139,30 @@ def test_refuses_changed_array_and_nan(output):
     load_prompt_vectors(folder)
 
 
+def test_refuses_placeholder_rows_and_contradictory_records(output):
+  folder, array = output
+  from jaxurban.prompts import file_sha256
+
+  # A zero row is what a failed inference leaves when it writes a placeholder.
+  zeroed = array.copy()
+  zeroed[2] = 0
+  np.save(folder / "vectors.npy", zeroed)
+  _edit(folder, sha256=file_sha256(folder / "vectors.npy"))
+  with pytest.raises(DataError, match=r"vectors\.npy: 1 rows are all zeros \(regions 'c'\)"):
+    load_prompt_vectors(folder)
+  np.save(folder / "vectors.npy", array)
+  _edit(folder, sha256=file_sha256(folder / "vectors.npy"))
+  load_prompt_vectors(folder)
+  with pytest.raises(TypeError, match="not one string"):
+    load_prompt_vectors(folder, "abcd")
+  _edit(folder, skipped=[{"id": "b", "problems": ["b.png: missing"]}])
+  with pytest.raises(DataError, match=r"'skipped': 1 regions both skipped and given a row: 'b'"):
+    load_prompt_vectors(folder)
+  _edit(folder, skipped=[{"problems": []}])
+  with pytest.raises(DataError, match=r"'skipped': must be a list of \{id, problems\}"):
+    load_prompt_vectors(folder)
+
+
 def test_shipped_manifests_describe_the_published_files():
   for mllm, task, width in [("llama", "none", 4096), ("qwen", "checkIn", 3584)]:
     manifest = read_manifest(chicago_manifest_path(mllm, task))
@@ -179,7 +203,7 @@ def test_published_templates_differ_and_hash_is_refused(data_root):
   none = load_chicago_prompts(data_root, "llama", "none")
   assert np.abs(crime - none).max() > 0.1
   folder = data_root / "prompt4re" / "chicago"
-  # The authors' template text is unknown: asking for a specific one fails.
+  # The authors' template text is not recorded: asking for a specific one fails.
   with pytest.raises(DataError, match="another template text"):
     load_prompt_vectors(
       folder,

@@ -45,8 +45,9 @@ from experiments.prompt_extraction.output import (
 )
 from experiments.prompt_extraction.regions import (
   Region,
-  batches_by_kind,
+  batches_by_image_count,
   check_images,
+  images_sha256,
   load_regions,
 )
 from jaxurban.prompts import MANIFEST_NAME, POOLINGS, file_sha256
@@ -311,7 +312,14 @@ def embed_batch(loaded: LoadedModel, config: ExtractConfig, batch: Sequence[Regi
   # A chat template already writes the special tokens (BOS and the like);
   # adding them again would change the sequence.
   special = not any(chat for _, chat in prompts)
-  common = {"padding": True, "return_tensors": "pt", "add_special_tokens": special}
+  # padding_side is passed with every call: some processors carry their own
+  # default (left) that overrides the tokenizer's attribute.
+  common = {
+    "padding": True,
+    "padding_side": "right",
+    "return_tensors": "pt",
+    "add_special_tokens": special,
+  }
   if any(paths):
     inputs = loaded.processor(text=texts, images=[_open_images(p) for p in paths], **common)
   elif loaded.processor is not None:
@@ -325,6 +333,14 @@ def embed_batch(loaded: LoadedModel, config: ExtractConfig, batch: Sequence[Regi
       if value.is_floating_point():
         value = value.to(loaded.dtype)
     feed[key] = value
+  mask = feed["attention_mask"]
+  if bool((mask[:, 1:] > mask[:, :-1]).any()):
+    # A real token after a padded one: the batch was not right-padded, and
+    # the manifest would record a padding side that was not used.
+    raise ExtractionError(
+      f"{config.model}: the processor padded the batch on the left although right padding "
+      "was asked for; rerun with --batch-size 1"
+    )
   with torch.inference_mode():
     if loaded.has_last_hidden_state:
       out = loaded.model(**feed, use_cache=False, return_dict=True)
@@ -334,6 +350,25 @@ def embed_batch(loaded: LoadedModel, config: ExtractConfig, batch: Sequence[Regi
       hidden = out.hidden_states[-1]
     pooled = pool(hidden, feed["attention_mask"], config.pooling)
   return pooled.cpu().numpy().astype(np.float32)
+
+
+def _regions(ids) -> str:
+  ids = [str(i) for i in ids]
+  shown = ", ".join(repr(i) for i in ids[:5]) + (
+    f" and {len(ids) - 5} more" if len(ids) > 5 else ""
+  )
+  return f"{len(ids)} regions ({shown})"
+
+
+def _check_finite(vectors: np.ndarray, batch: Sequence[Region], model: str, dtype: str) -> None:
+  """Refuses a batch with NaN or infinite pooled states before it is saved."""
+  bad = ~np.isfinite(vectors).all(axis=1)
+  if bad.any():
+    hint = "" if dtype == "float32" else f" in {dtype}; try --dtype float32"
+    raise ExtractionError(
+      f"{model}: the model produced NaN or infinite hidden states for "
+      f"{_regions(r.id for r, b in zip(batch, bad) if b)}{hint}"
+    )
 
 
 def _model_identity(config: ExtractConfig, loaded: LoadedModel | None) -> dict:
@@ -469,6 +504,9 @@ def extract_prompts(
     "regions_file": str(pathlib.Path(regions_file).resolve()),
     "regions_sha256": file_sha256(regions_file),
     "images_used": use_images,
+    # The pixels, not only the paths: images replaced between an interrupted
+    # run and its resume would otherwise mix vectors of old and new images.
+    "images_sha256": images_sha256(regions, config.max_images) if use_images else None,
     "max_images": config.max_images,
     "image_prefix_map": [list(p) for p in config.image_prefix_map],
     "prompt_format_sha256": _prompt_format_sha(model_path),
@@ -483,7 +521,6 @@ def extract_prompts(
     "template": template,
     "pooling": config.pooling,
     "dtype": compute_dtype,
-    "out_dtype": config.out_dtype,
     "model_class": config.model_class,
     "missing_images": config.missing_images,
     "inputs": inputs,
@@ -495,8 +532,8 @@ def extract_prompts(
   work = WorkFolder(out, settings)
   done = work.done()
   todo = [r for r in regions if r.id not in done]
-  batches = batches_by_kind(
-    todo, config.batch_size, lambda r: use_images and bool(r.images[: config.max_images])
+  batches = batches_by_image_count(
+    todo, config.batch_size, lambda r: len(r.images[: config.max_images]) if use_images else 0
   )
 
   loaded = None
@@ -511,6 +548,7 @@ def extract_prompts(
     try:
       for k, batch in enumerate(batches):
         vectors = embed_batch(loaded, config, batch)
+        _check_finite(vectors, batch, config.model, compute_dtype)
         work.save_batch([r.id for r in batch], vectors)
         done.update(zip((r.id for r in batch), vectors))
         if bar is not None:
@@ -525,11 +563,17 @@ def extract_prompts(
   if len(widths) != 1:
     raise ExtractionError(f"{work.path}: finished batches disagree in width {sorted(widths)}")
   ids = [r.id for r in regions]
-  array = np.stack([done[i] for i in ids]).astype(config.out_dtype)
-  if not np.isfinite(array).all():
-    raise ExtractionError(
-      f"{config.model}: the model produced NaN or infinite hidden states (try --dtype float32)"
-    )
+  array = np.stack([done[i] for i in ids])
+  if config.out_dtype == "float16":
+    # The batches are kept in float32; only the written array is cast.
+    too_large = np.abs(array).max(axis=1) > np.finfo(np.float16).max
+    if too_large.any():
+      raise ExtractionError(
+        f"{config.model}: {_regions(np.asarray(ids)[too_large])} have values beyond float16's "
+        f"range ({np.abs(array).max():.4g} > {np.finfo(np.float16).max:.0f}); rerun with "
+        "--out-dtype float32 (the finished batches are kept and reused)"
+      )
+  array = array.astype(config.out_dtype)
   identity = _model_identity(config, loaded)
   # An overwrite removes the old manifest only now, when the new array is
   # ready: a run that fails or is stopped earlier leaves the old output

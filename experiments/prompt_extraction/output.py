@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from jaxurban.atomic import atomic_write
+from jaxurban.atomic import atomic_write, json_differences
 from jaxurban.prompts import FORMAT, FORMAT_VERSION, MANIFEST_NAME, file_sha256
 
 __all__ = [
@@ -60,21 +60,17 @@ class WorkFolder:
   def __init__(self, out: pathlib.Path, settings: Mapping):
     self.path = out / WORK_NAME
     self.settings = json.loads(json.dumps(settings))  # plain JSON types, for comparison
-    state = self.path / "state.json"
-    if state.is_file():
-      old = json.loads(state.read_text(encoding="utf-8"))
+    self._state = self.path / "state.json"
+    if self._state.is_file():
+      old = json.loads(self._state.read_text(encoding="utf-8"))
       if old != self.settings:
-        changed = sorted(
-          k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k)
-        )
+        changed = "; ".join(_shortened(part) for part in json_differences("", old, self.settings))
         raise ExtractionError(
-          f"{self.path} holds an unfinished run with other settings (differs in: "
-          f"{', '.join(changed)}); rerun with the same settings to resume it, or pass "
-          "--restart to discard it"
+          f"{self.path} holds an unfinished run with other settings ({changed}); rerun with "
+          "the same settings to resume it, or pass --restart to discard it"
         )
-    else:
-      self.path.mkdir(parents=True, exist_ok=True)
-      _write_json(state, self.settings)
+    # The state is written with the first batch: a run that stops before
+    # (a model that does not load, say) leaves nothing to refuse a retry with.
 
   def done(self) -> dict[str, np.ndarray]:
     """Vectors of the regions finished by earlier (interrupted) runs."""
@@ -95,10 +91,20 @@ class WorkFolder:
       index += 1
       shard = self.path / f"batch-{index:05d}.npz"
     ids_array = np.asarray(list(ids), dtype=np.str_)
+    if not self._state.is_file():
+      self.path.mkdir(parents=True, exist_ok=True)
+      _write_json(self._state, self.settings)
     atomic_write(shard, lambda f: np.savez(f, ids=ids_array, vectors=vectors))
 
   def remove(self) -> None:
     shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _shortened(difference: str, limit: int = 160) -> str:
+  # json_differences names the key from its root ("." + name); long values
+  # (a template text) are cut so that the message stays readable.
+  difference = difference.removeprefix(".")
+  return difference if len(difference) <= limit else difference[: limit - 3] + "..."
 
 
 def build_manifest(

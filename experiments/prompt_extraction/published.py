@@ -11,9 +11,11 @@ project's own extractions::
 
 The facts recorded come from the files themselves (sha256, shape, dtype) and
 from the authors' paper (model, mean pooling over tokens of the last-layer
-hidden states). The authors' template texts are not published, so the
-template is recorded by name only (no text, no hash); a caller asking for a
-specific template hash is therefore refused.
+hidden states). The authors' task prompts are in their inference scripts
+at that commit (``task_prompt`` in ``inference_llama.py`` and
+``inference_qwen.py``); they are not copied into this project, so the
+template is recorded by name only (no text, no hash), and a caller asking
+for a specific template hash is refused.
 """
 
 from __future__ import annotations

@@ -3,9 +3,14 @@
 ToPT guides the frozen MLLM with one template per prediction task (section
 2.2.3 of the ToPT paper; its Fig. 1 shows the crime one) and ablates them
 with a task-free prompt ("w/o Task-relevant Prompt", Table 1). The texts
-below are this project's own wording, not the authors'. ``{region_text}`` is
-replaced by the region's geo-text (centroid, address, POI composition); the
-images come before the text in the message.
+below are this project's own wording. The authors' task prompts are in their
+inference scripts (townSeven/Prompt4RE @ 7d764a62, ``inference_llama.py`` and
+``inference_qwen.py``, variable ``task_prompt``) and are not copied here; they
+are longer and sit elsewhere: appended after the chat-formatted user message
+and its assistant header, outside the user turn, with an empty string for no
+task. Here ``{region_text}`` is replaced by the region's geo-text (centroid,
+address, POI composition) inside the user turn; the images come before the
+text in the message.
 
 Any change to a text must come with a new ``TEMPLATE_VERSION``: the sha256 of
 the exact text is written into every output manifest, so vectors made with
