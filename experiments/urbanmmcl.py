@@ -191,7 +191,7 @@ def main(argv=None) -> int:
   except DataError as e:
     print(f"data error: {e}", file=sys.stderr)
     return 2
-  except (AblationError, CheckpointMismatch) as e:
+  except (AblationError, CheckpointMismatch, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   table = results_table(results)

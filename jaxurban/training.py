@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -65,10 +66,49 @@ def _finite_problems(values: dict, bound: str, within: Callable[[float], bool]) 
   ]
 
 
-def non_finite_seeds(seeds: Sequence[int], totals) -> list[int]:
-  """The seeds whose total loss (``totals`` [S, ...]) is not finite everywhere."""
-  totals = np.asarray(totals).reshape(len(seeds), -1)
-  return [int(seeds[i]) for i in np.flatnonzero(~np.isfinite(totals).all(axis=1))]
+def non_finite_seeds(seeds: Sequence[int], totals, params_finite=None) -> list[int]:
+  """The seeds whose total loss (``totals`` [S, ...]) is not finite everywhere,
+  or, given ``params_finite`` [S] (from `finite_per_seed`), whose parameters
+  are not."""
+  bad = ~np.isfinite(np.asarray(totals).reshape(len(seeds), -1)).all(axis=1)
+  if params_finite is not None:
+    bad |= ~np.asarray(params_finite, bool).reshape(len(seeds))
+  return [int(seeds[i]) for i in np.flatnonzero(bad)]
+
+
+def check_finite_outputs(what: str, seeds: Sequence[int], *outputs) -> None:
+  """Raises FloatingPointError naming the seeds whose outputs ([S, ...]
+  arrays, e.g. embeddings) hold a NaN or infinity.
+
+  Finite parameters can still give non-finite outputs (a learning rate so
+  large that the forward pass overflows); such outputs must not be saved or
+  scored as if the model had trained.
+  """
+  finite = np.ones(len(seeds), bool)
+  for output in outputs:
+    finite &= np.isfinite(np.asarray(output).reshape(len(seeds), -1)).all(axis=1)
+  if not finite.all():
+    bad = [int(seeds[i]) for i in np.flatnonzero(~finite)]
+    raise FloatingPointError(
+      f"{what}: the outputs of seed(s) {bad} are not finite; try a lower learning rate"
+    )
+
+
+@jax.jit
+def finite_per_seed(params) -> jax.Array:
+  """[S] bool: whether every floating-point leaf of each seed's parameters
+  (leading seed axis) is finite.
+
+  A chunk's losses are computed before each epoch's update, so they cannot
+  see a divergence in the chunk's last update: without this check its
+  parameters would be checkpointed, and after the last chunk embedded.
+  """
+  flags = [
+    jnp.isfinite(leaf).reshape(leaf.shape[0], -1).all(axis=1)
+    for leaf in jax.tree.leaves(params)
+    if jnp.issubdtype(leaf.dtype, jnp.inexact)
+  ]
+  return jnp.stack(flags).all(axis=0)
 
 
 def chunk_length(epochs: int, log_every: int, start: int = 0) -> int:

@@ -291,10 +291,34 @@ def test_a_diverged_seed_stops_the_stage_before_its_checkpoint(data_root, tmp_pa
   params = {"w": jnp.ones((2, 3))}
   keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(2))
   with pytest.raises(
-    FloatingPointError, match=r"\[embed\] the loss of seed\(s\) \[4\].*epochs 1-2"
+    FloatingPointError, match=r"\[embed\] the loss or parameters of seed\(s\) \[4\].*epochs 1-2"
   ):
     train._run_stage(
       "embed", tmp_path, config, loss_fn, params, keys, (jnp.array([1.0, jnp.nan]),), 4,
+      per_seed_data=True,
+    )  # fmt: skip
+  assert Checkpointer(tmp_path, subdir="embed").latest_step() is None
+
+
+def test_a_divergence_in_the_last_update_of_a_chunk_is_caught(data_root, tmp_path):
+  import jax.numpy as jnp
+
+  # Each chunk's losses precede its updates: here every loss is finite, but
+  # seed 4's gradient at w = 1 is NaN, so its parameters are NaN after the
+  # first update; the run must stop before checkpointing them.
+  config = tiny(data_root, first_seed=3, epochs=2, log_every=1, checkpoint_every=1)
+
+  def loss_fn(params, key, target):
+    total = jnp.sum(jnp.sqrt(jnp.abs(params["w"] - target)))
+    return total, {"total": total}
+
+  params = {"w": jnp.ones((2, 3))}
+  keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(2))
+  with pytest.raises(
+    FloatingPointError, match=r"\[embed\] the loss or parameters of seed\(s\) \[4\].*epochs 1-1"
+  ):
+    train._run_stage(
+      "embed", tmp_path, config, loss_fn, params, keys, (jnp.array([0.0, 1.0]),), 2,
       per_seed_data=True,
     )  # fmt: skip
   assert Checkpointer(tmp_path, subdir="embed").latest_step() is None

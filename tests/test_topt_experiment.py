@@ -161,6 +161,15 @@ def test_bad_fold_and_prompt_settings_are_usage_errors(capsys):
       ToptConfig(**{field: value})
   ToptConfig(embedding_dim=146, prompt4re=False)
   ToptConfig(embedding_dim=146, alignment=False)
+  # SREL's own settings are checked when the config is made, not after the
+  # data and prompt vectors are read.
+  for field, value, words in (
+    ("srel_layers", -1, "n_layers must be >= 0"),
+    ("embedding_dim", 0, "embedding_dim must be >= 1"),
+    ("spatial_lambda", float("nan"), "spatial_lambda must be a finite number"),
+  ):
+    with pytest.raises(ValueError, match=f"SRELConfig: {words}"):
+      ToptConfig(**{field: value}, prompt4re=False)
   # Prompt4RE's settings without Prompt4RE, and the spatial switches on New
   # York, would label a run that computes the plain ridge row.
   for flags, field in (

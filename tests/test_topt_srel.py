@@ -561,6 +561,17 @@ def test_step_compiles_once_and_resumes(tmp_path, rng, monkeypatch):
   np.testing.assert_array_equal(resumed, first)
 
 
+def test_a_diverged_run_is_neither_checkpointed_nor_returned(tmp_path, rng):
+  # Losses precede each epoch's update, so a one-epoch run's only loss is
+  # finite; the update itself overflows the forward pass.
+  views = _synthetic_views(rng)
+  config = SRELConfig(**TINY, epochs=1, log_every=1, checkpoint_every=1, learning_rate=1e30)
+  with pytest.raises(FloatingPointError, match=r"after epoch 1: the outputs of seed\(s\) \[0\]"):
+    train_srel_with_log(config, views, seeds=(0,), workdir=tmp_path, progress=False)
+  assert srel_train.Checkpointer(tmp_path, subdir="srel").latest_step() is None
+  assert not (tmp_path / "srel_emb.npy").exists()
+
+
 def test_few_epochs_on_chicago(data_root):
   views = load_city_views("Chi", data_root)
   config = SRELConfig(epochs=16, log_every=8, n_layers=1, ff_dim=256, dropout=0.0)
@@ -574,11 +585,27 @@ def test_few_epochs_on_chicago(data_root):
 
 
 @pytest.mark.parametrize(
-  "bad", [dict(epochs=0), dict(dropout=1.0), dict(sigma_km=0.0), dict(seeds=(0, -1))]
+  "bad",
+  [
+    dict(epochs=0),
+    dict(dropout=1.0),
+    dict(sigma_km=0.0),
+    dict(sigma_km=float("nan")),
+    dict(spatial_lambda=float("nan")),
+    dict(spatial_lambda=float("inf")),
+    dict(seeds=(0, -1)),
+  ],
 )
 def test_config_rejects_bad_values(bad):
   with pytest.raises(ValueError, match="SRELConfig"):
     SRELConfig(**bad)
+  # Through ToPT's config too, before any data is read.
+  from jaxurban.topt.pipeline import ToptConfig
+
+  field = next(iter(bad))
+  if field in ("spatial_lambda",):
+    with pytest.raises(ValueError, match=f"SRELConfig: {field} must be a finite number"):
+      ToptConfig(**bad)
 
 
 def test_task_presets():

@@ -57,3 +57,22 @@ def test_non_finite_seeds_and_weight_problems():
     "alpha must be a finite number >= 0, got -1.0",
     "beta must be a finite number >= 0, got nan",
   ]
+
+
+def test_non_finite_parameters_and_outputs_name_their_seeds():
+  import jax.numpy as jnp
+  import numpy as np
+
+  params = {
+    "w": jnp.array([[1.0, 2.0], [jnp.nan, 0.0], [1.0, jnp.inf]]),
+    "count": jnp.array([1, 2, 3]),  # integer leaves cannot be non-finite
+  }
+  finite = training.finite_per_seed(params)
+  assert np.asarray(finite).tolist() == [True, False, False]
+  assert training.non_finite_seeds([5, 6, 7], np.zeros(3), finite) == [6, 7]
+  assert training.non_finite_seeds([5, 6, 7], np.array([0.0, 0.0, np.nan])) == [7]
+  training.check_finite_outputs("run", [5, 6], np.ones((2, 3)), np.ones((2, 4)))
+  bad = np.ones((2, 4))
+  bad[1, 3] = np.inf
+  with pytest.raises(FloatingPointError, match=r"^run: the outputs of seed\(s\) \[6\] are not"):
+    training.check_finite_outputs("run", [5, 6], np.ones((2, 3)), bad)

@@ -692,6 +692,19 @@ def test_ablations_of_what_the_city_lacks_are_refused(tmp_path, data_root, capsy
   assert not (tmp_path / "checkpoints").exists()
 
 
+def test_command_reports_a_diverged_run_in_one_line(tmp_path, monkeypatch, capsys):
+  from experiments import urbanmmcl as command
+
+  def diverge(*_, **__):
+    raise FloatingPointError("UrbanMMCL pre-training of NY: the outputs of seed(s) [0] are ...")
+
+  monkeypatch.setattr(command, "train_and_evaluate", diverge)
+  assert command.main(["--city", "NY", "--out", str(tmp_path / "run")]) == 2
+  assert capsys.readouterr().err == (
+    "error: UrbanMMCL pre-training of NY: the outputs of seed(s) [0] are ...\n"
+  )
+
+
 def test_command_writes_the_results_table_atomically(tmp_path, monkeypatch):
   import os
   import stat

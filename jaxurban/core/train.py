@@ -26,6 +26,8 @@ from jaxurban.core.model import CoRE, LossSettings, alignment_losses, mobility_l
 from jaxurban.graph import CityGraph, city_graph, pad_target_rows
 from jaxurban.training import chunk_length as _chunk_length
 from jaxurban.training import (
+  check_finite_outputs,
+  finite_per_seed,
   make_chunk,
   non_finite_seeds,
   rate_problems,
@@ -267,13 +269,15 @@ def _run_stage(
     terms = sharding.to_host(terms)  # split over hosts under --distributed --shard-seeds
     done = epoch + length
     diverged = non_finite_seeds(
-      range(config.first_seed, config.first_seed + config.seeds), terms["total"]
+      range(config.first_seed, config.first_seed + config.seeds),
+      terms["total"],
+      sharding.to_host(finite_per_seed(state[0])),
     )
     if diverged:
       # Stop before a checkpoint keeps non-finite parameters; the previous
       # checkpoint (if any) stays the latest.
       raise FloatingPointError(
-        f"[{name}] the loss of seed(s) {diverged} is not finite in "
+        f"[{name}] the loss or parameters of seed(s) {diverged} are not finite in "
         f"epochs {epoch + 1}-{done}; no checkpoint written for them; try a lower learning rate"
       )
     # Means over the chunk's epochs and over seeds.
@@ -391,7 +395,10 @@ def train_embeddings(
       config, workdir, settings, z_x, z_y, query_key, align_keys, data_description
     )
     logs["align"] = log
-  return sharding.to_host(z_x), sharding.to_host(z_y), logs
+  z_x, z_y = sharding.to_host(z_x), sharding.to_host(z_y)
+  seeds = range(config.first_seed, config.first_seed + config.seeds)
+  check_finite_outputs("CoRE embeddings", seeds, z_x, z_y)
+  return z_x, z_y, logs
 
 
 # 2: one affine layer per city (the paper's "w/o one-stage"), where revision 1

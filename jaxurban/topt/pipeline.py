@@ -231,6 +231,10 @@ class ToptConfig:
         SREL_ONLY_FIELDS,
         "with --embeddings (embeddings_path): SREL is not trained, its embeddings are loaded",
       )
+    else:
+      # The SREL settings, checked now rather than after the data and the
+      # prompt vectors are read.
+      _srel_config(self)
     self._check_evaluation()
 
   def _refuse_changed(self, names, why: str) -> None:
@@ -353,6 +357,26 @@ def _prompt_vectors(config: ToptConfig, task: str, n_regions: int) -> tuple[np.n
   return vectors, f"{manifest['model'].get('name', '?')} ({folder})"
 
 
+def _srel_config(config: ToptConfig):
+  """The SRELConfig this run trains with; ValueError naming a bad setting."""
+  from jaxurban.topt.srel_train import SRELConfig
+
+  spatial = config.city == "Chi"
+  # HAFusion's per-city architecture (heads, layers, widths), then this run's settings.
+  epochs, learning_rate = config.srel_schedule()
+  return dataclasses.replace(
+    SRELConfig.for_city(config.city),
+    epochs=epochs,
+    embedding_dim=config.embedding_dim,
+    learning_rate=learning_rate,
+    n_layers=config.srel_layers,
+    spatial_lambda=config.spatial_lambda,
+    spatial_bias=config.spatial_bias and spatial,
+    centrality=config.centrality and spatial,
+    seeds=tuple(config.seeds),
+  )
+
+
 def _srel_embeddings(config: ToptConfig, views, workdir, log) -> tuple[np.ndarray, str]:
   n = views.n_regions
   if config.embeddings_path is not None:
@@ -383,22 +407,9 @@ def _srel_embeddings(config: ToptConfig, views, workdir, log) -> tuple[np.ndarra
       )
     log(f"SREL embeddings loaded from {path} (first {len(config.seeds)} of {stored_seeds})")
     return emb, f"loaded from {path}"
-  from jaxurban.topt.srel_train import SRELConfig, train_srel
+  from jaxurban.topt.srel_train import train_srel
 
-  spatial = config.city == "Chi"
-  # HAFusion's per-city architecture (heads, layers, widths), then this run's settings.
-  epochs, learning_rate = config.srel_schedule()
-  srel_config = dataclasses.replace(
-    SRELConfig.for_city(config.city),
-    epochs=epochs,
-    embedding_dim=config.embedding_dim,
-    learning_rate=learning_rate,
-    n_layers=config.srel_layers,
-    spatial_lambda=config.spatial_lambda,
-    spatial_bias=config.spatial_bias and spatial,
-    centrality=config.centrality and spatial,
-    seeds=tuple(config.seeds),
-  )
+  srel_config = _srel_config(config)
   log(
     f"SREL: {srel_config.epochs} epochs, lr {srel_config.learning_rate:g}, "
     f"{len(config.seeds)} seeds (vmapped)"

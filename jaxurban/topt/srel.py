@@ -556,8 +556,12 @@ class SRELArchitecture:
       problems.append(f"n_layers must be >= 0, got {self.n_layers}")
     if not 0.0 <= self.dropout < 1.0:
       problems.append(f"dropout must be in [0, 1), got {self.dropout}")
-    if self.sigma_km <= 0:
-      problems.append(f"sigma_km must be > 0, got {self.sigma_km}")
+    # NaN passes a plain comparison, and under jit XLA folds a NaN constant
+    # into exp(-(d / sigma)^2) as finite garbage rather than NaN.
+    if not (math.isfinite(self.sigma_km) and self.sigma_km > 0):
+      problems.append(f"sigma_km must be a finite number > 0, got {self.sigma_km}")
+    if not math.isfinite(self.spatial_lambda):
+      problems.append(f"spatial_lambda must be a finite number, got {self.spatial_lambda}")
     if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
       problems.append(f"attention_implementation {self.attention_implementation!r} unknown")
     return problems

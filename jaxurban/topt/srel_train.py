@@ -37,6 +37,8 @@ from jaxurban.topt.srel import SREL, SRELArchitecture, centroids_to_km
 from jaxurban.topt.srel_losses import normalise_mobility, srel_loss
 from jaxurban.training import chunk_length as _chunk_length
 from jaxurban.training import (
+  check_finite_outputs,
+  finite_per_seed,
   make_chunk,
   non_finite_seeds,
   rate_problems,
@@ -335,20 +337,21 @@ def train_srel_with_log(
   length = _chunk_length(used.epochs, used.log_every, start)
   save_every = max(length, (used.checkpoint_every // length) * length)
   chunk = make_train_chunk(make_loss(model), optimizer, length)
+  embed = make_embed(model)
   args = data.as_tuple()
   started = time.perf_counter()
   for epoch in range(start, used.epochs, length):
     state, terms = chunk(state, *args)
     terms = jax.device_get(terms)
     done = epoch + length
-    diverged = non_finite_seeds(seeds, terms["total"])
+    diverged = non_finite_seeds(seeds, terms["total"], jax.device_get(finite_per_seed(state[0])))
     if diverged:
       # Stop before a checkpoint keeps non-finite parameters; the previous
       # checkpoint (if any) stays the latest.
       raise FloatingPointError(
-        f"SREL on {views.city}: the loss of seed(s) {diverged} is not finite after epoch "
-        f"{done}; the mobility view's raw trip counts make the intra-view attention "
-        "logits very large, so try a lower learning_rate"
+        f"SREL on {views.city}: the loss or parameters of seed(s) {diverged} are not finite "
+        f"after epoch {done}; the mobility view's raw trip counts make the intra-view "
+        "attention logits very large, so try a lower learning_rate"
       )
     row = {"epoch": done, **{k: np.asarray(v).tolist() for k, v in terms.items()}}
     history.append(row)
@@ -359,14 +362,19 @@ def train_srel_with_log(
       flush=True,
     )
     if checkpointer is not None and (done % save_every == 0 or done == used.epochs):
+      # Finite parameters can still overflow in the forward pass.
+      check_finite_outputs(
+        f"SREL on {views.city} after epoch {done}", seeds, embed(state[0], *args[:4])
+      )
       checkpointer.save(done, state, run_config, log=history)
   seconds = time.perf_counter() - started
   if checkpointer is not None:
     checkpointer.close()
 
   params = state[0]
-  embeddings = make_embed(model)(params, *args[:4])
+  embeddings = embed(params, *args[:4])
   embeddings = np.asarray(jax.device_get(embeddings), dtype=np.float32)
+  check_finite_outputs(f"SREL on {views.city}", seeds, embeddings)
   log = {
     "config": run_config,
     "history": history,

@@ -47,7 +47,7 @@ from jaxurban.provenance import software_versions
 from jaxurban.digest import arrays_sha256
 from jaxurban.eval import kfold
 from jaxurban.eval.metrics import classification_metrics
-from jaxurban.training import rate_problems
+from jaxurban.training import check_finite_outputs, finite_per_seed, rate_problems
 from jaxurban.urbanmmcl.graphs import (
   AblationError,
   build_view_graphs,
@@ -524,10 +524,14 @@ def _pretrain(config, compiled: _Compiled, inputs, data_sha256: str, seed: int, 
     chunk_key = jax.random.fold_in(train_key, done)
     params, opt_state, last = compiled.chunk(params, opt_state, inputs, chunk_key, n)
     last = {k: float(v) for k, v in last.items()}
-    if not all(np.isfinite(v) for v in last.values()):
+    # The losses precede each epoch's update: the parameters after the
+    # chunk's last update are checked on their own.
+    params_ok = bool(finite_per_seed(jax.tree.map(lambda leaf: leaf[None], params))[0])
+    if not (params_ok and all(np.isfinite(v) for v in last.values())):
+      what = f"non-finite loss {last}" if params_ok else "non-finite parameters"
       raise FloatingPointError(
-        f"UrbanMMCL pre-training of {config.city}, seed {seed}: non-finite loss "
-        f"{last} in epochs {done + 1}-{done + n}; no checkpoint written for them"
+        f"UrbanMMCL pre-training of {config.city}, seed {seed}: {what} in epochs "
+        f"{done + 1}-{done + n}; no checkpoint written for them"
       )
     table[done // config.log_every] = [done + n] + [last[k] for k in loss_names]
     done += n
@@ -727,6 +731,7 @@ def train_and_evaluate(config: UrbanMMCLConfig, workdir, log=print) -> dict:
     embeddings.append(
       np.asarray(compiled.embed(params, inputs, _purpose_key(seed, "embed"), config.eval_walks))
     )
+    check_finite_outputs(f"UrbanMMCL pre-training of {config.city}", [seed], embeddings[-1][None])
     histories.append(history)
     if s < config.finetune_seeds:
       params_list.append(params)
