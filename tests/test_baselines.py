@@ -121,3 +121,26 @@ def test_mobility_volume_against_loop(rng):
   got = np.asarray(mobility_volume(origin, destination, weight, n))
   np.testing.assert_allclose(got, expected, rtol=1e-5)
   assert got.shape == (n,)
+
+
+def test_unranked_regions_are_never_anchors(rng):
+  n_x, n_y, d = 60, 40, 4
+  s_x, s_y = rng.uniform(1, 2, n_x), rng.uniform(1, 2, n_y)
+  s_x[:20], s_y[:15] = 0, 0  # regions without mobility: all tied at 0
+  masks = dict(ranked_x=s_x > 0, ranked_y=s_y > 0)
+  ix, iy = map(np.asarray, rank_anchors(s_x, s_y, **masks))
+  assert ix.shape == iy.shape == (25,) and (s_x[ix] > 0).all() and (s_y[iy] > 0).all()
+  with pytest.raises(ValueError, match=r"\[1, 25\], the smaller number of ranked regions"):
+    rank_anchors(s_x, s_y, n_anchor=26, **masks)
+  # The maps do not depend on the order in which the unranked regions are
+  # listed; ranked by index among themselves, they would.
+  z_x = rng.normal(size=(n_x, d)).astype(np.float32)
+  z_y = rng.normal(size=(n_y, d)).astype(np.float32)
+  reordered = z_y.copy()
+  reordered[:15] = z_y[:15][rng.permutation(15)]
+  _, x_in_y = translate_both_ways(z_x, z_y, s_x, s_y, **masks)
+  _, x_in_y_reordered = translate_both_ways(z_x, reordered, s_x, s_y, **masks)
+  np.testing.assert_allclose(np.asarray(x_in_y), np.asarray(x_in_y_reordered), atol=1e-5)
+  _, by_index = translate_both_ways(z_x, z_y, s_x, s_y)
+  _, by_index_reordered = translate_both_ways(z_x, reordered, s_x, s_y)
+  assert np.abs(np.asarray(by_index) - np.asarray(by_index_reordered)).max() > 1e-2

@@ -20,7 +20,11 @@ What is done here, exactly:
    equal rank quantiles. When n = min(N_X, N_Y) every region of the smaller
    city is used once and the larger city is sampled evenly along its ranking,
    so cities of different sizes are paired by relative rank. Ties are broken
-   by region index (stable sort).
+   by region index (stable sort). Regions a mask marks as unranked are left
+   out first (``ranked_x``/``ranked_y``): the RP baseline leaves out the
+   regions with no mobility at all, a third of XA's and CD's, whose volumes
+   all tie at 0; ranked among themselves by index, they made a third of the
+   anchor pairs depend on the order of the files, and the scores with them.
 3. The map, fitted on the anchor matrices A_X, A_Y [n, d]:
 
    * Procrustes (RP, :func:`procrustes_fit`): the orthogonal R minimising
@@ -41,8 +45,9 @@ HSA, HBP, HBA); the ranking is by mobility volume, not check-ins; the
 quantile pairing for unequal city sizes and the centring in Procrustes are
 choices of this implementation, stated above.
 
-All functions are pure jnp and jit-compatible (``n_anchor``, ``center`` and
-``method`` are static).
+The maps are pure jnp and jit-compatible (``center`` and ``method`` are
+static); the anchor choice is too, unless a mask of ranked regions is given,
+which must then be concrete (its count sets the shapes).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
   "LinearMap",
@@ -115,28 +121,52 @@ def _quantile_positions(n_anchor: int, n: int) -> jax.Array:
   return ((2 * k + 1) * n) // (2 * n_anchor)
 
 
-@functools.partial(jax.jit, static_argnames=("n_anchor",))
 def rank_anchors(
-  stat_x: jax.Array, stat_y: jax.Array, n_anchor: int | None = None
+  stat_x: jax.Array,
+  stat_y: jax.Array,
+  n_anchor: int | None = None,
+  ranked_x=None,
+  ranked_y=None,
 ) -> tuple[jax.Array, jax.Array]:
   """Indices of quantile-matched anchor pairs (step 2 of the module doc).
 
   Args:
     stat_x: [N_X] ranking statistic of city X (larger = higher rank).
     stat_y: [N_Y] same for city Y.
-    n_anchor: number of pairs, at most min(N_X, N_Y); default that minimum.
+    n_anchor: number of pairs, at most the smaller number of ranked regions;
+      default that number.
+    ranked_x, ranked_y: optional boolean [N] masks (concrete, not traced) of
+      the regions the statistic ranks; the others are never anchors. Default:
+      every region.
 
   Returns:
     (idx_x, idx_y), each [n_anchor]: region idx_x[k] of X is paired with
     region idx_y[k] of Y; pairs are in decreasing rank order.
   """
-  n_x, n_y = stat_x.shape[0], stat_y.shape[0]
+  n_x = stat_x.shape[0] if ranked_x is None else int(np.count_nonzero(ranked_x))
+  n_y = stat_y.shape[0] if ranked_y is None else int(np.count_nonzero(ranked_y))
   n = min(n_x, n_y) if n_anchor is None else n_anchor
   if not 1 <= n <= min(n_x, n_y):
-    raise ValueError(f"n_anchor={n} must be in [1, min(N_X, N_Y) = {min(n_x, n_y)}]")
+    raise ValueError(
+      f"n_anchor={n} must be in [1, {min(n_x, n_y)}], the smaller number of ranked regions "
+      f"(X {n_x}, Y {n_y})"
+    )
+  # Unranked regions sort last, after every ranked one.
+  if ranked_x is not None:
+    stat_x = jnp.where(jnp.asarray(ranked_x), stat_x, -jnp.inf)
+  if ranked_y is not None:
+    stat_y = jnp.where(jnp.asarray(ranked_y), stat_y, -jnp.inf)
+  return _rank_anchors(jnp.asarray(stat_x), jnp.asarray(stat_y), n, n_x, n_y)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _rank_anchors(stat_x, stat_y, n_anchor: int, n_ranked_x: int, n_ranked_y: int):
   order_x = jnp.argsort(stat_x, stable=True, descending=True)
   order_y = jnp.argsort(stat_y, stable=True, descending=True)
-  return (order_x[_quantile_positions(n, n_x)], order_y[_quantile_positions(n, n_y)])
+  return (
+    order_x[_quantile_positions(n_anchor, n_ranked_x)],
+    order_y[_quantile_positions(n_anchor, n_ranked_y)],
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("center",))
@@ -179,7 +209,6 @@ def affine_fit(a_mov: jax.Array, a_ref: jax.Array) -> LinearMap:
   return LinearMap(matrix=w, bias=mu_ref - jnp.matmul(mu_mov, w, precision=_HIGHEST))
 
 
-@functools.partial(jax.jit, static_argnames=("method", "n_anchor", "center"))
 def align_into(
   z_ref: jax.Array,
   z_mov: jax.Array,
@@ -189,6 +218,8 @@ def align_into(
   method: str = "procrustes",
   n_anchor: int | None = None,
   center: bool = True,
+  ranked_ref=None,
+  ranked_mov=None,
 ) -> jax.Array:
   """Maps ``z_mov`` into the space of ``z_ref`` by rank anchoring + ``method``.
 
@@ -197,15 +228,23 @@ def align_into(
     z_mov: [N_mov, d] embeddings of the city to translate.
     stat_ref, stat_mov: per-region ranking statistics of the two cities.
     method: ``"procrustes"`` (RP) or ``"affine"`` (RA).
-    n_anchor: number of anchor pairs (default min(N_ref, N_mov)).
+    n_anchor: number of anchor pairs (default: the smaller number of ranked
+      regions).
     center: Procrustes only, see :func:`procrustes_fit`.
+    ranked_ref, ranked_mov: optional masks of the ranked regions, see
+      :func:`rank_anchors`.
 
   Returns:
     [N_mov, d]: T(z_mov) in z_ref's space.
   """
   if method not in METHODS:
     raise ValueError(f"method {method!r}: expected one of {METHODS}")
-  idx_ref, idx_mov = rank_anchors(stat_ref, stat_mov, n_anchor)
+  idx_ref, idx_mov = rank_anchors(stat_ref, stat_mov, n_anchor, ranked_ref, ranked_mov)
+  return _fit_and_apply(z_ref, z_mov, idx_ref, idx_mov, method=method, center=center)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "center"))
+def _fit_and_apply(z_ref, z_mov, idx_ref, idx_mov, *, method: str, center: bool) -> jax.Array:
   a_ref, a_mov = z_ref[idx_ref], z_mov[idx_mov]
   if method == "procrustes":
     m = procrustes_fit(a_mov, a_ref, center=center)
@@ -252,6 +291,8 @@ def translate_both_ways(
   method: str = "procrustes",
   n_anchor: int | None = None,
   center: bool = True,
+  ranked_x=None,
+  ranked_y=None,
 ) -> tuple[jax.Array, jax.Array]:
   """Inputs for both directions of the cross-city protocol.
 
@@ -264,4 +305,7 @@ def translate_both_ways(
     ``evaluate_pair(z_x, z_y, ..., emb_y_in_x=z_y_in_x, emb_x_in_y=z_x_in_y)``.
   """
   kw = dict(method=method, n_anchor=n_anchor, center=center)
-  return (align_into(z_x, z_y, stat_x, stat_y, **kw), align_into(z_y, z_x, stat_y, stat_x, **kw))
+  return (
+    align_into(z_x, z_y, stat_x, stat_y, ranked_ref=ranked_x, ranked_mov=ranked_y, **kw),
+    align_into(z_y, z_x, stat_y, stat_x, ranked_ref=ranked_y, ranked_mov=ranked_x, **kw),
+  )

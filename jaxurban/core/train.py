@@ -583,9 +583,11 @@ def rank_procrustes(z_x, z_y, city_x, city_y) -> dict[str, np.ndarray]:
     c.edge_origin, c.edge_destination, c.edge_weight_raw, c.n_regions
   )
   stat_x, stat_y = volume(city_x), volume(city_y)
-  y_in_x, x_in_y = jax.vmap(lambda a, b: translate_both_ways(a, b, stat_x, stat_y))(
-    jnp.asarray(z_x), jnp.asarray(z_y)
-  )
+  # Regions without any mobility are not ranked: their volumes all tie at 0.
+  ranked_x, ranked_y = np.asarray(stat_x) > 0, np.asarray(stat_y) > 0
+  y_in_x, x_in_y = jax.vmap(
+    lambda a, b: translate_both_ways(a, b, stat_x, stat_y, ranked_x=ranked_x, ranked_y=ranked_y)
+  )(jnp.asarray(z_x), jnp.asarray(z_y))
   return {"emb_y_in_x": np.asarray(y_in_x), "emb_x_in_y": np.asarray(x_in_y)}
 
 
