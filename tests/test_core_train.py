@@ -279,46 +279,39 @@ def test_command_checks_sharding_against_the_device_count(data_root, monkeypatch
   assert core_align._device_count_problem(config) is None
 
 
-def test_a_diverged_seed_stops_the_stage_before_its_checkpoint(data_root, tmp_path):
+def _nan_loss(params, key, scale):  # seed 4's scale makes its loss NaN
+  total = (params["w"] ** 2).sum() * scale
+  return total, {"total": total}
+
+
+def _nan_update(params, key, target):
+  # Every loss is finite, but seed 4's gradient at w = 1 is NaN: its
+  # parameters are NaN after the first update, which no loss of the chunk
+  # sees (each precedes its update).
+  total = jax.numpy.sqrt(abs(params["w"] - target)).sum()
+  return total, {"total": total}
+
+
+@pytest.mark.parametrize(
+  "loss_fn, data, epochs, log_every, stopped",
+  [(_nan_loss, [1.0, float("nan")], 4, 2, "1-2"), (_nan_update, [0.0, 1.0], 2, 1, "1-1")],
+)
+def test_a_diverged_seed_stops_the_stage_before_its_checkpoint(
+  data_root, tmp_path, loss_fn, data, epochs, log_every, stopped
+):
   import jax.numpy as jnp
 
-  config = tiny(data_root, first_seed=3, epochs=4, log_every=2, checkpoint_every=2)
-
-  def loss_fn(params, key, scale):  # seed 4's scale makes its loss NaN
-    total = jnp.sum(params["w"] ** 2) * scale
-    return total, {"total": total}
-
+  config = tiny(
+    data_root, first_seed=3, epochs=epochs, log_every=log_every, checkpoint_every=log_every
+  )
   params = {"w": jnp.ones((2, 3))}
   keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(2))
   with pytest.raises(
-    FloatingPointError, match=r"\[embed\] the loss or parameters of seed\(s\) \[4\].*epochs 1-2"
+    FloatingPointError,
+    match=rf"\[embed\] the loss or parameters of seed\(s\) \[4\].*epochs {stopped}",
   ):
     train._run_stage(
-      "embed", tmp_path, config, loss_fn, params, keys, (jnp.array([1.0, jnp.nan]),), 4,
-      per_seed_data=True,
-    )  # fmt: skip
-  assert Checkpointer(tmp_path, subdir="embed").latest_step() is None
-
-
-def test_a_divergence_in_the_last_update_of_a_chunk_is_caught(data_root, tmp_path):
-  import jax.numpy as jnp
-
-  # Each chunk's losses precede its updates: here every loss is finite, but
-  # seed 4's gradient at w = 1 is NaN, so its parameters are NaN after the
-  # first update; the run must stop before checkpointing them.
-  config = tiny(data_root, first_seed=3, epochs=2, log_every=1, checkpoint_every=1)
-
-  def loss_fn(params, key, target):
-    total = jnp.sum(jnp.sqrt(jnp.abs(params["w"] - target)))
-    return total, {"total": total}
-
-  params = {"w": jnp.ones((2, 3))}
-  keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(2))
-  with pytest.raises(
-    FloatingPointError, match=r"\[embed\] the loss or parameters of seed\(s\) \[4\].*epochs 1-1"
-  ):
-    train._run_stage(
-      "embed", tmp_path, config, loss_fn, params, keys, (jnp.array([0.0, 1.0]),), 2,
+      "embed", tmp_path, config, loss_fn, params, keys, (jnp.array(data),), epochs,
       per_seed_data=True,
     )  # fmt: skip
   assert Checkpointer(tmp_path, subdir="embed").latest_step() is None
