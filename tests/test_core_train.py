@@ -28,6 +28,8 @@ def tiny(data_root, **overrides):
     plot=False,
   )
   settings.update(overrides)
+  if settings.get("variant") in ("no-lma", "individual", "rp"):
+    del settings["n_anchors"]  # no anchor is drawn: the count would be refused
   return CoreConfig(**settings)
 
 
@@ -274,9 +276,30 @@ def test_command_checks_sharding_against_the_device_count(data_root, monkeypatch
   assert "--shard-seeds: 3 seeds cannot be split over 2 devices" in capsys.readouterr().err
   assert core_align.main(base + ["--shard-regions", "--anchors", "999"]) == 2
   assert "--shard-regions: 999 anchors cannot be split over 2 devices" in capsys.readouterr().err
-  # Without the manifold alignment no anchor is drawn, so their count is free.
-  config, _ = core_align.parse_config(base + ["--shard-regions", "--anchors", "999", "--no-lma"])
-  assert core_align._device_count_problem(config) is None
+  # Without the manifold alignment no anchor is drawn, so their count need
+  # not split over the devices.
+  monkeypatch.setattr(jax, "device_count", lambda: 3)
+  config, _ = core_align.parse_config(base + ["--shard-regions", "--no-lma"])
+  assert config.n_anchors == 1000 and core_align._device_count_problem(config) is None
+
+
+@pytest.mark.parametrize(
+  "flags, words",
+  [
+    ("--no-lma --alpha 2", "alpha=2.0 has no effect with variant 'no-lma' (LMA off)"),
+    ("--no-lma --anchors 50", "n_anchors=50 has no effect with variant 'no-lma'"),
+    ("--no-lia --beta 0.5", "beta=0.5 has no effect with variant 'no-lia' (LIA off)"),
+    ("--variant individual --alpha 3", "alpha=3.0 has no effect with variant 'individual'"),
+    ("--variant rp --loss-form paper", "loss_form='paper' has no effect with variant 'rp'"),
+  ],
+)
+def test_settings_of_a_loss_that_is_off_are_refused(flags, words, capsys):
+  with pytest.raises(SystemExit):
+    core_align.parse_config(["--pair", "xa-cd", *flags.split()])
+  assert words in capsys.readouterr().err
+  # What each still changes is accepted.
+  for accepted in ("--no-lma --beta 0.5 --loss-form paper", "--variant rp --direct"):
+    core_align.parse_config(["--pair", "xa-cd", *accepted.split()])
 
 
 def _nan_loss(params, key, scale):  # seed 4's scale makes its loss NaN

@@ -130,10 +130,30 @@ class CoreConfig:
       problems.append(f"the two cities must differ, got {self.city_x!r} twice")
     problems.extend(rate_problems(learning_rate=self.learning_rate))
     problems.extend(weight_problems(alpha=self.alpha, beta=self.beta))
+    problems.extend(self._settings_without_effect())
     # The seeds become a default (int32) jax array.
     problems.extend(seed_range_problems(self.first_seed, self.seeds, 2**31))
     if problems:
       raise ValueError("CoreConfig: " + "; ".join(problems))
+
+  def _settings_without_effect(self) -> list[str]:
+    """Loss settings changed from their defaults where the loss they set is
+    off: the run would compute the same thing under another label (and
+    another default output folder)."""
+    lma_off = self.variant in ("no-lma", "individual", "rp")
+    lia_off = self.variant in ("no-lia", "individual", "rp")
+    unused = (
+      [("alpha", "LMA"), ("n_anchors", "LMA")] * lma_off
+      + [("beta", "LIA")] * lia_off
+      + [("loss_form", "LMA and LIA")] * (lma_off and lia_off)
+    )
+    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    return [
+      f"{name}={getattr(self, name)!r} has no effect with variant {self.variant!r} "
+      f"({loss} off); leave it at its default {defaults[name]!r}"
+      for name, loss in unused
+      if getattr(self, name) != defaults[name]
+    ]
 
   def loss_settings(self) -> LossSettings:
     alpha = 0.0 if self.variant in ("no-lma", "individual", "rp") else self.alpha
