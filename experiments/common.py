@@ -68,14 +68,29 @@ def check_torch_flags(parser: argparse.ArgumentParser, args: argparse.Namespace)
       parser.error(f"--torch-repo {args.torch_repo}: not a folder")
 
 
-def exit_status(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
-  """Runs a benchmark's `main`; a data problem (a missing data root, an
-  unknown city) is one line on stderr and exit status 2, as in the commands."""
+def exit_status(
+  main: Callable[[list[str] | None], object],
+  argv: list[str] | None = None,
+  resumable: bool = False,
+) -> int:
+  """Runs a command's or benchmark's `main`; a data problem (a missing data
+  root, an unknown city) is one line on stderr and exit status 2. For a
+  `resumable` command, Ctrl-C is one line saying how to go on (status 130,
+  as a shell reports SIGINT) instead of a traceback from inside the run."""
   try:
     result = main(argv)
   except DataError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    if not resumable:
+      raise
+    print(
+      "\ninterrupted; checkpoints already written are kept: run the same command again to "
+      "resume from the last one",
+      file=sys.stderr,
+    )
+    return 130
   return result if isinstance(result, int) else 0
 
 

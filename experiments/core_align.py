@@ -17,7 +17,12 @@ import argparse
 import pathlib
 import sys
 
-from experiments.common import checked_output_folder, default_output_folder, no_empty_folder_left
+from experiments.common import (
+  checked_output_folder,
+  default_output_folder,
+  exit_status,
+  no_empty_folder_left,
+)
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.core.train import VARIANTS, CoreConfig, train_and_evaluate
 from jaxurban.core.losses import FORMS
@@ -240,4 +245,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(exit_status(main, resumable=True))

@@ -26,6 +26,7 @@ from experiments.common import (
   absolute_path,
   checked_output_folder,
   default_output_folder,
+  exit_status,
   no_empty_folder_left,
 )
 from jaxurban.checkpoint import CheckpointMismatch
@@ -162,4 +163,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(exit_status(main, resumable=True))

@@ -28,6 +28,7 @@ from experiments.common import (
   absolute_path,
   checked_output_folder,
   default_output_folder,
+  exit_status,
   no_empty_folder_left,
 )
 from jaxurban.atomic import write_text_atomic
@@ -128,7 +129,7 @@ def results_table(results: dict) -> str:
   lines = [
     f"views {results['views']}, modalities {results['modalities'] or 'none'}",
     "",
-    "| task | ridge R2 embeddings (mean ± sd over seeds) | ridge R2 raw features | MAE emb / raw | RMSE emb / raw |",
+    "| task | ridge R2 embeddings (mean ± sample sd, ddof=1, over seeds) | ridge R2 raw features | MAE emb / raw | RMSE emb / raw |",
     "| --- | --- | --- | --- | --- |",
   ]
   for task in TASKS:
@@ -204,4 +205,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(exit_status(main, resumable=True))

@@ -15,7 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from experiments.common import checked_output_folder, default_output_folder, no_empty_folder_left
+from experiments.common import (
+  checked_output_folder,
+  default_output_folder,
+  exit_status,
+  no_empty_folder_left,
+)
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.errors import DataError
 from jaxurban.urbanpg.train import PARADIGMS, UrbanPGConfig, train_and_evaluate
@@ -88,4 +93,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(exit_status(main, resumable=True))

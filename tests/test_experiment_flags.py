@@ -121,3 +121,23 @@ def test_input_paths_are_saved_absolute(command, flag, field, tmp_path, monkeypa
   out = ["--out", str(tmp_path / "out")]
   given = [getattr(parse_config([flag, name, *out])[0], field) for name in ("x", "./x", "../t/x")]
   assert given == [str(tmp_path / "x")] * 2 + [str(tmp_path.parent / "t" / "x")]
+
+
+def test_an_interrupted_command_says_how_to_resume(capsys):
+  def interrupted(argv):
+    raise KeyboardInterrupt
+
+  assert exit_status(interrupted, resumable=True) == 130
+  assert (
+    capsys.readouterr()
+    .err.strip()
+    .endswith("run the same command again to resume from the last one")
+  )
+  with pytest.raises(KeyboardInterrupt):  # a benchmark has nothing to resume
+    exit_status(interrupted)
+  # Every command's entry point goes through it.
+  import pathlib
+
+  for name in ("core_align", "topt", "urbanpg", "urbanmmcl"):
+    source = (pathlib.Path(__file__).parents[1] / "experiments" / f"{name}.py").read_text()
+    assert "sys.exit(exit_status(main, resumable=True))" in source, name

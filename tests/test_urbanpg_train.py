@@ -148,6 +148,12 @@ def test_paradigms_end_to_end_on_los_loop(data_root, tmp_path, monkeypatch, para
     assert np.abs(after["prompts"]["E_t"] - before["prompts"]["E_t"]).max() > 0
   if paradigm == "continual":
     assert set(saved["stages"]) == {"stage1", "stage2"}
+    # The main table is the mean over the stages, and says so; each stage's follows.
+    table = saved["table"]
+    assert table.startswith("mean over the 2 stages:\n") and "\n\nstage stage2:\n" in table
+    twice = {"UrbanPG": saved["models"]["UrbanPG continual"] * 2}  # as two seeds
+    assert "population standard deviation (ddof=0)" in train.format_table(twice)
+    assert "standard deviation" not in table  # one seed: no spread printed
     # Stage 2 trains only its spatial prompt: its continual arm's time
     # tables saw stage 1's training days alone, the retrained arm's its own.
     days = saved["unseen_days"]["stage2"]

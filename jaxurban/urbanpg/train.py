@@ -879,7 +879,8 @@ def _mean_metrics(items: list[dict]) -> dict:
 
 
 def format_table(models: dict) -> str:
-  """Rows: models; columns: MAE / RMSE / MAPE at horizons 3, 6, 12 and averaged (mean ± std)."""
+  """Rows: models; columns: MAE / RMSE / MAPE at horizons 3, 6, 12 and averaged
+  (mean ± population std over seeds)."""
   columns = [f"{h}" for h in REPORT_HORIZONS] + ["avg"]
   head = f"{'model':<36}" + "".join(
     f"{'h' + c + ' MAE':>14}{'RMSE':>14}{'MAPE%':>14}" for c in columns
@@ -893,6 +894,8 @@ def format_table(models: dict) -> str:
         mean, std = s[f"{metric}@{c}"]
         cells.append(f"{mean:8.3f}±{std:<5.3f}" if len(runs) > 1 else f"{mean:14.3f}")
     lines.append(f"{name:<36}" + "".join(f"{c:>14}" for c in cells))
+  if any(len(runs) > 1 for runs in models.values()):
+    lines.append("mean ± std over seeds; std is the population standard deviation (ddof=0).")
   return "\n".join(lines)
 
 
@@ -950,6 +953,13 @@ def train_and_evaluate(config: UrbanPGConfig, workdir: str | pathlib.Path) -> di
   result["unseen_days"] = {name: report["days"] for name, report in unseen.items()}
   result["unseen_time_of_day"] = {name: report["time_of_day"] for name, report in unseen.items()}
   table = format_table(result["models"])
+  if "stages" in result:
+    # The main table averages the stages (the paper reports the mean over
+    # periods); each stage's own table follows it.
+    table = "\n\n".join(
+      [f"mean over the {len(result['stages'])} stages:\n{table}"]
+      + [f"stage {stage}:\n{format_table(models)}" for stage, models in result["stages"].items()]
+    )
   _log("\n" + table)
   result.update(
     {
