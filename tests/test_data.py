@@ -530,6 +530,12 @@ def test_error_label_length(tmp_path):
 def test_error_label_not_an_array(tmp_path):
   root = make_city(tmp_path)
   (root / "core" / "zz" / "co2_zz_sum.npy").write_bytes(b"not numpy")
+  with pytest.raises(DataError, match=r"co2_zz_sum\.npy: not a \.npy file \(no \.npy header\)"):
+    load_city("zz", root)
+  # A .npy file cut short is named as such.
+  np.save(root / "core" / "zz" / "co2_zz_sum.npy", np.arange(100.0))
+  data = (root / "core" / "zz" / "co2_zz_sum.npy").read_bytes()
+  (root / "core" / "zz" / "co2_zz_sum.npy").write_bytes(data[:-40])
   with pytest.raises(DataError, match=r"co2_zz_sum\.npy: not a readable \.npy array"):
     load_city("zz", root)
 

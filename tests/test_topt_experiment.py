@@ -419,7 +419,10 @@ def _write_nan(path, n):
   [
     (_write_nan, "1 non-finite (NaN/inf) values in the first 2 seeds (first at seed 1, region 5)"),
     (lambda path, n: np.savez(path, emb=np.ones((2, n, 16))), "is an .npz archive"),
-    (lambda path, n: np.save(path, np.array([{"a": 1}])), "not a readable .npy array"),
+    (lambda path, n: np.save(path, np.array([{"a": 1}])), "holds Python objects (pickled)"),
+    (lambda path, n: path.write_text("# notes\n"), "not a .npy file (no .npy header)"),
+    (lambda path, n: np.save(path, np.ones((1, n, 16))), "holds 1 seeds' embeddings, fewer"),
+    (lambda path, n: np.save(path, np.ones((2, n + 1, 16))), "expected [seeds, 77 regions, d]"),
     (lambda path, n: np.save(path, np.full((2, n, 16), "x")), "expected real numbers"),
   ],
 )

@@ -67,8 +67,19 @@ def read_npy(path: str | os.PathLike, column: str | None = None, shown=None) -> 
   """
   shown = os.path.basename(os.fspath(path)) if shown is None else shown
   try:
+    with open(path, "rb") as f:
+      head = f.read(6)
+  except OSError as e:
+    raise DataError(shown, f"cannot be read ({e.strerror})", column=column) from None
+  # numpy's own message for a file that is not .npy at all is advice about
+  # loading pickles, which misleads; the magic bytes say what the file is.
+  if head != b"\x93NUMPY" and head[:2] != b"PK":
+    raise DataError(shown, "not a .npy file (no .npy header)", column=column)
+  try:
     array = np.load(path, allow_pickle=False)
-  except Exception as e:  # truncated, not .npy, pickled objects: say which file
+  except Exception as e:  # truncated, pickled objects: say which file
+    if "pickle" in str(e).lower():
+      raise DataError(shown, "holds Python objects (pickled), not numbers", column=column) from None
     raise DataError(shown, f"not a readable .npy array: {e}", column=column) from None
   if not isinstance(array, np.ndarray):  # np.load gives an NpzFile for an archive
     array.close()

@@ -386,10 +386,15 @@ def _srel_embeddings(config: ToptConfig, views, workdir, log) -> tuple[np.ndarra
     emb = read_npy(path, column="embeddings_path", shown=path)
     if not (np.issubdtype(emb.dtype, np.floating) or np.issubdtype(emb.dtype, np.integer)):
       raise DataError(path, f"dtype {emb.dtype}, expected real numbers", column="embeddings_path")
-    if emb.ndim != 3 or emb.shape[1] != n or emb.shape[0] < len(config.seeds):
+    if emb.ndim != 3 or emb.shape[1] != n:
+      raise DataError(
+        path, f"shape {emb.shape}, expected [seeds, {n} regions, d]", column="embeddings_path"
+      )
+    if emb.shape[0] < len(config.seeds):
       raise DataError(
         path,
-        f"shape {emb.shape}, expected [>= {len(config.seeds)} seeds, {n} regions, d]",
+        f"holds {emb.shape[0]} seeds' embeddings, fewer than the {len(config.seeds)} seeds asked "
+        f"for; pass --seeds {emb.shape[0]} (or fewer)",
         column="embeddings_path",
       )
     if config.uses_prompts and config.alignment:
