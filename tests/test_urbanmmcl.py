@@ -606,6 +606,14 @@ def test_pretraining_resumes_on_the_uninterrupted_trajectory(tmp_path, data_root
   assert any("resuming pre-training at epoch 2/3" in m for m in messages)
   np.testing.assert_array_equal(resumed["embeddings"], whole["embeddings"])
   assert resumed["history"] == whole["history"] and len(whole["history"][0]) == 3
+  # New York has no modality: no multi-modal term is logged or plotted as a flat zero.
+  assert set(whole["history"][0][0]) == {"epoch", "total", "recon", "kl", "graph_contrast"}
+  assert not any("mmcl" in m for m in messages) and any(" gcl " in m for m in messages)
+  M = model.ModelConfig
+  assert M().active_losses() == ("total", "mmcl", "recon", "kl", "graph_contrast")
+  assert M(use_graph=False).active_losses() == ("total", "mmcl")
+  assert M(use_vgae=False, use_location=False).active_losses() == ("total", "graph_contrast")
+  assert M(use_images=True, use_text=False).active_losses()[:2] == ("total", "mmcl")
   # Results and evaluation settings may change; what shapes training may not.
   train_and_evaluate(
     dataclasses.replace(config, ridge_folds=4), tmp_path / "resumed", log=lambda *_: None

@@ -170,6 +170,28 @@ class ModelConfig:
   n_views: int = 3
   view_fusion: str = "concat"
 
+  def active_losses(self) -> tuple[str, ...]:
+    """The loss terms this configuration computes; the others are constant
+    zeros (fixed shapes) and are neither logged nor plotted."""
+    mods = {"image": self.use_images, "text": self.use_text, "location": self.use_location}
+    pairs = (
+      mods["image"] and (mods["text"] or mods["location"])
+      if mods["image"]
+      else mods["text"] and mods["location"]
+    )
+    graph = self.use_graph
+    return tuple(
+      name
+      for name, on in (
+        ("total", True),
+        ("mmcl", pairs),
+        ("recon", graph and self.use_vgae),
+        ("kl", graph and self.use_vgae),
+        ("graph_contrast", graph and self.use_graph_contrast and self.n_views > 1),
+      )
+      if on
+    )
+
   def __post_init__(self):
     if self.view_fusion not in ("concat", "mean"):
       raise ValueError(f"view_fusion must be 'concat' or 'mean', got {self.view_fusion!r}")
