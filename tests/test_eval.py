@@ -255,3 +255,5 @@ def test_format_table_contents():
     assert col in text
   # A single direction without its key is accepted.
   assert "171.00 ± 1.00" in format_table(results["CD→XA"])
+  # The row title says how many seeds each cell averages.
+  assert format_table(results, name="core").splitlines()[3].startswith("core, 2 seeds ")

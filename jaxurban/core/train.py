@@ -521,7 +521,9 @@ def train_and_evaluate(config: CoreConfig, workdir: str | pathlib.Path) -> dict:
     format_table(
       results,
       reference=reference,
-      name=f"{config.variant}, {config.seeds} seed(s)",
+      # The loss form changes the results as much as the variant does.
+      name=config.variant
+      + (f", {config.loss_form} loss form" if config.loss_form != "authors" else ""),
       reference_name="published CoRE embeddings",
     )
   )

@@ -260,7 +260,8 @@ def format_table(
         if k is not None:
           seeds.add(k)
     n_seeds_seen |= seeds
-    title = name + (f" (K={min(seeds)})" if len(seeds) == 1 else "")
+    count = min(seeds) if len(seeds) == 1 else None
+    title = name + ("" if count is None else f", {count} seed{'s' * (count > 1)}")
     rows = [[title] + cells]
     ref = None if reference is None else reference.get(direction)
     if ref is not None:
