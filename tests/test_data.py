@@ -866,11 +866,16 @@ def test_cut_short_download_and_unwritable_cache_are_data_errors(tmp_path, monke
 
   monkeypatch.setattr(urllib.request, "urlopen", offline)
   dest = tmp_path / "dest"
-  assert fetch.main(["core", "xa", "--dest", str(dest)]) == 1
+  assert fetch.main(["core", "xa", "--dest", str(dest)]) == 2
   err = capsys.readouterr().err
   assert "download failed (Name or service not known)" in err
   assert f"-> {dest / 'core' / 'xa' / 'regionmap_xa.geo'}" in err
   assert not dest.exists()
+  # A file cut short is named as failing its hash, not only listed.
+  (dest / "core" / "xa").mkdir(parents=True)
+  (dest / "core" / "xa" / "gdp_xa_sum.npy").write_bytes(b"\x93NUMPY")
+  assert fetch.main(["core", "xa", "--dest", str(dest)]) == 2
+  assert "; gdp_xa_sum.npy present but not matching the expected sha256" in capsys.readouterr().err
 
 
 def test_ensure_city_without_download(tmp_path, monkeypatch):
@@ -926,5 +931,5 @@ def test_ensure_city_names_the_file_missing_from_the_data_root(tmp_path, data_ro
 
 
 def test_fetch_cli_rejects_unknown_city(capsys):
-  assert fetch.main(["core", "paris", "--dest", os.devnull]) == 1
+  assert fetch.main(["core", "paris", "--dest", os.devnull]) == 2
   assert "unknown CoRE city 'paris'" in capsys.readouterr().err

@@ -314,6 +314,10 @@ def _manual_instructions(
 ) -> str:
   urls = core_urls(code)
   placement = "; ".join(f"{urls[f]} -> {root / 'core' / code / f}" for f in missing)
+  # A file that is there but fails its hash (cut short, edited) is named as such.
+  stale = [f for f in missing if (root / "core" / code / f).is_file()]
+  if stale:
+    why += f"; {', '.join(stale)} present but not matching the expected sha256"
   return (
     f"CoRE city {code!r} {where} and {why}. Either run "
     f"`python -m jaxurban.data.fetch core {code} --dest DIR` on a machine with internet "
@@ -346,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
       print(f"{city}: {folder}")
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
-    return 1
+    return 2  # as every command's data error
   return 0
 
 
