@@ -56,8 +56,19 @@ def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
   )
   parser.add_argument("--seeds", type=int, default=5)
   parser.add_argument("--epochs", type=int, default=UrbanMMCLConfig.epochs)
-  parser.add_argument("--finetune-seeds", type=int, default=UrbanMMCLConfig.finetune_seeds)
-  parser.add_argument("--finetune-epochs", type=int, default=UrbanMMCLConfig.finetune_epochs)
+  parser.add_argument(
+    "--finetune-seeds",
+    type=int,
+    default=UrbanMMCLConfig.finetune_seeds,
+    help="how many of the pre-trained seeds are also fine-tuned, at most --seeds (0: the ridge "
+    "probe only)",
+  )
+  parser.add_argument(
+    "--finetune-epochs",
+    type=int,
+    default=UrbanMMCLConfig.finetune_epochs,
+    help="most fine-tuning epochs (stopped early on a validation fold)",
+  )
   parser.add_argument("--no-multimodal", action="store_true", help="ablation: graph part only")
   parser.add_argument("--no-graph", action="store_true", help="ablation: multi-modal part only")
   parser.add_argument("--no-vgae", action="store_true", help="ablation: w/o VGAE")
@@ -89,7 +100,7 @@ def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
       images=args.images,
       seeds=args.seeds,
       epochs=args.epochs,
-      finetune_seeds=min(args.finetune_seeds, args.seeds),
+      finetune_seeds=args.finetune_seeds,
       finetune_epochs=args.finetune_epochs,
       no_multimodal=args.no_multimodal,
       no_graph=args.no_graph,

@@ -700,6 +700,14 @@ def test_ablations_of_what_the_city_lacks_are_refused(tmp_path, data_root, capsy
   assert not (tmp_path / "checkpoints").exists()
 
 
+def test_more_finetuned_than_pretrained_seeds_is_a_usage_error(capsys):
+  from experiments import urbanmmcl as command
+
+  with pytest.raises(SystemExit):
+    command.parse_config(["--seeds", "2", "--finetune-seeds", "5"])
+  assert "finetune_seeds must be in [0, seeds=2]" in capsys.readouterr().err
+
+
 def test_command_reports_a_diverged_run_in_one_line(tmp_path, monkeypatch, capsys):
   from experiments import urbanmmcl as command
 
