@@ -95,8 +95,10 @@ def test_baselines_recover_their_ground_truth(rng):
 def test_paradigms_end_to_end_on_los_loop(data_root, tmp_path, monkeypatch, paradigm, capsys):
   stages = (0.8, 1.0) if paradigm == "continual" else (0.7, 0.85, 1.0)
   config = train.UrbanPGConfig(
-    data_root=str(data_root), paradigm=paradigm, continual_stages=stages, **TINY
+    data_root=str(data_root), paradigm=paradigm, continual_stages=stages, **{**TINY, "plot": True}
   )
+  plotted = {}
+  monkeypatch.setattr(train, "plot_predictions", lambda *args, **kwargs: plotted.update(kwargs))
   fits = {}  # stage -> (parameters handed in, parameters returned), on the host
   original_fit = train.fit
 
@@ -117,6 +119,9 @@ def test_paradigms_end_to_end_on_los_loop(data_root, tmp_path, monkeypatch, para
     "continual": {"UrbanPG continual", "UrbanPG retrained per stage"},
   }[paradigm] | {"historical average", "last value", "per-node linear"}
   assert set(saved["models"]) == expected
+  # The picture names the arm and the seed its forecast comes from.
+  arm = {"full": "UrbanPG", "fewshot": "UrbanPG prompts-only (pre-trained)"}
+  assert plotted["model"] == f"{arm.get(paradigm, 'UrbanPG continual')}, seed 0"
   baselines = {"historical average", "last value", "per-node linear"}
   for name, runs in saved["models"].items():
     # One run per seed for UrbanPG; the deterministic baselines run once.

@@ -719,7 +719,12 @@ def run_full(config, workdir, data, seeds) -> dict:
     example = pred if example is None else example
   models = {"UrbanPG": results}
   models.update({k: [v] for k, v in baseline_metrics(task, config).items()})
-  return {"models": models, "logs": logs, "plot": (task, example), "unseen": unseen}
+  return {
+    "models": models,
+    "logs": logs,
+    "plot": (task, example, f"UrbanPG, seed {seeds[0]}"),
+    "unseen": unseen,
+  }
 
 
 def run_fewshot(config, workdir, data, seeds) -> dict:
@@ -783,7 +788,7 @@ def run_fewshot(config, workdir, data, seeds) -> dict:
   return {
     "models": models,
     "logs": logs,
-    "plot": (target, example),
+    "plot": (target, example, f"UrbanPG prompts-only (pre-trained), seed {seeds[0]}"),
     "splits": splits,
     "unseen": unseen,
   }
@@ -862,7 +867,7 @@ def run_continual(config, workdir, data, seeds) -> dict:
     "models": models,
     "stages": per_stage,
     "logs": logs,
-    "plot": (tasks[-1], example),
+    "plot": (tasks[-1], example, f"UrbanPG continual, seed {seeds[0]}"),
     "unseen": unseen,
   }
 
@@ -900,9 +905,15 @@ def format_table(models: dict) -> str:
 
 
 def plot_predictions(
-  path: pathlib.Path, task: Task, pred: np.ndarray, horizon: int = 3, n: int = 3
+  path: pathlib.Path,
+  task: Task,
+  pred: np.ndarray,
+  horizon: int = 3,
+  n: int = 3,
+  model: str = "UrbanPG",
 ):
-  """Forecast `horizon` steps ahead vs the truth over the test period, for `n` detectors."""
+  """Forecast `horizon` steps ahead vs the truth over the test period, for `n`
+  detectors; `model` names the arm and seed the forecast comes from."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 
@@ -916,7 +927,7 @@ def plot_predictions(
   for i, node in enumerate(nodes):
     ax = fig.add_subplot(n, 1, i + 1)
     ax.plot(steps, task.test.y[:, horizon - 1, node], label="true", lw=1.0)
-    ax.plot(steps, pred[:, horizon - 1, node], label=f"UrbanPG, {horizon} steps ahead", lw=1.0)
+    ax.plot(steps, pred[:, horizon - 1, node], label=f"{model}, {horizon} steps ahead", lw=1.0)
     ax.set_ylabel("speed (mph)")
     ax.set_title(f"{task.name}: detector {task.data.sensor_ids[node]}", fontsize=9)
     ax.legend(fontsize=7, loc="lower left")
@@ -947,7 +958,7 @@ def train_and_evaluate(config: UrbanPGConfig, workdir: str | pathlib.Path) -> di
   )
   runner = {"full": run_full, "fewshot": run_fewshot, "continual": run_continual}[config.paradigm]
   result = runner(config, workdir, data, seeds)
-  task, example = result.pop("plot")
+  task, example, shown = result.pop("plot")
   # {task: {arm: ...}} for every task that is scored.
   unseen = result.pop("unseen")
   result["unseen_days"] = {name: report["days"] for name, report in unseen.items()}
@@ -979,5 +990,5 @@ def train_and_evaluate(config: UrbanPGConfig, workdir: str | pathlib.Path) -> di
     }
   write_json_atomic(workdir / "metrics.json", result)
   if config.plot and example is not None:
-    plot_predictions(workdir / "predictions.png", task, example)
+    plot_predictions(workdir / "predictions.png", task, example, model=shown)
   return result
