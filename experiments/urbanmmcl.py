@@ -163,6 +163,7 @@ def results_table(results: dict) -> str:
 
 
 def plot(results: dict, path: pathlib.Path, city: str, projection: str) -> None:
+  import matplotlib
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 
@@ -175,11 +176,29 @@ def plot(results: dict, path: pathlib.Path, city: str, projection: str) -> None:
   )
   # Colour = the landUse_dist column that dominates the region.
   classes = np.asarray(results["landuse_classes"])[np.asarray(results["landuse"])]
-  fig = Figure(figsize=(6, 5))
+  fig = Figure(figsize=(7.5, 5))
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
-  scatter = ax.scatter(xy[:, 0], xy[:, 1], c=classes, cmap="tab20", s=18)
-  ax.legend(*scatter.legend_elements(), title="dominant land-use column", fontsize=6, loc="best")
+  # One entry per column that dominates some region (the data name no
+  # categories, only columns), with its region count; the legend sits
+  # outside the points.
+  colours = matplotlib.colormaps["tab20"]
+  for k in np.unique(classes):
+    members = classes == k
+    ax.scatter(
+      xy[members, 0],
+      xy[members, 1],
+      color=colours(int(k) % 20),
+      s=18,
+      label=f"column {int(k)} ({int(members.sum())})",
+    )
+  ax.legend(
+    title="dominant land-use\ncolumn (regions)",
+    fontsize=7,
+    title_fontsize=7,
+    loc="upper left",
+    bbox_to_anchor=(1.01, 1.0),
+  )
   ax.set_title(f"UrbanMMCL embeddings, {city} ({projection}, seed 0)")
   fig.tight_layout()
   save_figure_atomic(fig, path, dpi=130)

@@ -756,3 +756,26 @@ def test_command_writes_the_results_table_atomically(tmp_path, monkeypatch):
     command.main(["--city", "NY", "--out", str(tmp_path)])
   assert results.read_text() == "| table |\n"
   assert [p.name for p in tmp_path.iterdir()] == ["results.md"]
+
+
+def test_embedding_picture_lists_the_classes_present(tmp_path, monkeypatch, rng):
+  from experiments import urbanmmcl as command
+  from jaxurban.viz import embedding_plot
+
+  saved = {}
+  monkeypatch.setattr(
+    embedding_plot, "save_figure_atomic", lambda fig, *a, **k: saved.update(fig=fig)
+  )
+  # Columns 0, 3 and 4 dominate regions; 1, 2 and 5 none.
+  results = {
+    "embeddings": rng.normal(size=(1, 12, 4)),
+    "landuse_classes": [0, 3, 4],
+    "landuse": [0, 0, 1, 1, 1, 2] * 2,
+  }
+  command.plot(results, tmp_path / "embeddings.png", "NY", "pca")
+  legend = saved["fig"].axes[0].get_legend()
+  assert [t.get_text() for t in legend.get_texts()] == [
+    "column 0 (4)",
+    "column 3 (6)",
+    "column 4 (2)",
+  ]
