@@ -464,3 +464,16 @@ def test_a_run_of_another_configuration_is_refused_before_any_work(tmp_path, cap
   err = capsys.readouterr().err
   assert "metrics.json was written with a different config (tasks: saved ['crime']" in err
   assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]
+
+
+def test_mean_and_spread_share_their_decimals():
+  from jaxurban.topt.pipeline import mean_std_text
+
+  cases = {
+    (1844.2, 410.3): "1844 ± 410",
+    (172.14, 1.23): "172.1 ± 1.2",
+    (0.5591, 0.0763): "0.559 ± 0.076",
+    (0.81, 0.0): "0.810 ± 0.000",
+    (1844.0, 0.0): "1844 ± 0",
+  }
+  assert {args: mean_std_text(*args) for args in cases} == cases

@@ -20,6 +20,7 @@ tunes SREL per task; see ``ToptConfig``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import time
 from typing import Callable
@@ -452,7 +453,7 @@ def format_table(results: dict, protocol_text: str) -> str:
   lines.append(f"{'model':<{width}} {'task':<12} {'MAE':>18} {'RMSE':>20} {'R2':>16}")
   for task, entry in results["tasks"].items():
     for name, summary in entry["models"].items():
-      cells = [f"{summary[m]['mean']:.4g} ± {summary[m]['std']:.2g}" for m in kfold.METRICS]
+      cells = [mean_std_text(summary[m]["mean"], summary[m]["std"]) for m in kfold.METRICS]
       lines.append(f"{name:<{width}} {task:<12} {cells[0]:>18} {cells[1]:>20} {cells[2]:>16}")
     # Table 1 of the paper is for Chicago only.
     for name, rows in PAPER_TABLE1.items() if city == "Chi" else ():
@@ -463,6 +464,21 @@ def format_table(results: dict, protocol_text: str) -> str:
   if city == "Chi":
     lines.append(f"({PAPER_TABLE1_NOTE})")
   return "\n".join(lines)
+
+
+def mean_std_text(mean: float, std: float) -> str:
+  """``mean ± std`` in fixed-point with the same decimals on both sides,
+  enough for two significant digits of the spread (1844 ± 410, 172.1 ± 1.2,
+  0.559 ± 0.076); where the spread is 0 (one seed), three significant digits
+  of the mean."""
+  if not (math.isfinite(mean) and math.isfinite(std)):
+    return f"{mean} ± {std}"
+  if std > 0:
+    decimals = 1 - math.floor(math.log10(std))
+  else:
+    decimals = 2 - math.floor(math.log10(abs(mean))) if mean else 1
+  decimals = min(6, max(0, decimals))
+  return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
 
 
 def train_and_evaluate(
