@@ -301,8 +301,10 @@ def test_validated_protocol_reports_one_honest_row(data_root, tmp_path, rng, mon
   assert np.isfinite(task["models"][task["reported_model"]]["r2"]["mean"])
   # The same file named relatively is the same run: the rerun is not refused.
   assert metrics["config"]["embeddings_path"] == str(emb)
+  # (The data root may itself be relative, as in CI: it is given absolute here.)
+  renamed = {str(emb): "emb.npy", str(data_root): str(data_root.resolve())}
   monkeypatch.chdir(tmp_path)
-  relative = [arg if arg != str(emb) else "emb.npy" for arg in argv]
+  relative = [renamed.get(arg, arg) for arg in argv]
   assert topt.main(relative) == 0
 
 
