@@ -143,13 +143,20 @@ def results_table(results: dict) -> str:
     "| task | ridge R2 embeddings (mean ± sample sd, ddof=1, over seeds) | ridge R2 raw features | MAE emb / raw | RMSE emb / raw |",
     "| --- | --- | --- | --- | --- |",
   ]
-  for task in TASKS:
-    e = results["ridge"]["embedding"][task]
-    r = results["ridge"]["raw_features"][task]
-    lines.append(
-      f"| {task} | {e['r2']['mean']:.4f} ± {e['r2']['std']:.4f} | {r['r2']['mean']:.4f} | "
-      f"{e['mae']['mean']:.2f} / {r['mae']['mean']:.2f} | {e['rmse']['mean']:.2f} / {r['rmse']['mean']:.2f} |"
-    )
+  alphas = results["config"].get("ridge_alphas")
+  for probe, title in (
+    ("ridge", f"alpha {results['config'].get('ridge_alpha')}"),
+    ("ridge_tuned", f"alpha chosen among {alphas} inside each training part"),
+  ):
+    if probe not in results:
+      continue
+    for task in TASKS:
+      e = results[probe]["embedding"][task]
+      r = results[probe]["raw_features"][task]
+      lines.append(
+        f"| {task} ({title}) | {e['r2']['mean']:.4f} ± {e['r2']['std']:.4f} | {r['r2']['mean']:.4f} | "
+        f"{e['mae']['mean']:.2f} / {r['mae']['mean']:.2f} | {e['rmse']['mean']:.2f} / {r['rmse']['mean']:.2f} |"
+      )
   if results["finetune"]:
     lines += ["", "| fine-tuned task | metrics (mean over fine-tuned seeds) |", "| --- | --- |"]
     for task, runs in results["finetune"].items():

@@ -165,3 +165,43 @@ def test_validated_protocol_chooses_on_the_validation_fold(rng):
     kfold.select_folds(traj, y, masks, "validated", validation=(val_traj, masks))
   with pytest.raises(ValueError, match="at least 3 folds"):
     kfold.validation_masks(kfold.fold_masks(kfold.fold_assignment(n, 2, 0), 2))
+
+
+def _ridge_numpy(x, y, alpha):
+  xm, ym = x.mean(0), y.mean()
+  w = np.linalg.solve((x - xm).T @ (x - xm) + alpha * np.eye(x.shape[1]), (x - xm).T @ (y - ym))
+  return lambda z: z @ w + ym - xm @ w
+
+
+def test_tuned_ridge_chooses_alpha_inside_the_training_folds(rng):
+  from jaxurban.eval.kfold import fold_assignment, ridge_cv_predictions_tuned
+
+  n, d, folds, alphas = 40, 30, 4, (0.01, 1.0, 100.0)
+  x = rng.normal(size=(2, n, d))
+  y = np.abs(x[0, :, 0] * 3 + rng.normal(size=n)) + 1
+  fold_of = fold_assignment(n, folds, seed=7)
+  pooled, chosen = ridge_cv_predictions_tuned(x, y, fold_of, folds, alphas, inner_folds=3)
+  # A float64 loop over folds, inner folds and alphas, written directly.
+  for s in range(2):
+    for f in range(folds):
+      train = np.flatnonzero(fold_of != f)
+      inner_of = fold_assignment(len(train), 3, 0)
+      errors = []
+      for alpha in alphas:
+        error = 0.0
+        for g in range(3):
+          fit, val = train[inner_of != g], train[inner_of == g]
+          pred = np.maximum(_ridge_numpy(x[s, fit], y[fit], alpha)(x[s, val]), 0)
+          error += np.sum((pred - y[val]) ** 2)
+        errors.append(error)
+      best = alphas[int(np.argmin(errors))]
+      assert chosen[s, f] == best
+      test = fold_of == f
+      want = _ridge_numpy(x[s, train], y[train], best)(x[s, test])
+      np.testing.assert_allclose(pooled[s, test], want, rtol=1e-8, atol=1e-8)
+  # The test fold's labels play no part in its own prediction or alpha.
+  changed = y.copy()
+  changed[fold_of == 1] *= 50
+  pooled2, chosen2 = ridge_cv_predictions_tuned(x, changed, fold_of, folds, alphas, inner_folds=3)
+  np.testing.assert_array_equal(chosen2[:, 1], chosen[:, 1])
+  np.testing.assert_allclose(pooled2[:, fold_of == 1], pooled[:, fold_of == 1], rtol=1e-10)

@@ -49,6 +49,7 @@ __all__ = [
   "pool_folds",
   "protocol_label",
   "ridge_cv_predictions",
+  "ridge_cv_predictions_tuned",
   "score_pooled",
   "select_folds",
   "summarise",
@@ -178,6 +179,69 @@ def ridge_cv_predictions(embeddings, labels, fold_of, n_folds: int, alpha: float
     per_fold = jax.vmap(jax.vmap(one_fold, in_axes=(None, 0)), in_axes=(0, None))(x, m)
     pooled = pool_folds(per_fold, m)
     return np.asarray(pooled)
+
+
+def ridge_cv_predictions_tuned(
+  embeddings,
+  labels,
+  fold_of,
+  n_folds: int,
+  alphas: tuple[float, ...],
+  inner_folds: int = 5,
+  inner_seed: int = 0,
+):
+  """`ridge_cv_predictions` with the penalty chosen inside each training part.
+
+  For each outer fold, the training regions (never the test fold) are split
+  into ``inner_folds`` folds; each alpha of ``alphas`` is scored by the
+  squared error of its clipped out-of-fold predictions there, and the best
+  one is refitted on all the training regions to predict the test fold. A
+  fixed alpha favours one feature width over another (a ridge on 386 raw
+  columns of 180 regions needs far more penalty than one on 128 embedding
+  dimensions); choosing it this way gives every feature set the same probe.
+
+  Returns:
+    (pooled predictions [S, n], chosen alpha [S, n_folds]).
+  """
+  n = len(fold_of)
+  if np.ndim(embeddings) != 3 or np.shape(embeddings)[1] != n or np.shape(labels) != (n,):
+    raise ValueError(
+      f"ridge_cv_predictions_tuned: expected embeddings [seeds, {n}, d] and labels [{n}], got "
+      f"{np.shape(embeddings)} and {np.shape(labels)}"
+    )
+  masks = fold_masks(fold_of, n_folds)
+  inner = np.zeros((n_folds, inner_folds, n), bool)
+  for f in range(n_folds):
+    train = np.flatnonzero(~masks[f])
+    inner_of = fold_assignment(len(train), inner_folds, inner_seed)
+    for g in range(inner_folds):
+      inner[f, g, train[inner_of == g]] = True
+  with jax.enable_x64(True):
+    x = jnp.asarray(np.asarray(embeddings, np.float64))
+    y = jnp.asarray(np.asarray(labels, np.float64))
+    grid = jnp.asarray(alphas, jnp.float64)
+
+    def predict(xs, train, alpha):
+      params = masked_ridge_fit(xs, y, train, alpha)
+      return jnp.maximum(xs @ params.weights + params.intercept, 0)
+
+    def inner_error(xs, test, validation, alpha):
+      pred = predict(xs, ~test & ~validation, alpha)
+      return jnp.sum(jnp.where(validation, (pred - y) ** 2, 0))
+
+    def one_fold(xs, test, validations):
+      errors = jax.vmap(
+        lambda alpha: jnp.sum(jax.vmap(lambda v: inner_error(xs, test, v, alpha))(validations))
+      )(grid)
+      alpha = grid[jnp.argmin(errors)]
+      params = masked_ridge_fit(xs, y, ~test, alpha)
+      return xs @ params.weights + params.intercept, alpha
+
+    per_fold, chosen = jax.vmap(
+      lambda xs: jax.vmap(lambda t, v: one_fold(xs, t, v))(jnp.asarray(masks), jnp.asarray(inner))
+    )(x)
+    pooled = pool_folds(per_fold, jnp.asarray(masks))
+    return np.asarray(pooled), np.asarray(chosen)
 
 
 def pool_folds(per_fold, masks):
