@@ -1115,7 +1115,9 @@ def _bench_row(args, key, dtype, n, d, peak, candidates) -> None:
 def main(argv=None) -> None:
   """Forward-pass benchmark: (a) this kernel, (b) the best unbiased flash
   attention reachable from JAX, (c) attention with a materialised bias."""
-  parser = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m kernels.biased_attention", description=main.__doc__.split(":")[0]
+  )
   parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 32768])
   parser.add_argument("--heads", type=int, default=8)
   parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])

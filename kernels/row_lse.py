@@ -538,7 +538,9 @@ def _random_problem(m, n, d, dtype, seed=0):
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m kernels.row_lse", description=__doc__.split("\n")[0]
+  )
   parser.add_argument("--sizes", nargs="*", help="M,N,d triples (default: per backend)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
   parser.add_argument("--repeats", type=int, default=10)
