@@ -154,18 +154,24 @@ def masked_ridge_fit(x, y, mask, alpha: float = 1.0) -> RidgeParams:
   return RidgeParams(weights=weights, intercept=y_mean - jnp.dot(x_mean, weights, precision=hi))
 
 
+def _check_probe_shapes(caller: str, embeddings, labels, fold_of) -> int:
+  """The number of regions n, once embeddings are [S, n, d] and labels [n]."""
+  n = len(fold_of)
+  if np.ndim(embeddings) != 3 or np.shape(embeddings)[1] != n or np.shape(labels) != (n,):
+    raise ValueError(
+      f"{caller}: expected embeddings [seeds, {n}, d] and labels [{n}] for the "
+      f"{n} regions of the folds, got {np.shape(embeddings)} and {np.shape(labels)}"
+    )
+  return n
+
+
 def ridge_cv_predictions(embeddings, labels, fold_of, n_folds: int, alpha: float = 1.0):
   """Pooled out-of-fold ``Ridge(alpha)`` predictions [S, n] for embeddings [S, n, d].
 
   The "w/o Prompt4RE" row: the region embeddings alone with a ridge regressor,
   each fold fitted on the other folds. Solved in float64 (scoped).
   """
-  n = len(fold_of)
-  if np.ndim(embeddings) != 3 or np.shape(embeddings)[1] != n or np.shape(labels) != (n,):
-    raise ValueError(
-      f"ridge_cv_predictions: expected embeddings [seeds, {n}, d] and labels [{n}] for the "
-      f"{n} regions of the folds, got {np.shape(embeddings)} and {np.shape(labels)}"
-    )
+  _check_probe_shapes("ridge_cv_predictions", embeddings, labels, fold_of)
   masks = fold_masks(fold_of, n_folds)
   with jax.enable_x64(True):
     x = jnp.asarray(np.asarray(embeddings, np.float64))
@@ -203,12 +209,7 @@ def ridge_cv_predictions_tuned(
   Returns:
     (pooled predictions [S, n], chosen alpha [S, n_folds]).
   """
-  n = len(fold_of)
-  if np.ndim(embeddings) != 3 or np.shape(embeddings)[1] != n or np.shape(labels) != (n,):
-    raise ValueError(
-      f"ridge_cv_predictions_tuned: expected embeddings [seeds, {n}, d] and labels [{n}], got "
-      f"{np.shape(embeddings)} and {np.shape(labels)}"
-    )
+  n = _check_probe_shapes("ridge_cv_predictions_tuned", embeddings, labels, fold_of)
   masks = fold_masks(fold_of, n_folds)
   inner = np.zeros((n_folds, inner_folds, n), bool)
   for f in range(n_folds):
