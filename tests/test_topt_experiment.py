@@ -296,8 +296,11 @@ def test_validated_protocol_reports_one_honest_row(data_root, tmp_path, rng, mon
   assert metrics["protocol_label"] == protocol_label("validated")
   assert task["reported_model"] == f"ToPT [{protocol_label('validated')}]"
   assert sorted(task["models"]) == sorted(
-    ["w/o Prompt4RE (ridge on SREL embeddings)", task["reported_model"]]
+    ["w/o Prompt4RE (ridge on SREL embeddings)", pipeline.RIDGE_TUNED_NAME, task["reported_model"]]
   )
+  # The tuned ridge row records the penalty chosen per seed and fold.
+  chosen = np.asarray(task["models"][pipeline.RIDGE_TUNED_NAME]["alpha_chosen"])
+  assert chosen.shape == (1, 4) and set(chosen.ravel()) <= set(metrics["config"]["ridge_alphas"])
   assert np.isfinite(task["models"][task["reported_model"]]["r2"]["mean"])
   # The same file named relatively is the same run: the rerun is not refused.
   assert metrics["config"]["embeddings_path"] == str(emb)
