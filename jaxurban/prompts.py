@@ -56,6 +56,7 @@ __all__ = [
   "FORMAT_VERSION",
   "MANIFEST_NAME",
   "POOLINGS",
+  "show_ids",
   "chicago_manifest_path",
   "file_sha256",
   "load_chicago_prompts",
@@ -99,7 +100,8 @@ def text_sha256(text: str) -> str:
   return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _show(ids: Sequence[str]) -> str:
+def show_ids(ids: Sequence[str]) -> str:
+  """The first few ids, quoted, and how many more: for messages."""
   listed = ", ".join(repr(i) for i in list(ids)[:_SHOW])
   more = len(ids) - _SHOW
   return f"{listed} and {more} more" if more > 0 else listed
@@ -167,7 +169,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
   if len(set(ids)) != len(ids):
     seen: set[str] = set()
     dup = [i for i in ids if i in seen or seen.add(i)]
-    raise DataError(path, f"duplicate region ids: {_show(dup)}", column="region_ids")
+    raise DataError(path, f"duplicate region ids: {show_ids(dup)}", column="region_ids")
   if len(ids) != shape[0]:
     raise DataError(
       path, f"{len(ids)} region ids for an array of {shape[0]} rows", column="region_ids"
@@ -200,7 +202,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
   both = [s["id"] for s in skipped if s["id"] in set(ids)]
   if both:
     raise DataError(
-      path, f"{len(both)} regions both skipped and given a row: {_show(both)}", column="skipped"
+      path, f"{len(both)} regions both skipped and given a row: {show_ids(both)}", column="skipped"
     )
   return manifest
 
@@ -277,7 +279,7 @@ def load_prompt_vectors(
   if bad.any():
     rows = [info["region_ids"][i] for i in np.flatnonzero(bad)]
     raise DataError(
-      array_path, f"{len(rows)} rows hold NaN or infinite values (regions {_show(rows)})"
+      array_path, f"{len(rows)} rows hold NaN or infinite values (regions {show_ids(rows)})"
     )
   # A model's pooled hidden state is never exactly zero; an all-zero row is
   # a placeholder written for a region whose inference failed.
@@ -286,7 +288,7 @@ def load_prompt_vectors(
     rows = [info["region_ids"][i] for i in np.flatnonzero(zero)]
     raise DataError(
       array_path,
-      f"{len(rows)} rows are all zeros (regions {_show(rows)}): placeholders, not vectors",
+      f"{len(rows)} rows are all zeros (regions {show_ids(rows)}): placeholders, not vectors",
     )
 
   if isinstance(region_ids, (str, bytes)):
@@ -302,9 +304,9 @@ def load_prompt_vectors(
         if missing:
           skipped = {s.get("id") for s in info.get("skipped", []) if isinstance(s, Mapping)}
           note = " (left out at extraction: see the manifest's 'skipped')" if skipped else ""
-          parts.append(f"{len(missing)} expected regions absent: {_show(missing)}{note}")
+          parts.append(f"{len(missing)} expected regions absent: {show_ids(missing)}{note}")
         if extra:
-          parts.append(f"{len(extra)} regions not expected: {_show(extra)}")
+          parts.append(f"{len(extra)} regions not expected: {show_ids(extra)}")
         if not parts:
           parts.append("the expected region ids contain duplicates")
         raise DataError(manifest_path, "; ".join(parts), column="region_ids")

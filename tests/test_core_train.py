@@ -28,7 +28,7 @@ def tiny(data_root, **overrides):
     plot=False,
   )
   settings.update(overrides)
-  if settings.get("variant") in ("no-lma", "individual", "rp"):
+  if settings.get("variant") in train.WITHOUT_LMA:
     del settings["n_anchors"]  # no anchor is drawn: the count would be refused
   return CoreConfig(**settings)
 

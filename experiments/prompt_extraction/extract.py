@@ -50,7 +50,7 @@ from experiments.prompt_extraction.regions import (
   images_sha256,
   load_regions,
 )
-from jaxurban.prompts import MANIFEST_NAME, POOLINGS, file_sha256
+from jaxurban.prompts import MANIFEST_NAME, POOLINGS, file_sha256, show_ids
 
 __all__ = [
   "DTYPES",
@@ -354,10 +354,7 @@ def embed_batch(loaded: LoadedModel, config: ExtractConfig, batch: Sequence[Regi
 
 def _regions(ids) -> str:
   ids = [str(i) for i in ids]
-  shown = ", ".join(repr(i) for i in ids[:5]) + (
-    f" and {len(ids) - 5} more" if len(ids) > 5 else ""
-  )
-  return f"{len(ids)} regions ({shown})"
+  return f"{len(ids)} regions ({show_ids(ids)})"
 
 
 def _check_finite(vectors: np.ndarray, batch: Sequence[Region], model: str, dtype: str) -> None:

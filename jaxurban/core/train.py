@@ -36,6 +36,9 @@ from jaxurban.training import (
 )
 
 VARIANTS = ("core", "no-lma", "no-lia", "two-stage", "individual", "rp")
+# The variants that train without LMA (alpha = 0) or without LIA (beta = 0).
+WITHOUT_LMA = ("no-lma", "individual", "rp")
+WITHOUT_LIA = ("no-lia", "individual", "rp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +143,8 @@ class CoreConfig:
     """Loss settings changed from their defaults where the loss they set is
     off: the run would compute the same thing under another label (and
     another default output folder)."""
-    lma_off = self.variant in ("no-lma", "individual", "rp")
-    lia_off = self.variant in ("no-lia", "individual", "rp")
+    lma_off = self.variant in WITHOUT_LMA
+    lia_off = self.variant in WITHOUT_LIA
     unused = (
       [("alpha", "LMA"), ("n_anchors", "LMA")] * lma_off
       + [("beta", "LIA")] * lia_off
@@ -156,8 +159,8 @@ class CoreConfig:
     ]
 
   def loss_settings(self) -> LossSettings:
-    alpha = 0.0 if self.variant in ("no-lma", "individual", "rp") else self.alpha
-    beta = 0.0 if self.variant in ("no-lia", "individual", "rp") else self.beta
+    alpha = 0.0 if self.variant in WITHOUT_LMA else self.alpha
+    beta = 0.0 if self.variant in WITHOUT_LIA else self.beta
     return LossSettings(
       alpha=alpha, beta=beta, n_anchors=self.n_anchors, form=self.loss_form, direct=self.direct
     )
