@@ -74,6 +74,14 @@ IMPLEMENTATIONS = ("pallas", "reference")
 # zeroed with a `where`, so this value never leaks into a result.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
+# Finite row/column biases are raised to at least this before the kernels
+# scale them by log2(e): JAX's usual additive mask, `finfo(float32).min`,
+# would otherwise overflow to -inf there or fall below `_MASK_VALUE`, and a
+# row whose keys all carry it would come out as zeros, where the reference
+# gives the softmax of the remaining (equal) logits. Any bias this low already
+# contributes exp(-1e37) = 0 against any key without it; -inf stays -inf.
+_BIAS_FLOOR = -1e37
+
 # Triton tile dots need every dimension ≥ 16.
 _MIN_BLOCK = 16
 
@@ -505,6 +513,17 @@ def _shared_specs(cfg: _Config, nq: int, nk: int, q_block, k_block):
   ]
 
 
+def _raise_to_floor(bias):
+  """Finite entries below `_BIAS_FLOOR` raised to it; -inf kept (a masked key).
+
+  The shift is a constant to autodiff, so every entry keeps the gradient the
+  reference gives it.
+  """
+  finite = jnp.isfinite(bias)
+  shift = jnp.where(finite, jnp.maximum(bias, _BIAS_FLOOR) - jnp.where(finite, bias, 0.0), 0.0)
+  return bias + lax.stop_gradient(shift)
+
+
 def _base2(w, inv_width, row, col):
   """The logit-side parameters in the kernels' base-2 convention (O(H·N) work)."""
   return w * _LOG2E, inv_width * math.sqrt(_LOG2E), row * _LOG2E, col * _LOG2E
@@ -834,7 +853,9 @@ def biased_attention(
     rbf_centres: [R] centres (same distance units as the coordinates).
     rbf_width: [R] widths, positive (not checked: traced values cannot be).
     row_bias: optional [H, Nq] per-query-node term (e.g. centrality).
-    col_bias: optional [H, Nk] per-key-node term.
+    col_bias: optional [H, Nk] per-key-node term. On the Pallas path finite
+      values below -1e37 (an additive mask such as ``finfo(float32).min``)
+      count as -1e37, which gives the reference's result; -inf masks a key.
     key_valid: optional [Nk] bool; False keys get zero attention. A query row
       without any valid key returns zeros.
     scale: logit scale, default 1/√D.
@@ -898,6 +919,7 @@ def biased_attention(
     col_bias = jnp.zeros((h, nk), jnp.float32)
   if key_valid is None:
     key_valid = jnp.ones((nk,), bool)
+  row_bias, col_bias = (_raise_to_floor(jnp.asarray(b)) for b in (row_bias, col_bias))
   blocks = block_sizes if block_sizes is not None else BlockSizes.for_head_dim(d)
   return _pallas_attention(
     q,

@@ -244,6 +244,25 @@ class TestBiasedAttentionPallas:
       out, grads, ref_out, ref_grads, ("q", "k", "v", "rbf_weight", "col_bias")
     )
 
+  def test_float32_min_as_additive_mask(self, rng):
+    # finfo(float32).min, JAX's usual additive mask, on some keys of head 0
+    # and on every key of head 1. Scaled to base 2 inside the kernels it
+    # would overflow; a head whose keys all carry it came out as zeros where
+    # the reference gives the softmax of what remains (uniform here, the
+    # logits' differences being absorbed by the mask's size).
+    h, nq, nk, d, r = 2, 20, 37, 16, 2
+    inputs = make_inputs(rng, h, nq, nk, d, r)
+    col_bias = inputs["col_bias"]
+    col_bias[0, 5:] = np.finfo(np.float32).min
+    col_bias[1, :] = np.finfo(np.float32).min
+    cotangent = rng.normal(size=(h, nq, d)).astype(np.float32)
+    out, grads = run_with_grads(inputs, cotangent, False, True, **self.pallas())
+    ref_out, ref_grads = float64_reference(inputs, cotangent, False, True)
+    np.testing.assert_allclose(out[1], np.broadcast_to(inputs["v"][1].mean(0), (nq, d)), atol=1e-5)
+    assert_matches_float64(
+      out, grads, ref_out, ref_grads, ("q", "k", "v", "rbf_weight", "col_bias")
+    )
+
   def test_gaussian_adjacency_special_case(self, rng):
     # R = 1, centre 0, width σ, weight λ: B = λ·exp(-(d/σ)²), the distance
     # adjacency of the ToPT paper, checked against NumPy float64 attention.

@@ -102,7 +102,7 @@ REGIONS_CHILD = GRAPHS + textwrap.dedent(
   # The loss form (alignment terms) and the logits budget (mobility term) act on
   # separate terms, so one pass each covers both. A small budget forces the
   # row-blocked normaliser (lax.map).
-  for form, budget in (("authors", 1 << 24), ("paper", 4000)):
+  for form, budget in (("authors", 1 << 24), ("paper", 8000)):
     config = train.CoreConfig(features=16, heads=2, n_anchors=64, loss_form=form)
     settings = dataclasses.replace(config.loss_settings(), logits_budget=budget)
     model = train.build_model(config, *graphs)
@@ -124,6 +124,20 @@ REGIONS_CHILD = GRAPHS + textwrap.dedent(
     for name in terms:
       np.testing.assert_allclose(terms_split[name], terms[name], rtol=1e-5, atol=1e-6)
     assert_trees_close(grads_split, grads, rtol=1e-4, scale_atol=1e-5)
+    if budget < 1 << 24:
+      # Each row block is split too: every [rows, N] logits product of the
+      # compiled step holds an eighth of a block. Equal numbers alone cannot
+      # show it (without the split every device computes whole blocks).
+      import re
+      hlo = grad(mesh_settings).lower(
+        sharding.replicate(params, mesh), sharding.replicate(key, mesh), *split_graphs
+      ).compile().as_text()
+      shapes = set(re.findall(r"= f32\[(\d+),(150|170)\]\{[^}]*\} dot\(", hlo))
+      expected = {
+        (str(mesh_settings.row_chunk(len(g.origin_rows), n) // 8), str(n))
+        for g, n in zip(padded, (150, 170))
+      }
+      assert shapes == expected, (shapes, expected)
 
   # The fused row-normaliser kernel (interpret mode), one shard per device.
   kernel_settings = dataclasses.replace(settings, lse_implementation="pallas-interpret")
