@@ -561,6 +561,9 @@ def test_tiny_end_to_end_runs(tmp_path, data_root, rng):
   assert saved["model_config_used"]["loc_scale"] != 1.0
   assert saved["software"]["jax"] == jax.__version__
   assert saved["data_root"] == str(data_root)
+  from jaxurban.urbanmmcl.train import MODEL_REVISION
+
+  assert saved["model_revision"] == MODEL_REVISION
 
   config = UrbanMMCLConfig(
     city="NY",

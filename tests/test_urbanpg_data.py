@@ -99,15 +99,24 @@ def test_csv_quoting_and_a_row_index_column_are_read_as_csv(data_root, tmp_path)
     lambda k, line: line.replace('""', '"Unnamed: 0"', 1) if k == 0 else line,
   )
   np.testing.assert_array_equal(read_los_loop_folder(folder).speed, reference.speed)
+  # The adjacency with row and column names, as pandas' DataFrame(a).to_csv()
+  # writes it (the published file has neither).
+  rows = (data_root / "traffic" / "los_loop" / "los_adj.csv").read_text().splitlines()
+  header = "," + ",".join(str(j) for j in range(len(rows)))
+  named = [header] + [f"{i},{line}" for i, line in enumerate(rows)]
+  (folder / "los_adj.csv").write_text("\n".join(named) + "\n")
+  np.testing.assert_array_equal(read_los_loop_folder(folder).adjacency, reference.adjacency)
 
 
 def test_zero_and_empty_readings_are_masked_and_kept_out_of_the_scaler(data_root, tmp_path):
   folder = _copy(data_root, tmp_path)
   _edit_cell(folder / "los_speed.csv", 1, 0, "0")  # step 0, detector 0
   _edit_cell(folder / "los_speed.csv", 5, 3, "")  # step 4, detector 3
+  _edit_cell(folder / "los_speed.csv", 9, 1, "NA")  # step 8, detector 1: R's missing value
   data = read_los_loop_folder(folder)
-  assert not data.mask[0, 0] and not data.mask[4, 3] and data.mask.sum() == data.mask.size - 2
-  assert data.speed[4, 3] == 0
+  assert not data.mask[0, 0] and not data.mask[4, 3] and not data.mask[8, 1]
+  assert data.mask.sum() == data.mask.size - 3
+  assert data.speed[4, 3] == 0 and data.speed[8, 1] == 0
   scaler = Scaler.fit(data.speed, data.mask)
   observed = data.speed[data.mask].astype(np.float64)
   np.testing.assert_allclose(

@@ -113,6 +113,7 @@ def test_paradigms_end_to_end_on_los_loop(data_root, tmp_path, monkeypatch, para
   saved = json.loads((tmp_path / "metrics.json").read_text())
   assert saved["config"]["paradigm"] == paradigm and saved["config"]["features"] == 8
   assert saved["software"]["jax"] == jax.__version__ and saved["data_root"] == str(data_root)
+  assert saved["model_revision"] == train.MODEL_REVISION
   expected = {
     "full": {"UrbanPG"},
     "fewshot": {"UrbanPG prompts-only (pre-trained)", "UrbanPG from scratch"},
@@ -168,6 +169,10 @@ def test_paradigms_end_to_end_on_los_loop(data_root, tmp_path, monkeypatch, para
     assert days["UrbanPG continual"] != days["UrbanPG retrained per stage"]
     # Eq. 9: stage 2 starts from stage 1's parameters with E_s grown by rows
     # for the new detectors; eq. 10: only E_s and E_d train.
+    # Eq. 9 needs row k of stage 2's spatial prompt to be stage 1's detector k.
+    n1 = stages[0].data.n_nodes
+    assert stages[1].data.n_nodes > n1
+    np.testing.assert_array_equal(stages[1].data.sensor_ids[:n1], stages[0].data.sensor_ids)
     _, stage1 = fits["continual_stage1"]
     before, after = fits["continual_stage2"]
     n_old = stage1["prompts"]["E_s"].shape[0]
@@ -179,6 +184,19 @@ def test_paradigms_end_to_end_on_los_loop(data_root, tmp_path, monkeypatch, para
         np.testing.assert_array_equal(params["prompts"][name], stage1["prompts"][name])
     assert np.abs(after["prompts"]["E_s"] - before["prompts"]["E_s"]).max() > 0
   if paradigm == "full":
+    # The reported rows are the test windows' scores: UrbanPG's from the
+    # returned (best) parameters, the baselines' from their own forecasts.
+    task = train.make_task("los-loop", load_los_loop(data_root), config)
+    model = train.build_model(config, task.data.n_nodes, task.data.steps_per_day)
+    place = train.Placement(False, config.batch_size)
+    pred = train.predict_windows(
+      train.make_predict(model), fits["full"][1], task.test, task.scaler, config, place
+    )
+    scored = train.masked_metrics(pred, task.test.y, task.test.y_mask)
+    assert saved["models"]["UrbanPG"][0] == json.loads(json.dumps(scored))
+    last = last_value(task.test, task.scaler, config.t_out)
+    scored = train.masked_metrics(last, task.test.y, task.test.y_mask)
+    assert saved["models"]["last value"][0] == json.loads(json.dumps(scored))
     # One week of readings, split in time: validation and test fall on
     # weekdays no training window shows, and the run says so.
     unseen = {"val": ["Tue"], "test": ["Tue", "Wed"]}
@@ -325,6 +343,61 @@ def test_a_seed_resumes_whichever_seeds_the_run_covers(fit_small, tmp_path, caps
   assert "resuming at epoch 1" in capsys.readouterr().out
   assert relog["best_val_mae"] == log["best_val_mae"]
   jax.tree.map(np.testing.assert_array_equal, again, best)
+
+
+def test_task_scaler_is_fitted_on_the_kept_training_readings_only(data_root):
+  data = load_los_loop(data_root).select(np.arange(40), slice(0, 700))
+  config = train.UrbanPGConfig(**TINY)
+  (a, b), _, _ = chronological_bounds(data.n_steps, config.split)
+  whole = Scaler.fit(data.speed, data.mask)
+  for fraction in (1.0, 0.2):
+    task = train.make_task("t", data, config, fraction)
+    kept = a + max(int(round((b - a) * fraction)), config.t_in + config.t_out)
+    assert task.train_steps == (a, kept)
+    assert task.scaler == Scaler.fit(data.speed[a:kept], data.mask[a:kept])
+    assert task.scaler != whole  # validation and test readings left out
+
+
+def test_fit_returns_the_parameters_of_the_best_validation_epoch(fit_small, tmp_path, monkeypatch):
+  # Epochs 3 and 4 are made to validate worse than epoch 2; the returned
+  # parameters must then be epoch 2's, which a 2-epoch run of the same seed
+  # ends with (its validation improves at epoch 2).
+  two_best, two = fit_small(tmp_path / "two", epochs=2, patience=4)
+  assert two["best_epoch"] == 2
+  real, calls = train.masked_metrics, []
+
+  def worse_after_epoch_two(pred, true, mask):
+    calls.append(None)
+    out = real(pred, true, mask)
+    if len(calls) > 2:
+      out["avg"]["mae"] += 100.0
+    return out
+
+  monkeypatch.setattr(train, "masked_metrics", worse_after_epoch_two)
+  best, log = fit_small(tmp_path / "four", epochs=4, patience=4)
+  assert log["best_epoch"] == 2 and [row["epoch"] for row in log["history"]] == [1, 2, 3, 4]
+  assert log["best_val_mae"] == two["best_val_mae"]
+  jax.tree.map(np.testing.assert_array_equal, best, two_best)
+
+
+def test_padded_samples_do_not_enter_the_loss(data_root):
+  # The last batch of an epoch is padded with weight-0 repeats: their
+  # targets must not move the loss (or they would count twice).
+  data = load_los_loop(data_root).select(np.arange(40), slice(0, 700))
+  config = train.UrbanPGConfig(**TINY)
+  task = train.make_task("t", data, config)
+  model = train.build_model(config, data.n_nodes)
+  params = train.init_params(model, config, jax.random.PRNGKey(0))
+  index, weight = list(train.padded_batches(5, 8))[0]
+  assert weight.tolist() == [1] * 5 + [0] * 3
+  batch = train._batch(task.train, index, weight)
+  moved = dict(batch, y=batch["y"] + 1000.0 * (1.0 - weight)[:, None, None])
+  key = jax.random.PRNGKey(1)
+  loss = train.batch_loss(model, task.scaler, params, batch, key)
+  assert float(loss) == float(train.batch_loss(model, task.scaler, params, moved, key))
+  # The real samples' targets do move it.
+  real_moved = dict(batch, y=batch["y"] + 1000.0 * weight[:, None, None])
+  assert float(train.batch_loss(model, task.scaler, params, real_moved, key)) > float(loss) + 100
 
 
 CHILD = textwrap.dedent(

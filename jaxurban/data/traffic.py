@@ -136,14 +136,22 @@ def _cells(line: str) -> list[str]:
 _INDEX_HEADERS = ("", "Unnamed: 0")
 
 
-def _read_numeric_csv(path: pathlib.Path, skip_header: bool) -> tuple[list[str], np.ndarray]:
-  """Parses a numeric CSV; empty cells become NaN. Returns (header, [rows, cols]).
+# Cells read as a missing value: empty (pandas' `to_csv`) and R's NA.
+_MISSING_CELLS = ("", "NA")
+
+
+def _read_numeric_csv(path: pathlib.Path, skip_header: bool | None) -> tuple[list[str], np.ndarray]:
+  """Parses a numeric CSV; empty and ``NA`` cells become NaN. Returns (header, [rows, cols]).
 
   Row k of the result is file line k + 2 with a header, k + 1 without. A
   first column whose header cell is empty or ``Unnamed: 0`` is a row index
-  (as pandas' ``to_csv`` writes one) and is left out.
+  (as pandas' ``to_csv`` and R's ``write.csv`` write one) and is left out.
+  `skip_header` None: a header exactly when the first line starts with such
+  a cell (a matrix written without names starts with a number).
   """
   lines = _read_lines(path)
+  if skip_header is None:
+    skip_header = _cells(lines[0])[0] in _INDEX_HEADERS
   header = _cells(lines[0]) if skip_header else []
   body = lines[1:] if skip_header else lines
   if not body:
@@ -163,7 +171,7 @@ def _read_numeric_csv(path: pathlib.Path, skip_header: bool) -> tuple[list[str],
       raise DataError(path.name, f"row {row_number} has {len(cells)} fields, expected {width}")
     for j, cell in enumerate(cells):
       cell = cell.strip()
-      if cell == "":
+      if cell in _MISSING_CELLS:
         rows[i, j] = np.nan
         continue
       try:
@@ -238,7 +246,9 @@ def read_los_loop_folder(folder: str | os.PathLike) -> TrafficData:
     n = int(np.flatnonzero(~mask.any(axis=0))[0])
     raise DataError(name, "no observed (positive) speed in the whole series", column=header[n])
 
-  _, adjacency = _read_numeric_csv(paths["los_adj.csv"], skip_header=False)
+  # Headerless in the published data; with row and column names when
+  # written by pandas or R.
+  _, adjacency = _read_numeric_csv(paths["los_adj.csv"], skip_header=None)
   n_nodes = len(header)
   if adjacency.shape != (n_nodes, n_nodes):
     raise DataError(

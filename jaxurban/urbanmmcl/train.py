@@ -773,6 +773,8 @@ def train_and_evaluate(config: UrbanMMCLConfig, workdir, log=print) -> dict:
     "model_config_used": _config_json(model_config),
     "data_root": str(resolve_data_root(config.data_root)),
     "software": software_versions(),
+    # Which model the figures come from (checkpoints carry it too).
+    "model_revision": MODEL_REVISION,
     "views": list(meta["views"]),
     "modalities": meta["modalities"],
     "pretrain_seconds_per_seed": times,

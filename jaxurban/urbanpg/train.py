@@ -977,6 +977,8 @@ def train_and_evaluate(config: UrbanPGConfig, workdir: str | pathlib.Path) -> di
       "config": config.to_dict(),
       "data_root": str(resolve_data_root(config.data_root)),
       "software": software_versions(),
+      # Which model the figures come from (checkpoints carry it too).
+      "model_revision": MODEL_REVISION,
       "summary": {k: summarise(v) for k, v in result["models"].items()},
       "table": table,
       "seconds": time.perf_counter() - started,
