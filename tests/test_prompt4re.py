@@ -382,6 +382,10 @@ def test_split_context_hides_the_other_folds_prompts(rng, context, value_basis):
       assert np.abs(after - before).max() > 1e-3, what
   # Model 1 trains on fold 0: in either context its predictions move.
   assert np.abs(a.predictions[:, 0, 1] - b.predictions[:, 0, 1]).max() > 1e-3
+  # Model 0 tests on fold 0, which attends to its own prompts in either
+  # context: its test predictions move too.
+  moved = a.predictions[:, 0, 0][:, tests[0]] - b.predictions[:, 0, 0][:, tests[0]]
+  assert np.abs(moved).max() > 1e-3
 
 
 @pytest.mark.parametrize("validated", [False, True])

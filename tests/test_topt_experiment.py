@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from experiments import topt
-from jaxurban.eval.kfold import protocol_label
+from jaxurban.eval.kfold import (
+  fold_assignment,
+  fold_masks,
+  pool_folds,
+  protocol_label,
+  select_folds,
+  validation_masks,
+)
 from jaxurban.topt import pipeline
 from jaxurban.topt.pipeline import (
   SREL_ONLY_FIELDS,
@@ -26,7 +33,7 @@ def test_tiny_chicago_run_writes_metrics_and_map(data_root, tmp_path, capsys):
   out = tmp_path / "run"
   argv = [
     "--city", "Chi", "--task", "checkIn", "--seeds", "1", "--epochs-srel", "2",
-    "--epochs-prompt", "20", "--folds", "3", "--protocol", "paper",
+    "--epochs-prompt", "80", "--prompt-lr", "3e-2", "--folds", "3", "--protocol", "paper",
     "--data-root", str(data_root), "--out", str(out),
   ]  # fmt: skip
   assert topt.main(argv) == 0
@@ -74,6 +81,18 @@ def test_tiny_chicago_run_writes_metrics_and_map(data_root, tmp_path, capsys):
   )
   png = (out / "errors_checkIn.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n"
+  # Each file holds its protocol's choice from the saved trajectory: the
+  # plain one the last evaluation, the labelled one each fold's best on its
+  # test fold (rows that agreed with their own files could still both come
+  # from the test-fold choice).
+  masks = fold_masks(fold_assignment(len(y), 3, metrics["config"]["fold_seed"]), 3)
+  (saved,) = (out / "checkpoints").glob("prompt4re_checkIn_*_trajectory.npz")
+  trajectory = np.load(saved)["predictions"]
+  y32 = y.astype(np.float32)
+  for protocol, predictions in (("honest", pred), ("paper", optimistic)):
+    chosen = pool_folds(select_folds(trajectory, y32, masks, protocol), masks)
+    np.testing.assert_array_equal(predictions, np.asarray(chosen))
+  assert not np.array_equal(pred, optimistic)
 
 
 def test_new_york_runs_without_prompts(data_root, capsys):
@@ -287,7 +306,7 @@ def test_validated_protocol_reports_one_honest_row(data_root, tmp_path, rng, mon
   out = tmp_path / "run"
   argv = [
     "--city", "Chi", "--task", "crime", "--seeds", "1", "--embeddings", str(emb),
-    "--epochs-prompt", "20", "--folds", "4", "--protocol", "validated",
+    "--epochs-prompt", "80", "--prompt-lr", "3e-2", "--folds", "4", "--protocol", "validated",
     "--data-root", str(data_root), "--out", str(out),
   ]  # fmt: skip
   assert topt.main(argv) == 0
@@ -302,6 +321,20 @@ def test_validated_protocol_reports_one_honest_row(data_root, tmp_path, rng, mon
   chosen = np.asarray(task["models"][pipeline.RIDGE_TUNED_NAME]["alpha_chosen"])
   assert chosen.shape == (1, 4) and set(chosen.ravel()) <= set(metrics["config"]["ridge_alphas"])
   assert np.isfinite(task["models"][task["reported_model"]]["r2"]["mean"])
+  # The reported predictions are each fold's best evaluation on its
+  # validation fold, not on its test fold.
+  masks = fold_masks(fold_assignment(len(labels), 4, metrics["config"]["fold_seed"]), 4)
+  (saved,) = (out / "checkpoints").glob("prompt4re_crime_*_trajectory.npz")
+  with np.load(saved) as arrays:
+    trajectory, validation = arrays["predictions"], arrays["validation"]
+  y32 = labels.astype(np.float32)
+  chosen = select_folds(
+    trajectory, y32, masks, "validated", validation=(validation, validation_masks(masks))
+  )
+  reported = np.load(out / "predictions_crime.npy")
+  np.testing.assert_array_equal(reported, np.asarray(pool_folds(chosen, masks)))
+  on_test = pool_folds(select_folds(trajectory, y32, masks, "paper"), masks)
+  assert not np.array_equal(reported, np.asarray(on_test))
   # The same file named relatively is the same run: the rerun is not refused.
   assert metrics["config"]["embeddings_path"] == str(emb)
   # (The data root may itself be relative, as in CI: it is given absolute here.)

@@ -451,7 +451,8 @@ def format_table(results: dict, protocol_text: str) -> str:
   """Mean ± std per task, beside the paper's Table 1 rows for Chicago."""
   city = results["config"]["city"]
   lines = [
-    f"{city} single-city results (mean ± sample std, ddof=1, over seeds), protocol: {protocol_text}"
+    f"{city} single-city results (mean ± sample std, ddof=1, over seeds), "
+    f"protocol of the reported model: {protocol_text}"
   ]
   names = [n for e in results["tasks"].values() for n in e["models"]]
   width = max([len(n) for n in names] + [len("paper Table 1: w/o Task-relevant Prompt")]) + 2

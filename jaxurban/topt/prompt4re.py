@@ -29,9 +29,11 @@ alignment) is a D x (.) matrix applied to rows of P, and P has rank r <= N,
 so with the thin SVD P = U Sigma V^T, P W = (U Sigma)(V^T W): the same
 functions are obtained from the r coordinates C = U Sigma and r x (.)
 parameters. :func:`prompt_rowspace` computes C; ``value_basis="rowspace"``
-trains on C (about 50 times fewer operations for D = 4096, N = 77). The model
-class is exactly the same and plain gradient descent takes exactly the same
-steps; Adam's per-coordinate scaling makes its steps differ. Initial weights
+trains on C (about 50 times fewer operations for D = 4096, N = 77). With a
+basis of all N rows the model class is exactly the same and plain gradient
+descent takes exactly the same steps; Adam's per-coordinate scaling makes its
+steps differ. With each model's own training rows (below) this holds on
+those rows only. Initial weights
 use the scale of the original width D in both bases (C C^T = P P^T), so the
 initial function has the same mean and covariance (not the same
 distribution: P W sums D random terms per entry, C W' at most r).
