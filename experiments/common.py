@@ -74,13 +74,19 @@ def exit_status(
   resumable: bool = False,
 ) -> int:
   """Runs a command's or benchmark's `main`; a data problem (a missing data
-  root, an unknown city) is one line on stderr and exit status 2. For a
+  root, an unknown city) or a file the process may not read or write is one
+  line on stderr and exit status 2. For a
   `resumable` command, Ctrl-C is one line saying how to go on (status 130,
   as a shell reports SIGINT) instead of a traceback from inside the run."""
   try:
     result = main(argv)
   except DataError as error:
     print(f"error: {error}", file=sys.stderr)
+    return 2
+  except PermissionError as error:
+    # An input (or output) the user may not read (or write), wherever it
+    # was met: the path and the reason on one line, not a traceback.
+    print(f"error: {error.filename or ''}: {error.strerror}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     if not resumable:

@@ -121,7 +121,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
   if not path.is_file():
     raise DataError(path, "manifest file does not exist")
   try:
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is not JSON
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise DataError(path, f"manifest is not readable JSON ({e})") from e
   # Errors name the whole path: every extraction writes the same two file names.
@@ -252,7 +252,10 @@ def load_prompt_vectors(
   array_path = directory / info["array"]
   if not array_path.is_file():
     raise DataError(array_path, f"array file named by {manifest_path} does not exist")
-  digest = file_sha256(array_path)
+  try:
+    digest = file_sha256(array_path)
+  except OSError as e:
+    raise DataError(array_path, f"cannot be read ({e.strerror})") from None
   if digest != info["sha256"]:
     raise DataError(
       array_path,

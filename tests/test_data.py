@@ -250,6 +250,19 @@ def test_synthetic_xa_style_city(tmp_path):
   assert city.source_dir == tmp_path / "core" / "zz"
 
 
+def test_an_unreadable_city_file_is_a_data_error(tmp_path, monkeypatch):
+  from jaxurban.data import core_city
+
+  root = make_city(tmp_path)
+
+  def denied(path, *args, **kwargs):
+    raise PermissionError(13, "Permission denied", str(path))
+
+  monkeypatch.setattr(core_city, "open", denied, raising=False)
+  with pytest.raises(DataError, match=r"regionmap_zz\.geo: cannot be read \(Permission denied\)"):
+    load_city("zz", root)
+
+
 def test_geo_ids_need_not_be_row_numbers(tmp_path):
   header, rows = _xa_style_geo()
   for row, gid in zip(rows, (30, 10, 20)):
@@ -378,6 +391,14 @@ def test_error_no_data_root(monkeypatch):
     resolve_data_root()
   with pytest.raises(DataError, match="JAXURBAN_DATA"):
     load_city("xa")
+
+
+def test_an_empty_data_root_is_refused_not_replaced(data_root, monkeypatch):
+  # `--data-root "$DATA"` with DATA unset must not quietly read $JAXURBAN_DATA.
+  monkeypatch.setenv(DATA_ENV, str(data_root))
+  with pytest.raises(DataError, match=r"data root: given as an empty path"):
+    resolve_data_root("")
+  assert resolve_data_root(None) == data_root
 
 
 def test_error_data_root_missing(tmp_path, monkeypatch):
@@ -828,6 +849,21 @@ def test_ensure_city_order_and_offline_message(tmp_path, data_root, monkeypatch)
   fetch.fetch_city("cd", cache, base_url=remote.as_uri())
   monkeypatch.setenv(fetch.CACHE_ENV, str(cache))
   assert fetch.ensure_city("cd", opener=offline) == cache / "core" / "cd"
+
+  # 4. A data root given one level too deep (…/core) holds no core/ folder:
+  # the cache still serves, the run's log says where the city came from,
+  # and a failed download says what the root holds.
+  from jaxurban.core.train import _outside_data_root
+
+  nested = data_root / "core"
+  found = fetch.ensure_city("cd", nested, opener=offline)
+  assert found == cache / "core" / "cd"
+  note = _outside_data_root(found, nested)
+  assert note == f" (the download cache: the data root {nested} holds no such city)"
+  assert _outside_data_root(data_root / "core" / "xa", data_root) == ""
+  with pytest.raises(DataError) as info:
+    fetch.ensure_city("cd", nested, cache_dir=tmp_path / "empty", opener=offline)
+  assert f"the data root {nested} has no 'core' folder (it has: cd, " in str(info.value)
 
 
 def test_cut_short_download_and_unwritable_cache_are_data_errors(tmp_path, monkeypatch, capsys):

@@ -81,6 +81,12 @@ def test_data_errors_are_one_line_with_status_2(capsys):
   assert capsys.readouterr().err == "error: regionmap_zz.geo: file missing\n"
   assert exit_status(lambda argv: None) == 0 and exit_status(lambda argv: 3) == 3
 
+  def unreadable(argv):
+    raise PermissionError(13, "Permission denied", "/data/core/xa/regionmap_xa.geo")
+
+  assert exit_status(unreadable) == 2
+  assert capsys.readouterr().err == "error: /data/core/xa/regionmap_xa.geo: Permission denied\n"
+
 
 def test_a_refused_run_leaves_no_empty_folders(tmp_path):
   from experiments.common import no_empty_folder_left

@@ -148,6 +148,17 @@ def test_unparsable_centroid(tmp_path, rng):
   _expect(tmp_path, "prompt_data.json entry 3", "Centroid Coordinates", ["two numbers"])
 
 
+def test_prompt_texts_with_a_byte_order_mark_or_without_text(tmp_path, rng):
+  _write_root(tmp_path, rng)
+  path = tmp_path / "prompt4re" / "chicago" / "prompt_data.json"
+  path.write_text("\ufeff" + path.read_text(), encoding="utf-8")  # as Windows tools save it
+  assert load_city_views("Chi", tmp_path).centroids.shape == (N, 2)
+  messages = json.loads(path.read_text(encoding="utf-8-sig"))
+  messages[2]["content"] = [{"type": "image", "image": "x.png"}]
+  path.write_text(json.dumps(messages))
+  _expect(tmp_path, "prompt_data.json entry 2", "content", ["expected one text item, found 0"])
+
+
 def test_centroid_count_mismatch(tmp_path, rng):
   _write_root(tmp_path, rng)
   texts = [f"Centroid Coordinates: ({41.8 + i / 100}, -87.6)" for i in range(N - 1)]

@@ -460,7 +460,11 @@ def _write_nan(path, n):
     (lambda path, n: np.save(path, np.array([{"a": 1}])), "holds Python objects (pickled)"),
     (lambda path, n: path.write_text("# notes\n"), "not a .npy file (no .npy header)"),
     (lambda path, n: np.save(path, np.ones((1, n, 16))), "holds 1 seeds' embeddings, fewer"),
-    (lambda path, n: np.save(path, np.ones((2, n + 1, 16))), "expected [seeds, 77 regions, d]"),
+    (
+      lambda path, n: np.save(path, np.ones((2, n + 1, 16))),
+      "expected [seeds, 77 regions, d >= 1]",
+    ),
+    (lambda path, n: np.save(path, np.ones((2, n, 0))), "shape (2, 77, 0), expected"),
     (lambda path, n: np.save(path, np.full((2, n, 16), "x")), "expected real numbers"),
   ],
 )

@@ -183,6 +183,16 @@ def test_zero_and_empty_readings_are_masked_and_kept_out_of_the_scaler(data_root
       "los_speed.csv",
       "not UTF-8 text: byte 0 is 0xff",
     ),
+    (
+      lambda f: _rewrite(f / "los_speed.csv", lambda k, line: line.replace(",", ";")),
+      "los_speed.csv",
+      "line 1 is one field holding semicolons: the file must be comma-separated",
+    ),
+    (
+      lambda f: _rewrite(f / "los_adj.csv", lambda k, line: line.replace(",", "\t")),
+      "los_adj.csv",
+      "line 1 is one field holding tabs",
+    ),
   ],
 )
 def test_bad_files_raise_data_errors_naming_file_and_problem(

@@ -91,7 +91,7 @@ def load_regions(
   if not path.is_file():
     raise DataError(path, "region file does not exist")
   try:
-    records = json.loads(path.read_text(encoding="utf-8"))
+    records = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is not JSON
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise DataError(path, f"region file is not readable JSON ({e})") from e
   name = path.name

@@ -9,6 +9,7 @@ writes an orbax checkpoint from which a killed run resumes.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import time
 from typing import Any, Callable
@@ -179,6 +180,19 @@ _RESUMABLE_KEYS = (
   "shard_seeds",
   "shard_regions",
 )
+
+
+def _outside_data_root(folder: pathlib.Path, data_root) -> str:
+  """A note when a city came from the download cache although a data root
+  was given (or set): a root nested one level too deep looks like that."""
+  from jaxurban.data.root import DATA_ENV, resolve_data_root
+
+  if data_root is None and not os.environ.get(DATA_ENV):
+    return ""
+  root = resolve_data_root(data_root)
+  if pathlib.Path(folder).resolve().is_relative_to(root.resolve()):
+    return ""
+  return f" (the download cache: the data root {root} holds no such city)"
 
 
 def load_city_graph(name: str, data_root=None):
@@ -504,7 +518,7 @@ def train_and_evaluate(config: CoreConfig, workdir: str | pathlib.Path) -> dict:
   for city in (city_x, city_y):
     _log(
       f"{city.name.upper()}: {city.n_regions} regions, {city.n_edges} mobility edges, "
-      f"read from {city.source_dir}"
+      f"read from {city.source_dir}{_outside_data_root(city.source_dir, config.data_root)}"
     )
   _log(
     f"variant {config.variant}, {config.seeds} seed(s), {config.epochs} epochs, "

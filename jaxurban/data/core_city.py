@@ -245,6 +245,8 @@ class _Table:
       raise DataError(self.file, f"not readable as CSV: {e}") from None
     except UnicodeDecodeError as e:
       raise DataError(self.file, f"not UTF-8 text: {e}") from None
+    except OSError as e:
+      raise DataError(path, f"cannot be read ({e.strerror})") from None
     header = [h.strip() for h in header]
     # A pandas-written index shows up as a leading column with no name
     # (or "Unnamed: 0"); it carries no information, so drop it.

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from jaxurban.atomic import atomic_write
 from jaxurban.data.core_city import city_files, is_city_dir
 from jaxurban.data.errors import DataError
-from jaxurban.data.root import DATA_ENV, resolve_data_root
+from jaxurban.data.root import DATA_ENV, list_subfolders, resolve_data_root
 from jaxurban.digest import file_sha256 as sha256_file
 
 __all__ = [
@@ -257,11 +257,18 @@ def ensure_city(
   """
   code = str(name).lower()
   present = None  # cities in the data root, when one is set
+  absent = "is not in the data root or the cache"
   if data_root is not None or os.environ.get(DATA_ENV):
     root = resolve_data_root(data_root)
     folder = root / "core"
     present = []
-    if folder.is_dir():
+    if not folder.is_dir():
+      # Often a data root given one level too deep (…/core, …/core/xa).
+      listing = ", ".join(list_subfolders(root)) or "no sub-folders"
+      absent = (
+        f"is not in the cache, and the data root {root} has no 'core' folder (it has: {listing})"
+      )
+    else:
       for entry in sorted(folder.iterdir()):
         if not entry.is_dir():
           continue
@@ -286,9 +293,9 @@ def ensure_city(
     return cached
   if not download:
     raise DataError(
-      cached, _manual_instructions(code, cache, missing, "downloading is switched off")
+      cached, _manual_instructions(code, cache, missing, "downloading is switched off", absent)
     )
-  return _fetch_or_explain(code, cache, opener, "is not in the data root or the cache")
+  return _fetch_or_explain(code, cache, opener, absent)
 
 
 def _fetch_or_explain(code: str, root: pathlib.Path, opener: Opener | None, where: str):

@@ -30,7 +30,14 @@ import numpy as np
 from jaxurban.data.errors import NOT_FINITE, DataError, not_finite_in_float32, read_npy
 from jaxurban.data.root import resolve_data_root, subdir
 
-__all__ = ["CITIES", "CityViews", "load_city_views", "load_chicago_centroids", "parse_centroid"]
+__all__ = [
+  "CITIES",
+  "CityViews",
+  "load_chicago_centroids",
+  "load_city_views",
+  "load_region_texts",
+  "parse_centroid",
+]
 
 CITIES = ("Chi", "NY")
 
@@ -225,28 +232,41 @@ def parse_centroid(text: str, where: str = "prompt_data.json") -> tuple[float, f
   return lat, lon
 
 
-def load_chicago_centroids(data_root: str | os.PathLike | None = None) -> np.ndarray:
-  """[77, 2] (lat, lon) of the Chicago regions from ``prompt4re/chicago/prompt_data.json``."""
-  root = resolve_data_root(data_root)
-  path = subdir(root, "prompt4re", "chicago") / "prompt_data.json"
+def load_region_texts(
+  data_root: str | os.PathLike | None = None, field: str = "content"
+) -> tuple[pathlib.Path, list[str]]:
+  """(path, [text of region i]) from ``prompt4re/chicago/prompt_data.json``.
+
+  Each entry is a chat message whose content holds exactly one text item;
+  ``field`` is the field errors name (what the caller reads from the text).
+  """
+  path = subdir(resolve_data_root(data_root), "prompt4re", "chicago") / "prompt_data.json"
   if not path.is_file():
-    raise DataError(path, "file missing", column="Centroid Coordinates")
+    raise DataError(path, "file missing", column=field)
   try:
-    messages = json.loads(path.read_text(encoding="utf-8"))
+    messages = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is not JSON
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise DataError(path, f"not readable JSON ({e})")
+    raise DataError(path, f"not readable JSON ({e})") from None
   if not isinstance(messages, list) or not messages:
     raise DataError(path, "expected a non-empty list of chat messages")
-  coords = []
+  texts = []
   for i, message in enumerate(messages):
-    where = f"{path} entry {i}"
     content = message.get("content") if isinstance(message, dict) else None
-    texts = [
-      item.get("text", "")
+    items = [
+      item.get("text")
       for item in (content if isinstance(content, list) else [])
       if isinstance(item, dict) and item.get("type") == "text"
     ]
-    if len(texts) != 1:
-      raise DataError(where, f"expected one text item, found {len(texts)}", column="content")
-    coords.append(parse_centroid(texts[0], where))
+    if len(items) != 1 or not isinstance(items[0], str):
+      raise DataError(
+        f"{path} entry {i}", f"expected one text item, found {len(items)}", column="content"
+      )
+    texts.append(items[0])
+  return path, texts
+
+
+def load_chicago_centroids(data_root: str | os.PathLike | None = None) -> np.ndarray:
+  """[77, 2] (lat, lon) of the Chicago regions from ``prompt4re/chicago/prompt_data.json``."""
+  path, texts = load_region_texts(data_root, field="Centroid Coordinates")
+  coords = [parse_centroid(text, f"{path} entry {i}") for i, text in enumerate(texts)]
   return np.asarray(coords, dtype=np.float64)

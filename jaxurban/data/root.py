@@ -20,7 +20,7 @@ import pathlib
 
 from jaxurban.data.errors import DataError
 
-__all__ = ["DATA_ENV", "FETCH_HINT", "resolve_data_root", "subdir"]
+__all__ = ["DATA_ENV", "FETCH_HINT", "list_subfolders", "resolve_data_root", "subdir"]
 
 DATA_ENV = "JAXURBAN_DATA"
 
@@ -40,9 +40,13 @@ def resolve_data_root(data_root: str | os.PathLike | None = None) -> pathlib.Pat
       environment variable is used.
 
   Raises:
-    DataError: neither is set, or the folder does not exist.
+    DataError: neither is set, `data_root` is empty, or the folder does not
+      exist.
   """
-  if data_root is not None and os.fspath(data_root) != "":
+  if data_root is not None and os.fspath(data_root) == "":
+    # `--data-root "$DATA"` with DATA unset: not a request for $JAXURBAN_DATA.
+    raise DataError("data root", "given as an empty path (an unset shell variable?)")
+  if data_root is not None:
     root = pathlib.Path(data_root).expanduser()
     origin = "the data_root argument"
   else:
@@ -73,14 +77,15 @@ def subdir(root: str | os.PathLike, *parts: str) -> pathlib.Path:
   for part in parts:
     child = path / part
     if not child.is_dir():
-      present = _list_dirs(path)
+      present = list_subfolders(path)
       listing = ", ".join(present) if present else "no sub-folders"
       raise DataError(child, f"folder missing under {path} (it has: {listing})")
     path = child
   return path
 
 
-def _list_dirs(path: pathlib.Path) -> list[str]:
+def list_subfolders(path: pathlib.Path) -> list[str]:
+  """Names of the folders directly inside `path` (none when it cannot be listed)."""
   try:
     return sorted(p.name for p in path.iterdir() if p.is_dir())
   except OSError:

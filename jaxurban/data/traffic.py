@@ -162,6 +162,12 @@ def _read_numeric_csv(path: pathlib.Path, skip_header: bool | None) -> tuple[lis
   empty = [j for j, h in enumerate(header) if h == ""]
   if empty:
     raise DataError(path.name, f"header cell {empty[0] + 1 + index_column} is empty", "header")
+  first = _cells(lines[0])
+  if len(first) == 1 and (";" in first[0] or "\t" in first[0]):
+    separator = "semicolons" if ";" in first[0] else "tabs"
+    raise DataError(
+      path.name, f"line 1 is one field holding {separator}: the file must be comma-separated"
+    )
   width = len(header) if skip_header else len(_cells(body[0]))
   rows = np.empty((len(body), width), np.float64)
   for i, line in enumerate(body):
@@ -178,8 +184,9 @@ def _read_numeric_csv(path: pathlib.Path, skip_header: bool | None) -> tuple[lis
         rows[i, j] = float(cell)
       except ValueError:
         column = header[j] if skip_header else str(j)
+        shown = cell if len(cell) <= 40 else cell[:40] + "..."
         raise DataError(
-          path.name, f"row {row_number}: {cell!r} is not a number", column=column
+          path.name, f"row {row_number}: {shown!r} is not a number", column=column
         ) from None
   return header, rows
 

@@ -392,9 +392,9 @@ def _srel_embeddings(config: ToptConfig, views, workdir, log) -> tuple[np.ndarra
     emb = read_npy(path, column="embeddings_path", shown=path)
     if not (np.issubdtype(emb.dtype, np.floating) or np.issubdtype(emb.dtype, np.integer)):
       raise DataError(path, f"dtype {emb.dtype}, expected real numbers", column="embeddings_path")
-    if emb.ndim != 3 or emb.shape[1] != n:
+    if emb.ndim != 3 or emb.shape[1] != n or emb.shape[2] == 0:
       raise DataError(
-        path, f"shape {emb.shape}, expected [seeds, {n} regions, d]", column="embeddings_path"
+        path, f"shape {emb.shape}, expected [seeds, {n} regions, d >= 1]", column="embeddings_path"
       )
     if emb.shape[0] < len(config.seeds):
       raise DataError(

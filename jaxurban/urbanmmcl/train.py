@@ -41,8 +41,8 @@ import optax
 
 from jaxurban.checkpoint import Checkpointer, save_npy_atomic, write_json_atomic
 from jaxurban.data.errors import DataError, read_npy
-from jaxurban.data.hafusion import load_city_views
-from jaxurban.data.root import resolve_data_root, subdir
+from jaxurban.data.hafusion import load_city_views, load_region_texts
+from jaxurban.data.root import resolve_data_root
 from jaxurban.provenance import software_versions
 from jaxurban.digest import arrays_sha256
 from jaxurban.eval import kfold
@@ -205,32 +205,16 @@ def load_geo_texts(data_root=None, n_regions: int | None = None) -> list[str]:
   would let text-location alignment be solved by reading numbers.
   ``n_regions``, when given, is the count the texts must match.
   """
-  path = subdir(resolve_data_root(data_root), "prompt4re", "chicago") / "prompt_data.json"
-  if not path.is_file():
-    raise DataError(path, "file missing", column="content")
-  try:
-    messages = json.loads(path.read_text(encoding="utf-8"))
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise DataError(path, f"not readable JSON ({e})")
+  path, region_texts = load_region_texts(data_root)
   texts = []
-  for i, message in enumerate(messages if isinstance(messages, list) else []):
-    content = message.get("content") if isinstance(message, dict) else None
-    items = [
-      c.get("text") for c in content or [] if isinstance(c, dict) and c.get("type") == "text"
-    ]
-    if len(items) != 1 or not isinstance(items[0], str):
-      raise DataError(
-        path, f"entry {i}: expected one text item, found {len(items)}", column="content"
-      )
-    stripped = (line.strip() for line in items[0].splitlines())
+  for text in region_texts:
+    stripped = (line.strip() for line in text.splitlines())
     lines = [
       line
       for line in stripped
       if line and line != _BOILERPLATE and not line.startswith("Centroid Coordinates")
     ]
     texts.append("\n".join(lines))
-  if not texts:
-    raise DataError(path, "expected a non-empty list of chat messages")
   if n_regions is not None and len(texts) != n_regions:
     raise DataError(path, f"{len(texts)} geo-texts for {n_regions} regions", column="content")
   return texts
