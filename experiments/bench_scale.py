@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import resource
 import signal
 import statistics
@@ -168,10 +169,11 @@ def main(argv=None) -> int:
     return 0
 
   print(
-    f"{'N':>7} {'formulation':>13} {'edges':>7} {'compiled GB':>12} {'peak mem GB':>12} "
+    f"{'N':>7} {'formulation':>13} {'edges':>7} {'compiled GiB':>12} {'peak mem GiB':>12} "
     f"{'step ms':>9}",
     flush=True,
   )
+  failures = []  # the linear path failing, or any step giving a non-finite loss
   for n in args.sizes:
     for direct in (False, True):
       if direct and args.direct_up_to is not None and n > args.direct_up_to:
@@ -193,7 +195,9 @@ def main(argv=None) -> int:
       done = subprocess.run(command, capture_output=True, text=True)
       name = "direct N x N" if direct else "linear+remat" if remat else "linear"
       if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-1:] or ["(no message)"]
+        tail = [_failure_reason(done.stderr)]
+        if not direct:  # the direct form running out of memory is a finding, not a failure
+          failures.append(f"{name} N={n}")
         if done.returncode < 0:
           # Killed by a signal: SIGKILL without a message is the kernel's
           # out-of-memory killer as a rule.
@@ -206,9 +210,13 @@ def main(argv=None) -> int:
         continue
       row = json.loads(done.stdout.strip().splitlines()[-1])
       if row["ran"]:
+        finite = row["finite"]
+        if not finite:
+          failures.append(f"{name} N={n} (non-finite loss)")
         print(
           f"{n:>7} {name:>13} {row['edges_per_city']:>7} {row['compiled_gb']:>12.2f} "
-          f"{row['peak_rss_gb']:>12.2f} {row['step_ms']:>9.1f}",
+          f"{row['peak_rss_gb']:>12.2f} {row['step_ms']:>9.1f}"
+          + ("" if finite else "  NON-FINITE LOSS"),
           flush=True,
         )
       else:
@@ -227,7 +235,19 @@ def main(argv=None) -> int:
     row_lse.main([])
     print("\nspatially biased attention kernel against flash attention:", flush=True)
     biased_attention.main([])
+  if failures:
+    print(f"failed: {', '.join(failures)}", file=sys.stderr)
+    return 1
   return 0
+
+
+def _failure_reason(stderr: str) -> str:
+  """The line of a child's stderr that names its error: the last one of the
+  form `SomeError: ...` (JAX ends a traceback with a note of its own), else
+  the last line."""
+  lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+  errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)]
+  return (errors or lines or ["(no message)"])[-1]
 
 
 if __name__ == "__main__":

@@ -157,7 +157,9 @@ def main(argv=None) -> None:
       "devices": [str(d) for d in jax.devices()],
     },
     "city": args.city,
-    "command": " ".join([sys.executable, "-m", "experiments.bench_srel", *sys.argv[1:]]),
+    "command": " ".join(
+      [sys.executable, "-m", "experiments.bench_srel", *(sys.argv[1:] if argv is None else argv)]
+    ),
     "jax": {},
     "torch": {},
   }

@@ -22,8 +22,10 @@ this machine's memory next to other work.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -31,7 +33,7 @@ import time
 
 import numpy as np
 
-from experiments.common import checked_output_file, positive_int, positive_int_list
+from experiments.common import checked_output_file, exit_status, positive_int, positive_int_list
 from jaxurban.atomic import write_json_atomic
 from jaxurban.data.traffic import STEPS_PER_DAY
 
@@ -141,7 +143,7 @@ def child(n_nodes: int, attention: str, repeats: int, max_gb: float) -> dict:
     "infer_compiled_gb": None if infer_bytes is None else infer_bytes / 2**30,
   }
   if train_bytes is not None and train_bytes / 2**30 > max_gb:
-    result["skipped"] = f"compiled estimate above {max_gb} GB"
+    result["skipped"] = f"compiled estimate above {max_gb} GiB"
     return result
   holder = {"state": state}
 
@@ -159,7 +161,7 @@ def _fmt(value, digits=3):
   return "-" if value is None else f"{value:.{digits}f}"
 
 
-def main(argv=None) -> list[dict]:
+def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
     prog="python -m experiments.bench_urbanpg", description=__doc__.split("\n")[0]
   )
@@ -185,12 +187,14 @@ def main(argv=None) -> list[dict]:
     n, attention = args.child.split(":")
     limit = args.softmax_max_gb if attention == "softmax" else float("inf")
     print("RESULT " + json.dumps(child(int(n), attention, args.repeats, limit)), flush=True)
-    return []
+    return 0
   rows = []
-  nodes = args.nodes
   print(f"batch {BATCH}, {T_IN} steps in / {T_OUT} out; median of {args.repeats} after warm-up")
-  for attention in args.attention:
-    for n in nodes:
+  # Size by size, both forms one after the other: their ratio is taken on
+  # the machine as it was within minutes, not across the whole run.
+  for n in args.nodes:
+    by_form = {}
+    for attention in args.attention:
       command = [sys.executable, "-m", "experiments.bench_urbanpg", "--child", f"{n}:{attention}"]
       command += ["--repeats", str(args.repeats), "--softmax-max-gb", str(args.softmax_max_gb)]
       done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
@@ -200,19 +204,44 @@ def main(argv=None) -> list[dict]:
       else:
         row = json.loads(line[0][len("RESULT ") :])
       rows.append(row)
+      by_form[attention] = row
       print(
         f"{attention:>8} N={n:>5}  train {_fmt(row.get('train_s'))} s  "
-        f"infer {_fmt(row.get('infer_s'))} s  peak RSS {_fmt(row.get('peak_rss_gb'), 2)} GB  "
-        f"compiled train {_fmt(row.get('train_compiled_gb'), 2)} GB / "
-        f"infer {_fmt(row.get('infer_compiled_gb'), 2)} GB"
+        f"infer {_fmt(row.get('infer_s'))} s  peak RSS {_fmt(row.get('peak_rss_gb'), 2)} GiB  "
+        f"compiled train {_fmt(row.get('train_compiled_gb'), 2)} GiB / "
+        f"infer {_fmt(row.get('infer_compiled_gb'), 2)} GiB"
         + (f"  ({row['skipped']})" if "skipped" in row else "")
         + (f"  ERROR {row['error']}" if "error" in row else ""),
         flush=True,
       )
+    linear, softmax = by_form.get("linear", {}), by_form.get("softmax", {})
+    if linear.get("train_s") and softmax.get("train_s"):
+      print(
+        f"   N={n:>5}  softmax / linear: train {softmax['train_s'] / linear['train_s']:.2f}x, "
+        f"infer {softmax['infer_s'] / linear['infer_s']:.2f}x",
+        flush=True,
+      )
   if args.out:
-    write_json_atomic(args.out, rows)
-  return rows
+    write_json_atomic(
+      args.out,
+      {
+        "settings": vars(args) | {"child": None},
+        "machine": {
+          "platform": platform.platform(),
+          "cpu_count": os.cpu_count(),
+          "load_average_at_end": os.getloadavg(),
+          # The parent never imports jax: the children measure their own memory.
+          "jax_version": importlib.metadata.version("jax"),
+        },
+        "rows": rows,
+      },
+    )
+  failed = [f"{r['attention']} N={r['nodes']}" for r in rows if "error" in r]
+  if failed:
+    print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(exit_status(main))

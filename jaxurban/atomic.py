@@ -48,9 +48,22 @@ def shared_file_mode() -> int:
   ``tempfile`` creates its files private (0o600); results are meant to be
   read by others, as a plain ``open()`` would allow.
   """
+  return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+  """The process's umask, read where Linux shows it: setting it to read it
+  back would, for that moment, give files other threads create mode 0o666."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as status:
+      for line in status:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
   umask = os.umask(0)
   os.umask(umask)
-  return 0o666 & ~umask
+  return umask
 
 
 def atomic_write(

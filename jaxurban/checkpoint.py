@@ -10,6 +10,7 @@ intact.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 from typing import Any
@@ -42,9 +43,16 @@ class CheckpointUnreadable(CheckpointMismatch):
 def check_same_config(saved: dict, config: dict, what: str, ignore: tuple[str, ...] = ()) -> None:
   """Raises CheckpointMismatch naming every key (outside ``ignore``) in which
   the ``saved`` config differs from ``config``; ``what`` names the saved thing."""
+  if not isinstance(saved, dict):
+    raise CheckpointUnreadable(
+      f"{what} holds a config that is a {type(saved).__name__}, not a mapping (edited by "
+      "hand?); use another output folder or delete it"
+    )
   current = _as_json(config)
   differing = sorted(
-    k for k in set(saved) | set(current) if k not in ignore and saved.get(k) != current.get(k)
+    k
+    for k in set(saved) | set(current)
+    if k not in ignore and not _same_value(saved.get(k), current.get(k))
   )
   if differing:
     details = ", ".join(
@@ -54,6 +62,18 @@ def check_same_config(saved: dict, config: dict, what: str, ignore: tuple[str, .
       f"{what} was written with a different config ({details}); "
       "use another output folder or delete it"
     )
+
+
+def _same_value(a: Any, b: Any) -> bool:
+  """JSON values equal as Python compares them (1 == 1.0), except that NaN
+  equals NaN: a setting saved as NaN must not make its own run unresumable."""
+  if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+    return True
+  if isinstance(a, dict) and isinstance(b, dict):
+    return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+  if isinstance(a, list) and isinstance(b, list):
+    return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+  return a == b
 
 
 def check_previous_results(

@@ -56,7 +56,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from kernels import peaks
-from kernels.timing import median_seconds
+from kernels.timing import count_at_least, median_seconds
 
 __all__ = [
   "BlockSizes",
@@ -1140,13 +1140,15 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
     prog="python -m kernels.biased_attention", description=main.__doc__.split(":")[0]
   )
-  parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 32768])
-  parser.add_argument("--heads", type=int, default=8)
-  parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+  parser.add_argument("--sizes", type=count_at_least(1), nargs="+", default=[4096, 16384, 32768])
+  parser.add_argument("--heads", type=count_at_least(1), default=8)
+  parser.add_argument("--head-dims", type=count_at_least(1), nargs="+", default=[64, 128])
   parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
-  parser.add_argument("--rbf", type=int, default=1, help="number of radial basis functions R")
-  parser.add_argument("--repeats", type=int, default=20)
-  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument(
+    "--rbf", type=count_at_least(1), default=1, help="number of radial basis functions R"
+  )
+  parser.add_argument("--repeats", type=count_at_least(1), default=20)
+  parser.add_argument("--warmup", type=count_at_least(0), default=3)
   parser.add_argument(
     "--interpret",
     action="store_true",

@@ -47,7 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels import peaks
-from kernels.timing import median_seconds
+from kernels.timing import count_at_least, median_seconds
 
 IMPLEMENTATIONS = (None, "pallas", "reference")
 PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -543,10 +543,10 @@ def main(argv=None) -> int:
   )
   parser.add_argument("--sizes", nargs="*", help="M,N,d triples (default: per backend)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-  parser.add_argument("--repeats", type=int, default=10)
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--block-q", type=int, default=DEFAULT_BLOCK_Q)
-  parser.add_argument("--block-k", type=int, default=DEFAULT_BLOCK_K)
+  parser.add_argument("--repeats", type=count_at_least(1), default=10)
+  parser.add_argument("--warmup", type=count_at_least(0), default=2)
+  parser.add_argument("--block-q", type=count_at_least(1), default=DEFAULT_BLOCK_Q)
+  parser.add_argument("--block-k", type=count_at_least(1), default=DEFAULT_BLOCK_K)
   parser.add_argument(
     "--highest",
     action="store_true",

@@ -9,6 +9,7 @@ median over repeats of the per-call time is reported.
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import time
@@ -41,3 +42,19 @@ def median_seconds(
     jax.block_until_ready(out)
     times.append((time.perf_counter() - start) / calls)
   return statistics.median(times)
+
+
+def count_at_least(minimum: int) -> Callable[[str], int]:
+  """An argparse type: a whole number of at least `minimum` (a repeat count
+  of 0 would otherwise end in a median of nothing)."""
+
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+    return value
+
+  return parse

@@ -34,6 +34,19 @@ def test_files_get_the_mode_a_plain_open_would_give(tmp_path, umask_022):
   assert (tmp_path / "t.md").read_text() == "| a |\n"
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_the_mode_follows_the_umask_without_setting_it(monkeypatch, umask):
+  previous = os.umask(umask)
+  try:
+    # Reading the umask must not set it (even for a moment: other threads'
+    # files would get that mode).
+    monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("umask set"))
+    assert atomic.shared_file_mode() == 0o666 & ~umask
+  finally:
+    monkeypatch.undo()
+    os.umask(previous)
+
+
 def test_json_is_strict_with_nan_as_null(tmp_path):
   path = tmp_path / "metrics.json"
   write_json_atomic(

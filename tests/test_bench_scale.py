@@ -38,3 +38,18 @@ def test_one_step_runs_and_reports(direct, remat):
 def test_a_step_over_the_budget_is_not_run():
   row = bench_scale.child(200, True, repeats=1, max_run_gb=1e-6, remat=False)
   assert row == {**row, "ran": False}
+
+
+def test_a_failed_size_is_reported_by_its_error_line():
+  # JAX closes a filtered traceback with a note of its own: the reason shown
+  # must be the error above it.
+  stderr = (
+    "Traceback (most recent call last):\n  File 'x.py', line 1\n"
+    "jaxlib.xla_extension.XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory allocating\n"
+    "--------------------\n"
+    "For simplicity, JAX has removed its internal frames from the traceback of the following "
+    "exception. Set JAX_TRACEBACK_FILTERING=off to include these.\n"
+  )
+  assert bench_scale._failure_reason(stderr).startswith("jaxlib.xla_extension.XlaRuntimeError: ")
+  assert bench_scale._failure_reason("just a line\n") == "just a line"
+  assert bench_scale._failure_reason("") == "(no message)"

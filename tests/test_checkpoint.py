@@ -24,6 +24,22 @@ def test_restores_the_latest_state_with_its_config_and_log(tmp_path):
   assert reader.restore(state, {"lr": 0.2}, ignore=("lr",))[0] == 3
 
 
+def test_a_nan_setting_resumes_and_a_config_edited_into_a_list_is_named(tmp_path):
+  # NaN != NaN: compared plainly, a run with a NaN setting could never resume.
+  state = {"w": np.zeros(3, np.float32)}
+  config = {"noise": float("nan"), "sizes": (1, 2), "lr": 1}
+  saver = Checkpointer(tmp_path)
+  saver.save(1, state, config)
+  saver.close()
+  reader = Checkpointer(tmp_path)
+  assert reader.restore(state, {**config, "lr": 1.0})[0] == 1
+  with pytest.raises(CheckpointMismatch, match="noise"):
+    reader.restore(state, {**config, "noise": 0.5})
+  (reader.directory / "1" / "config" / "metadata").write_text("[1, 2]")
+  with pytest.raises(CheckpointUnreadable, match="holds a config that is a list, not a mapping"):
+    Checkpointer(tmp_path).restore(state, config)
+
+
 def test_a_save_killed_part_way_is_ignored_then_removed(tmp_path):
   # Orbax writes a step under a temporary name and renames it when complete;
   # a killed save leaves that folder behind. Restore must not pick it, and
