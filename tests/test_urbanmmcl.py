@@ -673,6 +673,12 @@ def test_ablations_of_what_the_city_lacks_are_refused(tmp_path, data_root, capsy
       )
   with pytest.raises(ValueError, match="location_frame must be one of"):
     UrbanMMCLConfig(location_frame="world")
+  # Settings that would train on NaN (a loss weight, a temperature).
+  for name, value in (("alpha", float("nan")), ("weight_decay", -1.0)):
+    with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0, got {value}"):
+      UrbanMMCLConfig(**{name: value})
+  with pytest.raises(ValueError, match="mm_temperature must be a finite number > 0, got 0.0"):
+    model.ModelConfig(mm_temperature=0.0)
   # GeoCLIP's frame: its bands on world coordinates * SF / 180.
   _, city_model, _ = prepare(UrbanMMCLConfig(city="Chi", data_root=str(data_root)))
   _, geoclip_model, _ = prepare(

@@ -218,6 +218,14 @@ def test_config_rejects_counts_below_one(field):
     train.UrbanPGConfig(**{field: 0})
 
 
+@pytest.mark.parametrize(
+  "field, value", [("noise_std", float("nan")), ("weight_decay", -1.0), ("grad_clip", 0.0)]
+)
+def test_config_rejects_settings_that_would_train_on_nan(field, value):
+  with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+    train.UrbanPGConfig(**{field: value})
+
+
 def test_config_rejects_fewer_output_steps_than_the_reported_horizons():
   with pytest.raises(ValueError, match=r"t_out must be >= 12 .* got 6"):
     train.UrbanPGConfig(t_out=6)

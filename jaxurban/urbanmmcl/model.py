@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxurban.training import rate_problems
 from jaxurban.urbanmmcl.graphs import gcn_normalise
 from jaxurban.urbanmmcl.walks import first_visits, random_walks, subgraph_adjacency, top_k_graph
 
@@ -195,6 +196,14 @@ class ModelConfig:
   def __post_init__(self):
     if self.view_fusion not in ("concat", "mean"):
       raise ValueError(f"view_fusion must be 'concat' or 'mean', got {self.view_fusion!r}")
+    # A NaN or non-positive temperature or scale would train on NaN logits.
+    for problem in rate_problems(
+      graph_temperature=self.graph_temperature,
+      mm_temperature=self.mm_temperature,
+      loc_scale=self.loc_scale,
+      **{f"loc_scales[{i}]": v for i, v in enumerate(self.loc_scales)},
+    ):
+      raise ValueError(f"ModelConfig: {problem}")
 
 
 # ------------------------------------------------------ transformer parts

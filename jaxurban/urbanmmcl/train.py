@@ -47,7 +47,12 @@ from jaxurban.provenance import software_versions
 from jaxurban.digest import arrays_sha256
 from jaxurban.eval import kfold
 from jaxurban.eval.metrics import classification_metrics
-from jaxurban.training import check_finite_outputs, finite_per_seed, rate_problems
+from jaxurban.training import (
+  check_finite_outputs,
+  finite_per_seed,
+  rate_problems,
+  weight_problems,
+)
 from jaxurban.urbanmmcl.graphs import (
   AblationError,
   build_view_graphs,
@@ -182,6 +187,10 @@ class UrbanMMCLConfig:
     if not self.ridge_alphas or not all(a > 0 for a in self.ridge_alphas):
       raise ValueError(f"ridge_alphas must be values > 0, got {self.ridge_alphas}")
     for problem in rate_problems(learning_rate=self.learning_rate, finetune_lr=self.finetune_lr):
+      raise ValueError(problem)
+    for problem in weight_problems(
+      weight_decay=self.weight_decay, alpha=self.alpha, beta=self.beta
+    ) + rate_problems(ridge_alpha=self.ridge_alpha):
       raise ValueError(problem)
     if self.patience < 0:
       raise ValueError(f"patience must be >= 0, got {self.patience}")

@@ -49,7 +49,7 @@ from jaxurban.data.traffic import (
   load_los_loop,
   make_windows,
 )
-from jaxurban.training import rate_problems, seed_range_problems
+from jaxurban.training import rate_problems, seed_range_problems, weight_problems
 from jaxurban.urbanpg.baselines import HistoricalAverage, PerNodeLinear, last_value
 from jaxurban.urbanpg.model import ATTENTIONS, UrbanPG
 
@@ -160,6 +160,8 @@ class UrbanPGConfig:
         learning_rate=self.learning_rate, finetune_learning_rate=self.finetune_learning_rate
       )
     )
+    problems.extend(rate_problems(grad_clip=self.grad_clip))
+    problems.extend(weight_problems(weight_decay=self.weight_decay, noise_std=self.noise_std))
     problems.extend(seed_range_problems(self.first_seed, self.seeds, 2**31))
     if problems:
       raise ValueError("UrbanPGConfig: " + "; ".join(problems))
