@@ -116,7 +116,9 @@ def no_empty_folder_left(out):
       inside = list(made.rglob("*"))
       if not any(p.is_file() or p.is_symlink() for p in inside):
         for folder in sorted(inside, key=lambda p: -len(p.parts)) + [made]:
-          folder.rmdir()
+          # Under --distributed every process tidies the same folders.
+          with contextlib.suppress(FileNotFoundError):
+            folder.rmdir()
 
 
 def checked_output_folder(parser: argparse.ArgumentParser, out) -> pathlib.Path:

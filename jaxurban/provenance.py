@@ -54,7 +54,9 @@ def source_revision() -> str | None:
 
   try:
     commit = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    # No optional locks: every process of a run asks, and a user's own git
+    # command must not meet an index.lock left by it.
+    dirty = git("--no-optional-locks", "status", "--porcelain", "--untracked-files=no")
   except (OSError, subprocess.SubprocessError):
     return None
   return commit + ("+dirty" if dirty else "")

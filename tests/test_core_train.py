@@ -397,3 +397,20 @@ def test_multi_host_flags_pass_with_distributed(tmp_path):
     + ["--shard-seeds", "--out", str(tmp_path / "out")]
   )
   assert config.city_x == "xa"
+
+
+def test_a_city_of_one_region_is_refused(data_root, graphs, tmp_path):
+  # Nothing relates its regions: the alignment loss is constant and its
+  # low-rank gradient rounding noise, which Adam would scale to full steps.
+  from jaxurban.data.errors import DataError
+  from jaxurban.graph import city_graph
+
+  one = city_graph(np.array([0]), np.array([0]), np.array([1.0]), np.array([3.0]), 1)
+  with pytest.raises(ValueError, match="city Y has 1 region.*at least 2 regions per city"):
+    train.train_embeddings(tiny(data_root), tmp_path, graphs[0], one)
+  from tests.test_data import make_city
+
+  root = make_city(tmp_path, geo=(["geo_id", "type", "m_lon", "m_lat"], [[0, "Polygon", 1, 1]]),
+                   mob=(["origin_id", "destination_id", "mobility_weight"], [[0, 0, 1.0]]))  # fmt: skip
+  with pytest.raises(DataError, match=r"core/zz: the \.geo lists 1 region\(s\)"):
+    train.load_city_graph("zz", root)

@@ -88,6 +88,40 @@ def test_data_errors_are_one_line_with_status_2(capsys):
   assert capsys.readouterr().err == "error: /data/core/xa/regionmap_xa.geo: Permission denied\n"
 
 
+def test_folders_another_process_removed_first_are_no_error(tmp_path, monkeypatch):
+  # Under --distributed every process of a refused run tidies the same new
+  # folders; the slower one finds some already gone.
+  import pathlib
+
+  from experiments.common import no_empty_folder_left
+
+  out = tmp_path / "runs" / "model"
+  real_rmdir = pathlib.Path.rmdir
+
+  def removed_by_the_other_process(self):
+    real_rmdir(self)
+    raise FileNotFoundError(2, "No such file or directory", str(self))
+
+  with pytest.raises(DataError):
+    with no_empty_folder_left(out):
+      out.mkdir(parents=True)
+      monkeypatch.setattr(pathlib.Path, "rmdir", removed_by_the_other_process)
+      raise DataError("x.npy", "file missing")
+  monkeypatch.undo()
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_urbanpg_batch_split_refuses_several_processes(monkeypatch):
+  import jax
+
+  from jaxurban.urbanpg import train as urbanpg_train
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match="2 processes .set shard_batch=False."):
+    urbanpg_train.Placement(True, 64)
+  assert urbanpg_train.Placement(False, 64).mesh is None
+
+
 def test_a_refused_run_leaves_no_empty_folders(tmp_path):
   from experiments.common import no_empty_folder_left
 

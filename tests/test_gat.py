@@ -165,6 +165,24 @@ def test_neighbour_tables_hold_every_edge_once(rng, n, width, bucketed):
     assert len(graph.buckets) > 1
 
 
+def test_a_lone_hub_keeps_its_width_to_itself():
+  # 100 regions of in-degree 1, 10 of in-degree 4 (too few for a bucket of
+  # their own) and one hub of in-degree 1,000: the 10 must not be padded to
+  # the hub's width.
+  n = 1111
+  receivers = np.concatenate(
+    [np.arange(100), np.repeat(np.arange(100, 110), 4), np.full(1000, 110)]
+  )
+  senders = np.arange(len(receivers)) % n
+  graph = neighbour_graph(senders, receivers, np.ones(len(receivers)), n, min_bucket=64)
+  widths = {
+    int(np.asarray(table.receivers).shape[0]): int(np.asarray(table.in_mask).shape[1])
+    for table in graph.buckets
+  }
+  # Regions without in-edges (degree 0) share the width-1 bucket.
+  assert widths == {1100: 1, 10: 4, 1: 1000}  # each table as wide as its widest row
+
+
 def test_permute_rows_backward_is_the_inverse_gather(rng):
   n = 40
   permutation = rng.permutation(n)

@@ -117,3 +117,59 @@ def test_two_processes_train_as_one_process(tmp_path):
         # Every process holds the whole result, equal to one process's.
         np.testing.assert_allclose(got[f"{name}_x"], z_x, rtol=2e-5, atol=1e-5)
         np.testing.assert_allclose(got[f"{name}_y"], z_y, rtol=2e-5, atol=1e-5)
+
+
+CLI_CHILD = textwrap.dedent(
+  """
+  import sys
+  import jax
+  from experiments import core_align
+
+  process_id, port, root, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+  code = core_align.main([
+    "--pair", "AA-BB", "--data-root", root, "--seeds", "4", "--shard-seeds", "--epochs", "2",
+    "--log-every", "1", "--anchors", "8", "--no-plot", "--out", out, "--distributed",
+    "--coordinator-address", f"localhost:{port}", "--num-processes", "2",
+    "--process-id", str(process_id),
+  ])
+  assert code == 0, code
+  print("CLI-OK", process_id, jax.device_count())
+  """
+)
+
+
+def test_the_command_runs_as_one_run_over_two_processes(tmp_path):
+  # What a user runs on each host: the command itself, not the library call
+  # (which the test above drives). Both processes must join one 4-device
+  # run, and only process 0 may write the outputs.
+  from tests.test_data import make_city
+
+  root = make_city(make_city(tmp_path / "data", "aa"), "bb")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  port = _free_port()
+  children = [
+    subprocess.Popen(
+      [sys.executable, "-c", CLI_CHILD, str(i), str(port), str(root), str(tmp_path / "out")],
+      cwd=repo,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  try:
+    outputs = [child.communicate(timeout=600) for child in children]
+  finally:
+    for child in children:
+      child.kill()
+  for i, (child, (stdout, stderr)) in enumerate(zip(children, outputs)):
+    assert child.returncode == 0, f"process {i}:\n{stderr[-3000:]}"
+    assert f"CLI-OK {i} 4" in stdout
+  assert "process 1: outputs written by process 0" in outputs[1][0]
+  assert "process 1: outputs written by process 0" not in outputs[0][0]
+  import json
+
+  metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+  assert len(metrics["devices"]) == 4 and metrics["seeds"] == [0, 1, 2, 3]

@@ -182,6 +182,14 @@ _RESUMABLE_KEYS = (
 )
 
 
+# A city of one region has no relations between regions to align: its
+# anchor similarities are a sign each, the alignment loss is constant, and
+# what gradient the low-rank form leaves is rounding noise that Adam scales
+# up to full steps.
+MIN_REGIONS = 2
+_TOO_FEW_REGIONS = f"CoRE needs at least {MIN_REGIONS} regions per city"
+
+
 def _outside_data_root(folder: pathlib.Path, data_root) -> str:
   """A note when a city came from the download cache although a data root
   was given (or set): a root nested one level too deep looks like that."""
@@ -202,10 +210,15 @@ def load_city_graph(name: str, data_root=None):
   downloaded there (checksum-verified) when a network is available.
   """
   from jaxurban.data.core_city import load_city
+  from jaxurban.data.errors import DataError
   from jaxurban.data.fetch import ensure_city
 
   folder = ensure_city(name, data_root)
   city = load_city(name, folder.parent.parent)
+  if city.n_regions < MIN_REGIONS:
+    raise DataError(
+      city.source_dir, f"the .geo lists {city.n_regions} region(s): {_TOO_FEW_REGIONS}"
+    )
   graph = city_graph(
     city.edge_origin,
     city.edge_destination,
@@ -392,6 +405,9 @@ def train_embeddings(
   the checkpoints, and a checkpoint trained on other files is refused.
   """
   workdir = pathlib.Path(workdir)
+  for name, graph in (("X", graph_x), ("Y", graph_y)):
+    if graph.n_regions < MIN_REGIONS:
+      raise ValueError(f"city {name} has {graph.n_regions} region(s): {_TOO_FEW_REGIONS}")
   settings = config.loss_settings()
   if config.shard_regions:
     mesh = sharding.region_mesh()

@@ -540,6 +540,13 @@ class Placement:
   """Puts batches split over the `BATCH` mesh and states replicated (or leaves them)."""
 
   def __init__(self, enabled: bool, batch_size: int):
+    if enabled and jax.process_count() > 1:
+      # The step reads its predictions and parameters on the host, which
+      # arrays split over other processes' devices do not allow.
+      raise ValueError(
+        f"UrbanPG's batch split covers one process's devices; this run has "
+        f"{jax.process_count()} processes (set shard_batch=False)"
+      )
     self.mesh = sharding.batch_mesh() if enabled else None
     if self.mesh is not None and batch_size % self.mesh.devices.size:
       raise ValueError(
