@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     help="threads of the authors' code (default: the cores this process may use)",
   )
   args = parser.parse_args(argv)
-  check_torch_flags(parser, args)
+  check_torch_flags(parser, args, "Model/CoRE.py")
   if args.torch_python and args.torch_epochs <= 5:
     parser.error(
       f"--torch-epochs {args.torch_epochs}: the authors' code times the epochs after 5 warm-up ones"
@@ -147,8 +147,16 @@ def main(argv=None) -> int:
   if len(cities) != 2:
     parser.error(f"--pair takes two city codes joined by '-', e.g. XA-CD; got {args.pair!r}")
   city_x, city_y = (c.lower() for c in cities)
-  _, graph_x = load_city_graph(city_x, args.data_root)
-  _, graph_y = load_city_graph(city_y, args.data_root)
+  loaded = [load_city_graph(city, args.data_root) for city in (city_x, city_y)]
+  (data_x, graph_x), (data_y, graph_y) = loaded
+  with_od = [city.name for city in (data_x, data_y) if city.od_flow is not None]
+  if args.torch_python and with_od:
+    # Ours would train on the full OD counts, the authors' harness on the
+    # `.mob` stand-in: not the same work.
+    parser.error(
+      f"{', '.join(with_od)}: an OD count file is present, which jaxurban trains on and the "
+      "authors' harness (on the .mob weights) does not; time the two on a copy without it"
+    )
   print(
     f"jax {jax.__version__} on {jax.devices()}, {os.cpu_count()} CPU cores"
     f"{', seeds split over the devices' if args.shard_seeds else ''}; "

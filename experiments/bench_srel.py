@@ -144,7 +144,7 @@ def main(argv=None) -> None:
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
   parser.add_argument("--out", default=None, help="write the results as JSON here")
   args = parser.parse_args(argv)
-  check_torch_flags(parser, args)
+  check_torch_flags(parser, args, "HAFusion_train.py")
   checked_output_file(parser, args.out)
 
   views = load_city_views(args.city, args.data_root)

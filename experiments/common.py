@@ -54,9 +54,12 @@ def checked_output_file(parser: argparse.ArgumentParser, path) -> pathlib.Path |
   return path
 
 
-def check_torch_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-  """--torch-python and --torch-repo come together, and name what exists,
-  before any timing runs."""
+def check_torch_flags(
+  parser: argparse.ArgumentParser, args: argparse.Namespace, marker: str
+) -> None:
+  """--torch-python and --torch-repo come together, and name what exists
+  (the repository holding `marker`, a file of the authors' code), before
+  any timing runs."""
   given = [f for f in ("torch_python", "torch_repo") if getattr(args, f)]
   if len(given) == 1:
     missing = "--torch-repo" if given == ["torch_python"] else "--torch-python"
@@ -66,6 +69,11 @@ def check_torch_flags(parser: argparse.ArgumentParser, args: argparse.Namespace)
       parser.error(f"--torch-python {args.torch_python}: not an executable file")
     if not os.path.isdir(args.torch_repo):
       parser.error(f"--torch-repo {args.torch_repo}: not a folder")
+    if not os.path.isfile(os.path.join(args.torch_repo, marker)):
+      parser.error(
+        f"--torch-repo {args.torch_repo}: no {marker} there (a checkout of the authors' "
+        "repository is expected)"
+      )
 
 
 def exit_status(

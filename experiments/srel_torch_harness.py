@@ -67,6 +67,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
   torch.set_flush_denormal(args.flush_denormal)
   repo = os.path.abspath(args.repo)
+  if not os.path.isfile(os.path.join(repo, "HAFusion_train.py")):
+    parser.error(f"--repo {args.repo}: no HAFusion_train.py there (the authors' HAFusion checkout)")
   os.chdir(repo)  # their data paths are relative ("./data_Chi")
   sys.path.insert(0, repo)
   sys.argv = [sys.argv[0], "--city", args.city]

@@ -135,6 +135,8 @@ def main(argv=None) -> int:
   parser.add_argument("--data-root", required=True)
   parser.add_argument("--out", default="parity.npz")
   args = parser.parse_args(argv)
+  if args.side == "torch" and not args.repo:
+    parser.error("the torch side needs --repo, a checkout of the authors' repository")
   (torch_half if args.side == "torch" else jax_half)(args)
   return 0
 

@@ -120,36 +120,32 @@ def city_dir(data_root: str, city: str) -> str:
 
 
 def load_data(data_root: str, city: str):
-  """The authors' ``load_data`` on our layout, with the ``.mob`` OD substitute."""
+  """The inputs the authors' model takes, built from our files: (N, graph_info).
+
+  What their loader hands the model, from a city folder of this project's
+  layout: the `.mob` weights in a dense [N, N] matrix in `.geo` row order
+  (pairs naming a region the `.geo` lacks are skipped); the GAT's edges are
+  the non-zero entries of that matrix plus the identity; and the mobility
+  target, for want of the unpublished OD count file, is the same matrix
+  normalised to sum 1.
+  """
   import pandas as pd
   import torch
 
-  d = city_dir(data_root, city)
-  region_data = pd.read_csv(os.path.join(d, f"regionmap_{city}.geo"))
-  region_mob = pd.read_csv(os.path.join(d, f"regionmap_{city}.mob"))
-
-  geo_to_ind = {}
-  for index, geo_id in enumerate(list(region_data["geo_id"])):
-    geo_to_ind[geo_id] = index
-
-  region_num = len(region_data["geo_id"])
-  mob_file = region_mob[["origin_id", "destination_id", "mobility_weight"]]
-  adj_mx_mob = np.zeros((region_num, region_num), dtype=np.float32)
-  for row in mob_file.values:
-    if row[0] not in geo_to_ind or row[1] not in geo_to_ind:
-      continue
-    adj_mx_mob[geo_to_ind[row[0]], geo_to_ind[row[1]]] = row[2]
-
-  # OD substitute for np.load('region_od_flow_<city>_11.npy'): the .mob matrix.
-  od = adj_mx_mob.astype(np.float64)
-  mob = od / np.sum(od)
-
-  identity_matrix = np.eye(len(adj_mx_mob), dtype=np.float32)
-  adj_mx_mob_sparse = torch.tensor(adj_mx_mob + identity_matrix).to_sparse_coo()
-  edge_index, edge_weight = adj_mx_mob_sparse.indices(), adj_mx_mob_sparse.values()
-
-  graph_info = {"edge_index": edge_index, "edge_weight": edge_weight, "mob": mob}
-  return region_num, graph_info
+  folder = city_dir(data_root, city)
+  geo_ids = pd.read_csv(os.path.join(folder, f"regionmap_{city}.geo"))["geo_id"].to_numpy()
+  pairs = pd.read_csv(os.path.join(folder, f"regionmap_{city}.mob"))
+  n = len(geo_ids)
+  row_of = {geo_id: row for row, geo_id in enumerate(geo_ids)}
+  known = pairs["origin_id"].isin(row_of) & pairs["destination_id"].isin(row_of)
+  pairs = pairs[known]
+  weights = np.zeros((n, n), np.float32)
+  weights[
+    pairs["origin_id"].map(row_of).to_numpy(), pairs["destination_id"].map(row_of).to_numpy()
+  ] = pairs["mobility_weight"].to_numpy(np.float32)
+  target = weights.astype(np.float64) / weights.astype(np.float64).sum()
+  with_loops = torch.from_numpy(weights + np.eye(n, dtype=np.float32)).to_sparse_coo()
+  return n, {"edge_index": with_loops.indices(), "edge_weight": with_loops.values(), "mob": target}
 
 
 def build_model(core_class, data_root: str, s_city: str, t_city: str):

@@ -1,6 +1,7 @@
 """The benchmarks' flags and data errors: usage errors before any timing."""
 
 import argparse
+import sys
 
 import pytest
 
@@ -61,12 +62,16 @@ def test_output_files_and_torch_flags(tmp_path, capsys):
   assert "taken: exists and is not a folder" in capsys.readouterr().err
 
   def torch(python, repo):
-    check_torch_flags(parser, argparse.Namespace(torch_python=python, torch_repo=repo))
+    check_torch_flags(
+      parser, argparse.Namespace(torch_python=python, torch_repo=repo), "Model/CoRE.py"
+    )
 
   torch(None, None)  # neither: nothing to check
   for python, repo, words in (
     (str(tmp_path / "python"), str(tmp_path), "not an executable file"),
     (str(tmp_path), str(tmp_path), "not an executable file"),  # a folder
+    # Another checkout (or an empty folder) fails now, not after the timings.
+    (sys.executable, str(tmp_path), "no Model/CoRE.py there"),
   ):
     with pytest.raises(SystemExit):
       torch(python, repo)

@@ -188,3 +188,41 @@ def test_plot_loss_history_writes_png(tmp_path):
   assert plot_loss_history(path, history, title="t", seed_labels=[3, 4]) == path
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert [p.name for p in tmp_path.iterdir()] == ["losses.png"]
+
+
+def test_tsne_affinities_do_not_depend_on_where_the_points_sit(rng):
+  # |x|^2 + |y|^2 - 2 x.y in float32 loses the distances of points far from
+  # the origin; the affinities are computed on centred points.
+  from jaxurban.viz.tsne import _joint_p
+
+  x = rng.normal(size=(40, 6)).astype(np.float32)
+  near = np.asarray(_joint_p(jnp.asarray(x), 10.0))
+  far = np.asarray(_joint_p(jnp.asarray(x + 1e3), 10.0))
+  np.testing.assert_allclose(far, near, rtol=2e-3, atol=1e-7)
+
+
+def test_pictures_refuse_what_they_would_draw_wrongly(rng, tmp_path):
+  z, gdp = rng.normal(size=(20, 4)), rng.uniform(size=20)
+  with pytest.raises(ValueError, match="1 GDP values are not finite"):
+    gdp_levels(np.where(np.arange(20) == 3, np.nan, gdp))
+  bad = z.copy()
+  bad[7, 2] = np.nan
+  with pytest.raises(ValueError, match="xa: 1 embedding rows are not finite .first: row 7."):
+    plot_city_embeddings(bad, z, gdp, gdp, "xa", "cd", tmp_path / "e.png", method="pca")
+  assert not (tmp_path / "e.png").exists()
+
+
+def test_loss_legend_sits_on_a_panel_with_one_line_per_seed(tmp_path, monkeypatch):
+  from matplotlib.axes import Axes
+
+  legends = []
+  original = Axes.legend
+
+  def record(self, *args, **kwargs):
+    legends.append(self.get_title())
+    return original(self, *args, **kwargs)
+
+  monkeypatch.setattr(Axes, "legend", record)
+  history = [{"epoch": e, "total": 10.0 / e, "kl": [1.0 / e, 2.0 / e]} for e in (1, 2, 3)]
+  plot_loss_history(tmp_path / "l.png", history, title="x" * 300)
+  assert legends == ["kl"]  # the total is one averaged line

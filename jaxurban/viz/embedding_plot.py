@@ -12,6 +12,7 @@ meeting across markers.
 from __future__ import annotations
 
 import pathlib
+import textwrap
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -21,7 +22,13 @@ from matplotlib.lines import Line2D
 from jaxurban.atomic import atomic_write
 from jaxurban.viz.tsne import pca_2d, tsne
 
-__all__ = ["GDP_LEVEL_COLORS", "GDP_LEVEL_NAMES", "gdp_levels", "plot_city_embeddings"]
+__all__ = [
+  "GDP_LEVEL_COLORS",
+  "GDP_LEVEL_NAMES",
+  "gdp_levels",
+  "plot_city_embeddings",
+  "wrap_title",
+]
 
 GDP_LEVEL_NAMES = ("low", "medium", "high")
 # A darker yellow than pure #ffff00 so that low-GDP points stay visible on
@@ -41,6 +48,9 @@ def gdp_levels(gdp) -> np.ndarray:
   into "medium" or "high".
   """
   gdp = np.asarray(gdp, np.float64).reshape(-1)
+  if not np.isfinite(gdp).all():
+    # np.quantile would return NaN cuts and put every region in "low".
+    raise ValueError(f"gdp_levels: {int((~np.isfinite(gdp)).sum())} GDP values are not finite")
   cuts = np.quantile(gdp, [1.0 / 3.0, 2.0 / 3.0])
   return np.searchsorted(cuts, gdp, side="left")
 
@@ -49,6 +59,12 @@ def _project(z: np.ndarray, method: str, seed: int, **kwargs) -> np.ndarray:
   if method == "tsne":
     return np.asarray(tsne(z, seed=seed, **kwargs))
   return np.asarray(pca_2d(z))
+
+
+def wrap_title(title: str, width: int) -> str:
+  """Each line of `title` wrapped at `width` characters (a long one is cut
+  off at the figure's edge otherwise)."""
+  return "\n".join(textwrap.fill(line, width) for line in title.splitlines())
 
 
 def save_figure_atomic(fig: Figure, path, dpi: int) -> pathlib.Path:
@@ -95,6 +111,11 @@ def plot_city_embeddings(
   z_y = np.asarray(z_y, np.float32)
   if z_x.shape[1] != z_y.shape[1]:
     raise ValueError(f"embedding widths differ: {z_x.shape[1]} vs {z_y.shape[1]}")
+  for name, z in ((name_x, z_x), (name_y, z_y)):
+    bad = np.flatnonzero(~np.isfinite(z).all(axis=1))
+    if bad.size:
+      # One such row leaves no finite point in the projection: a blank picture.
+      raise ValueError(f"{name}: {bad.size} embedding rows are not finite (first: row {bad[0]})")
   lv_x, lv_y = gdp_levels(gdp_x), gdp_levels(gdp_y)
   if lv_x.shape[0] != z_x.shape[0] or lv_y.shape[0] != z_y.shape[0]:
     raise ValueError("one GDP value per region is needed for each city")
@@ -137,7 +158,7 @@ def plot_city_embeddings(
   if title is None:
     how = "t-SNE" if method == "tsne" else "PCA"
     title = f"{name_x.upper()} and {name_y.upper()} region embeddings, joint {how}"
-  ax.set_title(title, fontsize=11)
+  ax.set_title(wrap_title(title, 90), fontsize=11)
   fig.tight_layout()
   path = pathlib.Path(path)
   save_figure_atomic(fig, path, dpi)

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxurban.viz.embedding_plot import save_figure_atomic
+from jaxurban.viz.embedding_plot import save_figure_atomic, wrap_title
 
 __all__ = ["loss_table", "merge_seed_histories", "plot_loss_history"]
 
@@ -119,8 +119,11 @@ def plot_loss_history(
     ax.grid(alpha=0.3)
   for ax in axes[n_panels:]:
     ax.set_visible(False)
-  if any(v.shape[1] > 1 for v in table.values()):
-    axes[0].legend(fontsize="small")
+  # On the first panel that draws one line per seed (the total may be one
+  # number already averaged over the seeds).
+  per_seed = [ax for ax, values in zip(axes, table.values()) if values.shape[1] > 1]
+  if per_seed:
+    per_seed[0].legend(fontsize="small")
   if title:
-    fig.suptitle(title)
+    fig.suptitle(wrap_title(title, 100))
   return save_figure_atomic(fig, path, dpi)

@@ -8,13 +8,12 @@ check-in regions dropped for a zero label) are drawn as grey rings.
 from __future__ import annotations
 
 import pathlib
-import textwrap
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxurban.viz.embedding_plot import save_figure_atomic
+from jaxurban.viz.embedding_plot import save_figure_atomic, wrap_title
 
 __all__ = ["plot_region_values"]
 
@@ -58,12 +57,12 @@ def plot_region_values(
   points = ax.scatter(
     lon[known], lat[known], c=values[known], s=60, cmap="viridis", edgecolors="k", linewidths=0.3
   )
-  fig.colorbar(points, ax=ax, label=colorbar_label)
+  if known.any():  # with no value there is no scale to show
+    fig.colorbar(points, ax=ax, label=colorbar_label)
   ax.set_xlabel("longitude")
   ax.set_ylabel("latitude")
   # Equal degrees would stretch east-west at this latitude; scale by cos(lat).
   ax.set_aspect(1.0 / np.cos(np.deg2rad(np.nanmean(lat))))
-  wrapped = "\n".join(textwrap.fill(line, 60) for line in title.splitlines())
-  ax.set_title(wrapped, fontsize=9)
+  ax.set_title(wrap_title(title, 60), fontsize=9)
   fig.tight_layout()
   return save_figure_atomic(fig, path, dpi)
