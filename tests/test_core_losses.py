@@ -1,5 +1,7 @@
 """CoRE's losses against float64 NumPy references written from the equations."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.extend
@@ -343,3 +345,41 @@ def test_lowrank_losses_jit_and_vmap(rng):
   chex.assert_shape(batched, (3,))
   single = [losses.lma_lowrank(z[i], z[2 - i], anchors) for i in range(3)]
   np.testing.assert_allclose(batched, single, rtol=1e-5)
+
+
+def test_the_model_wires_each_city_to_its_own_terms(rng):
+  # The loss functions are tested one by one above; this checks what the
+  # step calls: each city's embeddings with its own target (eq. 4), the
+  # pair crossed as eqs. 9 and 12 cross it, fresh anchors from the step key,
+  # and the N x N reference path equal to the linear one.
+  from experiments.bench_scale import synthetic_city
+  from jaxurban.core.model import LossSettings, _anchors, alignment_losses, mobility_losses
+  from jaxurban.graph import city_graph
+
+  graphs, dense = [], []
+  for seed, n in ((0, 30), (1, 45)):
+    origin, destination, counts = synthetic_city(n, seed)
+    per_origin = counts / np.bincount(origin, counts, n)[origin]
+    graph = city_graph(origin, destination, per_origin, counts, n)
+    target = np.zeros((n, n))
+    np.add.at(target, (np.asarray(graph.target_origin), np.asarray(graph.target_destination)),
+              np.asarray(graph.target))  # fmt: skip
+    graphs.append(graph)
+    dense.append(jnp.asarray(target, jnp.float32))
+  z_x = jnp.asarray(rng.normal(size=(30, 8)) * 0.3, jnp.float32)
+  z_y = jnp.asarray(rng.normal(size=(45, 8)) * 0.3, jnp.float32)
+  settings = LossSettings(n_anchors=16)
+  for direct in (False, True):
+    terms = mobility_losses(z_x, z_y, *graphs, dataclasses.replace(settings, direct=direct))
+    np.testing.assert_allclose(terms["re_x"], losses.mobility_loss_direct(z_x, dense[0]), rtol=1e-5)
+    np.testing.assert_allclose(terms["re_y"], losses.mobility_loss_direct(z_y, dense[1]), rtol=1e-5)
+  weights = tuple(jnp.asarray(w, jnp.float32) for w in random_query_key(rng, 8))
+  key = jax.random.PRNGKey(7)
+  anchors = jax.random.normal(key, (16, 8))
+  np.testing.assert_array_equal(_anchors(key, z_x, settings), anchors)
+  for direct in (False, True):
+    terms = alignment_losses(z_x, z_y, weights, key, dataclasses.replace(settings, direct=direct))
+    np.testing.assert_allclose(terms["lma"], losses.lma_direct(z_x, z_y, anchors), rtol=2e-4)
+    np.testing.assert_allclose(terms["lia"], losses.lia_direct(z_x, z_y, *weights), rtol=2e-4)
+  other = alignment_losses(z_x, z_y, weights, jax.random.PRNGKey(8), settings)["lma"]
+  assert abs(float(other) - float(terms["lma"])) > 1e-6  # the anchors follow the key

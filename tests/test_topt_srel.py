@@ -634,3 +634,28 @@ def test_command_line_settings(capsys):
     with pytest.raises(SystemExit):
       parse_cli(clash)
     assert message in capsys.readouterr().err, clash
+
+
+def test_srel_trains_on_the_trips_and_softmaxes_its_view_weights(rng):
+  # What the model is fed: the mobility loss's target is the trip matrix
+  # (not the mobility view the encoder reads), and HAFusion's view weights
+  # are the softmax over views i of mean_b mean_j LeakyReLU(f1[b, j] + f2[b, i]).
+  from jaxurban.topt.srel import ViewFusion
+  from jaxurban.topt.srel_train import prepare_data
+
+  views = _synthetic_views(rng)
+  data = prepare_data(views)
+  trips = np.asarray(views.mobility, np.float64)
+  np.testing.assert_allclose(data.mobility_target, trips / trips.mean(), rtol=1e-6)
+
+  x = jnp.asarray(rng.normal(size=(3, 12, 5)), jnp.float32)
+  fusion = ViewFusion(d_prime=4)
+  params = fusion.init(jax.random.PRNGKey(0), x)["params"]
+  p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  features = np.einsum("vnb,no->bov", np.asarray(x, np.float64), p["W"])
+  f1 = np.einsum("bov,o->bv", features, p["f1_weight"]) + p["f1_bias"]
+  f2 = np.einsum("bov,o->bv", features, p["f2_weight"]) + p["f2_bias"]
+  logits = f1[:, None, :] + f2[:, :, None]  # [b, i, j]
+  scores = np.where(logits > 0, logits, 0.3 * logits).mean(axis=(0, 2))  # HAFusion: slope 0.3
+  expected = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+  np.testing.assert_allclose(fusion.apply({"params": params}, x), expected, rtol=1e-5)

@@ -1,5 +1,6 @@
 """The shared chunked training loop's chunk length."""
 
+import numpy as np
 import pytest
 
 from jaxurban import training
@@ -76,3 +77,52 @@ def test_non_finite_parameters_and_outputs_name_their_seeds():
   bad[1, 3] = np.inf
   with pytest.raises(FloatingPointError, match=r"^run: the outputs of seed\(s\) \[6\] are not"):
     training.check_finite_outputs("run", [5, 6], np.ones((2, 3)), bad)
+
+
+def test_every_epoch_and_every_seed_draws_its_own_key():
+  # CoRE's anchors are drawn from the step key: a key that stood still would
+  # reuse the same anchors all run long; one shared by the seeds would
+  # understate their spread.
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from jaxurban.training import make_chunk
+
+  def loss_fn(params, key, *data):
+    draw = jax.random.uniform(key)
+    return jnp.sum(params["w"]) * 0.0, {"draw": draw}
+
+  optimizer = optax.sgd(0.1)
+
+  def fresh_state():  # the chunk donates its state
+    params = {"w": jnp.zeros((3, 2))}
+    return params, jax.vmap(optimizer.init)(params), jax.random.split(jax.random.PRNGKey(0), 3)
+
+  _, history = make_chunk(loss_fn, optimizer, 4, terms="mean")(fresh_state())
+  draws = np.asarray(history["draw"])  # [seeds], each the mean over 4 epochs
+  assert len(set(draws.round(7).tolist())) == 3
+  state = fresh_state()
+  per_epoch = []
+  for _ in range(3):
+    state, last = make_chunk(loss_fn, optimizer, 1, terms="last")(state)
+    per_epoch.append(np.asarray(last["draw"]))
+  assert len({tuple(d.round(7)) for d in per_epoch}) == 3  # a new draw every epoch
+
+
+def test_core_seeds_get_distinct_training_keys():
+  import jax.numpy as jnp
+
+  from jaxurban.core import train
+  from jaxurban.core.train import CoreConfig
+  from experiments.bench_scale import synthetic_city
+  from jaxurban.graph import city_graph
+
+  graphs = []
+  for seed, n in ((0, 20), (1, 25)):
+    origin, destination, counts = synthetic_city(n, seed)
+    per_origin = counts / np.bincount(origin, counts, n)[origin]
+    graphs.append(city_graph(origin, destination, per_origin, counts, n))
+  model = train.build_model(CoreConfig(features=8, heads=2), *graphs)
+  _, keys = train.init_params(model, jnp.arange(4), *graphs)
+  assert len({tuple(np.asarray(k).tolist()) for k in keys}) == 4

@@ -791,3 +791,74 @@ def test_embedding_picture_lists_the_classes_present(tmp_path, monkeypatch, rng)
     "column 3 (6)",
     "column 4 (2)",
   ]
+
+
+def test_finetuning_never_sees_a_folds_test_labels(data_root, monkeypatch):
+  # Model f trains on its training folds and stops on fold f + 1: the labels
+  # of its test fold f must change neither its predictions there nor its
+  # chosen epoch (training on them, or stopping on them, would).
+  from jaxurban.eval import kfold
+  from jaxurban.urbanmmcl import train as mmcl
+
+  config = mmcl.UrbanMMCLConfig(
+    city="NY", data_root=str(data_root), seeds=1, epochs=1, finetune_folds=3,
+    finetune_epochs=8, patience=8, model=dataclasses.replace(_TINY, use_images=False),
+  )  # fmt: skip
+  inputs, model_config, meta = mmcl.prepare(config)
+  key = jax.random.PRNGKey(0)
+  pre = UrbanMMCL(model_config).init(key, inputs, jax.random.PRNGKey(1), train=True)
+  n = meta["n_regions"]
+  test0 = kfold.fold_assignment(n, 3, config.fold_seed) == 0
+  seen = []
+  pool = kfold.pool_folds
+  monkeypatch.setattr(
+    kfold, "pool_folds", lambda per_fold, masks: seen.append(per_fold) or pool(per_fold, masks)
+  )
+
+  def fold0(labels):
+    meta_now = dict(meta, labels=dict(meta["labels"], crime=labels))
+    result = mmcl._finetune_task(config, model_config, pre, inputs, "crime", meta_now, 0, print)
+    return np.asarray(seen[-1])[0][test0], result["best_epochs"][0]
+
+  crime = np.asarray(meta["labels"]["crime"], np.float64)
+  before, epoch_before = fold0(crime)
+  after, epoch_after = fold0(np.where(test0, crime * 50.0 + 1e4, crime))
+  np.testing.assert_array_equal(after, before)
+  assert epoch_after == epoch_before
+
+
+def test_raw_features_and_land_use_classes(data_root):
+  from jaxurban.data.hafusion import load_city_views
+  from jaxurban.urbanmmcl.graphs import dominant_landuse, raw_features
+
+  views = load_city_views("Chi", data_root)
+  x = raw_features(views)
+  # POI counts, outgoing and incoming trips, the centroid: every column used.
+  n = views.n_regions
+  assert x.shape == (n, views.poi.shape[1] + 2 * n + 2)
+  outgoing = np.log1p(views.mobility)
+  incoming = np.log1p(views.mobility.T)
+  for block, start in ((outgoing, views.poi.shape[1]), (incoming, views.poi.shape[1] + n)):
+    got = x[:, start : start + n]
+    expected = (block - block.mean(0)) / np.where(block.std(0) > 0, block.std(0), 1)
+    np.testing.assert_allclose(got, np.where(block.std(0) > 0, expected, 0), atol=1e-5)
+  labels, classes = dominant_landuse(views)
+  np.testing.assert_array_equal(labels, views.landuse.argmax(axis=1))
+  assert (views.landuse[np.arange(n), labels] == views.landuse.max(axis=1)).all()
+  assert set(classes) == set(labels)
+
+
+def test_ridge_probe_does_not_depend_on_the_scale_of_a_column(data_root, rng):
+  # The probe z-scores the embeddings, so a fixed penalty treats every
+  # column alike; without it a column scaled by 1000 would escape the penalty.
+  from jaxurban.data.hafusion import load_city_views
+  from jaxurban.urbanmmcl.train import UrbanMMCLConfig, ridge_probe
+
+  labels = load_city_views("NY", data_root).labels
+  config = UrbanMMCLConfig(city="NY", ridge_folds=5)
+  emb = rng.normal(size=(1, len(labels["crime"]), 6))
+  scaled = emb * np.array([1000.0, 1, 1, 0.001, 1, 1])
+  for tuned in (False, True):
+    a, b = (ridge_probe(e, labels, config, tuned=tuned) for e in (emb, scaled))
+    for task in a:
+      np.testing.assert_allclose(a[task]["r2"]["mean"], b[task]["r2"]["mean"], rtol=1e-6)
