@@ -65,6 +65,15 @@ def synthetic_city(n_regions: int, seed: int, destinations: int = 10):
   return origin, destination, counts.astype(np.float64)
 
 
+def synthetic_city_graph(n_regions: int, seed: int):
+  """`synthetic_city` as CoRE's `CityGraph` (weights normalised per origin)."""
+  from jaxurban.graph import city_graph
+
+  origin, destination, counts = synthetic_city(n_regions, seed)
+  per_origin = counts / np.bincount(origin, counts, n_regions)[origin]
+  return city_graph(origin, destination, per_origin, counts, n_regions)
+
+
 def child(n_regions: int, direct: bool, repeats: int, max_run_gb: float, remat: bool) -> dict:
   """Compiles (and if it fits, runs) one training step; returns the figures."""
   import jax
@@ -72,13 +81,8 @@ def child(n_regions: int, direct: bool, repeats: int, max_run_gb: float, remat: 
   import optax
 
   from jaxurban.core.train import CoreConfig, build_model, init_params, make_chunk, make_embed_loss
-  from jaxurban.graph import city_graph
 
-  graphs = []
-  for seed in (0, 1):
-    origin, destination, counts = synthetic_city(n_regions, seed)
-    per_origin = counts / np.bincount(origin, counts, n_regions)[origin]
-    graphs.append(city_graph(origin, destination, per_origin, counts, n_regions))
+  graphs = [synthetic_city_graph(n_regions, seed) for seed in (0, 1)]
   config = dataclasses.replace(CoreConfig(seeds=1), direct=direct, remat_gat=remat)
   model = build_model(config, *graphs)
   params, keys = init_params(model, jnp.arange(1), *graphs)

@@ -352,15 +352,12 @@ def test_the_model_wires_each_city_to_its_own_terms(rng):
   # step calls: each city's embeddings with its own target (eq. 4), the
   # pair crossed as eqs. 9 and 12 cross it, fresh anchors from the step key,
   # and the N x N reference path equal to the linear one.
-  from experiments.bench_scale import synthetic_city
+  from experiments.bench_scale import synthetic_city_graph
   from jaxurban.core.model import LossSettings, _anchors, alignment_losses, mobility_losses
-  from jaxurban.graph import city_graph
 
   graphs, dense = [], []
   for seed, n in ((0, 30), (1, 45)):
-    origin, destination, counts = synthetic_city(n, seed)
-    per_origin = counts / np.bincount(origin, counts, n)[origin]
-    graph = city_graph(origin, destination, per_origin, counts, n)
+    graph = synthetic_city_graph(n, seed)
     target = np.zeros((n, n))
     np.add.at(target, (np.asarray(graph.target_origin), np.asarray(graph.target_destination)),
               np.asarray(graph.target))  # fmt: skip

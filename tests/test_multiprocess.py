@@ -16,9 +16,8 @@ import textwrap
 
 import numpy as np
 
-from experiments.bench_scale import synthetic_city
+from experiments.bench_scale import synthetic_city_graph
 from jaxurban.core import train
-from jaxurban.graph import city_graph
 
 # name -> CoreConfig settings besides the shared tiny ones below.
 # "two-stage" with split seeds covers both stages: the second trains on the
@@ -31,12 +30,7 @@ TINY = dict(epochs=3, log_every=3, n_anchors=32, features=16, heads=2, plot=Fals
 
 
 def _graphs():
-  graphs = []
-  for seed, n in ((0, 150), (1, 170)):
-    origin, destination, counts = synthetic_city(n, seed)
-    per_origin = counts / np.bincount(origin, counts, n)[origin]
-    graphs.append(city_graph(origin, destination, per_origin, counts, n))
-  return graphs
+  return [synthetic_city_graph(n, seed) for seed, n in ((0, 150), (1, 170))]
 
 
 CHILD = textwrap.dedent(
@@ -68,27 +62,16 @@ CHILD = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_train_as_one_process(tmp_path):
+def _two_processes(code: str, arguments) -> list[tuple[str, str]]:
+  """Runs `code` as processes 0 and 1 (2 CPU devices each), each given its
+  id, a shared free port and `arguments(id)`; (stdout, stderr) of each,
+  after checking that both exited 0."""
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   port = _free_port()
   children = [
     subprocess.Popen(
-      [
-        sys.executable,
-        "-c",
-        CHILD,
-        str(i),
-        str(port),
-        str(tmp_path / "run"),
-        str(tmp_path / f"{i}"),
-      ],
+      [sys.executable, "-c", code, str(i), str(port), *arguments(i)],
       cwd=repo,
       env=env,
       stdout=subprocess.PIPE,
@@ -102,8 +85,20 @@ def test_two_processes_train_as_one_process(tmp_path):
   finally:
     for child in children:
       child.kill()
-  for i, (child, (stdout, stderr)) in enumerate(zip(children, outputs)):
+  for i, (child, (_, stderr)) in enumerate(zip(children, outputs)):
     assert child.returncode == 0, f"process {i}:\n{stderr[-3000:]}"
+  return outputs
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_as_one_process(tmp_path):
+  outputs = _two_processes(CHILD, lambda i: [str(tmp_path / "run"), str(tmp_path / f"{i}")])
+  for i, (stdout, _) in enumerate(outputs):
     assert f"PROCESS-OK {i}" in stdout
 
   graphs = _graphs()
@@ -145,27 +140,8 @@ def test_the_command_runs_as_one_run_over_two_processes(tmp_path):
   from tests.test_data import make_city
 
   root = make_city(make_city(tmp_path / "data", "aa"), "bb")
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  port = _free_port()
-  children = [
-    subprocess.Popen(
-      [sys.executable, "-c", CLI_CHILD, str(i), str(port), str(root), str(tmp_path / "out")],
-      cwd=repo,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  try:
-    outputs = [child.communicate(timeout=600) for child in children]
-  finally:
-    for child in children:
-      child.kill()
-  for i, (child, (stdout, stderr)) in enumerate(zip(children, outputs)):
-    assert child.returncode == 0, f"process {i}:\n{stderr[-3000:]}"
+  outputs = _two_processes(CLI_CHILD, lambda i: [str(root), str(tmp_path / "out")])
+  for i, (stdout, _) in enumerate(outputs):
     assert f"CLI-OK {i} 4" in stdout
   assert "process 1: outputs written by process 0" in outputs[1][0]
   assert "process 1: outputs written by process 0" not in outputs[0][0]

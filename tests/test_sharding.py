@@ -19,14 +19,9 @@ GRAPHS = textwrap.dedent(
   """
   import jax, numpy as np
   assert jax.device_count() == 8, jax.devices()
-  from experiments.bench_scale import synthetic_city
-  from jaxurban.graph import city_graph
+  from experiments.bench_scale import synthetic_city_graph
 
-  graphs = []
-  for seed, n in ((0, 150), (1, 170)):
-    origin, destination, counts = synthetic_city(n, seed)
-    per_origin = counts / np.bincount(origin, counts, n)[origin]
-    graphs.append(city_graph(origin, destination, per_origin, counts, n))
+  graphs = [synthetic_city_graph(n, seed) for seed, n in ((0, 150), (1, 170))]
   """
 )
 
@@ -132,7 +127,7 @@ REGIONS_CHILD = GRAPHS + textwrap.dedent(
       hlo = grad(mesh_settings).lower(
         sharding.replicate(params, mesh), sharding.replicate(key, mesh), *split_graphs
       ).compile().as_text()
-      shapes = set(re.findall(r"= f32\[(\d+),(150|170)\]\{[^}]*\} dot\(", hlo))
+      shapes = set(re.findall(r"= f32\\[(\\d+),(150|170)\\]\\{[^}]*\\} dot\\(", hlo))
       expected = {
         (str(mesh_settings.row_chunk(len(g.origin_rows), n) // 8), str(n))
         for g, n in zip(padded, (150, 170))

@@ -113,16 +113,11 @@ def test_every_epoch_and_every_seed_draws_its_own_key():
 def test_core_seeds_get_distinct_training_keys():
   import jax.numpy as jnp
 
+  from experiments.bench_scale import synthetic_city_graph
   from jaxurban.core import train
   from jaxurban.core.train import CoreConfig
-  from experiments.bench_scale import synthetic_city
-  from jaxurban.graph import city_graph
 
-  graphs = []
-  for seed, n in ((0, 20), (1, 25)):
-    origin, destination, counts = synthetic_city(n, seed)
-    per_origin = counts / np.bincount(origin, counts, n)[origin]
-    graphs.append(city_graph(origin, destination, per_origin, counts, n))
+  graphs = [synthetic_city_graph(n, seed) for seed, n in ((0, 20), (1, 25))]
   model = train.build_model(CoreConfig(features=8, heads=2), *graphs)
   _, keys = train.init_params(model, jnp.arange(4), *graphs)
   assert len({tuple(np.asarray(k).tolist()) for k in keys}) == 4
