@@ -48,6 +48,7 @@ __all__ = [
   "masked_scores",
   "pool_folds",
   "protocol_label",
+  "RIDGE_ALPHAS",
   "ridge_cv_predictions",
   "ridge_cv_predictions_tuned",
   "score_pooled",
@@ -185,6 +186,11 @@ def ridge_cv_predictions(embeddings, labels, fold_of, n_folds: int, alpha: float
     per_fold = jax.vmap(jax.vmap(one_fold, in_axes=(None, 0)), in_axes=(0, None))(x, m)
     pooled = pool_folds(per_fold, m)
     return np.asarray(pooled)
+
+
+# The penalties the tuned probe chooses among (`ridge_cv_predictions_tuned`):
+# four decades around the fixed probe's alpha = 1.
+RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
 def ridge_cv_predictions_tuned(

@@ -190,7 +190,7 @@ class ToptConfig:
   value_basis: str = "rowspace"
   head_init: str = "ridge"
   ridge_alpha: float = 1.0
-  ridge_alphas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)
+  ridge_alphas: tuple[float, ...] = kfold.RIDGE_ALPHAS
   data_root: str | None = None
 
   def __post_init__(self):

@@ -155,7 +155,7 @@ class UrbanMMCLConfig:
   drop_views: tuple[str, ...] = ()
   ridge_folds: int = 10
   ridge_alpha: float = 1.0
-  ridge_alphas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)
+  ridge_alphas: tuple[float, ...] = kfold.RIDGE_ALPHAS
   fold_seed: int = 2024
   eval_walks: int = 4
   finetune_seeds: int = 1
@@ -190,7 +190,7 @@ class UrbanMMCLConfig:
       raise ValueError(problem)
     for problem in weight_problems(
       weight_decay=self.weight_decay, alpha=self.alpha, beta=self.beta
-    ) + rate_problems(ridge_alpha=self.ridge_alpha):
+    ):
       raise ValueError(problem)
     if self.patience < 0:
       raise ValueError(f"patience must be >= 0, got {self.patience}")
