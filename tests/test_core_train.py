@@ -173,6 +173,7 @@ def test_two_stage_moves_both_cities_through_their_own_affine_layer(
   # Stage 2 reads the stage-1 embeddings as data: neither donated nor changed.
   for frozen, after in zip(seen["frozen"], seen["after"]):
     np.testing.assert_array_equal(after, frozen)
+  fits = []
   for frozen, aligned in zip(seen["frozen"], seen["aligned"]):
     moved = np.abs(np.asarray(aligned) - frozen)
     assert aligned.shape == frozen.shape and 0 < moved.max() < 0.1
@@ -182,6 +183,11 @@ def test_two_stage_moves_both_cities_through_their_own_affine_layer(
       np.concatenate([frozen[0], np.ones((frozen.shape[1], 1))], 1), aligned[0], rcond=None
     )[0]
     np.testing.assert_allclose(frozen[0] @ fit[:d] + fit[d], aligned[0], atol=1e-4)
+    fits.append(fit)
+  # Each city through its own layer: the two trained maps differ (Adam's
+  # first steps move every entry by about the learning rate, in the sign of
+  # that city's gradient).
+  assert np.abs(fits[0] - fits[1]).max() > 1e-3
 
 
 def test_command_writes_every_output(data_root, tmp_path, capsys):

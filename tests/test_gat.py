@@ -224,3 +224,23 @@ def test_city_graph_target_is_the_normalised_mobility_matrix(rng):
   np.testing.assert_allclose(
     graph.row_weight, (flow / flow.sum()).sum(1)[np.asarray(graph.origin_rows)], rtol=1e-6
   )
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+def test_encoder_applies_the_shared_prelu_between_layers_only(rng, layers):
+  # The authors' encoder: GAT, PReLU, GAT (, PReLU, GAT); the last layer's
+  # output, which the losses and the probes read, keeps its negative values.
+  n = 30
+  origin, destination, weight = random_mobility(rng, n)
+  graph = city_graph(origin, destination, weight, weight, n)
+  slope = jnp.float32(0.25)
+  encoder = GATEncoder(n, 8, 2, layers)
+  params = encoder.init(jax.random.PRNGKey(1), graph, slope)["params"]
+  got = np.asarray(encoder.apply({"params": params}, graph, slope))
+  z = params["inputs"]
+  for layer in range(layers):
+    z = GATLayer(8, 2).apply({"params": params[f"gat_{layer}"]}, z, graph)
+    if layer < layers - 1:
+      z = np.where(z >= 0, z, 0.25 * np.asarray(z))
+  np.testing.assert_allclose(got, z, rtol=1e-5, atol=1e-6)
+  assert (got < 0).mean() > 0.2

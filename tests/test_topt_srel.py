@@ -659,3 +659,34 @@ def test_srel_trains_on_the_trips_and_softmaxes_its_view_weights(rng):
   scores = np.where(logits > 0, logits, 0.3 * logits).mean(axis=(0, 2))  # HAFusion: slope 0.3
   expected = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
   np.testing.assert_allclose(fusion.apply({"params": params}, x), expected, rtol=1e-5)
+
+
+def test_graphormer_layers_add_plus_lambda_times_the_gaussian_adjacency(rng, monkeypatch):
+  # Eq. (1) as the model wires it: every Graphormer layer attends with
+  # logits QK^T / sqrt(d) + lambda exp(-(d_ij / sigma)^2), lambda the
+  # model's own parameter, so nearby regions attend more to each other.
+  data = prepare_data(_synthetic_views(rng))
+  config = SRELConfig(**{**TINY, "n_layers": 2}, spatial_lambda=3.0)
+  model = build_model(config)
+  params = model.init(
+    jax.random.PRNGKey(0), data.poi, data.landuse, data.mobility_features, data.coords
+  )["params"]
+  calls = []
+
+  def recording(q, k, v, coords, bias_params, **kwargs):
+    out = spatial_attention(q, k, v, coords, bias_params, **kwargs)
+    calls.append([np.asarray(a, np.float64) for a in (q, k, v, coords, out)])
+    return out
+
+  monkeypatch.setattr(srel, "spatial_attention", recording)
+  _apply(model, params, data)
+  assert len(calls) == config.n_layers
+  lam = float(params["spatial_lambda"])
+  assert lam == 3.0
+  for q, k, v, coords, out in calls:
+    np.testing.assert_allclose(coords, np.asarray(data.coords, np.float64))
+    adjacency = np.exp(-((_np_distance(coords, coords) / config.sigma_km) ** 2))
+    assert 0.05 < adjacency[~np.eye(len(coords), dtype=bool)].max()  # some regions are near
+    logits = np.einsum("hid,hjd->hij", q, k) / np.sqrt(q.shape[-1]) + lam * adjacency
+    want = np.einsum("hij,hjd->hid", _np_softmax(logits), v)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)

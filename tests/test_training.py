@@ -1,5 +1,6 @@
 """The shared chunked training loop's chunk length."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -121,3 +122,25 @@ def test_core_seeds_get_distinct_training_keys():
   model = train.build_model(CoreConfig(features=8, heads=2), *graphs)
   _, keys = train.init_params(model, jnp.arange(4), *graphs)
   assert len({tuple(np.asarray(k).tolist()) for k in keys}) == 4
+
+
+def test_core_progress_lines_are_means_over_seeds(tmp_path):
+  # What a CoRE stage logs, saves and plots for K seeds trained together is
+  # the mean over the seeds (and over the chunk's epochs) of each term.
+  import jax.numpy as jnp
+
+  from jaxurban.core import train
+  from jaxurban.core.train import CoreConfig
+
+  def loss_fn(params, key, scale):
+    squares = scale * params["w"] ** 2
+    return squares, {"total": squares, "cubes": params["w"] ** 3}
+
+  start = {"w": jnp.asarray([1.0, 3.0, -2.0])}  # one value per seed
+  config = CoreConfig(seeds=3, epochs=2, log_every=1, learning_rate=1e-6)
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  _, log = train._run_stage("toy", tmp_path, config, loss_fn, start, keys, (jnp.float32(2.0),), 2)
+  assert [row["epoch"] for row in log["history"]] == [1, 2]
+  for row in log["history"]:  # the parameters barely move at this rate
+    assert row["total"] == pytest.approx(2.0 * (1 + 9 + 4) / 3, rel=1e-4)
+    assert row["cubes"] == pytest.approx((1 + 27 - 8) / 3, rel=1e-4)

@@ -9,6 +9,7 @@ import pathlib
 import shutil
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -862,3 +863,119 @@ def test_ridge_probe_does_not_depend_on_the_scale_of_a_column(data_root, rng):
     a, b = (ridge_probe(e, labels, config, tuned=tuned) for e in (emb, scaled))
     for task in a:
       np.testing.assert_allclose(a[task]["r2"]["mean"], b[task]["r2"]["mean"], rtol=1e-6)
+
+
+def test_walk_steps_draw_fresh_randomness():
+  # On a complete graph of equal weights every step is uniform over the
+  # other N - 1 nodes, independently of the steps before: a walk comes back
+  # to where it was two steps earlier with probability 1 / (N - 1). With one
+  # random draw reused for every step it would shuttle between two nodes.
+  n = 30
+  w = np.ones((4, n, n), np.float32) - np.eye(n, dtype=np.float32)
+  nodes, valid = walks.random_walks(jax.random.PRNGKey(5), jnp.asarray(w), 20)
+  nodes = np.asarray(nodes)
+  assert np.asarray(valid).all()
+  back = np.mean(nodes[..., 2:] == nodes[..., :-2])  # 4 * 30 * 19 pairs
+  assert abs(back - 1 / (n - 1)) < 0.02, back  # sd ~ 0.004
+  # ... and each step is uniform over the other nodes.
+  counts = np.bincount(nodes[..., 1:].ravel(), minlength=n)
+  assert counts.min() > 0.6 * counts.mean()
+
+
+def test_the_model_walks_the_configured_length(rng, monkeypatch):
+  # Sec. 3.4.3: walks of L = 20 steps (L + 1 visited nodes) by default; the
+  # model asks for exactly its configured length.
+  assert ModelConfig().walk_length == 20
+  seen = []
+
+  def recording(key, weights, length):
+    nodes, valid = walks.random_walks(key, weights, length)
+    seen.append((length, nodes.shape))
+    return nodes, valid
+
+  monkeypatch.setattr(model, "random_walks", recording)
+  inputs = _synthetic_inputs(rng, images=False)
+  cfg = dataclasses.replace(_TINY, use_images=False)
+  m = UrbanMMCL(cfg)
+  key = jax.random.PRNGKey(0)
+  params = jax.eval_shape(m.init, key, inputs, key)  # shapes only: nothing is computed
+  seen.clear()
+  jax.eval_shape(m.apply, params, inputs, key)
+  assert seen == [(cfg.walk_length, (cfg.n_views, 12, cfg.walk_length + 1))]
+
+
+def test_vgae_samples_latents_with_sigma_not_its_square(rng):
+  # Eq. (18): Z = mu + sigma * eps, eps ~ N(0, I), then eq. (19):
+  # A_hat = softplus(Z Z^T / sqrt(d)); evaluation uses Z = mu.
+  n, latent = 10, 6
+  adjacency = rng.uniform(size=(n, n)) * (rng.uniform(size=(n, n)) < 0.5)
+  propagation = jnp.asarray(graphs.gcn_normalise(adjacency), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(n, 5)), jnp.float32)
+  vgae = model.VGAE(latent)
+  key = jax.random.PRNGKey(2)
+  params = vgae.init(key, propagation, x, key, True)
+  # Away from the prior (mu = 0, log sigma = 0) where sigma = sigma^2.
+  params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.5, p.dtype), params)
+  sample_key = jax.random.PRNGKey(7)
+  a_hat, mu, log_sigma = vgae.apply(params, propagation, x, sample_key, True)
+  mu, log_sigma = np.asarray(mu, np.float64), np.asarray(log_sigma, np.float64)
+  assert np.abs(log_sigma).max() > 0.3
+  eps = np.asarray(jax.random.normal(sample_key, mu.shape), np.float64)
+  softplus = lambda s: np.logaddexp(0.0, s)
+  for z, got in (
+    (mu + np.exp(log_sigma) * eps, a_hat),
+    (mu, vgae.apply(params, propagation, x, sample_key, False)[0]),
+  ):
+    np.testing.assert_allclose(got, softplus(z @ z.T / np.sqrt(latent)), rtol=1e-5, atol=1e-6)
+
+
+def test_location_bands_are_random_fourier_features_in_cycles(rng):
+  # Eq. (11) as GeoCLIP writes it: [cos(2 pi B_s p), sin(2 pi B_s p)] with
+  # B_s ~ N(0, sigma_s^2). Near the centre the angles 2 pi B_s p are small
+  # enough to read back, and the B_s fitted from them have spread 2 pi sigma_s.
+  scales, n_features, hidden = (1.0, 4.0), 256, 16
+  lat0, lon0 = 41.85, -87.65
+  centre = tuple(np.asarray(model.equal_earth(jnp.float32(lat0), jnp.float32(lon0))).tolist())
+  coords = np.stack([lat0 + rng.uniform(-0.5, 0.5, 40), lon0 + rng.uniform(-0.5, 0.5, 40)], 1)
+  coords = jnp.asarray(coords, jnp.float32)
+  enc = model.LocationEncoder(scales, n_features, hidden, out=12, center=centre, scale=1.0)
+  params = enc.init(jax.random.PRNGKey(0), coords)
+  band_inputs = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Dense) and context.module.features == hidden:
+      band_inputs.append(np.asarray(args[0], np.float64))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    enc.apply(params, coords)
+  assert len(band_inputs) == len(scales)
+  p = np.asarray(model.equal_earth(coords[:, 0], coords[:, 1]), np.float64) - np.asarray(centre)
+  fitted = []
+  for sigma, features in zip(scales, band_inputs):
+    cos, sin = features[:, :n_features], features[:, n_features:]
+    np.testing.assert_allclose(cos**2 + sin**2, 1.0, rtol=1e-5)
+    angles = np.arctan2(sin, cos)
+    assert np.abs(angles).max() < 2.5  # no wrapping around +-pi
+    b = np.linalg.lstsq(p, angles, rcond=None)[0]  # [2, n_features]
+    np.testing.assert_allclose(p @ b, angles, atol=1e-3)
+    assert abs(b.std() / (2 * np.pi * sigma) - 1) < 0.15, (sigma, b.std())
+    fitted.append(b / sigma)
+  assert np.abs(np.corrcoef(fitted[0].ravel(), fitted[1].ravel())[0, 1]) < 0.2  # own draws
+
+
+def test_pretraining_steps_weigh_the_parts_by_alpha_and_beta(rng):
+  # Eq. (27), L = alpha L_mmcl + beta L_mvgcl, with the weights of the run's
+  # config, not each other's.
+  from jaxurban.urbanmmcl.train import UrbanMMCLConfig, _Compiled
+
+  inputs = _synthetic_inputs(rng, images=False)
+  cfg = dataclasses.replace(_TINY, use_images=False)
+  compiled = _Compiled(UrbanMMCLConfig(alpha=0.2, beta=3.0, model=cfg), cfg)
+  key = jax.random.PRNGKey(0)
+  params = compiled.model.init(key, inputs, key)
+  _, _, losses = compiled.chunk(params, compiled.tx.init(params), inputs, key, 1)
+  losses = {k: float(v) for k, v in losses.items()}
+  assert losses["mmcl"] > 0 and losses["recon"] > 0
+  graph_part = losses["recon"] + losses["kl"] + losses["graph_contrast"]
+  np.testing.assert_allclose(losses["total"], 0.2 * losses["mmcl"] + 3.0 * graph_part, rtol=1e-5)
