@@ -83,6 +83,19 @@ def test_wkt_parse_structure_and_z():
   chex.assert_shape(polys[0][0], (4, 2))
 
 
+def test_wkt_z_and_m_ordinates_are_dropped_not_read_as_y():
+  # WKT puts x (lon) and y (lat) first; a third and fourth number are Z and M.
+  # The 4x2 rectangle's centroid is (2, 1) whatever those extra numbers hold.
+  xy = [(0, 0), (4, 0), (4, 2), (0, 2), (0, 0)]
+  z = [9, 1, 3, 5, 9]
+  with_z = ", ".join(f"{x} {y} {h}" for (x, y), h in zip(xy, z))
+  with_zm = ", ".join(f"{x} {y} {h} {10 * h}" for (x, y), h in zip(xy, z))
+  for text in (f"POLYGON Z (({with_z}))", f"POLYGON ZM (({with_zm}))"):
+    assert polygon_centroid(text) == pytest.approx((2.0, 1.0), abs=1e-12)
+    assert polygon_area(text) == pytest.approx(8.0, abs=1e-12)
+    np.testing.assert_array_equal(parse_wkt(text)[0][0], np.array(xy, dtype=float))
+
+
 @pytest.mark.parametrize(
   "text, problem",
   [
@@ -338,6 +351,40 @@ def test_rows_repeating_a_pair_are_one_edge_with_summed_weight(tmp_path):
   np.testing.assert_array_equal(city.edge_destination, [0, 1, 2, 0, 2])
   np.testing.assert_allclose(city.edge_weight_raw, [0.25, 0.75, 1.0, 0.5, 1.0])
   np.testing.assert_allclose(city.edge_weight, [0.25, 0.75, 1.0, 1 / 3, 2 / 3])
+
+
+def test_summed_weights_stay_with_their_pair_when_file_order_is_not_id_order(tmp_path):
+  # Eq. (1) has one w_ij per (origin, destination) pair. Here the pairs' first
+  # rows are not in (origin, destination) order: each merged weight must
+  # still land on its own pair.
+  header, _ = _xa_style_mob()
+  rows = [
+    [0, "mob", 2, 2, 1.0],
+    [1, "mob", 0, 1, 0.5],
+    [2, "mob", 1, 2, 1.0],
+    [3, "mob", 0, 1, 0.25],  # 0 -> 1 again: 0.5 + 0.25
+    [4, "mob", 0, 0, 0.25],
+    [5, "mob", 2, 0, 0.5],
+  ]
+  city = load_city("zz", make_city(tmp_path, mob=(header, rows)))
+  pairs = list(zip(city.edge_origin.tolist(), city.edge_destination.tolist()))
+  assert len(pairs) == len(set(pairs)) == 5  # one edge per pair
+  raw = dict(zip(pairs, city.edge_weight_raw.tolist()))
+  assert raw == pytest.approx({(2, 2): 1.0, (0, 1): 0.75, (1, 2): 1.0, (0, 0): 0.25, (2, 0): 0.5})
+  # Origin 2's raw weights sum to 1.5, so it is not a normalised file.
+  normalised = dict(zip(pairs, city.edge_weight.tolist()))
+  assert normalised == pytest.approx(
+    {(2, 2): 2 / 3, (0, 1): 0.75, (1, 2): 1.0, (0, 0): 0.25, (2, 0): 1 / 3}
+  )
+  assert not city.weights_were_normalised
+
+
+def test_labels_stored_as_a_column_vector_are_read_in_region_order(tmp_path):
+  # np.save of an (N, 1) column is a common way to write one value per region.
+  column = np.array([[7.0], [0.0], [3.5]])
+  city = load_city("zz", make_city(tmp_path, labels={"gdp": column}))
+  np.testing.assert_array_equal(city.labels["gdp"], [7.0, 0.0, 3.5])
+  assert city.labels["gdp"].shape == (3,)
 
 
 def test_od_flow_loaded_when_present(tmp_path):

@@ -191,3 +191,36 @@ def test_parse_centroid_errors(text, problem):
   with pytest.raises(DataError, match=problem):
     parse_centroid(text)
   assert parse_centroid("Centroid Coordinates: (41.5, -87.25)") == (41.5, -87.25)
+
+
+def test_each_view_and_label_comes_from_its_own_file(tmp_path, rng):
+  # Every file gets values no other file has, so a view read from the wrong
+  # file (both similarities are N x N, all labels are (N,)) cannot pass.
+  folder = _write_root(tmp_path, rng)
+  base = np.arange(N * N, dtype=np.float64).reshape(N, N)
+  square = {
+    "mob-adj.npy": base + 1,
+    "mob_dist.npy": 2 * base,
+    "poi_simi.npy": base / 100,
+    "landUse_simi.npy": base / 1000 + 0.5,
+  }
+  labels = {
+    "crime_counts.npy": np.arange(N) + 1.0,
+    "check_counts.npy": 10 * np.arange(N) + 3.0,
+    "serviceCall_counts.npy": 100 * np.arange(N) + 7.0,
+  }
+  for name, array in {**square, **labels}.items():
+    np.save(folder / name, array)
+  views = load_city_views("Chi", tmp_path)
+  # HAFusion: mob_dist feeds the mobility encoder, mob-adj is the loss target.
+  np.testing.assert_array_equal(views.mobility, square["mob-adj.npy"])
+  np.testing.assert_array_equal(views.mobility_dist, square["mob_dist.npy"])
+  np.testing.assert_array_equal(views.mobility_features, square["mob_dist.npy"])
+  np.testing.assert_array_equal(views.poi_similarity, square["poi_simi.npy"])
+  np.testing.assert_array_equal(views.landuse_similarity, square["landUse_simi.npy"])
+  np.testing.assert_array_equal(views.labels["crime"], labels["crime_counts.npy"])
+  np.testing.assert_array_equal(views.labels["checkIn"], labels["check_counts.npy"])
+  np.testing.assert_array_equal(views.labels["serviceCall"], labels["serviceCall_counts.npy"])
+  # Without a separate feature matrix the encoder reads the trip counts.
+  no_dist = dataclasses.replace(views, mobility_dist=None)
+  np.testing.assert_array_equal(no_dist.mobility_features, square["mob-adj.npy"])

@@ -205,3 +205,37 @@ def test_tuned_ridge_chooses_alpha_inside_the_training_folds(rng):
   pooled2, chosen2 = ridge_cv_predictions_tuned(x, changed, fold_of, folds, alphas, inner_folds=3)
   np.testing.assert_array_equal(chosen2[:, 1], chosen[:, 1])
   np.testing.assert_allclose(pooled2[:, fold_of == 1], pooled[:, fold_of == 1], rtol=1e-10)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 40.0])
+def test_ridge_cv_uses_the_given_penalty(rng, alpha):
+  # The "w/o Prompt4RE" probe at a penalty other than the default 1: every
+  # fold's fit must use it (d close to the training size, so alpha matters).
+  n, d, k = 24, 15, 4
+  emb = rng.normal(size=(1, n, d))
+  y = emb[0] @ rng.normal(size=d) + 5.0
+  fold_of = kfold.fold_assignment(n, k, 3)
+  pooled = kfold.ridge_cv_predictions(emb, y, fold_of, k, alpha=alpha)
+  expected = np.zeros(n)
+  for train, test in KFold(k, shuffle=True, random_state=3).split(np.arange(n)):
+    expected[test] = Ridge(alpha=alpha).fit(emb[0, train], y[train]).predict(emb[0, test])
+  np.testing.assert_allclose(pooled[0], expected, rtol=1e-9, atol=1e-9)
+  at_one = kfold.ridge_cv_predictions(emb, y, fold_of, k, alpha=1.0)
+  assert np.abs(at_one - pooled).max() > 1e-3
+
+
+def test_tuned_ridge_inner_fits_never_see_the_test_fold(rng):
+  # Outer fold 0's penalty is chosen on inner folds of its training regions
+  # alone. Its own labels are made wild (+-1000 around the signal): inner fits
+  # that also read them would favour the largest penalty, while the training
+  # regions alone, a near-exact linear signal, favour the smallest.
+  n, d, folds, alphas = 40, 5, 4, (0.01, 1e4)
+  x = rng.normal(size=(1, n, d))
+  y = 10.0 + x[0] @ rng.normal(size=d) + 0.1 * rng.normal(size=n)
+  fold_of = kfold.fold_assignment(n, folds, 7)
+  test = fold_of == 0
+  y[test] += 1000.0 * np.where(np.arange(test.sum()) % 2, 1.0, -1.0)
+  pooled, chosen = kfold.ridge_cv_predictions_tuned(x, y, fold_of, folds, alphas, inner_folds=3)
+  assert chosen[0, 0] == 0.01
+  want = _ridge_numpy(x[0, ~test], y[~test], 0.01)(x[0, test])
+  np.testing.assert_allclose(pooled[0, test], want, rtol=1e-8, atol=1e-8)

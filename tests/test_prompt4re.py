@@ -458,3 +458,45 @@ def test_a_diverging_run_stops_before_its_checkpoint(rng, tmp_path):
     cross_validated_trajectory(config, e, p, y, fold_of, 2, [0], progress=False, workdir=tmp_path)
   folders = [f.name for f in (tmp_path / "checkpoints").iterdir() if f.is_dir()]
   assert folders and all(Checkpointer(tmp_path, subdir=f).latest_step() is None for f in folders)
+
+
+def test_initial_head_is_the_ridge_fit_of_each_models_training_rows(rng):
+  # The authors' start: the E part and bias of the output layer are the ridge
+  # solution (penalty ridge_alpha) on the model's own training rows, neither
+  # its test fold nor its validation fold.
+  e, p, y = _tiny_problem(rng, n=18, d=4, width=8)
+  n_folds, alpha = 3, 7.0
+  tests = fold_masks(fold_assignment(len(y), n_folds, seed=2), n_folds)
+  vals = validation_masks(tests)
+  train = ~(tests | vals)
+  masks = jnp.asarray(np.stack([train, tests, vals], axis=1))
+  keys = jnp.stack([jnp.stack([jax.random.PRNGKey(f) for f in range(n_folds)])])
+  config = Prompt4REConfig(epochs=1, eval_every=1, soft_prompt_dim=4, ridge_alpha=alpha)
+  params, _, _ = prompt4re._init_states(
+    keys, jnp.asarray(e), jnp.broadcast_to(jnp.asarray(p), (n_folds, *p.shape)), jnp.asarray(y),
+    masks, width=p.shape[1], config=config,
+  )  # fmt: skip
+  x64, y64 = e[0].astype(np.float64), y.astype(np.float64)
+  for f in range(n_folds):
+    xs, ys = x64[train[f]], y64[train[f]]
+    xm, ym = xs.mean(0), ys.mean()
+    w = np.linalg.solve((xs - xm).T @ (xs - xm) + alpha * np.eye(4), (xs - xm).T @ (ys - ym))
+    head = params["head"]
+    np.testing.assert_allclose(np.asarray(head["kernel"][0, f, :4, 0]), w, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(head["bias"][0, f]), [ym - xm @ w], rtol=1e-4, atol=1e-4)
+
+
+def test_head_without_ridge_is_xavier_normal():
+  # Without ridge weights the whole output layer is Xavier-normal, as in the
+  # authors' code: std sqrt(2 / (fan_in + fan_out)) with fan_out = 1.
+  n, d, width, soft = 6, 8, 16, 144
+  e, p = jnp.ones((n, d)), jnp.ones((n, width))
+  model = Prompt4RE(prompt_width=width, soft_prompt_dim=soft, alignment=False)
+  kernels = [
+    np.asarray(init_params(model, jax.random.PRNGKey(i), e, p)["head"]["kernel"]) for i in range(4)
+  ]
+  values = np.concatenate(kernels).ravel()
+  assert values.size == 4 * (d + soft)
+  expected = np.sqrt(2.0 / (d + soft + 1))
+  assert abs(values.std() / expected - 1.0) < 0.1, (values.std(), expected)
+  assert abs(values.mean()) < 0.2 * expected

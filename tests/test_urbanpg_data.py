@@ -9,6 +9,7 @@ from jaxurban.data.errors import DataError
 from jaxurban.data.traffic import (
   STEPS_PER_DAY,
   Scaler,
+  TrafficData,
   chronological_bounds,
   load_los_loop,
   make_windows,
@@ -235,3 +236,78 @@ def test_windows_align_inputs_targets_and_time_index(los):
   assert train.y_mask.dtype == bool and train.y_mask.all()
   with pytest.raises(ValueError, match="fewer than one window"):
     make_windows(los, scaler, 0, 20)
+
+
+def _small_series():
+  """6 steps x 3 detectors; reading (t, n) is 10 t + n + 1, two of them missing."""
+  speed = (10 * np.arange(6)[:, None] + np.arange(3)[None, :] + 1).astype(np.float32)
+  mask = np.ones((6, 3), bool)
+  mask[1, 2] = mask[4, 0] = False
+  speed[~mask] = 0
+  return TrafficData(
+    name="small",
+    speed=speed,
+    mask=mask,
+    # Distinct per step, so a calendar taken at the wrong step shows.
+    time_of_day=np.array([100, 101, 102, 103, 104, 105], np.int32),
+    day_of_week=np.array([0, 1, 2, 3, 4, 5], np.int32),
+    sensor_ids=np.array(["a", "b", "c"]),
+    coords=np.array([[34.0, -118.0], [34.1, -118.1], [34.2, -118.2]]),
+    adjacency=np.arange(9, dtype=np.float32).reshape(3, 3),
+  )
+
+
+def test_scaler_is_the_population_z_score_of_observed_readings():
+  # Mean and standard deviation (ddof = 0, as StandardScaler) of the masked-in
+  # readings only: 100 is present but not observed, 0 is a missing reading.
+  values = np.array([[1.0, 2.0, 100.0], [3.0, 4.0, 0.0]], np.float32)
+  mask = np.array([[True, True, False], [True, True, False]])
+  scaler = Scaler.fit(values, mask)
+  assert scaler.mean == pytest.approx(2.5)
+  assert scaler.std == pytest.approx(np.sqrt(1.25))
+  scaled = scaler.transform(values, mask)
+  np.testing.assert_allclose(
+    scaled,
+    [
+      [-1.5 / np.sqrt(1.25), -0.5 / np.sqrt(1.25), 0],
+      [0.5 / np.sqrt(1.25), 1.5 / np.sqrt(1.25), 0],
+    ],
+    rtol=1e-6,
+  )
+
+
+def test_windows_carry_the_masks_and_calendar_of_their_own_steps():
+  data = _small_series()
+  scaler = Scaler(mean=20.0, std=10.0)
+  windows = make_windows(data, scaler, 0, 6, t_in=2, t_out=2)
+  # Starts 0, 1, 2: inputs [s, s + 2), targets [s + 2, s + 4).
+  np.testing.assert_array_equal(windows.start, [0, 1, 2])
+  for k, s in enumerate([0, 1, 2]):
+    # Observed inputs are z-scored; a missing one is fed as 0 (the mean).
+    raw = data.speed[s : s + 2].astype(np.float64)
+    expected_x = np.where(data.mask[s : s + 2], (raw - 20.0) / 10.0, 0.0)
+    np.testing.assert_allclose(windows.x[k], expected_x, rtol=1e-6, atol=1e-7)
+    # Targets stay in mph, missing ones 0.
+    np.testing.assert_array_equal(windows.y[k], data.speed[s + 2 : s + 4])
+    np.testing.assert_array_equal(windows.x_mask[k], data.mask[s : s + 2])
+    np.testing.assert_array_equal(windows.y_mask[k], data.mask[s + 2 : s + 4])
+  # Step 1 detector 2 is missing: it is an input of windows 0 and 1 only.
+  assert not windows.x_mask[0, 1, 2] and not windows.x_mask[1, 0, 2] and windows.x_mask[2].all()
+  # Step 4 detector 0 is missing: a target of windows 1 and 2 only.
+  assert windows.y_mask[0].all() and not windows.y_mask[1, 1, 0] and not windows.y_mask[2, 0, 0]
+  # The time index of a sample (eq. 3) is that of its last input step, s + 1.
+  np.testing.assert_array_equal(windows.time_of_day, [101, 102, 103])
+  np.testing.assert_array_equal(windows.day_of_week, [1, 2, 3])
+
+
+def test_select_restricts_every_field_to_the_same_detectors_and_steps():
+  data = _small_series()
+  part = data.select(nodes=[2, 0], steps=slice(2, 5))
+  np.testing.assert_array_equal(part.speed, [[23, 21], [33, 31], [43, 0]])
+  np.testing.assert_array_equal(part.mask, [[True, True], [True, True], [True, False]])
+  np.testing.assert_array_equal(part.time_of_day, [102, 103, 104])
+  np.testing.assert_array_equal(part.day_of_week, [2, 3, 4])
+  np.testing.assert_array_equal(part.sensor_ids, ["c", "a"])
+  np.testing.assert_array_equal(part.coords, [[34.2, -118.2], [34.0, -118.0]])
+  np.testing.assert_array_equal(part.adjacency, [[8, 6], [2, 0]])
+  assert part.n_steps == 3 and part.n_nodes == 2
