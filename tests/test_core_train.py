@@ -114,7 +114,14 @@ def test_rematerialised_and_blocked_loss_equals_the_plain_one(data_root, graphs,
     loss = train.make_embed_loss(model, settings)
     value_and_grad = jax.vmap(jax.value_and_grad(loss, has_aux=True), in_axes=(0, 0, None, None))
     results[remat] = jax.jit(value_and_grad)(params, keys, *graphs)
-  chex.assert_trees_all_close(results[True], results[False], rtol=1e-4, atol=1e-6)
+  # The blocked path sums over regions and edges in another order, and the
+  # rounding of a sum grows with its terms: a bias gradient of 0.017 among
+  # entries of 24 differed by 4.6e-6. The absolute tolerance follows each
+  # leaf's scale.
+  chex.assert_trees_all_equal_structs(results[True], results[False])
+  for got, want in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False])):
+    scale = max(1.0, float(np.abs(np.asarray(want)).max()))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * scale)
   with pytest.raises(ValueError, match="remat_gat needs gat_implementation 'tables'"):
     tiny(data_root, remat_gat=True, gat_implementation="segment")
 
