@@ -72,14 +72,18 @@ def test_permute_rows_under_vmap(rng):
   )
 
 
-def test_city_graph_on_a_hand_built_city():
+def _hand_built_city():
   # Edges (w_ij per origin, eq. 1): 0 -> 1 (0.25), 0 -> 2 (0.75), 1 -> 2 (1),
   # 2 -> 0 (0.4), 2 -> 2 (0.6); region 3 has no edges at all.
   origin = np.array([0, 0, 1, 2, 2])
   destination = np.array([1, 2, 2, 0, 2])
   weight = np.array([0.25, 0.75, 1.0, 0.4, 0.6])
+  return city_graph(origin, destination, weight, weight, 4)
+
+
+def test_city_graph_on_a_hand_built_city():
   n = 4
-  city = city_graph(origin, destination, weight, weight, n)
+  city = _hand_built_city()
 
   # The GAT's graph (PyG GATConv, add_self_loops with fill_value="mean"): the
   # file's 2 -> 2 loop is dropped and every region gets a loop weighted by the
@@ -115,10 +119,7 @@ def test_city_graph_on_a_hand_built_city():
 
 
 def test_padded_target_rows_carry_no_weight():
-  origin = np.array([0, 0, 1, 2, 2])
-  destination = np.array([1, 2, 2, 0, 2])
-  weight = np.array([0.25, 0.75, 1.0, 0.4, 0.6])
-  city = city_graph(origin, destination, weight, weight, 4)
+  city = _hand_built_city()
   padded = pad_target_rows(city, 4)
   # 3 origin rows -> 4, 5 target entries -> 8; the extra ones point at region
   # 0 with weight 0, so every weighted sum over rows or entries is unchanged.

@@ -476,14 +476,13 @@ def test_initial_head_is_the_ridge_fit_of_each_models_training_rows(rng):
     keys, jnp.asarray(e), jnp.broadcast_to(jnp.asarray(p), (n_folds, *p.shape)), jnp.asarray(y),
     masks, width=p.shape[1], config=config,
   )  # fmt: skip
-  x64, y64 = e[0].astype(np.float64), y.astype(np.float64)
+  from tests.test_eval import _numpy_ridge
+
+  head = params["head"]
   for f in range(n_folds):
-    xs, ys = x64[train[f]], y64[train[f]]
-    xm, ym = xs.mean(0), ys.mean()
-    w = np.linalg.solve((xs - xm).T @ (xs - xm) + alpha * np.eye(4), (xs - xm).T @ (ys - ym))
-    head = params["head"]
+    w, intercept = _numpy_ridge(e[0][train[f]], y[train[f]], alpha)
     np.testing.assert_allclose(np.asarray(head["kernel"][0, f, :4, 0]), w, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(head["bias"][0, f]), [ym - xm @ w], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(head["bias"][0, f]), [intercept], rtol=1e-4, atol=1e-4)
 
 
 def test_head_without_ridge_is_xavier_normal():
