@@ -174,6 +174,32 @@ def _ridge_numpy(x, y, alpha):
   return lambda z: z @ w + intercept
 
 
+def _tuned_ridge_reference(x, y, fold_of, folds, alphas, inner_folds, clip=True):
+  """Chosen alpha [S, folds] and pooled predictions [S, n] by a float64 loop."""
+  from jaxurban.eval.kfold import fold_assignment
+
+  chosen = np.zeros((x.shape[0], folds))
+  pooled = np.zeros((x.shape[0], len(y)))
+  for s in range(x.shape[0]):
+    for f in range(folds):
+      train = np.flatnonzero(fold_of != f)
+      inner_of = fold_assignment(len(train), inner_folds, 0)
+      errors = []
+      for alpha in alphas:
+        error = 0.0
+        for g in range(inner_folds):
+          fit, val = train[inner_of != g], train[inner_of == g]
+          pred = _ridge_numpy(x[s, fit], y[fit], alpha)(x[s, val])
+          if clip:
+            pred = np.maximum(pred, 0)
+          error += np.sum((pred - y[val]) ** 2)
+        errors.append(error)
+      chosen[s, f] = alphas[int(np.argmin(errors))]
+      test = fold_of == f
+      pooled[s, test] = _ridge_numpy(x[s, train], y[train], chosen[s, f])(x[s, test])
+  return chosen, pooled
+
+
 def test_tuned_ridge_chooses_alpha_inside_the_training_folds(rng):
   from jaxurban.eval.kfold import fold_assignment, ridge_cv_predictions_tuned
 
@@ -182,30 +208,37 @@ def test_tuned_ridge_chooses_alpha_inside_the_training_folds(rng):
   y = np.abs(x[0, :, 0] * 3 + rng.normal(size=n)) + 1
   fold_of = fold_assignment(n, folds, seed=7)
   pooled, chosen = ridge_cv_predictions_tuned(x, y, fold_of, folds, alphas, inner_folds=3)
-  # A float64 loop over folds, inner folds and alphas, written directly.
-  for s in range(2):
-    for f in range(folds):
-      train = np.flatnonzero(fold_of != f)
-      inner_of = fold_assignment(len(train), 3, 0)
-      errors = []
-      for alpha in alphas:
-        error = 0.0
-        for g in range(3):
-          fit, val = train[inner_of != g], train[inner_of == g]
-          pred = np.maximum(_ridge_numpy(x[s, fit], y[fit], alpha)(x[s, val]), 0)
-          error += np.sum((pred - y[val]) ** 2)
-        errors.append(error)
-      best = alphas[int(np.argmin(errors))]
-      assert chosen[s, f] == best
-      test = fold_of == f
-      want = _ridge_numpy(x[s, train], y[train], best)(x[s, test])
-      np.testing.assert_allclose(pooled[s, test], want, rtol=1e-8, atol=1e-8)
+  want_chosen, want_pooled = _tuned_ridge_reference(x, y, fold_of, folds, alphas, 3)
+  np.testing.assert_array_equal(chosen, want_chosen)
+  np.testing.assert_allclose(pooled, want_pooled, rtol=1e-8, atol=1e-8)
   # The test fold's labels play no part in its own prediction or alpha.
   changed = y.copy()
   changed[fold_of == 1] *= 50
   pooled2, chosen2 = ridge_cv_predictions_tuned(x, changed, fold_of, folds, alphas, inner_folds=3)
   np.testing.assert_array_equal(chosen2[:, 1], chosen[:, 1])
   np.testing.assert_allclose(pooled2[:, fold_of == 1], pooled[:, fold_of == 1], rtol=1e-10)
+
+
+def test_tuned_ridge_scores_clipped_inner_predictions():
+  # Count labels, zero over half the feature space and on a few far-out
+  # rows where a linear fit goes strongly negative. Scoring the inner
+  # predictions after clipping them at 0 (as every reported metric does)
+  # and before it picks different penalties here (checked below), so the
+  # choice must follow the clipped errors.
+  rng = np.random.default_rng(0)
+  n, d, folds, alphas = 60, 3, 5, (1e-3, 1.0, 30.0, 1e3)
+  x = rng.normal(size=(1, n, d))
+  y = np.maximum(x[0] @ rng.normal(size=d) * 3 + rng.normal(size=n) * 0.3, 0)
+  far = rng.integers(2, 6)
+  x[0, :far] *= 4
+  y[:far] = 0
+  fold_of = kfold.fold_assignment(n, folds, 0)
+  pooled, chosen = kfold.ridge_cv_predictions_tuned(x, y, fold_of, folds, alphas, inner_folds=5)
+  want_chosen, want_pooled = _tuned_ridge_reference(x, y, fold_of, folds, alphas, 5)
+  unclipped, _ = _tuned_ridge_reference(x, y, fold_of, folds, alphas, 5, clip=False)
+  assert not np.array_equal(want_chosen, unclipped)
+  np.testing.assert_array_equal(chosen, want_chosen)
+  np.testing.assert_allclose(pooled, want_pooled, rtol=1e-8, atol=1e-8)
 
 
 @pytest.mark.parametrize("alpha", [0.05, 40.0])
