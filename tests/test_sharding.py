@@ -180,3 +180,42 @@ def test_uneven_seed_split_is_refused():
   else:
     with pytest.raises(ValueError, match="cannot be split"):
       shard_seeds(np.zeros((mesh.devices.size + 1, 2)), mesh)
+
+
+def test_placements_use_their_own_mesh_axis():
+  # Each one-axis mesh is named for what it splits and each placement names
+  # that axis; a spec naming another mesh's axis only fails with several
+  # devices, so the specs are checked here on any device count.
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import PartitionSpec
+
+  from jaxurban import sharding
+
+  meshes = {
+    sharding.SEEDS: sharding.seed_mesh(),
+    sharding.REGIONS: sharding.region_mesh(),
+    sharding.BATCH: sharding.batch_mesh(),
+  }
+  for axis, mesh in meshes.items():
+    assert mesh.axis_names == (axis,)
+  x = np.zeros((2 * jax.device_count(), 3))
+  for place, axis in (
+    (sharding.shard_seeds, sharding.SEEDS),
+    (sharding.split_rows, sharding.REGIONS),
+    (sharding.shard_batch, sharding.BATCH),
+  ):
+    assert place(x, meshes[axis]).sharding.spec == PartitionSpec(axis)
+  assert sharding.replicate(x, meshes[sharding.REGIONS]).sharding.spec == PartitionSpec()
+  # constrain_rows splits the requested dimension (the row blocks of the
+  # mobility normaliser use dimension 1), and is the identity without a mesh.
+  z = jnp.ones((4, 6, 3))
+  for dim in (0, 1):
+    constrain = lambda v: sharding.constrain_rows(v, meshes[sharding.REGIONS], axis=dim)
+    eqns = jax.make_jaxpr(constrain)(z).eqns
+    assert [e.primitive.name for e in eqns] == ["sharding_constraint"]
+    spec = [None, None, None]
+    spec[dim] = sharding.REGIONS
+    assert eqns[0].params["sharding"].spec == PartitionSpec(*spec)
+  assert sharding.constrain_rows(z, None, axis=1) is z

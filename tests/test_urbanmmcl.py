@@ -979,3 +979,160 @@ def test_pretraining_steps_weigh_the_parts_by_alpha_and_beta(rng):
   assert losses["mmcl"] > 0 and losses["recon"] > 0
   graph_part = losses["recon"] + losses["kl"] + losses["graph_contrast"]
   np.testing.assert_allclose(losses["total"], 0.2 * losses["mmcl"] + 3.0 * graph_part, rtol=1e-5)
+
+
+def test_distance_view_shrinks_east_west_degrees_by_the_cosine_of_latitude():
+  # At latitude 60 a degree of longitude is half a degree of latitude: 0.02
+  # degree east and 0.01 degree north are both 1.112 km away.
+  d = graphs.distance_graph(np.array([[60.0, 10.0], [60.0, 10.02], [60.01, 10.0]]))
+  np.testing.assert_allclose(1.0 / d[0, 1], 1.112, rtol=2e-3)
+  np.testing.assert_allclose(1.0 / d[0, 2], 1.112, rtol=2e-3)
+  np.testing.assert_allclose(d, d.T)
+
+
+def test_command_flags_reach_their_own_ablation_switches(tmp_path):
+  from experiments import urbanmmcl as command
+
+  switches = ("no_multimodal", "no_graph", "no_vgae", "no_walks", "no_graph_contrast")
+  out = ["--out", str(tmp_path / "run")]
+  for field in switches:
+    config, _, _ = command.parse_config(["--" + field.replace("_", "-"), *out])
+    assert [getattr(config, s) for s in switches] == [s == field for s in switches], field
+  config, _, projection = command.parse_config(
+    ["--drop-view", "distance", "--drop-view", "poi", "--projection", "pca", *out]
+  )
+  assert config.drop_views == ("distance", "poi") and projection == "pca"
+
+
+def test_ablation_switches_reach_the_model(data_root):
+  from jaxurban.urbanmmcl.train import UrbanMMCLConfig, prepare
+
+  uses = ("use_vgae", "use_walks", "use_graph_contrast")
+  for field, use in zip(("no_vgae", "no_walks", "no_graph_contrast"), uses):
+    config = UrbanMMCLConfig(city="NY", data_root=str(data_root), **{field: True})
+    _, model_config, meta = prepare(config)
+    assert [getattr(model_config, u) for u in uses] == [u != use for u in uses], field
+    assert model_config.use_graph and meta["views"] == ("poi", "mobility")
+  _, model_config, meta = prepare(
+    UrbanMMCLConfig(city="Chi", data_root=str(data_root), no_multimodal=True)
+  )
+  assert not (model_config.use_text or model_config.use_location) and meta["modalities"] == []
+  _, model_config, meta = prepare(
+    UrbanMMCLConfig(city="Chi", data_root=str(data_root), drop_views=("mobility",))
+  )
+  assert meta["views"] == ("poi", "distance") and model_config.n_views == 2
+
+
+def test_results_table_puts_embedding_before_raw_feature_scores():
+  def scores(r2, mae, rmse):
+    return {"r2": {"mean": r2, "std": 0.01}, "mae": {"mean": mae}, "rmse": {"mean": rmse}}
+
+  from experiments import urbanmmcl as command
+  from jaxurban.urbanmmcl.train import TASKS
+
+  results = {
+    "views": ["poi"],
+    "modalities": [],
+    "config": {"ridge_alpha": 1.0, "ridge_alphas": [1.0]},
+    "ridge": {
+      "embedding": {t: scores(0.5, 11.0, 21.0) for t in TASKS},
+      "raw_features": {t: scores(0.25, 33.0, 44.0) for t in TASKS},
+    },
+    "finetune": {
+      "crime": [
+        {"r2": 0.1, "mae": 4.0, "best_epochs": [1]},
+        {"r2": 0.3, "mae": 6.0, "best_epochs": [2]},
+      ]
+    },
+  }
+  table = command.results_table(results)
+  assert "| crime (alpha 1.0) | 0.5000 ± 0.0100 | 0.2500 | 11.00 / 33.00 | 21.00 / 44.00 |" in table
+  assert "| crime | r2 0.2000, mae 5.0000 |" in table
+
+
+def test_finetuning_splits_each_fold_into_train_validation_and_test(data_root, monkeypatch):
+  # Fold f's model trains on the regions outside folds f and f + 1, stops on
+  # fold f + 1 and is scored on fold f; regions a task leaves out (no
+  # check-ins) are in none of them. It starts from the pre-trained encoder.
+  from jaxurban.eval import kfold
+  from jaxurban.urbanmmcl import train as mmcl
+
+  config = mmcl.UrbanMMCLConfig(
+    city="NY", data_root=str(data_root), seeds=1, epochs=1, finetune_folds=4,
+    model=dataclasses.replace(_TINY, use_images=False),
+  )  # fmt: skip
+  inputs, model_config, meta = mmcl.prepare(config)
+  pre = UrbanMMCL(model_config).init(
+    jax.random.PRNGKey(0), inputs, jax.random.PRNGKey(1), train=True
+  )
+  calls = []
+
+  def runner(config, model_config, outputs, classification):
+    def run(params, inputs, y, train, val, keys):
+      calls.append({"params": params, "train": np.asarray(train), "val": np.asarray(val)})
+      shape = (train.shape[0], y.shape[0]) + ((outputs,) if classification else ())
+      return jnp.zeros(shape), jnp.zeros(train.shape[0], jnp.int32)
+
+    return run
+
+  monkeypatch.setattr(mmcl, "_finetune_runner", runner)
+  n = meta["n_regions"]
+  check_ins = np.asarray(meta["labels"]["checkIn"])
+  assert 0 < np.sum(check_ins == 0) < n
+  for task, keep in (("checkIn", check_ins > 0), ("landuse", np.ones(n, bool))):
+    mmcl._finetune_task(config, model_config, pre, inputs, task, meta, 0, lambda *_: None)
+    fold_of = np.full(n, -1)
+    fold_of[keep] = kfold.fold_assignment(int(keep.sum()), 4, config.fold_seed)
+    for f in range(4):
+      val = fold_of == (f + 1) % 4
+      np.testing.assert_array_equal(calls[-1]["val"][f], val)
+      np.testing.assert_array_equal(calls[-1]["train"][f], keep & (fold_of != f) & ~val)
+    chex.assert_trees_all_equal(calls[-1]["params"]["params"]["encoder"], pre["params"])
+
+
+def test_finetuned_predictions_follow_an_affine_change_of_the_labels(data_root, monkeypatch):
+  # Regression heads learn standardised labels and predictions are mapped
+  # back: labels a y + b give predictions a p + b, on the labels' own scale.
+  from jaxurban.eval import kfold
+  from jaxurban.urbanmmcl import train as mmcl
+
+  config = mmcl.UrbanMMCLConfig(
+    city="NY", data_root=str(data_root), seeds=1, epochs=1, finetune_folds=3,
+    finetune_epochs=3, patience=3, model=dataclasses.replace(_TINY, use_images=False),
+  )  # fmt: skip
+  inputs, model_config, meta = mmcl.prepare(config)
+  pre = UrbanMMCL(model_config).init(
+    jax.random.PRNGKey(0), inputs, jax.random.PRNGKey(1), train=True
+  )
+  seen = []
+  pool = kfold.pool_folds
+  monkeypatch.setattr(
+    kfold, "pool_folds", lambda per_fold, masks: seen.append(per_fold) or pool(per_fold, masks)
+  )
+
+  def predictions(labels):
+    meta_now = dict(meta, labels=dict(meta["labels"], crime=labels))
+    mmcl._finetune_task(config, model_config, pre, inputs, "crime", meta_now, 0, lambda *_: None)
+    return np.asarray(seen[-1], np.float64)
+
+  crime = np.asarray(meta["labels"]["crime"], np.float64)
+  before = predictions(crime)
+  after = predictions(4.0 * crime + 500.0)
+  np.testing.assert_allclose(after, 4.0 * before + 500.0, rtol=1e-3, atol=1e-3 * np.ptp(crime))
+
+
+def test_ridge_probe_leaves_out_regions_without_check_ins(data_root, rng):
+  # Check-in scores are over the regions with check-ins only: the embeddings
+  # of the others change nothing there, but do change the other tasks.
+  from jaxurban.data.hafusion import load_city_views
+  from jaxurban.urbanmmcl.train import UrbanMMCLConfig, ridge_probe
+
+  labels = load_city_views("NY", data_root).labels
+  zero = np.asarray(labels["checkIn"]) == 0
+  config = UrbanMMCLConfig(city="NY", ridge_folds=5)
+  emb = rng.normal(size=(1, zero.size, 6))
+  moved = emb.copy()
+  moved[:, zero] += 10.0 * rng.normal(size=(int(zero.sum()), 6))
+  a, b = ridge_probe(emb, labels, config), ridge_probe(moved, labels, config)
+  assert a["checkIn"] == b["checkIn"]
+  assert a["crime"]["r2"]["mean"] != b["crime"]["r2"]["mean"]

@@ -1,5 +1,6 @@
 """UrbanPG training: config, metrics, baselines, paradigms end to end, resume, 8-device sharding."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -481,3 +482,255 @@ def test_another_paradigm_into_the_same_folder_is_refused(tmp_path, capsys):
     {**full.to_dict(), "seeds": 3, "first_seed": 2},
     train.RESULTS_MAY_DIFFER,
   )
+
+
+def _per_seed_metrics(offset):
+  """Metrics whose value tells metric, horizon and seed apart: 100 * metric + horizon + offset."""
+  names = ("mae", "rmse", "mape")
+  horizon = {k: [100.0 * i + h + offset for h in range(1, 13)] for i, k in enumerate(names)}
+  return {"horizon": horizon, "avg": {k: 100.0 * i + 50.0 + offset for i, k in enumerate(names)}}
+
+
+def test_summary_and_table_read_the_reported_horizons_in_column_order():
+  runs = [_per_seed_metrics(0.0), _per_seed_metrics(10.0)]
+  summary = train.summarise(runs)
+  for i, metric in enumerate(("mae", "rmse", "mape")):
+    for h in train.REPORT_HORIZONS:
+      # Horizon h is the h-th forecast step (index h - 1); the spread is the
+      # population std over seeds (two seeds 10 apart: 5).
+      assert summary[f"{metric}@{h}"] == (100.0 * i + h + 5.0, 5.0)
+    assert summary[f"{metric}@avg"] == (100.0 * i + 55.0, 5.0)
+  # One run per model: the row's cells follow the header, h3 / h6 / h12 / avg,
+  # each MAE, RMSE, MAPE.
+  table = train.format_table({"one": runs[:1]})
+  head, _, row = table.splitlines()
+  assert head.split()[1:5] == ["h3", "MAE", "RMSE", "MAPE%"]
+  cells = [float(c) for c in row.split()[1:]]
+  expected = [100.0 * i + h for h in (3, 6, 12) for i in range(3)] + [50.0, 150.0, 250.0]
+  np.testing.assert_allclose(cells, expected)
+
+
+def _small_task(data_root, **settings):
+  data = load_los_loop(data_root).select(np.arange(40), slice(0, 700))
+  config = train.UrbanPGConfig(**{**TINY, **settings})
+  return data, config, train.make_task("t", data, config)
+
+
+def _direct_forecast(model, params, windows, scaler):
+  """Eval-mode forecasts of all windows in one call, back in raw units (mph)."""
+  batch = {k: getattr(windows, k) for k in ("x", "x_mask", "time_of_day", "day_of_week")}
+  out = train.make_predict(model)(params, batch)
+  return scaler.inverse(np.asarray(out, np.float64))
+
+
+def test_validation_and_test_scores_are_raw_unit_errors_on_their_own_windows(
+  fit_small, data_root, tmp_path
+):
+  # Early stopping compares the validation windows' MAE in mph; the reported
+  # scores are the test windows' errors in mph, not in scaled units.
+  best, log = fit_small(tmp_path, epochs=1)
+  _, config, task = _small_task(data_root)
+  model = train.build_model(config, task.data.n_nodes)
+  val = train.masked_metrics(
+    _direct_forecast(model, best, task.val, task.scaler), task.val.y, task.val.y_mask
+  )
+  np.testing.assert_allclose(log["history"][0]["val_mae"], val["avg"]["mae"], rtol=1e-5)
+  assert log["best_val_mae"] == log["history"][0]["val_mae"]
+  direct = _direct_forecast(model, best, task.test, task.scaler)
+  scores, pred = train.evaluate(model, best, task, config)
+  np.testing.assert_allclose(pred, direct, rtol=1e-5, atol=1e-4)
+  expected = train.masked_metrics(direct, task.test.y, task.test.y_mask)
+  for k in ("mae", "rmse", "mape"):
+    np.testing.assert_allclose(scores["avg"][k], expected["avg"][k], rtol=1e-5)
+
+
+def test_fit_stops_after_patience_epochs_without_a_better_validation(
+  fit_small, tmp_path, monkeypatch
+):
+  # Validation offsets per epoch: epoch 3 improves on epoch 1 after one bad
+  # epoch, which restarts the count; epochs 4 and 5 are the two bad epochs
+  # that patience 2 allows, so training ends after epoch 5.
+  offsets = [0.0, 100.0, -100.0, 100.0, 100.0, 100.0, 100.0, 100.0]
+  real, calls = train.masked_metrics, []
+
+  def shifted(pred, true, mask):
+    out = real(pred, true, mask)
+    out["avg"]["mae"] += offsets[len(calls)]
+    calls.append(None)
+    return out
+
+  monkeypatch.setattr(train, "masked_metrics", shifted)
+  _, log = fit_small(tmp_path, epochs=8, patience=2)
+  assert [row["epoch"] for row in log["history"]] == [1, 2, 3, 4, 5]
+  assert log["epochs"] == 5 and log["best_epoch"] == 3
+
+
+def test_batch_loss_is_the_masked_mae_in_raw_units(rng):
+  # The loss compares forecasts brought back to mph with the raw targets,
+  # over observed targets of real (weight 1) samples only, divided by their count.
+  b, n = 6, 7
+  config = train.UrbanPGConfig(features=8, heads=2, batch_size=b)
+  model = train.build_model(config, n)
+  params = train.init_params(model, config, jax.random.PRNGKey(0))
+  scaler = Scaler(50.0, 10.0)
+  y_mask = rng.uniform(size=(b, 12, n)) > 0.3
+  batch = {
+    "x": rng.normal(size=(b, 12, n)).astype(np.float32),
+    "x_mask": np.ones((b, 12, n), bool),
+    "y": np.where(y_mask, rng.uniform(20, 70, (b, 12, n)), 0.0).astype(np.float32),
+    "y_mask": y_mask.astype(np.float32),
+    "time_of_day": np.arange(b, dtype=np.int32),
+    "day_of_week": np.zeros(b, np.int32),
+    "weight": np.array([1, 1, 1, 1, 0, 0], np.float32),
+  }
+  key = jax.random.PRNGKey(1)
+  forward = jax.jit(
+    lambda p, b, k: model.apply(
+      {"params": p},
+      b["x"],
+      b["x_mask"],
+      b["time_of_day"],
+      b["day_of_week"],
+      train=True,
+      rngs={"perturb": k},
+    )
+  )
+  scaled = forward(params, batch, key)
+  pred = scaler.inverse(np.asarray(scaled, np.float64))
+  keep = y_mask & (batch["weight"][:, None, None] > 0)
+  expected = np.abs(pred - batch["y"])[keep].mean()
+  loss = jax.jit(lambda p, b, k: train.batch_loss(model, scaler, p, b, k))(params, batch, key)
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_baselines_are_fitted_on_the_training_period_and_scored_on_test(data_root):
+  data, config, task = _small_task(data_root)
+  a, b = task.train_steps
+  scored = train.baseline_metrics(task, config)
+  test = task.test
+  ha = HistoricalAverage(
+    data.speed[a:b], data.mask[a:b], data.time_of_day[a:b], data.steps_per_day
+  ).predict(test, config.t_out)
+  linear = PerNodeLinear(task.train, task.scaler).predict(test)
+  for name, pred in (("historical average", ha), ("per-node linear", linear)):
+    expected = train.masked_metrics(pred, test.y, test.y_mask)
+    assert scored[name] == expected, name
+
+
+def _no_training(task, model, params, trainable, rate, config, workdir, stage, seed):
+  return jax.device_get(params), {"stage": stage}
+
+
+def test_fewshot_baselines_and_example_come_from_the_target(data_root, tmp_path, monkeypatch):
+  data = load_los_loop(data_root).select(np.arange(40), slice(0, 700))
+  config = train.UrbanPGConfig(paradigm="fewshot", **TINY)
+  monkeypatch.setattr(train, "fit", _no_training)
+  result = train.run_fewshot(config, tmp_path, data, [0])
+  _, target_nodes = train.fewshot_nodes(data)
+  target = train.make_task("target", data.select(target_nodes), config, config.fewshot_fraction)
+  for name, metrics in train.baseline_metrics(target, config).items():
+    assert result["models"][name] == [metrics], name
+  assert result["plot"][0].name == "target"
+
+
+def test_full_run_plots_the_first_seed(data_root, tmp_path, monkeypatch):
+  # The picture is labelled with the first seed, so it must show that seed's forecast.
+  data = load_los_loop(data_root).select(np.arange(40), slice(0, 700))
+  config = train.UrbanPGConfig(**TINY)
+  monkeypatch.setattr(train, "fit", _no_training)
+  result = train.run_full(config, tmp_path, data, [3, 4])
+  task, example, label = result["plot"]
+  assert label == "UrbanPG, seed 3"
+  model = train.build_model(config, data.n_nodes, data.steps_per_day)
+  first = train.init_params(model, config, train._seed_key(3, train._INIT))
+  np.testing.assert_array_equal(example, train.evaluate(model, first, task, config)[1])
+
+
+def test_continual_retrained_arm_starts_fresh_and_the_table_averages_stages(
+  data_root, tmp_path, monkeypatch
+):
+  data = load_los_loop(data_root).select(np.arange(40), slice(0, 700))
+  config = train.UrbanPGConfig(paradigm="continual", continual_stages=(0.8, 1.0), **TINY)
+  handed = {}
+
+  def recording(task, model, params, trainable, rate, cfg, workdir, stage, seed):
+    handed[stage] = jax.device_get(params)
+    return _no_training(task, model, params, trainable, rate, cfg, workdir, stage, seed)
+
+  monkeypatch.setattr(train, "fit", recording)
+  result = train.run_continual(config, tmp_path, data, [0])
+  # The retrained arm of stage 2 starts from that stage's fresh initialisation,
+  # not from the continual arm's parameters. Stage 2 holds every detector.
+  model = train.build_model(config, data.n_nodes, data.steps_per_day)
+  fresh = train.init_params(model, config, train._seed_key(0, train._STAGE_INIT, 1))
+  chex.assert_trees_all_equal(handed["retrain_stage2"], jax.device_get(fresh))
+  # The main rows are the mean over the stages of every arm and baseline.
+  stages = result["stages"]
+  for name, runs in result["models"].items():
+    for k in ("mae", "rmse", "mape"):
+      per_stage = [stages[s][name][0]["avg"][k] for s in ("stage1", "stage2")]
+      np.testing.assert_allclose(runs[0]["avg"][k], np.mean(per_stage), rtol=1e-12)
+      h12 = [stages[s][name][0]["horizon"][k][11] for s in ("stage1", "stage2")]
+      np.testing.assert_allclose(runs[0]["horizon"][k][11], np.mean(h12), rtol=1e-12)
+
+
+def test_run_covers_the_configured_seeds(data_root, tmp_path, monkeypatch):
+  seen = []
+
+  def run_full(config, workdir, data, seeds):
+    seen.extend(seeds)
+    runs = [_per_seed_metrics(float(s)) for s in seeds]
+    return {"models": {"UrbanPG": runs}, "logs": {}, "plot": (None, None, ""), "unseen": {}}
+
+  monkeypatch.setattr(train, "run_full", run_full)
+  config = train.UrbanPGConfig(data_root=str(data_root), seeds=2, first_seed=3, plot=False)
+  result = train.train_and_evaluate(config, tmp_path)
+  assert seen == [3, 4]
+  assert result["summary"]["UrbanPG"]["mae@3"] == (6.5, 0.5)
+
+
+def test_command_hands_every_flag_to_the_config(tmp_path, monkeypatch):
+  got = {}
+  monkeypatch.setattr(
+    urbanpg_command, "train_and_evaluate", lambda config, out: got.update(config=config, out=out)
+  )
+  monkeypatch.chdir(tmp_path)
+  urbanpg_command.main(
+    ["--paradigm", "continual", "--seeds", "2", "--first-seed", "5", "--epochs", "7"]
+    + ["--patience", "3", "--features", "16", "--layers", "2", "--last-value-skip", "--no-plot"]
+  )
+  config = got["config"]
+  assert (config.paradigm, config.seeds, config.first_seed, config.epochs) == ("continual", 2, 5, 7)
+  assert (config.patience, config.features, config.layers) == (3, 16, 2)
+  assert config.last_value_skip and not config.plot
+  # Every result-changing flag names the default folder; the seeds share it.
+  assert got["out"].name == "continual-epochs7-patience3-features16-layers2-last-value-skip"
+
+
+def test_baselines_fall_back_where_training_saw_nothing(rng):
+  # Historical average: a slot never seen in training gets the node's own
+  # training mean (few-shot trains on a few hours of the day).
+  f, n = 6, 3
+  tod = np.arange(40) % 4  # slots 4 and 5 never seen
+  speed = rng.uniform(30, 60, (40, n))
+  speed[:, 2] += 20.0
+  ha = HistoricalAverage(speed, np.ones((40, n), bool), tod, f)
+  np.testing.assert_allclose(ha.table[4], speed.mean(0))
+  np.testing.assert_allclose(ha.table[5], speed.mean(0))
+  # Last value: a node with no observed input gets the training mean.
+  scaler = Scaler(50.0, 10.0)
+  x = rng.normal(size=(2, 4, n))
+  x_mask = np.ones_like(x, bool)
+  x_mask[1, :, 2] = False
+  lv = last_value(_windows(x, np.zeros((2, 3, n)), np.zeros(2, int), x_mask), scaler, 3)
+  np.testing.assert_allclose(lv[1, :, 2], 50.0)
+  # Per-node linear: a sample with a missing target at a node (y = 0) stays
+  # out of that node's fit, so the exact linear map is still recovered.
+  weights = rng.normal(size=(n, 4, 3))
+  xs = rng.normal(size=(200, 4, n))
+  ys = scaler.inverse(np.einsum("stn,ntk->skn", xs, weights))
+  w = _windows(xs, ys, np.zeros(200, int))
+  missing = rng.uniform(size=ys.shape) < 0.05
+  w = dataclasses.replace(w, y=np.where(missing, 0.0, w.y), y_mask=~missing)
+  model = PerNodeLinear(w, scaler, ridge=1e-8)
+  np.testing.assert_allclose(model.weights[:, :4], weights, atol=1e-4)

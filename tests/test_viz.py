@@ -226,3 +226,112 @@ def test_loss_legend_sits_on_a_panel_with_one_line_per_seed(tmp_path, monkeypatc
   history = [{"epoch": e, "total": 10.0 / e, "kl": [1.0 / e, 2.0 / e]} for e in (1, 2, 3)]
   plot_loss_history(tmp_path / "l.png", history, title="x" * 300)
   assert legends == ["kl"]  # the total is one averaged line
+
+
+def test_region_map_puts_longitude_on_x_and_rings_the_regions_without_a_value(
+  tmp_path, monkeypatch
+):
+  from jaxurban.viz import region_map
+
+  # (lat, lon): latitudes near 34, longitudes near 108, so swapped axes show.
+  centroids = np.array([[34.1, 108.9], [34.3, 108.7], [34.2, 109.1], [34.4, 108.8]])
+  values = np.array([3.0, np.nan, 1.0, 7.0])
+  saved = {}
+  real_save = region_map.save_figure_atomic
+
+  def keep(fig, path, dpi):
+    saved["fig"] = fig
+    return real_save(fig, path, dpi)
+
+  monkeypatch.setattr(region_map, "save_figure_atomic", keep)
+  path = tmp_path / "map.png"
+  assert region_map.plot_region_values(centroids, values, path, title="t") == path
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert [p.name for p in tmp_path.iterdir()] == ["map.png"]
+  ax = saved["fig"].axes[0]
+  assert (ax.get_xlabel(), ax.get_ylabel()) == ("longitude", "latitude")
+  rings, points = ax.collections
+  # The region without a value is a ring at its own (lon, lat).
+  np.testing.assert_allclose(rings.get_offsets(), [[108.7, 34.3]])
+  # The others carry their values as colours, region by region.
+  np.testing.assert_allclose(points.get_offsets(), [[108.9, 34.1], [109.1, 34.2], [108.8, 34.4]])
+  np.testing.assert_allclose(points.get_array(), [3.0, 1.0, 7.0])
+
+
+def test_city_plot_draws_each_city_at_its_own_joint_projection_and_level(
+  rng, monkeypatch, tmp_path
+):
+  from matplotlib.colors import to_rgba
+
+  from jaxurban.viz import embedding_plot
+
+  saved = {}
+  monkeypatch.setattr(embedding_plot, "save_figure_atomic", lambda fig, *_: saved.update(fig=fig))
+  # Cities of different sizes; Y sits apart from X, so a projection of each
+  # city alone would differ from the joint one.
+  z_x, z_y = rng.normal(size=(18, 5)), rng.normal(size=(11, 5)) + 3.0
+  g_x, g_y = rng.uniform(size=18), rng.uniform(size=11) * 100
+  embedding_plot.plot_city_embeddings(
+    z_x, z_y, g_x, g_y, "cd", "xa", tmp_path / "p.png", method="pca"
+  )
+  xy = np.asarray(pca_2d(np.concatenate([z_x, z_y]).astype(np.float32)))
+  p_x, p_y = xy[:18], xy[18:]
+  lv_x, lv_y = gdp_levels(g_x), gdp_levels(g_y)
+  collections = saved["fig"].axes[0].collections
+  assert len(collections) == 6  # per level: city X (triangles), then city Y (dots)
+  for level, color in enumerate(embedding_plot.GDP_LEVEL_COLORS):
+    for points, p, lv in (
+      (collections[2 * level], p_x, lv_x),
+      (collections[2 * level + 1], p_y, lv_y),
+    ):
+      np.testing.assert_allclose(points.get_offsets(), p[lv == level], rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(points.get_facecolor()[:, :3], [to_rgba(color)[:3]])
+  assert embedding_plot.GDP_LEVEL_NAMES == ("low", "medium", "high")
+
+
+def test_pca_2d_fixes_each_components_sign_by_its_largest_loading(rng):
+  x = rng.normal(size=(60, 4)) * np.array([4.0, 2.0, 1.0, 0.3])
+  xc = x - x.mean(0)
+  _, vecs = np.linalg.eigh(xc.T @ xc)
+  comps = vecs[:, ::-1][:, :2]
+  comps = comps * np.where(comps[np.argmax(np.abs(comps), axis=0), [0, 1]] < 0, -1.0, 1.0)
+  got = np.asarray(pca_2d(jnp.asarray(x, jnp.float32)))
+  np.testing.assert_allclose(got, xc @ comps, rtol=1e-3, atol=1e-3)
+
+
+def test_tsne_automatic_learning_rate(rng):
+  # "auto" = max(N / early_exaggeration / 4, 50): 50 for these 30 points.
+  x = rng.normal(size=(30, 4)).astype(np.float32)
+  run = lambda lr: np.asarray(
+    tsne(x, perplexity=5.0, n_iter=20, n_exaggeration=10, learning_rate=lr)
+  )
+  auto = run("auto")
+  np.testing.assert_array_equal(auto, run(50.0))
+  assert np.abs(auto - run(30 / 12 / 4)).max() > 1e-6
+
+
+def test_loss_plot_draws_every_seed_and_a_log_axis_for_wide_ranges(tmp_path, monkeypatch):
+  from jaxurban.viz import loss_curves
+
+  saved = {}
+  monkeypatch.setattr(loss_curves, "save_figure_atomic", lambda fig, *_: saved.update(fig=fig))
+  history = [
+    {
+      "epoch": e,
+      "total": [10.0**-e, 3 * 10.0**-e, 5 * 10.0**-e],
+      "kl": [1.0 + e, 2.0, 3.0 - e / 10],
+    }
+    for e in (1, 2, 3, 4)
+  ]
+  loss_curves.plot_loss_history(tmp_path / "l.png", history, seed_labels=[7, 8, 9])
+  total, kl = saved["fig"].axes[:2]
+  assert (total.get_title(), kl.get_title()) == ("total", "kl")
+  for ax, term in ((total, "total"), (kl, "kl")):
+    lines = ax.get_lines()
+    assert len(lines) == 3
+    for s, line in enumerate(lines):
+      np.testing.assert_array_equal(line.get_xdata(), [1, 2, 3, 4])
+      np.testing.assert_allclose(line.get_ydata(), [row[term][s] for row in history])
+  assert [t.get_text() for t in total.get_legend().get_texts()] == ["seed 7", "seed 8", "seed 9"]
+  # Three decades on the total, less than a factor 3 on kl.
+  assert (total.get_yscale(), kl.get_yscale()) == ("log", "linear")
