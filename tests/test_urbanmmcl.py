@@ -1136,3 +1136,31 @@ def test_ridge_probe_leaves_out_regions_without_check_ins(data_root, rng):
   a, b = ridge_probe(emb, labels, config), ridge_probe(moved, labels, config)
   assert a["checkIn"] == b["checkIn"]
   assert a["crime"]["r2"]["mean"] != b["crime"]["r2"]["mean"]
+
+
+def test_finetuning_keeps_no_epoch_after_patience_runs_out(data_root):
+  # The kept epoch is the last validation record before the first run of more
+  # than `patience` epochs without one: patience 0 keeps the first epoch, and
+  # a shorter patience never keeps a later epoch than a longer one.
+  from jaxurban.urbanmmcl import train as mmcl
+
+  base = mmcl.UrbanMMCLConfig(
+    city="NY", data_root=str(data_root), seeds=1, epochs=1, finetune_folds=3,
+    finetune_epochs=8, model=dataclasses.replace(_TINY, use_images=False),
+  )  # fmt: skip
+  inputs, model_config, meta = mmcl.prepare(base)
+  pre = UrbanMMCL(model_config).init(
+    jax.random.PRNGKey(0), inputs, jax.random.PRNGKey(1), train=True
+  )
+
+  def best_epochs(patience):
+    config = dataclasses.replace(base, patience=patience)
+    result = mmcl._finetune_task(
+      config, model_config, pre, inputs, "crime", meta, 0, lambda *_: None
+    )
+    return np.asarray(result["best_epochs"])
+
+  unlimited, short, none = best_epochs(8), best_epochs(1), best_epochs(0)
+  assert unlimited.max() > 0  # validation improves after the first epoch somewhere
+  np.testing.assert_array_equal(none, 0)
+  assert np.all(short <= unlimited)

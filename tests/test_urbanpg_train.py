@@ -734,3 +734,32 @@ def test_baselines_fall_back_where_training_saw_nothing(rng):
   w = dataclasses.replace(w, y=np.where(missing, 0.0, w.y), y_mask=~missing)
   model = PerNodeLinear(w, scaler, ridge=1e-8)
   np.testing.assert_allclose(model.weights[:, :4], weights, atol=1e-4)
+
+
+@pytest.mark.parametrize("stages", [(0.5, 1.0), (0.7, 0.85, 1.0)])
+def test_continual_stages_take_consecutive_periods_of_growing_node_prefixes(data_root, stages):
+  # Eqs. 9-10 see a stream: stage tau is its own period of the series, not
+  # everything up to it, and its detectors are the nearest share of the
+  # network to the centroid, a prefix of the next stage's.
+  data = load_los_loop(data_root)
+  config = train.UrbanPGConfig(**{**TINY, "continual_stages": stages})
+  tasks = train.continual_tasks(data, config)
+  assert len(tasks) == len(stages)
+  distance = np.linalg.norm(data.coords - data.coords.mean(0), axis=1)
+  start, previous = 0, None
+  for task, share in zip(tasks, stages):
+    n_nodes = int(round(share * data.n_nodes))
+    ids = task.data.sensor_ids
+    assert len(ids) == n_nodes
+    nodes = np.array([list(data.sensor_ids).index(s) for s in ids])
+    # The kept detectors are those nearest the centroid, in that order.
+    assert distance[nodes].max() <= np.delete(distance, nodes).min(initial=np.inf)
+    assert np.all(np.diff(distance[nodes]) >= 0)
+    if previous is not None:
+      np.testing.assert_array_equal(ids[: len(previous)], previous)
+    steps = task.data.n_steps
+    assert abs(steps - data.n_steps / len(stages)) <= 1
+    np.testing.assert_array_equal(task.data.speed, data.speed[start : start + steps][:, nodes])
+    np.testing.assert_array_equal(task.data.time_of_day, data.time_of_day[start : start + steps])
+    start, previous = start + steps, ids
+  assert start == data.n_steps
