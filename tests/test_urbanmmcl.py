@@ -556,6 +556,19 @@ def test_tiny_end_to_end_runs(tmp_path, data_root, rng):
     assert np.isfinite(out["ridge"]["embedding"][task]["r2"]["mean"])
   saved = json.loads((tmp_path / "chi" / "results.json").read_text())
   assert saved["ridge"]["raw_features"]["crime"]["r2"]["per_seed"]
+  # Each row is the probe on its own features: the saved embeddings, and
+  # the model's input features (a row scored on the other would tie them).
+  from jaxurban.urbanmmcl.train import prepare, ridge_probe
+
+  prepared_inputs, _, prepared_meta = prepare(config)
+  features = np.asarray(prepared_inputs["features"])[None]
+  embeddings = np.load(tmp_path / "chi" / "embeddings.npy")
+  for probe, tuned in (("ridge", False), ("ridge_tuned", True)):
+    for which, x in (("embedding", embeddings), ("raw_features", features)):
+      expected = json.loads(
+        json.dumps(ridge_probe(x, prepared_meta["labels"], config, tuned=tuned))
+      )
+      assert saved[probe][which] == expected, (probe, which)
   # The model as trained, not the config's defaults: the location frame is
   # set from the city's centroids.
   assert saved["config"]["model"]["loc_scale"] == 1.0

@@ -763,3 +763,40 @@ def test_continual_stages_take_consecutive_periods_of_growing_node_prefixes(data
     np.testing.assert_array_equal(task.data.time_of_day, data.time_of_day[start : start + steps])
     start, previous = start + steps, ids
   assert start == data.n_steps
+
+
+def test_fit_reshuffles_batches_each_epoch_and_logs_their_weighted_mean_loss(
+  fit_small, tmp_path, monkeypatch
+):
+  # Each epoch draws its own order of the training windows; the logged
+  # training MAE weights each batch by its real samples, so the padded last
+  # batch counts for what it holds.
+  orders, steps = [], []
+  batches, make_step = train.padded_batches, train.make_train_step
+
+  def recorded_batches(n, batch_size, order=None):
+    if order is not None:  # training; validation passes no order
+      orders.append(np.asarray(order))
+    return batches(n, batch_size, order)
+
+  def recorded_make_step(*args, **kwargs):
+    step = make_step(*args, **kwargs)
+
+    def recorded(state, batch):
+      state, loss = step(state, batch)
+      steps.append((len(orders), float(loss), float(np.sum(batch["weight"]))))
+      return state, loss
+
+    return recorded
+
+  monkeypatch.setattr(train, "padded_batches", recorded_batches)
+  monkeypatch.setattr(train, "make_train_step", recorded_make_step)
+  _, log = fit_small(tmp_path, epochs=2, patience=2)
+  assert len(orders) == 2
+  for order in orders:
+    np.testing.assert_array_equal(np.sort(order), np.arange(len(order)))
+  assert not np.array_equal(orders[0], orders[1])
+  for epoch, row in enumerate(log["history"], start=1):
+    loss, weight = np.array([(l, w) for e, l, w in steps if e == epoch]).T
+    assert len(set(weight)) > 1  # a padded last batch, or the weighting is not exercised
+    np.testing.assert_allclose(row["train_mae"], np.average(loss, weights=weight), rtol=1e-6)
