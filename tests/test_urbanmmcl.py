@@ -807,6 +807,33 @@ def test_embedding_picture_lists_the_classes_present(tmp_path, monkeypatch, rng)
   ]
 
 
+def _new_york_finetuning(data_root, **settings):
+  """A tiny New York fine-tuning setup without images: the config, the
+  prepared inputs, the model config, the task data and a fresh encoder."""
+  from jaxurban.urbanmmcl import train as mmcl
+
+  config = mmcl.UrbanMMCLConfig(
+    city="NY", data_root=str(data_root), seeds=1, epochs=1,
+    model=dataclasses.replace(_TINY, use_images=False), **settings,
+  )  # fmt: skip
+  inputs, model_config, meta = mmcl.prepare(config)
+  pre = UrbanMMCL(model_config).init(
+    jax.random.PRNGKey(0), inputs, jax.random.PRNGKey(1), train=True
+  )
+  return config, inputs, model_config, meta, pre
+
+
+def _record_pooled_folds(monkeypatch):
+  """The per-fold outputs `kfold.pool_folds` is handed, one entry a call."""
+  from jaxurban.eval import kfold
+
+  seen, pool = [], kfold.pool_folds
+  monkeypatch.setattr(
+    kfold, "pool_folds", lambda per_fold, masks: seen.append(per_fold) or pool(per_fold, masks)
+  )
+  return seen
+
+
 def test_finetuning_never_sees_a_folds_test_labels(data_root, monkeypatch):
   # Model f trains on its training folds and stops on fold f + 1: the labels
   # of its test fold f must change neither its predictions there nor its
@@ -814,20 +841,12 @@ def test_finetuning_never_sees_a_folds_test_labels(data_root, monkeypatch):
   from jaxurban.eval import kfold
   from jaxurban.urbanmmcl import train as mmcl
 
-  config = mmcl.UrbanMMCLConfig(
-    city="NY", data_root=str(data_root), seeds=1, epochs=1, finetune_folds=3,
-    finetune_epochs=8, patience=8, model=dataclasses.replace(_TINY, use_images=False),
-  )  # fmt: skip
-  inputs, model_config, meta = mmcl.prepare(config)
-  key = jax.random.PRNGKey(0)
-  pre = UrbanMMCL(model_config).init(key, inputs, jax.random.PRNGKey(1), train=True)
+  config, inputs, model_config, meta, pre = _new_york_finetuning(
+    data_root, finetune_folds=3, finetune_epochs=8, patience=8
+  )
   n = meta["n_regions"]
   test0 = kfold.fold_assignment(n, 3, config.fold_seed) == 0
-  seen = []
-  pool = kfold.pool_folds
-  monkeypatch.setattr(
-    kfold, "pool_folds", lambda per_fold, masks: seen.append(per_fold) or pool(per_fold, masks)
-  )
+  seen = _record_pooled_folds(monkeypatch)
 
   def fold0(labels):
     meta_now = dict(meta, labels=dict(meta["labels"], crime=labels))
@@ -1070,14 +1089,7 @@ def test_finetuning_splits_each_fold_into_train_validation_and_test(data_root, m
   from jaxurban.eval import kfold
   from jaxurban.urbanmmcl import train as mmcl
 
-  config = mmcl.UrbanMMCLConfig(
-    city="NY", data_root=str(data_root), seeds=1, epochs=1, finetune_folds=4,
-    model=dataclasses.replace(_TINY, use_images=False),
-  )  # fmt: skip
-  inputs, model_config, meta = mmcl.prepare(config)
-  pre = UrbanMMCL(model_config).init(
-    jax.random.PRNGKey(0), inputs, jax.random.PRNGKey(1), train=True
-  )
+  config, inputs, model_config, meta, pre = _new_york_finetuning(data_root, finetune_folds=4)
   calls = []
 
   def runner(config, model_config, outputs, classification):
@@ -1106,22 +1118,12 @@ def test_finetuning_splits_each_fold_into_train_validation_and_test(data_root, m
 def test_finetuned_predictions_follow_an_affine_change_of_the_labels(data_root, monkeypatch):
   # Regression heads learn standardised labels and predictions are mapped
   # back: labels a y + b give predictions a p + b, on the labels' own scale.
-  from jaxurban.eval import kfold
   from jaxurban.urbanmmcl import train as mmcl
 
-  config = mmcl.UrbanMMCLConfig(
-    city="NY", data_root=str(data_root), seeds=1, epochs=1, finetune_folds=3,
-    finetune_epochs=3, patience=3, model=dataclasses.replace(_TINY, use_images=False),
-  )  # fmt: skip
-  inputs, model_config, meta = mmcl.prepare(config)
-  pre = UrbanMMCL(model_config).init(
-    jax.random.PRNGKey(0), inputs, jax.random.PRNGKey(1), train=True
+  config, inputs, model_config, meta, pre = _new_york_finetuning(
+    data_root, finetune_folds=3, finetune_epochs=3, patience=3
   )
-  seen = []
-  pool = kfold.pool_folds
-  monkeypatch.setattr(
-    kfold, "pool_folds", lambda per_fold, masks: seen.append(per_fold) or pool(per_fold, masks)
-  )
+  seen = _record_pooled_folds(monkeypatch)
 
   def predictions(labels):
     meta_now = dict(meta, labels=dict(meta["labels"], crime=labels))
@@ -1157,13 +1159,8 @@ def test_finetuning_keeps_no_epoch_after_patience_runs_out(data_root):
   # a shorter patience never keeps a later epoch than a longer one.
   from jaxurban.urbanmmcl import train as mmcl
 
-  base = mmcl.UrbanMMCLConfig(
-    city="NY", data_root=str(data_root), seeds=1, epochs=1, finetune_folds=3,
-    finetune_epochs=8, model=dataclasses.replace(_TINY, use_images=False),
-  )  # fmt: skip
-  inputs, model_config, meta = mmcl.prepare(base)
-  pre = UrbanMMCL(model_config).init(
-    jax.random.PRNGKey(0), inputs, jax.random.PRNGKey(1), train=True
+  base, inputs, model_config, meta, pre = _new_york_finetuning(
+    data_root, finetune_folds=3, finetune_epochs=8
   )
 
   def best_epochs(patience):

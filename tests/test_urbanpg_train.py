@@ -584,18 +584,8 @@ def test_batch_loss_is_the_masked_mae_in_raw_units(rng):
     "weight": np.array([1, 1, 1, 1, 0, 0], np.float32),
   }
   key = jax.random.PRNGKey(1)
-  forward = jax.jit(
-    lambda p, b, k: model.apply(
-      {"params": p},
-      b["x"],
-      b["x_mask"],
-      b["time_of_day"],
-      b["day_of_week"],
-      train=True,
-      rngs={"perturb": k},
-    )
-  )
-  scaled = forward(params, batch, key)
+  inputs = [batch[k] for k in ("x", "x_mask", "time_of_day", "day_of_week")]
+  scaled = model.apply({"params": params}, *inputs, train=True, rngs={"perturb": key})
   pred = scaler.inverse(np.asarray(scaled, np.float64))
   keep = y_mask & (batch["weight"][:, None, None] > 0)
   expected = np.abs(pred - batch["y"])[keep].mean()
