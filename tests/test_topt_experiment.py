@@ -179,6 +179,12 @@ def test_bad_fold_and_prompt_settings_are_usage_errors(capsys):
     with pytest.raises(ValueError, match=field):
       ToptConfig(**{field: value})
   ToptConfig(embedding_dim=146, prompt4re=False)
+  # The evaluation interval is Prompt4RE's: without it a changed one is
+  # refused for what it is, not as a prompt-epoch budget it does not divide.
+  with pytest.raises(ValueError, match="eval_every=7 has no effect without Prompt4RE"):
+    ToptConfig(prompt4re=False, eval_every=7)
+  with pytest.raises(ValueError, match="eval_every=10 has no effect without Prompt4RE"):
+    ToptConfig(city="NY", eval_every=10)
   ToptConfig(embedding_dim=146, alignment=False)
   # SREL's own settings are checked when the config is made, not after the
   # data and prompt vectors are read.

@@ -109,6 +109,7 @@ PROMPT_ONLY_FIELDS = (
   "protocol",
   "prompt_epochs",
   "prompt_learning_rate",
+  "eval_every",
   "context",
   "value_basis",
   "head_init",
