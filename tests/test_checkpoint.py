@@ -6,7 +6,13 @@ import shutil
 import numpy as np
 import pytest
 
-from jaxurban.checkpoint import Checkpointer, CheckpointMismatch, CheckpointUnreadable
+from jaxurban.checkpoint import (
+  Checkpointer,
+  CheckpointMismatch,
+  CheckpointUnreadable,
+  as_written_json,
+  check_same_config,
+)
 
 
 def test_restores_the_latest_state_with_its_config_and_log(tmp_path):
@@ -38,6 +44,26 @@ def test_a_nan_setting_resumes_and_a_config_edited_into_a_list_is_named(tmp_path
   (reader.directory / "1" / "config" / "metadata").write_text("[1, 2]")
   with pytest.raises(CheckpointUnreadable, match="holds a config that is a list, not a mapping"):
     Checkpointer(tmp_path).restore(state, config)
+
+
+@pytest.mark.parametrize(
+  "changed, name",
+  [
+    ({"seeds": (0, 1, 2)}, "seeds"),  # one more seed: same prefix, longer list
+    ({"seeds": (0,)}, "seeds"),
+    ({"model": {"dim": 8, "heads": 2, "layers": 3}}, "model"),  # a setting added inside
+    ({"model": {"dim": 8}}, "model"),
+  ],
+)
+def test_nested_settings_differ_in_length_and_keys_as_well_as_values(tmp_path, changed, name):
+  # A resumed run with one more seed, or a model setting the saved run did
+  # not have, is another run even where every value they share is equal.
+  config = {"seeds": (0, 1), "model": {"dim": 8, "heads": 2}, "out": tmp_path / "run"}
+  check_same_config(as_written_json(config), config, "saved")
+  with pytest.raises(CheckpointMismatch, match=name):
+    check_same_config(as_written_json(config), {**config, **changed}, "saved")
+  # A path is written as its text, and reads back equal to it.
+  assert as_written_json(config)["out"] == str(tmp_path / "run")
 
 
 def test_a_save_killed_part_way_is_ignored_then_removed(tmp_path):
