@@ -141,6 +141,12 @@ def test_a_refused_run_leaves_no_empty_folders(tmp_path):
     out.mkdir(parents=True)
     (out / "metrics.json").write_text("{}")
   assert (out / "metrics.json").is_file()
+  # A link the run made is kept too, even one whose target has gone.
+  linked = tmp_path / "linked" / "setting"
+  with no_empty_folder_left(linked):
+    linked.mkdir(parents=True)
+    (linked / "latest").symlink_to(tmp_path / "gone")
+  assert (linked / "latest").is_symlink()
   existing = tmp_path / "existing"
   existing.mkdir()
   with no_empty_folder_left(existing):
@@ -186,3 +192,34 @@ def test_an_interrupted_command_says_how_to_resume(capsys):
   for name in ("core_align", "topt", "urbanpg", "urbanmmcl"):
     source = (pathlib.Path(__file__).parents[1] / "experiments" / f"{name}.py").read_text()
     assert "sys.exit(exit_status(main, resumable=True))" in source, name
+
+
+def test_default_output_folder_names_every_changed_result_setting(tmp_path):
+  from experiments.common import default_output_folder
+
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--epochs", type=int, default=600)
+  parser.add_argument("--no-lma", action="store_true")
+  parser.add_argument("--sizes", type=positive_int_list, default=[716])
+  parser.add_argument("--embeddings", default=None)
+  parser.add_argument("--log-every", type=int, default=10)
+
+  def folder(*argv):
+    args = parser.parse_args(list(argv))
+    return default_output_folder(tmp_path, parser, args, ["XA", "CD"], ignore=["log_every"]).name
+
+  # The plain command keeps the short name; a setting that changes no result
+  # (how often to log) adds nothing.
+  assert folder() == folder("--log-every", "5") == "XA-CD"
+  assert folder("--epochs", "20", "--no-lma", "--sizes", "1,2") == "XA-CD-epochs20-no-lma-sizes1+2"
+  # A path is not spelled out: a short digest of it, one per path.
+  one, other = folder("--embeddings", "/runs/a/emb.npy"), folder("--embeddings", "/runs/b/emb.npy")
+  assert one.startswith("XA-CD-embeddings") and len(one) == len("XA-CD-embeddings") + 8
+  assert one != other and "/" not in one
+
+
+def test_input_paths_expand_the_home_folder(monkeypatch, tmp_path):
+  from experiments.common import absolute_path
+
+  monkeypatch.setenv("HOME", str(tmp_path))
+  assert absolute_path("~/vectors") == str(tmp_path / "vectors")
