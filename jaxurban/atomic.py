@@ -140,6 +140,18 @@ def _json_default(value):
   raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def same_json_value(a: Any, b: Any) -> bool:
+  """JSON values equal as Python compares them (1 == 1.0), except that NaN
+  equals NaN: a setting saved as NaN must not make its own run unresumable."""
+  if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+    return True
+  if isinstance(a, dict) and isinstance(b, dict):
+    return a.keys() == b.keys() and all(same_json_value(a[k], b[k]) for k in a)
+  if isinstance(a, list) and isinstance(b, list):
+    return len(a) == len(b) and all(same_json_value(x, y) for x, y in zip(a, b))
+  return a == b
+
+
 def json_differences(key: str, saved: Any, current: Any) -> list[str]:
   """ "key: saved X vs now Y" for each differing leaf, nested dicts walked, so
   that a changed file hash names that file rather than printing both tables."""
@@ -148,7 +160,7 @@ def json_differences(key: str, saved: Any, current: Any) -> list[str]:
     return [
       part
       for k in keys
-      if saved.get(k) != current.get(k)
+      if not same_json_value(saved.get(k), current.get(k))
       for part in json_differences(f"{key}.{k}", saved.get(k), current.get(k))
     ]
   return [f"{key}: saved {saved!r} vs now {current!r}"]

@@ -10,7 +10,6 @@ intact.
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
 from typing import Any
@@ -23,6 +22,7 @@ from jaxurban.atomic import (  # noqa: F401
   as_json_types as _as_json,
   as_written_json,
   json_differences as _differences,
+  same_json_value as _same_value,
   atomic_write,
   save_npy_atomic,
   write_json_atomic,
@@ -62,18 +62,6 @@ def check_same_config(saved: dict, config: dict, what: str, ignore: tuple[str, .
       f"{what} was written with a different config ({details}); "
       "use another output folder or delete it"
     )
-
-
-def _same_value(a: Any, b: Any) -> bool:
-  """JSON values equal as Python compares them (1 == 1.0), except that NaN
-  equals NaN: a setting saved as NaN must not make its own run unresumable."""
-  if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-    return True
-  if isinstance(a, dict) and isinstance(b, dict):
-    return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
-  if isinstance(a, list) and isinstance(b, list):
-    return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
-  return a == b
 
 
 def check_previous_results(

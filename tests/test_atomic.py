@@ -97,3 +97,39 @@ def test_an_output_folder_that_cannot_be_written_is_named(tmp_path):
   assert (
     problem == f"{tmp_path / 'file' / 'run'}: cannot be made, since {tmp_path / 'file'} is a file"
   )
+
+
+def test_json_is_sorted_indented_and_ends_with_a_newline(tmp_path):
+  # Metrics files of two runs compare line by line with diff.
+  path = tmp_path / "m.json"
+  write_json_atomic(path, {"b": [2], "a": 1})
+  assert path.read_text() == '{\n  "a": 1,\n  "b": [\n    2\n  ]\n}\n'
+
+
+def test_missing_folders_on_the_way_are_made(tmp_path):
+  write_json_atomic(tmp_path / "new" / "run" / "m.json", {"x": 1})
+  assert json.loads((tmp_path / "new" / "run" / "m.json").read_text()) == {"x": 1}
+
+
+def test_the_file_is_written_beside_the_target_and_appears_whole(tmp_path):
+  # The temporary file must lie in the target's folder: a rename within one
+  # file system replaces the target at once, and the target appears only
+  # after the writer has finished.
+  seen = []
+
+  def write(f):
+    seen.extend(sorted(p.name for p in tmp_path.iterdir()))
+    f.write(b"whole")
+
+  atomic_write(tmp_path / "x.bin", write)
+  assert len(seen) == 1 and seen[0].startswith(".x.bin.") and seen[0].endswith(".tmp")
+  assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+  assert (tmp_path / "x.bin").read_bytes() == b"whole"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_folder_that_takes_no_new_file_is_named():
+  # /proc takes no new file, whoever runs the test (root included); the
+  # check must try the nearest existing folder itself, not any other.
+  problem = atomic.writable_folder_problem("/proc/no-such-folder/run")
+  assert problem.startswith("/proc/no-such-folder/run: cannot write in /proc (")

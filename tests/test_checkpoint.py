@@ -141,3 +141,60 @@ def test_results_guard_reads_configs_as_the_results_file_wrote_them(tmp_path):
   path.write_text(json.dumps({"config": None}))
   with pytest.raises(CheckpointMismatch, match="holds no readable 'config'"):
     check_previous_results(path, config)
+
+
+def test_only_the_two_latest_checkpoints_are_kept(tmp_path):
+  # A long run saves every few epochs; keeping every step would fill the disk.
+  state = {"w": np.zeros(3, np.float32)}
+  saver = Checkpointer(tmp_path)
+  for step in (1, 2, 3, 4):
+    saver.save(step, state, {"lr": 0.1})
+  saver.close()
+  assert sorted(p.name for p in saver.directory.iterdir()) == ["3", "4"]
+
+
+def test_a_checkpoint_saved_without_a_log_restores_none(tmp_path):
+  # Checkpoints written before logs were saved still resume, with no history.
+  state = {"w": np.zeros(3, np.float32)}
+  assert Checkpointer(tmp_path).restore_log() is None  # nothing saved yet
+  saver = Checkpointer(tmp_path)
+  saver.save(1, state, {"lr": 0.1})
+  saver.close()
+  reader = Checkpointer(tmp_path)
+  assert reader.restore_log() is None
+  assert reader.restore(state, {"lr": 0.1})[0] == 1
+
+
+def test_a_refused_checkpoint_names_its_folder_step_and_every_difference(tmp_path):
+  state = {"w": np.zeros(3, np.float32)}
+  saved = {"lr": 0.1, "data": {"cd": {"regions": 5, "mob": "aa"}, "xa": {"regions": 4}}}
+  saver = Checkpointer(tmp_path)
+  saver.save(7, state, saved)
+  saver.close()
+  changed = {"lr": 0.2, "data": {"cd": {"regions": 5, "mob": "bb"}, "xa": {"regions": 4}}}
+  with pytest.raises(CheckpointMismatch) as caught:
+    Checkpointer(tmp_path).restore(state, changed)
+  # Nested settings are named down to the leaf that changed, and only those.
+  assert str(caught.value) == (
+    f"{saver.directory}: the checkpoint at step 7 was written with a different config "
+    "(data.cd.mob: saved 'aa' vs now 'bb', lr: saved 0.1 vs now 0.2); "
+    "use another output folder or delete it"
+  )
+
+
+def test_an_unreadable_results_file_is_named(tmp_path):
+  from jaxurban.checkpoint import check_previous_results
+
+  path = tmp_path / "metrics.json"
+  path.write_text(json.dumps({"scores": [1.0]}))
+  with pytest.raises(CheckpointMismatch) as caught:
+    check_previous_results(path, {"task": "crime"})
+  assert str(caught.value).startswith(f"{path}: holds no readable 'config' (KeyError)")
+
+
+def test_a_nan_setting_beside_a_changed_one_is_not_named():
+  # NaN equals NaN in the comparison, so the message names only what changed.
+  nan = float("nan")
+  with pytest.raises(CheckpointMismatch) as caught:
+    check_same_config({"m": {"a": nan, "b": 1}}, {"m": {"a": nan, "b": 2}}, "saved")
+  assert "(m.b: saved 1 vs now 2)" in str(caught.value)

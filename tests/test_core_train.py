@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import pathlib
 
 import chex
 import jax
@@ -427,3 +428,172 @@ def test_a_city_of_one_region_is_refused(data_root, graphs, tmp_path):
                    mob=(["origin_id", "destination_id", "mobility_weight"], [[0, 0, 1.0]]))  # fmt: skip
   with pytest.raises(DataError, match=r"core/zz: the \.geo lists 1 region\(s\)"):
     train.load_city_graph("zz", root)
+
+
+def _toward_target(params, key, target):
+  total = ((params["w"] - target) ** 2).sum()
+  return total, {"total": total}
+
+
+def test_a_stage_checkpoints_on_schedule_and_resumes_where_it_stopped(
+  tmp_path, monkeypatch, capsys
+):
+  # A toy stage, fast enough to check the schedule epoch by epoch: saves
+  # every `checkpoint_every` epochs and at the last one, and a killed run
+  # resumed from its last checkpoint ends as the uninterrupted one.
+  import jax.numpy as jnp
+
+  training_files = {"regions": 3, "mobility_edges": 2, "training": {"xa.mob": "aa"}}
+  data = {"xa": {**training_files, "source_dir": "/a", "labels": {"gdp.npy": "11"}}}
+  saved = []
+  original_save = Checkpointer.save
+
+  def recording_save(self, step, state, cfg, **kwargs):
+    saved.append(step)
+    original_save(self, step, state, cfg, **kwargs)
+
+  monkeypatch.setattr(Checkpointer, "save", recording_save)
+
+  def run(folder, revision=3, description=data, **overrides):
+    settings = dict(seeds=2, epochs=5, log_every=1, checkpoint_every=2, learning_rate=0.1)
+    config = CoreConfig(**{**settings, **overrides})
+    params = {"w": jax.numpy.zeros((2, 3))}
+    keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(2))
+    target = (jnp.float32(1.0),)
+    return train._run_stage(
+      "toy", tmp_path / folder, config, _toward_target, params, keys, target, 5,
+      data_description=description, revision=revision,
+    )  # fmt: skip
+
+  expected, log = run("straight")
+  assert saved == [2, 4, 5]
+  assert [row["epoch"] for row in log["history"]] == [1, 2, 3, 4, 5]
+  printed = capsys.readouterr().out
+  assert "[toy] epoch     1/5  total " in printed and "[toy] epoch     5/5  total " in printed
+
+  def save_then_die(self, step, state, cfg, **kwargs):
+    original_save(self, step, state, cfg, **kwargs)
+    raise KeyboardInterrupt("killed after the first checkpoint")
+
+  monkeypatch.setattr(Checkpointer, "save", save_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    run("killed")
+  monkeypatch.setattr(Checkpointer, "save", recording_save)
+  saved.clear()
+  # Where the outputs go, how often to log and whether to plot may change
+  # on resumption; so may the data's folder and its labels, which only the
+  # evaluation reads.
+  moved = {"xa": {**training_files, "source_dir": "/b", "labels": {"gdp.npy": "22"}}}
+  resumed, log_resumed = run("killed", description=moved, log_every=3, plot=False)
+  assert "[toy] resuming from the checkpoint at epoch 2" in capsys.readouterr().out
+  assert log_resumed["resumed_from"] == 2 and saved == [4, 5]
+  assert log_resumed["history"] == log["history"]
+  np.testing.assert_array_equal(resumed["w"], expected["w"])
+
+  # Another stage revision or other training files: another run.
+  with pytest.raises(CheckpointMismatch, match="stage_revision: saved 3 vs now 4"):
+    run("straight", revision=4)
+  other_files = {"xa": {**data["xa"], "training": {"xa.mob": "bb"}}}
+  with pytest.raises(CheckpointMismatch, match="data.xa.training.xa.mob: saved 'aa' vs now 'bb'"):
+    run("straight", description=other_files)
+
+
+def test_seeds_are_counted_from_the_first_seed(tmp_path, monkeypatch):
+  # The seeds that make every parameter and training key: first_seed onwards.
+  from jaxurban.graph import city_graph
+
+  class Stop(Exception):
+    pass
+
+  seen = []
+
+  def record_seeds(model, seeds, *graphs):
+    seen.append(np.asarray(seeds).tolist())
+    raise Stop
+
+  monkeypatch.setattr(train, "init_params", record_seeds)
+  pair = city_graph(np.array([0, 1]), np.array([1, 0]), np.ones(2), np.ones(2), 2)
+  with pytest.raises(Stop):
+    train.train_embeddings(CoreConfig(seeds=3, first_seed=4), tmp_path, pair, pair)
+  assert seen == [[4, 5, 6]]
+
+
+def test_the_run_writes_its_embeddings_and_metrics_and_no_picture_without_plot(
+  data_root, tmp_path, monkeypatch
+):
+  # Training replaced by fixed embeddings: what matters here is what the
+  # run writes where, and what metrics.json says about the run.
+  rng = np.random.default_rng(0)
+  z_x, z_y = rng.normal(size=(2, 1056, 8)), rng.normal(size=(2, 1306, 8))
+  logs = {"embed": {"history": [{"epoch": 4, "total": 1.0}]}}
+  monkeypatch.setattr(train, "train_embeddings", lambda *args: (z_x, z_y, logs))
+  config = tiny(data_root, first_seed=5)  # plot=False
+  train.train_and_evaluate(config, tmp_path)
+  written = sorted(p.name for p in tmp_path.iterdir())
+  assert written == ["cd_region_emb.npy", "metrics.json", "xa_region_emb.npy"]
+  np.testing.assert_array_equal(np.load(tmp_path / "xa_region_emb.npy"), z_x.astype(np.float32))
+  np.testing.assert_array_equal(np.load(tmp_path / "cd_region_emb.npy"), z_y.astype(np.float32))
+  metrics = json.loads((tmp_path / "metrics.json").read_text())
+  assert metrics["config"] == config.to_dict()
+  assert metrics["seeds"] == [5, 6]
+  assert metrics["training_log"] == logs
+
+
+def test_a_second_stage_gets_its_own_loss_curves(tmp_path):
+  history = [{"epoch": 1, "total": 2.0, "lma": 1.0}, {"epoch": 2, "total": 1.5, "lma": 0.5}]
+  logs = {"embed": {"history": history}, "align": {"history": history}, "none": {"history": []}}
+  train.plot_training_curves(tmp_path, logs, "XA-CD, two-stage")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["losses.png", "losses_align.png"]
+
+
+def test_every_flag_reaches_the_config(tmp_path):
+  flags = "--pair Xa-Cd --data-root /data --seeds 3 --first-seed 4 --epochs 7 --lr 0.01"
+  flags += " --anchors 12 --alpha 0.5 --beta 2 --loss-form paper --direct --gat segment"
+  flags += " --log-every 3 --checkpoint-every 9 --no-plot --shard-regions"
+  config, out = core_align.parse_config([*flags.split(), "--out", str(tmp_path / "run")])
+  assert out == tmp_path / "run"
+  assert config == CoreConfig(
+    city_x="xa", city_y="cd", data_root="/data", seeds=3, first_seed=4, epochs=7,
+    learning_rate=0.01, n_anchors=12, alpha=0.5, beta=2.0, loss_form="paper", direct=True,
+    gat_implementation="segment", log_every=3, checkpoint_every=9, plot=False,
+    shard_regions=True,
+  )  # fmt: skip
+  config, _ = core_align.parse_config(["--remat-gat", "--shard-seeds"])
+  assert config.remat_gat and config.shard_seeds and config.plot
+  for flags, variant in (
+    ("--no-lma", "no-lma"),
+    ("--no-lia", "no-lia"),
+    ("--two-stage", "two-stage"),
+    ("--variant rp", "rp"),
+  ):
+    assert core_align.parse_config(flags.split())[0].variant == variant
+
+
+def test_a_variant_and_an_ablation_flag_are_not_combined(capsys):
+  # Otherwise the ablation flag would silently replace the variant asked for.
+  with pytest.raises(SystemExit) as stop:
+    core_align.parse_config(["--variant", "rp", "--no-lma"])
+  assert stop.value.code == 2
+  assert "choose one of --variant, --no-lma, --no-lia, --two-stage" in capsys.readouterr().err
+
+
+def test_the_default_folder_names_what_changes_results_only():
+  folder = lambda flags: core_align.parse_config(flags.split())[1]
+  # Checkpoint spacing, pictures, placement and the data's location change
+  # no result, and a run resumes across them: the same folder.
+  same = "--checkpoint-every 7 --no-plot --shard-seeds --data-root /elsewhere"
+  assert folder(same) == pathlib.Path("runs/core_align/xa-cd-core")
+  assert folder("--pair XA-CD --first-seed 3 --lr 0.01") == pathlib.Path(
+    "runs/core_align/xa-cd-core-first-seed3-lr0.01"
+  )
+
+
+def test_a_diverged_run_is_one_line_with_status_2(tmp_path, monkeypatch, capsys):
+  def diverge(config, out):
+    raise FloatingPointError("[embed] the loss of seed(s) [0] is not finite")
+
+  monkeypatch.setattr(core_align, "train_and_evaluate", diverge)
+  out = tmp_path / "run"
+  assert core_align.main(["--pair", "xa-cd", "--out", str(out)]) == 2
+  assert capsys.readouterr().err == "error: [embed] the loss of seed(s) [0] is not finite\n"
+  assert not out.exists()  # the refused run leaves no empty folder behind

@@ -223,3 +223,20 @@ def test_input_paths_expand_the_home_folder(monkeypatch, tmp_path):
 
   monkeypatch.setenv("HOME", str(tmp_path))
   assert absolute_path("~/vectors") == str(tmp_path / "vectors")
+
+
+def test_a_long_setting_is_a_short_digest_in_the_folder_name(tmp_path):
+  # Folder names stay short: a value of more than 24 characters is a digest.
+  import hashlib
+
+  from experiments.common import default_output_folder
+
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--tag", default=None)
+  folder = lambda tag: (
+    default_output_folder(
+      tmp_path, parser, parser.parse_args(["--tag", tag]), ["XA"], ignore=[]
+    ).name
+  )
+  assert folder("a" * 24) == "XA-tag" + "a" * 24
+  assert folder("a" * 25) == "XA-tag" + hashlib.sha256(b"a" * 25).hexdigest()[:8]

@@ -144,3 +144,11 @@ def test_core_progress_lines_are_means_over_seeds(tmp_path):
   for row in log["history"]:  # the parameters barely move at this rate
     assert row["total"] == pytest.approx(2.0 * (1 + 9 + 4) / 3, rel=1e-4)
     assert row["cubes"] == pytest.approx((1 + 27 - 8) / 3, rel=1e-4)
+
+
+def test_a_seed_is_not_finite_when_any_of_its_parameters_is_not():
+  import jax.numpy as jnp
+
+  # Seed 1 is finite in its first leaf and NaN only in its second.
+  params = {"a": jnp.ones((3, 2)), "b": jnp.array([[1.0], [jnp.nan], [2.0]])}
+  assert np.asarray(training.finite_per_seed(params)).tolist() == [True, False, True]
