@@ -271,6 +271,14 @@ def test_initialisation_and_dropout_keys_are_distinct(rng, monkeypatch):
   assert len(set(used)) == len(used)
 
 
+def test_each_model_is_built_with_the_configured_sizes_and_dropout():
+  config = Prompt4REConfig(soft_prompt_dim=8, n_heads=2, attention_dropout=0.0, alignment=False)
+  model = prompt4re._model(16, config)
+  assert (model.prompt_width, model.soft_prompt_dim, model.n_heads) == (16, 8, 2)
+  # Without dropout training sees the function that is evaluated.
+  assert model.attention_dropout == 0.0 and model.alignment is False
+
+
 def test_training_loss_decreases(rng):
   e, p, y = _tiny_problem(rng)
   fold_of = fold_assignment(len(y), 2, seed=0)

@@ -222,6 +222,26 @@ def test_bad_fold_and_prompt_settings_are_usage_errors(capsys):
   )
 
 
+def test_srel_trains_with_the_citys_architecture_and_the_runs_settings():
+  # The SREL run behind a ToPT config: HAFusion's architecture of its city,
+  # the city's schedule unless set, and every SREL setting of the config.
+  new_york = pipeline._srel_config(ToptConfig(city="NY", seeds=(2, 5)))
+  assert (new_york.epochs, new_york.learning_rate) == SREL_SCHEDULES["NY"]
+  assert (new_york.n_heads, new_york.intra_layers, new_york.memory) == (4, 3, 72)
+  assert not new_york.spatial_bias and not new_york.centrality
+  assert new_york.seeds == (2, 5)
+  chicago = pipeline._srel_config(
+    ToptConfig(
+      srel_epochs=10, srel_learning_rate=2e-4, srel_layers=5, spatial_lambda=0.4,
+      embedding_dim=64, centrality=False, seeds=(1,),
+    )
+  )  # fmt: skip
+  assert (chicago.epochs, chicago.learning_rate, chicago.n_layers) == (10, 2e-4, 5)
+  assert (chicago.spatial_lambda, chicago.embedding_dim, chicago.seeds) == (0.4, 64, (1,))
+  assert chicago.spatial_bias and not chicago.centrality
+  assert (chicago.n_heads, chicago.memory) == (1, 36)
+
+
 def test_ablation_flags_change_what_prompt4re_is_given(data_root, tmp_path, rng, monkeypatch):
   """--no-alignment and --no-task-prompt change the model and its inputs, not only the label.
 
@@ -487,6 +507,40 @@ def test_bad_embeddings_file_is_a_data_error(data_root, tmp_path, capsys, write,
   assert topt.main(argv) == 2
   error = capsys.readouterr().err
   assert f"{path}: column 'embeddings_path': " in error and problem in error
+
+
+def test_loaded_embeddings_the_attention_heads_cannot_split_are_a_data_error(
+  data_root, tmp_path, rng, capsys
+):
+  # Prompt4RE's 4 heads split the embedding width: a file of width 18 is
+  # named as the problem before any model is built.
+  n = np.load(data_root / "hafusion" / "Chi" / "crime_counts.npy").shape[0]
+  emb = tmp_path / "emb.npy"
+  np.save(emb, rng.normal(size=(1, n, 18)).astype(np.float32))
+  argv = [
+    "--city", "Chi", "--task", "crime", "--seeds", "1", "--embeddings", str(emb),
+    "--epochs-prompt", "20", "--folds", "3", "--data-root", str(data_root),
+    "--out", str(tmp_path / "run"),
+  ]  # fmt: skip
+  assert topt.main(argv) == 2
+  error = capsys.readouterr().err
+  assert f"{emb}: column 'embeddings_path': width 18 is not divisible by Prompt4RE's 4" in error
+
+
+def test_a_ridge_run_on_loaded_embeddings_records_no_srel_schedule(data_root, tmp_path, rng):
+  # No SREL ran: the metrics say where the embeddings came from, claim no
+  # training schedule, and note that Prompt4RE was switched off.
+  n = np.load(data_root / "hafusion" / "Chi" / "crime_counts.npy").shape[0]
+  emb = tmp_path / "emb.npy"
+  np.save(emb, rng.normal(size=(1, n, 8)).astype(np.float32))
+  config = ToptConfig(
+    tasks=("crime",), seeds=(0,), prompt4re=False, n_folds=3, embeddings_path=str(emb),
+    data_root=str(data_root),
+  )  # fmt: skip
+  metrics = pipeline.train_and_evaluate(config, tmp_path / "run", log=lambda s: None)
+  assert metrics["srel_schedule"] is None
+  assert metrics["srel_embeddings"] == f"loaded from {emb}"
+  assert any(note.startswith("Prompt4RE disabled") for note in metrics["notes"])
 
 
 def test_collapsed_seeds_flags_only_constant_embeddings(rng):

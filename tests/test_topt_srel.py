@@ -561,6 +561,20 @@ def test_step_compiles_once_and_resumes(tmp_path, rng, monkeypatch):
   np.testing.assert_array_equal(resumed, first)
 
 
+def test_each_seed_keys_its_model_by_its_number_not_its_position():
+  # Seed 3 alone and seed 3 beside seed 1 get the same initialisation and
+  # dropout keys, those of PRNGKey(3): a seed's model does not depend on
+  # what runs beside it.
+  init_alone, train_alone = srel_train._seed_keys((3,))
+  init_beside, train_beside = srel_train._seed_keys((1, 3))
+  expected = np.asarray(jax.random.split(jax.random.PRNGKey(3)))
+  np.testing.assert_array_equal(np.asarray(init_alone[0]), expected[0])
+  np.testing.assert_array_equal(np.asarray(train_alone[0]), expected[1])
+  np.testing.assert_array_equal(np.asarray(init_beside[1]), expected[0])
+  np.testing.assert_array_equal(np.asarray(train_beside[1]), expected[1])
+  assert not np.array_equal(np.asarray(init_beside[0]), expected[0])
+
+
 def test_a_diverged_run_is_neither_checkpointed_nor_returned(tmp_path, rng):
   # Losses precede each epoch's update, so a one-epoch run's only loss is
   # finite; the update itself overflows the forward pass.
@@ -606,6 +620,41 @@ def test_config_rejects_bad_values(bad):
   if field in ("spatial_lambda",):
     with pytest.raises(ValueError, match=f"SRELConfig: {field} must be a finite number"):
       ToptConfig(**bad)
+
+
+def test_settings_given_beside_a_task_replace_its_preset():
+  config = SRELConfig.for_task("checkIn", learning_rate=1e-3, n_layers=1, spatial_lambda=0.2)
+  assert (config.learning_rate, config.n_layers, config.spatial_lambda) == (1e-3, 1, 0.2)
+  assert SRELConfig.for_city("NY", n_heads=2).n_heads == 2
+
+
+def test_srel_train_writes_its_embeddings_and_exits_2_on_data_errors(
+  tmp_path, rng, monkeypatch, capsys
+):
+  from jaxurban.data import hafusion
+
+  # A data folder without the city's files: a one-line error, no traceback.
+  assert srel_train.main(["--data-root", str(tmp_path / "nowhere"), "--epochs", "1"]) == 2
+  assert capsys.readouterr().err.startswith("error: ")
+  # The command hands its settings to training and saves what comes back.
+  views = _synthetic_views(rng)
+  embeddings = rng.normal(size=(2, views.n_regions, 8)).astype(np.float32)
+  given = {}
+
+  def train(config, city_views, seeds, workdir):
+    given.update(config=config, views=city_views, seeds=seeds, workdir=workdir)
+    log = {"final_terms": {"epoch": 5, "total": [1.0, 2.0]}, "train_seconds": 0.5}
+    return embeddings, {**log, "resumed_from": 0}
+
+  monkeypatch.setattr(hafusion, "load_city_views", lambda city, root: views)
+  monkeypatch.setattr(srel_train, "train_srel_with_log", train)
+  out = tmp_path / "run"
+  argv = ["--task", "checkIn", "--seeds", "3", "4", "--epochs", "5", "--workdir", str(out)]
+  assert srel_train.main(argv) == 0
+  np.testing.assert_array_equal(np.load(out / "emb.npy"), embeddings)
+  assert given["config"] == SRELConfig.for_task("checkIn", epochs=5)
+  assert given["seeds"] == [3, 4] and given["workdir"] == str(out) and given["views"] is views
+  assert "final losses {'total': 1.5}" in capsys.readouterr().out
 
 
 def test_task_presets():
