@@ -273,3 +273,13 @@ def test_tuned_ridge_inner_fits_never_see_the_test_fold(rng):
   assert chosen[0, 0] == 0.01
   want = _ridge_numpy(x[0, ~test], y[~test], 0.01)(x[0, test])
   np.testing.assert_allclose(pooled[0, test], want, rtol=1e-8, atol=1e-8)
+
+
+def test_leave_one_out_is_the_largest_fold_count(rng):
+  # As many folds as regions is leave-one-out: allowed, one region per fold.
+  fold_of = kfold.fold_assignment(6, 6, 0)
+  np.testing.assert_array_equal(np.sort(fold_of), np.arange(6))
+  # Labels that do not match the embeddings' regions are refused, not broadcast.
+  emb = rng.normal(size=(1, 6, 2))
+  with pytest.raises(ValueError, match=r"labels \[6\]"):
+    kfold.ridge_cv_predictions(emb, np.ones(5), fold_of, 6)

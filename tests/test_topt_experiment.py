@@ -323,6 +323,10 @@ def test_too_many_folds_fail_before_srel(data_root, tmp_path, monkeypatch):
   with pytest.raises(ValueError, match=f"n_folds={scored + 1} exceeds the {scored} regions") as e:
     pipeline.train_and_evaluate(config, tmp_path, log=lambda s: None)
   assert e.value.file == str(data_root / "hafusion" / "Chi" / "check_counts.npy")
+  # One scored region per fold (leave-one-out) is a split that can run.
+  config = ToptConfig(tasks=("checkIn",), n_folds=scored, data_root=str(data_root))
+  with pytest.raises(AssertionError, match="SREL started"):
+    pipeline.train_and_evaluate(config, tmp_path / "loo", log=lambda s: None)
 
 
 def test_validated_protocol_reports_one_honest_row(data_root, tmp_path, rng, monkeypatch):
@@ -579,3 +583,166 @@ def test_mean_and_spread_share_their_decimals():
     (1844.0, 0.0): "1844 ± 0",
   }
   assert {args: mean_std_text(*args) for args in cases} == cases
+  # At most six decimals, however small the spread; a diverged run's NaN shown as such.
+  assert mean_std_text(1.0, 1e-9) == "1.000000 ± 0.000000"
+  assert mean_std_text(float("nan"), 0.1) == "nan ± 0.1"
+
+
+def test_config_refuses_settings_no_run_could_use(tmp_path):
+  """Each of these would fail, or silently do nothing, only after SREL had trained."""
+  for fields, words in (
+    ({"tasks": ()}, "tasks must be a non-empty subset"),
+    ({"tasks": ("crime", "traffic")}, "tasks must be a non-empty subset"),
+    ({"seeds": ()}, "seeds is empty"),
+    ({"task_prompt": False, "mllm": "qwen"}, "without a task template exist only for llama"),
+    ({"prompts_dir": str(tmp_path), "prompt4re": False}, "prompts_dir has no effect"),
+    ({"prompts_dir": str(tmp_path), "city": "NY"}, "prompts_dir has no effect"),
+    ({"fold_seed": 2**32}, "fold_seed must be in"),
+    ({"ridge_alphas": ()}, "ridge_alphas must be values > 0"),
+    ({"ridge_alphas": (1.0, 0.0)}, "ridge_alphas must be values > 0"),
+  ):
+    with pytest.raises(ValueError, match=words):
+      ToptConfig(**fields)
+  # The largest seed numpy's split accepts, and a folder of own prompts
+  # without the task template, are fine.
+  assert ToptConfig(fold_seed=2**32 - 1).fold_seed == 2**32 - 1
+  ToptConfig(task_prompt=False, prompts_dir=str(tmp_path))
+
+
+def test_model_name_lists_every_ablation():
+  assert ToptConfig().model_name() == "ToPT"
+  assert ToptConfig(spatial_bias=False).model_name() == "w/o spatial bias"
+  assert ToptConfig(centrality=False).model_name() == "w/o centrality"
+  assert ToptConfig(task_prompt=False, alignment=False, centrality=False).model_name() == (
+    "w/o Task-relevant Prompt, w/o P-R Alignment, w/o centrality"
+  )
+  assert ToptConfig(prompt4re=False, spatial_bias=False).model_name() == (
+    "w/o Prompt4RE, w/o spatial bias"
+  )
+
+
+def test_prompt_config_carries_every_prompt_setting():
+  from jaxurban.topt.prompt4re import PAPER_LEARNING_RATES, Prompt4REConfig
+
+  # The paper's rate per task unless one is given.
+  assert {task: ToptConfig().prompt_config(task).learning_rate for task in TASKS} == (
+    PAPER_LEARNING_RATES
+  )
+  assert PAPER_LEARNING_RATES == {"crime": 1e-4, "checkIn": 3e-4, "serviceCall": 1e-4}
+  config = ToptConfig(
+    prompt_epochs=60, prompt_learning_rate=2e-3, eval_every=15, alignment=False, context="all",
+    value_basis="full", head_init="xavier", ridge_alpha=4.0,
+  )  # fmt: skip
+  assert config.prompt_config("checkIn") == Prompt4REConfig(
+    epochs=60, learning_rate=2e-3, eval_every=15, alignment=False, context="all",
+    value_basis="full", head_init="xavier", ridge_alpha=4.0,
+  )  # fmt: skip
+
+
+def test_command_line_flags_reach_the_config():
+  config, _ = topt.parse_config(
+    ["--seeds", "3", "--fold-seed", "7", "--context", "all", "--epochs-srel", "12",
+     "--no-centrality", "--task", "serviceCall"]
+  )  # fmt: skip
+  assert config.seeds == (0, 1, 2)
+  assert config.fold_seed == 7
+  assert config.prompt_config("serviceCall").context == "all"
+  assert config.srel_schedule() == (12, SREL_SCHEDULES["Chi"][1])
+  assert not config.centrality and config.spatial_bias
+  assert config.tasks == ("serviceCall",)
+  assert topt.parse_config([])[0] == ToptConfig()
+
+
+def test_ridge_rows_use_the_configured_folds_and_penalties(data_root, tmp_path):
+  """Without Prompt4RE the reported model is the fixed-penalty ridge probe,
+  on the folds of fold_seed, with the penalties of the config; the tuned row
+  picks among ridge_alphas. A loaded file gives its first seeds' embeddings."""
+  from jaxurban.eval import kfold
+
+  y = np.load(data_root / "hafusion" / "Chi" / "crime_counts.npy").astype(np.float64)
+  n = len(y)
+  stored = np.random.default_rng(3).normal(size=(3, n, 16)).astype(np.float32)
+  stored[1] = 0.25  # the second seed's embedding is one vector for every region
+  path = tmp_path / "emb.npy"
+  np.save(path, stored)
+  config = ToptConfig(
+    tasks=("crime",), seeds=(3, 5), prompt4re=False, embeddings_path=str(path), n_folds=5,
+    fold_seed=7, ridge_alpha=30.0, ridge_alphas=(0.5, 50.0), data_root=str(data_root),
+  )  # fmt: skip
+  out = tmp_path / "run"
+  printed = []
+  results = pipeline.train_and_evaluate(config, out, log=printed.append)
+  np.testing.assert_array_equal(np.load(out / "embeddings.npy"), stored[:2])
+  fold_of = fold_assignment(n, 5, 7)
+  want = kfold.ridge_cv_predictions(stored[:2], y, fold_of, 5, 30.0)
+  np.testing.assert_allclose(np.load(out / "predictions_crime.npy"), want, rtol=1e-5, atol=1e-3)
+  np.testing.assert_array_equal(np.load(out / "regions_crime.npy"), np.arange(n))
+  task = json.loads((out / "metrics.json").read_text())["tasks"]["crime"]
+  assert task == json.loads(json.dumps(results["tasks"]["crime"]))
+  fixed = "w/o Prompt4RE (ridge on SREL embeddings)"
+  assert list(task["models"]) == [fixed, pipeline.RIDGE_TUNED_NAME]
+  assert task["reported_model"] == fixed
+  scores = kfold.score_pooled(want, y)
+  np.testing.assert_allclose(task["models"][fixed]["r2"]["per_seed"], scores["r2"], rtol=1e-6)
+  # Chosen among the config's penalties, per seed and fold.
+  chosen = np.asarray(task["models"][pipeline.RIDGE_TUNED_NAME]["alpha_chosen"])
+  assert chosen.shape == (2, 5) and set(chosen.ravel()) <= {0.5, 50.0}
+  # The constant seed is named by its seed number, not its position.
+  assert any(note.startswith("SREL seeds [5] collapsed") for note in results["notes"])
+  assert results["model"] == "w/o Prompt4RE" and results["srel_schedule"] is None
+
+
+def test_results_table_puts_each_tasks_paper_rows_after_its_models():
+  from jaxurban.eval.kfold import summarise
+
+  def summary(r2):
+    return summarise({"mae": [10.0, 12.0], "rmse": [20.0, 22.0], "r2": [r2, r2 + 0.02]})
+
+  tasks = {
+    "crime": {"models": {"ridge": summary(0.5), "ToPT [honest]": summary(0.6)}},
+    "checkIn": {"models": {"ridge": summary(0.7)}},
+  }
+  rows = lambda lines: [line.split()[:2] for line in lines[2:]]
+  chicago = pipeline.format_table(
+    {"config": {"city": "Chi"}, "tasks": tasks}, "honest"
+  ).splitlines()
+  assert chicago[0].endswith("protocol of the reported model: honest")
+  paper = [["paper", "Table"]] * len(pipeline.PAPER_TABLE1)
+  assert rows(chicago[:-1]) == [
+    ["ridge", "crime"],
+    ["ToPT", "[honest]"],
+    *paper,
+    ["ridge", "checkIn"],
+    *paper,
+  ]
+  assert "0.510 ± 0.014" in chicago[2] and "0.610 ± 0.014" in chicago[3]
+  # The published figures of the row's own task, in Table 1's order.
+  names = [
+    line.split(":")[1].split("  ")[0].strip()
+    for line in chicago
+    if line.startswith("paper Table 1: ")
+  ]
+  assert names == list(pipeline.PAPER_TABLE1) * 2
+  flexireg = [line for line in chicago if "paper Table 1: FlexiReg" in line]
+  assert "crime" in flexireg[0] and "61.7" in flexireg[0] and "0.766" in flexireg[0]
+  assert "checkIn" in flexireg[1] and "922" in flexireg[1] and "0.891" in flexireg[1]
+  assert chicago[-1] == f"({pipeline.PAPER_TABLE1_NOTE})"
+  # Table 1 is Chicago's: New York's table has only its own rows.
+  new_york = pipeline.format_table({"config": {"city": "NY"}, "tasks": tasks}, "honest")
+  assert "paper" not in new_york and "optimistic" not in new_york
+  assert rows(new_york.splitlines()) == [
+    ["ridge", "crime"],
+    ["ToPT", "[honest]"],
+    ["ridge", "checkIn"],
+  ]
+
+
+def test_seeds_are_checked_with_loaded_embeddings_too():
+  # SREL's config is not built then, but the seeds still seed Prompt4RE.
+  for seeds, words in (
+    ((0, 0), r"seeds repeat \[0\]"),
+    ((-1,), r"seeds must lie in \[0, 2\*\*32\)"),
+  ):
+    for embeddings_path in (None, "emb.npy"):
+      with pytest.raises(ValueError, match=f"ToptConfig.{words}"):
+        ToptConfig(seeds=seeds, embeddings_path=embeddings_path)

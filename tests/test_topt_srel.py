@@ -676,6 +676,7 @@ def test_command_line_settings(capsys):
   for clash, message in (
     (["--hafusion", "--task", "crime"], "not allowed with argument"),
     (["--hafusion", "--no-spatial-bias"], "--hafusion has no spatial prior to switch off"),
+    (["--hafusion", "--no-centrality"], "--hafusion has no spatial prior to switch off"),
     (["--seeds", "0", "-1"], "--seeds must lie in [0, 2**32), got [-1]"),
     (["--seeds", "0", "1", "0"], "--seeds repeat [0]"),
     (["--workdir", "/dev/null"], "/dev/null: exists and is not a folder"),

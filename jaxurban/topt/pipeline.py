@@ -32,7 +32,7 @@ from jaxurban.data.errors import DataError, read_npy
 from jaxurban.data.root import resolve_data_root, subdir
 from jaxurban.provenance import software_versions
 from jaxurban.eval import kfold
-from jaxurban.training import rate_problems
+from jaxurban.training import rate_problems, seed_problems
 from jaxurban.topt.prompt4re import (
   BASES,
   CONTEXTS,
@@ -227,6 +227,13 @@ class ToptConfig:
     kfold.protocol_label(self.protocol)
     if not self.seeds:
       raise ValueError("ToptConfig.seeds is empty")
+    # Also with loaded embeddings, where SREL's own check does not run: each
+    # seed still initialises its Prompt4RE models.
+    for problem in seed_problems(self.seeds):
+      raise ValueError(f"ToptConfig.{problem}")
+    repeated = sorted({int(s) for s in self.seeds if self.seeds.count(s) > 1})
+    if repeated:
+      raise ValueError(f"ToptConfig.seeds repeat {repeated}")
     if self.srel_epochs is not None and self.srel_epochs < 1:
       raise ValueError(f"ToptConfig.srel_epochs must be >= 1, got {self.srel_epochs}")
     for problem in rate_problems(srel_learning_rate=self.srel_learning_rate):
