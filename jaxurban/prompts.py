@@ -131,11 +131,12 @@ def read_manifest(path: str | os.PathLike) -> dict:
     raise DataError(
       path, f"format is {manifest.get('format')!r}, expected {FORMAT!r}", column="format"
     )
-  if manifest.get("format_version") != FORMAT_VERSION:
+  version = manifest.get("format_version")
+  # `True == 1` in Python: a JSON boolean is not a version number.
+  if isinstance(version, bool) or version != FORMAT_VERSION:
     raise DataError(
       path,
-      f"format_version {manifest.get('format_version')!r} is not supported "
-      f"(this reader understands {FORMAT_VERSION})",
+      f"format_version {version!r} is not supported (this reader understands {FORMAT_VERSION})",
       column="format_version",
     )
 

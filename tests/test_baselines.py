@@ -144,3 +144,27 @@ def test_unranked_regions_are_never_anchors(rng):
   _, by_index = translate_both_ways(z_x, z_y, s_x, s_y)
   _, by_index_reordered = translate_both_ways(z_x, reordered, s_x, s_y)
   assert np.abs(np.asarray(by_index) - np.asarray(by_index_reordered)).max() > 1e-2
+
+
+def test_masks_leave_out_regions_whatever_their_statistic(rng):
+  # Unranked regions with the largest statistics are still never anchors;
+  # the rest pair by their ranks among the ranked regions only.
+  s_x, s_y = rng.uniform(1, 2, 30), rng.uniform(1, 2, 20)
+  ranked_x, ranked_y = np.ones(30, bool), np.ones(20, bool)
+  ranked_x[[3, 7]], ranked_y[[0, 5, 9]] = False, False
+  s_x[[3, 7]], s_y[[0, 5, 9]] = 100.0, 100.0
+  ix, iy = map(np.asarray, rank_anchors(s_x, s_y, ranked_x=ranked_x, ranked_y=ranked_y))
+  kept_x, kept_y = np.flatnonzero(ranked_x), np.flatnonzero(ranked_y)
+  order_x = kept_x[np.argsort(-s_x[kept_x], kind="stable")]
+  order_y = kept_y[np.argsort(-s_y[kept_y], kind="stable")]
+  np.testing.assert_array_equal(iy, order_y)
+  np.testing.assert_array_equal(ix, order_x[(2 * np.arange(17) + 1) * 28 // 34])
+
+
+def test_unknown_method_is_refused(rng):
+  z = rng.normal(size=(10, 3)).astype(np.float32)
+  stat = rng.normal(size=10)
+  with pytest.raises(ValueError, match=r"method 'rp': expected one of \('procrustes', 'affine'\)"):
+    align_into(z, z, stat, stat, method="rp")
+  with pytest.raises(ValueError, match="method 'ra'"):
+    translate_both_ways(z, z, stat, stat, method="ra")

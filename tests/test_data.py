@@ -114,6 +114,13 @@ def test_wkt_z_and_m_ordinates_are_dropped_not_read_as_y():
     # Two disjoint parts written as one polygon: the second is not a hole.
     ("POLYGON ((0 0, 1 0, 1 1, 0 1, 0 0), (5 5, 6 5, 6 6, 5 6, 5 5))", "ring 1 is not inside"),
     ("POLYGON ((0 0, 1 0, 1 1, 0 1, 0 0), (0 0, 1 0, 1 1, 0 1, 0 0))", "ring 1 is not inside"),
+    # Smaller than the exterior but reaching past its bounding box.
+    ("POLYGON ((0 0, 4 0, 4 4, 0 4, 0 0), (3 3, 5 3, 5 3.5, 3 3.5, 3 3))", "ring 1 is not inside"),
+    (
+      "POLYGON FOO ((0 0, 1 0, 1 1, 0 0))",
+      "unexpected words before the coordinates: 'POLYGON FOO'",
+    ),
+    ("POLYGON Z M ((0 0, 1 0, 1 1, 0 0))", "unexpected words"),
     (
       "MULTIPOLYGON (((0 0, 4 0, 4 4, 0 4, 0 0)), ((0 0, 1 0, 1 1, 0 0), (2 2, 3 2, 3 3, 2 2)))",
       "polygon 1 ring 1 is not inside",
@@ -123,6 +130,15 @@ def test_wkt_z_and_m_ordinates_are_dropped_not_read_as_y():
 def test_wkt_malformed_raises_value_error(text, problem):
   with pytest.raises(ValueError, match=re.escape(problem)):
     polygon_centroid(text)
+
+
+def test_wkt_hole_on_the_exterior_edge_after_rounding():
+  # A hole whose edge lies on the exterior's, written with a last-digit
+  # rounding difference (as polygons exported through float32 often are),
+  # is still a hole: 4x4 square minus the 2x2 band along its right edge.
+  edge = 4 + 4e-15
+  text = f"POLYGON ((0 0, 4 0, 4 4, 0 4, 0 0), (2 0, {edge} 0, {edge} 2, 2 2, 2 0))"
+  assert polygon_area(text) == pytest.approx(12.0, abs=1e-9)
 
 
 # ---------------------------------------------------------------------------
@@ -833,6 +849,58 @@ def test_download_interrupted_leaves_nothing(tmp_path):
   assert list(tmp_path.iterdir()) == []
 
 
+def test_download_closes_its_response(tmp_path):
+  class Response:
+    closed = False
+
+    def __init__(self, data):
+      self.stream = io.BytesIO(data)
+
+    def read(self, size):
+      return self.stream.read(size)
+
+    def close(self):
+      Response.closed = True
+
+  data = b"x" * 100
+  target = tmp_path / "file.bin"
+  fetch.download_verified(
+    "https://example.invalid/x", target, _sha(data), opener=lambda url, timeout: Response(data)
+  )
+  assert target.read_bytes() == data and Response.closed
+  # Closed on a hash mismatch too.
+  Response.closed = False
+  with pytest.raises(DataError, match="SHA-256 mismatch"):
+    fetch.download_verified(
+      "https://example.invalid/x", target, "0" * 64, opener=lambda url, timeout: Response(data)
+    )
+  assert Response.closed
+
+
+@pytest.mark.parametrize(
+  "error, reason",
+  [
+    # urlopen wraps a refused connection's OSError in a URLError.
+    (
+      urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")),
+      "[Errno 111] Connection refused",
+    ),
+    (ConnectionResetError(104, "Connection reset by peer"), "Connection reset by peer"),
+    (TimeoutError("The read operation timed out"), "The read operation timed out"),
+    (http.client.IncompleteRead(b"abc", 10), "IncompleteRead(3 bytes read, 10 more expected)"),
+  ],
+)
+def test_a_failed_download_is_named_by_its_cause(tmp_path, monkeypatch, error, reason):
+  monkeypatch.delenv(DATA_ENV, raising=False)
+
+  def failing(url, timeout):
+    raise error
+
+  with pytest.raises(DataError) as info:
+    fetch.ensure_city("xa", cache_dir=tmp_path, opener=failing)
+  assert f"download failed ({reason})." in str(info.value)
+
+
 def test_core_urls_follow_the_authors_layout():
   urls = fetch.core_urls("XA")
   base = f"https://raw.githubusercontent.com/AIMUrban/CoRE/{fetch.CORE_COMMIT}/raw_data/xa/"
@@ -1003,6 +1071,13 @@ def test_ensure_city_names_the_file_missing_from_the_data_root(tmp_path, data_ro
   fetch.fetch_city("xa", cache, base_url=_authors_tree(tmp_path, data_root, "xa").as_uri())
   with pytest.raises(DataError, match="gdp_xa_sum"):
     fetch.ensure_city("xa", root, cache_dir=cache, download=False)
+  # A city folder is found whatever the case of its name.
+  (root / "core" / "sz").rename(root / "core" / "SZ")
+  (root / "core" / "SZ" / "co2_sz_sum.npy").write_bytes(
+    (data_root / "core" / "xa" / "co2_xa_sum.npy").read_bytes()
+  )
+  assert fetch.ensure_city("sz", root, download=False) == root / "core" / "SZ"
+  assert fetch.ensure_city("Sz", root, download=False) == root / "core" / "SZ"
   # A city the data root does not hold at all is taken from the cache.
   shutil.rmtree(root / "core" / "xa")
   assert fetch.ensure_city("XA", root, cache_dir=cache, download=False) == cache / "core" / "xa"

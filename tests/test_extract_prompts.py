@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -221,11 +222,20 @@ def test_region_file_layouts(tmp_path):
           "role": "user",
           "content": [{"type": "image", "image": "s.png"}, {"type": "text", "text": text}],
         },
-        {"role": "user", "content": [{"type": "text", "text": "no centroid"}]},
+        # Several text items are joined, one per line, blank ones left out.
+        {
+          "role": "user",
+          "content": [
+            {"type": "text", "text": " no "},
+            {"type": "text", "text": "  "},
+            {"type": "text", "text": "centroid"},
+          ],
+        },
       ]
     )
   )
   first, second = load_regions(chat)
+  assert first.text == text and second.text == "no\ncentroid"
   assert (first.id, second.id) == ("0", "1")
   assert first.centroid == (42.01, -87.67) and second.centroid is None
   assert first.images == (str(tmp_path / "s.png"),)
@@ -242,6 +252,62 @@ def test_region_file_errors(tmp_path):
   path.write_text(json.dumps([{"role": "user", "content": [{"type": "image", "image": "x"}]}]))
   with pytest.raises(DataError, match="no text item"):
     load_regions(path)
+
+
+@pytest.mark.parametrize(
+  "records, column, problem",
+  [
+    ({"id": "a", "text": "t"}, None, "region file must be a non-empty JSON list"),
+    ([], None, "region file must be a non-empty JSON list"),
+    (["a"], None, "entry 0: must be an object, found str"),
+    ([{"id": "a", "text": "t", "image": []}], None, r"entry 0: unknown fields \['image'\]"),
+    ([{"id": True, "text": "t"}], "id", "entry 0: needs a non-empty string id, found True"),
+    ([{"id": "", "text": "t"}], "id", "entry 0: needs a non-empty string id"),
+    ([{"id": 1.5, "text": "t"}], "id", "entry 0: needs a non-empty string id, found 1.5"),
+    ([{"id": "a", "text": "  "}], "text", "entry 0: needs a non-empty text"),
+    ([{"id": "a", "text": "t", "images": "x.png"}], "images", "images must be a list of paths"),
+    ([{"id": "a", "text": "t", "images": [""]}], "images", "images must be a list of paths"),
+    ([{"id": "a", "text": "t", "centroid": [1]}], "centroid", r"centroid must be \[lat, lon\]"),
+    ([{"id": "a", "text": "t", "centroid": [1, True]}], "centroid", "centroid must be"),
+    ([{"id": "a", "text": "t", "centroid": ["1", 2]}], "centroid", "centroid must be"),
+    ([{"id": "a", "text": "t", "centroid": [1, float("nan")]}], "centroid", "centroid must be"),
+    ([{"role": "user", "content": "text"}], "content", "'content' must be a list of items"),
+    (
+      [{"role": "user", "content": [{"type": "text", "text": "t"}, {"type": "video"}]}],
+      None,
+      "entry 0: content item 1 is neither a text nor an image item",
+    ),
+    (
+      [{"role": "user", "content": [{"type": "image", "image": ""}]}],
+      None,
+      "content item 0 is neither a text nor an image item",
+    ),
+  ],
+)
+def test_region_file_refusals(tmp_path, records, column, problem):
+  path = tmp_path / "regions.json"
+  path.write_text(json.dumps(records))
+  with pytest.raises(DataError) as err:
+    load_regions(path)
+  assert err.value.column == column
+  assert re.search(problem, str(err.value)) and str(err.value).startswith("regions.json: ")
+
+
+def test_region_file_forms(tmp_path):
+  path = tmp_path / "regions.json"
+  with pytest.raises(DataError, match="region file does not exist"):
+    load_regions(path)
+  path.write_text('[{"id": "a",')
+  with pytest.raises(DataError, match="region file is not readable JSON"):
+    load_regions(path)
+  # A byte-order mark is not JSON; integer ids are read as strings.
+  path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"id": 7, "text": "t"}]).encode())
+  (region,) = load_regions(path)
+  assert region.id == "7" and region.images == () and region.centroid is None
+  # The first matching prefix is rewritten, and only once.
+  path.write_text(json.dumps([{"id": "a", "text": "t", "images": ["/a/b/x.png"]}]))
+  (region,) = load_regions(path, prefix_map=[("/a/b", "/c"), ("/a", "/d"), ("/c", "/e")])
+  assert region.images == ("/c/x.png",)
 
 
 def test_published_prompt_data_reads(data_root):
@@ -540,15 +606,17 @@ def test_batches_never_mix_image_counts(tmp_path):
   from experiments.prompt_extraction.regions import batches_by_image_count
 
   path = tmp_path / "regions.json"
-  records = [{"id": f"r{i}", "text": "t", "images": ["x.png"] * (i % 3)} for i in range(11)]
+  # The first region has one image, the second two: groups come in order of
+  # image count, not in the order their first region appears.
+  records = [{"id": f"r{i}", "text": "t", "images": ["x.png"] * ((i + 1) % 3)} for i in range(11)]
   path.write_text(json.dumps(records))
   regions = load_regions(path)
   count = lambda r: len(r.images)  # noqa: E731
   batches = batches_by_image_count(regions, 3, count)
   assert all(len(b) <= 3 and len({count(r) for r in b}) == 1 for b in batches)
   assert sorted(r.id for b in batches for r in b) == sorted(r.id for r in regions)
-  assert [r.id for r in batches[0]] == ["r0", "r3", "r6"]  # image-free first, in order
-  assert [count(b[0]) for b in batches] == [0, 0, 1, 1, 2]
+  assert [r.id for r in batches[0]] == ["r2", "r5", "r8"]  # image-free first, in order
+  assert [count(b[0]) for b in batches] == [0, 1, 1, 2, 2]
   assert len(batches_by_image_count(regions, 3, lambda r: 0)) == 4  # text only: one group
 
 
@@ -628,3 +696,27 @@ def test_batches_are_right_padded_whatever_the_processor_default(vlm, image_regi
   loaded.processor = PadsLeft(loaded.processor)
   with pytest.raises(ExtractionError, match="padded the batch on the left.*--batch-size 1"):
     embed_batch(loaded, config, regions)
+
+
+def test_image_checks_and_record_cover_only_the_images_used(tmp_path):
+  pytest.importorskip("PIL", reason=TORCH_REASON)
+  from experiments.prompt_extraction.regions import Region, images_sha256
+
+  good, other = (str(tmp_path / name) for name in _write_images(tmp_path, 2))
+  missing = str(tmp_path / "missing.png")
+  regions = [Region("a", "t", (good, missing), None)]
+  # With one image per region the missing second file is never opened.
+  assert check_images(regions, max_images=1) == []
+  (problem,) = check_images(regions)
+  assert problem.id == "a" and problem.problems == (f"{missing}: missing",)
+  # The record covers the images used: a second image counts only when used.
+  one = [Region("a", "t", (good,), None)]
+  two = [Region("a", "t", (good, other), None)]
+  assert images_sha256(two, max_images=1) == images_sha256(one)
+  assert images_sha256(two) != images_sha256(one)
+  # An image moved to another region changes the record.
+  first = [Region("a", "t", (good,), None), Region("b", "t", (), None)]
+  second = [Region("a", "t", (), None), Region("b", "t", (good,), None)]
+  assert images_sha256(first) != images_sha256(second)
+  # So does the same picture under another region's id.
+  assert images_sha256(one) != images_sha256([Region("b", "t", (good,), None)])

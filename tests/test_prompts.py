@@ -80,6 +80,12 @@ def test_refuses_region_mismatch(output):
     load_prompt_vectors(folder, ["a", "b", "c"])
   with pytest.raises(DataError, match="duplicates"):
     load_prompt_vectors(folder, ["a", "b", "c", "d", "a"])
+  # Regions the extraction left out are pointed to.
+  _edit(folder, skipped=[{"id": "e", "problems": ["e.png: missing"]}])
+  with pytest.raises(
+    DataError, match=r"absent: 'e' \(left out at extraction: see the manifest's 'skipped'\)"
+  ):
+    load_prompt_vectors(folder, ["a", "b", "c", "d", "e"])
 
 
 @pytest.mark.parametrize(
@@ -102,6 +108,68 @@ def test_refuses_manifest_array_mismatch(output, changes, field, problem):
   with pytest.raises(DataError, match=rf"column '{field}': .*{problem}") as err:
     load_prompt_vectors(folder)
   assert err.value.column == field
+
+
+@pytest.mark.parametrize(
+  "changes, field, problem",
+  [
+    ({"format": "npy"}, "format", "format is 'npy', expected 'jaxurban.prompt_vectors'"),
+    ({"array": "../vectors.npy"}, "array", "must be a bare file name beside the manifest"),
+    ({"array": None}, "array", "must be a file name, found None"),
+    ({"sha256": "A" * 64}, "sha256", "'A{64}' is not a lower-case hex sha256"),
+    ({"sha256": "g" * 64}, "sha256", "'g{64}' is not a lower-case hex sha256"),
+    ({"shape": [0, 6]}, "shape", r"must be positive, found \[0, 6\]"),
+    ({"shape": [4, True]}, "shape", "must be two integers"),
+    ({"shape": True}, "shape", "must be a list"),
+    ({"region_ids": ["a", "b", 3, "d"]}, "region_ids", "every region id must be a string"),
+    ({"template": {"sha256": "0" * 64}}, "template", "template has no 'version'"),
+    ({"model": {"path": "/m"}}, "model", "model has no 'name'"),
+    ({"task": 7}, "task", "must be a task name, found 7"),
+    # JSON true equals 1 in Python; it is still not a version number.
+    ({"format_version": True}, "format_version", "format_version True is not supported"),
+  ],
+)
+def test_refuses_malformed_manifest_fields(output, changes, field, problem):
+  folder, _ = output
+  _edit(folder, **changes)
+  with pytest.raises(DataError, match=rf"manifest\.json: column '{field}': {problem}") as err:
+    load_prompt_vectors(folder)
+  assert err.value.column == field
+
+
+@pytest.mark.parametrize("field", ["array", "sha256", "shape", "dtype", "region_ids", "model"])
+def test_refuses_a_missing_manifest_field(output, field):
+  folder, _ = output
+  path = folder / MANIFEST_NAME
+  manifest = json.loads(path.read_text())
+  del manifest[field]
+  path.write_text(json.dumps(manifest))
+  with pytest.raises(DataError, match=rf"column '{field}': field missing"):
+    load_prompt_vectors(folder)
+
+
+def test_manifest_file_forms(output):
+  folder, array = output
+  path = folder / MANIFEST_NAME
+  text = path.read_text()
+  # A byte-order mark, as some editors save JSON, is not part of the JSON.
+  path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+  np.testing.assert_array_equal(load_prompt_vectors(folder)[0], array)
+  path.write_text(json.dumps([json.loads(text)]))
+  with pytest.raises(DataError, match="manifest must be a JSON object, found list"):
+    load_prompt_vectors(folder)
+  path.write_text(text[:-5])
+  with pytest.raises(DataError, match="manifest is not readable JSON"):
+    load_prompt_vectors(folder)
+
+
+def test_long_id_lists_are_abbreviated_in_messages(output):
+  folder, _ = output
+  wanted = list("abcd") + [f"r{i}" for i in range(8)]
+  with pytest.raises(DataError) as err:
+    load_prompt_vectors(folder, wanted)
+  assert "8 expected regions absent: 'r0', 'r1', 'r2', 'r3', 'r4' and 3 more" in str(err.value)
+  assert "'r5'" not in str(err.value)
 
 
 def test_refuses_template_and_task_mismatch(output):

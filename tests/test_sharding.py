@@ -142,12 +142,52 @@ REGIONS_CHILD = GRAPHS + textwrap.dedent(
   np.testing.assert_allclose(loss_kernel, loss, rtol=1e-5)
   assert_trees_close(grads_kernel, grads, rtol=1e-4, scale_atol=1e-5)
 
+  # What the training loop hands its jitted chunk: equal numbers cannot show
+  # that the graphs were split, the state replicated and the losses told
+  # about the mesh (without them every device computes everything).
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  seen = {"meshes": [], "calls": []}
+  make_chunk, make_embed_loss = train.make_chunk, train.make_embed_loss
+
+  def recording_embed_loss(model, settings):
+    seen["meshes"].append(settings.mesh)
+    return make_embed_loss(model, settings)
+
+  def recording_chunk(*args, **kwargs):
+    chunk = make_chunk(*args, **kwargs)
+
+    def run(state, *data):
+      seen["calls"].append((state, data))
+      return chunk(state, *data)
+
+    return run
+
+  train.make_chunk, train.make_embed_loss = recording_chunk, recording_embed_loss
   results = {}
   for shard in (False, True):
     config = train.CoreConfig(seeds=2, epochs=3, log_every=3, n_anchors=32, features=16,
                               heads=2, plot=False, shard_regions=shard)
+    seen["meshes"].clear()
+    seen["calls"].clear()
     with tempfile.TemporaryDirectory() as workdir:
       results[shard] = train.train_embeddings(config, workdir, *graphs)[:2]
+  train.make_chunk, train.make_embed_loss = make_chunk, make_embed_loss
+  assert seen["meshes"] and all(m is not None and m.devices.size == 8 for m in seen["meshes"])
+  state, data = seen["calls"][0]
+  placed = lambda x, spec: (
+    isinstance(x.sharding, NamedSharding) and x.sharding.spec == spec
+    and len(x.sharding.device_set) == 8
+  )
+  assert all(placed(x, PartitionSpec()) for x in jax.tree.leaves(state))
+  rows = ("origin_rows", "row_weight", "target_origin", "target_destination", "target")
+  for graph in data:
+    split = {id(getattr(graph, name)) for name in rows}
+    leaves = [x for x in jax.tree.leaves(graph) if isinstance(x, jax.Array)]
+    assert len(leaves) > len(rows)
+    for x in leaves:
+      assert placed(x, PartitionSpec(sharding.REGIONS) if id(x) in split else PartitionSpec())
+    assert all(placed(getattr(graph, name), PartitionSpec(sharding.REGIONS)) for name in rows)
   for single, split in zip(results[False], results[True]):
     np.testing.assert_allclose(split, single, rtol=2e-5, atol=1e-5)
   print("REGIONS-OK")

@@ -94,3 +94,18 @@ def test_published_vectors_load_without_torch(data_root):
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "loaded (77, 3584)" in result.stdout
+
+
+def test_transformers_hidden_by_kernels_folder_gets_its_own_advice():
+  from experiments.prompt_extraction.cli import missing_stack_message
+
+  # The error transformers 5.25 raises when this project's kernels/ comes
+  # first on sys.path.
+  collision = ImportError(
+    "cannot import name 'CUDAProperties' from 'kernels' (/repo/kernels/__init__.py)"
+  )
+  message = missing_stack_message(collision)
+  assert "transformers<5.25" in message and "kernels/ folder" in message
+  assert "transformers<5.25" in missing_stack_message(ImportError("x", name="kernels"))
+  plain = missing_stack_message(ImportError("No module named 'torch'", name="torch"))
+  assert "needs torch and transformers" in plain and "kernels" not in plain

@@ -335,3 +335,28 @@ def test_loss_plot_draws_every_seed_and_a_log_axis_for_wide_ranges(tmp_path, mon
   assert [t.get_text() for t in total.get_legend().get_texts()] == ["seed 7", "seed 8", "seed 9"]
   # Three decades on the total, less than a factor 3 on kl.
   assert (total.get_yscale(), kl.get_yscale()) == ("log", "linear")
+
+
+def test_tsne_starts_from_scaled_principal_components(rng):
+  # No steps: the result is the start, the first two principal components
+  # scaled so that the first has standard deviation 1e-4.
+  x = rng.normal(size=(30, 5)).astype(np.float32) * np.float32([5, 3, 1, 1, 1])
+  y0 = np.asarray(tsne(x, perplexity=5.0, n_iter=0, n_exaggeration=0), np.float64)
+  pca = np.asarray(pca_2d(jnp.asarray(x)), np.float64)
+  np.testing.assert_allclose(y0, pca / pca[:, 0].std() * 1e-4, rtol=1e-5, atol=1e-12)
+  assert y0[:, 0].std() == pytest.approx(1e-4, rel=1e-5)
+  with pytest.raises(ValueError, match="need 0 <= n_exaggeration <= n_iter"):
+    tsne(x, perplexity=5.0, n_iter=10, n_exaggeration=11)
+  with pytest.raises(ValueError, match=r"perplexity 29.0 must be in \(0, N - 1 = 29\)"):
+    tsne(x, perplexity=29.0)
+
+
+def test_tsne_affinities_are_floored(rng):
+  # Two groups far apart: the affinities between them underflow to 0 and are
+  # floored at 1e-12 (so that KL's log stays finite); the diagonal stays 0.
+  from jaxurban.viz.tsne import _joint_p
+
+  x = np.concatenate([rng.normal(size=(10, 3)), rng.normal(size=(10, 3)) + 1e3]).astype(np.float32)
+  p = np.asarray(_joint_p(jnp.asarray(x), 3.0))
+  assert np.all(p[:10, 10:] == np.float32(1e-12)) and np.all(np.diag(p) == 0)
+  np.testing.assert_allclose(p.sum(), 1.0, rtol=1e-5)

@@ -69,17 +69,33 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def missing_stack_message(error: ImportError) -> str:
+  """What to do when torch or transformers does not import.
+
+  transformers 5.25 and later import Hugging Face's ``kernels`` package, whose
+  name is that of this project's ``kernels/`` folder; when ours comes first on
+  sys.path the import fails inside transformers, and "install the extra" would
+  be the wrong advice.
+  """
+  if error.name == "kernels" or "from 'kernels'" in str(error):
+    return (
+      f"transformers failed to import ({error}): releases from 5.25 on import Hugging Face's "
+      "'kernels' package, which this project's top-level kernels/ folder hides; install the "
+      "release the extra names with: pip install -e '.[extract]' (transformers<5.25)"
+    )
+  return (
+    f"the extraction step needs torch and transformers ({error}); install the extra "
+    "with: pip install -e '.[extract]'"
+  )
+
+
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   try:
     import torch  # noqa: F401
     import transformers  # noqa: F401
   except ImportError as e:
-    print(
-      f"error: the extraction step needs torch and transformers ({e}); install the extra "
-      "with: pip install -e '.[extract]'",
-      file=sys.stderr,
-    )
+    print(f"error: {missing_stack_message(e)}", file=sys.stderr)
     return EXIT_ERROR
   from experiments.prompt_extraction.extract import ExtractConfig, extract_prompts, parse_prefix
   from experiments.prompt_extraction.output import ExtractionError
