@@ -246,6 +246,16 @@ def test_shipped_manifests_describe_the_published_files():
   assert text_sha256("") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
 
+def test_shipped_manifests_are_what_the_published_script_writes(data_root, tmp_path, capsys):
+  from experiments.prompt_extraction import published
+
+  published.main(["--data-root", str(data_root), "--out", str(tmp_path)])
+  assert len(capsys.readouterr().out.splitlines()) == len(published.FILES) == 7
+  for mllm, task in published.FILES:
+    shipped = chicago_manifest_path(mllm, task)
+    assert (tmp_path / shipped.name).read_bytes() == shipped.read_bytes(), shipped.name
+
+
 @pytest.mark.parametrize(
   "mllm, task",
   [

@@ -19,3 +19,33 @@ def test_results_name_the_commit_of_the_imported_code():
   assert versions["jaxurban_git"].split("+")[0] == done.stdout.strip()
   assert versions["jaxurban_git"] in (done.stdout.strip(), done.stdout.strip() + "+dirty")
   assert versions["jax"] is not None
+
+
+def test_a_checkout_with_changed_tracked_files_is_marked_dirty(tmp_path, monkeypatch):
+  def git(*args):
+    subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+  git("init", "-q")
+  git("config", "user.email", "t@example.org")
+  git("config", "user.name", "t")
+  module = tmp_path / "provenance.py"
+  module.write_text("x = 1\n")
+  git("add", "provenance.py")
+  git("commit", "-q", "-m", "one")
+  head = subprocess.run(
+    ["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True
+  ).stdout.strip()
+  # The revision is read from the folder of the module's file.
+  monkeypatch.setattr(provenance, "__file__", str(module))
+  revision = provenance.source_revision.__wrapped__
+  assert revision() == head
+  (tmp_path / "notes.txt").write_text("untracked files do not count\n")
+  assert revision() == head
+  module.write_text("x = 2\n")
+  assert revision() == head + "+dirty"
+  # Outside any checkout there is no revision to name.
+  outside = tmp_path.parent / (tmp_path.name + "-plain")
+  outside.mkdir()
+  monkeypatch.setattr(provenance, "__file__", str(outside / "provenance.py"))
+  monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+  assert revision() is None
