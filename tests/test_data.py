@@ -492,6 +492,29 @@ def test_error_subdir_missing(tmp_path):
     load_city("xa", tmp_path / "core")
 
 
+def test_data_root_expands_home_from_the_flag_and_the_variable(tmp_path, monkeypatch):
+  # `--data-root ~/data` quoted in a script reaches Python with its tilde.
+  (tmp_path / "data").mkdir()
+  monkeypatch.setenv("HOME", str(tmp_path))
+  assert resolve_data_root("~/data") == tmp_path / "data"
+  monkeypatch.setenv(DATA_ENV, "~/data")
+  assert resolve_data_root() == tmp_path / "data"
+
+
+def test_a_file_is_neither_a_data_root_nor_one_of_its_folders(tmp_path):
+  (tmp_path / "notes.txt").write_text("x")
+  with pytest.raises(
+    DataError, match=r"notes\.txt.*data root from the data_root argument is not a folder"
+  ):
+    resolve_data_root(tmp_path / "notes.txt")
+  # A file where a folder is expected is reported as missing, and the
+  # listing names folders only, since only they could be meant.
+  (tmp_path / "core").write_text("x")
+  (tmp_path / "traffic").mkdir()
+  with pytest.raises(DataError, match=r"core: folder missing under .* \(it has: traffic\)$"):
+    subdir(tmp_path, "core")
+
+
 def test_error_unknown_city(tmp_path):
   root = make_city(tmp_path)
   make_city(root, "yy")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from experiments.prompt_extraction import templates
-from experiments.prompt_extraction.output import ExtractionError
+from experiments.prompt_extraction.output import ExtractionError, WorkFolder, build_manifest
 from experiments.prompt_extraction.regions import check_images, load_regions
 from jaxurban.data.errors import DataError
 from jaxurban.prompts import MANIFEST_NAME, load_prompt_vectors
@@ -324,11 +324,65 @@ def test_templates_are_hashed_and_task_free_for_none():
   assert set(templates.TASKS) == {"crime", "checkIn", "serviceCall", "none"}
   hashes = {templates.template_sha256(t) for t in templates.TASKS}
   assert len(hashes) == 4
-  rendered = templates.render("crime", " {braces} kept ")
-  assert "{braces} kept" in rendered and "{region_text}" not in rendered
+  rendered = templates.render("crime", " {braces} kept \n")
+  # The geo-text sits on a line of its own, its outer white space trimmed.
+  assert "\n{braces} kept\n" in rendered and "{region_text}" not in rendered
   assert "Task:" not in templates.render("none", "x")
   with pytest.raises(ValueError, match="unknown task"):
     templates.render("traffic", "x")
+
+
+def test_work_folder_never_overwrites_a_batch_and_names_unreadable_ones(tmp_path):
+  work = WorkFolder(tmp_path, {"model": "m"})
+  for k in range(3):
+    work.save_batch([f"r{k}"], np.full((1, 2), k, np.float32))
+  # A batch file gone from the middle (removed by hand, say): the next batch
+  # takes a free name rather than the count's, which is taken.
+  (work.path / "batch-00000.npz").unlink()
+  work.save_batch(["r3"], np.full((1, 2), 3, np.float32))
+  done = work.done()
+  assert sorted(done) == ["r1", "r2", "r3"]
+  np.testing.assert_array_equal(done["r2"], [2, 2])
+  # A batch file without its vectors is named, with what to do.
+  np.savez(work.path / "batch-00009.npz", ids=np.array(["r9"]))
+  with pytest.raises(ExtractionError, match=r"batch-00009\.npz: unreadable batch file.*--restart"):
+    work.done()
+
+
+def test_other_settings_are_named_briefly(tmp_path):
+  long_text = "x" * 400
+  work = WorkFolder(tmp_path, {"template": {"text": long_text}, "pooling": "mean"})
+  work.save_batch(["r0"], np.zeros((1, 2), np.float32))
+  with pytest.raises(ExtractionError) as refused:
+    WorkFolder(tmp_path, {"template": {"text": long_text + "y"}, "pooling": "mean"})
+  message = str(refused.value)
+  # The key path from its root without a leading dot, the long values cut.
+  assert "(template.text: saved 'xxx" in message and "..." in message
+  assert len(message) < 400
+  assert WorkFolder(tmp_path, {"template": {"text": long_text}, "pooling": "mean"}).done()
+
+
+def test_manifest_keeps_the_optional_records_given():
+  array = np.zeros((2, 3), np.float16)
+  common = dict(
+    array=array,
+    sha256="0" * 64,
+    region_ids=[1, 2],
+    task="crime",
+    template={"version": "v"},
+    pooling="mean",
+    model={"name": "m"},
+    created="2026-01-01T00:00:00+00:00",
+  )
+  bare = build_manifest(**common)
+  assert not {"inputs", "software", "source"} & set(bare)
+  assert bare["region_ids"] == ["1", "2"] and bare["dtype"] == "float16"
+  full = build_manifest(
+    **common, inputs={"regions": "a"}, software={"torch": "2"}, source={"repository": "r"}
+  )
+  assert full["inputs"] == {"regions": "a"}
+  assert full["software"] == {"torch": "2"}
+  assert full["source"] == {"repository": "r"}
 
 
 # --- extraction -------------------------------------------------------------

@@ -49,3 +49,28 @@ def test_a_checkout_with_changed_tracked_files_is_marked_dirty(tmp_path, monkeyp
   monkeypatch.setattr(provenance, "__file__", str(outside / "provenance.py"))
   monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
   assert revision() is None
+
+
+def test_an_absent_package_is_recorded_as_none(monkeypatch):
+  monkeypatch.setattr(provenance, "PACKAGES", ("numpy", "no-such-distribution-xyz"))
+  versions = provenance.software_versions()
+  assert versions["no-such-distribution-xyz"] is None
+  assert versions["numpy"] is not None
+
+
+@pytest.mark.parametrize(
+  "failure",
+  [subprocess.TimeoutExpired(["git"], 30), FileNotFoundError("git"), PermissionError("git")],
+)
+def test_a_git_that_hangs_or_is_missing_gives_no_revision(failure, monkeypatch):
+  # A slow network file system or a machine without git must not stop a run
+  # from writing its results.
+  def run(*args, **kwargs):
+    raise failure
+
+  monkeypatch.setattr(provenance.subprocess, "run", run)
+  provenance.source_revision.cache_clear()
+  try:
+    assert provenance.source_revision() is None
+  finally:
+    provenance.source_revision.cache_clear()
