@@ -80,6 +80,20 @@ def test_killed_run_resumes_to_the_same_result(data_root, graphs, tmp_path, monk
     train.train_embeddings(tiny(data_root, learning_rate=0.01), tmp_path / "straight", *graphs)
 
 
+def test_seeds_are_initialised_as_a_vmapped_init_would(data_root, graphs):
+  # Seed k's parameters are model.init under seed k's key, whatever other
+  # seeds run beside it.
+  model = train.build_model(tiny(data_root), *graphs)
+  seeds = jax.numpy.arange(3, 6)
+  params, keys = train.init_params(model, seeds, *graphs)
+  init_keys = jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s))[0])(seeds)
+  vmapped = jax.jit(jax.vmap(lambda k: model.init(k, *graphs)["params"]))(init_keys)
+  chex.assert_trees_all_equal(params, vmapped)
+  alone, alone_keys = train.init_params(model, jax.numpy.arange(4, 5), *graphs)
+  chex.assert_trees_all_equal(alone, jax.tree.map(lambda x: x[1:2], params))
+  np.testing.assert_array_equal(alone_keys, keys[1:2])
+
+
 def test_train_chunk_compiles_once(data_root, graphs):
   config = tiny(data_root, alpha=0.3, beta=2.0)  # unequal, so that eq. 13 shows in the total
   model = train.build_model(config, *graphs)
