@@ -80,7 +80,7 @@ def test_killed_run_resumes_to_the_same_result(data_root, graphs, tmp_path, monk
     train.train_embeddings(tiny(data_root, learning_rate=0.01), tmp_path / "straight", *graphs)
 
 
-def test_seeds_are_initialised_as_a_vmapped_init_would(data_root, graphs):
+def test_a_seeds_parameters_do_not_depend_on_the_seeds_beside_it(data_root, graphs):
   # Seed k's parameters are model.init under seed k's key, whatever other
   # seeds run beside it.
   model = train.build_model(tiny(data_root), *graphs)
