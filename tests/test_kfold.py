@@ -124,6 +124,26 @@ def test_protocols_select_and_are_labelled(rng):
   np.testing.assert_array_equal(chosen[0, 1:], paper[0, 1:])
 
 
+@pytest.mark.parametrize("n", [4, 7])
+def test_folds_of_one_region_choose_their_best_evaluation(rng, n):
+  # Leave-one-out: each fold (test and validation) holds one region, whose R2
+  # is -inf at every evaluation; the choice must still follow the error.
+  y = rng.uniform(1, 10, size=n).astype(np.float32)
+  masks = kfold.fold_masks(kfold.fold_assignment(n, n, 0), n)
+  val = kfold.validation_masks(masks)
+  best = rng.integers(0, 5, size=n)
+  z = rng.choice([-1.0, 1.0], size=(n, n)).astype(np.float32)
+  traj = np.stack([[y + _noise_levels(best[f], 5)[t] * z[f] for f in range(n)] for t in range(5)])
+  traj = traj.astype(np.float32)[:, None]
+  paper = np.asarray(kfold.select_folds(traj, y, masks, "paper"))
+  # Fold f's model errs by the same amount on every row, so on its
+  # validation region (fold f + 1's) too.
+  validated = np.asarray(kfold.select_folds(traj, y, masks, "validated", validation=(traj, val)))
+  for f in range(n):
+    np.testing.assert_array_equal(paper[0, f], traj[best[f], 0, f])
+    np.testing.assert_array_equal(validated[0, f], traj[best[f], 0, f])
+
+
 def test_summarise_mean_and_sample_std():
   out = kfold.summarise({"r2": np.array([0.5, 0.7, 0.9])})
   np.testing.assert_allclose(out["r2"]["mean"], 0.7)

@@ -268,26 +268,40 @@ def validation_masks(masks) -> np.ndarray:
   return np.roll(masks, -1, axis=0)
 
 
-def _fold_r2_trajectory(trajectory, labels, masks):
-  """R2 [T, ..., F] of every evaluation of every fold's model on its ``masks`` rows."""
+def _fold_sse_trajectory(trajectory, labels, masks):
+  """Squared error [T, ..., F] of every evaluation of every fold's model on its ``masks`` rows.
+
+  Within one fold the R2 is 1 - SSE / SST with SST fixed, so the evaluation
+  with the least squared error is the one with the highest R2; unlike R2,
+  the squared error is also defined on a fold of a single region (SST = 0,
+  R2 = -inf at every evaluation), where choosing by R2 fell back to the
+  first evaluation.
+  """
   masks = jnp.asarray(masks)
 
-  def fold_r2(per_fold):  # [F, n] -> [F]
-    return jax.vmap(lambda p, m: masked_scores(labels, p, m)["r2"])(per_fold, masks)
+  def sse(p, m):  # the predictions clipped at 0, as `masked_scores` scores them
+    err = (jnp.maximum(p, 0) - labels) * m
+    return jnp.sum(err * err)
+
+  def fold_sse(per_fold):  # [F, n] -> [F]
+    return jax.vmap(sse)(per_fold, masks.astype(per_fold.dtype))
 
   flat = trajectory.reshape((-1,) + trajectory.shape[-2:])
-  return jax.vmap(fold_r2)(flat).reshape(trajectory.shape[:-1])
+  return jax.vmap(fold_sse)(flat).reshape(trajectory.shape[:-1])
 
 
 def select_folds(trajectory, labels, masks, protocol: str, validation=None):
   """Per-fold predictions [..., F, n] chosen from a trajectory [T, ..., F, n].
 
   ``honest``: the last evaluation (fixed budget). ``validated``: per fold,
-  the evaluation with the highest R2 on that fold's validation rows;
+  the evaluation with the highest R2 (the least squared error) on that
+  fold's validation rows;
   ``validation`` = (validation trajectory [T, ..., F, n], validation masks
   [F, n]), the validation predictions of the same models (see
   `validation_masks`). ``paper``: per fold, the evaluation with the highest
-  R2 on that very test fold (optimistic).
+  R2 (the least squared error) on that very test fold (optimistic). Of
+  evaluations with equal error the first is kept, as the authors' code keeps
+  the first best epoch.
   """
   protocol_label(protocol)
   trajectory = jnp.asarray(trajectory)
@@ -304,11 +318,11 @@ def select_folds(trajectory, labels, masks, protocol: str, validation=None):
       )
     if np.any(np.asarray(val_masks) & np.asarray(masks)):
       raise ValueError("a validation fold overlaps its own test fold")
-    scores = _fold_r2_trajectory(val_trajectory, labels, val_masks)
+    errors = _fold_sse_trajectory(val_trajectory, labels, val_masks)
   else:
-    scores = _fold_r2_trajectory(trajectory, labels, masks)
-  # A diverged evaluation (NaN R2) is never the best one; argmax alone would pick it.
-  best = jnp.argmax(jnp.where(jnp.isnan(scores), -jnp.inf, scores), axis=0)  # [..., F]
+    errors = _fold_sse_trajectory(trajectory, labels, masks)
+  # A diverged evaluation (NaN error) is never the best one; argmin alone would pick it.
+  best = jnp.argmin(jnp.where(jnp.isnan(errors), jnp.inf, errors), axis=0)  # [..., F]
   return jnp.take_along_axis(trajectory, best[None, ..., None], axis=0)[0]
 
 
