@@ -306,8 +306,16 @@ def load_prompt_vectors(
       if missing or extra or len(set(wanted)) != len(wanted):
         parts = []
         if missing:
-          skipped = {s.get("id") for s in info.get("skipped", []) if isinstance(s, Mapping)}
-          note = " (left out at extraction: see the manifest's 'skipped')" if skipped else ""
+          skipped = {str(s.get("id")) for s in info.get("skipped", []) if isinstance(s, Mapping)}
+          left_out = [i for i in missing if i in skipped]
+          note = ""
+          if left_out:
+            which = (
+              "left out"
+              if len(left_out) == len(missing)
+              else (f"{len(left_out)} of them ({show_ids(left_out)}) left out")
+            )
+            note = f" ({which} at extraction: see the manifest's 'skipped')"
           parts.append(f"{len(missing)} expected regions absent: {show_ids(missing)}{note}")
         if extra:
           parts.append(f"{len(extra)} regions not expected: {show_ids(extra)}")

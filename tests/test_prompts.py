@@ -86,6 +86,13 @@ def test_refuses_region_mismatch(output):
     DataError, match=r"absent: 'e' \(left out at extraction: see the manifest's 'skipped'\)"
   ):
     load_prompt_vectors(folder, ["a", "b", "c", "d", "e"])
+  # ...and only those: a region absent for another reason is not blamed on them.
+  with pytest.raises(
+    DataError, match=r"2 expected regions absent: 'e', 'f' \(1 of them \('e'\) left"
+  ):
+    load_prompt_vectors(folder, ["a", "b", "c", "d", "e", "f"])
+  with pytest.raises(DataError, match=r"absent: 'f'$"):
+    load_prompt_vectors(folder, ["a", "b", "c", "d", "f"])
 
 
 @pytest.mark.parametrize(
