@@ -109,6 +109,17 @@ def test_csv_quoting_and_a_row_index_column_are_read_as_csv(data_root, tmp_path)
   np.testing.assert_array_equal(read_los_loop_folder(folder).adjacency, reference.adjacency)
 
 
+def _name_adjacency(folder, row, col, value):
+  """The adjacency with row and column names (pandas' form), cell [row, col] set to value."""
+  rows = (folder / "los_adj.csv").read_text().splitlines()
+  cells = rows[row].split(",")
+  cells[col] = value
+  rows[row] = ",".join(cells)
+  header = "," + ",".join(str(j) for j in range(len(rows)))
+  named = [header] + [f"{i},{line}" for i, line in enumerate(rows)]
+  (folder / "los_adj.csv").write_text("\n".join(named) + "\n")
+
+
 def test_zero_and_empty_readings_are_masked_and_kept_out_of_the_scaler(data_root, tmp_path):
   folder = _copy(data_root, tmp_path)
   _edit_cell(folder / "los_speed.csv", 1, 0, "0")  # step 0, detector 0
@@ -164,9 +175,35 @@ def test_zero_and_empty_readings_are_masked_and_kept_out_of_the_scaler(data_root
       "1 speeds beyond float32's range (first 1e+300 at row 8)",
     ),
     (
+      lambda f: _edit_cell(f / "los_adj.csv", 0, 0, "x"),
+      "los_adj.csv",
+      "row 1, column 1: 'x' is not a number",
+    ),
+    (
+      lambda f: _name_adjacency(f, 0, 1, "x"),
+      "los_adj.csv",
+      "row 2, column '1': 'x' is not a number",
+    ),
+    (
+      lambda f: _name_adjacency(f, 2, 4, ""),
+      "los_adj.csv",
+      "1 empty or non-finite (NaN/inf, or beyond float32's range) weights "
+      "(first at row 4, column '4')",
+    ),
+    (
       lambda f: _edit_cell(f / "sensor_locations.csv", 4, 1, "1"),
       "sensor_locations.csv",
       "differs",
+    ),
+    (
+      lambda f: _rewrite(
+        f / "sensor_locations.csv",
+        lambda k, line, lines=(f / "sensor_locations.csv").read_text().splitlines(): (
+          lines[2] if k == 1 else lines[1] if k == 2 else line
+        ),
+      ),
+      "sensor_locations.csv",
+      "row 2: detector '767541' differs from detector 1 of los_speed.csv's header ('773869')",
     ),
     (
       lambda f: _edit_cell(f / "sensor_locations.csv", 2, 2, "123"),

@@ -140,6 +140,13 @@ _INDEX_HEADERS = ("", "Unnamed: 0")
 _MISSING_CELLS = ("", "NA")
 
 
+def _cell_position(header: list[str], i: int, j: int) -> str:
+  """Where cell [i, j] of `_read_numeric_csv`'s array stands in its file, for messages."""
+  if header:
+    return f"row {i + 2}, column {header[j]!r}"
+  return f"row {i + 1}, column {j + 1}"
+
+
 def _read_numeric_csv(path: pathlib.Path, skip_header: bool | None) -> tuple[list[str], np.ndarray]:
   """Parses a numeric CSV; empty and ``NA`` cells become NaN. Returns (header, [rows, cols]).
 
@@ -183,10 +190,9 @@ def _read_numeric_csv(path: pathlib.Path, skip_header: bool | None) -> tuple[lis
       try:
         rows[i, j] = float(cell)
       except ValueError:
-        column = header[j] if skip_header else str(j)
         shown = cell if len(cell) <= 40 else cell[:40] + "..."
         raise DataError(
-          path.name, f"row {row_number}: {shown!r} is not a number", column=column
+          path.name, f"{_cell_position(header, i, j)}: {shown!r} is not a number"
         ) from None
   return header, rows
 
@@ -255,7 +261,7 @@ def read_los_loop_folder(folder: str | os.PathLike) -> TrafficData:
 
   # Headerless in the published data; with row and column names when
   # written by pandas or R.
-  _, adjacency = _read_numeric_csv(paths["los_adj.csv"], skip_header=None)
+  adjacency_header, adjacency = _read_numeric_csv(paths["los_adj.csv"], skip_header=None)
   n_nodes = len(header)
   if adjacency.shape != (n_nodes, n_nodes):
     raise DataError(
@@ -267,7 +273,8 @@ def read_los_loop_folder(folder: str | os.PathLike) -> TrafficData:
     i, j = np.argwhere(bad)[0]
     raise DataError(
       "los_adj.csv",
-      f"{int(bad.sum())} empty or {NOT_FINITE} weights (first at row {i + 1}, column {j + 1})",
+      f"{int(bad.sum())} empty or {NOT_FINITE} weights "
+      f"(first at {_cell_position(adjacency_header, int(i), int(j))})",
     )
 
   ids, coords = _read_locations(paths["sensor_locations.csv"])
@@ -280,8 +287,9 @@ def read_los_loop_folder(folder: str | os.PathLike) -> TrafficData:
     k = int(mismatch[0])
     raise DataError(
       "sensor_locations.csv",
-      f"row {k + 2}: detector {str(ids[k])!r} differs from column {k} of los_speed.csv "
-      f"({header[k]!r}); the two files must list detectors in the same order",
+      f"row {k + 2}: detector {str(ids[k])!r} differs from detector {k + 1} of "
+      f"los_speed.csv's header ({header[k]!r}); the two files must list detectors in the "
+      "same order",
       column="sensor_id",
     )
 
