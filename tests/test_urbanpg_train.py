@@ -257,6 +257,22 @@ def test_a_validation_part_without_observed_targets_is_a_data_error(data_root):
     train.make_task("full", dataclasses.replace(los, mask=mask), train.UrbanPGConfig())
 
 
+def test_a_continual_stages_data_error_names_the_files_steps(data_root):
+  import dataclasses
+
+  los = load_los_loop(data_root)
+  config = train.UrbanPGConfig()
+  edges = np.linspace(0, los.n_steps, len(config.continual_stages) + 1).round().astype(int)
+  (_, _), (c, d), _ = chronological_bounds(int(edges[2] - edges[1]), config.split)
+  lo, hi = int(edges[1] + c), int(edges[1] + d)  # stage 2's validation steps in the file
+  mask = los.mask.copy()
+  mask[lo:hi] = False
+  with pytest.raises(
+    DataError, match=rf"stage2: no observed target in the validation steps \[{lo}, {hi}\)"
+  ):
+    train.continual_tasks(dataclasses.replace(los, mask=mask), config)
+
+
 def test_config_rejects_features_not_divisible_by_heads():
   with pytest.raises(ValueError, match="features 10 must be divisible by heads 4"):
     train.UrbanPGConfig(features=10, heads=4)

@@ -208,11 +208,18 @@ def make_task(
   data: TrafficData,
   config: UrbanPGConfig,
   train_fraction: float = 1.0,
+  first_step: int = 0,
 ) -> Task:
   """Splits `data` 6:2:2 in time; keeps the first `train_fraction` of the training period.
 
-  The scaler is fitted on the (kept) training readings only.
+  The scaler is fitted on the (kept) training readings only. `first_step`:
+  where `data` starts in the series `los_speed.csv` holds (a continual
+  stage's period), so that the messages name the file's steps.
   """
+
+  def steps(lo: int, hi: int) -> str:
+    return f"[{lo + first_step}, {hi + first_step})"
+
   window = config.t_in + config.t_out
   (a, b), (c, d), (e, f) = chronological_bounds(data.n_steps, config.split)
   for part, (lo, hi) in (("training", (a, b)), ("validation", (c, d)), ("test", (e, f))):
@@ -220,20 +227,20 @@ def make_task(
       need = _shortest_series(config.split, window)
       raise DataError(
         "los_speed.csv",
-        f"{name}: the {part} part holds steps [{lo}, {hi}), {hi - lo} steps, fewer than one "
+        f"{name}: the {part} part holds steps {steps(lo, hi)}, {hi - lo} steps, fewer than one "
         f"{config.t_in} + {config.t_out}-step window; the {data.n_steps} steps {name} splits "
         f"would need to be at least {need} for the {config.split} split",
       )
   b = a + max(int(round((b - a) * train_fraction)), window)
   if not data.mask[a:b].any():
     raise DataError(
-      "los_speed.csv", f"{name}: no observed reading in training steps [{a}, {b}) to scale by"
+      "los_speed.csv", f"{name}: no observed reading in training steps {steps(a, b)} to scale by"
     )
   for part, (lo, hi) in (("validation", (c, d)), ("test", (e, f))):
     # Early stopping and the scores would otherwise compare NaN with NaN.
     if not data.mask[lo + config.t_in : hi].any():
       raise DataError(
-        "los_speed.csv", f"{name}: no observed target in the {part} steps [{lo}, {hi})"
+        "los_speed.csv", f"{name}: no observed target in the {part} steps {steps(lo, hi)}"
       )
   scaler = Scaler.fit(data.speed[a:b], data.mask[a:b])
   windows = [
@@ -345,7 +352,7 @@ def continual_tasks(data: TrafficData, config: UrbanPGConfig) -> list[Task]:
   for tau, share in enumerate(config.continual_stages):
     nodes = order[: int(round(share * data.n_nodes))]
     period = data.select(nodes, slice(edges[tau], edges[tau + 1]))
-    tasks.append(make_task(f"stage{tau + 1}", period, config))
+    tasks.append(make_task(f"stage{tau + 1}", period, config, first_step=int(edges[tau])))
   return tasks
 
 
