@@ -473,6 +473,8 @@ def _dkv_kernel(
 def _compiler_params(cfg: _Config):
   if cfg.interpret:
     return None
+  # Triton's parameters are what select the Triton lowering: a pallas_call
+  # given none lowers through Mosaic GPU, which this kernel is not written for.
   return pl_triton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

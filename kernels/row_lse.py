@@ -159,6 +159,8 @@ class _KernelConfig:
   num_stages: int
 
   def compiler_params(self):
+    # Triton's parameters are what select the Triton lowering: a pallas_call
+    # given none lowers through Mosaic GPU, which this kernel is not written for.
     return plgpu.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
