@@ -7,6 +7,7 @@ import itertools
 import json
 import pathlib
 import shutil
+from unittest import mock
 
 import chex
 import flax.linen as nn
@@ -569,6 +570,19 @@ def test_tiny_end_to_end_runs(tmp_path, data_root, rng):
         json.dumps(ridge_probe(x, prepared_meta["labels"], config, tuned=tuned))
       )
       assert saved[probe][which] == expected, (probe, which)
+  # A rerun stopped before its results (here in the probe) leaves the
+  # earlier run's embeddings and results as they were, side by side.
+  before = {f: (tmp_path / "chi" / f).stat() for f in ("embeddings.npy", "results.json")}
+
+  def stopped(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  with mock.patch("jaxurban.urbanmmcl.train.ridge_probe", stopped):
+    with pytest.raises(KeyboardInterrupt):
+      train_and_evaluate(config, tmp_path / "chi", log=lambda *_: None)
+  for name, stat in before.items():
+    after = (tmp_path / "chi" / name).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns), name
   # The model as trained, not the config's defaults: the location frame is
   # set from the city's centroids.
   assert saved["config"]["model"]["loc_scale"] == 1.0

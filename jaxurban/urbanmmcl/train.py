@@ -755,7 +755,6 @@ def train_and_evaluate(config: UrbanMMCLConfig, workdir, log=print) -> dict:
     if s < config.finetune_seeds:
       params_list.append(params)
   embeddings = np.stack(embeddings)
-  save_npy_atomic(workdir / "embeddings.npy", embeddings)
 
   raw = np.asarray(inputs["features"])[None]
   results = {
@@ -798,11 +797,14 @@ def train_and_evaluate(config: UrbanMMCLConfig, workdir, log=print) -> dict:
       results["finetune"].setdefault(task, []).append(
         _finetune_task(config, model_config, params, inputs, task, meta, seed, log)
       )
-  # Files derived from an earlier run's results (the command's table and
-  # pictures) go first: a run stopped after this write leaves none of them
-  # beside results that are not theirs.
+  # The embeddings and results are written together, at the end: a run
+  # stopped before (in the probes or fine-tuning, say) leaves an earlier
+  # run's embeddings beside that run's results, not beside others. Files
+  # derived from an earlier run's results (the command's table and pictures)
+  # go first, so that they never sit beside results that are not theirs.
   for derived in ("results.md", "embeddings.png", "losses.png"):
     (workdir / derived).unlink(missing_ok=True)
+  save_npy_atomic(workdir / "embeddings.npy", embeddings)
   write_json_atomic(workdir / "results.json", results)
   # "landuse": class index per region; landuse_classes[index] = landUse_dist column.
   return dict(
