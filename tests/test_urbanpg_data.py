@@ -102,19 +102,18 @@ def test_csv_quoting_and_a_row_index_column_are_read_as_csv(data_root, tmp_path)
   np.testing.assert_array_equal(read_los_loop_folder(folder).speed, reference.speed)
   # The adjacency with row and column names, as pandas' DataFrame(a).to_csv()
   # writes it (the published file has neither).
-  rows = (data_root / "traffic" / "los_loop" / "los_adj.csv").read_text().splitlines()
-  header = "," + ",".join(str(j) for j in range(len(rows)))
-  named = [header] + [f"{i},{line}" for i, line in enumerate(rows)]
-  (folder / "los_adj.csv").write_text("\n".join(named) + "\n")
+  _name_adjacency(folder)
   np.testing.assert_array_equal(read_los_loop_folder(folder).adjacency, reference.adjacency)
 
 
-def _name_adjacency(folder, row, col, value):
-  """The adjacency with row and column names (pandas' form), cell [row, col] set to value."""
+def _name_adjacency(folder, row=None, col=None, value=None):
+  """Rewrites the adjacency with row and column names, as pandas' DataFrame(a).to_csv()
+  writes it (the published file has neither); cell [row, col] set to value if given."""
   rows = (folder / "los_adj.csv").read_text().splitlines()
-  cells = rows[row].split(",")
-  cells[col] = value
-  rows[row] = ",".join(cells)
+  if row is not None:
+    cells = rows[row].split(",")
+    cells[col] = value
+    rows[row] = ",".join(cells)
   header = "," + ",".join(str(j) for j in range(len(rows)))
   named = [header] + [f"{i},{line}" for i, line in enumerate(rows)]
   (folder / "los_adj.csv").write_text("\n".join(named) + "\n")
