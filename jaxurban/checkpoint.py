@@ -40,13 +40,20 @@ class CheckpointUnreadable(CheckpointMismatch):
   that reports a mismatch in one line reports this the same way."""
 
 
-def check_same_config(saved: dict, config: dict, what: str, ignore: tuple[str, ...] = ()) -> None:
+def check_same_config(
+  saved: dict,
+  config: dict,
+  what: str,
+  ignore: tuple[str, ...] = (),
+  remedy: str = "use another output folder or delete it",
+) -> None:
   """Raises CheckpointMismatch naming every key (outside ``ignore``) in which
-  the ``saved`` config differs from ``config``; ``what`` names the saved thing."""
+  the ``saved`` config differs from ``config``; ``what`` names the saved thing
+  and ``remedy`` ends the message."""
   if not isinstance(saved, dict):
     raise CheckpointUnreadable(
       f"{what} holds a config that is a {type(saved).__name__}, not a mapping (edited by "
-      "hand?); use another output folder or delete it"
+      f"hand?); {remedy}"
     )
   current = _as_json(config)
   differing = sorted(
@@ -58,10 +65,7 @@ def check_same_config(saved: dict, config: dict, what: str, ignore: tuple[str, .
     details = ", ".join(
       part for k in differing for part in _differences(k, saved.get(k), current.get(k))
     )
-    raise CheckpointMismatch(
-      f"{what} was written with a different config ({details}); "
-      "use another output folder or delete it"
-    )
+    raise CheckpointMismatch(f"{what} was written with a different config ({details}); {remedy}")
 
 
 def check_previous_results(
@@ -79,17 +83,19 @@ def check_previous_results(
   path = pathlib.Path(path)
   if not path.exists():
     return
+  # The whole folder: deleting the results file alone would leave the
+  # earlier run's other outputs for the next run to sit beside.
+  remedy = f"use another output folder or delete {path.parent}"
   try:
     saved = json.loads(path.read_text())[key]
     if not isinstance(saved, dict):
       raise TypeError(f"{key!r} is a {type(saved).__name__}, not a mapping")
   except (OSError, ValueError, KeyError, TypeError) as error:
     raise CheckpointMismatch(
-      f"{path}: holds no readable {key!r} ({type(error).__name__}); "
-      "use another output folder or delete it"
+      f"{path}: holds no readable {key!r} ({type(error).__name__}); {remedy}"
     ) from error
   # As the results file wrote it: non-finite floats became null.
-  check_same_config(saved, as_written_json(config), str(path), ignore=may_differ)
+  check_same_config(saved, as_written_json(config), str(path), ignore=may_differ, remedy=remedy)
 
 
 class Checkpointer:

@@ -102,6 +102,9 @@ def finite_per_seed(params) -> jax.Array:
   A chunk's losses are computed before each epoch's update, so they cannot
   see a divergence in the chunk's last update: without this check its
   parameters would be checkpointed, and after the last chunk embedded.
+  Given the optimiser state too, it catches what the parameters hide: a
+  gradient whose square overflows makes Adam's second moment infinite and
+  its updates zero, so the parameters stay finite but frozen for good.
   """
   flags = [
     jnp.isfinite(leaf).reshape(leaf.shape[0], -1).all(axis=1)
@@ -121,6 +124,19 @@ def chunk_length(epochs: int, log_every: int, start: int = 0) -> int:
   """
   span = math.gcd(epochs, start)
   return max(d for d in range(1, min(span, log_every) + 1) if span % d == 0)
+
+
+def short_chunk_note(epochs: int, log_every: int, start: int, length: int) -> str | None:
+  """A line for the log when `chunk_length` fell well below `log_every`
+  (601 epochs run as 601 chunks of one), else None: each chunk costs a
+  progress line and a wait for the device, so such a run is slower."""
+  if 2 * length >= min(log_every, epochs - start):
+    return None
+  return (
+    f"chunks of {length} epoch(s), not {log_every}: chunks must end at epoch {epochs} and "
+    f"start at {start}, and no larger length divides both; a number of epochs divisible "
+    "by --log-every runs faster"
+  )
 
 
 def make_chunk(

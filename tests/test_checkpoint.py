@@ -123,8 +123,11 @@ def test_results_of_another_configuration_are_not_replaced(tmp_path):
   path.write_text(json.dumps({"config": config, "scores": [1.0]}))
   check_previous_results(path, config)  # the same run again: resumes
   check_previous_results(path, {**config, "data_root": "/b"}, may_differ=("data_root",))
-  with pytest.raises(CheckpointMismatch, match=r"task: saved 'crime' vs now 'checkIn'"):
+  with pytest.raises(CheckpointMismatch, match=r"task: saved 'crime' vs now 'checkIn'") as caught:
     check_previous_results(path, {**config, "task": "checkIn"})
+  # The remedy names the whole folder: deleting the results file alone would
+  # leave the earlier run's other outputs beside the next run's.
+  assert str(caught.value).endswith(f"use another output folder or delete {tmp_path}")
   path.write_text("{not json")
   with pytest.raises(CheckpointMismatch, match="holds no readable 'config'"):
     check_previous_results(path, config)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import pathlib
+import shutil
 
 import chex
 import jax
@@ -177,6 +178,33 @@ def test_variants_train_and_evaluate(data_root, tmp_path, monkeypatch, variant):
   assert (tmp_path / "losses.png").exists()
 
 
+def test_a_folder_keeps_the_outputs_of_one_run_only(data_root, tmp_path, monkeypatch):
+  from jaxurban.viz import embedding_plot
+
+  def draw(*args, **kwargs):
+    pathlib.Path(args[6]).write_bytes(b"png")
+
+  monkeypatch.setattr(embedding_plot, "plot_city_embeddings", draw)
+  rp = tiny(data_root, variant="rp", seeds=1, epochs=2, plot=True)
+  train.train_and_evaluate(rp, tmp_path)
+  written = {"embeddings.png", "losses.png", "cd_in_xa_region_emb.npy", "xa_in_cd_region_emb.npy"}
+  assert written <= {p.name for p in tmp_path.iterdir()}
+  # Other settings are refused before training, even once the checkpoints
+  # that would refuse them are gone: the RP files would stay beside them.
+  shutil.rmtree(tmp_path / "checkpoints")
+  with pytest.raises(CheckpointMismatch) as caught:
+    train.train_and_evaluate(dataclasses.replace(rp, variant="core"), tmp_path)
+  message = str(caught.value)
+  assert message.startswith(f"{tmp_path / 'metrics.json'} was written with a different config")
+  assert "variant: saved 'rp' vs now 'core'" in message
+  assert message.endswith(f"delete {tmp_path}")
+  # The same settings without pictures: the earlier run's pictures go.
+  train.train_and_evaluate(dataclasses.replace(rp, plot=False), tmp_path)
+  names = {p.name for p in tmp_path.iterdir()}
+  assert not {"embeddings.png", "losses.png"} & names
+  assert {"cd_in_xa_region_emb.npy", "xa_in_cd_region_emb.npy", "metrics.json"} <= names
+
+
 def test_two_stage_moves_both_cities_through_their_own_affine_layer(
   data_root, tmp_path, monkeypatch
 ):
@@ -344,9 +372,21 @@ def _nan_update(params, key, target):
   return total, {"total": total}
 
 
+def _overflowing_gradient(params, key, scale):
+  # Seed 4's gradient, 1e20, squares past float32's range: Adam's second
+  # moment is infinite and its update zero, so the loss and the parameters
+  # stay finite while the seed is frozen for good.
+  total = (params["w"] * scale).sum()
+  return total, {"total": total}
+
+
 @pytest.mark.parametrize(
   "loss_fn, data, epochs, log_every, stopped",
-  [(_nan_loss, [1.0, float("nan")], 4, 2, "1-2"), (_nan_update, [0.0, 1.0], 2, 1, "1-1")],
+  [
+    (_nan_loss, [1.0, float("nan")], 4, 2, "1-2"),
+    (_nan_update, [0.0, 1.0], 2, 1, "1-1"),
+    (_overflowing_gradient, [1.0, 1e20], 2, 1, "1-1"),
+  ],
 )
 def test_a_diverged_seed_stops_the_stage_before_its_checkpoint(
   data_root, tmp_path, loss_fn, data, epochs, log_every, stopped
@@ -360,7 +400,10 @@ def test_a_diverged_seed_stops_the_stage_before_its_checkpoint(
   keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(2))
   with pytest.raises(
     FloatingPointError,
-    match=rf"\[embed\] the loss or parameters of seed\(s\) \[4\].*epochs {stopped}",
+    match=(
+      rf"\[embed\] the loss, parameters or optimiser state of seed\(s\) \[4\].*"
+      rf"epochs {stopped}"
+    ),
   ):
     train._run_stage(
       "embed", tmp_path, config, loss_fn, params, keys, (jnp.array(data),), epochs,

@@ -30,6 +30,26 @@ def test_chunks_end_at_the_last_epoch(epochs, log_every, start, expected):
   assert start % length == 0 and epochs % length == 0
 
 
+@pytest.mark.parametrize(
+  "epochs, log_every, start, noted",
+  [
+    (600, 50, 0, False),
+    (600, 7, 0, False),  # chunks of 6: near enough
+    (600, 40, 100, False),  # 25
+    (600, 50, 599, False),  # one epoch left: one chunk of it
+    (10, 50, 0, False),
+    (601, 50, 0, True),  # prime: 601 chunks of one epoch
+    (600, 50, 7, True),
+  ],
+)
+def test_chunks_far_shorter_than_asked_are_announced(epochs, log_every, start, noted):
+  length = chunk_length(epochs, log_every, start)
+  note = training.short_chunk_note(epochs, log_every, start, length)
+  assert (note is not None) == noted
+  if noted:
+    assert note.startswith(f"chunks of {length} epoch(s), not {log_every}")
+
+
 def test_seed_and_rate_problems_name_what_is_wrong():
   assert training.seed_problems([0, 5, 2**32 - 1]) == []
   assert training.seed_problems([-1, 3, 2**32]) == [

@@ -20,7 +20,12 @@ import numpy as np
 import optax
 
 from jaxurban import sharding
-from jaxurban.checkpoint import Checkpointer, save_npy_atomic, write_json_atomic
+from jaxurban.checkpoint import (
+  Checkpointer,
+  check_previous_results,
+  save_npy_atomic,
+  write_json_atomic,
+)
 from jaxurban.provenance import software_versions
 from jaxurban.core import losses as core_losses
 from jaxurban.core.model import CoRE, LossSettings, alignment_losses, mobility_losses, total_loss
@@ -33,6 +38,7 @@ from jaxurban.training import (
   non_finite_seeds,
   rate_problems,
   seed_range_problems,
+  short_chunk_note,
   weight_problems,
 )
 
@@ -182,6 +188,10 @@ _RESUMABLE_KEYS = (
 )
 
 
+# Outputs written only by some runs (`train_and_evaluate`), as glob patterns.
+_DERIVED_OUTPUTS = ("embeddings.png", "losses*.png", "*_in_*_region_emb.npy")
+
+
 # A city of one region has no relations between regions to align: its
 # anchor similarities are a sign each, the alignment loss is constant, and
 # what gradient the low-rank form leaves is rounding noise that Adam scales
@@ -311,6 +321,9 @@ def _run_stage(
       for d in data
     )
   length = _chunk_length(epochs, config.log_every, start)
+  note = short_chunk_note(epochs, config.log_every, start, length)
+  if note:
+    _log(f"[{name}] {note}")
   save_every = max(length, (config.checkpoint_every // length) * length)
   chunk = make_chunk(loss_fn, optimizer, length, per_seed_data)
   started = time.perf_counter()
@@ -321,13 +334,13 @@ def _run_stage(
     diverged = non_finite_seeds(
       range(config.first_seed, config.first_seed + config.seeds),
       terms["total"],
-      sharding.to_host(finite_per_seed(state[0])),
+      sharding.to_host(finite_per_seed(state[:2])),  # parameters and Adam's moments
     )
     if diverged:
       # Stop before a checkpoint keeps non-finite parameters; the previous
       # checkpoint (if any) stays the latest.
       raise FloatingPointError(
-        f"[{name}] the loss or parameters of seed(s) {diverged} are not finite in "
+        f"[{name}] the loss, parameters or optimiser state of seed(s) {diverged} are not finite in "
         f"epochs {epoch + 1}-{done}; no checkpoint written for them; try a lower learning rate"
       )
     # Means over the chunk's epochs and over seeds.
@@ -527,6 +540,10 @@ def train_and_evaluate(config: CoreConfig, workdir: str | pathlib.Path) -> dict:
 
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  # A finished run of other settings in this folder is not written over:
+  # its checkpoints may be gone, and its other outputs would stay beside
+  # this run's results.
+  check_previous_results(workdir / "metrics.json", config.to_dict(), _RESUMABLE_KEYS)
   wall_start = time.perf_counter()
   city_x, graph_x = load_city_graph(config.city_x, config.data_root)
   city_y, graph_y = load_city_graph(config.city_y, config.data_root)
@@ -579,6 +596,11 @@ def train_and_evaluate(config: CoreConfig, workdir: str | pathlib.Path) -> dict:
   if jax.process_index() != 0:
     _log(f"process {jax.process_index()}: outputs written by process 0 into {workdir}")
     return summary
+  # Outputs this run may not write (pictures under --no-plot) go first, so
+  # that none of an earlier run's sits beside this run's results.
+  for derived in _DERIVED_OUTPUTS:
+    for stale in workdir.glob(derived):
+      stale.unlink()
   save_npy_atomic(workdir / f"{city_x.name}_region_emb.npy", z_x.astype(np.float32))
   save_npy_atomic(workdir / f"{city_y.name}_region_emb.npy", z_y.astype(np.float32))
   if translated:

@@ -43,6 +43,7 @@ from jaxurban.training import (
   non_finite_seeds,
   rate_problems,
   seed_problems,
+  short_chunk_note,
   weight_problems,
 )
 
@@ -335,6 +336,9 @@ def train_srel_with_log(
     state = init_state(model, optimizer, seeds, data)
 
   length = _chunk_length(used.epochs, used.log_every, start)
+  note = short_chunk_note(used.epochs, used.log_every, start, length)
+  if note:
+    say(f"[srel] {note}")
   save_every = max(length, (used.checkpoint_every // length) * length)
   chunk = make_train_chunk(make_loss(model), optimizer, length)
   embed = make_embed(model)
@@ -344,13 +348,15 @@ def train_srel_with_log(
     state, terms = chunk(state, *args)
     terms = jax.device_get(terms)
     done = epoch + length
-    diverged = non_finite_seeds(seeds, terms["total"], jax.device_get(finite_per_seed(state[0])))
+    # The parameters and Adam's moments (`finite_per_seed`).
+    diverged = non_finite_seeds(seeds, terms["total"], jax.device_get(finite_per_seed(state[:2])))
     if diverged:
       # Stop before a checkpoint keeps non-finite parameters; the previous
       # checkpoint (if any) stays the latest.
       raise FloatingPointError(
-        f"SREL on {views.city}: the loss or parameters of seed(s) {diverged} are not finite "
-        f"after epoch {done}; the mobility view's raw trip counts make the intra-view "
+        f"SREL on {views.city}: the loss, parameters or optimiser state of seed(s) {diverged} "
+        f"are not finite after epoch {done}; the mobility view's raw trip counts make the "
+        "intra-view "
         "attention logits very large, so try a lower learning_rate"
       )
     row = {"epoch": done, **{k: np.asarray(v).tolist() for k, v in terms.items()}}

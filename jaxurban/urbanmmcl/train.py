@@ -531,9 +531,11 @@ def _pretrain(config, compiled: _Compiled, inputs, data_sha256: str, seed: int, 
     last = {k: float(v) for k, v in last.items()}
     # The losses precede each epoch's update: the parameters after the
     # chunk's last update are checked on their own.
-    params_ok = bool(finite_per_seed(jax.tree.map(lambda leaf: leaf[None], params))[0])
+    # With Adam's moments, which can overflow while the parameters stay
+    # finite (`finite_per_seed`).
+    params_ok = bool(finite_per_seed(jax.tree.map(lambda leaf: leaf[None], (params, opt_state)))[0])
     if not (params_ok and all(np.isfinite(v) for v in last.values())):
-      what = f"non-finite loss {last}" if params_ok else "non-finite parameters"
+      what = f"non-finite loss {last}" if params_ok else "non-finite parameters or optimiser state"
       raise FloatingPointError(
         f"UrbanMMCL pre-training of {config.city}, seed {seed}: {what} in epochs "
         f"{done + 1}-{done + n}; no checkpoint written for them"
