@@ -54,7 +54,10 @@ def test_ridge_float64_matches_closed_form_and_sklearn(rng, n, d, t, alpha):
   w, b = np.asarray(params.weights), np.asarray(params.intercept)
   assert w.shape == ((d,) if t is None else (d, t))
   assert b.shape == (() if t is None else (t,))
-  np.testing.assert_allclose(w, w_ref, rtol=1e-9, atol=1e-12)
+  # With d > n and alpha 0.1 the system is ill-conditioned: a weight near 0
+  # beside weights of ~10 carries absolute rounding of ~1e-12.
+  scale = np.abs(w_ref).max()
+  np.testing.assert_allclose(w, w_ref, rtol=1e-9, atol=1e-11 * scale)
   np.testing.assert_allclose(b, b_ref, rtol=1e-9, atol=1e-12)
   # sklearn drops a length-1 target axis from coef_; compare values only.
   np.testing.assert_allclose(w, sk.coef_.T.reshape(w.shape), rtol=1e-7, atol=1e-10)

@@ -253,7 +253,9 @@ def test_view_graphs_follow_section_3_4_1(rng):
   np.fill_diagonal(want, 0)
   np.testing.assert_allclose(m, want)
   poi = rng.integers(0, 9, size=(5, 4)).astype(float)
-  unit = poi / np.linalg.norm(poi, axis=1, keepdims=True)
+  poi[2] = 0  # a region without POIs is similar to none (not NaN)
+  norm = np.linalg.norm(poi, axis=1, keepdims=True)
+  unit = np.divide(poi, norm, out=np.zeros_like(poi), where=norm > 0)
   want = unit @ unit.T
   np.fill_diagonal(want, 0)
   np.testing.assert_allclose(graphs.poi_graph(poi), want, atol=1e-12)
