@@ -356,8 +356,7 @@ def train_srel_with_log(
       raise FloatingPointError(
         f"SREL on {views.city}: the loss, parameters or optimiser state of seed(s) {diverged} "
         f"are not finite after epoch {done}; the mobility view's raw trip counts make the "
-        "intra-view "
-        "attention logits very large, so try a lower learning_rate"
+        "intra-view attention logits very large, so try a lower learning_rate"
       )
     row = {"epoch": done, **{k: np.asarray(v).tolist() for k, v in terms.items()}}
     history.append(row)
