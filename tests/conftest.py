@@ -74,10 +74,37 @@ def core_city(data_root):
   return get
 
 
+TEST_SEED_ENV = "JAXURBAN_TEST_SEED"
+
+
+def _fixed_test_seed() -> int | None:
+  text = os.environ.get(TEST_SEED_ENV, "").strip()
+  if not text:
+    return None
+  try:
+    seed = int(text, 0)
+  except ValueError:
+    seed = -1
+  if not 0 <= seed < 2**32:
+    raise pytest.UsageError(
+      f"{TEST_SEED_ENV}={text!r} is not a seed: give an integer in [0, 2**32)"
+    )
+  return seed
+
+
+def pytest_configure(config):
+  _fixed_test_seed()  # a malformed seed stops the run once, before any test
+
+
 @pytest.fixture
 def rng(request) -> np.random.Generator:
-  """A fresh random generator per test; its seed is reported on failure."""
-  seed = secrets.randbits(32)
+  """A fresh random generator per test; its seed is reported on failure.
+
+  ``JAXURBAN_TEST_SEED=<seed>`` replays a reported seed in every test that
+  draws from this fixture.
+  """
+  fixed = _fixed_test_seed()
+  seed = secrets.randbits(32) if fixed is None else fixed
   request.node.user_properties.append(("rng_seed", seed))
-  print(f"rng seed for {request.node.name}: {seed}")
+  print(f"rng seed for {request.node.name}: {seed} (replay with {TEST_SEED_ENV}={seed})")
   return np.random.default_rng(seed)
