@@ -113,6 +113,22 @@ def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
   atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
+def remove_earlier_outputs(folder: str | os.PathLike, patterns: tuple[str, ...]) -> list[str]:
+  """Deletes the files of ``folder`` matching the glob ``patterns``; their names.
+
+  For the files a run derives from its results (pictures, tables) and may
+  not write this time (under ``--no-plot``, say): removed before the new
+  results are written, so that an earlier run's never sits beside them.
+  """
+  removed = []
+  for pattern in patterns:
+    for path in sorted(pathlib.Path(folder).glob(pattern)):
+      if path.is_file() or path.is_symlink():
+        path.unlink()
+        removed.append(path.name)
+  return removed
+
+
 def _finite_or_null(value: Any) -> Any:
   """NaN and infinities as None: JSON has no literal for them, and strict
   readers reject Python's ``NaN``."""

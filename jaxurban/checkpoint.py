@@ -24,6 +24,7 @@ from jaxurban.atomic import (  # noqa: F401
   json_differences as _differences,
   same_json_value as _same_value,
   atomic_write,
+  remove_earlier_outputs,
   save_npy_atomic,
   write_json_atomic,
   write_text_atomic,

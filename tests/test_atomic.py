@@ -133,3 +133,13 @@ def test_a_folder_that_takes_no_new_file_is_named():
   # check must try the nearest existing folder itself, not any other.
   problem = atomic.writable_folder_problem("/proc/no-such-folder/run")
   assert problem.startswith("/proc/no-such-folder/run: cannot write in /proc (")
+
+
+def test_earlier_outputs_are_removed_by_pattern_and_nothing_else(tmp_path):
+  for name in ("embeddings.png", "losses.png", "losses_align.png", "metrics.json"):
+    (tmp_path / name).write_text(name)
+  (tmp_path / "losses_dir.png").mkdir()  # a folder is never an earlier output
+  removed = atomic.remove_earlier_outputs(tmp_path, ("embeddings.png", "losses*.png", "none.*"))
+  assert removed == ["embeddings.png", "losses.png", "losses_align.png"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["losses_dir.png", "metrics.json"]
+  assert atomic.remove_earlier_outputs(tmp_path / "not-yet-made", ("*.png",)) == []

@@ -208,6 +208,12 @@ def test_paradigms_end_to_end_on_los_loop(data_root, tmp_path, monkeypatch, para
     again = train.train_and_evaluate(config, tmp_path)
     assert "resuming at epoch 2" in capsys.readouterr().out
     assert again["models"]["UrbanPG"] == result["models"]["UrbanPG"]
+    # Rerun without pictures, an earlier run's picture does not stay beside
+    # the new results.
+    (tmp_path / "predictions.png").write_bytes(b"an earlier run's picture")
+    train.train_and_evaluate(dataclasses.replace(config, plot=False), tmp_path)
+    assert not (tmp_path / "predictions.png").exists()
+    assert (tmp_path / "metrics.json").exists()
     changed = train.UrbanPGConfig(**{**config.to_dict(), "learning_rate": 1e-2})
     with pytest.raises(CheckpointMismatch, match="learning_rate"):
       train.train_and_evaluate(changed, tmp_path)

@@ -23,6 +23,7 @@ from jaxurban import sharding
 from jaxurban.checkpoint import (
   Checkpointer,
   check_previous_results,
+  remove_earlier_outputs,
   save_npy_atomic,
   write_json_atomic,
 )
@@ -598,9 +599,7 @@ def train_and_evaluate(config: CoreConfig, workdir: str | pathlib.Path) -> dict:
     return summary
   # Outputs this run may not write (pictures under --no-plot) go first, so
   # that none of an earlier run's sits beside this run's results.
-  for derived in _DERIVED_OUTPUTS:
-    for stale in workdir.glob(derived):
-      stale.unlink()
+  remove_earlier_outputs(workdir, _DERIVED_OUTPUTS)
   save_npy_atomic(workdir / f"{city_x.name}_region_emb.npy", z_x.astype(np.float32))
   save_npy_atomic(workdir / f"{city_y.name}_region_emb.npy", z_y.astype(np.float32))
   if translated:

@@ -39,7 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxurban.checkpoint import Checkpointer, save_npy_atomic, write_json_atomic
+from jaxurban.checkpoint import (
+  Checkpointer,
+  remove_earlier_outputs,
+  save_npy_atomic,
+  write_json_atomic,
+)
 from jaxurban.data.errors import DataError, read_npy
 from jaxurban.data.hafusion import load_city_views, load_region_texts
 from jaxurban.data.root import resolve_data_root
@@ -804,8 +809,7 @@ def train_and_evaluate(config: UrbanMMCLConfig, workdir, log=print) -> dict:
   # run's embeddings beside that run's results, not beside others. Files
   # derived from an earlier run's results (the command's table and pictures)
   # go first, so that they never sit beside results that are not theirs.
-  for derived in ("results.md", "embeddings.png", "losses.png"):
-    (workdir / derived).unlink(missing_ok=True)
+  remove_earlier_outputs(workdir, ("results.md", "embeddings.png", "losses.png"))
   save_npy_atomic(workdir / "embeddings.npy", embeddings)
   write_json_atomic(workdir / "results.json", results)
   # "landuse": class index per region; landuse_classes[index] = landUse_dist column.

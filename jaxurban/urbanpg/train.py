@@ -36,7 +36,12 @@ import numpy as np
 import optax
 
 from jaxurban import sharding
-from jaxurban.checkpoint import Checkpointer, check_previous_results, write_json_atomic
+from jaxurban.checkpoint import (
+  Checkpointer,
+  check_previous_results,
+  remove_earlier_outputs,
+  write_json_atomic,
+)
 from jaxurban.data.root import resolve_data_root
 from jaxurban.provenance import software_versions
 from jaxurban.digest import arrays_sha256
@@ -1006,6 +1011,9 @@ def train_and_evaluate(config: UrbanPGConfig, workdir: str | pathlib.Path) -> di
       stage: {k: summarise(v) for k, v in models.items()}
       for stage, models in result["stages"].items()
     }
+  # A picture of an earlier run (other seeds; or this run under --no-plot)
+  # must not stay beside these results.
+  remove_earlier_outputs(workdir, ("predictions.png",))
   write_json_atomic(workdir / "metrics.json", result)
   if config.plot and example is not None:
     plot_predictions(workdir / "predictions.png", task, example, model=shown)
