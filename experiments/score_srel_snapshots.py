@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxurban.checkpoint import write_json_atomic
 from jaxurban.data.hafusion import load_city_views
-from jaxurban.data.errors import DataError
+from jaxurban.data.errors import DataError, require_file
 from jaxurban.eval import kfold
 from jaxurban.topt.pipeline import TASKS
 
@@ -35,8 +35,7 @@ def load_snapshots(
 ) -> tuple[dict[int, np.ndarray], np.ndarray]:
   """{seed: [T, N, d]} and the epochs [T] of the snapshots in `folder`."""
   epochs_path = folder / "snapshot_epochs.npy"
-  if not epochs_path.is_file():
-    raise DataError(epochs_path, "file missing")
+  require_file(epochs_path)
   epochs = np.load(epochs_path)
   runs = {}
   for path in sorted(folder.glob("snapshots_seed*.npy")):

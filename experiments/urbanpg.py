@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
   except DataError as e:
     print(f"data error: {e}", file=sys.stderr)
     sys.exit(2)
-  except CheckpointMismatch as e:
+  except (CheckpointMismatch, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

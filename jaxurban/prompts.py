@@ -44,7 +44,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from jaxurban.data.errors import DataError, read_npy
+from jaxurban.data.errors import DataError, read_npy, require_file
 from jaxurban.data.root import resolve_data_root, subdir
 from jaxurban.digest import file_sha256
 
@@ -118,8 +118,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
       or a field is missing or of the wrong type.
   """
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise DataError(path, "manifest file does not exist")
+  require_file(path, "manifest file does not exist")
   try:
     manifest = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is not JSON
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -251,8 +250,7 @@ def load_prompt_vectors(
     )
 
   array_path = directory / info["array"]
-  if not array_path.is_file():
-    raise DataError(array_path, f"array file named by {manifest_path} does not exist")
+  require_file(array_path, f"array file named by {manifest_path} does not exist")
   try:
     digest = file_sha256(array_path)
   except OSError as e:

@@ -665,6 +665,27 @@ def test_error_negative_labels(tmp_path):
     load_city("zz", root)
 
 
+@pytest.mark.parametrize("value", [0.0, 7.5])
+def test_error_constant_labels(tmp_path, value):
+  # Nothing to regress; with zeros every MAPE would be undefined.
+  root = make_city(tmp_path, labels={"co2": np.full(3, value)})
+  with pytest.raises(DataError, match=rf"co2_zz_sum\.npy: all 3 label values equal {value}$"):
+    load_city("zz", root)
+
+
+@pytest.mark.parametrize("name", ["gdp_zz_sum.npy", "region_od_flow_zz_11.npy"])
+def test_error_folder_in_place_of_a_file(tmp_path, name):
+  # A required file's name is not "missing", and an optional one is not
+  # passed over as absent.
+  root = make_city(tmp_path)
+  path = root / "core" / "zz" / name
+  path.unlink(missing_ok=True)
+  path.mkdir()
+  with pytest.raises(DataError) as caught:
+    load_city("zz", root)
+  assert str(caught.value) == f"{path}: is not a file (a folder or other entry has its name)"
+
+
 @pytest.mark.parametrize("value", ["99999999999999999999999", "1e30"])  # written as int or float
 def test_error_id_too_large(tmp_path, value):
   header, rows = _xa_style_mob()

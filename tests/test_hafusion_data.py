@@ -134,6 +134,19 @@ def test_negative_counts(tmp_path, rng):
   _expect(tmp_path, "mob_dist.npy", "mobility_dist", ["1 negative counts", "(1, 4)"])
 
 
+def test_constant_label(tmp_path, rng):
+  folder = _write_root(tmp_path, rng)
+  np.save(folder / "crime_counts.npy", np.zeros(N))
+  _expect(tmp_path, "crime_counts.npy", "crime", [f"all {N} values equal 0.0"])
+
+
+def test_folder_in_place_of_a_file(tmp_path, rng):
+  folder = _write_root(tmp_path, rng)
+  (folder / "poi_simi.npy").unlink()
+  (folder / "poi_simi.npy").mkdir()
+  _expect(tmp_path, "poi_simi.npy", "poi_similarity", ["is not a file"])
+
+
 def test_negative_label(tmp_path, rng):
   folder = _write_root(tmp_path, rng)
   np.save(folder / "check_counts.npy", -np.ones(N))

@@ -142,6 +142,35 @@ def test_zero_and_empty_readings_are_masked_and_kept_out_of_the_scaler(data_root
   [
     (lambda f: (f / "los_adj.csv").unlink(), "los_adj.csv", "file missing"),
     (
+      lambda f: ((f / "los_adj.csv").unlink(), (f / "los_adj.csv").mkdir()),
+      "los_adj.csv",
+      "is not a file (a folder or other entry has its name)",
+    ),
+    (
+      # Headerless, with the first weight missing: not a header row.
+      lambda f: _edit_cell(f / "los_adj.csv", 0, 0, ""),
+      "los_adj.csv",
+      "1 empty or non-finite (NaN/inf, or beyond float32's range) weights "
+      "(first at row 1, column 1)",
+    ),
+    (
+      lambda f: _rewrite(f / "los_speed.csv", lambda k, line: line.replace("773869", "767541")),
+      "los_speed.csv",
+      "detector id '767541' appears twice in the header (cells 1 and 2)",
+    ),
+    (
+      lambda f: (f / "los_speed.csv").write_text(
+        "\n".join((f / "los_speed.csv").read_text().splitlines()[1:]) + "\n"
+      ),
+      "los_speed.csv",
+      "line 1 holds readings, not detector ids: the header line naming the detectors is missing",
+    ),
+    (
+      lambda f: _edit_cell(f / "los_speed.csv", 0, 0, ""),
+      "los_speed.csv",
+      "header cell 1 is empty, and its column is not a row index",
+    ),
+    (
       lambda f: _edit_cell(f / "los_speed.csv", 3, 2, "fast"),
       "los_speed.csv",
       "'fast' is not a number",

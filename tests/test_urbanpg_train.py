@@ -367,6 +367,22 @@ def test_killed_fit_resumes_to_the_uninterrupted_run(fit_small, tmp_path, monkey
   assert from_old["history"] == log["history"][2:]
 
 
+def test_a_diverged_fit_stops_instead_of_reporting_its_initial_parameters(data_root, tmp_path):
+  # Far too high a rate: every validation MAE is NaN, so none would ever
+  # beat the initial best value, and the untrained parameters would have
+  # been scored as the model.
+  data = load_los_loop(data_root).select(np.arange(40), slice(0, 700))
+  config = train.UrbanPGConfig(**{**TINY, "checkpoint_every": 1})
+  task = train.make_task("t", data, config)
+  model = train.build_model(config, data.n_nodes)
+  params = train.init_params(model, config, jax.random.PRNGKey(0))
+  with pytest.raises(FloatingPointError) as caught:
+    train.fit(task, model, params, train.everything, 1e30, config, tmp_path, "full", 0)
+  assert str(caught.value).startswith("UrbanPG [full seed 0]: ")
+  assert "not finite after epoch 1; no checkpoint written for it" in str(caught.value)
+  assert not list((tmp_path / "checkpoints").rglob("*metadata*"))
+
+
 def test_a_seed_resumes_whichever_seeds_the_run_covers(fit_small, tmp_path, capsys):
   # Seed 1 trained as part of seeds 0..2, then rerun as part of seeds 1..2.
   best, log = fit_small(tmp_path, seed=1, epochs=1, seeds=3, first_seed=0)
@@ -458,6 +474,10 @@ CHILD = textwrap.dedent(
   placed = train.Placement(True, 64).batch({"x": np.zeros((64, 3))})
   assert len({s.device for s in placed["x"].addressable_shards}) == 8
   assert placed["x"].sharding.spec == jax.sharding.PartitionSpec(sharding.BATCH)
+  # A batch that 8 devices cannot split evenly goes over as many as can.
+  for batch_size, count in ((12, 6), (7, 7), (9, 3), (11, 1)):
+    placed = train.Placement(True, batch_size).batch({"x": np.zeros((batch_size, 3))})
+    assert len({s.device for s in placed["x"].addressable_shards}) == count, batch_size
   print("SHARDED-OK")
   """
 )

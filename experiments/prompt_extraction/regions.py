@@ -34,7 +34,7 @@ import pathlib
 import re
 from collections.abc import Callable, Sequence
 
-from jaxurban.data.errors import DataError
+from jaxurban.data.errors import DataError, require_file
 from jaxurban.digest import file_sha256
 
 __all__ = [
@@ -88,8 +88,7 @@ def load_regions(
     DataError: naming the file, the entry and the problem.
   """
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise DataError(path, "region file does not exist")
+  require_file(path, "region file does not exist")
   try:
     records = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is not JSON
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

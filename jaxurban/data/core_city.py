@@ -38,7 +38,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxurban.data import wkt as wkt_lib
-from jaxurban.data.errors import NOT_FINITE, DataError, not_finite_in_float32, read_npy
+from jaxurban.data.errors import (
+  NOT_FINITE,
+  DataError,
+  not_finite_in_float32,
+  read_npy,
+  require_file,
+)
 from jaxurban.data.root import resolve_data_root, subdir
 
 __all__ = [
@@ -166,6 +172,11 @@ def city_files(folder: str | os.PathLike, code: str) -> dict[str, pathlib.Path |
     for cand in (folder / filename, sub / filename):
       if cand.is_file():
         return cand
+      if cand.exists():
+        # Something else of that name: "missing" would contradict the
+        # listing below, and an optional file would be passed over
+        # without a word.
+        require_file(cand)
     if not required:
       return None
     try:
@@ -592,6 +603,10 @@ def _load_label(path: pathlib.Path, n: int, geo_file: str) -> np.ndarray:
       f"{len(negative)} negative label values (first {float(values[negative[0]])!r} at region "
       f"{int(negative[0])}); labels must be non-negative amounts",
     )
+  if n > 1 and np.all(values == values[0]):
+    # Nothing to regress: the ridge would fit the constant, and with 0 every
+    # MAPE is undefined (the table would read nan).
+    raise DataError(path.name, f"all {n} label values equal {float(values[0])!r}")
   return values
 
 

@@ -10,6 +10,7 @@ separately and always formats them the same way::
 from __future__ import annotations
 
 import os
+import pathlib
 
 import numpy as np
 
@@ -85,3 +86,16 @@ def read_npy(path: str | os.PathLike, column: str | None = None, shown=None) -> 
     array.close()
     raise DataError(shown, "is an .npz archive, not one .npy array", column=column)
   return array
+
+
+NOT_A_FILE = "is not a file (a folder or other entry has its name)"
+
+
+def require_file(path: str | os.PathLike, missing: str = "file missing", column=None) -> None:
+  """A DataError unless `path` is a file: ``missing`` when nothing is there,
+  and `NOT_A_FILE` when something else is (a folder reported as "missing"
+  would contradict a listing of the folder that shows its name)."""
+  path = pathlib.Path(path)
+  if path.is_file():
+    return
+  raise DataError(path, NOT_A_FILE if path.exists() else missing, column=column)

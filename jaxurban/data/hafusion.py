@@ -27,7 +27,13 @@ import re
 
 import numpy as np
 
-from jaxurban.data.errors import NOT_FINITE, DataError, not_finite_in_float32, read_npy
+from jaxurban.data.errors import (
+  NOT_FINITE,
+  DataError,
+  not_finite_in_float32,
+  read_npy,
+  require_file,
+)
 from jaxurban.data.root import resolve_data_root, subdir
 
 __all__ = [
@@ -92,8 +98,7 @@ class CityViews:
 
 def _load_npy(folder: pathlib.Path, name: str, field: str) -> np.ndarray:
   path = folder / name
-  if not path.is_file():
-    raise DataError(path, "file missing", column=field)
+  require_file(path, column=field)
   array = read_npy(path, column=field, shown=path)
   if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
     raise DataError(path, f"dtype {array.dtype} is not a real number type", column=field)
@@ -183,6 +188,9 @@ def load_city_views(city: str, data_root: str | os.PathLike | None = None) -> Ci
     label = _load_npy(folder, name, key)
     _check_shape(folder / name, key, label, (n,), why)
     _check_non_negative(folder / name, key, label)
+    if n > 1 and np.all(label == label[0]):
+      # R² has no meaning for a constant target (0 / 0).
+      raise DataError(folder / name, f"all {n} values equal {float(label[0])!r}", column=key)
     labels[key] = label
 
   centroids = None
@@ -241,8 +249,7 @@ def load_region_texts(
   ``field`` is the field errors name (what the caller reads from the text).
   """
   path = subdir(resolve_data_root(data_root), "prompt4re", "chicago") / "prompt_data.json"
-  if not path.is_file():
-    raise DataError(path, "file missing", column=field)
+  require_file(path, column=field)
   try:
     messages = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is not JSON
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

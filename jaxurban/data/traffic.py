@@ -30,7 +30,7 @@ import pathlib
 
 import numpy as np
 
-from jaxurban.data.errors import NOT_FINITE, DataError, not_finite_in_float32
+from jaxurban.data.errors import NOT_FINITE, DataError, not_finite_in_float32, require_file
 from jaxurban.data.root import resolve_data_root, subdir
 
 __all__ = [
@@ -154,11 +154,17 @@ def _read_numeric_csv(path: pathlib.Path, skip_header: bool | None) -> tuple[lis
   first column whose header cell is empty or ``Unnamed: 0`` is a row index
   (as pandas' ``to_csv`` and R's ``write.csv`` write one) and is left out.
   `skip_header` None: a header exactly when the first line starts with such
-  a cell (a matrix written without names starts with a number).
+  a cell over a column that is a row index (a matrix written without names
+  starts with a number, or with an empty cell when that value is missing).
   """
   lines = _read_lines(path)
   if skip_header is None:
-    skip_header = _cells(lines[0])[0] in _INDEX_HEADERS
+    first_cell = _cells(lines[0])[0]
+    skip_header = first_cell in _INDEX_HEADERS and (
+      # An empty first cell over a column that is no row index is a
+      # headerless matrix whose first value is missing.
+      first_cell != "" or _looks_like_row_index([_cells(line)[0].strip() for line in lines[1:]])
+    )
   header = _cells(lines[0]) if skip_header else []
   body = lines[1:] if skip_header else lines
   if not body:
@@ -177,8 +183,12 @@ def _read_numeric_csv(path: pathlib.Path, skip_header: bool | None) -> tuple[lis
     )
   width = len(header) if skip_header else len(_cells(body[0]))
   rows = np.empty((len(body), width), np.float64)
+  index_cells = []
   for i, line in enumerate(body):
-    cells = _cells(line)[1:] if index_column else _cells(line)
+    cells = _cells(line)
+    if index_column:
+      index_cells.append(cells[0].strip())
+      cells = cells[1:]
     row_number = i + (2 if skip_header else 1)
     if len(cells) != width:
       raise DataError(path.name, f"row {row_number} has {len(cells)} fields, expected {width}")
@@ -194,7 +204,29 @@ def _read_numeric_csv(path: pathlib.Path, skip_header: bool | None) -> tuple[lis
         raise DataError(
           path.name, f"{_cell_position(header, i, j)}: {shown!r} is not a number"
         ) from None
+  if index_column and not _looks_like_row_index(index_cells):
+    # An empty first header cell over a column of readings: a column whose
+    # name is missing, not the row index pandas or R writes (0, 1, 2, ... or
+    # 1, 2, 3, ..., or labels such as timestamps).
+    raise DataError(path.name, "header cell 1 is empty, and its column is not a row index")
   return header, rows
+
+
+def _looks_like_row_index(cells: list[str]) -> bool:
+  if not all(_is_number(c) for c in cells):
+    return True  # labels (timestamps, names)
+  if not all(_is_number(c, integer=True) for c in cells):
+    return False
+  values = [int(float(c)) for c in cells]
+  return values[0] in (0, 1) and all(b - a == 1 for a, b in zip(values, values[1:]))
+
+
+def _is_number(cell: str, integer: bool = False) -> bool:
+  try:
+    value = float(cell)
+  except ValueError:
+    return False
+  return not integer or (np.isfinite(value) and value == int(value))
 
 
 def _read_locations(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
@@ -228,14 +260,27 @@ def read_los_loop_folder(folder: str | os.PathLike) -> TrafficData:
   folder = pathlib.Path(folder)
   paths = {name: folder / name for name in ("los_speed.csv", "los_adj.csv", "sensor_locations.csv")}
   for path in paths.values():
-    if not path.is_file():
-      raise DataError(path, "file missing")
+    require_file(path)
   header, speed = _read_numeric_csv(paths["los_speed.csv"], skip_header=True)
   name = "los_speed.csv"
   if speed.shape[0] < 2:
     raise DataError(name, f"has {speed.shape[0]} time steps; at least 2 are needed")
-  if len(set(header)) != len(header):
-    raise DataError(name, "the header repeats detector ids", column="header")
+  if all(_is_number(h) for h in header) and not all(_is_number(h, integer=True) for h in header):
+    raise DataError(
+      name,
+      "line 1 holds readings, not detector ids: the header line naming the detectors is missing",
+      column="header",
+    )
+  first_cell = {}
+  for k, detector in enumerate(header):
+    if detector in first_cell:
+      raise DataError(
+        name,
+        f"detector id {detector!r} appears twice in the header (cells {first_cell[detector] + 1} "
+        f"and {k + 1})",
+        column="header",
+      )
+    first_cell[detector] = k
   finite = np.isfinite(speed)
   # An inf cell is a missing reading; a finite one that float32 cannot hold
   # is an error, since it would become inf in the model's arrays.

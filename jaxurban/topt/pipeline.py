@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from jaxurban.checkpoint import check_previous_results, save_npy_atomic, write_json_atomic
-from jaxurban.data.errors import DataError, read_npy
+from jaxurban.data.errors import DataError, read_npy, require_file
 from jaxurban.data.root import resolve_data_root, subdir
 from jaxurban.provenance import software_versions
 from jaxurban.eval import kfold
@@ -395,8 +395,7 @@ def _srel_embeddings(config: ToptConfig, views, workdir, log) -> tuple[np.ndarra
   n = views.n_regions
   if config.embeddings_path is not None:
     path = pathlib.Path(config.embeddings_path)
-    if not path.is_file():
-      raise DataError(path, "file missing", column="embeddings_path")
+    require_file(path, column="embeddings_path")
     emb = read_npy(path, column="embeddings_path", shown=path)
     if not (np.issubdtype(emb.dtype, np.floating) or np.issubdtype(emb.dtype, np.integer)):
       raise DataError(path, f"dtype {emb.dtype}, expected real numbers", column="embeddings_path")

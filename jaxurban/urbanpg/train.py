@@ -54,7 +54,12 @@ from jaxurban.data.traffic import (
   load_los_loop,
   make_windows,
 )
-from jaxurban.training import rate_problems, seed_range_problems, weight_problems
+from jaxurban.training import (
+  finite_per_seed,
+  rate_problems,
+  seed_range_problems,
+  weight_problems,
+)
 from jaxurban.urbanpg.baselines import HistoricalAverage, PerNodeLinear, last_value
 from jaxurban.urbanpg.model import ATTENTIONS, UrbanPG
 
@@ -88,7 +93,8 @@ class UrbanPGConfig:
     fewshot_fraction: share of the target's training period used in few-shot.
     continual_stages: growing node shares, one per period (last must be 1).
     checkpoint_every: epochs between checkpoints (and always at the end).
-    shard_batch: split every batch over all devices.
+    shard_batch: split every batch over the devices (as many as divide
+      ``batch_size`` evenly: `batch_devices`).
     plot: write predictions.png.
   """
 
@@ -548,6 +554,15 @@ def padded_batches(n: int, batch_size: int, order: np.ndarray | None = None):
     yield index[i : i + batch_size], weight[i : i + batch_size]
 
 
+def batch_devices(batch_size: int) -> list:
+  """The devices a batch is split over: as many of the local devices as
+  divide ``batch_size`` evenly (all of them when they do), so that any device
+  count runs. The split does not change what is computed, only where."""
+  devices = jax.local_devices()
+  count = max(k for k in range(1, len(devices) + 1) if batch_size % k == 0)
+  return devices[:count]
+
+
 class Placement:
   """Puts batches split over the `BATCH` mesh and states replicated (or leaves them)."""
 
@@ -559,11 +574,7 @@ class Placement:
         f"UrbanPG's batch split covers one process's devices; this run has "
         f"{jax.process_count()} processes (set shard_batch=False)"
       )
-    self.mesh = sharding.batch_mesh() if enabled else None
-    if self.mesh is not None and batch_size % self.mesh.devices.size:
-      raise ValueError(
-        f"batch_size {batch_size} is not a multiple of the {self.mesh.devices.size} devices"
-      )
+    self.mesh = sharding.batch_mesh(batch_devices(batch_size)) if enabled else None
 
   def batch(self, tree):
     return tree if self.mesh is None else sharding.shard_batch(tree, self.mesh)
@@ -659,6 +670,21 @@ def fit(
     val = masked_metrics(pred, task.val.y, task.val.y_mask)["avg"]["mae"]
     # Batches weighted by their real samples: the padded last one counts less.
     train_loss = float(np.average(host(losses), weights=real))
+    # Each batch's loss precedes its update, so the parameters and Adam's
+    # moments after the epoch's last update are checked on their own
+    # (`finite_per_seed`). A diverged run would otherwise never beat the
+    # initial best value and report its untrained parameters as the model.
+    state_ok = bool(finite_per_seed(jax.tree.map(lambda leaf: leaf[None], state[:2]))[0])
+    if not (state_ok and np.isfinite(train_loss) and np.isfinite(val)):
+      what = (
+        "the parameters or optimiser state are"
+        if not state_ok
+        else f"the training MAE ({train_loss}) or validation MAE ({val}) is"
+      )
+      raise FloatingPointError(
+        f"UrbanPG [{stage} seed {seed}]: {what} not finite after epoch {epoch}; no checkpoint "
+        f"written for it; try a lower learning rate"
+      )
     history.append({"epoch": epoch, "train_mae": train_loss, "val_mae": val})
     if val < best_val:
       best_val, best_epoch, bad, best_params = val, epoch, 0, host(state[0])
@@ -977,6 +1003,11 @@ def train_and_evaluate(config: UrbanPGConfig, workdir: str | pathlib.Path) -> di
     f"UrbanPG {config.paradigm} on {data.name}: {data.n_nodes} detectors x {data.n_steps} steps, "
     f"{int((~data.mask).sum())} missing readings; seeds {seeds}; {jax.device_count()} device(s)"
   )
+  if config.shard_batch and len(batch_devices(config.batch_size)) < jax.local_device_count():
+    _log(
+      f"batches of {config.batch_size} split over {len(batch_devices(config.batch_size))} of the "
+      f"{jax.local_device_count()} devices (the most that divide the batch evenly)"
+    )
   runner = {"full": run_full, "fewshot": run_fewshot, "continual": run_continual}[config.paradigm]
   result = runner(config, workdir, data, seeds)
   task, example, shown = result.pop("plot")
