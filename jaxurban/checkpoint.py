@@ -104,6 +104,14 @@ class Checkpointer:
 
   def __init__(self, workdir: str | os.PathLike, subdir: str = "train", max_to_keep: int = 2):
     self.directory = pathlib.Path(workdir).absolute() / "checkpoints" / subdir
+    # Something other than a folder on the way (a file named "checkpoints")
+    # would surface as an OS error from deep inside orbax.
+    for folder in reversed((self.directory, *self.directory.parents)):
+      if folder.exists() and not folder.is_dir():
+        raise CheckpointUnreadable(
+          f"{folder}: is not a folder, so the checkpoints cannot be kept under it; "
+          "use another output folder or move it away"
+        )
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(

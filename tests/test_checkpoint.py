@@ -201,3 +201,16 @@ def test_a_nan_setting_beside_a_changed_one_is_not_named():
   with pytest.raises(CheckpointMismatch) as caught:
     check_same_config({"m": {"a": nan, "b": 1}}, {"m": {"a": nan, "b": 2}}, "saved")
   assert "(m.b: saved 1 vs now 2)" in str(caught.value)
+
+
+@pytest.mark.parametrize("blocked", ["checkpoints", "checkpoints/train", "."])
+def test_a_file_where_the_checkpoints_go_is_named(tmp_path, blocked):
+  # A file of that name (or the output folder itself a file) surfaced as an
+  # OS error from inside orbax.
+  workdir = tmp_path / "out"
+  path = (workdir / blocked) if blocked != "." else workdir
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("not a folder")
+  with pytest.raises(CheckpointUnreadable) as caught:
+    Checkpointer(workdir)
+  assert str(caught.value).startswith(f"{path.absolute()}: is not a folder")

@@ -292,7 +292,9 @@ def test_ablation_flags_change_what_prompt4re_is_given(data_root, tmp_path, rng,
     config, _ = topt.parse_config(argv + flags)
     assert config.prompt_config("checkIn").alignment is alignment
     with pytest.raises(Stop):
-      pipeline.train_and_evaluate(config, tmp_path / "run", log=lambda s: None)
+      # One folder per setting: a stopped run's folder refuses other settings.
+      folder = tmp_path / ("run" + "".join(flags))
+      pipeline.train_and_evaluate(config, folder, log=lambda s: None)
     assert loaded == [("llama", prompt_task)], flags
     np.testing.assert_array_equal(given["prompts"], vectors[prompt_task])
     pcfg = given["config"]
@@ -323,10 +325,11 @@ def test_too_many_folds_fail_before_srel(data_root, tmp_path, monkeypatch):
   with pytest.raises(ValueError, match=f"n_folds={scored + 1} exceeds the {scored} regions") as e:
     pipeline.train_and_evaluate(config, tmp_path, log=lambda s: None)
   assert e.value.file == str(data_root / "hafusion" / "Chi" / "check_counts.npy")
-  # One scored region per fold (leave-one-out) is a split that can run.
+  # One scored region per fold (leave-one-out) is a split that can run, in
+  # the same folder: the refused run left nothing there to refuse it.
   config = ToptConfig(tasks=("checkIn",), n_folds=scored, data_root=str(data_root))
   with pytest.raises(AssertionError, match="SREL started"):
-    pipeline.train_and_evaluate(config, tmp_path / "loo", log=lambda s: None)
+    pipeline.train_and_evaluate(config, tmp_path, log=lambda s: None)
 
 
 def test_validated_protocol_reports_one_honest_row(data_root, tmp_path, monkeypatch):
@@ -578,6 +581,28 @@ def test_a_run_of_another_configuration_is_refused_before_any_work(tmp_path, cap
   err = capsys.readouterr().err
   assert "metrics.json was written with a different config (tasks: saved ['crime']" in err
   assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]
+
+
+def test_a_killed_run_of_another_configuration_is_refused_too(
+  data_root, tmp_path, monkeypatch, capsys
+):
+  # Killed in SREL, before any metrics.json: its embeddings and checkpoints
+  # would otherwise sit beside the results of whatever ran there next.
+  out = tmp_path / "run"
+  common = ["--city", "Chi", "--seeds", "1", "--data-root", str(data_root), "--out", str(out)]
+
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt("killed in SREL")
+
+  monkeypatch.setattr(pipeline, "_srel_embeddings", killed)
+  with pytest.raises(KeyboardInterrupt):
+    topt.main(["--task", "crime", *common])
+  monkeypatch.undo()
+  assert sorted(p.name for p in out.iterdir()) == [pipeline.RUN_CONFIG_FILE]
+  assert topt.main(["--task", "checkIn", *common]) == 2
+  err = capsys.readouterr().err
+  assert "run_config.json was written with a different config (tasks: saved ['crime']" in err
+  assert sorted(p.name for p in out.iterdir()) == [pipeline.RUN_CONFIG_FILE]
 
 
 def test_mean_and_spread_share_their_decimals():

@@ -2,6 +2,9 @@
 
 ``train_and_evaluate(config, workdir)`` writes into ``workdir``:
 
+* ``run_config.json``: the config, before any other output, so that the
+  folder of a run killed before its results refuses a run of other settings
+  as a finished run's does;
 * ``embeddings.npy``: SREL region embeddings [S, N, d], one set per seed;
 * ``predictions_<task>.npy``: pooled out-of-fold predictions [S, n] of the
   reported model (with ``--protocol paper`` those of the same run at its
@@ -497,6 +500,10 @@ def mean_std_text(mean: float, std: float) -> str:
   return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
 
 
+# Written at the start of a run, before any other output.
+RUN_CONFIG_FILE = "run_config.json"
+
+
 def train_and_evaluate(
   config: ToptConfig, workdir: str | pathlib.Path, log: Callable[[str], None] = print
 ) -> dict:
@@ -507,6 +514,11 @@ def train_and_evaluate(
   # Results of another configuration (a task, an ablation) are not replaced
   # while their predictions and maps would stay beside the new ones.
   check_previous_results(workdir / "metrics.json", dataclasses.asdict(config), ("data_root",))
+  # A run killed before its first metrics.json (SREL and Prompt4RE take
+  # minutes) leaves embeddings, SREL's folder and checkpoints that nothing
+  # else describes: its config is written before them (below), so that a
+  # run of other settings is refused there too.
+  check_previous_results(workdir / RUN_CONFIG_FILE, dataclasses.asdict(config), ("data_root",))
   workdir.mkdir(parents=True, exist_ok=True)
   label = kfold.protocol_label(config.protocol)
   notes = []
@@ -545,6 +557,9 @@ def train_and_evaluate(
     for task in config.tasks:
       prompt_task = task if config.task_prompt else "none"
       prompt_vectors[task] = _prompt_vectors(config, prompt_task, views.n_regions)
+  # After the checks above, which write nothing: a run they stop leaves no
+  # config behind to refuse the corrected one.
+  write_json_atomic(workdir / RUN_CONFIG_FILE, {"config": dataclasses.asdict(config)})
   emb, srel_source = _srel_embeddings(config, views, workdir, log)
   timings = {"srel_s": time.perf_counter() - t0}
   save_npy_atomic(workdir / "embeddings.npy", emb)
