@@ -605,6 +605,18 @@ def test_error_ragged_row(tmp_path):
     load_city("zz", root)
 
 
+@pytest.mark.parametrize("separator, word", [(";", "semicolons"), ("\t", "tabs")])
+def test_error_other_separator(tmp_path, separator, word):
+  root = make_city(tmp_path)
+  _rewrite(root / "core" / "zz" / "regionmap_zz.geo", lambda t: t.replace(",", separator))
+  with pytest.raises(
+    DataError,
+    match=rf"regionmap_zz\.geo: line 1 is one field holding {word}: the file must be "
+    "comma-separated",
+  ):
+    load_city("zz", root)
+
+
 def test_error_bad_polygon(tmp_path):
   header, rows = _xa_style_geo()
   header, rows = header[:4], [r[:4] for r in rows]  # no m_lon/m_lat: polygons are parsed

@@ -161,6 +161,20 @@ def test_unparsable_centroid(tmp_path, rng):
   _expect(tmp_path, "prompt_data.json entry 3", "Centroid Coordinates", ["two numbers"])
 
 
+def test_a_centroid_far_from_the_city_is_named(tmp_path, rng):
+  # (lon, lat) for one region: inside the valid ranges, ~12,000 km away.
+  _write_root(tmp_path, rng)
+  texts = [f"Centroid Coordinates: ({41.8 + i / 100}, -87.6)" for i in range(N)]
+  texts[4] = "Centroid Coordinates: (-87.6, 41.84)"
+  _write_prompts(tmp_path / "prompt4re" / "chicago", texts)
+  _expect(
+    tmp_path,
+    "prompt_data.json entry 4",
+    "Centroid Coordinates",
+    ["(-87.6, 41.84) lies over 300 km from the median centroid (1 such entries)"],
+  )
+
+
 def test_prompt_texts_with_a_byte_order_mark_or_without_text(tmp_path, rng):
   _write_root(tmp_path, rng)
   path = tmp_path / "prompt4re" / "chicago" / "prompt_data.json"

@@ -242,6 +242,11 @@ class _Table:
           header = next(reader)
         except StopIteration:
           raise DataError(self.file, "file is empty (no header row)") from None
+        if len(header) == 1 and (";" in header[0] or "\t" in header[0]):
+          separator = "semicolons" if ";" in header[0] else "tabs"
+          raise DataError(
+            self.file, f"line 1 is one field holding {separator}: the file must be comma-separated"
+          )
         rows = []
         for row in reader:
           if not row:

@@ -275,5 +275,33 @@ def load_region_texts(
 def load_chicago_centroids(data_root: str | os.PathLike | None = None) -> np.ndarray:
   """[77, 2] (lat, lon) of the Chicago regions from ``prompt4re/chicago/prompt_data.json``."""
   path, texts = load_region_texts(data_root, field="Centroid Coordinates")
-  coords = [parse_centroid(text, f"{path} entry {i}") for i, text in enumerate(texts)]
-  return np.asarray(coords, dtype=np.float64)
+  coords = np.asarray(
+    [parse_centroid(text, f"{path} entry {i}") for i, text in enumerate(texts)], np.float64
+  )
+  # One city: a centroid far from the others is a slip such as (lon, lat),
+  # which stays inside the valid ranges but would distort the distance view.
+  far = centroids_far_from_the_rest(coords)
+  if far.size:
+    i = int(far[0])
+    raise DataError(
+      f"{path} entry {i}",
+      f"({coords[i, 0]}, {coords[i, 1]}) lies over {_CITY_RADIUS_KM:g} km from the median "
+      f"centroid ({len(far)} such entries); expected (lat, lon) within one city",
+      column="Centroid Coordinates",
+    )
+  return coords
+
+
+# How far a region's centroid may lie from the city's median centroid.
+_CITY_RADIUS_KM = 300.0
+
+
+def centroids_far_from_the_rest(coords: np.ndarray) -> np.ndarray:
+  """Indices of the (lat, lon) rows over `_CITY_RADIUS_KM` from the median
+  centroid (great-circle distance)."""
+  lat, lon = np.radians(coords[:, 0]), np.radians(coords[:, 1])
+  lat0, lon0 = np.radians(np.median(coords, axis=0))
+  # Haversine.
+  h = np.sin((lat - lat0) / 2) ** 2 + np.cos(lat) * np.cos(lat0) * np.sin((lon - lon0) / 2) ** 2
+  km = 2 * 6371.0 * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0)))
+  return np.flatnonzero(km > _CITY_RADIUS_KM)
