@@ -240,6 +240,11 @@ def test_zero_and_empty_readings_are_masked_and_kept_out_of_the_scaler(data_root
     ),
     (lambda f: _edit_cell(f / "los_speed.csv", 9, 0, "1,2"), "los_speed.csv", "fields"),
     (
+      lambda f: _edit_cell(f / "los_speed.csv", 5, 3, '"61.5'),
+      "los_speed.csv",
+      "row 6 has 4 fields, expected 207 (a quote left open there joins the fields after it)",
+    ),
+    (
       lambda f: _edit_cell(f / "los_speed.csv", 0, 4, ""),
       "los_speed.csv",
       "header cell 5 is empty",

@@ -191,7 +191,11 @@ def _read_numeric_csv(path: pathlib.Path, skip_header: bool | None) -> tuple[lis
       cells = cells[1:]
     row_number = i + (2 if skip_header else 1)
     if len(cells) != width:
-      raise DataError(path.name, f"row {row_number} has {len(cells)} fields, expected {width}")
+      # A quote left open swallows the commas after it into one field.
+      quote = " (a quote left open there joins the fields after it)" if '"' in line else ""
+      raise DataError(
+        path.name, f"row {row_number} has {len(cells)} fields, expected {width}{quote}"
+      )
     for j, cell in enumerate(cells):
       cell = cell.strip()
       if cell in _MISSING_CELLS:
