@@ -29,6 +29,13 @@ its dot needs tiles >= 16); zero features do not change any dot product.
 A row with no valid key at all has LSE = -inf and a zero gradient, in the
 Pallas backward and in the reference (jax.nn.logsumexp's).
 
+With float16 inputs the backward casts g_i p_ik to float16 before its tile
+products with K and Q; where it exceeds float16's 65504 (a cotangent above
+about 6.5e4, as loss scaling by 2^16 or more gives) dq and dk become inf or
+NaN while the reference, which differentiates in float32 throughout, stays
+finite. CoRE's cotangents are row weights of at most 1. bfloat16, with
+float32's exponent range, does not have this limit.
+
 Run ``python -m kernels.row_lse`` for the benchmark against the chunked XLA
 reference (see `main`).
 """
@@ -452,7 +459,8 @@ def row_logsumexp(
     num_warps, num_stages: Triton launch settings (ignored in interpret mode).
 
   Differentiable in queries and keys; the Pallas backward is O((M + N) d)
-  memory. Accumulation is float32 for every input dtype.
+  memory. Accumulation is float32 for every input dtype; with float16 inputs
+  the backward's cotangent must stay below float16's range (module doc).
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
