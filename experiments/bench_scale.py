@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from experiments.common import positive_int
+from experiments.common import positive_int, positive_number
 
 
 def synthetic_city(n_regions: int, seed: int, destinations: int = 10):
@@ -140,13 +140,13 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=positive_int, default=3)
   parser.add_argument(
     "--max-run-gb",
-    type=float,
+    type=positive_number,
     default=16.0,
     help="do not run a step whose compiled estimate exceeds this",
   )
   parser.add_argument(
     "--remat-from",
-    type=int,
+    type=positive_int,
     default=100_000,
     help="from this N on, the linear step recomputes the GAT layers' activations in the "
     "backward pass (CoreConfig.remat_gat: less memory, one more encoder forward)",

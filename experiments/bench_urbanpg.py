@@ -33,7 +33,13 @@ import time
 
 import numpy as np
 
-from experiments.common import checked_output_file, exit_status, positive_int, positive_int_list
+from experiments.common import (
+  checked_output_file,
+  exit_status,
+  positive_int,
+  positive_int_list,
+  positive_number,
+)
 from jaxurban.atomic import write_json_atomic
 from jaxurban.data.traffic import STEPS_PER_DAY
 
@@ -178,7 +184,12 @@ def main(argv=None) -> int:
     help="comma-separated attention forms: linear, softmax or both (linear,softmax)",
   )
   parser.add_argument("--repeats", type=positive_int, default=3)
-  parser.add_argument("--softmax-max-gb", type=float, default=6.0)
+  parser.add_argument(
+    "--softmax-max-gb",
+    type=positive_number,
+    default=6.0,
+    help="do not run a softmax step whose compiled estimate exceeds this",
+  )
   parser.add_argument("--out", default=None, help="write the rows as JSON here")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)

@@ -27,6 +27,17 @@ def positive_int(text: str) -> int:
   return value
 
 
+def positive_number(text: str) -> float:
+  """argparse type: a finite number above 0 (a memory budget, say)."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+  if not 0 < value < float("inf"):
+    raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}")
+  return value
+
+
 def absolute_path(text: str) -> str:
   """argparse type for an input file or folder: the absolute path, so that the
   config saved with results and checkpoints names the same input the same way

@@ -20,12 +20,21 @@
 set -u
 out=${1:?usage: bash experiments/gpu_report.sh OUTDIR [PYTHON]}
 py=${2:-python3}
-# OUTDIR is taken relative to where the script was called from.
-mkdir -p "$out" && out=$(cd "$out" && pwd)
+# OUTDIR is taken relative to where the script was called from. Checked
+# first: each part below would otherwise fail on its own, one after another.
+if ! mkdir -p "$out" 2>/dev/null || ! out=$(cd "$out" 2>/dev/null && pwd); then
+  echo "error: OUTDIR $out: cannot make or enter that folder" >&2
+  exit 2
+fi
+if ! command -v "$py" >/dev/null; then
+  echo "error: PYTHON $py: no such command" >&2
+  exit 2
+fi
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 summary="$out/summary.txt"
 : >"$summary"
+failed=0
 
 part() { # name limit_seconds tail_lines command...
   local name=$1 limit=$2 lines=$3
@@ -37,6 +46,7 @@ part() { # name limit_seconds tail_lines command...
   # processes end with the part.
   timeout -k 10 "$limit" "$@" >>"$out/$name.log" 2>&1
   local status=$?
+  [ "$status" -eq 0 ] || failed=$((failed + 1))
   local note=""
   [ "$status" -eq 124 ] || [ "$status" -eq 137 ] && note=" (time limit)"
   echo "   exit $status$note after $((SECONDS - started)) s" | tee -a "$summary"
@@ -70,3 +80,8 @@ part scale 60 10 "$py" -m experiments.bench_scale --sizes 1000 100000 --repeats 
 
 echo
 cat "$summary"
+# Non-zero when a part failed, so that a caller sees it without reading.
+if [ "$failed" -gt 0 ]; then
+  echo "$failed part(s) did not finish with exit status 0" >&2
+  exit 1
+fi

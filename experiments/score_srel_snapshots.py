@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import re
+import sys
 
 import numpy as np
 
@@ -109,4 +110,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  from experiments.common import exit_status
+
+  sys.exit(exit_status(main))

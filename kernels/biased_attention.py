@@ -1145,7 +1145,12 @@ def main(argv=None) -> None:
   parser.add_argument("--sizes", type=count_at_least(1), nargs="+", default=[4096, 16384, 32768])
   parser.add_argument("--heads", type=count_at_least(1), default=8)
   parser.add_argument("--head-dims", type=count_at_least(1), nargs="+", default=[64, 128])
-  parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
+  parser.add_argument(
+    "--dtypes",
+    nargs="+",
+    default=["bfloat16", "float16"],
+    choices=[jnp.dtype(d).name for d in PALLAS_DTYPES],
+  )
   parser.add_argument(
     "--rbf", type=count_at_least(1), default=1, help="number of radial basis functions R"
   )

@@ -54,7 +54,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels import peaks
-from kernels.timing import count_at_least, median_seconds
+from kernels.timing import count_at_least, median_seconds, positive_triple
 
 IMPLEMENTATIONS = (None, "pallas", "reference")
 PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -551,7 +551,9 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
     prog="python -m kernels.row_lse", description=__doc__.split("\n")[0]
   )
-  parser.add_argument("--sizes", nargs="*", help="M,N,d triples (default: per backend)")
+  parser.add_argument(
+    "--sizes", type=positive_triple, nargs="*", help="M,N,d triples (default: per backend)"
+  )
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
   parser.add_argument("--repeats", type=count_at_least(1), default=10)
   parser.add_argument("--warmup", type=count_at_least(0), default=2)
@@ -572,7 +574,7 @@ def main(argv=None) -> int:
     "(logits once, dq, dk; the kernels execute 4 x, recomputing the logits in each)"
   )
   if args.sizes:
-    sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes]
+    sizes = args.sizes
   else:
     sizes = GPU_SIZES if on_gpu else CPU_SIZES
   peak = _device_peak(dtype, precision) if on_gpu else None

@@ -58,3 +58,15 @@ def count_at_least(minimum: int) -> Callable[[str], int]:
     return value
 
   return parse
+
+
+def positive_triple(text: str) -> tuple[int, int, int]:
+  """An argparse type: ``M,N,d``, three whole numbers of at least 1."""
+  parts = text.split(",")
+  try:
+    values = tuple(int(p) for p in parts)
+  except ValueError:
+    values = ()
+  if len(values) != 3 or min(values) < 1:
+    raise argparse.ArgumentTypeError(f"expected M,N,d as three whole numbers >= 1, got {text!r}")
+  return values

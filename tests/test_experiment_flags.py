@@ -12,6 +12,7 @@ from experiments.common import (
   exit_status,
   positive_int,
   positive_int_list,
+  positive_number,
 )
 from jaxurban.data.errors import DataError
 
@@ -23,6 +24,13 @@ def test_positive_counts():
       positive_int(text)
   with pytest.raises(argparse.ArgumentTypeError, match="got 0"):
     positive_int_list("5,0")
+
+
+def test_positive_budgets():
+  assert positive_number("0.5") == 0.5 and positive_number("16") == 16.0
+  for text, words in (("0", "above 0"), ("-1", "above 0"), ("inf", "finite"), ("x", "a number")):
+    with pytest.raises(argparse.ArgumentTypeError, match=words):
+      positive_number(text)
 
 
 @pytest.mark.parametrize(

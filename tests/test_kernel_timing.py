@@ -103,3 +103,12 @@ def test_a_zero_batch_time_still_calls_once_a_batch(fake_device):
   device = fake_device(dispatch=1, waits=[2, 0, 0, 0])
   median_seconds(device.fn, repeats=3, warmup=0, min_batch_seconds=0.0)
   assert len(device.outputs) == 1 + 3
+
+
+def test_sizes_are_three_positive_whole_numbers():
+  import argparse
+
+  assert timing.positive_triple("16,32,8") == (16, 32, 8)
+  for text in ("1,2", "0,4,4", "1,2,3,4", "a,b,c", "1.5,2,3"):
+    with pytest.raises(argparse.ArgumentTypeError, match="three whole numbers >= 1"):
+      timing.positive_triple(text)

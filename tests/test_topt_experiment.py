@@ -317,7 +317,7 @@ def test_too_many_folds_fail_before_srel(data_root, tmp_path, monkeypatch):
   labels = np.load(data_root / "hafusion" / "Chi" / "check_counts.npy")
   scored = int((labels > 0).sum())
 
-  def no_srel(*args):
+  def no_srel(*args, **kwargs):
     raise AssertionError("SREL started")
 
   monkeypatch.setattr(pipeline, "_srel_embeddings", no_srel)
@@ -591,10 +591,12 @@ def test_a_killed_run_of_another_configuration_is_refused_too(
   out = tmp_path / "run"
   common = ["--city", "Chi", "--seeds", "1", "--data-root", str(data_root), "--out", str(out)]
 
+  from jaxurban.topt import srel_train
+
   def killed(*args, **kwargs):
     raise KeyboardInterrupt("killed in SREL")
 
-  monkeypatch.setattr(pipeline, "_srel_embeddings", killed)
+  monkeypatch.setattr(srel_train, "train_srel", killed)
   with pytest.raises(KeyboardInterrupt):
     topt.main(["--task", "crime", *common])
   monkeypatch.undo()
@@ -603,6 +605,22 @@ def test_a_killed_run_of_another_configuration_is_refused_too(
   err = capsys.readouterr().err
   assert "run_config.json was written with a different config (tasks: saved ['crime']" in err
   assert sorted(p.name for p in out.iterdir()) == [pipeline.RUN_CONFIG_FILE]
+
+
+def test_a_run_refused_for_its_embeddings_file_leaves_nothing_to_refuse_the_next(
+  data_root, tmp_path, capsys
+):
+  out = tmp_path / "run"
+  bad = tmp_path / "bad.npy"
+  np.save(bad, np.zeros((1, 5, 3), np.float32))
+  common = ["--city", "Chi", "--task", "crime", "--seeds", "1", "--no-prompt4re"]
+  common += ["--data-root", str(data_root), "--out", str(out)]
+  assert topt.main([*common, "--embeddings", str(bad)]) == 2
+  assert "shape (1, 5, 3), expected [seeds, 77 regions, d >= 1]" in capsys.readouterr().err
+  assert not (out / pipeline.RUN_CONFIG_FILE).exists()
+  good = tmp_path / "good.npy"
+  np.save(good, np.random.default_rng(0).normal(size=(1, 77, 8)).astype(np.float32))
+  assert topt.main([*common, "--embeddings", str(good)]) == 0
 
 
 def test_mean_and_spread_share_their_decimals():

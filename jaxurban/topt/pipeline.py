@@ -394,7 +394,12 @@ def _srel_config(config: ToptConfig):
   )
 
 
-def _srel_embeddings(config: ToptConfig, views, workdir, log) -> tuple[np.ndarray, str]:
+def _srel_embeddings(
+  config: ToptConfig, views, workdir, log, before_output: Callable[[], None]
+) -> tuple[np.ndarray, str]:
+  """The embeddings (loaded and checked, or trained) and where they came
+  from; ``before_output`` runs once the inputs are checked, before SREL
+  writes anything."""
   n = views.n_regions
   if config.embeddings_path is not None:
     path = pathlib.Path(config.embeddings_path)
@@ -427,8 +432,11 @@ def _srel_embeddings(config: ToptConfig, views, workdir, log) -> tuple[np.ndarra
         column="embeddings_path",
       )
     log(f"SREL embeddings loaded from {path} (first {len(config.seeds)} of {stored_seeds})")
+    before_output()
     return emb, f"loaded from {path}"
   from jaxurban.topt.srel_train import train_srel
+
+  before_output()
 
   srel_config = _srel_config(config)
   log(
@@ -557,10 +565,18 @@ def train_and_evaluate(
     for task in config.tasks:
       prompt_task = task if config.task_prompt else "none"
       prompt_vectors[task] = _prompt_vectors(config, prompt_task, views.n_regions)
-  # After the checks above, which write nothing: a run they stop leaves no
-  # config behind to refuse the corrected one.
-  write_json_atomic(workdir / RUN_CONFIG_FILE, {"config": dataclasses.asdict(config)})
-  emb, srel_source = _srel_embeddings(config, views, workdir, log)
+  # After the input checks (those above, and of a given embeddings file),
+  # which write nothing: a run they stop leaves no config behind to refuse
+  # the corrected one.
+  emb, srel_source = _srel_embeddings(
+    config,
+    views,
+    workdir,
+    log,
+    before_output=lambda: write_json_atomic(
+      workdir / RUN_CONFIG_FILE, {"config": dataclasses.asdict(config)}
+    ),
+  )
   timings = {"srel_s": time.perf_counter() - t0}
   save_npy_atomic(workdir / "embeddings.npy", emb)
   collapsed = collapsed_seeds(emb)

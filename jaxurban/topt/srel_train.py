@@ -443,12 +443,25 @@ def parse_cli(argv: Sequence[str] | None = None) -> tuple[SRELConfig, argparse.N
     action="store_true",
     help="HAFusion's own fusion and training (3 plain layers, lr 5e-4, 2000 epochs)",
   )
-  parser.add_argument("--data-root", default=None)
-  parser.add_argument("--workdir", default=None)
-  parser.add_argument("--seeds", type=int, nargs="+", default=None)
-  parser.add_argument("--epochs", type=int, default=None)
-  parser.add_argument("--no-spatial-bias", action="store_true")
-  parser.add_argument("--no-centrality", action="store_true")
+  parser.add_argument("--data-root", default=None, help="data folder (default: $JAXURBAN_DATA)")
+  parser.add_argument(
+    "--workdir",
+    default=None,
+    help="folder for checkpoints (resumable), emb.npy, srel_log.json and srel_losses.png; "
+    "without it nothing is saved",
+  )
+  parser.add_argument(
+    "--seeds", type=int, nargs="+", default=None, help="seeds trained together (default: 0)"
+  )
+  parser.add_argument(
+    "--epochs", type=int, default=None, help="training epochs (default: the setting's own)"
+  )
+  parser.add_argument(
+    "--no-spatial-bias", action="store_true", help="no distance bias in the Graphormer attention"
+  )
+  parser.add_argument(
+    "--no-centrality", action="store_true", help="no centrality encoding of the regions"
+  )
   parser.add_argument(
     "--attention-dropout",
     action="store_true",
@@ -492,10 +505,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   config, args = parse_cli(argv)
   try:
     views = load_city_views(args.city, args.data_root)
+    if args.workdir is None:
+      print("note: no --workdir, so nothing of this run is saved", file=sys.stderr)
     embeddings, log = train_srel_with_log(config, views, args.seeds, args.workdir)
   except (DataError, CheckpointMismatch, FloatingPointError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    kept = (
+      "checkpoints already written are kept: run the same command again to resume"
+      if args.workdir is not None
+      else "nothing was saved (no --workdir)"
+    )
+    print(f"\ninterrupted; {kept}", file=sys.stderr)
+    return 130
   if args.workdir is not None:
     save_npy_atomic(pathlib.Path(args.workdir) / "emb.npy", embeddings)
   final_terms = log["final_terms"] or {}
