@@ -276,6 +276,13 @@ def test_bad_files_raise_data_errors_naming_file_and_problem(
   assert file in str(caught.value) and words in str(caught.value)
 
 
+def test_a_one_line_adjacency_with_an_empty_first_cell_is_a_data_error(data_root, tmp_path):
+  folder = _copy(data_root, tmp_path)
+  (folder / "los_adj.csv").write_text(",0,1\n")
+  with pytest.raises(DataError, match="los_adj.csv: has a header but no data rows"):
+    read_los_loop_folder(folder)
+
+
 def test_adjacency_of_wrong_shape_is_rejected(data_root, tmp_path):
   folder = _copy(data_root, tmp_path)
   lines = (folder / "los_adj.csv").read_text().splitlines()

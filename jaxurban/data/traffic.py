@@ -217,6 +217,8 @@ def _read_numeric_csv(path: pathlib.Path, skip_header: bool | None) -> tuple[lis
 
 
 def _looks_like_row_index(cells: list[str]) -> bool:
+  if not cells:
+    return True  # nothing to tell from; the shape checks speak
   if not all(_is_number(c) for c in cells):
     return True  # labels (timestamps, names)
   if not all(_is_number(c, integer=True) for c in cells):
