@@ -158,15 +158,16 @@ def _read_numeric_csv(path: pathlib.Path, skip_header: bool | None) -> tuple[lis
   starts with a number, or with an empty cell when that value is missing).
   """
   lines = _read_lines(path)
+  table = [_cells(line) for line in lines]  # each line parsed once
   if skip_header is None:
-    first_cell = _cells(lines[0])[0]
+    first_cell = table[0][0]
     skip_header = first_cell in _INDEX_HEADERS and (
       # An empty first cell over a column that is no row index is a
       # headerless matrix whose first value is missing.
-      first_cell != "" or _looks_like_row_index([_cells(line)[0].strip() for line in lines[1:]])
+      first_cell != "" or _looks_like_row_index([cells[0] for cells in table[1:]])
     )
-  header = _cells(lines[0]) if skip_header else []
-  body = lines[1:] if skip_header else lines
+  header = table[0] if skip_header else []
+  body = list(zip(lines, table))[1 if skip_header else 0 :]
   if not body:
     raise DataError(path.name, "has a header but no data rows")
   index_column = bool(header) and header[0] in _INDEX_HEADERS
@@ -175,19 +176,18 @@ def _read_numeric_csv(path: pathlib.Path, skip_header: bool | None) -> tuple[lis
   empty = [j for j, h in enumerate(header) if h == ""]
   if empty:
     raise DataError(path.name, f"header cell {empty[0] + 1 + index_column} is empty", "header")
-  first = _cells(lines[0])
+  first = table[0]
   if len(first) == 1 and (";" in first[0] or "\t" in first[0]):
     separator = "semicolons" if ";" in first[0] else "tabs"
     raise DataError(
       path.name, f"line 1 is one field holding {separator}: the file must be comma-separated"
     )
-  width = len(header) if skip_header else len(_cells(body[0]))
+  width = len(header) if skip_header else len(body[0][1])
   rows = np.empty((len(body), width), np.float64)
   index_cells = []
-  for i, line in enumerate(body):
-    cells = _cells(line)
+  for i, (line, cells) in enumerate(body):
     if index_column:
-      index_cells.append(cells[0].strip())
+      index_cells.append(cells[0])
       cells = cells[1:]
     row_number = i + (2 if skip_header else 1)
     if len(cells) != width:

@@ -1003,10 +1003,11 @@ def train_and_evaluate(config: UrbanPGConfig, workdir: str | pathlib.Path) -> di
     f"UrbanPG {config.paradigm} on {data.name}: {data.n_nodes} detectors x {data.n_steps} steps, "
     f"{int((~data.mask).sum())} missing readings; seeds {seeds}; {jax.device_count()} device(s)"
   )
-  if config.shard_batch and len(batch_devices(config.batch_size)) < jax.local_device_count():
+  used = len(batch_devices(config.batch_size))
+  if config.shard_batch and used < jax.local_device_count():
     _log(
-      f"batches of {config.batch_size} split over {len(batch_devices(config.batch_size))} of the "
-      f"{jax.local_device_count()} devices (the most that divide the batch evenly)"
+      f"batches of {config.batch_size} split over {used} of the {jax.local_device_count()} "
+      "devices (the most that divide the batch evenly)"
     )
   runner = {"full": run_full, "fewshot": run_fewshot, "continual": run_continual}[config.paradigm]
   result = runner(config, workdir, data, seeds)
