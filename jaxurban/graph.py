@@ -24,6 +24,9 @@ import jax.numpy as jnp
 import jraph
 import numpy as np
 from jax import custom_batching
+from jax.sharding import Mesh
+
+from jaxurban.sharding import constrain_rows
 
 
 @chex.dataclass(frozen=True)
@@ -313,7 +316,7 @@ def _take_rows_bwd(residuals, cotangent):
 take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
-def map_row_blocks(fn, rows, block: int):
+def map_row_blocks(fn, rows, block: int, mesh: Mesh | None = None):
   """``fn`` over blocks of ``block`` rows, each recomputed in the backward pass.
 
   ``rows`` is a pytree of arrays sharing their leading length R; ``fn``
@@ -332,7 +335,7 @@ def map_row_blocks(fn, rows, block: int):
   def blocked(a):
     if padding:
       a = jnp.concatenate([a, jnp.repeat(a[-1:], padding, axis=0)])
-    return a.reshape((n_blocks, block) + a.shape[1:])
+    return constrain_rows(a.reshape((n_blocks, block) + a.shape[1:]), mesh, axis=1)
 
   out = jax.lax.map(jax.checkpoint(fn), jax.tree.map(blocked, rows))
   return jax.tree.map(lambda o: o.reshape((n_blocks * block,) + o.shape[2:])[:n_rows], out)

@@ -209,6 +209,80 @@ def test_regions_split_over_eight_devices_match_one_device():
   assert "REGIONS-OK" in done.stdout
 
 
+# The mobility loss's pair term in edge blocks under a region mesh: each
+# block's [edges, d] gathers are split over the devices, so a device holds a
+# share of one block instead of a share of all edges, and the value and
+# gradient are the single-device ones.
+EDGE_BLOCKS_CHILD = textwrap.dedent(
+  """
+  import dataclasses
+  import jax, jax.numpy as jnp, numpy as np
+  assert jax.device_count() == 8, jax.devices()
+  from jax.sharding import NamedSharding, PartitionSpec
+  from jaxurban import sharding
+  from jaxurban.core import losses
+  from jaxurban.core.model import LossSettings
+
+  rng = np.random.default_rng(0)
+  n, d, n_edges, block = 300, 64, 65536, 8192
+  z = jnp.asarray(rng.normal(size=(n, d)) / 4, jnp.float32)
+  origin = rng.integers(0, n, n_edges).astype(np.int32)
+  destination = rng.integers(0, n, n_edges).astype(np.int32)
+  target = rng.random(n_edges).astype(np.float32)
+  target /= target.sum()
+  weight = np.zeros(n, np.float32)
+  np.add.at(weight, origin, target)
+  rows = np.unique(origin).astype(np.int32)
+  row_weight = weight[rows]
+  extra = -len(rows) % 8  # rows padded with weight 0, as pad_target_rows does
+  rows = np.concatenate([rows, np.zeros(extra, np.int32)])
+  row_weight = np.concatenate([row_weight, np.zeros(extra, np.float32)])
+  args = (rows, row_weight, origin, destination, target)
+
+  mesh = sharding.region_mesh()
+  split = [jax.device_put(a, NamedSharding(mesh, PartitionSpec(sharding.REGIONS))) for a in args]
+  single = [jnp.asarray(a) for a in args]
+
+  def run(mesh, edge_chunk, placed):
+    loss = lambda v, *a: losses.mobility_loss(v, *a, mesh=mesh, edge_chunk=edge_chunk)
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(z, *placed).compile()
+    return compiled(z, *placed), compiled.memory_analysis().temp_size_in_bytes
+
+  reference, _ = run(None, None, single)
+  temp = {}
+  for name, on, chunk, placed in [
+    ("one device, blocks", None, block, single),
+    ("mesh, no blocks", mesh, None, split),
+    ("mesh, blocks", mesh, block, split),
+    ("mesh, last block padded", mesh, 24, split),
+  ]:
+    (value, grad), temp[name] = run(on, chunk, placed)
+    np.testing.assert_allclose(value, reference[0], rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(grad, reference[1], rtol=1e-4, atol=1e-7, err_msg=name)
+  assert 2 * temp["mesh, blocks"] < temp["mesh, no blocks"], temp
+  assert 2 * temp["mesh, blocks"] < temp["one device, blocks"], temp
+
+  try:
+    run(mesh, 12, split)
+  except ValueError as error:
+    assert "not a multiple of the mesh's 8 devices" in str(error), error
+  else:
+    raise AssertionError("an edge block of 12 over 8 devices was accepted")
+  # The training step's block is a multiple of the mesh size.
+  settings = LossSettings(logits_budget=1000, mesh=mesh)
+  assert settings.edge_chunk(n_edges, 10) == 96
+  assert dataclasses.replace(settings, mesh=None).edge_chunk(n_edges, 10) == 100
+  print("EDGE-BLOCKS-OK")
+  """
+)
+
+
+def test_edge_blocks_split_over_eight_devices_match_one_device():
+  done = _run_on_eight_devices(EDGE_BLOCKS_CHILD)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "EDGE-BLOCKS-OK" in done.stdout
+
+
 def test_uneven_seed_split_is_refused():
   import numpy as np
 

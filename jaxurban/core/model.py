@@ -88,10 +88,14 @@ class LossSettings:
   lse_implementation: str | None = None
 
   def edge_chunk(self, n_edges: int, features: int) -> int | None:
-    """Edge block of the mobility loss's pair term, None when all edges fit."""
+    """Edge block of the mobility loss's pair term, None when all edges fit.
+
+    With a mesh the block is a multiple of its size, as in `row_chunk`.
+    """
     if n_edges * features <= self.logits_budget:
       return None
-    return max(1, self.logits_budget // features)
+    devices = 1 if self.mesh is None else self.mesh.devices.size
+    return max(1, self.logits_budget // (features * devices)) * devices
 
   def row_chunk(self, n_rows: int, n_regions: int) -> int | None:
     """Row block of the mobility loss, None when all rows fit the budget.
