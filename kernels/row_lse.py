@@ -29,12 +29,13 @@ its dot needs tiles >= 16); zero features do not change any dot product.
 A row with no valid key at all has LSE = -inf and a zero gradient, in the
 Pallas backward and in the reference (jax.nn.logsumexp's).
 
-With float16 inputs the backward casts g_i p_ik to float16 before its tile
-products with K and Q; where it exceeds float16's 65504 (a cotangent above
-about 6.5e4, as loss scaling by 2^16 or more gives) dq and dk become inf or
-NaN while the reference, which differentiates in float32 throughout, stays
-finite. CoRE's cotangents are row weights of at most 1. bfloat16, with
-float32's exponent range, does not have this limit.
+The backward's tile products take their [bq, bk] weights in the inputs'
+dtype. With float16 inputs g_i p_ik can exceed float16's 65504 (a cotangent
+above about 6.5e4, as loss scaling by 2^16 or more gives) while dq and dk
+themselves fit, so neither product sees it: dq's tiles take p_ik alone and
+g_i scales each row once in float32; dk's tiles take g_i p_ik divided by
+the query block's largest |g_i|, which scales the block's product in
+float32. dq or dk past 65504 is inf, as any float16 result would be.
 
 Run ``python -m kernels.row_lse`` for the benchmark against the chunked XLA
 reference (see `main`).
@@ -249,11 +250,13 @@ def _dq_kernel(q_ref, k_ref, *refs, cfg: _KernelConfig):
     k = k_ref[keys, :]
     valid = None if valid_ref is None else valid_ref[keys]
     s = _masked_logits(q, k, valid, cfg.precision)
-    weight = _probabilities(s, m, log_l) * g[:, None]
-    return acc + _dot(weight.astype(k.dtype), k, 1, 0, cfg.precision)
+    # p_ik in [0, 1] is what the tile product rounds to k's dtype; g_i
+    # multiplies the row once at the end, in float32, so a float16 product
+    # never sees g_i p_ik (which exceeds 65504 under loss scaling).
+    return acc + _dot(_probabilities(s, m, log_l).astype(k.dtype), k, 1, 0, cfg.precision)
 
   acc = lax.fori_loop(0, n_key_blocks, body, jnp.zeros(q.shape, jnp.float32))
-  dq_ref[...] = acc.astype(dq_ref.dtype)
+  dq_ref[...] = (acc * g[:, None]).astype(dq_ref.dtype)
 
 
 def _dk_kernel(q_ref, k_ref, *refs, cfg: _KernelConfig):
@@ -270,9 +273,18 @@ def _dk_kernel(q_ref, k_ref, *refs, cfg: _KernelConfig):
     rows = pl.ds(pl.multiple_of(i * cfg.block_q, cfg.block_q), cfg.block_q)
     q = q_ref[rows, :]
     s = _masked_logits(q, k, valid, cfg.precision)
-    weight = _probabilities(s, m_ref[rows], log_l_ref[rows]) * g_ref[rows][:, None]
-    # [bq, bk]^T [bq, D] -> [bk, D]
-    return acc + _dot(weight.astype(q.dtype), q, 0, 0, cfg.precision)
+    g = g_ref[rows]
+    if q.dtype != jnp.float16:
+      weight = _probabilities(s, m_ref[rows], log_l_ref[rows]) * g[:, None]
+      # [bq, bk]^T [bq, D] -> [bk, D]
+      return acc + _dot(weight.astype(q.dtype), q, 0, 0, cfg.precision)
+    # g_i p_ik can exceed float16's 65504 where dk_k does not (a loss scale
+    # of 2^17 on a peaked row): the tile product takes it divided by the
+    # block's largest |g_i|, and that scale multiplies in float32.
+    scale = jnp.max(jnp.abs(g))
+    scale = jnp.where(scale > 0, scale, 1.0)
+    weight = _probabilities(s, m_ref[rows], log_l_ref[rows]) * (g / scale)[:, None]
+    return acc + scale * _dot(weight.astype(q.dtype), q, 0, 0, cfg.precision)
 
   acc = lax.fori_loop(0, n_query_blocks, body, jnp.zeros(k.shape, jnp.float32))
   dk_ref[...] = acc.astype(dk_ref.dtype)
@@ -460,7 +472,8 @@ def row_logsumexp(
 
   Differentiable in queries and keys; the Pallas backward is O((M + N) d)
   memory. Accumulation is float32 for every input dtype; with float16 inputs
-  the backward's cotangent must stay below float16's range (module doc).
+  a cotangent beyond float16's range is fine as long as dq and dk are in it
+  (module doc).
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
@@ -554,11 +567,21 @@ def main(argv=None) -> int:
   parser.add_argument(
     "--sizes", type=positive_triple, nargs="*", help="M,N,d triples (default: per backend)"
   )
-  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-  parser.add_argument("--repeats", type=count_at_least(1), default=10)
-  parser.add_argument("--warmup", type=count_at_least(0), default=2)
-  parser.add_argument("--block-q", type=count_at_least(1), default=DEFAULT_BLOCK_Q)
-  parser.add_argument("--block-k", type=count_at_least(1), default=DEFAULT_BLOCK_K)
+  parser.add_argument(
+    "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="input dtype"
+  )
+  parser.add_argument(
+    "--repeats", type=count_at_least(1), default=10, help="timed calls; their median is shown"
+  )
+  parser.add_argument(
+    "--warmup", type=count_at_least(0), default=2, help="untimed calls after compiling"
+  )
+  parser.add_argument(
+    "--block-q", type=count_at_least(1), default=DEFAULT_BLOCK_Q, help="query rows per tile"
+  )
+  parser.add_argument(
+    "--block-k", type=count_at_least(1), default=DEFAULT_BLOCK_K, help="keys per tile"
+  )
   parser.add_argument(
     "--highest",
     action="store_true",

@@ -143,6 +143,32 @@ class TestRowLsePallas:
     assert_close(np.asarray(dq, np.float32), dq_64, bound)
     assert_close(np.asarray(dk, np.float32), dk_64, bound)
 
+  @pytest.mark.parametrize("mask", MASKS)
+  def test_float16_backward_under_loss_scaling(self, rng, mask):
+    # CoRE's case, queries = keys = Z: each row's own key dominates its
+    # softmax (p_ii near 1), so under a loss scale of 2^17 the products
+    # g_i p_ik pass float16's 65504 while dq and dk stay below it.
+    # Masked, some of 40 further small keys are left out (the rows' own keys
+    # stay in, and with them the dominant p_ii).
+    m, d = 48, 64
+    z = rng.choice([-0.5, 0.5], size=(m, d)) * rng.uniform(0.8, 1.0, size=(m, d))
+    keys, valid = z, None
+    if mask == "random":
+      keys = np.concatenate([z, rng.normal(size=(40, d)) * 0.05])
+      valid = np.concatenate([np.ones(m, bool), rng.random(40) < 0.6])
+    q16, k16 = jnp.asarray(z, jnp.float16), jnp.asarray(keys, jnp.float16)
+    g = rng.uniform(0.5, 0.95, size=m) * 2.0**17
+    lse, vjp = jax.vjp(self.lse_fn(valid), q16, k16)
+    dq, dk = vjp(jnp.asarray(g, jnp.float32))
+    q32, k32 = np.asarray(q16, np.float32), np.asarray(k16, np.float32)
+    _, p = lse_reference(q32, k32, valid)
+    assert np.max(p * g[:, None]) > 65504  # the case this test is about
+    lse_64, dq_64, dk_64 = lse_vjp_reference(q32, k32, g, valid)
+    assert max(np.abs(dq_64).max(), np.abs(dk_64).max()) < 65504
+    assert_close(lse, lse_64, 1e-5)
+    assert_close(np.asarray(dq, np.float32), dq_64, 2e-3)
+    assert_close(np.asarray(dk, np.float32), dk_64, 2e-3)
+
   def test_padded_rows_are_finite_and_get_zero_gradient(self, rng):
     # 21 rows and 40 keys in blocks of 16 and 32: 11 padded query rows and 24
     # padded keys inside the kernel. Appending explicit zero rows with zero
@@ -353,7 +379,7 @@ def test_compiled_pallas_off_gpu_says_to_interpret():
 
 
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_forward_and_backward_lower_to_triton(dtype, masked):
   """The GPU path lowers (Pallas -> Triton IR) for CUDA, checked without a GPU."""
   m, n, d = 100, (300 if masked else 256), 32
