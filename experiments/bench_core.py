@@ -113,18 +113,37 @@ def main(argv=None) -> int:
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  parser.add_argument("--pair", default="XA-CD")
-  parser.add_argument("--data-root", default=os.environ.get("JAXURBAN_DATA"))
-  parser.add_argument("--seeds", type=positive_int, nargs="+", default=[1, 5])
+  parser.add_argument("--pair", default="XA-CD", help="SOURCE-TARGET city codes")
   parser.add_argument(
-    "--variants", nargs="+", choices=sorted(VARIANTS), default=["default", "direct"]
+    "--data-root",
+    default=os.environ.get("JAXURBAN_DATA"),
+    help="data folder (default: $JAXURBAN_DATA)",
+  )
+  parser.add_argument(
+    "--seeds", type=positive_int, nargs="+", default=[1, 5], help="seed counts to time"
+  )
+  parser.add_argument(
+    "--variants",
+    nargs="+",
+    choices=sorted(VARIANTS),
+    default=["default", "direct"],
+    help="what to time (see above)",
   )
   parser.add_argument("--chunk", type=positive_int, default=10, help="epochs per timed call")
-  parser.add_argument("--repeats", type=positive_int, default=5)
+  parser.add_argument(
+    "--repeats", type=positive_int, default=5, help="timed calls after the warm-up; median"
+  )
   parser.add_argument("--shard-seeds", action="store_true", help="split the seeds over all devices")
-  parser.add_argument("--torch-python", default=None)
-  parser.add_argument("--torch-repo", default=None)
-  parser.add_argument("--torch-epochs", type=positive_int, default=30)
+  parser.add_argument(
+    "--torch-python", default=None, help="Python of a torch environment, to time theirs too"
+  )
+  parser.add_argument("--torch-repo", default=None, help="checkout of the authors' CoRE")
+  parser.add_argument(
+    "--torch-epochs",
+    type=positive_int,
+    default=30,
+    help="epochs of theirs to run; the first 5 are warm-up",
+  )
   parser.add_argument(
     "--torch-threads",
     type=positive_int,

@@ -135,9 +135,15 @@ def main(argv=None) -> int:
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   parser.add_argument(
-    "--sizes", type=positive_int, nargs="+", default=[1000, 2000, 5000, 10000, 20000]
+    "--sizes",
+    type=positive_int,
+    nargs="+",
+    default=[1000, 2000, 5000, 10000, 20000],
+    help="regions per synthetic city",
   )
-  parser.add_argument("--repeats", type=positive_int, default=3)
+  parser.add_argument(
+    "--repeats", type=positive_int, default=3, help="timed steps after the warm-up; median"
+  )
   parser.add_argument(
     "--max-run-gb",
     type=positive_number,

@@ -126,14 +126,29 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
     prog="python -m experiments.bench_srel", description=__doc__.split("\n\n")[0]
   )
-  parser.add_argument("--data-root", default=None)
-  parser.add_argument("--city", choices=("Chi", "NY"), default="Chi")
-  parser.add_argument("--seeds", type=positive_int, default=5)
-  parser.add_argument("--epochs-per-call", type=positive_int, default=20)
-  parser.add_argument("--repeats", type=positive_int, default=5)
-  parser.add_argument("--torch-epochs-per-call", type=positive_int, default=5)
-  parser.add_argument("--torch-python", default=None)
-  parser.add_argument("--torch-repo", default=None)
+  parser.add_argument("--data-root", default=None, help="data folder (default: $JAXURBAN_DATA)")
+  parser.add_argument(
+    "--city", choices=("Chi", "NY"), default="Chi", help="Chicago or New York (hafusion data)"
+  )
+  parser.add_argument(
+    "--seeds", type=positive_int, default=5, help="seeds vmapped together, beside 1 seed"
+  )
+  parser.add_argument(
+    "--epochs-per-call", type=positive_int, default=20, help="training steps per timed call"
+  )
+  parser.add_argument(
+    "--repeats", type=positive_int, default=5, help="timed calls after the warm-up; median"
+  )
+  parser.add_argument(
+    "--torch-epochs-per-call",
+    type=positive_int,
+    default=5,
+    help="the authors' training steps per timed call",
+  )
+  parser.add_argument(
+    "--torch-python", default=None, help="Python of a torch environment, to time theirs too"
+  )
+  parser.add_argument("--torch-repo", default=None, help="checkout of the authors' HAFusion")
   parser.add_argument(
     "--torch-threads",
     type=positive_int,
@@ -141,7 +156,13 @@ def main(argv=None) -> None:
     default=[1, 2],
     help="PyTorch intra-op thread counts to time (OpenMP threads suffer on a busy machine)",
   )
-  parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+  parser.add_argument(
+    "--variants",
+    nargs="+",
+    default=list(VARIANTS),
+    choices=list(VARIANTS),
+    help="topt: ToPT's SREL; hafusion: HAFusion's fusion (see above)",
+  )
   parser.add_argument("--out", default=None, help="write the results as JSON here")
   args = parser.parse_args(argv)
   check_torch_flags(parser, args, "HAFusion_train.py")

@@ -81,8 +81,10 @@ def main(argv=None) -> None:
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  parser.add_argument("--repeats", type=positive_int, default=20)
-  parser.add_argument("--data-root", default=None)
+  parser.add_argument(
+    "--repeats", type=positive_int, default=20, help="timed epochs after the warm-up; median"
+  )
+  parser.add_argument("--data-root", default=None, help="data folder (default: $JAXURBAN_DATA)")
   args = parser.parse_args(argv)
   config = UrbanMMCLConfig(city="NY", data_root=args.data_root)
   inputs, model_config = synthetic_ny_inputs(args.data_root, config)

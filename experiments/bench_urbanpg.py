@@ -183,7 +183,9 @@ def main(argv=None) -> int:
     default="linear,softmax",
     help="comma-separated attention forms: linear, softmax or both (linear,softmax)",
   )
-  parser.add_argument("--repeats", type=positive_int, default=3)
+  parser.add_argument(
+    "--repeats", type=positive_int, default=3, help="timed steps after the warm-up; median"
+  )
   parser.add_argument(
     "--softmax-max-gb",
     type=positive_number,

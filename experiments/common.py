@@ -27,6 +27,17 @@ def positive_int(text: str) -> int:
   return value
 
 
+def non_negative_int(text: str) -> int:
+  """argparse type: a whole number of at least 0 (a seed, say)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+  return value
+
+
 def positive_number(text: str) -> float:
   """argparse type: a finite number above 0 (a memory budget, say)."""
   try:
@@ -185,3 +196,63 @@ def default_output_folder(
       text = hashlib.sha256(text.encode()).hexdigest()[:8]
     parts.append(f"{name}{text}")
   return pathlib.Path(base) / "-".join(parts)
+
+
+def build_config(parser: argparse.ArgumentParser, config_class, renamed=None, **fields):
+  """``config_class(**fields)``; a value it refuses is a usage error (exit 2)
+  that names the flag behind the field (``--anchors``, not ``n_anchors``).
+
+  Args:
+    parser: the command's parser, whose options are the flags.
+    config_class: a config dataclass that raises ValueError on bad settings.
+    renamed: field -> flag where the flag is not the field's name with
+      dashes (``{"n_anchors": "--anchors"}``).
+    **fields: the config's fields, from the parsed flags.
+  """
+  try:
+    return config_class(**fields)
+  except ValueError as error:
+    parser.error(with_flag_names(str(error), parser, fields, renamed or {}))
+
+
+def with_flag_names(message: str, parser: argparse.ArgumentParser, fields, renamed) -> str:
+  """`message` with each config field set from a flag written as that flag.
+
+  A field with an underscore is replaced wherever it stands. A one-word
+  field (``seeds``, ``data``) is replaced only where a clause starts with it
+  and goes on to judge its value (``must be``, ``is``, ``not in``,
+  ``repeat``, ``=``, or the value quoted): elsewhere the word is likely
+  plain English, as in "seeds must lie in [0, 2**31)", which may be about
+  ``--first-seed``. A leading ``SomeConfig.`` or ``SomeConfig:`` before a
+  replaced field goes with it. ``spatial_bias=False`` set by
+  ``--no-spatial-bias`` becomes that flag alone, and "--x (--x)" one flag.
+  """
+  options = {option for action in parser._actions for option in action.option_strings}
+  flags = {}
+  for field in fields:
+    flag = renamed.get(field, "--" + field.replace("_", "-"))
+    if flag in options:
+      flags[field] = flag
+  if not flags:
+    return message
+
+  def flag_for(field: str, setting: str | None) -> str:
+    # A switch's field=True/False says no more than the switch itself.
+    switch = setting in ("=True", "=False") and flags[field].startswith("--no-")
+    return flags[field] + ("" if switch or setting is None else setting)
+
+  def alternatives(names) -> str:
+    return "|".join(re.escape(f) for f in sorted(names, key=len, reverse=True))
+
+  prefix = r"(?:\b[A-Za-z]*Config(?:\.|:\s*))?"
+  setting = r"(=True\b|=False\b)?"
+  judged = r"(?=\s+(?:must be|is|not in|repeat)\b|\s+['\"]|=)"
+  clause_start = re.compile(
+    rf"(^|;\s*){prefix}\b({alternatives(flags)})\b(?:(=True\b|=False\b)|{judged})"
+  )
+  message = clause_start.sub(lambda m: m.group(1) + flag_for(m.group(2), m.group(3)), message)
+  compound = [f for f in flags if "_" in f]
+  if compound:
+    anywhere = re.compile(rf"{prefix}(?<![\w-])({alternatives(compound)})\b{setting}")
+    message = anywhere.sub(lambda m: flag_for(m.group(1), m.group(2)), message)
+  return re.sub(r"(--[\w-]+) \(\1\)", r"\1", message)

@@ -18,6 +18,7 @@ import pathlib
 import sys
 
 from experiments.common import (
+  build_config,
   checked_output_folder,
   default_output_folder,
   exit_status,
@@ -67,7 +68,14 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
     help="output folder (default: runs/core_align/<x>-<y>-<variant>, then each result-changing "
     "flag not at its default, e.g. xa-cd-core-seeds5)",
   )
-  parser.add_argument("--variant", choices=VARIANTS, default="core")
+  parser.add_argument(
+    "--variant",
+    choices=VARIANTS,
+    default="core",
+    help="core: eq. 13 (default); no-lma, no-lia: ablations; two-stage: align frozen "
+    "embeddings; individual: mobility loss only; rp: individual embeddings aligned by rank "
+    "anchoring and Procrustes",
+  )
   parser.add_argument("--no-lma", action="store_true", help="ablation: without LMA")
   parser.add_argument("--no-lia", action="store_true", help="ablation: without LIA")
   parser.add_argument(
@@ -76,9 +84,13 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
     help="ablation: embed first, then align the frozen embeddings",
   )
   parser.add_argument("--seeds", type=int, default=1, help="seeds trained together (vmap)")
-  parser.add_argument("--first-seed", type=int, default=0)
-  parser.add_argument("--epochs", type=int, default=600)
-  parser.add_argument("--lr", type=float, default=1e-3)
+  parser.add_argument(
+    "--first-seed", type=int, default=0, help="seeds are FIRST_SEED .. FIRST_SEED + SEEDS - 1"
+  )
+  parser.add_argument(
+    "--epochs", type=int, default=600, help="full-batch epochs (per stage for two-stage)"
+  )
+  parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
   parser.add_argument("--anchors", type=int, default=1000, help="N_a of the LMA loss")
   parser.add_argument("--alpha", type=float, default=1.0, help="weight of LMA")
   parser.add_argument("--beta", type=float, default=1.0, help="weight of LIA")
@@ -91,15 +103,27 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
   parser.add_argument(
     "--direct", action="store_true", help="use the N x N reference forms of the losses (slow)"
   )
-  parser.add_argument("--gat", choices=("tables", "segment"), default="tables")
+  parser.add_argument(
+    "--gat",
+    choices=("tables", "segment"),
+    default="tables",
+    help="GAT layer: in-degree tables (fast, default) or jraph segment sums (reference)",
+  )
   parser.add_argument(
     "--remat-gat",
     action="store_true",
     help="recompute the GAT layers' activations in the backward pass (same results, less "
     "memory, slower step; for cities of 10^5 regions and more)",
   )
-  parser.add_argument("--log-every", type=int, default=50)
-  parser.add_argument("--checkpoint-every", type=int, default=100)
+  parser.add_argument(
+    "--log-every", type=int, default=50, help="epochs per compiled chunk and progress line"
+  )
+  parser.add_argument(
+    "--checkpoint-every",
+    type=int,
+    default=100,
+    help="epochs between checkpoints (rounded to --log-every)",
+  )
   parser.add_argument(
     "--no-plot", action="store_true", help="write neither embeddings.png nor losses.png"
   )
@@ -164,31 +188,36 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
     parser.error("choose one of --variant, --no-lma, --no-lia, --two-stage")
   if chosen:
     variant = "no-lma" if args.no_lma else "no-lia" if args.no_lia else "two-stage"
-  try:
-    config = CoreConfig(
-      city_x=cities[0].lower(),
-      city_y=cities[1].lower(),
-      data_root=args.data_root,
-      variant=variant,
-      seeds=args.seeds,
-      first_seed=args.first_seed,
-      epochs=args.epochs,
-      learning_rate=args.lr,
-      n_anchors=args.anchors,
-      alpha=args.alpha,
-      beta=args.beta,
-      loss_form=args.loss_form,
-      direct=args.direct,
-      gat_implementation=args.gat,
-      remat_gat=args.remat_gat,
-      log_every=args.log_every,
-      checkpoint_every=args.checkpoint_every,
-      plot=not args.no_plot,
-      shard_seeds=args.shard_seeds,
-      shard_regions=args.shard_regions,
-    )
-  except ValueError as error:
-    parser.error(str(error))
+  config = build_config(
+    parser,
+    CoreConfig,
+    {
+      "learning_rate": "--lr",
+      "n_anchors": "--anchors",
+      "gat_implementation": "--gat",
+      "plot": "--no-plot",
+    },
+    city_x=cities[0].lower(),
+    city_y=cities[1].lower(),
+    data_root=args.data_root,
+    variant=variant,
+    seeds=args.seeds,
+    first_seed=args.first_seed,
+    epochs=args.epochs,
+    learning_rate=args.lr,
+    n_anchors=args.anchors,
+    alpha=args.alpha,
+    beta=args.beta,
+    loss_form=args.loss_form,
+    direct=args.direct,
+    gat_implementation=args.gat,
+    remat_gat=args.remat_gat,
+    log_every=args.log_every,
+    checkpoint_every=args.checkpoint_every,
+    plot=not args.no_plot,
+    shard_seeds=args.shard_seeds,
+    shard_regions=args.shard_regions,
+  )
   out = args.out or default_output_folder(
     "runs/core_align",
     parser,

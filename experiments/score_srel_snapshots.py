@@ -60,11 +60,13 @@ def main(argv=None) -> None:
     prog="python -m experiments.score_srel_snapshots", description=__doc__.split("\n\n")[0]
   )
   parser.add_argument("--snapshots", required=True, help="folder written by the torch harness")
-  parser.add_argument("--city", default="Chi", choices=("Chi", "NY"))
+  parser.add_argument(
+    "--city", default="Chi", choices=("Chi", "NY"), help="city whose labels score the snapshots"
+  )
   parser.add_argument(
     "--folds", type=int, default=kfold.DEFAULT_FOLDS, help="10: ToPT's evaluator; 25: HAFusion's"
   )
-  parser.add_argument("--data-root", default=None)
+  parser.add_argument("--data-root", default=None, help="data folder (default: $JAXURBAN_DATA)")
   args = parser.parse_args(argv)
   if args.folds < 2:
     parser.error(f"--folds must be >= 2, got {args.folds}")

@@ -38,23 +38,50 @@ import sys
 import time
 
 
+def _whole_number(minimum: int):
+  """argparse type: a whole number of at least `minimum`. (This script runs
+  beside torch as a plain file, so it does not import experiments.common.)"""
+
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+    return value
+
+  return parse
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--repo", required=True)
-  parser.add_argument("--city", default="Chi")
-  parser.add_argument("--epochs", type=int, default=20)
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+  parser.add_argument("--repo", required=True, help="checkout of the authors' HAFusion repository")
+  parser.add_argument("--city", default="Chi", help="their city name (Chi or NY)")
+  parser.add_argument(
+    "--epochs", type=_whole_number(1), default=20, help="training steps per timed call"
+  )
+  parser.add_argument("--repeats", type=_whole_number(1), default=5, help="timed calls")
+  parser.add_argument(
+    "--threads", type=_whole_number(0), default=0, help="torch threads (0: torch default)"
+  )
   parser.add_argument(
     "--flush-denormal",
     action="store_true",
     help="flush denormal floats to zero (XLA does on CPU; PyTorch does not by default)",
   )
   parser.add_argument(
-    "--train-epochs", type=int, default=0, help="train and save embeddings instead of timing"
+    "--train-epochs",
+    type=_whole_number(0),
+    default=0,
+    help="train and save embeddings instead of timing (0: time)",
   )
-  parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-  parser.add_argument("--snapshot-every", type=int, default=30)
+  parser.add_argument(
+    "--seeds", type=_whole_number(0), nargs="+", default=[0], help="torch seeds to train"
+  )
+  parser.add_argument(
+    "--snapshot-every", type=_whole_number(1), default=30, help="epochs between snapshots"
+  )
   parser.add_argument("--out", default=None, help="folder for the saved embeddings")
   args = parser.parse_args()
   if args.train_epochs and not args.out:

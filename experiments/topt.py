@@ -24,6 +24,7 @@ import sys
 
 from experiments.common import (
   absolute_path,
+  build_config,
   checked_output_folder,
   default_output_folder,
   exit_status,
@@ -41,8 +42,12 @@ def parse_config(argv: list[str] | None = None) -> tuple[ToptConfig, pathlib.Pat
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  parser.add_argument("--city", choices=("Chi", "NY"), default="Chi")
-  parser.add_argument("--task", choices=TASKS + ("all",), default="all")
+  parser.add_argument(
+    "--city", choices=("Chi", "NY"), default="Chi", help="Chicago or New York (hafusion data)"
+  )
+  parser.add_argument(
+    "--task", choices=TASKS + ("all",), default="all", help="downstream task, or all of them"
+  )
   parser.add_argument(
     "--mllm", choices=("llama", "qwen"), default="llama", help="which published prompt vectors"
   )
@@ -79,8 +84,16 @@ def parse_config(argv: list[str] | None = None) -> tuple[ToptConfig, pathlib.Pat
   parser.add_argument(
     "--folds", type=int, default=10, help="k of the k-fold split (>= 2; >= 3 when validated)"
   )
-  parser.add_argument("--fold-seed", type=int, default=2024)
-  parser.add_argument("--protocol", choices=PROTOCOLS, default="honest")
+  parser.add_argument(
+    "--fold-seed", type=int, default=2024, help="seed of the k-fold split over regions"
+  )
+  parser.add_argument(
+    "--protocol",
+    choices=PROTOCOLS,
+    default="honest",
+    help="epoch scored: honest (the last, default), validated (chosen on an inner fold) or "
+    "paper (chosen on the test fold, as the authors' code; labelled optimistic)",
+  )
   parser.add_argument("--no-prompt4re", action="store_true", help="ablation: ridge on E only")
   parser.add_argument(
     "--no-task-prompt", action="store_true", help="ablation: prompts without task template"
@@ -110,31 +123,45 @@ def parse_config(argv: list[str] | None = None) -> tuple[ToptConfig, pathlib.Pat
     "its default, e.g. runs/topt/Chi-taskcrime-protocolpaper)",
   )
   args = parser.parse_args(argv)
-  try:
-    config = ToptConfig(
-      city=args.city,
-      tasks=TASKS if args.task == "all" else (args.task,),
-      mllm=args.mllm,
-      seeds=tuple(range(args.seeds)),
-      protocol=args.protocol,
-      n_folds=args.folds,
-      fold_seed=args.fold_seed,
-      prompt4re=not args.no_prompt4re,
-      task_prompt=not args.no_task_prompt,
-      alignment=not args.no_alignment,
-      spatial_bias=not args.no_spatial_bias,
-      centrality=not args.no_centrality,
-      srel_epochs=args.epochs_srel,
-      srel_learning_rate=args.srel_lr,
-      embeddings_path=args.embeddings,
-      prompts_dir=args.prompts,
-      prompt_epochs=args.epochs_prompt,
-      prompt_learning_rate=args.prompt_lr,
-      context=args.context,
-      data_root=args.data_root,
-    )
-  except ValueError as error:  # a setting out of range: say which, as argparse does
-    parser.error(str(error))
+  config = build_config(
+    parser,
+    ToptConfig,
+    {
+      "n_folds": "--folds",
+      "srel_epochs": "--epochs-srel",
+      "srel_learning_rate": "--srel-lr",
+      "embeddings_path": "--embeddings",
+      "prompts_dir": "--prompts",
+      "prompt_epochs": "--epochs-prompt",
+      "prompt_learning_rate": "--prompt-lr",
+      "prompt4re": "--no-prompt4re",
+      "task_prompt": "--no-task-prompt",
+      "alignment": "--no-alignment",
+      "spatial_bias": "--no-spatial-bias",
+      "centrality": "--no-centrality",
+      "tasks": "--task",
+    },
+    city=args.city,
+    tasks=TASKS if args.task == "all" else (args.task,),
+    mllm=args.mllm,
+    seeds=tuple(range(args.seeds)),
+    protocol=args.protocol,
+    n_folds=args.folds,
+    fold_seed=args.fold_seed,
+    prompt4re=not args.no_prompt4re,
+    task_prompt=not args.no_task_prompt,
+    alignment=not args.no_alignment,
+    spatial_bias=not args.no_spatial_bias,
+    centrality=not args.no_centrality,
+    srel_epochs=args.epochs_srel,
+    srel_learning_rate=args.srel_lr,
+    embeddings_path=args.embeddings,
+    prompts_dir=args.prompts,
+    prompt_epochs=args.epochs_prompt,
+    prompt_learning_rate=args.prompt_lr,
+    context=args.context,
+    data_root=args.data_root,
+  )
   out = args.out or default_output_folder(
     "runs/topt", parser, args, leading=(args.city,), ignore=("city", "data_root", "out")
   )

@@ -130,10 +130,14 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  parser.add_argument("side", choices=("torch", "jax"))
+  parser.add_argument(
+    "side", choices=("torch", "jax"), help="torch: save their values; jax: compare ours to them"
+  )
   parser.add_argument("--repo", help="checkout of the authors' repository (torch side)")
-  parser.add_argument("--data-root", required=True)
-  parser.add_argument("--out", default="parity.npz")
+  parser.add_argument("--data-root", required=True, help="folder holding core/<city>/")
+  parser.add_argument(
+    "--out", default="parity.npz", help="file the torch half writes and the jax half reads"
+  )
   args = parser.parse_args(argv)
   if args.side == "torch" and not args.repo:
     parser.error("the torch side needs --repo, a checkout of the authors' repository")

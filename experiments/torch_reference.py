@@ -77,6 +77,7 @@ import types
 import numpy as np
 
 # numpy-only: importable beside torch without jax.
+from experiments.common import non_negative_int, positive_int
 from jaxurban.atomic import save_npy_atomic, write_json_atomic
 
 WARMUP_EPOCHS = 5
@@ -192,9 +193,9 @@ def parse_args(argv=None):
     help="folder holding core/<city>/ (default: $JAXURBAN_DATA)",
   )
   p.add_argument("--pair", default="XA-CD", help="SOURCE-TARGET city codes, e.g. XA-CD")
-  p.add_argument("--epochs", type=int, default=600)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+  p.add_argument("--epochs", type=positive_int, default=600, help="training epochs (600)")
+  p.add_argument("--seed", type=non_negative_int, default=0, help="torch and numpy seed")
+  p.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads")
   p.add_argument("--out", default=None, help="output folder (embeddings, timing.json)")
   p.add_argument("--timing-only", action="store_true", help="time the epochs, write no embeddings")
   args = p.parse_args(argv)

@@ -26,6 +26,7 @@ import numpy as np
 
 from experiments.common import (
   absolute_path,
+  build_config,
   checked_output_folder,
   default_output_folder,
   exit_status,
@@ -34,6 +35,7 @@ from experiments.common import (
 from jaxurban.atomic import write_text_atomic
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.errors import DataError
+from jaxurban.eval import kfold
 from jaxurban.urbanmmcl.graphs import AblationError
 from jaxurban.urbanmmcl.train import TASKS, UrbanMMCLConfig, train_and_evaluate
 from jaxurban.viz.loss_curves import merge_seed_histories, plot_loss_history
@@ -45,7 +47,9 @@ def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  parser.add_argument("--city", choices=("Chi", "NY"), default="Chi")
+  parser.add_argument(
+    "--city", choices=("Chi", "NY"), default="Chi", help="Chicago or New York (hafusion data)"
+  )
   parser.add_argument("--data-root", default=None, help="default: $JAXURBAN_DATA")
   parser.add_argument(
     "--images",
@@ -54,8 +58,10 @@ def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
     help="folder of per-region images <i>.png or <i>.npy (H x W x 3, uint8 or floats in [0, 1]); "
     "needs text or location to contrast them with, so not New York",
   )
-  parser.add_argument("--seeds", type=int, default=5)
-  parser.add_argument("--epochs", type=int, default=UrbanMMCLConfig.epochs)
+  parser.add_argument("--seeds", type=int, default=5, help="pre-training seeds 0..SEEDS-1")
+  parser.add_argument(
+    "--epochs", type=int, default=UrbanMMCLConfig.epochs, help="pre-training epochs"
+  )
   parser.add_argument(
     "--finetune-seeds",
     type=int,
@@ -75,7 +81,11 @@ def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
   parser.add_argument("--no-walks", action="store_true", help="ablation: w/o random walks")
   parser.add_argument("--no-graph-contrast", action="store_true", help="ablation: w/o GCL")
   parser.add_argument(
-    "--drop-view", action="append", default=[], choices=("poi", "mobility", "distance")
+    "--drop-view",
+    action="append",
+    default=[],
+    choices=("poi", "mobility", "distance"),
+    help="leave this region view out of the graph part (repeatable)",
   )
   parser.add_argument(
     "--location-frame",
@@ -84,7 +94,12 @@ def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
     help="location encoder: city-standardised coordinates and bands (default), or GeoCLIP's "
     "world coordinates and bands 2^0, 2^4, 2^8",
   )
-  parser.add_argument("--projection", choices=("tsne", "pca"), default="tsne")
+  parser.add_argument(
+    "--projection",
+    choices=("tsne", "pca"),
+    default="tsne",
+    help="2-D projection of the embeddings picture",
+  )
   parser.add_argument(
     "--out",
     type=pathlib.Path,
@@ -93,25 +108,25 @@ def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
     "e.g. Chi-no-vgae",
   )
   args = parser.parse_args(argv)
-  try:
-    config = UrbanMMCLConfig(
-      city=args.city,
-      data_root=args.data_root,
-      images=args.images,
-      seeds=args.seeds,
-      epochs=args.epochs,
-      finetune_seeds=args.finetune_seeds,
-      finetune_epochs=args.finetune_epochs,
-      no_multimodal=args.no_multimodal,
-      no_graph=args.no_graph,
-      no_vgae=args.no_vgae,
-      no_walks=args.no_walks,
-      no_graph_contrast=args.no_graph_contrast,
-      drop_views=tuple(args.drop_view),
-      location_frame=args.location_frame,
-    )
-  except ValueError as e:
-    parser.error(str(e))
+  config = build_config(
+    parser,
+    UrbanMMCLConfig,
+    {"drop_views": "--drop-view"},
+    city=args.city,
+    data_root=args.data_root,
+    images=args.images,
+    seeds=args.seeds,
+    epochs=args.epochs,
+    finetune_seeds=args.finetune_seeds,
+    finetune_epochs=args.finetune_epochs,
+    no_multimodal=args.no_multimodal,
+    no_graph=args.no_graph,
+    no_vgae=args.no_vgae,
+    no_walks=args.no_walks,
+    no_graph_contrast=args.no_graph_contrast,
+    drop_views=tuple(args.drop_view),
+    location_frame=args.location_frame,
+  )
   # Outputs go under runs/urbanmmcl/<city>, then every pre-training flag not
   # at its default (e.g. Chi-no-vgae), like the other commands. Pre-training
   # checkpoints are per seed and the fine-tuning settings may change on
@@ -154,7 +169,7 @@ def results_table(results: dict) -> str:
       e = results[probe]["embedding"][task]
       r = results[probe]["raw_features"][task]
       lines.append(
-        f"| {task} ({title}) | {e['r2']['mean']:.4f} ± {e['r2']['std']:.4f} | {r['r2']['mean']:.4f} | "
+        f"| {task} ({title}) | {kfold.summary_text(e['r2'])} | {r['r2']['mean']:.4f} | "
         f"{e['mae']['mean']:.2f} / {r['mae']['mean']:.2f} | {e['rmse']['mean']:.2f} / {r['rmse']['mean']:.2f} |"
       )
   if results["finetune"]:

@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from experiments.common import (
+  build_config,
   checked_output_folder,
   default_output_folder,
   exit_status,
@@ -32,16 +33,35 @@ def main(argv=None) -> dict:
     description=__doc__,
     formatter_class=argparse.RawTextHelpFormatter,
   )
-  parser.add_argument("--data", default="los-loop", choices=["los-loop"])
-  parser.add_argument("--paradigm", default="full", choices=PARADIGMS)
+  parser.add_argument(
+    "--data", default="los-loop", choices=["los-loop"], help="traffic data set under the root"
+  )
+  parser.add_argument(
+    "--paradigm",
+    default="full",
+    choices=PARADIGMS,
+    help="full: all detectors; fewshot: pre-train west, prompts east (eq. 8); continual: "
+    "growing network by stages (eqs. 9-10)",
+  )
   parser.add_argument("--seeds", type=int, default=1, help="number of seeds, run in turn")
-  parser.add_argument("--first-seed", type=int, default=0)
+  parser.add_argument(
+    "--first-seed", type=int, default=0, help="seeds are FIRST_SEED .. FIRST_SEED + SEEDS - 1"
+  )
   parser.add_argument(
     "--epochs", type=int, default=UrbanPGConfig.epochs, help="max epochs per stage"
   )
-  parser.add_argument("--patience", type=int, default=UrbanPGConfig.patience)
-  parser.add_argument("--features", type=int, default=UrbanPGConfig.features)
-  parser.add_argument("--layers", type=int, default=UrbanPGConfig.layers)
+  parser.add_argument(
+    "--patience",
+    type=int,
+    default=UrbanPGConfig.patience,
+    help="epochs without a better validation MAE before a stage stops",
+  )
+  parser.add_argument(
+    "--features", type=int, default=UrbanPGConfig.features, help="backbone width d"
+  )
+  parser.add_argument(
+    "--layers", type=int, default=UrbanPGConfig.layers, help="backbone attention layers"
+  )
   parser.add_argument(
     "--last-value-skip",
     action="store_true",
@@ -54,24 +74,24 @@ def main(argv=None) -> dict:
     help="output folder (default: runs/urbanpg/<paradigm>, then each result-changing flag not "
     "at its default, seeds aside, e.g. runs/urbanpg/full-features128-layers2-last-value-skip)",
   )
-  parser.add_argument("--no-plot", action="store_true")
+  parser.add_argument("--no-plot", action="store_true", help="do not write predictions.png")
   args = parser.parse_args(argv)
-  try:
-    config = UrbanPGConfig(
-      data=args.data,
-      data_root=args.data_root,
-      paradigm=args.paradigm,
-      seeds=args.seeds,
-      first_seed=args.first_seed,
-      epochs=args.epochs,
-      patience=args.patience,
-      features=args.features,
-      layers=args.layers,
-      last_value_skip=args.last_value_skip,
-      plot=not args.no_plot,
-    )
-  except ValueError as e:
-    parser.error(str(e))
+  config = build_config(
+    parser,
+    UrbanPGConfig,
+    {"plot": "--no-plot"},
+    data=args.data,
+    data_root=args.data_root,
+    paradigm=args.paradigm,
+    seeds=args.seeds,
+    first_seed=args.first_seed,
+    epochs=args.epochs,
+    patience=args.patience,
+    features=args.features,
+    layers=args.layers,
+    last_value_skip=args.last_value_skip,
+    plot=not args.no_plot,
+  )
   out = args.out or default_output_folder(
     "runs/urbanpg",
     parser,

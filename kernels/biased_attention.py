@@ -1142,20 +1142,33 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
     prog="python -m kernels.biased_attention", description=main.__doc__.split(":")[0]
   )
-  parser.add_argument("--sizes", type=count_at_least(1), nargs="+", default=[4096, 16384, 32768])
-  parser.add_argument("--heads", type=count_at_least(1), default=8)
-  parser.add_argument("--head-dims", type=count_at_least(1), nargs="+", default=[64, 128])
+  parser.add_argument(
+    "--sizes",
+    type=count_at_least(1),
+    nargs="+",
+    default=[4096, 16384, 32768],
+    help="sequence lengths N (queries = keys)",
+  )
+  parser.add_argument("--heads", type=count_at_least(1), default=8, help="attention heads")
+  parser.add_argument(
+    "--head-dims", type=count_at_least(1), nargs="+", default=[64, 128], help="head widths D"
+  )
   parser.add_argument(
     "--dtypes",
     nargs="+",
     default=["bfloat16", "float16"],
     choices=[jnp.dtype(d).name for d in PALLAS_DTYPES],
+    help="input dtypes",
   )
   parser.add_argument(
     "--rbf", type=count_at_least(1), default=1, help="number of radial basis functions R"
   )
-  parser.add_argument("--repeats", type=count_at_least(1), default=20)
-  parser.add_argument("--warmup", type=count_at_least(0), default=3)
+  parser.add_argument(
+    "--repeats", type=count_at_least(1), default=20, help="timed calls; their median is shown"
+  )
+  parser.add_argument(
+    "--warmup", type=count_at_least(0), default=3, help="untimed calls after compiling"
+  )
   parser.add_argument(
     "--interpret",
     action="store_true",

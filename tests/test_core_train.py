@@ -344,10 +344,10 @@ def test_command_checks_sharding_against_the_device_count(data_root, monkeypatch
   "flags, words",
   [
     ("--no-lma --alpha 2", "alpha=2.0 has no effect with variant 'no-lma' (LMA off)"),
-    ("--no-lma --anchors 50", "n_anchors=50 has no effect with variant 'no-lma'"),
+    ("--no-lma --anchors 50", "--anchors=50 has no effect with variant 'no-lma'"),
     ("--no-lia --beta 0.5", "beta=0.5 has no effect with variant 'no-lia' (LIA off)"),
     ("--variant individual --alpha 3", "alpha=3.0 has no effect with variant 'individual'"),
-    ("--variant rp --loss-form paper", "loss_form='paper' has no effect with variant 'rp'"),
+    ("--variant rp --loss-form paper", "--loss-form='paper' has no effect with variant 'rp'"),
   ],
 )
 def test_settings_of_a_loss_that_is_off_are_refused(flags, words, capsys):

@@ -266,6 +266,13 @@ def test_format_table_contents():
   assert format_table(results, name="core").splitlines()[3].startswith("core, 2 seeds ")
 
 
+def test_format_table_of_one_seed_shows_no_spread():
+  one = {label: {"mae": np.array([170.0]), "mape": np.array([4.5])} for label in LABEL_NAMES}
+  text = format_table({"CD→XA": one}, name="CoRE")
+  assert "CoRE, 1 seed" in text and "170.00" in text and "4.50" in text
+  assert "±" not in text and "ddof" not in text
+
+
 def test_evaluate_pair_trains_each_direction_on_its_source(rng):
   # X→Y fits the ridge on Z^X with X's labels and scores T(Z^Y) against Y's
   # labels; Y→X the reverse, each with its own translated target.

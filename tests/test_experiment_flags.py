@@ -10,6 +10,7 @@ from experiments.common import (
   check_torch_flags,
   checked_output_file,
   exit_status,
+  non_negative_int,
   positive_int,
   positive_int_list,
   positive_number,
@@ -24,6 +25,72 @@ def test_positive_counts():
       positive_int(text)
   with pytest.raises(argparse.ArgumentTypeError, match="got 0"):
     positive_int_list("5,0")
+
+
+def test_non_negative_counts():
+  assert non_negative_int("0") == 0 and non_negative_int("7") == 7
+  for text, words in (("-1", "at least 0, got -1"), ("1.5", "whole number")):
+    with pytest.raises(argparse.ArgumentTypeError, match=words):
+      non_negative_int(text)
+
+
+@pytest.mark.parametrize(
+  "argv, words",
+  [
+    # Each command's config refuses the value; the error names the flag.
+    (["core_align", "--pair", "XA-CD", "--anchors", "0"], "error: --anchors must be >= 1, got 0"),
+    (
+      ["core_align", "--pair", "XA-CD", "--epochs", "0", "--log-every", "0"],
+      "error: --epochs must be >= 1, got 0; --log-every must be >= 1, got 0",
+    ),
+    (
+      ["core_align", "--pair", "XA-CD", "--gat", "segment", "--remat-gat"],
+      "error: --remat-gat needs --gat 'tables'",
+    ),
+    # "seeds" there is the seeds' values, which --first-seed sets: left as it is.
+    (["core_align", "--pair", "XA-CD", "--first-seed", "-1"], "error: CoreConfig: seeds must lie"),
+    (["topt", "--epochs-srel", "0"], "error: --epochs-srel must be >= 1, got 0"),
+    (["topt", "--seeds", "0"], "error: --seeds is empty"),
+    (["urbanpg", "--features", "0"], "error: --features must be >= 1, got 0"),
+    (["urbanmmcl", "--finetune-seeds", "9"], "error: --finetune-seeds must be in [0, seeds=5]"),
+  ],
+)
+def test_refused_settings_name_their_flags(argv, words, capsys):
+  import importlib
+
+  command = importlib.import_module(f"experiments.{argv[0]}")
+  try:
+    status = command.main(argv[1:])
+  except SystemExit as stopped:
+    status = stopped.code
+  assert status == 2
+  assert words in capsys.readouterr().err
+
+
+def test_flag_names_in_a_message():
+  from experiments.common import with_flag_names
+
+  parser = argparse.ArgumentParser()
+  for flag in ("--data", "--seeds", "--heads"):
+    parser.add_argument(flag)
+  fields = {"data": "x", "seeds": 1, "n_heads": 3, "unflagged_field": 0}
+  message = (
+    "Config: at least 2 seeds and the data root; n_heads 3 is odd; data 'x' is unknown; "
+    "unflagged_field must be > 0"
+  )
+  assert with_flag_names(message, parser, fields, {"n_heads": "--heads"}) == (
+    "Config: at least 2 seeds and the data root; --heads 3 is odd; --data 'x' is unknown; "
+    "unflagged_field must be > 0"
+  )
+  # A switch's field=False is the switch; "--flag (field)" says it once.
+  parser.add_argument("--no-spatial-bias", action="store_true")
+  parser.add_argument("--embeddings")
+  fields = {"spatial_bias": False, "embeddings_path": "e.npy"}
+  renamed = {"spatial_bias": "--no-spatial-bias", "embeddings_path": "--embeddings"}
+  message = "Config.spatial_bias=False has no effect with --embeddings (embeddings_path)"
+  assert with_flag_names(message, parser, fields, renamed) == (
+    "--no-spatial-bias has no effect with --embeddings"
+  )
 
 
 def test_positive_budgets():
@@ -248,3 +315,96 @@ def test_a_long_setting_is_a_short_digest_in_the_folder_name(tmp_path):
   )
   assert folder("a" * 24) == "XA-tag" + "a" * 24
   assert folder("a" * 25) == "XA-tag" + hashlib.sha256(b"a" * 25).hexdigest()[:8]
+
+
+@pytest.mark.parametrize(
+  "flags, words",
+  [
+    (["--epochs", "0"], "--epochs: must be at least 1, got 0"),
+    (["--seed", "-1"], "--seed: must be at least 0, got -1"),
+    (["--threads", "0"], "--threads: must be at least 1, got 0"),
+  ],
+)
+def test_torch_reference_counts_are_usage_errors(flags, words, capsys):
+  from experiments import torch_reference
+
+  base = ["--repo", "theirs", "--data-root", "data", "--timing-only"]
+  with pytest.raises(SystemExit) as stopped:
+    torch_reference.parse_args(base + flags)
+  assert stopped.value.code == 2 and words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+  "flags, words",
+  [
+    (["--epochs", "0"], "--epochs: must be at least 1, got 0"),
+    (["--repeats", "-3"], "--repeats: must be at least 1, got -3"),
+    (["--train-epochs", "-1"], "--train-epochs: must be at least 0, got -1"),
+    (["--seeds", "0", "-2"], "--seeds: must be at least 0, got -2"),
+    (["--snapshot-every", "0"], "--snapshot-every: must be at least 1, got 0"),
+  ],
+)
+def test_srel_torch_harness_counts_are_usage_errors(flags, words):
+  # The harness runs as a plain script beside torch; its flags are checked
+  # before torch is imported, so this runs without torch too.
+  import pathlib
+  import subprocess
+
+  script = pathlib.Path(__file__).parents[1] / "experiments" / "srel_torch_harness.py"
+  done = subprocess.run(
+    [sys.executable, str(script), "--repo", "theirs", *flags],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert done.returncode == 2 and words in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+  "module",
+  [
+    "experiments.bench_core",
+    "experiments.bench_scale",
+    "experiments.bench_srel",
+    "experiments.bench_urbanmmcl",
+    "experiments.bench_urbanpg",
+    "experiments.core_align",
+    "experiments.prompt_extraction.cli",
+    "experiments.prompt_extraction.published",
+    "experiments.score_srel_snapshots",
+    "experiments.srel_torch_harness",
+    "experiments.topt",
+    "experiments.torch_parity",
+    "experiments.torch_reference",
+    "experiments.urbanmmcl",
+    "experiments.urbanpg",
+    "jaxurban.data.fetch",
+    "jaxurban.topt.srel_train",
+    "kernels.biased_attention",
+    "kernels.row_lse",
+  ],
+)
+def test_every_flag_has_help(module, monkeypatch):
+  import importlib
+
+  class Parsed(Exception):
+    pass
+
+  parsers = []
+
+  def capture(parser, *args, **kwargs):
+    parsers.append(parser)
+    raise Parsed
+
+  monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+  main = importlib.import_module(module).main
+  with pytest.raises(Parsed):
+    main([]) if main.__code__.co_argcount else main()
+  missing = []
+  for parser in parsers:
+    for action in parser._actions:
+      if isinstance(action, argparse._SubParsersAction):
+        parsers.extend(action.choices.values())
+      elif not isinstance(action, argparse._HelpAction) and not action.help:
+        missing.append(f"{parser.prog}: {'/'.join(action.option_strings) or action.dest}")
+  assert not missing, missing

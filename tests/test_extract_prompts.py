@@ -631,6 +631,22 @@ def test_command_line(text_model, text_regions, tmp_path, capsys, torch_mods):
   assert manifest["dtype"] == "float16" and vectors.dtype == np.float32
   assert main(args + ["--out", str(tmp_path / "bad"), "--model", str(tmp_path)]) == 2
   assert "no config.json" in capsys.readouterr().err
+  # An --out that cannot be a folder, or a device torch cannot use, is one
+  # line before any model time, and leaves nothing behind.
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  for where in (a_file, a_file / "below"):
+    assert main(args + ["--out", str(where), "--no-progress"]) == 2
+    assert f"--out {where}" in capsys.readouterr().err
+  for device, problem in [
+    ("gpu0", "is not a torch device"),
+    ("cuda:64", "CUDA device"),
+  ]:
+    out_here = tmp_path / f"device-{device}"
+    assert main(args + ["--out", str(out_here), "--device", device, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--device {device}" in err.replace("'", "") and problem in err, err
+    assert not out_here.exists()
 
 
 def test_truncated_jpeg_is_found_before_any_model_time(tmp_path):

@@ -105,11 +105,14 @@ def test_new_york_runs_without_prompts(data_root, capsys):
   assert chicago.srel_schedule() == SREL_SCHEDULES["Chi"] == (4000, 7e-4)
   argv = ["--city", "NY", "--epochs-srel", "300", "--srel-lr", "1e-4"]
   assert topt.parse_config(argv)[0].srel_schedule() == (300, 1e-4)
-  bad_settings = {"--epochs-srel": "srel_epochs", "--srel-lr": "srel_learning_rate"}
-  for flag, field in bad_settings.items():
-    with pytest.raises(SystemExit):  # argparse's usage error, naming the field
+  bad_settings = {
+    "--epochs-srel": "--epochs-srel must be >= 1, got 0",
+    "--srel-lr": "--srel-lr must be a finite number > 0, got 0.0",
+  }
+  for flag, words in bad_settings.items():
+    with pytest.raises(SystemExit):  # argparse's usage error, naming the flag
       topt.parse_config(["--city", "NY", flag, "0"])
-    assert field in capsys.readouterr().err
+    assert words in capsys.readouterr().err
 
 
 def test_loaded_embeddings_reject_srel_settings(capsys):
@@ -130,28 +133,28 @@ def test_loaded_embeddings_reject_srel_settings(capsys):
       ToptConfig(embeddings_path="emb.npy", **{field: value})
   assert topt.parse_config(["--embeddings", "emb.npy"])[0].model_name() == "ToPT"
   flags = {
-    "--no-spatial-bias": "spatial_bias",
-    "--no-centrality": "centrality",
-    "--epochs-srel 10": "srel_epochs",
-    "--srel-lr 1e-3": "srel_learning_rate",
+    "--no-spatial-bias": "--no-spatial-bias has",
+    "--no-centrality": "--no-centrality has",
+    "--epochs-srel 10": "--epochs-srel=10 has",
+    "--srel-lr 1e-3": "--srel-lr=0.001 has",
   }
-  for flag, field in flags.items():
-    with pytest.raises(SystemExit):  # argparse's usage error, naming the field
+  for flag, words in flags.items():
+    with pytest.raises(SystemExit):  # argparse's usage error, naming the flag
       topt.parse_config(["--embeddings", "emb.npy", *flag.split()])
     err = capsys.readouterr().err
-    assert field in err and "no effect with --embeddings" in err
+    assert f"error: {words} no effect with --embeddings: SREL is not trained" in err
 
 
 def test_bad_fold_and_prompt_settings_are_usage_errors(capsys):
   """Caught when the config is made, not after SREL has trained."""
   bad = {
-    "--folds 1": "n_folds",
-    "--folds 2 --protocol validated": "n_folds",
-    "--fold-seed -1": "fold_seed",
-    "--epochs-prompt 0": "prompt_epochs",
-    "--epochs-prompt 30": "prompt_epochs",  # not a multiple of eval_every (20)
-    "--prompt-lr 0": "prompt_learning_rate",
-    "--prompt-lr inf": "prompt_learning_rate must be a finite number > 0",
+    "--folds 1": "--folds must be >= 2, got 1",
+    "--folds 2 --protocol validated": "--folds must be >= 3 for the 'validated' protocol",
+    "--fold-seed -1": "--fold-seed must be in [0, 2**32), got -1",
+    "--epochs-prompt 0": "--epochs-prompt must be a positive multiple",
+    "--epochs-prompt 30": "--epochs-prompt must be a positive multiple",  # of eval_every (20)
+    "--prompt-lr 0": "--prompt-lr must be a finite number > 0, got 0.0",
+    "--prompt-lr inf": "--prompt-lr must be a finite number > 0, got inf",
     "--out /dev/null": "/dev/null: exists and is not a folder",
   }
   for flags, field in bad.items():
@@ -197,21 +200,21 @@ def test_bad_fold_and_prompt_settings_are_usage_errors(capsys):
       ToptConfig(**{field: value}, prompt4re=False)
   # Prompt4RE's settings without Prompt4RE, and the spatial switches on New
   # York, would label a run that computes the plain ridge row.
-  for flags, field in (
-    ("--no-prompt4re --protocol validated", "protocol"),
-    ("--no-prompt4re --protocol paper", "protocol"),
-    ("--no-prompt4re --mllm qwen", "mllm"),
-    ("--no-prompt4re --no-alignment", "alignment"),
-    ("--no-prompt4re --no-task-prompt", "task_prompt"),
-    ("--no-prompt4re --context all", "context"),
-    ("--no-prompt4re --epochs-prompt 40", "prompt_epochs"),
-    ("--city NY --no-alignment", "alignment"),
-    ("--city NY --no-spatial-bias", "spatial_bias"),
-    ("--city NY --no-centrality", "centrality"),
+  for flags, setting in (
+    ("--no-prompt4re --protocol validated", "--protocol='validated'"),
+    ("--no-prompt4re --protocol paper", "--protocol='paper'"),
+    ("--no-prompt4re --mllm qwen", "--mllm='qwen'"),
+    ("--no-prompt4re --no-alignment", "--no-alignment"),
+    ("--no-prompt4re --no-task-prompt", "--no-task-prompt"),
+    ("--no-prompt4re --context all", "--context='all'"),
+    ("--no-prompt4re --epochs-prompt 40", "--epochs-prompt=40"),
+    ("--city NY --no-alignment", "--no-alignment"),
+    ("--city NY --no-spatial-bias", "--no-spatial-bias"),
+    ("--city NY --no-centrality", "--no-centrality"),
   ):
     with pytest.raises(SystemExit):
       topt.parse_config(flags.split())
-    assert f"ToptConfig.{field}=" in capsys.readouterr().err, flags
+    assert f"error: {setting} has no effect" in capsys.readouterr().err, flags
   # --mllm picks among the published vectors; --prompts brings its own.
   with pytest.raises(SystemExit):
     topt.parse_config(["--prompts", "/some/vectors", "--mllm", "qwen"])
@@ -637,6 +640,10 @@ def test_mean_and_spread_share_their_decimals():
   # At most six decimals, however small the spread; a diverged run's NaN shown as such.
   assert mean_std_text(1.0, 1e-9) == "1.000000 ± 0.000000"
   assert mean_std_text(float("nan"), 0.1) == "nan ± 0.1"
+  # One seed: no spread to show, however the std was stored.
+  assert mean_std_text(0.5591, 0.0, seeds=1) == "0.559 (1 seed)"
+  assert mean_std_text(1844.0, 0.0, seeds=1) == "1844 (1 seed)"
+  assert mean_std_text(0.5591, 0.0763, seeds=3) == "0.559 ± 0.076"
 
 
 def test_config_refuses_settings_no_run_could_use(tmp_path):

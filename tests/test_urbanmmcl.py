@@ -747,7 +747,7 @@ def test_more_finetuned_than_pretrained_seeds_is_a_usage_error(capsys):
 
   with pytest.raises(SystemExit):
     command.parse_config(["--seeds", "2", "--finetune-seeds", "5"])
-  assert "finetune_seeds must be in [0, seeds=2]" in capsys.readouterr().err
+  assert "--finetune-seeds must be in [0, seeds=2]" in capsys.readouterr().err
 
 
 def test_command_reports_a_diverged_run_in_one_line(tmp_path, monkeypatch, capsys):
@@ -1072,8 +1072,9 @@ def test_ablation_switches_reach_the_model(data_root):
 
 
 def test_results_table_puts_embedding_before_raw_feature_scores():
-  def scores(r2, mae, rmse):
-    return {"r2": {"mean": r2, "std": 0.01}, "mae": {"mean": mae}, "rmse": {"mean": rmse}}
+  def scores(r2, mae, rmse, per_seed=(0.49, 0.51)):
+    r2 = {"mean": r2, "std": 0.01, "per_seed": list(per_seed)}
+    return {"r2": r2, "mae": {"mean": mae}, "rmse": {"mean": rmse}}
 
   from experiments import urbanmmcl as command
   from jaxurban.urbanmmcl.train import TASKS
@@ -1096,6 +1097,10 @@ def test_results_table_puts_embedding_before_raw_feature_scores():
   table = command.results_table(results)
   assert "| crime (alpha 1.0) | 0.5000 ± 0.0100 | 0.2500 | 11.00 / 33.00 | 21.00 / 44.00 |" in table
   assert "| crime | r2 0.2000, mae 5.0000 |" in table
+  # One seed has no spread to show, rather than "± 0.0000".
+  results["ridge"]["embedding"]["crime"] = scores(0.5, 11.0, 21.0, per_seed=[0.5])
+  table = command.results_table(results)
+  assert "| crime (alpha 1.0) | 0.5000 (1 seed) | 0.2500 |" in table
 
 
 def test_finetuning_splits_each_fold_into_train_validation_and_test(data_root, monkeypatch):

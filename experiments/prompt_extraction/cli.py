@@ -28,15 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--model", required=True, help="local folder of a Hugging Face model")
   p.add_argument("--task", required=True, choices=templates.TASKS, help="task template")
   p.add_argument("--out", required=True, help="output folder (vectors.npy, manifest.json)")
-  p.add_argument("--pooling", choices=("mean", "last"), default="mean")
+  p.add_argument(
+    "--pooling",
+    choices=("mean", "last"),
+    default="mean",
+    help="last-layer states pooled as the mean over tokens (default) or the last token's",
+  )
   p.add_argument(
     "--dtype",
     choices=("float16", "bfloat16", "float32"),
     default=None,
     help="compute dtype (default: bfloat16 on a GPU, float32 on the CPU)",
   )
-  p.add_argument("--out-dtype", choices=("float32", "float16"), default="float32")
-  p.add_argument("--batch-size", type=int, default=4)
+  p.add_argument(
+    "--out-dtype", choices=("float32", "float16"), default="float32", help="dtype written"
+  )
+  p.add_argument("--batch-size", type=int, default=4, help="regions per forward pass")
   p.add_argument("--device", default=None, help="torch device (default: cuda if present)")
   p.add_argument("--max-images", type=int, default=None, help="first N images per region")
   p.add_argument("--text-only", action="store_true", help="ignore images, feed the text alone")
@@ -54,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     help="rewrite image paths starting with OLD (repeatable)",
   )
   p.add_argument(
-    "--model-class", choices=("auto", "base", "image-text-to-text", "causal-lm"), default="auto"
+    "--model-class",
+    choices=("auto", "base", "image-text-to-text", "causal-lm"),
+    default="auto",
+    help="transformers class to load (auto: the bare backbone, then image-text-to-text, then "
+    "causal-lm)",
   )
   p.add_argument(
     "--no-generation-prompt",
@@ -65,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--revision", default=None, help="model revision for the manifest")
   p.add_argument("--restart", action="store_true", help="discard an unfinished run")
   p.add_argument("--overwrite", action="store_true", help="replace finished output in --out")
-  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
   return p
 
 
@@ -90,7 +101,8 @@ def missing_stack_message(error: ImportError) -> str:
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
   try:
     import torch  # noqa: F401
     import transformers  # noqa: F401
@@ -98,6 +110,7 @@ def main(argv=None) -> int:
     print(f"error: {missing_stack_message(e)}", file=sys.stderr)
     return EXIT_ERROR
   from experiments.prompt_extraction.extract import ExtractConfig, extract_prompts, parse_prefix
+  from experiments.common import with_flag_names
   from experiments.prompt_extraction.output import ExtractionError
   from jaxurban.data.errors import DataError
 
@@ -120,7 +133,9 @@ def main(argv=None) -> int:
       image_prefix_map=tuple(parse_prefix(v) for v in args.image_prefix),
     )
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
+    fields = {name: None for name in vars(args)} | {"image_prefix_map": None}
+    message = with_flag_names(str(e), parser, fields, {"image_prefix_map": "--image-prefix"})
+    print(f"error: {message}", file=sys.stderr)
     return EXIT_ERROR
   try:
     manifest = extract_prompts(

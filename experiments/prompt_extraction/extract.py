@@ -150,7 +150,30 @@ class LoadedModel:
 
 
 def _device(config: ExtractConfig) -> torch.device:
-  return torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+  """The run's torch device; one torch cannot use is refused before any work."""
+  if config.device is None:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  try:
+    device = torch.device(config.device)
+  except RuntimeError as error:
+    raise ExtractionError(
+      f"--device {config.device!r} is not a torch device ({error}); give cpu, cuda or cuda:N"
+    ) from None
+  if device.type == "cuda":
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+      raise ExtractionError(
+        f"--device {config.device}: this torch sees no CUDA device; give --device cpu, or "
+        "leave --device out to use a GPU when there is one"
+      )
+    if device.index is not None and device.index >= count:
+      raise ExtractionError(
+        f"--device {config.device}: this torch sees {count} CUDA device(s), cuda:0 to "
+        f"cuda:{count - 1}"
+      )
+  elif device.type == "mps" and not torch.backends.mps.is_available():
+    raise ExtractionError(f"--device {config.device}: this torch has no MPS device")
+  return device
 
 
 def _dtype(config: ExtractConfig, device: torch.device) -> torch.dtype:
@@ -457,12 +480,18 @@ def extract_prompts(
   out = pathlib.Path(out)
   if not progress:
     transformers.utils.logging.disable_progress_bar()
+  _device(config)  # an unusable --device stops the run before any work
+  if out.exists() and not out.is_dir():
+    raise ExtractionError(f"--out {out} is a file; --out takes a folder")
   if (out / MANIFEST_NAME).exists() and not overwrite:
     raise ExtractionError(
       f"{out} already holds finished prompt vectors ({MANIFEST_NAME}); pass --overwrite to "
       "replace them or choose another --out"
     )
-  out.mkdir(parents=True, exist_ok=True)
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise ExtractionError(f"--out {out}: cannot make the folder ({error.strerror})") from None
   regions = load_regions(regions_file, config.image_prefix_map)
   use_images = not config.text_only and any(r.images[: config.max_images] for r in regions)
 

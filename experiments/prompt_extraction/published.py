@@ -74,8 +74,8 @@ def published_manifest(folder: pathlib.Path, mllm: str, task: str) -> dict:
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--data-root", default=None)
-  p.add_argument("--out", required=True)
+  p.add_argument("--data-root", default=None, help="data folder (default: $JAXURBAN_DATA)")
+  p.add_argument("--out", required=True, help="folder for the manifests, one per vector file")
   args = p.parse_args(argv)
   folder = subdir(resolve_data_root(args.data_root), "prompt4re", "chicago")
   out = pathlib.Path(args.out)

@@ -213,12 +213,18 @@ def evaluate_pair(
 
 
 def _cell(value, digits: int) -> tuple[str, int | None]:
-  """Formats one figure; arrays become ``mean ± std`` (ddof=0)."""
+  """Formats one figure; arrays of seeds become ``mean ± std`` (ddof=0).
+
+  One seed has no spread: its value is shown alone (the row's title counts
+  the seeds).
+  """
   if value is None:
     return "-", None
   arr = np.asarray(value, np.float64)
   if arr.ndim == 0:
     return f"{float(arr):.{digits}f}", None
+  if arr.shape[0] == 1:
+    return f"{arr[0]:.{digits}f}", 1
   return (f"{arr.mean():.{digits}f} ± {arr.std(ddof=0):.{digits}f}", int(arr.shape[0]))
 
 
@@ -288,6 +294,6 @@ def format_table(
     "MAPE is a ratio over target regions with a non-zero label; "
     "negative predictions are clipped to 0."
   ]
-  if n_seeds_seen:
+  if any(n > 1 for n in n_seeds_seen):
     notes.insert(0, "mean ± std over seeds; std is the population standard deviation (ddof=0).")
   return "\n\n".join(blocks) + "\n\n" + "\n".join(notes) + "\n"

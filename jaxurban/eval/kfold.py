@@ -342,3 +342,11 @@ def summarise(per_seed: dict[str, np.ndarray]) -> dict[str, dict]:
     std = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
     out[name] = {"mean": float(np.mean(values)), "std": std, "per_seed": values.tolist()}
   return out
+
+
+def summary_text(summary: dict, decimals: int = 4) -> str:
+  """A `summarise` entry as ``mean ± std``, or ``mean (1 seed)``: one seed
+  has no spread to show (its stored std of 0 is not a measured one)."""
+  if len(summary["per_seed"]) == 1:
+    return f"{summary['mean']:.{decimals}f} (1 seed)"
+  return f"{summary['mean']:.{decimals}f} ± {summary['std']:.{decimals}f}"

@@ -477,7 +477,7 @@ def format_table(results: dict, protocol_text: str) -> str:
   lines.append(f"{'model':<{width}} {'task':<12} {'MAE':>18} {'RMSE':>20} {'R2':>16}")
   for task, entry in results["tasks"].items():
     for name, summary in entry["models"].items():
-      cells = [mean_std_text(summary[m]["mean"], summary[m]["std"]) for m in kfold.METRICS]
+      cells = [_summary_text(summary[m]) for m in kfold.METRICS]
       lines.append(f"{name:<{width}} {task:<12} {cells[0]:>18} {cells[1]:>20} {cells[2]:>16}")
     # Table 1 of the paper is for Chicago only.
     for name, rows in PAPER_TABLE1.items() if city == "Chi" else ():
@@ -493,11 +493,19 @@ def format_table(results: dict, protocol_text: str) -> str:
 RIDGE_TUNED_NAME = "w/o Prompt4RE (ridge on SREL embeddings, alpha chosen in training folds)"
 
 
-def mean_std_text(mean: float, std: float) -> str:
+def _summary_text(summary: dict) -> str:
+  """`mean_std_text` of a `kfold.summarise` entry."""
+  return mean_std_text(summary["mean"], summary["std"], len(summary["per_seed"]))
+
+
+def mean_std_text(mean: float, std: float, seeds: int | None = None) -> str:
   """``mean ± std`` in fixed-point with the same decimals on both sides,
   enough for two significant digits of the spread (1844 ± 410, 172.1 ± 1.2,
-  0.559 ± 0.076); where the spread is 0 (one seed), three significant digits
-  of the mean."""
+  0.559 ± 0.076); where the spread is 0, three significant digits of the
+  mean. One seed has no spread to show: ``0.559 (1 seed)``."""
+  if seeds == 1:
+    decimals = 2 - math.floor(math.log10(abs(mean))) if mean and math.isfinite(mean) else 1
+    return f"{mean:.{min(6, max(0, decimals))}f} (1 seed)"
   if not (math.isfinite(mean) and math.isfinite(std)):
     return f"{mean} ± {std}"
   if std > 0:
@@ -721,10 +729,7 @@ def train_and_evaluate(
     write_json_atomic(workdir / "metrics.json", results)
     for name, summary in models.items():
       log(
-        f"[{task}] {name}: "
-        + ", ".join(
-          f"{m} {mean_std_text(summary[m]['mean'], summary[m]['std'])}" for m in kfold.METRICS
-        )
+        f"[{task}] {name}: " + ", ".join(f"{m} {_summary_text(summary[m])}" for m in kfold.METRICS)
       )
 
   timings["total_s"] = time.perf_counter() - t0

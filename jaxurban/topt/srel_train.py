@@ -433,7 +433,9 @@ def parse_cli(argv: Sequence[str] | None = None) -> tuple[SRELConfig, argparse.N
   parser = argparse.ArgumentParser(
     prog="python -m jaxurban.topt.srel_train", description=main.__doc__
   )
-  parser.add_argument("--city", default="Chi", choices=("Chi", "NY"))
+  parser.add_argument(
+    "--city", default="Chi", choices=("Chi", "NY"), help="Chicago or New York (hafusion data)"
+  )
   setting = parser.add_mutually_exclusive_group()
   setting.add_argument(
     "--task", default=None, choices=tuple(TOPT_TASK_SETTINGS), help="ToPT's setting (crime)"

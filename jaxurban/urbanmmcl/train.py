@@ -795,8 +795,7 @@ def train_and_evaluate(config: UrbanMMCLConfig, workdir, log=print) -> dict:
     for probe in ("ridge", "ridge_tuned"):
       e, r = (results[probe][which][task]["r2"] for which in ("embedding", "raw_features"))
       log(
-        f"  {probe} {task}: embedding R2 {e['mean']:.4f} ± {e['std']:.4f} | "
-        f"raw features R2 {r['mean']:.4f}"
+        f"  {probe} {task}: embedding R2 {kfold.summary_text(e)} | raw features R2 {r['mean']:.4f}"
       )
   for s, params in enumerate(params_list):
     seed = config.first_seed + s
