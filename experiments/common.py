@@ -16,26 +16,24 @@ from jaxurban.atomic import writable_folder_problem
 from jaxurban.data.errors import DataError
 
 
-def positive_int(text: str) -> int:
-  """argparse type: a whole number of at least 1 (counts, repeats, sizes)."""
+def _whole_number_at_least(text: str, minimum: int) -> int:
   try:
     value = int(text)
   except ValueError:
     raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+  if value < minimum:
+    raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
   return value
+
+
+def positive_int(text: str) -> int:
+  """argparse type: a whole number of at least 1 (counts, repeats, sizes)."""
+  return _whole_number_at_least(text, 1)
 
 
 def non_negative_int(text: str) -> int:
   """argparse type: a whole number of at least 0 (a seed, say)."""
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-  return value
+  return _whole_number_at_least(text, 0)
 
 
 def positive_number(text: str) -> float:
