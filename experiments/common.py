@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import os
 import pathlib
 import re
 import sys
 from collections.abc import Callable, Iterable
 
-from jaxurban.atomic import writable_folder_problem
+from jaxurban.atomic import write_json_atomic, writable_folder_problem
 from jaxurban.data.errors import DataError
 
 
@@ -128,18 +129,51 @@ def exit_status(
   return result if isinstance(result, int) else 0
 
 
+# Names the command whose outputs a folder holds, so that another command
+# given the same --out is refused instead of replacing its pictures (both
+# CoRE and UrbanMMCL write embeddings.png and losses.png, say).
+COMMAND_FILE = "command.json"
+
+
+def folder_command(out) -> str | None:
+  """The command recorded in `out`'s `COMMAND_FILE`, None when there is
+  none; ValueError naming the file when it cannot be read."""
+  path = pathlib.Path(out) / COMMAND_FILE
+  if not path.is_file():
+    return None
+  try:
+    command = json.loads(path.read_text(encoding="utf-8"))["command"]
+  except (OSError, ValueError, KeyError, TypeError) as error:
+    raise ValueError(
+      f"{path}: cannot tell which command wrote this folder ({type(error).__name__}: {error})"
+    ) from None
+  return str(command)
+
+
 @contextlib.contextmanager
-def no_empty_folder_left(out):
-  """Runs the block; afterwards removes the folders it made on the way to
-  `out` (which did not exist before) if they hold no file, so that a
-  refused run leaves no trace."""
+def no_empty_folder_left(out, command: str | None = None):
+  """Runs the block in `out`, recording `command` there (`COMMAND_FILE`);
+  afterwards removes the folders it made on the way to `out` (which did not
+  exist before) if they hold no file but that record, so that a refused run
+  leaves no trace."""
   made = None
   path = pathlib.Path(out).absolute()
   while not path.exists():
     made, path = path, path.parent
+  record = pathlib.Path(out) / COMMAND_FILE
+  recorded = False
+  if command is not None and not record.exists():
+    pathlib.Path(out).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record, {"command": command})
+    recorded = True
   try:
     yield
   finally:
+    if recorded and record.is_file():
+      others = (p for p in pathlib.Path(out).rglob("*") if p != record)
+      if not any(p.is_file() or p.is_symlink() for p in others):
+        with contextlib.suppress(FileNotFoundError):
+          record.unlink()
     if made is not None and made.is_dir():
       inside = list(made.rglob("*"))
       if not any(p.is_file() or p.is_symlink() for p in inside):
@@ -149,11 +183,22 @@ def no_empty_folder_left(out):
             folder.rmdir()
 
 
-def checked_output_folder(parser: argparse.ArgumentParser, out) -> pathlib.Path:
-  """`out` as a path, or a usage error (exit 2) when a run could not write there."""
+def checked_output_folder(
+  parser: argparse.ArgumentParser, out, command: str | None = None
+) -> pathlib.Path:
+  """`out` as a path, or a usage error (exit 2) when a run could not write
+  there, or when it holds the outputs of a command other than `command`."""
   problem = writable_folder_problem(out)
   if problem:
     parser.error(problem)
+  try:
+    owner = folder_command(out) if command is not None else None
+  except ValueError as error:
+    parser.error(str(error))
+  if owner is not None and owner != command:
+    parser.error(
+      f"{out} holds the outputs of python -m {owner} ({COMMAND_FILE}); give this run another --out"
+    )
   return pathlib.Path(out)
 
 

@@ -29,6 +29,9 @@ from jaxurban.core.train import VARIANTS, CoreConfig, train_and_evaluate
 from jaxurban.core.losses import FORMS
 from jaxurban.data.errors import DataError
 
+# Recorded in each output folder (experiments.common.COMMAND_FILE).
+COMMAND = "experiments.core_align"
+
 
 # Flags that leave the results unchanged, or that the folder name already spells out.
 _NOT_IN_FOLDER_NAME = (
@@ -225,7 +228,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
     leading=(config.city_x, config.city_y, variant),
     ignore=_NOT_IN_FOLDER_NAME,
   )
-  return config, checked_output_folder(parser, out)
+  return config, checked_output_folder(parser, out, COMMAND)
 
 
 def _start_distributed(argv: list[str] | None) -> None:
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {problem}; use a multiple of the device count", file=sys.stderr)
     return 2
   try:
-    with no_empty_folder_left(out):
+    with no_empty_folder_left(out, COMMAND):
       train_and_evaluate(config, out)
   except (DataError, CheckpointMismatch, FloatingPointError) as error:
     print(f"error: {error}", file=sys.stderr)

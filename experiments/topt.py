@@ -35,6 +35,9 @@ from jaxurban.data.errors import DataError
 from jaxurban.eval.kfold import PROTOCOLS
 from jaxurban.topt.pipeline import TASKS, ToptConfig, train_and_evaluate
 
+# Recorded in each output folder (experiments.common.COMMAND_FILE).
+COMMAND = "experiments.topt"
+
 
 def parse_config(argv: list[str] | None = None) -> tuple[ToptConfig, pathlib.Path]:
   parser = argparse.ArgumentParser(
@@ -165,7 +168,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[ToptConfig, pathlib.Pat
   out = args.out or default_output_folder(
     "runs/topt", parser, args, leading=(args.city,), ignore=("city", "data_root", "out")
   )
-  return config, checked_output_folder(parser, out)
+  return config, checked_output_folder(parser, out, COMMAND)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     )
   print(f"{config.model_name()} on {config.city}, tasks {config.tasks}, out {out}", flush=True)
   try:
-    with no_empty_folder_left(out):
+    with no_empty_folder_left(out, COMMAND):
       train_and_evaluate(config, out, log=lambda s: print(s, flush=True))
   except DataError as e:
     print(f"data error: {e}", file=sys.stderr)

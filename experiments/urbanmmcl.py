@@ -40,6 +40,9 @@ from jaxurban.urbanmmcl.graphs import AblationError
 from jaxurban.urbanmmcl.train import TASKS, UrbanMMCLConfig, train_and_evaluate
 from jaxurban.viz.loss_curves import merge_seed_histories, plot_loss_history
 
+# Recorded in each output folder (experiments.common.COMMAND_FILE).
+COMMAND = "experiments.urbanmmcl"
+
 
 def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
   parser = argparse.ArgumentParser(
@@ -147,7 +150,7 @@ def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
       "finetune_epochs",
     ),
   )
-  return config, checked_output_folder(parser, out), args.projection
+  return config, checked_output_folder(parser, out, COMMAND), args.projection
 
 
 def results_table(results: dict) -> str:
@@ -239,7 +242,7 @@ def plot_losses(results: dict, path: pathlib.Path, config: UrbanMMCLConfig) -> N
 def main(argv=None) -> int:
   config, out, projection = parse_config(argv)
   try:
-    with no_empty_folder_left(out):
+    with no_empty_folder_left(out, COMMAND):
       results = train_and_evaluate(config, out, log=lambda m: print(m, flush=True))
   except DataError as e:
     print(f"data error: {e}", file=sys.stderr)

@@ -26,6 +26,9 @@ from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.errors import DataError
 from jaxurban.urbanpg.train import PARADIGMS, UrbanPGConfig, train_and_evaluate
 
+# Recorded in each output folder (experiments.common.COMMAND_FILE).
+COMMAND = "experiments.urbanpg"
+
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(
@@ -100,9 +103,9 @@ def main(argv=None) -> dict:
     # Checkpoints are per seed, so runs over other seeds share the folder.
     ignore=("data", "paradigm", "data_root", "out", "no_plot", "seeds", "first_seed"),
   )
-  out = checked_output_folder(parser, out)
+  out = checked_output_folder(parser, out, COMMAND)
   try:
-    with no_empty_folder_left(out):
+    with no_empty_folder_left(out, COMMAND):
       return train_and_evaluate(config, out)
   except DataError as e:
     print(f"data error: {e}", file=sys.stderr)

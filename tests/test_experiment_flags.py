@@ -229,6 +229,63 @@ def test_a_refused_run_leaves_no_empty_folders(tmp_path):
   assert existing.is_dir()
 
 
+def test_a_folder_records_its_command_and_refuses_other_commands(tmp_path, capsys):
+  import json
+
+  from experiments.common import COMMAND_FILE, checked_output_folder, no_empty_folder_left
+
+  out = tmp_path / "runs" / "shared"
+  # A refused run leaves neither its record nor the folders it made.
+  with pytest.raises(DataError):
+    with no_empty_folder_left(out, "experiments.core_align"):
+      assert json.loads((out / COMMAND_FILE).read_text()) == {"command": "experiments.core_align"}
+      raise DataError("x.npy", "file missing")
+  assert list(tmp_path.iterdir()) == []
+  # A run that wrote something keeps the record.
+  with no_empty_folder_left(out, "experiments.core_align"):
+    (out / "embeddings.png").write_bytes(b"png")
+  assert (out / COMMAND_FILE).is_file()
+  parser = argparse.ArgumentParser(prog="cmd")
+  assert checked_output_folder(parser, out, "experiments.core_align") == out
+  with pytest.raises(SystemExit):
+    checked_output_folder(parser, out, "experiments.urbanmmcl")
+  err = capsys.readouterr().err
+  assert f"{out} holds the outputs of python -m experiments.core_align (command.json)" in err
+  # A folder without a record (made before records were kept) is the
+  # commands' own checks' to judge, as before.
+  assert checked_output_folder(parser, tmp_path, "experiments.urbanmmcl") == tmp_path
+  (out / COMMAND_FILE).write_text("{")
+  with pytest.raises(SystemExit):
+    checked_output_folder(parser, out, "experiments.core_align")
+  assert "cannot tell which command wrote this folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+  "argv",
+  [
+    ["topt", "--task", "crime"],
+    ["urbanpg"],
+    ["urbanmmcl"],
+  ],
+)
+def test_commands_refuse_a_core_align_folder(argv, tmp_path, capsys):
+  import importlib
+  import json
+
+  from experiments.common import COMMAND_FILE
+
+  (tmp_path / COMMAND_FILE).write_text(json.dumps({"command": "experiments.core_align"}))
+  (tmp_path / "embeddings.png").write_bytes(b"png")
+  command = importlib.import_module(f"experiments.{argv[0]}")
+  try:
+    status = command.main(argv[1:] + ["--out", str(tmp_path)])
+  except SystemExit as stopped:
+    status = stopped.code
+  assert status == 2
+  assert "holds the outputs of python -m experiments.core_align" in capsys.readouterr().err
+  assert sorted(p.name for p in tmp_path.iterdir()) == [COMMAND_FILE, "embeddings.png"]
+
+
 @pytest.mark.parametrize(
   "command, flag, field",
   [

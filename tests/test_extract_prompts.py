@@ -546,7 +546,7 @@ def test_missing_images_fail_or_skip(vlm, image_regions, tmp_path):
     "2 of 5 regions" in message and "region '3'" in message and "absent.png: missing" in message
   )
   assert "broken.png: unreadable" in message and "--missing-images skip" in message
-  assert not (tmp_path / "fail" / MANIFEST_NAME).exists()
+  assert not (tmp_path / "fail").exists()  # refused before --out is made
 
   manifest = _run(_config(vlm, missing_images="skip"), image_regions, tmp_path / "skip")
   assert manifest["region_ids"] == ["0", "2", "4"]

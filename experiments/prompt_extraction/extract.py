@@ -488,10 +488,6 @@ def extract_prompts(
       f"{out} already holds finished prompt vectors ({MANIFEST_NAME}); pass --overwrite to "
       "replace them or choose another --out"
     )
-  try:
-    out.mkdir(parents=True, exist_ok=True)
-  except OSError as error:
-    raise ExtractionError(f"--out {out}: cannot make the folder ({error.strerror})") from None
   regions = load_regions(regions_file, config.image_prefix_map)
   use_images = not config.text_only and any(r.images[: config.max_images] for r in regions)
 
@@ -553,6 +549,12 @@ def extract_prompts(
   }
   if not model_path.is_dir():
     raise ExtractionError(f"{model_path}: model folder does not exist")
+  # Made only now, when the inputs have passed their checks: a run refused
+  # for its regions, images or model folder leaves no empty --out behind.
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise ExtractionError(f"--out {out}: cannot make the folder ({error.strerror})") from None
   if restart:
     shutil.rmtree(out / WORK_NAME, ignore_errors=True)
   work = WorkFolder(out, settings)

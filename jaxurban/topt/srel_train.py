@@ -453,7 +453,11 @@ def parse_cli(argv: Sequence[str] | None = None) -> tuple[SRELConfig, argparse.N
     "without it nothing is saved",
   )
   parser.add_argument(
-    "--seeds", type=int, nargs="+", default=None, help="seeds trained together (default: 0)"
+    "--seeds",
+    type=int,
+    nargs="+",
+    default=None,
+    help=f"seeds trained together (default: {' '.join(map(str, SRELConfig.seeds))})",
   )
   parser.add_argument(
     "--epochs", type=int, default=None, help="training epochs (default: the setting's own)"
