@@ -150,30 +150,43 @@ def folder_command(out) -> str | None:
   return str(command)
 
 
+def _files_in(folder: pathlib.Path, leaving_out: pathlib.Path) -> set:
+  """(path, size, mtime) of every file or link under `folder` but one."""
+  found = set()
+  for path in folder.rglob("*"):
+    if path != leaving_out and (path.is_file() or path.is_symlink()):
+      with contextlib.suppress(FileNotFoundError):
+        info = path.lstat()
+        found.add((path, info.st_size, info.st_mtime_ns))
+  return found
+
+
 @contextlib.contextmanager
 def no_empty_folder_left(out, command: str | None = None):
-  """Runs the block in `out`, recording `command` there (`COMMAND_FILE`);
-  afterwards removes the folders it made on the way to `out` (which did not
-  exist before) if they hold no file but that record, so that a refused run
-  leaves no trace."""
+  """Runs the block in `out`, recording `command` there (`COMMAND_FILE`).
+
+  Afterwards the record goes again if the block changed no file (a run
+  refused on its inputs leaves the folder as it found it), and so do the
+  folders made on the way to `out` (which did not exist before) if they
+  hold no file, so that a refused run leaves no trace.
+  """
   made = None
   path = pathlib.Path(out).absolute()
   while not path.exists():
     made, path = path, path.parent
   record = pathlib.Path(out) / COMMAND_FILE
-  recorded = False
+  recorded, before = False, None
   if command is not None and not record.exists():
     pathlib.Path(out).mkdir(parents=True, exist_ok=True)
+    before = _files_in(pathlib.Path(out), record)
     write_json_atomic(record, {"command": command})
     recorded = True
   try:
     yield
   finally:
-    if recorded and record.is_file():
-      others = (p for p in pathlib.Path(out).rglob("*") if p != record)
-      if not any(p.is_file() or p.is_symlink() for p in others):
-        with contextlib.suppress(FileNotFoundError):
-          record.unlink()
+    if recorded and _files_in(pathlib.Path(out), record) == before:
+      with contextlib.suppress(FileNotFoundError):
+        record.unlink()
     if made is not None and made.is_dir():
       inside = list(made.rglob("*"))
       if not any(p.is_file() or p.is_symlink() for p in inside):

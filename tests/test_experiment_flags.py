@@ -245,6 +245,15 @@ def test_a_folder_records_its_command_and_refuses_other_commands(tmp_path, capsy
   with no_empty_folder_left(out, "experiments.core_align"):
     (out / "embeddings.png").write_bytes(b"png")
   assert (out / COMMAND_FILE).is_file()
+  # One refused in a folder of earlier files (made before records were
+  # kept) leaves it as it found it.
+  earlier = tmp_path / "earlier"
+  earlier.mkdir()
+  (earlier / "metrics.json").write_text("{}")
+  with pytest.raises(DataError):
+    with no_empty_folder_left(earlier, "experiments.topt"):
+      raise DataError("x.npy", "file missing")
+  assert [p.name for p in earlier.iterdir()] == ["metrics.json"]
   parser = argparse.ArgumentParser(prog="cmd")
   assert checked_output_folder(parser, out, "experiments.core_align") == out
   with pytest.raises(SystemExit):

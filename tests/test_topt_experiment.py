@@ -603,11 +603,12 @@ def test_a_killed_run_of_another_configuration_is_refused_too(
   with pytest.raises(KeyboardInterrupt):
     topt.main(["--task", "crime", *common])
   monkeypatch.undo()
-  assert sorted(p.name for p in out.iterdir()) == [pipeline.RUN_CONFIG_FILE]
+  kept = sorted([pipeline.RUN_CONFIG_FILE, "command.json"])
+  assert sorted(p.name for p in out.iterdir()) == kept
   assert topt.main(["--task", "checkIn", *common]) == 2
   err = capsys.readouterr().err
   assert "run_config.json was written with a different config (tasks: saved ['crime']" in err
-  assert sorted(p.name for p in out.iterdir()) == [pipeline.RUN_CONFIG_FILE]
+  assert sorted(p.name for p in out.iterdir()) == kept
 
 
 def test_a_run_refused_for_its_embeddings_file_leaves_nothing_to_refuse_the_next(
