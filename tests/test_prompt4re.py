@@ -443,6 +443,12 @@ def test_killed_run_resumes_to_the_uninterrupted_trajectory(rng, tmp_path, monke
 
   monkeypatch.setattr(prompt4re, "_train_chunk", no_training)
   np.testing.assert_array_equal(run().predictions, expected.predictions)
+  # A run killed after writing the trajectory, before removing the models'
+  # checkpoints, left part of them: the rerun removes them.
+  leftover = tmp_path / "checkpoints" / saved.name.removesuffix("_trajectory.npz") / "5" / "state"
+  leftover.mkdir(parents=True)
+  np.testing.assert_array_equal(run().predictions, expected.predictions)
+  assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [saved.name]
   # Other labels (or embeddings, prompts, folds, settings) do not reuse these
   # models: that run trains afresh.
   with pytest.raises(AssertionError, match="trained although"):

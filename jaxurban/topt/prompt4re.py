@@ -505,6 +505,9 @@ def cross_validated_trajectory(
         ) from error
       check_same_config(saved_config, run_config, str(finished))
       log(f"  prompt4re: finished before, trajectory read from {finished}")
+      # A run killed between writing the trajectory and removing the models'
+      # checkpoints left part of them; the trajectory is all that is kept.
+      shutil.rmtree(pathlib.Path(workdir) / "checkpoints" / name, ignore_errors=True)
       return Trajectory(*arrays, validation)
     checkpointer = Checkpointer(workdir, subdir=name, max_to_keep=1)
     template = {"chunk": np.zeros((), np.int32), "state": state, "pred": trajectory}
