@@ -174,17 +174,17 @@ def no_empty_folder_left(out, command: str | None = None):
   path = pathlib.Path(out).absolute()
   while not path.exists():
     made, path = path, path.parent
-  record = pathlib.Path(out) / COMMAND_FILE
-  recorded, before = False, None
+  folder = pathlib.Path(out)
+  record = folder / COMMAND_FILE
+  before = None  # the files before this run wrote its record, if it did
   if command is not None and not record.exists():
-    pathlib.Path(out).mkdir(parents=True, exist_ok=True)
-    before = _files_in(pathlib.Path(out), record)
+    folder.mkdir(parents=True, exist_ok=True)
+    before = _files_in(folder, record)
     write_json_atomic(record, {"command": command})
-    recorded = True
   try:
     yield
   finally:
-    if recorded and _files_in(pathlib.Path(out), record) == before:
+    if before is not None and _files_in(folder, record) == before:
       with contextlib.suppress(FileNotFoundError):
         record.unlink()
     if made is not None and made.is_dir():
@@ -301,14 +301,14 @@ def with_flag_names(message: str, parser: argparse.ArgumentParser, fields, renam
     return "|".join(re.escape(f) for f in sorted(names, key=len, reverse=True))
 
   prefix = r"(?:\b[A-Za-z]*Config(?:\.|:\s*))?"
-  setting = r"(=True\b|=False\b)?"
+  switch_setting = r"(=True\b|=False\b)"
   judged = r"(?=\s+(?:must be|is|not in|repeat)\b|\s+['\"]|=)"
   clause_start = re.compile(
-    rf"(^|;\s*){prefix}\b({alternatives(flags)})\b(?:(=True\b|=False\b)|{judged})"
+    rf"(^|;\s*){prefix}\b({alternatives(flags)})\b(?:{switch_setting}|{judged})"
   )
   message = clause_start.sub(lambda m: m.group(1) + flag_for(m.group(2), m.group(3)), message)
   compound = [f for f in flags if "_" in f]
   if compound:
-    anywhere = re.compile(rf"{prefix}(?<![\w-])({alternatives(compound)})\b{setting}")
+    anywhere = re.compile(rf"{prefix}(?<![\w-])({alternatives(compound)})\b{switch_setting}?")
     message = anywhere.sub(lambda m: flag_for(m.group(1), m.group(2)), message)
   return re.sub(r"(--[\w-]+) \(\1\)", r"\1", message)
