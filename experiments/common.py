@@ -13,6 +13,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable
 
+from jaxurban import interrupt
 from jaxurban.atomic import write_json_atomic, writable_folder_problem
 from jaxurban.data.errors import DataError
 
@@ -104,11 +105,16 @@ def exit_status(
 ) -> int:
   """Runs a command's or benchmark's `main`; a data problem (a missing data
   root, an unknown city) or a file the process may not read or write is one
-  line on stderr and exit status 2. For a
-  `resumable` command, Ctrl-C is one line saying how to go on (status 130,
-  as a shell reports SIGINT) instead of a traceback from inside the run."""
+  line on stderr and exit status 2. For a `resumable` command, a first
+  Ctrl-C in a training loop stops the run after its next checkpoint
+  (`jaxurban.interrupt`), and an interrupt is one line saying how to go on
+  (status 130, as a shell reports SIGINT) instead of a traceback from inside
+  the run."""
   try:
-    result = main(argv)
+    with interrupt.stop_at_checkpoints() if resumable else contextlib.nullcontext():
+      result = main(argv)
+      if resumable and interrupt.stop_requested() and result in (None, 0):
+        print("the run finished before its next checkpoint", file=sys.stderr)
   except DataError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
@@ -117,16 +123,28 @@ def exit_status(
     # was met: the path and the reason on one line, not a traceback.
     print(f"error: {error.filename or ''}: {error.strerror}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as error:
     if not resumable:
       raise
-    print(
-      "\ninterrupted; checkpoints already written are kept: run the same command again to "
-      "resume from the last one",
-      file=sys.stderr,
-    )
+    print(f"\n{interrupted_message(error)}", file=sys.stderr)
     return 130
   return result if isinstance(result, int) else 0
+
+
+def interrupted_message(error: KeyboardInterrupt) -> str:
+  """What a resumable command says when Ctrl-C stopped it: where it stopped,
+  and whether a rerun resumes or starts its training afresh."""
+  if isinstance(error, interrupt.StopAtCheckpoint):
+    return f"interrupted; {error}"
+  if interrupt.checkpoints_kept() is False:
+    return (
+      "interrupted before the first checkpoint of this training: run the same command again to "
+      "start it (outputs already finished are kept)"
+    )
+  return (
+    "interrupted; checkpoints already written are kept: run the same command again to resume "
+    "from the last one"
+  )
 
 
 # Names the command whose outputs a folder holds, so that another command

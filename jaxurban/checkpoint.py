@@ -16,6 +16,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from jaxurban import interrupt
+
 # The atomic writers live in `jaxurban.atomic` (no orbax import there, for the
 # data layer); they are re-exported here, beside the checkpoints.
 from jaxurban.atomic import (  # noqa: F401
@@ -129,13 +131,20 @@ class Checkpointer:
     await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
     if await_cleanup is not None:
       await_cleanup()
+    # From here a first Ctrl-C waits for the next `save` (jaxurban.interrupt).
+    interrupt.loop_opened(self.directory)
+    self._open = True
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, config: dict, log: Any = None) -> None:
     """Writes ``state`` with ``config``; ``log`` (JSON, e.g. the loss history
-    so far) travels beside them so that a resumed run keeps it."""
+    so far) travels beside them so that a resumed run keeps it.
+
+    Then raises `interrupt.StopAtCheckpoint` if Ctrl-C asked the run to stop
+    (a loop saves at the end of its chunk when `interrupt.stop_requested()`).
+    """
     items = {
       "state": ocp.args.StandardSave(state),
       "config": ocp.args.JsonSave(_as_json(config)),
@@ -144,6 +153,7 @@ class Checkpointer:
       items["log"] = ocp.args.JsonSave(_as_json(log))
     self._manager.save(step, args=ocp.args.Composite(**items))
     self._manager.wait_until_finished()
+    interrupt.stop_if_requested(f"the checkpoint at step {step} in {self.directory}")
 
   def restore_log(self) -> Any:
     """The ``log`` saved with the latest checkpoint (the one `restore` reads);
@@ -189,4 +199,7 @@ class Checkpointer:
       ) from error
 
   def close(self) -> None:
+    if self._open:
+      interrupt.loop_closed()
+      self._open = False
     self._manager.close()

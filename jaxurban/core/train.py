@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxurban import sharding
+from jaxurban import interrupt, sharding
 from jaxurban.checkpoint import (
   Checkpointer,
   check_previous_results,
@@ -349,7 +349,7 @@ def _run_stage(
     history.append(row)
     parts = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
     _log(f"[{name}] epoch {done:>5}/{epochs}  {parts}  ({time.perf_counter() - started:.1f} s)")
-    if done % save_every == 0 or done == epochs:
+    if done % save_every == 0 or done == epochs or interrupt.stop_requested():
       checkpointer.save(done, state, run_config, log=history)
   checkpointer.close()
   return state[0], {

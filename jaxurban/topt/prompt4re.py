@@ -64,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxurban import interrupt
 from jaxurban.atomic import atomic_write
 from jaxurban.eval.kfold import masked_ridge_fit, fold_masks
 from jaxurban.training import CHUNK_COMPILER_OPTIONS
@@ -535,7 +536,7 @@ def cross_validated_trajectory(
     trajectory[i] = np.asarray(pred)
     if validated:
       val_trajectory[i] = np.asarray(val_pred)
-    if (i + 1) % every == 0 or i + 1 == n_chunks:
+    if (i + 1) % every == 0 or i + 1 == n_chunks or interrupt.stop_requested():
       if progress:
         log(
           f"  prompt4re epoch {(i + 1) * config.eval_every}/{config.epochs}: "

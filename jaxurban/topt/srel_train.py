@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxurban import interrupt
 from jaxurban.atomic import writable_folder_problem
 from jaxurban.checkpoint import Checkpointer, save_npy_atomic, write_json_atomic
 from jaxurban.digest import arrays_sha256
@@ -366,7 +367,9 @@ def train_srel_with_log(
       f"({time.perf_counter() - started:.1f} s, {len(seeds)} seed(s))",
       flush=True,
     )
-    if checkpointer is not None and (done % save_every == 0 or done == used.epochs):
+    if checkpointer is not None and (
+      done % save_every == 0 or done == used.epochs or interrupt.stop_requested()
+    ):
       # Finite parameters can still overflow in the forward pass.
       check_finite_outputs(
         f"SREL on {views.city} after epoch {done}", seeds, embed(state[0], *args[:4])
@@ -513,16 +516,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     views = load_city_views(args.city, args.data_root)
     if args.workdir is None:
       print("note: no --workdir, so nothing of this run is saved", file=sys.stderr)
-    embeddings, log = train_srel_with_log(config, views, args.seeds, args.workdir)
+    # A first Ctrl-C stops after the next checkpoint (jaxurban.interrupt).
+    with interrupt.stop_at_checkpoints():
+      embeddings, log = train_srel_with_log(config, views, args.seeds, args.workdir)
   except (DataError, CheckpointMismatch, FloatingPointError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
-    kept = (
-      "checkpoints already written are kept: run the same command again to resume"
-      if args.workdir is not None
-      else "nothing was saved (no --workdir)"
-    )
+  except KeyboardInterrupt as error:
+    if isinstance(error, interrupt.StopAtCheckpoint):
+      kept = str(error)
+    elif args.workdir is None:
+      kept = "nothing was saved (no --workdir)"
+    elif interrupt.checkpoints_kept() is False:
+      kept = "before the first checkpoint: run the same command again to start afresh"
+    else:
+      kept = "checkpoints already written are kept: run the same command again to resume"
     print(f"\ninterrupted; {kept}", file=sys.stderr)
     return 130
   if args.workdir is not None:

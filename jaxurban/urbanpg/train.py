@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxurban import sharding
+from jaxurban import interrupt, sharding
 from jaxurban.checkpoint import (
   Checkpointer,
   check_previous_results,
@@ -697,7 +697,7 @@ def fit(
         f"val MAE {val:.3f}  best {best_val:.3f} @ {best_epoch}  "
         f"({time.perf_counter() - started:.1f} s)"
       )
-    if done or epoch % config.checkpoint_every == 0:
+    if done or epoch % config.checkpoint_every == 0 or interrupt.stop_requested():
       params_now, opt_now, key_now = host(state)
       record = {
         "params": params_now,
