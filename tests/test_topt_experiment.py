@@ -561,6 +561,40 @@ def test_a_ridge_run_on_loaded_embeddings_records_no_srel_schedule(data_root, tm
   assert any(note.startswith("Prompt4RE disabled") for note in metrics["notes"])
 
 
+def test_metrics_of_a_run_stopped_between_tasks_say_it_is_unfinished(
+  data_root, tmp_path, rng, monkeypatch
+):
+  n = np.load(data_root / "hafusion" / "Chi" / "crime_counts.npy").shape[0]
+  emb = tmp_path / "emb.npy"
+  np.save(emb, rng.normal(size=(1, n, 8)).astype(np.float32))
+  config = ToptConfig(
+    seeds=(0,), prompt4re=False, n_folds=3, embeddings_path=str(emb), data_root=str(data_root),
+  )  # fmt: skip
+  assert config.tasks == ("crime", "checkIn", "serviceCall")
+  written = []
+  original = pipeline.write_json_atomic
+
+  def killed_after_the_first_task(path, value):
+    original(path, value)
+    if path.name == "metrics.json":
+      written.append(path)
+      raise KeyboardInterrupt("killed after the first task")
+
+  monkeypatch.setattr(pipeline, "write_json_atomic", killed_after_the_first_task)
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.train_and_evaluate(config, tmp_path / "run", log=lambda s: None)
+  stopped = json.loads((tmp_path / "run" / "metrics.json").read_text())
+  assert list(stopped["tasks"]) == ["crime"]
+  assert stopped["finished"] is False and stopped["tasks_to_do"] == ["checkIn", "serviceCall"]
+
+  monkeypatch.setattr(pipeline, "write_json_atomic", original)
+  pipeline.train_and_evaluate(config, tmp_path / "run", log=lambda s: None)
+  done = json.loads((tmp_path / "run" / "metrics.json").read_text())
+  assert sorted(done["tasks"]) == sorted(config.tasks)
+  assert done["finished"] is True and done["tasks_to_do"] == []
+  assert "total_s" in done["timings"]
+
+
 def test_collapsed_seeds_flags_only_constant_embeddings(rng):
   emb = rng.normal(size=(4, 30, 8)).astype(np.float32)
   # Seed 1: one vector for every region, up to float32 noise; seed 3: all zeros.

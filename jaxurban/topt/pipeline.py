@@ -614,6 +614,10 @@ def train_and_evaluate(
                      for k, r in PAPER_TABLE1.items()},
     "paper_table1_note": PAPER_TABLE1_NOTE,
     "timings": timings,
+    # metrics.json is rewritten after each task: a run stopped part-way
+    # says so here, and the same command finishes it.
+    "finished": False,
+    "tasks_to_do": list(config.tasks),
     "tasks": {},
   }  # fmt: skip
 
@@ -726,6 +730,7 @@ def train_and_evaluate(
       log(f"[{task}] no centroids for {config.city}: no map drawn")
     timings[f"{task}_s"] = time.perf_counter() - t_task
     results["tasks"][task] = entry
+    results["tasks_to_do"].remove(task)
     write_json_atomic(workdir / "metrics.json", results)
     for name, summary in models.items():
       log(
@@ -733,6 +738,7 @@ def train_and_evaluate(
       )
 
   timings["total_s"] = time.perf_counter() - t0
+  results["finished"] = True
   write_json_atomic(workdir / "metrics.json", results)
   log(format_table(results, label))
   return results
