@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import time
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -134,6 +135,12 @@ class Checkpointer:
     # From here a first Ctrl-C waits for the next `save` (jaxurban.interrupt).
     interrupt.loop_opened(self.directory)
     self._open = True
+    # Seconds that earlier runs of this folder spent up to the checkpoint
+    # `restore` read (0 before one is read; None where that checkpoint
+    # predates the record), so that a resumed run can report the time its
+    # result took, not only its own attempt's.
+    self.earlier_seconds: float | None = 0.0
+    self._opened_at = time.perf_counter()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -151,9 +158,21 @@ class Checkpointer:
     }
     if log is not None:
       items["log"] = ocp.args.JsonSave(_as_json(log))
+    # Wall time from the first run of this folder to this save, summed over
+    # the runs whose work it holds (a killed run's work after its last
+    # checkpoint is lost, and so is its time).
+    seconds = self.seconds_so_far()
+    items["timing"] = ocp.args.JsonSave({"seconds": seconds})
     self._manager.save(step, args=ocp.args.Composite(**items))
     self._manager.wait_until_finished()
     interrupt.stop_if_requested(f"the checkpoint at step {step} in {self.directory}")
+
+  def seconds_so_far(self) -> float | None:
+    """`earlier_seconds` plus this run's time since the Checkpointer opened;
+    None when the earlier runs' time is not known."""
+    if self.earlier_seconds is None:
+      return None
+    return self.earlier_seconds + time.perf_counter() - self._opened_at
 
   def restore_log(self) -> Any:
     """The ``log`` saved with the latest checkpoint (the one `restore` reads);
@@ -183,6 +202,9 @@ class Checkpointer:
       saved["config"], config, f"{self.directory}: the checkpoint at step {step}", ignore
     )
     restored = self._read(step, state=ocp.args.StandardRestore(state_template))
+    self.earlier_seconds = None
+    if (self.directory / str(step) / "timing").exists():
+      self.earlier_seconds = self._read(step, timing=ocp.args.JsonRestore())["timing"]["seconds"]
     return step, restored["state"]
 
   def _read(self, step: int, **items: Any) -> Any:

@@ -156,6 +156,45 @@ def test_only_the_two_latest_checkpoints_are_kept(tmp_path):
   assert sorted(p.name for p in saver.directory.iterdir()) == ["3", "4"]
 
 
+def test_the_time_of_earlier_runs_travels_with_the_checkpoint(tmp_path, monkeypatch):
+  # A clock under the test's control: each run's seconds are known exactly.
+  import jaxurban.checkpoint as checkpoint
+
+  now = [100.0]
+  monkeypatch.setattr(checkpoint.time, "perf_counter", lambda: now[0])
+  state = {"w": np.zeros(3, np.float32)}
+  first = Checkpointer(tmp_path)
+  assert first.earlier_seconds == 0.0
+  now[0] += 7.0
+  first.save(1, state, {"lr": 0.1})
+  now[0] += 5.0  # work after the last checkpoint: lost with the killed run
+  first.close()
+
+  second = Checkpointer(tmp_path)
+  now[0] += 1.0
+  assert second.restore(state, {"lr": 0.1})[0] == 1
+  assert second.earlier_seconds == 7.0
+  now[0] += 2.0
+  assert second.seconds_so_far() == 10.0
+  second.save(2, state, {"lr": 0.1})
+  second.close()
+  third = Checkpointer(tmp_path)
+  third.restore(state, {"lr": 0.1})
+  assert third.earlier_seconds == 10.0
+
+  # A checkpoint from before the record: the earlier time is unknown, and
+  # stays so in the checkpoints that follow it.
+  shutil.rmtree(tmp_path / "checkpoints" / "train" / "2" / "timing")
+  fourth = Checkpointer(tmp_path)
+  fourth.restore(state, {"lr": 0.1})
+  assert fourth.earlier_seconds is None and fourth.seconds_so_far() is None
+  fourth.save(3, state, {"lr": 0.1})
+  fourth.close()
+  fifth = Checkpointer(tmp_path)
+  fifth.restore(state, {"lr": 0.1})
+  assert fifth.earlier_seconds is None
+
+
 def test_a_checkpoint_saved_without_a_log_restores_none(tmp_path):
   # Checkpoints written before logs were saved still resume, with no history.
   state = {"w": np.zeros(3, np.float32)}

@@ -68,6 +68,9 @@ def test_killed_run_resumes_to_the_same_result(data_root, graphs, tmp_path, monk
   # chunk over epochs 3-6.
   resumed = train.train_embeddings(tiny(data_root, log_every=4), tmp_path / "killed", *graphs)
   assert resumed[2]["embed"]["resumed_from"] == 2
+  # Its time includes the killed run's up to the checkpoint it resumed from.
+  resumed_stage = resumed[2]["embed"]
+  assert resumed_stage["seconds_including_earlier_runs"] > resumed_stage["seconds"]
   assert Checkpointer(tmp_path / "killed", subdir="embed").latest_step() == 4
   # The loss history of the killed part came back from the checkpoint.
   assert resumed[2]["embed"]["history"] == expected[2]["embed"]["history"]

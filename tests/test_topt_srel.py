@@ -557,6 +557,8 @@ def test_step_compiles_once_and_resumes(tmp_path, rng, monkeypatch):
     often, views, seeds=(3, 4), workdir=tmp_path / "killed", progress=False
   )
   assert log_resumed["resumed_from"] == 4
+  # Its time includes the killed run's up to the checkpoint it resumed from.
+  assert log_resumed["train_seconds_including_earlier_runs"] > log_resumed["train_seconds"]
   assert log_resumed["history"] == log["history"]
   np.testing.assert_array_equal(resumed, first)
 

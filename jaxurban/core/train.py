@@ -351,11 +351,15 @@ def _run_stage(
     _log(f"[{name}] epoch {done:>5}/{epochs}  {parts}  ({time.perf_counter() - started:.1f} s)")
     if done % save_every == 0 or done == epochs or interrupt.stop_requested():
       checkpointer.save(done, state, run_config, log=history)
+  seconds_including_earlier_runs = checkpointer.seconds_so_far()
   checkpointer.close()
   return state[0], {
     "history": history,
     "seconds": time.perf_counter() - started,
     "resumed_from": start,
+    # A resumed stage: also the earlier runs' time up to the checkpoint it
+    # resumed from (None for a checkpoint that predates that record).
+    "seconds_including_earlier_runs": seconds_including_earlier_runs,
   }
 
 

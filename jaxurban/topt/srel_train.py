@@ -376,7 +376,10 @@ def train_srel_with_log(
       )
       checkpointer.save(done, state, run_config, log=history)
   seconds = time.perf_counter() - started
+  # With a resumed run's earlier attempts (None where not recorded).
+  seconds_including_earlier_runs = seconds
   if checkpointer is not None:
+    seconds_including_earlier_runs = checkpointer.seconds_so_far()
     checkpointer.close()
 
   params = state[0]
@@ -388,6 +391,7 @@ def train_srel_with_log(
     "history": history,
     "train_seconds": seconds,
     "resumed_from": start,
+    "train_seconds_including_earlier_runs": seconds_including_earlier_runs,
     "final_terms": history[-1] if history else None,
   }
   if used.spatial_bias and used.lambda_learnable and data.coords is not None:
@@ -537,7 +541,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     save_npy_atomic(pathlib.Path(args.workdir) / "emb.npy", embeddings)
   final_terms = log["final_terms"] or {}
   final = {k: float(np.mean(v)) for k, v in final_terms.items() if k != "epoch"}
-  resumed = f" (resumed at epoch {log['resumed_from']})" if log["resumed_from"] else ""
+  resumed = ""
+  if log["resumed_from"]:
+    all_runs = log["train_seconds_including_earlier_runs"]
+    with_earlier = "" if all_runs is None else f", {all_runs:.1f} s with the earlier runs"
+    resumed = f" (resumed at epoch {log['resumed_from']}{with_earlier})"
   print(
     f"[srel] done: {embeddings.shape} in {log['train_seconds']:.1f} s{resumed}; "
     f"final losses {final or 'not recorded'}"

@@ -559,6 +559,8 @@ def _pretrain(config, compiled: _Compiled, inputs, data_sha256: str, seed: int, 
     )
     terms = "  ".join(f"{_SHORT.get(k, k)} {last[k]:.4f}" for k in active)
     log(f"  seed {seed} epoch {done}/{config.epochs}: {terms}")
+  # With a resumed run's earlier attempts (None where not recorded).
+  seconds_including_earlier_runs = checkpointer.seconds_so_far()
   checkpointer.close()
   # Terms this model does not compute are constant zeros: a flat zero line
   # would read as a loss that converged.
@@ -567,7 +569,7 @@ def _pretrain(config, compiled: _Compiled, inputs, data_sha256: str, seed: int, 
     for row in table
     if np.isfinite(row[0])
   ]
-  return params, history
+  return params, history, seconds_including_earlier_runs
 
 
 # ------------------------------------------------------------- evaluation
@@ -747,12 +749,15 @@ def train_and_evaluate(config: UrbanMMCLConfig, workdir, log=print) -> dict:
   )
   compiled = _Compiled(config, model_config)
   data_sha256 = arrays_sha256(*(inputs[k] for k in sorted(inputs)))
-  embeddings, histories, params_list, times = [], [], [], []
+  embeddings, histories, params_list, times, times_all_runs = [], [], [], [], []
   for s in range(config.seeds):
     seed = config.first_seed + s
     start = time.perf_counter()
-    params, history = _pretrain(config, compiled, inputs, data_sha256, seed, log, workdir)
+    params, history, seconds_all_runs = _pretrain(
+      config, compiled, inputs, data_sha256, seed, log, workdir
+    )
     times.append(time.perf_counter() - start)
+    times_all_runs.append(seconds_all_runs)
     # Evaluation embeddings: VGAE means, averaged over eval_walks walk draws.
     embeddings.append(
       np.asarray(compiled.embed(params, inputs, _purpose_key(seed, "embed"), config.eval_walks))
@@ -777,6 +782,9 @@ def train_and_evaluate(config: UrbanMMCLConfig, workdir, log=print) -> dict:
     "views": list(meta["views"]),
     "modalities": meta["modalities"],
     "pretrain_seconds_per_seed": times,
+    # A seed resumed from a checkpoint: also the earlier runs' time up to it
+    # (None for a checkpoint that predates that record).
+    "pretrain_seconds_per_seed_including_earlier_runs": times_all_runs,
     "history": histories,
     "ridge": {
       "embedding": ridge_probe(embeddings, meta["labels"], config),

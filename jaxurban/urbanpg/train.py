@@ -711,12 +711,15 @@ def fit(
         "done": np.asarray(done, np.int32),
       }
       checkpointer.save(epoch, record, run_config, log=history)
+  # With a resumed stage's earlier attempts (None where not recorded).
+  seconds_including_earlier_runs = checkpointer.seconds_so_far()
   checkpointer.close()
   return best_params, {
     "epochs": epoch,
     "best_epoch": best_epoch,
     "best_val_mae": best_val,
     "seconds": time.perf_counter() - started,
+    "seconds_including_earlier_runs": seconds_including_earlier_runs,
     "history": history,
   }
 
