@@ -442,7 +442,10 @@ def test_killed_run_resumes_to_the_uninterrupted_trajectory(rng, tmp_path, monke
     raise AssertionError("trained although the checkpoint is complete")
 
   monkeypatch.setattr(prompt4re, "_train_chunk", no_training)
-  np.testing.assert_array_equal(run().predictions, expected.predictions)
+  reread = run()
+  np.testing.assert_array_equal(reread.predictions, expected.predictions)
+  # The time it took, the killed run's included, travels with the trajectory.
+  assert reread.seconds_including_earlier_runs == resumed.seconds_including_earlier_runs > 0
   # A run killed after writing the trajectory, before removing the models'
   # checkpoints, left part of them: the rerun removes them.
   leftover = tmp_path / "checkpoints" / saved.name.removesuffix("_trajectory.npz") / "5" / "state"

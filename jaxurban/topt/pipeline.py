@@ -680,6 +680,9 @@ def train_and_evaluate(
         checkpoint_name=f"prompt4re_{task}",
       )
       entry["prompt4re_s"] = time.perf_counter() - t_p
+      # With the earlier runs of a resumed or finished task (None where
+      # they predate the record).
+      entry["prompt4re_s_including_earlier_runs"] = run.seconds_including_earlier_runs
       pooled = {}
       protocols = ("validated",) if config.protocol == "validated" else ("honest", config.protocol)
       for protocol in protocols:

@@ -56,6 +56,7 @@ import json
 import math
 import pathlib
 import shutil
+import time
 from typing import NamedTuple, Sequence
 
 import flax.linen as nn
@@ -379,11 +380,15 @@ class Trajectory(NamedTuple):
   epochs: [T] epoch of each evaluation.
   validation: [T, S, F, N] predictions made as for fold f's validation rows
     (None when no validation folds were given).
+  seconds_including_earlier_runs: the training's wall time, with that of the
+    earlier runs a resumed (or reread) trajectory continues; None where
+    those runs predate the record.
   """
 
   predictions: np.ndarray
   epochs: np.ndarray
   validation: np.ndarray | None
+  seconds_including_earlier_runs: float | None = None
 
 
 def cross_validated_trajectory(
@@ -499,6 +504,8 @@ def cross_validated_trajectory(
           saved_config = json.loads(str(saved["config"]))
           arrays = (saved["predictions"], saved["epochs"])
           validation = saved["validation"] if validated else None
+          # NaN where the run predates the record.
+          seconds = float(saved["seconds"]) if "seconds" in saved.files else float("nan")
       except Exception as error:  # truncated, edited, a field missing
         raise CheckpointUnreadable(
           f"{finished}: cannot be read ({type(error).__name__}: {error}); delete it to "
@@ -509,7 +516,7 @@ def cross_validated_trajectory(
       # A run killed between writing the trajectory and removing the models'
       # checkpoints left part of them; the trajectory is all that is kept.
       shutil.rmtree(pathlib.Path(workdir) / "checkpoints" / name, ignore_errors=True)
-      return Trajectory(*arrays, validation)
+      return Trajectory(*arrays, validation, None if np.isnan(seconds) else seconds)
     checkpointer = Checkpointer(workdir, subdir=name, max_to_keep=1)
     template = {"chunk": np.zeros((), np.int32), "state": state, "pred": trajectory}
     if validated:
@@ -521,6 +528,7 @@ def cross_validated_trajectory(
       trajectory = np.array(record["pred"])
       val_trajectory = np.array(record["val"]) if validated else None
       log(f"  prompt4re: resuming at epoch {start * config.eval_every}/{config.epochs}")
+  started = time.perf_counter()
   for i in range(start, n_chunks):
     state, pred, val_pred, loss = _train_chunk(
       state, e, p, y, masks, width=width, config=config, validated=validated
@@ -548,12 +556,19 @@ def cross_validated_trajectory(
           record["val"] = val_trajectory
         checkpointer.save(i + 1, record, run_config)
   epochs = np.arange(1, n_chunks + 1) * config.eval_every
+  seconds = time.perf_counter() - started
   if checkpointer is not None:
+    seconds = checkpointer.seconds_so_far()
     checkpointer.close()
-    arrays = {"predictions": trajectory, "epochs": epochs, "config": json.dumps(run_config)}
+    arrays = {
+      "predictions": trajectory,
+      "epochs": epochs,
+      "config": json.dumps(run_config),
+      "seconds": np.float64(np.nan if seconds is None else seconds),
+    }
     if validated:
       arrays["validation"] = val_trajectory
     atomic_write(finished, lambda f: np.savez(f, **arrays))
     # Written first, so that a run killed here has one of the two.
     shutil.rmtree(checkpointer.directory)
-  return Trajectory(trajectory, epochs, val_trajectory)
+  return Trajectory(trajectory, epochs, val_trajectory, seconds)
