@@ -21,8 +21,6 @@ import pathlib
 import signal
 import threading
 
-import jax
-
 
 class StopAtCheckpoint(KeyboardInterrupt):
   """The run stopped on Ctrl-C right after saving a checkpoint; the message
@@ -81,6 +79,10 @@ def stop_at_checkpoints():
 def loop_opened(folder: pathlib.Path) -> None:
   """A Checkpointer opened `folder`: until `loop_closed`, a first Ctrl-C waits
   for its next save."""
+  # Here, not at the top: experiments.common, which the PyTorch extraction
+  # stage imports too, imports this module and should not need jax.
+  import jax
+
   if _state.enabled:
     _state.folders.append(pathlib.Path(folder))
     # Several processes (--distributed) would each see the request after a
