@@ -286,7 +286,9 @@ def test_training_loss_decreases(rng):
     epochs=200, eval_every=20, learning_rate=3e-3, attention_dropout=0.0, context="all",
     head_init="xavier", soft_prompt_dim=8,
   )  # fmt: skip
-  traj, epochs, _ = cross_validated_trajectory(config, e, p, y, fold_of, 2, [0], progress=False)
+  run = cross_validated_trajectory(config, e, p, y, fold_of, 2, [0], progress=False)
+  traj, epochs = run.predictions, run.epochs
+  assert run.seconds_including_earlier_runs > 0  # no workdir: this run's own time
   chex.assert_shape(traj, (10, 1, 2, len(y)))
   np.testing.assert_array_equal(epochs, np.arange(20, 201, 20))
   train = ~fold_masks(fold_of, 2)  # [F, N]
