@@ -126,25 +126,9 @@ def exit_status(
   except KeyboardInterrupt as error:
     if not resumable:
       raise
-    print(f"\n{interrupted_message(error)}", file=sys.stderr)
+    print(f"\n{interrupt.interrupted_message(error)}", file=sys.stderr)
     return 130
   return result if isinstance(result, int) else 0
-
-
-def interrupted_message(error: KeyboardInterrupt) -> str:
-  """What a resumable command says when Ctrl-C stopped it: where it stopped,
-  and whether a rerun resumes or starts its training afresh."""
-  if isinstance(error, interrupt.StopAtCheckpoint):
-    return f"interrupted; {error}"
-  if interrupt.checkpoints_kept() is False:
-    return (
-      "interrupted before the first checkpoint of this training: run the same command again to "
-      "start it (outputs already finished are kept)"
-    )
-  return (
-    "interrupted; checkpoints already written are kept: run the same command again to resume "
-    "from the last one"
-  )
 
 
 # Names the command whose outputs a folder holds, so that another command

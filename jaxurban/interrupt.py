@@ -111,6 +111,22 @@ def stop_if_requested(what: str) -> None:
     )
 
 
+def interrupted_message(error: KeyboardInterrupt) -> str:
+  """What a resumable command says when Ctrl-C stopped it: where it stopped,
+  and whether a rerun resumes or starts its training afresh."""
+  if isinstance(error, StopAtCheckpoint):
+    return f"interrupted; {error}"
+  if checkpoints_kept() is False:
+    return (
+      "interrupted before the first checkpoint of this training: run the same command again to "
+      "start it (outputs already finished are kept)"
+    )
+  return (
+    "interrupted; checkpoints already written are kept: run the same command again to resume "
+    "from the last one"
+  )
+
+
 def checkpoints_kept() -> bool | None:
   """Whether a Checkpointer opened in the last `stop_at_checkpoints` block has
   a checkpoint on disk (the message for an immediate Ctrl-C depends on it);

@@ -527,15 +527,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {error}", file=sys.stderr)
     return 2
   except KeyboardInterrupt as error:
-    if isinstance(error, interrupt.StopAtCheckpoint):
-      kept = str(error)
-    elif args.workdir is None:
-      kept = "nothing was saved (no --workdir)"
-    elif interrupt.checkpoints_kept() is False:
-      kept = "before the first checkpoint: run the same command again to start afresh"
+    if args.workdir is None:
+      message = "interrupted; nothing was saved (no --workdir)"
     else:
-      kept = "checkpoints already written are kept: run the same command again to resume"
-    print(f"\ninterrupted; {kept}", file=sys.stderr)
+      message = interrupt.interrupted_message(error)
+    print(f"\n{message}", file=sys.stderr)
     return 130
   if args.workdir is not None:
     save_npy_atomic(pathlib.Path(args.workdir) / "emb.npy", embeddings)
