@@ -1010,6 +1010,10 @@ def test_ensure_city_order_and_offline_message(tmp_path, data_root, monkeypatch)
     fetch.ensure_city("cd", cache_dir=cache, opener=offline)
   message = str(info.value)
   assert "download failed (Temporary failure in name resolution)" in message
+  # No data root was named: the message says so, since that is the usual slip.
+  assert "is not in the cache, and no data root was given (--data-root or $JAXURBAN_DATA)" in (
+    message
+  )
   assert "python -m jaxurban.data.fetch core cd --dest DIR" in message
   assert str(cache / "core" / "cd" / "regionmap_cd.geo") in message
   assert "raw_data/cd/regionmap_cd/regionmap_cd.geo" in message

@@ -257,7 +257,9 @@ def ensure_city(
   """
   code = str(name).lower()
   present = None  # cities in the data root, when one is set
-  absent = "is not in the data root or the cache"
+  # Without a data root the cache is the only place looked at: say so, since
+  # a user holding the full data set has most likely forgotten to name it.
+  absent = f"is not in the cache, and no data root was given (--data-root or ${DATA_ENV})"
   if data_root is not None or os.environ.get(DATA_ENV):
     root = resolve_data_root(data_root)
     folder = root / "core"
