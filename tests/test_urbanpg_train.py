@@ -238,6 +238,26 @@ def test_config_rejects_fewer_output_steps_than_the_reported_horizons():
     train.UrbanPGConfig(t_out=6)
 
 
+@pytest.mark.parametrize("split", [(0.5, 0.5), (0.6, 0.2, 0.1, 0.1), (0.6, 0.4, 0.0)])
+def test_config_rejects_a_split_that_is_not_three_positive_ratios(split):
+  with pytest.raises(ValueError, match=r"split must be three positive ratios .* got \("):
+    train.UrbanPGConfig(split=split)
+
+
+@pytest.mark.parametrize("stages", [(0.0, 1.0), (0.5, 0.5, 1.0), (0.5, 0.9)])
+def test_config_rejects_continual_stages_that_do_not_grow_to_all_detectors(stages):
+  with pytest.raises(ValueError, match=r"continual_stages must increase from above 0 to 1.0"):
+    train.UrbanPGConfig(continual_stages=stages)
+
+
+def test_a_continual_stage_without_detectors_is_a_config_error(data_root):
+  los = load_los_loop(data_root)
+  # 0.001 of 207 detectors rounds to none; said as such, not as a data problem.
+  config = train.UrbanPGConfig(paradigm="continual", continual_stages=(0.001, 1.0))
+  with pytest.raises(ValueError, match=r"continual_stages\[0\] = 0.001 keeps none of the 207"):
+    train.continual_tasks(los, config)
+
+
 @pytest.mark.parametrize("steps", [100, 40])
 def test_a_series_too_short_for_the_split_names_the_file_part_and_minimum(data_root, steps):
   short = load_los_loop(data_root).select(steps=slice(0, steps))

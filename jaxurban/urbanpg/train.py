@@ -161,9 +161,19 @@ class UrbanPGConfig:
       problems.append(f"features {self.features} must be divisible by heads {self.heads}")
     if not 0 < self.fewshot_fraction <= 1:
       problems.append(f"fewshot_fraction must be in (0, 1], got {self.fewshot_fraction}")
+    split = tuple(self.split)
+    if len(split) != 3 or any(not r > 0 for r in split) or abs(sum(split) - 1.0) > 1e-9:
+      problems.append(
+        f"split must be three positive ratios (train, validation, test) summing to 1, got {split}"
+      )
     stages = self.continual_stages
-    if not stages or stages[-1] != 1.0 or any(b <= a for a, b in zip(stages, stages[1:])):
-      problems.append(f"continual_stages must increase to 1.0, got {stages}")
+    if (
+      not stages
+      or not stages[0] > 0
+      or stages[-1] != 1.0
+      or any(b <= a for a, b in zip(stages, stages[1:]))
+    ):
+      problems.append(f"continual_stages must increase from above 0 to 1.0, got {stages}")
     if not (0 <= self.p < 1 and 0 <= self.q < 1):
       problems.append(f"p and q must lie in [0, 1), got p={self.p}, q={self.q}")
     problems.extend(
@@ -362,6 +372,12 @@ def continual_tasks(data: TrafficData, config: UrbanPGConfig) -> list[Task]:
   tasks = []
   for tau, share in enumerate(config.continual_stages):
     nodes = order[: int(round(share * data.n_nodes))]
+    if nodes.size == 0:
+      # Said here, not as a scaler failure on the data file further on.
+      raise ValueError(
+        f"UrbanPGConfig: continual_stages[{tau}] = {share} keeps none of the "
+        f"{data.n_nodes} detectors"
+      )
     period = data.select(nodes, slice(edges[tau], edges[tau + 1]))
     tasks.append(make_task(f"stage{tau + 1}", period, config, first_step=int(edges[tau])))
   return tasks
