@@ -304,3 +304,24 @@ def test_leave_one_out_is_the_largest_fold_count(rng):
   emb = rng.normal(size=(1, 6, 2))
   with pytest.raises(ValueError, match=r"labels \[6\]"):
     kfold.ridge_cv_predictions(emb, np.ones(5), fold_of, 6)
+
+
+def test_non_finite_values_outside_the_mask_do_not_reach_the_scores_or_the_choice():
+  labels = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
+  preds = np.array([1.5, 2.5, np.nan, np.inf], np.float32)
+  kept = np.array([True, True, False, False])
+  masked = kfold.masked_scores(labels, preds, kept)
+  alone = kfold.masked_scores(labels[:2], preds[:2])
+  for name in ("mae", "rmse", "r2"):
+    np.testing.assert_allclose(float(masked[name]), float(alone[name]), rtol=1e-6)
+  # A NaN label outside the mask does not reach the R2's mean or total either.
+  nan_label = np.array([1.0, 2.0, np.nan, 4.0], np.float32)
+  assert np.isfinite(float(kfold.masked_scores(nan_label, preds, kept)["r2"]))
+  # Evaluation 1 is exact on fold 0's rows and NaN only on fold 1's: fold 0 takes it.
+  masks = np.array([[1, 1, 0, 0], [0, 0, 1, 1]], bool)
+  worse = np.tile([[3.0, 4.0, 3.0, 4.0]], (2, 1))
+  exact_off_fold_nan = np.tile([[1.0, 2.0, np.nan, 4.0]], (2, 1))
+  trajectory = np.stack([worse, exact_off_fold_nan])[:, None]
+  chosen = np.asarray(kfold.select_folds(trajectory, labels, masks, "paper"))
+  np.testing.assert_array_equal(chosen[0, 0, :2], [1.0, 2.0])
+  np.testing.assert_array_equal(chosen[0, 1, 2:], [3.0, 4.0])

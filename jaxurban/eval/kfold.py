@@ -123,10 +123,13 @@ def masked_scores(y_true, y_pred, mask=None) -> dict[str, jax.Array]:
   y_pred = jnp.maximum(jnp.asarray(y_pred, dtype), 0)
   w = jnp.ones_like(y_true) if mask is None else jnp.asarray(mask, dtype)
   count = jnp.sum(w)
-  err = (y_pred - y_true) * w
+  # Selected with `where`, not multiplied out: 0 * nan is nan, so a
+  # non-finite value on a masked-out row would otherwise reach every score.
+  kept = w > 0
+  err = jnp.where(kept, y_pred - y_true, 0) * w
   sse = jnp.sum(err * err)
-  y_bar = jnp.sum(y_true * w) / count
-  sst = jnp.sum(w * (y_true - y_bar) ** 2)
+  y_bar = jnp.sum(jnp.where(kept, y_true, 0) * w) / count
+  sst = jnp.sum(w * jnp.where(kept, y_true - y_bar, 0) ** 2)
   return {
     "mae": jnp.sum(jnp.abs(err)) / count,
     "rmse": jnp.sqrt(sse / count),
@@ -280,7 +283,9 @@ def _fold_sse_trajectory(trajectory, labels, masks):
   masks = jnp.asarray(masks)
 
   def sse(p, m):  # the predictions clipped at 0, as `masked_scores` scores them
-    err = (jnp.maximum(p, 0) - labels) * m
+    # `where`, as in `masked_scores`: a non-finite prediction outside the
+    # fold's rows must not make the whole evaluation look diverged.
+    err = jnp.where(m > 0, jnp.maximum(p, 0) - labels, 0) * m
     return jnp.sum(err * err)
 
   def fold_sse(per_fold):  # [F, n] -> [F]
