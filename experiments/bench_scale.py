@@ -175,7 +175,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.child:
     n, direct, remat = int(args.child[0]), args.child[1] == "1", args.child[2] == "1"
-    print(json.dumps(child(n, direct, args.repeats, args.max_run_gb, remat)))
+    budget = -1.0 if args.compile_only else args.max_run_gb  # -1: every estimate is over it
+    print(json.dumps(child(n, direct, args.repeats, budget, remat)))
     return 0
 
   print(
@@ -196,7 +197,8 @@ def main(argv=None) -> int:
         "--repeats",
         str(args.repeats),
         "--max-run-gb",
-        str(-1.0 if args.compile_only else args.max_run_gb),
+        str(args.max_run_gb),
+        *(["--compile-only"] if args.compile_only else []),
         "--child",
         str(n),
         "1" if direct else "0",

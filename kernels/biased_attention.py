@@ -1073,7 +1073,8 @@ def _materialised_bias(coords, w, centres, width, row, col, dtype):
   return jax.jit(lambda w, row, col: lax.map(one_head, (w, row, col)))(w, row, col)[None]
 
 
-def _bench_row(args, key, dtype, n, d, peak, candidates) -> None:
+def _bench_row(args, key, dtype, n, d, peak, candidates) -> bool:
+  """Times one row of the table; False when the kernel itself (a) failed."""
   h = args.heads
   q, k, v, coords, w, centres, width, row, col = _bench_inputs(key, n, h, d, args.rbf, dtype)
   flops = 4.0 * n * n * d * h
@@ -1134,9 +1135,10 @@ def _bench_row(args, key, dtype, n, d, peak, candidates) -> None:
   for label, errs in (("(a)", [err_a] if err_a else []), ("(b)", errs_b), ("(c)", errs_c)):
     for err in errs:
       print(f"    {label} failed: {err}")
+  return t_a is not None
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
   """Forward-pass benchmark: (a) this kernel, (b) the best unbiased flash
   attention reachable from JAX, (c) attention with a materialised bias."""
   parser = argparse.ArgumentParser(
@@ -1179,7 +1181,7 @@ def main(argv=None) -> None:
 
   if jax.default_backend() != "gpu" and not args.interpret:
     _bench_cpu(args)
-    return
+    return 0
 
   device_kind = jax.devices()[0].device_kind
   candidates = _unbiased_candidates()
@@ -1211,12 +1213,20 @@ def main(argv=None) -> None:
   print(header)
   print("-" * len(header))
   key = jax.random.key(0)
+  kernel_failures = 0
   for dtype_name in args.dtypes:
     for d in args.head_dims:
       for n in args.sizes:
         dtype = jnp.dtype(dtype_name)
-        _bench_row(args, key, dtype, n, d, _device_peak(device_kind, dtype), candidates)
+        peak = _device_peak(device_kind, dtype)
+        kernel_failures += not _bench_row(args, key, dtype, n, d, peak, candidates)
+  # A baseline failing (out of memory with a materialised bias) is a finding;
+  # the kernel failing is not, and the exit status says so to a calling script.
+  if kernel_failures:
+    print(f"the kernel (a) failed on {kernel_failures} row(s)")
+    return 1
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit(main())

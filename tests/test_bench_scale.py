@@ -53,3 +53,10 @@ def test_a_failed_size_is_reported_by_its_error_line():
   assert bench_scale._failure_reason(stderr).startswith("jaxlib.xla_extension.XlaRuntimeError: ")
   assert bench_scale._failure_reason("just a line\n") == "just a line"
   assert bench_scale._failure_reason("") == "(no message)"
+
+
+def test_compile_only_prints_the_estimates_of_both_formulations(capsys):
+  # The parent passes --compile-only on to each child process, which runs no step.
+  assert bench_scale.main(["--sizes", "200", "--compile-only", "--no-kernels"]) == 0
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("200")]
+  assert len(rows) == 2 and all("compiled only" in row for row in rows), rows
