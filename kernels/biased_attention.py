@@ -758,12 +758,22 @@ def _pallas_attention(
 PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def resolve_implementation(implementation: str | None, dtype=jnp.float32) -> str:
-  """``None`` → ``"pallas"`` on a GPU backend for a dtype it takes,
-  ``"reference"`` otherwise."""
+# The widest head the automatic choice hands to the kernel. Its tiles are
+# fixed: with two pipeline stages the K and V tiles of a float32 head of 256
+# would need about 256 KB of shared memory, over a Hopper block's 227 KB (an
+# estimate; no GPU run has tried it). An explicit "pallas" still gets it.
+AUTO_MAX_HEAD_DIM = 128
+
+
+def resolve_implementation(
+  implementation: str | None, dtype=jnp.float32, head_dim: int | None = None
+) -> str:
+  """``None`` → ``"pallas"`` on a GPU backend for a dtype it takes and a
+  head of at most `AUTO_MAX_HEAD_DIM`, ``"reference"`` otherwise."""
   if implementation is None:
     on_gpu = jax.default_backend() == "gpu"
-    return "pallas" if on_gpu and jnp.dtype(dtype) in PALLAS_DTYPES else "reference"
+    fits = head_dim is None or head_dim <= AUTO_MAX_HEAD_DIM
+    return "pallas" if on_gpu and fits and jnp.dtype(dtype) in PALLAS_DTYPES else "reference"
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
       f"biased_attention: implementation must be None, 'pallas' or 'reference', "
@@ -884,7 +894,7 @@ def biased_attention(
   _validate(
     q, k, v, coords_q, coords_k, rbf_weight, rbf_centres, rbf_width, row_bias, col_bias, key_valid
   )
-  impl = resolve_implementation(implementation, q.dtype)
+  impl = resolve_implementation(implementation, q.dtype, q.shape[-1])
   if impl == "pallas" and q.dtype not in PALLAS_DTYPES:
     raise TypeError(
       f"biased_attention: the Pallas kernel takes {[jnp.dtype(t).name for t in PALLAS_DTYPES]}, "

@@ -59,6 +59,12 @@ from kernels.timing import count_at_least, median_seconds, positive_triple
 
 IMPLEMENTATIONS = (None, "pallas", "reference")
 PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# The widest feature dimension the automatic choice hands to the kernel: its
+# tiles are fixed, and at 512 float32 features two pipeline stages of key
+# tiles would need about 256 KB of shared memory, over a Hopper block's
+# 227 KB (an estimate; no GPU run has tried it). An explicit "pallas" still
+# gets it. CoRE's is 128.
+AUTO_MAX_DIM = 256
 DEFAULT_BLOCK_Q = 64
 DEFAULT_BLOCK_K = 64
 _MIN_TILE = 16  # Triton's dot needs every tile dimension >= 16.
@@ -483,7 +489,8 @@ def row_logsumexp(
   if implementation is None:
     # float64 (the tests' oracle) has no kernel: the reference takes it.
     on_gpu = jax.default_backend() == "gpu"
-    implementation = "pallas" if on_gpu and queries.dtype in PALLAS_DTYPES else "reference"
+    fits = queries.shape[-1] <= AUTO_MAX_DIM
+    implementation = "pallas" if on_gpu and fits and queries.dtype in PALLAS_DTYPES else "reference"
   if implementation == "reference":
     return row_logsumexp_reference(queries, keys, key_valid, row_chunk)
   if queries.dtype not in PALLAS_DTYPES:

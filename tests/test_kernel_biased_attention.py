@@ -442,6 +442,9 @@ def test_dispatch_picks_reference_on_cpu(rng, monkeypatch):
     patched.setattr(jax, "default_backend", lambda: "gpu")
     assert resolve_implementation(None, jnp.bfloat16) == "pallas"
     assert resolve_implementation(None, jnp.float64) == "reference"
+    assert resolve_implementation(None, jnp.bfloat16, 128) == "pallas"
+    assert resolve_implementation(None, jnp.bfloat16, 256) == "reference"
+    assert resolve_implementation("pallas", jnp.bfloat16, 256) == "pallas"
   inputs = make_inputs(rng, 2, 9, 11, 8, 2, masked=True)
   auto = biased_attention(**inputs)
   ref = biased_attention_reference(**inputs)

@@ -310,6 +310,10 @@ def test_dispatch_picks_reference_off_gpu_and_pallas_on_gpu(rng, monkeypatch):
   with jax.enable_x64(True):  # no kernel for float64: the reference takes it
     row_lse.row_logsumexp(jnp.asarray(q, jnp.float64), jnp.asarray(k, jnp.float64))
   assert calls[-1] == "reference"
+  # Features wider than the fixed tiles were shaped for: the reference, by default.
+  wide_q, wide_k = (jnp.zeros((9, row_lse.AUTO_MAX_DIM * 2), jnp.float32) for _ in range(2))
+  row_lse.row_logsumexp(wide_q, wide_k)
+  assert calls[-1] == "reference"
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   row_lse.row_logsumexp(q, k)
   assert calls[-1] == "reference"
