@@ -587,6 +587,26 @@ def test_error_unparseable_id(tmp_path):
     load_city("zz", make_city(tmp_path, geo=(header, rows)))
 
 
+def test_ids_written_as_floats_are_exact_beyond_two_to_the_53(tmp_path):
+  # Large ids (H3, OSM) written through a float column: "...995.0" is read from
+  # its digits, not rounded through a float onto a neighbouring region's id.
+  base = 2**53
+  header, rows = _xa_style_geo()
+  for i, row in enumerate(rows):
+    row[0] = base + 1 + i  # ...993, ...994, ...995
+  mob_header, _ = _xa_style_mob()
+  mob = [[0, "mob", f"{base + 3}.0", f"{base + 2}.00", 1.0]]
+  city = load_city("zz", make_city(tmp_path, geo=(header, rows), mob=(mob_header, mob)))
+  assert city.geo_ids[city.edge_origin].tolist() == [base + 3]
+  assert city.geo_ids[city.edge_destination].tolist() == [base + 2]
+  # Exponent notation cannot be read exactly there: refused, not rounded.
+  mob = [[0, "mob", "9.007199254740995e15", base + 2, 1.0]]
+  with pytest.raises(
+    DataError, match=r"regionmap_zz\.mob: column 'origin_id': integer id .* beyond 2\*\*53"
+  ):
+    load_city("zz", make_city(tmp_path / "e", geo=(header, rows), mob=(mob_header, mob)))
+
+
 def test_error_unparseable_coordinate(tmp_path):
   header, rows = _xa_style_geo()
   rows[2][5] = ""

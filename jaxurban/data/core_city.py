@@ -32,6 +32,7 @@ import csv
 import dataclasses
 import os
 import pathlib
+import re
 import sys
 from collections.abc import Sequence
 
@@ -229,6 +230,10 @@ def _large_csv_fields():
     csv.field_size_limit(old)
 
 
+# An id written through a float column: digits, a point, zeros ("12.0").
+_WHOLE_WITH_ZERO_FRACTION = re.compile(r"\s*([+-]?\d+)\.0*\s*")
+
+
 class _Table:
   """A CSV file held as columns of strings, addressed by header name."""
 
@@ -311,19 +316,34 @@ class _Table:
     # Ids written through a float column ("12.0") are still exact ids.
     out = np.empty(len(values), dtype=np.int64)
     for i, v in enumerate(values):
+      inexact = False
       try:
         number = int(v)
       except ValueError:
-        try:
-          f = float(v)
-        except ValueError:
-          f = float("nan")
-        if not (np.isfinite(f) and f.is_integer()):
-          raise DataError(self.file, f"unparseable integer id {v!r} at row {i}", column=column)
-        number = int(f)
+        whole = _WHOLE_WITH_ZERO_FRACTION.fullmatch(v)
+        if whole:  # "12.0": read from its digits, exact at any size
+          number = int(whole.group(1))
+        else:
+          try:
+            f = float(v)
+          except ValueError:
+            f = float("nan")
+          if not (np.isfinite(f) and f.is_integer()):
+            raise DataError(self.file, f"unparseable integer id {v!r} at row {i}", column=column)
+          number = int(f)
+          # Beyond 2**53 a float does not hold every integer: "1.2e17" may
+          # stand for a neighbouring id, and would silently become another region.
+          inexact = abs(f) > 2**53
       if not -(2**63) <= number < 2**63:
         raise DataError(
           self.file, f"integer id {v!r} at row {i} does not fit in 64 bits", column=column
+        )
+      if inexact:
+        raise DataError(
+          self.file,
+          f"integer id {v!r} at row {i} is written as a float beyond 2**53, where "
+          "floats skip integers; write the ids as integers",
+          column=column,
         )
       out[i] = number
     return out
