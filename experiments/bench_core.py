@@ -46,6 +46,7 @@ from jaxurban.core.train import (
   make_chunk,
   make_embed_loss,
 )
+from jaxurban.data.root import resolve_data_root
 
 VARIANTS = {
   "default": {},
@@ -90,8 +91,9 @@ def time_torch(args) -> float | None:
       "experiments.torch_reference",
       "--repo",
       args.torch_repo,
-      # Without --data-root the child reads $JAXURBAN_DATA, as this process.
-      *(["--data-root", str(args.data_root)] if args.data_root else []),
+      # Without --data-root the child reads $JAXURBAN_DATA, as this process;
+      # absolute, since the child runs from the repository's root.
+      *(["--data-root", str(resolve_data_root(args.data_root))] if args.data_root else []),
       "--pair",
       args.pair,
       "--epochs",

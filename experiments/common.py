@@ -96,6 +96,10 @@ def check_torch_flags(
         f"--torch-repo {args.torch_repo}: no {marker} there (a checkout of the authors' "
         "repository is expected)"
       )
+    # Checked from here, so passed on as found from here: the torch child may
+    # run in another folder.
+    args.torch_python = os.path.abspath(args.torch_python)
+    args.torch_repo = os.path.abspath(args.torch_repo)
 
 
 def exit_status(

@@ -17,11 +17,14 @@ the largest differences of embeddings, loss and gradients.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
 
 # numpy-only: importable beside torch without jax.
+from experiments.common import exit_status
+from jaxurban.data.errors import DataError
 from jaxurban.atomic import atomic_write
 
 HEADS, FEATURES = 8, 128
@@ -89,6 +92,8 @@ def jax_half(args) -> None:
   from jaxurban.core.model import LossSettings, mobility_losses
   from jaxurban.core.train import CoreConfig, build_model, load_city_graph
 
+  if not os.path.isfile(args.out):
+    raise DataError(args.out, "no such file: run the torch side first, which writes it")
   file = np.load(args.out)
   saved = lambda prefix: {k[len(prefix) :]: file[k] for k in file.files if k.startswith(prefix)}
   params = jax.tree.map(jnp.asarray, _to_jax_params(saved("param/")))
@@ -146,4 +151,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(exit_status(main))

@@ -474,6 +474,16 @@ def test_error_data_root_missing(tmp_path, monkeypatch):
     resolve_data_root()
 
 
+def test_a_relative_data_root_is_returned_absolute(tmp_path, monkeypatch):
+  # Results record it and child processes started elsewhere read it.
+  (tmp_path / "data").mkdir()
+  monkeypatch.chdir(tmp_path)
+  assert resolve_data_root("data") == tmp_path / "data"
+  monkeypatch.setenv(DATA_ENV, "data")
+  assert resolve_data_root() == tmp_path / "data"
+  assert resolve_data_root().is_absolute()
+
+
 def test_data_root_from_env(tmp_path, monkeypatch):
   monkeypatch.setenv(DATA_ENV, str(tmp_path))
   assert resolve_data_root() == tmp_path

@@ -1,6 +1,9 @@
 """The benchmarks' flags and data errors: usage errors before any timing."""
 
 import argparse
+import os
+import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -122,7 +125,7 @@ def test_benchmark_flags_are_usage_errors(main, argv, words, capsys):
   assert words in capsys.readouterr().err
 
 
-def test_output_files_and_torch_flags(tmp_path, capsys):
+def test_output_files_and_torch_flags(tmp_path, capsys, monkeypatch):
   parser = argparse.ArgumentParser(prog="bench")
   assert checked_output_file(parser, None) is None
   assert checked_output_file(parser, tmp_path / "rows.json") == tmp_path / "rows.json"
@@ -151,6 +154,17 @@ def test_output_files_and_torch_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
       torch(python, repo)
     assert words in capsys.readouterr().err
+
+  # Relative paths, checked from here, are passed on absolute: the torch child
+  # may run from another folder.
+  (tmp_path / "CoRE" / "Model").mkdir(parents=True)
+  (tmp_path / "CoRE" / "Model" / "CoRE.py").write_text("")
+  monkeypatch.chdir(tmp_path)
+  relative_python = os.path.relpath(sys.executable, tmp_path)
+  args = argparse.Namespace(torch_python=relative_python, torch_repo="CoRE")
+  check_torch_flags(parser, args, "Model/CoRE.py")
+  assert args.torch_repo == str(tmp_path / "CoRE")
+  assert os.path.isabs(args.torch_python) and os.path.samefile(args.torch_python, sys.executable)
 
 
 def test_data_errors_are_one_line_with_status_2(capsys):
@@ -474,3 +488,34 @@ def test_every_flag_has_help(module, monkeypatch):
       elif not isinstance(action, argparse._HelpAction) and not action.help:
         missing.append(f"{parser.prog}: {'/'.join(action.option_strings) or action.dest}")
   assert not missing, missing
+
+
+@pytest.mark.parametrize(
+  "module, flags, words",
+  [
+    (
+      "experiments.prompt_extraction.published",
+      ["--out", "out"],
+      "data root: no data folder given",
+    ),
+    (
+      "experiments.torch_parity",
+      ["jax", "--data-root", ".", "--out", "missing.npz"],
+      "missing.npz: no such file: run the torch side first",
+    ),
+  ],
+)
+def test_tools_say_a_data_problem_in_one_line(module, flags, words, tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "JAXURBAN_DATA"}
+  env["PYTHONPATH"] = str(pathlib.Path(__file__).parents[1])
+  done = subprocess.run(
+    [sys.executable, "-m", module, *flags],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=tmp_path,
+    env=env,
+  )
+  assert done.returncode == 2, done.stderr
+  assert done.stderr.startswith("error: ") and words in done.stderr, done.stderr
+  assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -26,6 +26,7 @@ import pathlib
 
 import numpy as np
 
+from experiments.common import exit_status
 from experiments.prompt_extraction.output import build_manifest
 from jaxurban.atomic import write_text_atomic
 from jaxurban.data.root import resolve_data_root, subdir
@@ -88,4 +89,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit(exit_status(main))

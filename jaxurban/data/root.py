@@ -33,7 +33,7 @@ FETCH_HINT = (
 
 
 def resolve_data_root(data_root: str | os.PathLike | None = None) -> pathlib.Path:
-  """Returns the data root folder.
+  """Returns the data root folder, as an absolute path.
 
   Args:
     data_root: explicit folder; when ``None`` the ``JAXURBAN_DATA``
@@ -62,7 +62,9 @@ def resolve_data_root(data_root: str | os.PathLike | None = None) -> pathlib.Pat
   if not root.is_dir():
     what = "is not a folder" if root.exists() else "does not exist"
     raise DataError(root, f"data root from {origin} {what}; {FETCH_HINT}")
-  return root
+  # Absolute, so that what results record names the folder wherever they are
+  # read, and a child process started elsewhere reads the same one.
+  return root.absolute()
 
 
 def subdir(root: str | os.PathLike, *parts: str) -> pathlib.Path:
