@@ -1181,3 +1181,16 @@ def test_ensure_city_names_the_file_missing_from_the_data_root(tmp_path, data_ro
 def test_fetch_cli_rejects_unknown_city(capsys):
   assert fetch.main(["core", "paris", "--dest", os.devnull]) == 2
   assert "unknown CoRE city 'paris'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["12_3", "\uff11\uff12", "0x1f", "3,0"])
+def test_ids_that_python_would_stretch_to_an_integer_are_refused(tmp_path, value):
+  # int() reads "12_3" as 123 and full-width digits as digits: a grid id
+  # "12_3" would silently become region 123.
+  header, rows = _xa_style_mob()
+  rows[1][3] = value
+  with pytest.raises(
+    DataError,
+    match=rf"regionmap_zz\.mob: column 'destination_id': unparseable integer id '{value}' at row 1",
+  ):
+    load_city("zz", make_city(tmp_path, mob=(header, rows)))

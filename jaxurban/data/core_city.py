@@ -230,6 +230,9 @@ def _large_csv_fields():
     csv.field_size_limit(old)
 
 
+# What an id cell may hold before it is parsed: ASCII digits, an optional
+# sign, a fraction or exponent (checked further on), surrounding blanks.
+_PLAIN_NUMBER = re.compile(r"\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*")
 # An id written through a float column: digits, a point, zeros ("12.0").
 _WHOLE_WITH_ZERO_FRACTION = re.compile(r"\s*([+-]?\d+)\.0*\s*")
 
@@ -309,6 +312,11 @@ class _Table:
 
   def ints(self, column: str) -> np.ndarray:
     values = self.strings(column)
+    # Python and NumPy read "12_3" as 123 and full-width digits as digits: a
+    # grid id "12_3" would silently become region 123 (as would "1_23").
+    for i, v in enumerate(values):
+      if not _PLAIN_NUMBER.fullmatch(v):
+        raise DataError(self.file, f"unparseable integer id {v!r} at row {i}", column=column)
     try:
       return np.array(values, dtype=np.int64)
     except (ValueError, OverflowError):
