@@ -695,6 +695,11 @@ def test_ablations_of_what_the_city_lacks_are_refused(tmp_path, data_root, capsy
   # Images alone would have nothing to be contrasted with (eq. 14).
   with pytest.raises(ValueError, match="NY: images need text or location"):
     prepare(UrbanMMCLConfig(city="NY", data_root=str(data_root), images=str(tmp_path)))
+  # Nor are images alone a multi-modal part to remove: that run would be the full model.
+  with pytest.raises(ValueError, match="NY has no text or location for its images .* full model"):
+    prepare(
+      UrbanMMCLConfig(city="NY", data_root=str(data_root), images=str(tmp_path), no_multimodal=True)
+    )
   # The location frame needs a location modality.
   for city, extra, why in (
     ("NY", {}, "NY has no centroids"),

@@ -343,10 +343,17 @@ def prepare(config: UrbanMMCLConfig):
   }
   has_text, has_location = config.city == "Chi", views.centroids is not None
   has_images = config.images is not None
-  if config.no_multimodal and not (has_text or has_location or has_images):
+  # Images alone make no multi-modal part (eq. 14 contrasts them with text or
+  # location; refused below), so they do not count here.
+  if config.no_multimodal and not (has_text or has_location):
+    what = (
+      "no text or location for its images to be contrasted with (eq. 14)"
+      if has_images
+      else "no text, location or images"
+    )
     raise AblationError(
-      f"{config.city} has no text, location or images, so 'w/o multi-modal part' "
-      "(no_multimodal) would run the full model"
+      f"{config.city} has {what}, so 'w/o multi-modal part' (no_multimodal) would run "
+      "the full model"
     )
   mm = not config.no_multimodal
   use_text = mm and has_text
