@@ -4,9 +4,9 @@ These are the RP and RA baselines of the CoRE paper (appendix A.2), after
 Yabe et al. (2020, "Unsupervised translation via hierarchical anchoring").
 Each city's embeddings Z^X [N_X, d] and Z^Y [N_Y, d] are trained without
 the alignment losses (the Individual variant: the two encoders share only
-the model's one PReLU slope, as CoRE's do); a map T is then fitted on anchor pairs so that
-T(Z^Y) lives in X's space, and the task predictor trained on Z^X is applied
-to T(Z^Y).
+the model's one PReLU slope, as CoRE's do); a map T is then fitted on
+anchor pairs so that T(Z^Y) lives in X's space, and the task predictor
+trained on Z^X is applied to T(Z^Y).
 
 What is done here, exactly:
 
