@@ -576,6 +576,7 @@ def train_and_evaluate(
   # After the input checks (those above, and of a given embeddings file),
   # which write nothing: a run they stop leaves no config behind to refuse
   # the corrected one.
+  srel_started = time.perf_counter()  # SREL's time, without the loading above
   emb, srel_source = _srel_embeddings(
     config,
     views,
@@ -585,7 +586,7 @@ def train_and_evaluate(
       workdir / RUN_CONFIG_FILE, {"config": dataclasses.asdict(config)}
     ),
   )
-  timings = {"srel_s": time.perf_counter() - t0}
+  timings = {"srel_s": time.perf_counter() - srel_started}
   save_npy_atomic(workdir / "embeddings.npy", emb)
   collapsed = collapsed_seeds(emb)
   if collapsed:
