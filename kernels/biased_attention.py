@@ -1230,8 +1230,9 @@ def main(argv=None) -> int:
         dtype = jnp.dtype(dtype_name)
         peak = _device_peak(device_kind, dtype)
         kernel_failures += not _bench_row(args, key, dtype, n, d, peak, candidates)
-  # A baseline failing (out of memory with a materialised bias) is a finding;
-  # the kernel failing is not, and the exit status says so to a calling script.
+  # A baseline failing (out of memory with a materialised bias) is a finding,
+  # not a failure; the kernel failing is one, and the exit status tells a
+  # calling script so.
   if kernel_failures:
     print(f"the kernel (a) failed on {kernel_failures} row(s)")
     return 1
