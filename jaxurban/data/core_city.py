@@ -234,7 +234,7 @@ def _large_csv_fields():
 # sign, a fraction or exponent (checked further on), surrounding blanks.
 _PLAIN_NUMBER = re.compile(r"\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*")
 # An id written through a float column: digits, a point, zeros ("12.0").
-_WHOLE_WITH_ZERO_FRACTION = re.compile(r"\s*([+-]?\d+)\.0*\s*")
+_WHOLE_WITH_ZERO_FRACTION = re.compile(r"\s*([+-]?[0-9]+)\.0*\s*")
 
 
 class _Table:
@@ -332,10 +332,7 @@ class _Table:
         if whole:  # "12.0": read from its digits, exact at any size
           number = int(whole.group(1))
         else:
-          try:
-            f = float(v)
-          except ValueError:
-            f = float("nan")
+          f = float(v)  # parses: `_PLAIN_NUMBER` matched above
           if not (np.isfinite(f) and f.is_integer()):
             raise DataError(self.file, f"unparseable integer id {v!r} at row {i}", column=column)
           number = int(f)

@@ -365,11 +365,16 @@ def load_los_loop(data_root: str | os.PathLike | None = None) -> TrafficData:
   return read_los_loop_folder(subdir(resolve_data_root(data_root), "traffic", "los_loop"))
 
 
+def ratios_are_a_split(ratios: tuple[float, ...]) -> bool:
+  """Whether `ratios` are positive and sum to 1, as `chronological_bounds` needs."""
+  return all(r > 0 for r in ratios) and abs(sum(ratios) - 1.0) <= 1e-9
+
+
 def chronological_bounds(
   n_steps: int, ratios: tuple[float, ...] = (0.6, 0.2, 0.2)
 ) -> list[tuple[int, int]]:
   """Cuts ``[0, n_steps)`` into consecutive ``[start, end)`` parts in the given ratios."""
-  if any(r <= 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-9:
+  if not ratios_are_a_split(ratios):
     raise ValueError(f"split ratios must be positive and sum to 1, got {ratios}")
   edges = np.round(np.cumsum((0.0,) + tuple(ratios)) * n_steps).astype(int)
   edges[-1] = n_steps

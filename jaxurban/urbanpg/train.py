@@ -51,6 +51,7 @@ from jaxurban.data.traffic import (
   TrafficData,
   Windows,
   chronological_bounds,
+  ratios_are_a_split,
   load_los_loop,
   make_windows,
 )
@@ -162,7 +163,7 @@ class UrbanPGConfig:
     if not 0 < self.fewshot_fraction <= 1:
       problems.append(f"fewshot_fraction must be in (0, 1], got {self.fewshot_fraction}")
     split = tuple(self.split)
-    if len(split) != 3 or any(not r > 0 for r in split) or abs(sum(split) - 1.0) > 1e-9:
+    if len(split) != 3 or not ratios_are_a_split(split):
       problems.append(
         f"split must be three positive ratios (train, validation, test) summing to 1, got {split}"
       )
