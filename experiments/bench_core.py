@@ -46,7 +46,6 @@ from jaxurban.core.train import (
   make_chunk,
   make_embed_loss,
 )
-from jaxurban.data.root import resolve_data_root
 
 VARIANTS = {
   "default": {},
@@ -82,8 +81,12 @@ def time_variant(
   return compile_seconds, statistics.median(times)
 
 
-def time_torch(args) -> float | None:
-  """Median ms/epoch of the authors' code, from its own timing.json."""
+def time_torch(args, city_dirs: tuple[pathlib.Path, pathlib.Path]) -> float | None:
+  """Median ms/epoch of the authors' code, from its own timing.json.
+
+  ``city_dirs`` are the folders jaxurban read (the data root's, or the
+  download cache's), so that both sides train on the same files.
+  """
   with tempfile.TemporaryDirectory() as out:
     command = [
       args.torch_python,
@@ -91,9 +94,9 @@ def time_torch(args) -> float | None:
       "experiments.torch_reference",
       "--repo",
       args.torch_repo,
-      # Without --data-root the child reads $JAXURBAN_DATA, as this process;
-      # absolute, since the child runs from the repository's root.
-      *(["--data-root", str(resolve_data_root(args.data_root))] if args.data_root else []),
+      # Absolute, since the child runs from the repository's root.
+      "--city-dirs",
+      *(str(pathlib.Path(folder).resolve()) for folder in city_dirs),
       "--pair",
       args.pair,
       "--epochs",
@@ -200,7 +203,7 @@ def main(argv=None) -> int:
         flush=True,
       )
   if args.torch_python and args.torch_repo:
-    torch_ms = time_torch(args)
+    torch_ms = time_torch(args, (data_x.source_dir, data_y.source_dir))
     print(
       f"authors' PyTorch code: {torch_ms:.1f} ms/epoch (one seed, {args.torch_threads} threads)"
     )

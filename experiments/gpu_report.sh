@@ -9,7 +9,7 @@
 #    the fused normaliser inside CoRE's loss), against float64 references;
 # 3. the spatially biased attention kernel against the best unbiased flash
 #    attention reachable from JAX and against attention with a materialised
-#    [H, N, N] bias (tokamax when installed, else cuDNN / XLA);
+#    [H, N, N] bias (tokamax's Mosaic or Triton kernel when installed, else cuDNN / XLA);
 # 4. CoRE's training step at 10^6 regions per city (linear memory only);
 # 5. the fused row log-sum-exp kernel against its XLA reference;
 # 6. CoRE's step at 10^3 and 10^5 regions per city (the direct N x N

@@ -31,8 +31,11 @@ Usage (from the repository root)::
         --epochs 40 --threads 2 --timing-only
 
 ``--data-root`` is our layout: ``<data-root>/core/<city>/regionmap_<city>.geo``,
-``regionmap_<city>.mob`` (``<data-root>/<city>/...`` is accepted too), whereas
-the authors' code expects ``./raw_data/<city>/regionmap_<city>/...``.
+``regionmap_<city>.mob`` (``<data-root>/<city>/...`` is accepted too, and in
+either, the files may sit one level down in ``regionmap_<city>/``, the layout
+of the authors' ``raw_data``). ``--city-dirs SOURCE_DIR TARGET_DIR`` names the
+two city folders instead (``bench_core`` passes the folders jaxurban read,
+which may be in the download cache).
 ``--pair S-T`` is the source-target order of their ``s_dataset``/``t_dataset``.
 
 Differences from the authors' scripts, all in this harness:
@@ -111,16 +114,38 @@ def import_core_class(repo: str):
   return module.CoRE
 
 
-def city_dir(data_root: str, city: str) -> str:
-  for candidate in (os.path.join(data_root, "core", city), os.path.join(data_root, city)):
+def files_in(folder: str, city: str) -> str | None:
+  """The folder holding ``regionmap_<city>.geo``: ``folder`` or its ``regionmap_<city>/``.
+
+  The second is the layout of the authors' ``raw_data`` (and of jaxurban's
+  loader, which reads both).
+  """
+  for candidate in (folder, os.path.join(folder, f"regionmap_{city}")):
     if os.path.isfile(os.path.join(candidate, f"regionmap_{city}.geo")):
       return candidate
+  return None
+
+
+def city_dir(data_root: str | None, city: str, folder: str | None = None) -> str:
+  """Where a city's ``.geo`` and ``.mob`` lie: in ``folder`` when given, else under the data root."""
+  if folder is not None:
+    found = files_in(folder, city)
+    if found is None:
+      raise SystemExit(
+        f"regionmap_{city}.geo not found in --city-dirs folder {folder} "
+        f"(nor in {os.path.join(folder, f'regionmap_{city}')})"
+      )
+    return found
+  for candidate in (os.path.join(data_root, "core", city), os.path.join(data_root, city)):
+    found = files_in(candidate, city)
+    if found is not None:
+      return found
   raise SystemExit(
     f"regionmap_{city}.geo not found under {data_root}/core/{city} or {data_root}/{city}"
   )
 
 
-def load_data(data_root: str, city: str):
+def load_data(data_root: str | None, city: str, folder: str | None = None):
   """The inputs the authors' model takes, built from our files: (N, graph_info).
 
   What their loader hands the model, from a city folder of this project's
@@ -133,7 +158,7 @@ def load_data(data_root: str, city: str):
   import pandas as pd
   import torch
 
-  folder = city_dir(data_root, city)
+  folder = city_dir(data_root, city, folder)
   geo_ids = pd.read_csv(os.path.join(folder, f"regionmap_{city}.geo"))["geo_id"].to_numpy()
   pairs = pd.read_csv(os.path.join(folder, f"regionmap_{city}.mob"))
   n = len(geo_ids)
@@ -149,10 +174,17 @@ def load_data(data_root: str, city: str):
   return n, {"edge_index": with_loops.indices(), "edge_weight": with_loops.values(), "mob": target}
 
 
-def build_model(core_class, data_root: str, s_city: str, t_city: str):
+def build_model(
+  core_class,
+  data_root: str | None,
+  s_city: str,
+  t_city: str,
+  city_dirs: tuple[str, str] | None = None,
+):
   """The authors' model for a city pair with their settings: (model, N_s, N_t)."""
-  s_region_num, s_graph_info = load_data(data_root, s_city)
-  t_region_num, t_graph_info = load_data(data_root, t_city)
+  s_dir, t_dir = city_dirs if city_dirs else (None, None)
+  s_region_num, s_graph_info = load_data(data_root, s_city, s_dir)
+  t_region_num, t_graph_info = load_data(data_root, t_city, t_dir)
   model = core_class(
     s_region_num=s_region_num,
     t_region_num=t_region_num,
@@ -193,6 +225,14 @@ def parse_args(argv=None):
     help="folder holding core/<city>/ (default: $JAXURBAN_DATA)",
   )
   p.add_argument("--pair", default="XA-CD", help="SOURCE-TARGET city codes, e.g. XA-CD")
+  p.add_argument(
+    "--city-dirs",
+    nargs=2,
+    metavar=("SOURCE_DIR", "TARGET_DIR"),
+    default=None,
+    help="the two cities' folders, in --pair order, in place of the data root's "
+    "(e.g. cities taken from the download cache)",
+  )
   p.add_argument("--epochs", type=positive_int, default=600, help="training epochs (600)")
   p.add_argument("--seed", type=non_negative_int, default=0, help="torch and numpy seed")
   p.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads")
@@ -201,8 +241,11 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   if not args.timing_only and not args.out:
     p.error("--out is required unless --timing-only")
-  if not args.data_root:
-    p.error("the data root is not set: pass --data-root DIR or set JAXURBAN_DATA")
+  if not args.data_root and not args.city_dirs:
+    p.error(
+      "the data root is not set: pass --data-root DIR, set JAXURBAN_DATA, or name the two "
+      "city folders with --city-dirs"
+    )
   parts = args.pair.lower().split("-")
   if len(parts) != 2 or not all(parts):
     p.error("--pair must look like XA-CD")
@@ -219,7 +262,9 @@ def main(argv=None) -> int:
   CoRE = import_core_class(args.repo)
 
   seed_everything(args.seed)
-  model, s_region_num, t_region_num = build_model(CoRE, args.data_root, args.s_city, args.t_city)
+  model, s_region_num, t_region_num = build_model(
+    CoRE, args.data_root, args.s_city, args.t_city, args.city_dirs
+  )
   print(
     f"learning {args.s_city} --- {args.t_city}: {s_region_num} / {t_region_num} regions, "
     f"torch {torch.__version__}, {torch.get_num_threads()} threads, seed {args.seed}",

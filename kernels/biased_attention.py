@@ -981,14 +981,40 @@ def _import_tokamax():
   return tokamax
 
 
+# tokamax's own kernels, named one at a time: left to choose, tokamax falls
+# back silently to its plain XLA form, and the column would say "tokamax"
+# over a materialised softmax.
+TOKAMAX_KERNELS = ("mosaic", "triton")
+
+
+def _tokamax_candidates(biased: bool) -> list[tuple[str, Callable]]:
+  """tokamax's flash-attention kernels as ``(name, fn)``, none when it is absent."""
+  tokamax = _import_tokamax()
+  if tokamax is None:
+    return []
+  candidates = []
+  for kernel in TOKAMAX_KERNELS:
+    if biased:
+      fn = functools.partial(
+        lambda q, k, v, b, impl: tokamax.dot_product_attention(
+          q, k, v, bias=b, implementation=impl
+        ),
+        impl=kernel,
+      )
+    else:
+      fn = functools.partial(
+        lambda q, k, v, impl: tokamax.dot_product_attention(q, k, v, implementation=impl),
+        impl=kernel,
+      )
+    candidates.append((f"tokamax/{kernel}", fn))
+  return candidates
+
+
 def _unbiased_candidates() -> list[tuple[str, Callable]]:
   """Unbiased attention implementations reachable from JAX, fastest first, as
   ``(name, fn(q, k, v) -> out)`` on [B, T, heads, D] inputs. The benchmark
   uses the first that runs on the shape at hand."""
-  candidates = []
-  tokamax = _import_tokamax()
-  if tokamax is not None:
-    candidates.append(("tokamax", lambda q, k, v: tokamax.dot_product_attention(q, k, v)))
+  candidates = _tokamax_candidates(biased=False)
   candidates.append(
     ("cudnn", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
   )
@@ -998,14 +1024,9 @@ def _unbiased_candidates() -> list[tuple[str, Callable]]:
 
 def _materialised_bias_candidates() -> list[tuple[str, Callable]]:
   """Attention implementations that take a materialised [1, H, N, N] bias, as
-  ``(name, fn(q, k, v, bias) -> out)``, tokamax's first (the comparison the
-  fused bias is meant to win), then cuDNN's and XLA's."""
-  candidates = []
-  tokamax = _import_tokamax()
-  if tokamax is not None:
-    candidates.append(
-      ("tokamax", lambda q, k, v, b: tokamax.dot_product_attention(q, k, v, bias=b))
-    )
+  ``(name, fn(q, k, v, bias) -> out)``, tokamax's kernels first (the
+  comparison the fused bias is meant to win), then cuDNN's and XLA's."""
+  candidates = _tokamax_candidates(biased=True)
   for name in ("cudnn", "xla"):
     candidates.append(
       (
@@ -1139,7 +1160,7 @@ def _bench_row(args, key, dtype, n, d, peak, candidates) -> bool:
   ratio_ca = "       -" if (t_a is None or t_c is None) else f"{t_c / t_a:8.2f}"
   print(
     f"{jnp.dtype(dtype).name:>8} {n:>6} {d:>4} | {_fmt_ms(t_a)} {_fmt_rate(flops, t_a)} {pct} | "
-    f"{_fmt_ms(t_b)} {_fmt_rate(flops, t_b)} {name_b:>7} | {_fmt_ms(t_c)} {name_c:>7} | "
+    f"{_fmt_ms(t_b)} {_fmt_rate(flops, t_b)} {name_b:>14} | {_fmt_ms(t_c)} {name_c:>14} | "
     f"{ratio_ab} {ratio_ca}"
   )
   for label, errs in (("(a)", [err_a] if err_a else []), ("(b)", errs_b), ("(c)", errs_c)):
@@ -1217,7 +1238,7 @@ def main(argv=None) -> int:
   )
   header = (
     f"{'dtype':>8} {'N':>6} {'D':>4} | {'(a) ms':>9} {'TF/s':>5} {'%pk':>4} | "
-    f"{'(b) ms':>9} {'TF/s':>5} {'impl':>7} | {'(c) ms':>9} {'impl':>7} | "
+    f"{'(b) ms':>9} {'TF/s':>5} {'impl':>14} | {'(c) ms':>9} {'impl':>14} | "
     f"{'a/b thr':>7} {'c/a time':>8}"
   )
   print(header)

@@ -519,3 +519,57 @@ def test_tools_say_a_data_problem_in_one_line(module, flags, words, tmp_path):
   assert done.returncode == 2, done.stderr
   assert done.stderr.startswith("error: ") and words in done.stderr, done.stderr
   assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_torch_reference_finds_city_files_in_either_layout(tmp_path, monkeypatch, capsys):
+  from experiments import torch_reference
+
+  # Ours: <root>/core/xa/regionmap_xa.geo; the authors' raw_data (and the
+  # download cache a user may point at): one level further down.
+  flat = tmp_path / "root" / "core" / "xa"
+  nested = tmp_path / "cache" / "cd" / "regionmap_cd"
+  for folder, code in ((flat, "xa"), (nested, "cd")):
+    folder.mkdir(parents=True)
+    (folder / f"regionmap_{code}.geo").write_text("geo_id\n")
+  assert torch_reference.city_dir(str(tmp_path / "root"), "xa") == str(flat)
+  assert torch_reference.city_dir(str(tmp_path / "cache"), "cd") == str(nested)
+  # Named folders take the place of the data root, in either layout.
+  assert torch_reference.city_dir(None, "cd", str(nested.parent)) == str(nested)
+  assert torch_reference.city_dir("/nowhere", "xa", str(flat)) == str(flat)
+  with pytest.raises(SystemExit) as stop:
+    torch_reference.city_dir(None, "xa", str(nested.parent))
+  assert "regionmap_xa.geo not found in --city-dirs folder" in str(stop.value)
+
+  # With the folders named, no data root is needed.
+  monkeypatch.delenv("JAXURBAN_DATA", raising=False)
+  base = ["--repo", "theirs", "--timing-only"]
+  args = torch_reference.parse_args(base + ["--city-dirs", str(flat), str(nested.parent)])
+  assert args.city_dirs == [str(flat), str(nested.parent)]
+  with pytest.raises(SystemExit):
+    torch_reference.parse_args(base)
+  assert "--city-dirs" in capsys.readouterr().err
+
+
+def test_bench_core_hands_the_torch_side_the_folders_it_read(tmp_path, monkeypatch):
+  # The cities may come from the download cache, which the torch harness
+  # would not look in: it is given the two folders jaxurban read, absolute.
+  import json
+
+  seen = {}
+
+  def run(command, check, cwd):
+    seen["command"] = command
+    out = pathlib.Path(command[command.index("--out") + 1])
+    (out / "timing.json").write_text(json.dumps({"median_ms": 470.0}))
+
+  monkeypatch.setattr(subprocess, "run", run)
+  monkeypatch.chdir(tmp_path)
+  args = argparse.Namespace(
+    torch_python="python", torch_repo="CoRE", pair="XA-CD", torch_epochs=30, torch_threads=2
+  )
+  assert bench_core.time_torch(args, (pathlib.Path("cache/xa"), tmp_path / "root/cd")) == 470.0
+  command = seen["command"]
+  at = command.index("--city-dirs")
+  here = tmp_path.resolve()
+  assert command[at + 1 : at + 3] == [str(here / "cache/xa"), str(here / "root/cd")]
+  assert "--data-root" not in command

@@ -550,3 +550,33 @@ def test_benchmark_runs_without_a_gpu(capsys):
   with mock.patch.object(biased_attention, "median_seconds", side_effect=RuntimeError("boom")):
     assert main(table) == 1
   assert "the kernel (a) failed on 1 row(s)" in capsys.readouterr().out
+
+
+def test_benchmark_names_the_tokamax_kernel_that_ran(capsys):
+  # Left to choose, tokamax falls back silently to a materialised softmax;
+  # its kernels are asked for one by one, and the column names the one that ran.
+  from unittest import mock
+
+  from kernels import biased_attention
+
+  if jax.default_backend() == "gpu":
+    pytest.skip("the GPU benchmark is too slow for the test suite")
+  asked = []
+
+  def dot_product_attention(q, k, v, bias=None, *, implementation):
+    asked.append(implementation)
+    if implementation == "mosaic":
+      raise NotImplementedError("mosaic needs a Hopper GPU")
+    return jax.nn.dot_product_attention(q, k, v, bias=bias)
+
+  fake = mock.Mock(dot_product_attention=dot_product_attention)
+  table = ["--interpret", "--sizes", "40", "--heads", "1", "--head-dims", "16"]
+  table += ["--dtypes", "float32", "--repeats", "1", "--warmup", "1"]
+  with mock.patch.object(biased_attention, "_import_tokamax", return_value=fake):
+    assert biased_attention.main(table) == 0
+  printed = capsys.readouterr().out
+  row = [line for line in printed.splitlines() if line.split()[:3] == ["float32", "40", "16"]]
+  assert len(row) == 1 and row[0].count("tokamax/triton") == 2  # columns (b) and (c)
+  assert "(b) failed: tokamax/mosaic: NotImplementedError" in printed
+  assert "(c) failed: tokamax/mosaic: NotImplementedError" in printed
+  assert set(asked) == {"mosaic", "triton"}

@@ -198,6 +198,16 @@ def test_zero_and_empty_readings_are_masked_and_kept_out_of_the_scaler(data_root
       "(first at row 4, column 5)",
     ),
     (
+      lambda f: _edit_cell(f / "los_adj.csv", 3, 4, "-0.5"),
+      "los_adj.csv",
+      "1 negative weights (first -0.5 at row 4, column 5)",
+    ),
+    (
+      lambda f: _name_adjacency(f, 2, 4, "-2"),
+      "los_adj.csv",
+      "1 negative weights (first -2.0 at row 4, column '4')",
+    ),
+    (
       lambda f: _edit_cell(f / "los_speed.csv", 7, 5, "1e300"),
       "los_speed.csv",
       "1 speeds beyond float32's range (first 1e+300 at row 8)",

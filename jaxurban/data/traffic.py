@@ -4,7 +4,7 @@ Layout under the data root (see PROVENANCE.md)::
 
     traffic/los_loop/los_speed.csv          T x N speeds (mph), header = detector ids,
                                             5-minute steps from 2012-03-01 00:00
-    traffic/los_loop/los_adj.csv            N x N weights, no header
+    traffic/los_loop/los_adj.csv            N x N non-negative weights, no header
     traffic/los_loop/sensor_locations.csv   index, sensor_id, latitude, longitude
 
 A speed of 0 (or an empty / non-finite cell) is a missing reading: it is kept
@@ -326,6 +326,16 @@ def read_los_loop_folder(folder: str | os.PathLike) -> TrafficData:
       "los_adj.csv",
       f"{int(bad.sum())} empty or {NOT_FINITE} weights "
       f"(first at {_cell_position(adjacency_header, int(i), int(j))})",
+    )
+  # Weights of a road graph, as the CoRE loader's mobility weights: a
+  # negative one is a corrupt file, whatever reads the matrix later.
+  negative_weights = adjacency < 0
+  if negative_weights.any():
+    i, j = np.argwhere(negative_weights)[0]
+    raise DataError(
+      "los_adj.csv",
+      f"{int(negative_weights.sum())} negative weights "
+      f"(first {float(adjacency[i, j])!r} at {_cell_position(adjacency_header, int(i), int(j))})",
     )
 
   ids, coords = _read_locations(paths["sensor_locations.csv"])
