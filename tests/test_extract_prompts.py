@@ -264,6 +264,9 @@ def test_region_file_errors(tmp_path):
     ([{"id": True, "text": "t"}], "id", "entry 0: needs a non-empty string id, found True"),
     ([{"id": "", "text": "t"}], "id", "entry 0: needs a non-empty string id"),
     ([{"id": 1.5, "text": "t"}], "id", "entry 0: needs a non-empty string id, found 1.5"),
+    # NumPy string arrays drop a trailing NUL: "a\0" would come back as "a".
+    ([{"id": "a\u0000", "text": "t"}], "id", r"entry 0: id 'a\\x00' holds a control character"),
+    ([{"id": "a\tb", "text": "t"}], "id", "holds a control character"),
     ([{"id": "a", "text": "  "}], "text", "entry 0: needs a non-empty text"),
     ([{"id": "a", "text": "t", "images": "x.png"}], "images", "images must be a list of paths"),
     ([{"id": "a", "text": "t", "images": [""]}], "images", "images must be a list of paths"),
@@ -790,3 +793,75 @@ def test_image_checks_and_record_cover_only_the_images_used(tmp_path):
   assert images_sha256(first) != images_sha256(second)
   # So does the same picture under another region's id.
   assert images_sha256(one) != images_sha256([Region("b", "t", (good,), None)])
+
+
+def test_resume_on_other_weights_or_processor_is_refused(text_model, vlm, image_regions, tmp_path):
+  # config.json does not tell two fine-tunes of one architecture apart, nor a
+  # changed image processor: a resume on them would mix two models' vectors.
+  import shutil
+
+  from safetensors.numpy import load_file, save_file
+
+  class Stop(Exception):
+    pass
+
+  def stop(done):
+    raise Stop
+
+  model = tmp_path / "model"
+  shutil.copytree(text_model, model)
+  regions = tmp_path / "regions.json"
+  regions.write_text(json.dumps([{"id": f"r{i}", "text": _region_text(i)} for i in range(3)]))
+  config = _config(model, batch_size=1)
+  with pytest.raises(Stop):
+    _run(config, regions, tmp_path / "run", after_batch=stop)
+  weights = load_file(model / "model.safetensors")
+  weights = {k: v + np.float32(0.01) if "layers.0" in k else v for k, v in weights.items()}
+  save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+  with pytest.raises(ExtractionError, match=r"other settings \(model\.files_sha256.*--restart"):
+    _run(config, regions, tmp_path / "run")
+
+  processor_model = tmp_path / "vlm"
+  shutil.copytree(vlm, processor_model)
+  with pytest.raises(Stop):
+    _run(
+      _config(processor_model, batch_size=1), image_regions, tmp_path / "vlm_run", after_batch=stop
+    )
+  settings = processor_model / "processor_config.json"
+  processing = json.loads(settings.read_text())
+  processing["image_processor"]["image_mean"] = [0.2, 0.3, 0.4]
+  settings.write_text(json.dumps(processing))
+  with pytest.raises(ExtractionError, match=r"other settings \(model\.files_sha256.*--restart"):
+    _run(_config(processor_model, batch_size=1), image_regions, tmp_path / "vlm_run")
+
+
+def test_model_files_digest_reads_cache_blobs_by_name(tmp_path):
+  from experiments.prompt_extraction.extract import model_files_sha256
+
+  def snapshot(name, blob_bytes):
+    folder = tmp_path / name
+    (folder / "blobs").mkdir(parents=True)
+    (folder / "snap").mkdir()
+    blob = folder / "blobs" / ("ab" * 32)
+    blob.write_bytes(blob_bytes)
+    (folder / "snap" / "model.safetensors").symlink_to(blob)
+    (folder / "snap" / "config.json").write_text("{}")
+    return folder / "snap"
+
+  # A cache blob is named by its SHA-256, so its name stands for its bytes.
+  assert model_files_sha256(snapshot("a", b"x" * 10)) == model_files_sha256(snapshot("b", b"y"))
+  # Any other file is read.
+  other = snapshot("c", b"x")
+  (other / "config.json").write_text('{"a": 1}')
+  assert model_files_sha256(other) != model_files_sha256(tmp_path / "a" / "snap")
+
+
+def test_text_only_class_of_a_vision_model_is_refused_for_images(vlm, image_regions, tmp_path):
+  # Mllama's language model loads under causal-lm and takes the pixels in
+  # **kwargs without using them.
+  with pytest.raises(ExtractionError, match="takes no pixel_values.*images would be dropped"):
+    _run(_config(vlm, model_class="causal-lm"), image_regions, tmp_path / "out")
+  manifest = _run(
+    _config(vlm, model_class="causal-lm", text_only=True), image_regions, tmp_path / "t"
+  )
+  assert manifest["inputs"]["images_used"] is False

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import pathlib
@@ -197,6 +198,30 @@ def load_model(config: ExtractConfig, need_images: bool) -> LoadedModel:
     )
   device = _device(config)
   dtype = _dtype(config, device)
+  # The processor first: a text model given images is refused before its
+  # weights are loaded, with the message that says what to do.
+  processor, processor_error = None, None
+  try:
+    processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
+  except Exception as e:  # noqa: BLE001 - reported below when images are needed
+    processor_error = e
+  tokenizer = getattr(processor, "tokenizer", None)
+  if getattr(processor, "image_processor", None) is None:
+    # A text model: AutoProcessor hands back the tokenizer itself (or fails).
+    if tokenizer is None and processor is not None and callable(processor):
+      tokenizer = processor
+    processor = None
+  if tokenizer is None:
+    try:
+      tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+      raise ExtractionError(f"{path}: no tokenizer could be loaded ({e})") from e
+  if need_images and processor is None:
+    why = f" (AutoProcessor failed: {processor_error})" if processor_error else ""
+    raise ExtractionError(
+      f"{path}: this model has no image processor{why}, but the regions list images; pass "
+      "--text-only to feed the geo-text alone (recorded in the manifest)"
+    )
   kwargs = {"dtype": dtype, "local_files_only": True}
   classes = {
     "base": [("base", transformers.AutoModel)],
@@ -233,6 +258,16 @@ def load_model(config: ExtractConfig, need_images: bool) -> LoadedModel:
         f"(e.g. {missing[:3]}) and would stay random"
       )
       continue
+    if need_images and "pixel_values" not in inspect.signature(candidate.forward).parameters:
+      # A text-only class of a vision-language checkpoint (the language
+      # model of Mllama under causal-lm) loads, leaves the vision tower among
+      # the unexpected keys and takes the pixels in **kwargs without using
+      # them: the vectors would not see the images the manifest lists.
+      errors.append(
+        f"{cls.__name__}: takes no pixel_values, so the regions' images would be dropped "
+        "(--text-only feeds the geo-text alone and says so in the manifest)"
+      )
+      continue
     model, used = candidate, name
     break
   if model is None:
@@ -240,29 +275,6 @@ def load_model(config: ExtractConfig, need_images: bool) -> LoadedModel:
   model.requires_grad_(False)
   model.eval()
   model.to(device)
-
-  processor, processor_error = None, None
-  try:
-    processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
-  except Exception as e:  # noqa: BLE001 - reported below when images are needed
-    processor_error = e
-  tokenizer = getattr(processor, "tokenizer", None)
-  if getattr(processor, "image_processor", None) is None:
-    # A text model: AutoProcessor hands back the tokenizer itself (or fails).
-    if tokenizer is None and processor is not None and callable(processor):
-      tokenizer = processor
-    processor = None
-  if tokenizer is None:
-    try:
-      tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # noqa: BLE001
-      raise ExtractionError(f"{path}: no tokenizer could be loaded ({e})") from e
-  if need_images and processor is None:
-    why = f" (AutoProcessor failed: {processor_error})" if processor_error else ""
-    raise ExtractionError(
-      f"{path}: this model has no image processor{why}, but the regions list images; pass "
-      "--text-only to feed the geo-text alone (recorded in the manifest)"
-    )
   # Right padding keeps the real tokens' positions and hidden states
   # independent of the batch (see the module docstring).
   tokenizer.padding_side = "right"
@@ -408,10 +420,36 @@ def _model_identity(config: ExtractConfig, loaded: LoadedModel | None) -> dict:
     "model_type": cfg.get("model_type"),
     "architectures": cfg.get("architectures"),
     "config_sha256": file_sha256(path / "config.json"),
+    "files_sha256": model_files_sha256(path),
   }
   if loaded is not None:
     identity["loaded_as"] = type(loaded.model).__name__
   return identity
+
+
+# A Hugging Face cache names each large file's blob by its SHA-256.
+_BLOB_NAME = re.compile(r"[0-9a-f]{64}")
+
+
+def model_files_sha256(path: pathlib.Path) -> str:
+  """One SHA-256 over every file of the model folder: names and contents.
+
+  ``config.json`` alone does not tell two fine-tunes of one architecture
+  apart, nor a changed image processor: a run resumed on another model
+  would mix two models' vectors. Weights in a Hugging Face cache snapshot
+  are links to blobs named by their own SHA-256, which is taken as it
+  stands; every other file is read (once per run: seconds for a
+  10-billion-parameter model, against the minutes its forward passes take).
+  """
+  digest = hashlib.sha256()
+  for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    relative = file.relative_to(path).as_posix()
+    if relative.startswith(".") or "/." in relative:
+      continue  # .cache/ and lock files that downloads leave behind
+    target = file.resolve()
+    content = target.name if _BLOB_NAME.fullmatch(target.name) else file_sha256(target)
+    digest.update(f"{relative}\0{content}\0".encode())
+  return digest.hexdigest()
 
 
 def _prompt_format_sha(path: pathlib.Path) -> str | None:

@@ -126,6 +126,11 @@ def _plain_region(name: str, where: str, record: dict) -> Region:
   rid = record.get("id")
   if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
     raise DataError(name, f"{where}: needs a non-empty string id, found {rid!r}", "id")
+  if not str(rid).isprintable():
+    # NumPy's string arrays, in which finished batches keep their ids, drop
+    # trailing NUL characters: "a\0" would come back as "a", and a resumed
+    # run would hand region "a" the other's vector.
+    raise DataError(name, f"{where}: id {rid!r} holds a control character", "id")
   text = record.get("text")
   if not isinstance(text, str) or not text.strip():
     raise DataError(name, f"{where}: needs a non-empty text", "text")
