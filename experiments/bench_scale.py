@@ -244,9 +244,11 @@ def main(argv=None) -> int:
     from kernels import biased_attention, row_lse
 
     print("\nfused row log-sum-exp kernel against its XLA reference:", flush=True)
-    row_lse.main([])
+    if row_lse.main([]) != 0:
+      failures.append("the row log-sum-exp kernel benchmark")
     print("\nspatially biased attention kernel against flash attention:", flush=True)
-    biased_attention.main([])
+    if biased_attention.main([]) != 0:
+      failures.append("the biased attention kernel benchmark")
   if failures:
     print(f"failed: {', '.join(failures)}", file=sys.stderr)
     return 1

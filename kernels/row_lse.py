@@ -55,7 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels import peaks
-from kernels.timing import count_at_least, median_seconds, positive_triple
+from kernels.timing import count_at_least, median_seconds, positive_triple, power_of_two_at_least
 
 IMPLEMENTATIONS = (None, "pallas", "reference")
 PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -584,10 +584,16 @@ def main(argv=None) -> int:
     "--warmup", type=count_at_least(0), default=2, help="untimed calls after compiling"
   )
   parser.add_argument(
-    "--block-q", type=count_at_least(1), default=DEFAULT_BLOCK_Q, help="query rows per tile"
+    "--block-q",
+    type=power_of_two_at_least(_MIN_TILE),
+    default=DEFAULT_BLOCK_Q,
+    help=f"query rows per tile (a power of two, at least {_MIN_TILE})",
   )
   parser.add_argument(
-    "--block-k", type=count_at_least(1), default=DEFAULT_BLOCK_K, help="keys per tile"
+    "--block-k",
+    type=power_of_two_at_least(_MIN_TILE),
+    default=DEFAULT_BLOCK_K,
+    help=f"keys per tile (a power of two, at least {_MIN_TILE})",
   )
   parser.add_argument(
     "--highest",

@@ -60,6 +60,19 @@ def count_at_least(minimum: int) -> Callable[[str], int]:
   return parse
 
 
+def power_of_two_at_least(minimum: int) -> Callable[[str], int]:
+  """An argparse type: a power of two of at least `minimum` (a Triton tile
+  size), refused at the command line rather than at the first kernel call."""
+
+  def parse(text: str) -> int:
+    value = count_at_least(minimum)(text)
+    if value & (value - 1):
+      raise argparse.ArgumentTypeError(f"must be a power of two, got {value}")
+    return value
+
+  return parse
+
+
 def positive_triple(text: str) -> tuple[int, int, int]:
   """An argparse type: ``M,N,d``, three whole numbers of at least 1."""
   parts = text.split(",")

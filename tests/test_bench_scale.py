@@ -60,3 +60,17 @@ def test_compile_only_prints_the_estimates_of_both_formulations(capsys):
   assert bench_scale.main(["--sizes", "200", "--compile-only", "--no-kernels"]) == 0
   rows = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("200")]
   assert len(rows) == 2 and all("compiled only" in row for row in rows), rows
+
+
+def test_a_failing_kernel_benchmark_fails_the_run(monkeypatch, capsys):
+  # The attention benchmark returns 1 when the kernel itself failed, for a
+  # calling script to see; on a GPU this run calls both kernel benchmarks.
+  import jax
+
+  from kernels import biased_attention, row_lse
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(row_lse, "main", lambda argv: 0)
+  monkeypatch.setattr(biased_attention, "main", lambda argv: 1)
+  assert bench_scale.main(["--sizes", "200", "--compile-only"]) == 1
+  assert "failed: the biased attention kernel benchmark" in capsys.readouterr().err

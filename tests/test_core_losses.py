@@ -171,14 +171,21 @@ def test_mobility_loss_through_the_fused_kernel(
 
 
 @pytest.mark.parametrize(
-  "backend, x64, expected",
-  [("cpu", False, "xla"), ("gpu", False, "pallas"), ("gpu", True, "xla")],
+  "backend, x64, width, expected",
+  [
+    ("cpu", False, 4, "xla"),
+    ("gpu", False, 4, "pallas"),
+    ("gpu", True, 4, "xla"),
+    # Wider than the kernel's tiles are sized for: the kernel module's own
+    # automatic choice keeps such rows on its reference, and so does this.
+    ("gpu", False, 257, "xla"),
+  ],
 )
 def test_default_row_normaliser_fits_the_backend_and_dtype(
-  rng, monkeypatch, backend, x64, expected
+  rng, monkeypatch, backend, x64, width, expected
 ):
   """None picks the kernel on a GPU, but float64 (which it does not take)
-  goes to XLA there instead of failing."""
+  and widths beyond `row_lse.AUTO_MAX_DIM` go to XLA there instead."""
   from kernels import row_lse
 
   calls = []
@@ -187,7 +194,7 @@ def test_default_row_normaliser_fits_the_backend_and_dtype(
     row_lse, "row_logsumexp", lambda q, k, **kw: calls.append(kw) or jnp.zeros(q.shape[0], q.dtype)
   )
   with jax.enable_x64(x64):
-    z = jnp.asarray(rng.normal(size=(12, 4)))
+    z = jnp.asarray(rng.normal(size=(12, width)) / np.sqrt(width))
     got = losses.row_logsumexp(z, z)
     if expected == "xla":
       np.testing.assert_allclose(got, jax.nn.logsumexp(z @ z.T, axis=-1), rtol=1e-6)

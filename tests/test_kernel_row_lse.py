@@ -426,3 +426,15 @@ def test_benchmark_runs_without_a_gpu(capsys):
   assert row_lse.main(["--sizes", "40,96,16", "--repeats", "1", "--warmup", "1"]) == 0
   printed = capsys.readouterr().out
   assert "bwd" in printed and "interpret mode" in printed
+
+
+@pytest.mark.parametrize("flag", ["--block-q", "--block-k"])
+@pytest.mark.parametrize(
+  "value, words", [("24", "must be a power of two, got 24"), ("8", "at least 16")]
+)
+def test_benchmark_tile_sizes_are_checked_at_the_command_line(flag, value, words, capsys):
+  # The kernel takes powers of two from 16; a bad tile used to pass the
+  # parser and fail at the first kernel call, after the reference's timings.
+  with pytest.raises(SystemExit) as stop:
+    row_lse.main([flag, value])
+  assert stop.value.code == 2 and words in capsys.readouterr().err

@@ -87,7 +87,8 @@ def row_logsumexp(
     more than a tile of logits; ``"pallas-interpret"`` runs it in Pallas
     interpret mode on any backend (slow; for checks).
   * None: ``"pallas"`` on a GPU for the kernel's dtypes (float32, bfloat16,
-    float16), ``"xla"`` elsewhere and for float64.
+    float16) and widths up to `kernels.row_lse.AUTO_MAX_DIM`, the kernel
+    module's own automatic choice; ``"xla"`` elsewhere.
 
   With a `mesh`, the query rows (a multiple of its size) are split over its
   devices (`jaxurban.sharding.REGIONS`) and the keys are all-gathered.
@@ -97,10 +98,14 @@ def row_logsumexp(
       f"row_logsumexp: implementation {implementation!r} not in {LSE_IMPLEMENTATIONS}"
     )
   if implementation is None:
-    from kernels.row_lse import PALLAS_DTYPES
+    from kernels.row_lse import AUTO_MAX_DIM, PALLAS_DTYPES
 
+    # The kernel's fixed tiles are sized for widths up to AUTO_MAX_DIM; a
+    # wider embedding (CoreConfig.features) stays on XLA, as the kernel
+    # module's own automatic choice keeps it on its reference.
     on_gpu = jax.default_backend() == "gpu"
-    implementation = "pallas" if on_gpu and queries.dtype in PALLAS_DTYPES else "xla"
+    fits = queries.dtype in PALLAS_DTYPES and queries.shape[-1] <= AUTO_MAX_DIM
+    implementation = "pallas" if on_gpu and fits else "xla"
   if implementation != "xla":
     from kernels import row_lse
 
