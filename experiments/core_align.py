@@ -231,8 +231,11 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
   return config, checked_output_folder(parser, out, COMMAND)
 
 
-def _start_distributed(argv: list[str] | None) -> None:
-  """jax.distributed.initialize() when --distributed is given; before any computation."""
+def _start_distributed(argv: list[str] | None) -> str | None:
+  """jax.distributed.initialize() when --distributed is given; before any computation.
+
+  Returns what went wrong, for a one-line error, or None.
+  """
   parser = argparse.ArgumentParser(add_help=False)
   parser.add_argument("--distributed", action="store_true")
   parser.add_argument("--coordinator-address")
@@ -243,7 +246,15 @@ def _start_distributed(argv: list[str] | None) -> None:
     import jax
 
     # Unset values are detected from the cluster environment.
-    jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    try:
+      jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    except (ValueError, RuntimeError) as error:
+      # Most often no cluster environment to detect the settings from.
+      return (
+        f"--distributed: jax.distributed.initialize() failed: {error} (outside SLURM, Open MPI, "
+        "Kubernetes and Cloud TPU, pass --coordinator-address, --num-processes and --process-id)"
+      )
+  return None
 
 
 def _device_count_problem(config: CoreConfig) -> str | None:
@@ -262,7 +273,10 @@ def _device_count_problem(config: CoreConfig) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
   config, out = parse_config(argv)
-  _start_distributed(argv)
+  problem = _start_distributed(argv)
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    return 2
   problem = _device_count_problem(config)
   if problem:
     print(f"error: {problem}; use a multiple of the device count", file=sys.stderr)

@@ -351,6 +351,16 @@ def test_command_checks_sharding_against_the_device_count(data_root, monkeypatch
     ("--no-lia --beta 0.5", "beta=0.5 has no effect with variant 'no-lia' (LIA off)"),
     ("--variant individual --alpha 3", "alpha=3.0 has no effect with variant 'individual'"),
     ("--variant rp --loss-form paper", "--loss-form='paper' has no effect with variant 'rp'"),
+    # A weight of 0 turns its loss off as the variant does.
+    ("--alpha 0 --anchors 7", "--anchors=7 has no effect with alpha=0 (LMA off)"),
+    (
+      "--alpha 0 --beta 0 --loss-form paper",
+      "--loss-form='paper' has no effect with alpha=0 and beta=0 (LMA and LIA off)",
+    ),
+    (
+      "--no-lma --beta 0 --loss-form paper",
+      "has no effect with variant 'no-lma' and beta=0 (LMA and LIA off)",
+    ),
   ],
 )
 def test_settings_of_a_loss_that_is_off_are_refused(flags, words, capsys):
@@ -358,7 +368,13 @@ def test_settings_of_a_loss_that_is_off_are_refused(flags, words, capsys):
     core_align.parse_config(["--pair", "xa-cd", *flags.split()])
   assert words in capsys.readouterr().err
   # What each still changes is accepted.
-  for accepted in ("--no-lma --beta 0.5 --loss-form paper", "--variant rp --direct"):
+  for accepted in (
+    "--no-lma --beta 0.5 --loss-form paper",
+    "--variant rp --direct",
+    "--alpha 0",
+    "--alpha 0 --loss-form paper",
+    "--beta 0 --anchors 7",
+  ):
     core_align.parse_config(["--pair", "xa-cd", *accepted.split()])
 
 
@@ -464,6 +480,18 @@ def test_multi_host_flags_are_checked(flags, problem, capsys):
     core_align.parse_config(["--pair", "XA-CD", *flags])
   assert stop.value.code == 2
   assert problem in capsys.readouterr().err
+
+
+def test_distributed_without_a_cluster_is_a_one_line_error(monkeypatch, capsys, tmp_path):
+  def initialize(*args):
+    raise ValueError("coordinator_address should be defined.")
+
+  monkeypatch.setattr(jax.distributed, "initialize", initialize)
+  argv = ["--pair", "XA-CD", "--distributed", "--shard-seeds", "--out", str(tmp_path / "o")]
+  assert core_align.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: --distributed: jax.distributed.initialize() failed: ")
+  assert "coordinator_address should be defined" in err and "--coordinator-address" in err
 
 
 def test_multi_host_flags_pass_with_distributed(tmp_path):

@@ -151,17 +151,27 @@ class CoreConfig:
     """Loss settings changed from their defaults where the loss they set is
     off: the run would compute the same thing under another label (and
     another default output folder)."""
-    lma_off = self.variant in WITHOUT_LMA
-    lia_off = self.variant in WITHOUT_LIA
+    # A loss is off by the variant, or by a weight of 0 (which leaves the
+    # weight itself meaningful: it is what turns the loss off).
+    lma_by_variant = self.variant in WITHOUT_LMA
+    lia_by_variant = self.variant in WITHOUT_LIA
+    lma_off = lma_by_variant or self.alpha == 0
+    lia_off = lia_by_variant or self.beta == 0
+    why = {
+      "LMA": f"variant {self.variant!r}" if lma_by_variant else "alpha=0",
+      "LIA": f"variant {self.variant!r}" if lia_by_variant else "beta=0",
+    }
     unused = (
-      [("alpha", "LMA"), ("n_anchors", "LMA")] * lma_off
-      + [("beta", "LIA")] * lia_off
+      [("alpha", "LMA")] * lma_by_variant
+      + [("n_anchors", "LMA")] * lma_off
+      + [("beta", "LIA")] * lia_by_variant
       + [("loss_form", "LMA and LIA")] * (lma_off and lia_off)
     )
     defaults = {f.name: f.default for f in dataclasses.fields(self)}
     return [
-      f"{name}={getattr(self, name)!r} has no effect with variant {self.variant!r} "
-      f"({loss} off); leave it at its default {defaults[name]!r}"
+      f"{name}={getattr(self, name)!r} has no effect with "
+      + " and ".join(dict.fromkeys(why[part] for part in loss.split(" and ")))
+      + f" ({loss} off); leave it at its default {defaults[name]!r}"
       for name, loss in unused
       if getattr(self, name) != defaults[name]
     ]
