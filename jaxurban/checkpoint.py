@@ -105,7 +105,17 @@ def check_previous_results(
 class Checkpointer:
   """Saves and restores ``(state, config)`` pairs under ``workdir/checkpoints/subdir``."""
 
-  def __init__(self, workdir: str | os.PathLike, subdir: str = "train", max_to_keep: int = 2):
+  def __init__(
+    self,
+    workdir: str | os.PathLike,
+    subdir: str = "train",
+    max_to_keep: int = 2,
+    started_at: float | None = None,
+  ):
+    """``started_at``: the `time.perf_counter()` from which this run's own
+    time counts (default: now), so that a caller that times its run from
+    an earlier point gets a total with the earlier runs that is never below
+    its own figure."""
     self.directory = pathlib.Path(workdir).absolute() / "checkpoints" / subdir
     # Something other than a folder on the way (a file named "checkpoints")
     # would surface as an OS error from deep inside orbax.
@@ -140,7 +150,7 @@ class Checkpointer:
     # predates the record), so that a resumed run can report the time its
     # result took, not only its own attempt's.
     self.earlier_seconds: float | None = 0.0
-    self._opened_at = time.perf_counter()
+    self._opened_at = time.perf_counter() if started_at is None else started_at
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

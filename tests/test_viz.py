@@ -137,6 +137,34 @@ def test_plot_writes_png(rng, tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["cities_pca.png", "cities_tsne.png"]
 
 
+@pytest.mark.parametrize("n_x, n_y", [(2, 2), (3, 5), (16, 15)])
+def test_plot_of_small_cities_lowers_the_perplexity(rng, tmp_path, n_x, n_y, monkeypatch):
+  # CoRE trains pairs of cities of two regions and up; t-SNE's usual
+  # perplexity of 30 needs more than 31 points together.
+  from jaxurban.viz import embedding_plot
+
+  asked = []
+  real_tsne = embedding_plot.tsne
+  monkeypatch.setattr(
+    embedding_plot, "tsne", lambda z, **kw: asked.append(kw["perplexity"]) or real_tsne(z, **kw)
+  )
+  z_x, z_y = rng.normal(size=(n_x, 8)), rng.normal(size=(n_y, 8))
+  path = tmp_path / "small.png"
+  plot_city_embeddings(
+    z_x,
+    z_y,
+    rng.uniform(size=n_x),
+    rng.uniform(size=n_y),
+    "a",
+    "b",
+    path,
+    n_iter=40,
+    n_exaggeration=10,
+  )
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert asked == [pytest.approx((n_x + n_y - 1) / 3)]
+
+
 def test_loss_table_per_seed_and_averaged():
   history = [
     {"epoch": 10, "mobility": [3.0, 4.0], "total": [5.0, 6.0]},

@@ -679,6 +679,9 @@ def train_and_evaluate(
         # back from their last checkpoint without training.
         workdir=workdir,
         checkpoint_name=f"prompt4re_{task}",
+        # Both figures count from here: the one with the earlier runs is
+        # then never below this run's own.
+        started_at=t_p,
       )
       entry["prompt4re_s"] = time.perf_counter() - t_p
       # With the earlier runs of a resumed or finished task (None where

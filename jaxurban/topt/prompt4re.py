@@ -404,6 +404,7 @@ def cross_validated_trajectory(
   validation_masks: np.ndarray | None = None,
   workdir=None,
   checkpoint_name: str = "prompt4re",
+  started_at: float | None = None,
 ) -> Trajectory:
   """Trains one Prompt4RE per (seed, fold), all in one vectorised program.
 
@@ -424,6 +425,10 @@ def cross_validated_trajectory(
       the same ones resumes from there (bit-equal to an uninterrupted run:
       the dropout keys travel in the state); other settings or inputs train
       afresh under their own name.
+    started_at: the `time.perf_counter()` from which the caller times this
+      training (default: the start of the epochs), so that the seconds
+      returned, which include earlier runs of a resumed training, are never
+      below the caller's own figure.
 
   Returns:
     A `Trajectory` after epochs ``eval_every``, ``2 eval_every``, ...
@@ -517,7 +522,7 @@ def cross_validated_trajectory(
       # checkpoints left part of them; the trajectory is all that is kept.
       shutil.rmtree(pathlib.Path(workdir) / "checkpoints" / name, ignore_errors=True)
       return Trajectory(*arrays, validation, None if np.isnan(seconds) else seconds)
-    checkpointer = Checkpointer(workdir, subdir=name, max_to_keep=1)
+    checkpointer = Checkpointer(workdir, subdir=name, max_to_keep=1, started_at=started_at)
     template = {"chunk": np.zeros((), np.int32), "state": state, "pred": trajectory}
     if validated:
       template["val"] = val_trajectory
@@ -528,7 +533,7 @@ def cross_validated_trajectory(
       trajectory = np.array(record["pred"])
       val_trajectory = np.array(record["val"]) if validated else None
       log(f"  prompt4re: resuming at epoch {start * config.eval_every}/{config.epochs}")
-  started = time.perf_counter()
+  started = time.perf_counter() if started_at is None else started_at
   for i in range(start, n_chunks):
     state, pred, val_pred, loss = _train_chunk(
       state, e, p, y, masks, width=width, config=config, validated=validated

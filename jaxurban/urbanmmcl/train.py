@@ -501,7 +501,9 @@ _PRETRAIN_IRRELEVANT = (
 _SHORT = {"graph_contrast": "gcl"}
 
 
-def _pretrain(config, compiled: _Compiled, inputs, data_sha256: str, seed: int, log, workdir):
+def _pretrain(
+  config, compiled: _Compiled, inputs, data_sha256: str, seed: int, log, workdir, started_at
+):
   """Pre-trains one seed, checkpointing after every chunk of ``log_every`` epochs.
 
   A run killed part-way resumes from the last chunk it finished, and the
@@ -522,7 +524,8 @@ def _pretrain(config, compiled: _Compiled, inputs, data_sha256: str, seed: int, 
     "epoch": np.asarray(0, np.int32),
     "history": np.full((n_chunks, 1 + len(loss_names)), np.nan, np.float64),
   }
-  checkpointer = Checkpointer(workdir, subdir=f"pretrain_seed{seed}")
+  # Timed from the caller's start, as the seed's own time is.
+  checkpointer = Checkpointer(workdir, subdir=f"pretrain_seed{seed}", started_at=started_at)
   checkpoint_config = {
     **_config_json(config),
     "model_revision": MODEL_REVISION,
@@ -761,7 +764,7 @@ def train_and_evaluate(config: UrbanMMCLConfig, workdir, log=print) -> dict:
     seed = config.first_seed + s
     start = time.perf_counter()
     params, history, seconds_all_runs = _pretrain(
-      config, compiled, inputs, data_sha256, seed, log, workdir
+      config, compiled, inputs, data_sha256, seed, log, workdir, started_at=start
     )
     times.append(time.perf_counter() - start)
     times_all_runs.append(seconds_all_runs)

@@ -57,6 +57,10 @@ def gdp_levels(gdp) -> np.ndarray:
 
 def _project(z: np.ndarray, method: str, seed: int, **kwargs) -> np.ndarray:
   if method == "tsne":
+    # t-SNE's usual perplexity of 30 needs more than 31 points; a pair of
+    # small cities (CoRE takes two regions per city) gets a third of its
+    # points' count instead.
+    kwargs.setdefault("perplexity", min(30.0, (z.shape[0] - 1) / 3))
     return np.asarray(tsne(z, seed=seed, **kwargs))
   return np.asarray(pca_2d(z))
 
@@ -100,7 +104,8 @@ def plot_city_embeddings(
     seed: t-SNE seed (used with ``init="random"``).
     title: figure title; a default naming the cities and method otherwise.
     dpi: resolution of the PNG.
-    **projection_kwargs: forwarded to ``tsne`` (e.g. ``n_iter``).
+    **projection_kwargs: forwarded to ``tsne`` (e.g. ``n_iter``); the
+      perplexity is 30, or a third of the points' count below 91 points.
 
   Returns:
     The written path.
