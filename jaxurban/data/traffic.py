@@ -319,24 +319,19 @@ def read_los_loop_folder(folder: str | os.PathLike) -> TrafficData:
       "los_adj.csv",
       f"shape {adjacency.shape}, expected ({n_nodes}, {n_nodes}) for {n_nodes} detectors",
     )
-  bad = not_finite_in_float32(adjacency)
-  if bad.any():
-    i, j = np.argwhere(bad)[0]
-    raise DataError(
-      "los_adj.csv",
-      f"{int(bad.sum())} empty or {NOT_FINITE} weights "
-      f"(first at {_cell_position(adjacency_header, int(i), int(j))})",
-    )
   # Weights of a road graph, as the CoRE loader's mobility weights: a
   # negative one is a corrupt file, whatever reads the matrix later.
-  negative_weights = adjacency < 0
-  if negative_weights.any():
-    i, j = np.argwhere(negative_weights)[0]
-    raise DataError(
-      "los_adj.csv",
-      f"{int(negative_weights.sum())} negative weights "
-      f"(first {float(adjacency[i, j])!r} at {_cell_position(adjacency_header, int(i), int(j))})",
-    )
+  for bad, what, show_value in (
+    (not_finite_in_float32(adjacency), f"empty or {NOT_FINITE} weights", False),
+    (adjacency < 0, "negative weights", True),
+  ):
+    if bad.any():
+      i, j = (int(k) for k in np.argwhere(bad)[0])
+      value = f" {float(adjacency[i, j])!r}" if show_value else ""
+      raise DataError(
+        "los_adj.csv",
+        f"{int(bad.sum())} {what} (first{value} at {_cell_position(adjacency_header, i, j)})",
+      )
 
   ids, coords = _read_locations(paths["sensor_locations.csv"])
   if len(ids) != n_nodes:
