@@ -110,12 +110,7 @@ class Checkpointer:
     workdir: str | os.PathLike,
     subdir: str = "train",
     max_to_keep: int = 2,
-    started_at: float | None = None,
   ):
-    """``started_at``: the `time.perf_counter()` from which this run's own
-    time counts (default: now), so that a caller that times its run from
-    an earlier point gets a total with the earlier runs that is never below
-    its own figure."""
     self.directory = pathlib.Path(workdir).absolute() / "checkpoints" / subdir
     # Something other than a folder on the way (a file named "checkpoints")
     # would surface as an OS error from deep inside orbax.
@@ -150,7 +145,13 @@ class Checkpointer:
     # predates the record), so that a resumed run can report the time its
     # result took, not only its own attempt's.
     self.earlier_seconds: float | None = 0.0
-    self._opened_at = time.perf_counter() if started_at is None else started_at
+    self._opened_at = time.perf_counter()
+
+  def time_from(self, started: float) -> None:
+    """Counts this run's own time from ``started`` (a `time.perf_counter()`
+    value), where the caller's own figure starts, so that the time with the
+    earlier runs is this run's figure plus theirs."""
+    self._opened_at = started
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

@@ -71,6 +71,9 @@ def test_killed_run_resumes_to_the_same_result(data_root, graphs, tmp_path, monk
   # Its time includes the killed run's up to the checkpoint it resumed from.
   resumed_stage = resumed[2]["embed"]
   assert resumed_stage["seconds_including_earlier_runs"] > resumed_stage["seconds"]
+  # An uninterrupted stage's two figures span the same time.
+  straight = expected[2]["embed"]
+  assert abs(straight["seconds_including_earlier_runs"] - straight["seconds"]) < 0.05
   assert Checkpointer(tmp_path / "killed", subdir="embed").latest_step() == 4
   # The loss history of the killed part came back from the checkpoint.
   assert resumed[2]["embed"]["history"] == expected[2]["embed"]["history"]

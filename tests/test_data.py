@@ -1070,6 +1070,21 @@ def test_ensure_city_order_and_offline_message(tmp_path, data_root, monkeypatch)
     fetch.ensure_city("cd", nested, cache_dir=tmp_path / "empty", opener=offline)
   assert f"the data root {nested} has no 'core' folder (it has: cd, " in str(info.value)
 
+  # 5. A data root with a core/ folder that lacks the city: the message
+  # names what the root holds, not "no data root was given".
+  root = tmp_path / "root"
+  (root / "core").mkdir(parents=True)
+  (root / "core" / "xa").symlink_to(data_root / "core" / "xa")
+  with pytest.raises(DataError) as info:
+    fetch.ensure_city("bj", root, cache_dir=tmp_path / "empty", opener=offline)
+  message = str(info.value)
+  assert f"is in neither the data root ({root / 'core'} holds xa) nor the cache" in message
+  assert "no data root was given" not in message
+  # A city folder in the root that links to a folder elsewhere was still
+  # found in the root, not in the download cache.
+  linked = fetch.ensure_city("xa", root, cache_dir=tmp_path / "empty", opener=offline)
+  assert linked == root / "core" / "xa" and _outside_data_root(linked, root) == ""
+
 
 def test_cut_short_download_and_unwritable_cache_are_data_errors(tmp_path, monkeypatch, capsys):
   monkeypatch.delenv(DATA_ENV, raising=False)
@@ -1117,6 +1132,64 @@ def test_cut_short_download_and_unwritable_cache_are_data_errors(tmp_path, monke
   (dest / "core" / "xa" / "gdp_xa_sum.npy").write_bytes(b"\x93NUMPY")
   assert fetch.main(["core", "xa", "--dest", str(dest)]) == 2
   assert "; gdp_xa_sum.npy present but not matching the expected sha256" in capsys.readouterr().err
+
+
+def test_real_connection_failures_and_bad_bytes_say_what_to_do(tmp_path, monkeypatch, capsys):
+  # What a real connection does, not what the tests' stand-ins did: a
+  # connection closed early ends the reads as an end of file would (the
+  # response still expects bytes), a route lost mid-read is a bare OSError,
+  # and a proxy's error page arrives with status 200.
+  import errno
+
+  monkeypatch.delenv(DATA_ENV, raising=False)
+
+  class Response:
+    def __init__(self, data, length=None, fail=None):
+      self.data, self.length, self.fail = data, length, fail
+
+    def read(self, size):
+      if self.fail:
+        raise self.fail
+      chunk, self.data = self.data[:size], self.data[size:]
+      return chunk
+
+    def close(self):
+      pass
+
+  closed_early = Response(b"geo_id,", length=1000)
+  lost_route = Response(b"", fail=OSError(errno.EHOSTUNREACH, "No route to host"))
+  error_page = Response(b"<html>Sign in to the network</html>")
+  for response, reason in (
+    (closed_early, r"IncompleteRead"),
+    (lost_route, r"No route to host"),
+    (error_page, r"SHA-256 mismatch for https://\S+/regionmap_xa\.geo: got [0-9a-f]+"),
+  ):
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError) as info:
+      fetch.ensure_city("xa", cache_dir=cache, opener=lambda url, timeout: response)
+    message = str(info.value)
+    assert re.search(r"download failed \(" + reason, message), message
+    assert "--dest DIR" in message and "place these files by hand" in message
+    assert not cache.exists()
+
+  # An empty --dest (an unset shell variable) would be the current folder.
+  with pytest.raises(SystemExit) as stop:
+    fetch.main(["core", "xa", "--dest", ""])
+  assert stop.value.code == 2 and "--dest: given as an empty path" in capsys.readouterr().err
+
+  # A data root holding the city under another spelling is not given a
+  # second folder of it, which would make the city ambiguous to the loaders.
+  root = tmp_path / "root"
+  (root / "core" / "XA").mkdir(parents=True)
+  with pytest.raises(DataError, match=r"core/XA: holds city 'xa' already, under another"):
+    fetch.fetch_city("xa", root, opener=lambda url, timeout: error_page)
+  assert sorted(p.name for p in (root / "core").iterdir()) == ["XA"]
+
+  # A failed first download leaves none of the folders it made on the way.
+  monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: lost_route)
+  deep = tmp_path / "new" / "deeper" / "dest"
+  assert fetch.main(["core", "xa", "--dest", str(deep)]) == 2
+  assert not (tmp_path / "new").exists()
 
 
 def test_ensure_city_without_download(tmp_path, monkeypatch):

@@ -559,6 +559,10 @@ def test_step_compiles_once_and_resumes(tmp_path, rng, monkeypatch):
   assert log_resumed["resumed_from"] == 4
   # Its time includes the killed run's up to the checkpoint it resumed from.
   assert log_resumed["train_seconds_including_earlier_runs"] > log_resumed["train_seconds"]
+  # ... and an uninterrupted run's two figures span the same time (the
+  # set-up before the epochs counted in neither).
+  gap = log["train_seconds_including_earlier_runs"] - log["train_seconds"]
+  assert abs(gap) < 0.05
   assert log_resumed["history"] == log["history"]
   np.testing.assert_array_equal(resumed, first)
 

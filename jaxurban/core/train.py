@@ -219,7 +219,10 @@ def _outside_data_root(folder: pathlib.Path, data_root) -> str:
   if data_root is None and not os.environ.get(DATA_ENV):
     return ""
   root = resolve_data_root(data_root)
-  if pathlib.Path(folder).resolve().is_relative_to(root.resolve()):
+  # A city folder under the root may be a link to a folder elsewhere: it
+  # was still found in the root.
+  folder = pathlib.Path(folder).absolute()
+  if folder.is_relative_to(root) or folder.resolve().is_relative_to(root.resolve()):
     return ""
   return f" (the download cache: the data root {root} holds no such city)"
 
@@ -338,6 +341,8 @@ def _run_stage(
   save_every = max(length, (config.checkpoint_every // length) * length)
   chunk = make_chunk(loss_fn, optimizer, length, per_seed_data)
   started = time.perf_counter()
+  # The time with earlier runs spans what "seconds" does, plus theirs.
+  checkpointer.time_from(started)
   for epoch in range(start, epochs, length):
     state, terms = chunk(state, *data)
     terms = sharding.to_host(terms)  # split over hosts under --distributed --shard-seeds

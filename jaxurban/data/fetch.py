@@ -110,9 +110,16 @@ def _failure_reason(error: Exception) -> str:
   return str(error) or type(error).__name__
 
 
+class ChecksumMismatch(DataError):
+  """A downloaded file whose SHA-256 is not the recorded one (a proxy's
+  error page, say); the download was discarded."""
+
+
 def _unwritable(error: OSError, folder: pathlib.Path) -> DataError:
   """An OSError that is not a network failure: the destination cannot be written."""
-  where = error.filename if getattr(error, "filename", None) else folder
+  # A failed rename names the temporary file first and the target second;
+  # the target is the file the user knows of.
+  where = getattr(error, "filename2", None) or getattr(error, "filename", None) or folder
   return DataError(
     where,
     f"cannot be written ({error.strerror or error}); choose another folder "
@@ -166,13 +173,29 @@ def download_verified(
   target = pathlib.Path(target)
   open_url = opener if opener is not None else urllib.request.urlopen
 
+  def from_network(call):
+    # An OSError of the connection itself (a route lost mid-read gives
+    # EHOSTUNREACH, which urlopen does not wrap while reading) is a failed
+    # download, not a folder that cannot be written.
+    try:
+      return call()
+    except _NETWORK_ERRORS:
+      raise
+    except OSError as error:
+      raise urllib.error.URLError(error.strerror or str(error)) from error
+
   def download_and_check(out) -> None:
     h = hashlib.sha256()
-    response = open_url(url, timeout=_TIMEOUT_S)
+    response = from_network(lambda: open_url(url, timeout=_TIMEOUT_S))
     try:
-      for chunk in iter(lambda: response.read(_CHUNK), b""):
+      for chunk in iter(lambda: from_network(lambda: response.read(_CHUNK)), b""):
         h.update(chunk)
         out.write(chunk)
+      # A connection closed before the announced length ends the reads as
+      # an end of file would, without an error of its own.
+      remaining = getattr(response, "length", None)
+      if isinstance(remaining, int) and remaining > 0:
+        raise http.client.IncompleteRead(b"", remaining)
     finally:
       close = getattr(response, "close", None)
       if close is not None:
@@ -181,7 +204,7 @@ def download_verified(
     if digest != sha256:
       # Raised inside the atomic write: its temporary file is removed and
       # `target` is left as it was.
-      raise DataError(
+      raise ChecksumMismatch(
         target.name,
         f"SHA-256 mismatch for {url}: got {digest}, expected {sha256}; the download was discarded",
       )
@@ -215,8 +238,20 @@ def fetch_city(
   code = _check_city(name)
   root = pathlib.Path(dest).expanduser() if dest is not None else default_cache_dir()
   folder = root / "core" / code
+  if (root / "core").is_dir() and not folder.is_dir():
+    # A data root's city folder spelt in capitals (every loader matches
+    # city folders case-insensitively): a second, lower-case folder beside
+    # it would make the city ambiguous to them.
+    other = [p for p in (root / "core").iterdir() if p.is_dir() and p.name.lower() == code]
+    if other:
+      raise DataError(
+        other[0],
+        f"holds city {code!r} already, under another spelling; check it with "
+        f"`--data-root {root}`, or move it away to download the city afresh",
+      )
   urls = core_urls(code, base_url)
-  created = [p for p in (folder, folder.parent, root) if not p.exists()]
+  # Every folder on the way that does not exist yet, deepest first.
+  created = [p for p in (folder, *folder.parents) if not p.exists()]
   try:
     for filename in _missing_or_stale(folder, code):
       download_verified(
@@ -279,6 +314,10 @@ def ensure_city(
           return entry
         if is_city_dir(entry):
           present.append(entry.name.lower())
+      absent = (
+        f"is in neither the data root ({folder} holds "
+        f"{', '.join(present) if present else 'no city folder'}) nor the cache"
+      )
     if code not in CORE_FILES:
       where = f"{folder} holds {', '.join(present) if present else 'no city folder'}"
       raise DataError(
@@ -306,9 +345,11 @@ def _fetch_or_explain(code: str, root: pathlib.Path, opener: Opener | None, wher
   folder = root / "core" / code
   try:
     return fetch_city(code, root, opener=opener)
-  except _NETWORK_ERRORS as e:
+  except (*_NETWORK_ERRORS, ChecksumMismatch) as e:
     missing = _missing_or_stale(folder, code)
-    why = f"download failed ({_failure_reason(e)})"
+    why = (
+      f"download failed ({e.problem if isinstance(e, ChecksumMismatch) else _failure_reason(e)})"
+    )
     raise DataError(folder, _manual_instructions(code, root, missing, why, where)) from e
   except OSError as e:
     raise _unwritable(e, folder) from e
@@ -335,6 +376,16 @@ def _manual_instructions(
   )
 
 
+def _dest_folder(text: str) -> pathlib.Path:
+  """An argparse type: a folder path; an empty one (an unset shell
+  variable) would mean the current folder."""
+  if not text.strip():
+    raise argparse.ArgumentTypeError(
+      "given as an empty path (an unset shell variable?); name a folder"
+    )
+  return pathlib.Path(text)
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
     prog="python -m jaxurban.data.fetch",
@@ -347,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
   )
   core.add_argument(
     "--dest",
-    type=pathlib.Path,
+    type=_dest_folder,
     default=None,
     help=f"data root to write into (default: ${CACHE_ENV} or ~/.cache/jaxurban)",
   )

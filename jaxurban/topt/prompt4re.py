@@ -522,7 +522,9 @@ def cross_validated_trajectory(
       # checkpoints left part of them; the trajectory is all that is kept.
       shutil.rmtree(pathlib.Path(workdir) / "checkpoints" / name, ignore_errors=True)
       return Trajectory(*arrays, validation, None if np.isnan(seconds) else seconds)
-    checkpointer = Checkpointer(workdir, subdir=name, max_to_keep=1, started_at=started_at)
+    checkpointer = Checkpointer(workdir, subdir=name, max_to_keep=1)
+    if started_at is not None:
+      checkpointer.time_from(started_at)
     template = {"chunk": np.zeros((), np.int32), "state": state, "pred": trajectory}
     if validated:
       template["val"] = val_trajectory

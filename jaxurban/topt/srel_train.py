@@ -345,6 +345,9 @@ def train_srel_with_log(
   embed = make_embed(model)
   args = data.as_tuple()
   started = time.perf_counter()
+  if checkpointer is not None:
+    # The time with earlier runs spans what `train_seconds` does, plus theirs.
+    checkpointer.time_from(started)
   for epoch in range(start, used.epochs, length):
     state, terms = chunk(state, *args)
     terms = jax.device_get(terms)

@@ -524,8 +524,9 @@ def _pretrain(
     "epoch": np.asarray(0, np.int32),
     "history": np.full((n_chunks, 1 + len(loss_names)), np.nan, np.float64),
   }
+  checkpointer = Checkpointer(workdir, subdir=f"pretrain_seed{seed}")
   # Timed from the caller's start, as the seed's own time is.
-  checkpointer = Checkpointer(workdir, subdir=f"pretrain_seed{seed}", started_at=started_at)
+  checkpointer.time_from(started_at)
   checkpoint_config = {
     **_config_json(config),
     "model_revision": MODEL_REVISION,

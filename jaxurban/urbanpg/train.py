@@ -675,6 +675,8 @@ def fit(
   best_val, best_epoch = float(record["best_val"]), int(record["best_epoch"])
   best_params, done = record["best_params"], bool(record["done"])
   started = time.perf_counter()
+  # The time with earlier runs spans what "seconds" does, plus theirs.
+  checkpointer.time_from(started)
   while not done:
     order = np.random.default_rng([seed, epoch]).permutation(len(task.train))
     losses, real = [], []
