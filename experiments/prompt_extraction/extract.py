@@ -403,7 +403,9 @@ def _check_finite(vectors: np.ndarray, batch: Sequence[Region], model: str, dtyp
     )
 
 
-def _model_identity(config: ExtractConfig, loaded: LoadedModel | None) -> dict:
+def _model_identity(config: ExtractConfig) -> dict:
+  """The model's record in the resume settings and the manifest; its folder
+  is read once per run (`model_files_sha256`)."""
   path = pathlib.Path(config.model).resolve()
   revision = config.revision
   name = config.model_name
@@ -413,7 +415,7 @@ def _model_identity(config: ExtractConfig, loaded: LoadedModel | None) -> dict:
     revision = revision or parts[-1]
     name = name or parts[-3][len("models--") :].replace("--", "/")
   cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-  identity = {
+  return {
     "name": name or path.name,
     "path": str(path),
     "revision": revision,
@@ -422,9 +424,6 @@ def _model_identity(config: ExtractConfig, loaded: LoadedModel | None) -> dict:
     "config_sha256": file_sha256(path / "config.json"),
     "files_sha256": model_files_sha256(path),
   }
-  if loaded is not None:
-    identity["loaded_as"] = type(loaded.model).__name__
-  return identity
 
 
 # A Hugging Face cache names each large file's blob by its SHA-256.
@@ -450,19 +449,6 @@ def model_files_sha256(path: pathlib.Path) -> str:
     content = target.name if _BLOB_NAME.fullmatch(target.name) else file_sha256(target)
     digest.update(f"{relative}\0{content}\0".encode())
   return digest.hexdigest()
-
-
-def _prompt_format_sha(path: pathlib.Path) -> str | None:
-  # The chat template and tokenizer settings shape the token sequence as much
-  # as the task template does; a hash over the files holding them goes into
-  # the settings and the manifest.
-  digest = hashlib.sha256()
-  found = False
-  for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
-    if (path / name).is_file():
-      digest.update(name.encode() + b"\0" + (path / name).read_bytes())
-      found = True
-  return digest.hexdigest() if found else None
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -569,14 +555,15 @@ def extract_prompts(
     "images_sha256": images_sha256(regions, config.max_images) if use_images else None,
     "max_images": config.max_images,
     "image_prefix_map": [list(p) for p in config.image_prefix_map],
-    "prompt_format_sha256": _prompt_format_sha(model_path),
     "add_generation_prompt": config.add_generation_prompt,
     "padding_side": "right",
   }
   device = _device(config)
   compute_dtype = str(_dtype(config, device)).removeprefix("torch.")
   settings = {
-    "model": _model_identity(config, None),
+    # Its files' hash covers the tokenizer and chat template too, which shape
+    # the token sequence as much as the task template does.
+    "model": _model_identity(config),
     "task": config.task,
     "template": template,
     "pooling": config.pooling,
@@ -640,7 +627,9 @@ def extract_prompts(
         "--out-dtype float32 (the finished batches are kept and reused)"
       )
   array = array.astype(config.out_dtype)
-  identity = _model_identity(config, loaded)
+  identity = dict(settings["model"])  # the folder was hashed once, for the settings
+  if loaded is not None:
+    identity["loaded_as"] = type(loaded.model).__name__
   # An overwrite removes the old manifest only now, when the new array is
   # ready: a run that fails or is stopped earlier leaves the old output
   # whole, and one stopped inside write_output leaves an array without a

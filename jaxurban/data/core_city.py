@@ -314,16 +314,19 @@ class _Table:
     values = self.strings(column)
     # Python and NumPy read "12_3" as 123 and full-width digits as digits: a
     # grid id "12_3" would silently become region 123 (as would "1_23").
-    for i, v in enumerate(values):
-      if not _PLAIN_NUMBER.fullmatch(v):
-        raise DataError(self.file, f"unparseable integer id {v!r} at row {i}", column=column)
-    try:
-      return np.array(values, dtype=np.int64)
-    except (ValueError, OverflowError):
-      pass
+    # Without either, what NumPy reads as integers is plain integers: one
+    # pass over the joined text then spares a pattern match per id.
+    joined = "".join(values)
+    if joined.isascii() and "_" not in joined:
+      try:
+        return np.array(values, dtype=np.int64)
+      except (ValueError, OverflowError):
+        pass
     # Ids written through a float column ("12.0") are still exact ids.
     out = np.empty(len(values), dtype=np.int64)
     for i, v in enumerate(values):
+      if not _PLAIN_NUMBER.fullmatch(v):
+        raise DataError(self.file, f"unparseable integer id {v!r} at row {i}", column=column)
       inexact = False
       try:
         number = int(v)
