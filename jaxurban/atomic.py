@@ -3,15 +3,22 @@
 Every result file (metrics, embeddings, pictures, downloads) goes through
 `atomic_write`: a temporary file in the target folder, flushed to disk, then
 renamed over the target, so a killed run never leaves a partial file.
+A run killed mid-write (SIGKILL) does leave its temporary file behind; the
+next write of the same target on the same machine removes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import glob
+import hashlib
 import json
 import math
 import os
 import pathlib
+import re
+import socket
 import tempfile
 from typing import IO, Any, Callable
 
@@ -77,7 +84,9 @@ def atomic_write(
   """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  fd, temporary = tempfile.mkstemp(
+    dir=path.parent, prefix=f"{_temporary_stem(path)}{_host_tag()}-{os.getpid()}.", suffix=".tmp"
+  )
   try:
     with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
       write(f)
@@ -89,7 +98,63 @@ def atomic_write(
     with contextlib.suppress(OSError):
       os.unlink(temporary)
     raise
+  remove_stale_temporaries(path)
   return path
+
+
+@functools.cache
+def _host_tag() -> str:
+  # A short hash: host names may hold dots and other characters a file name
+  # should not carry.
+  return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+# Temporary files are named .<target>.<host tag>-<pid>.<random>.tmp, so that a
+# later write can tell a dead writer's file (same host, process gone) from a
+# live one's (another process writing the same target now).
+_TEMPORARY = re.compile(r"(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)\.[^.]+\.tmp")
+
+
+def _temporary_stem(path: pathlib.Path) -> str:
+  return f".{path.name}."
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+  """Deletes the temporary files that writers of ``path`` killed on this
+  machine left behind; their names.
+
+  A file is removed only when its name says it was made here by a process
+  that no longer runs; files of live processes, of other machines (a shared
+  folder) and of any other naming are left alone.
+  """
+  path = pathlib.Path(path)
+  host = _host_tag()
+  stem = _temporary_stem(path)
+  removed = []
+  for candidate in glob.glob(glob.escape(str(path.parent / stem)) + "*.tmp"):
+    name = os.path.basename(candidate)
+    match = _TEMPORARY.fullmatch(name[len(stem) :])
+    if match is None or match["host"] != host or _process_runs(int(match["pid"])):
+      continue
+    with contextlib.suppress(FileNotFoundError):  # another writer removed it first
+      os.unlink(candidate)
+      removed.append(name)
+  return removed
+
+
+def _process_runs(pid: int) -> bool:
+  """Whether a process ``pid`` exists on this machine."""
+  if pid == os.getpid():
+    return True
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, under another user
+    return True
+  except OverflowError:  # no such pid can exist
+    return False
+  return True
 
 
 def as_written_json(payload: Any) -> Any:

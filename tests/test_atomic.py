@@ -2,7 +2,10 @@
 
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -143,3 +146,39 @@ def test_earlier_outputs_are_removed_by_pattern_and_nothing_else(tmp_path):
   assert removed == ["embeddings.png", "losses.png", "losses_align.png"]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["losses_dir.png", "metrics.json"]
   assert atomic.remove_earlier_outputs(tmp_path / "not-yet-made", ("*.png",)) == []
+
+
+def test_a_writer_killed_mid_write_leaves_a_temporary_the_next_write_removes(tmp_path):
+  target = tmp_path / "embed[1].npy"  # glob characters in the name are taken literally
+  # A real SIGKILL between the temporary file's creation and its rename.
+  killed = subprocess.Popen(
+    [
+      sys.executable,
+      "-c",
+      "import os, signal, sys\n"
+      "from jaxurban.atomic import atomic_write\n"
+      "def die(f):\n"
+      "  f.write(b'half'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+      "atomic_write(sys.argv[1], die)\n",
+      str(target),
+    ]
+  )
+  assert killed.wait(timeout=120) == -signal.SIGKILL
+  (left,) = tmp_path.iterdir()
+  assert left.name.startswith(".embed[1].npy.") and left.name.endswith(".tmp")
+  # What the next write must leave alone: a live writer's file (this
+  # process), another machine's, another naming's, another target's.
+  live = tmp_path / f".embed[1].npy.{atomic._host_tag()}-{os.getpid()}.abc.tmp"
+  other_host = tmp_path / f".embed[1].npy.{'0' * 8}-{killed.pid}.abc.tmp"
+  if atomic._host_tag() == "0" * 8:
+    other_host = tmp_path / f".embed[1].npy.{'1' * 8}-{killed.pid}.abc.tmp"
+  foreign = tmp_path / ".embed[1].npy.mine.tmp"
+  other_target = tmp_path / f".embed1.npy.{atomic._host_tag()}-{killed.pid}.abc.tmp"
+  for path in (live, other_host, foreign, other_target):
+    path.write_bytes(b"x")
+  save_npy_atomic(target, np.arange(2))
+  np.testing.assert_array_equal(np.load(target), np.arange(2))
+  assert not left.exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+    p.name for p in (target, live, other_host, foreign, other_target)
+  )

@@ -19,6 +19,7 @@ from jaxurban.eval.kfold import (
   select_folds,
   validation_masks,
 )
+from jaxurban.digest import file_sha256
 from jaxurban.topt import pipeline
 from jaxurban.topt.pipeline import (
   SREL_ONLY_FIELDS,
@@ -61,6 +62,12 @@ def test_tiny_chicago_run_writes_metrics_and_map(data_root, tmp_path, capsys):
   assert metrics["software"]["jax"] == jax.__version__
   assert metrics["data_root"] == str(data_root)
   assert metrics["timings"]["total_s"] > 0
+  # Which vectors the task used travels with its figures.
+  used = task["prompt_vectors"]
+  shipped = json.loads(pathlib.Path(used["manifest"]).read_text())
+  assert used["sha256"] == shipped["sha256"] and used["task"] == "checkIn"
+  assert used["source"]["repository"] == "townSeven/Prompt4RE"
+  assert used["model"]["name"] == "meta-llama/Llama-3.2-11B-Vision-Instruct"
 
   emb = np.load(out / "embeddings.npy")
   assert emb.shape == (1, labels.shape[0], metrics["config"]["embedding_dim"])
@@ -427,6 +434,16 @@ def test_extracted_prompt_vectors_replace_the_published_ones(data_root, tmp_path
   assert metrics["config"]["prompts_dir"] == str(prompts)
   task = metrics["tasks"]["crime"]
   assert np.isfinite(task["models"][task["reported_model"]]["r2"]["mean"])
+  from experiments.prompt_extraction import templates
+
+  used = task["prompt_vectors"]
+  assert used["manifest"] == str(prompts / "crime" / "manifest.json")
+  assert used["sha256"] == file_sha256(prompts / "crime" / "vectors.npy")
+  assert used["template"] == {
+    "version": templates.TEMPLATE_VERSION,
+    "sha256": templates.template_sha256("crime"),
+  }
+  assert used["model"]["name"] == "tiny-mllm" and used["shape"] == [n, 24]
   # One task's output folder itself works too.
   single = ["--prompts", str(prompts / "crime"), "--out", str(tmp_path / "single")]
   assert topt.main(argv + single) == 0

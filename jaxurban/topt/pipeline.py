@@ -349,12 +349,22 @@ def _check_head_split(width: int, file, column: str, what: str) -> None:
     )
 
 
-def _prompt_vectors(config: ToptConfig, task: str, n_regions: int) -> tuple[np.ndarray, str]:
-  """[N, D] prompt vectors for `task` ("none": no task template) and where they came from."""
-  from jaxurban.prompts import MANIFEST_NAME, load_chicago_prompts, load_prompt_vectors
+def _prompt_vectors(config: ToptConfig, task: str, n_regions: int) -> tuple[np.ndarray, str, dict]:
+  """[N, D] prompt vectors for `task` ("none": no task template), where they
+  came from, and what their manifest says of them (`_prompt_provenance`)."""
+  from jaxurban.prompts import (
+    MANIFEST_NAME,
+    chicago_manifest_path,
+    load_chicago_prompts,
+    load_prompt_vectors,
+    read_manifest,
+  )
 
   if config.prompts_dir is None:
-    return load_chicago_prompts(config.data_root, config.mllm, task), f"published {config.mllm}"
+    vectors = load_chicago_prompts(config.data_root, config.mllm, task)
+    manifest_path = chicago_manifest_path(config.mllm, task)
+    provenance = _prompt_provenance(read_manifest(manifest_path), manifest_path)
+    return vectors, f"published {config.mllm}", provenance
   folder = pathlib.Path(config.prompts_dir)
   if not folder.is_dir():
     raise DataError(folder, "no such folder", column="prompts_dir")
@@ -371,7 +381,22 @@ def _prompt_vectors(config: ToptConfig, task: str, n_regions: int) -> tuple[np.n
   if config.alignment:
     # Checked here, before SREL trains, rather than when Prompt4RE first runs.
     _check_head_split(vectors.shape[1], folder / MANIFEST_NAME, "prompts_dir", "prompt width")
-  return vectors, f"{manifest['model'].get('name', '?')} ({folder})"
+  source = f"{manifest['model'].get('name', '?')} ({folder})"
+  return vectors, source, _prompt_provenance(manifest, folder / MANIFEST_NAME)
+
+
+# What metrics.json keeps of a prompt-vector manifest: enough to tell two
+# extractions apart (array hash, template, model record), without the
+# region list or the template's full text.
+_PROVENANCE_FIELDS = ("sha256", "shape", "dtype", "task", "pooling", "model", "created", "source")
+
+
+def _prompt_provenance(manifest: dict, manifest_path: pathlib.Path) -> dict:
+  """The manifest fields that identify the prompt vectors a task used."""
+  kept = {field: manifest[field] for field in _PROVENANCE_FIELDS if field in manifest}
+  template = manifest["template"]
+  kept["template"] = {"version": template["version"], "sha256": template["sha256"]}
+  return {"manifest": str(manifest_path), **kept}
 
 
 def _srel_config(config: ToptConfig):
@@ -653,7 +678,7 @@ def train_and_evaluate(
 
     if config.uses_prompts:
       prompt_task = task if config.task_prompt else "none"
-      prompts, source = prompt_vectors[task]
+      prompts, source, entry["prompt_vectors"] = prompt_vectors[task]
       prompts = prompts[keep]
       pcfg = config.prompt_config(task)
       log(
