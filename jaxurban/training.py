@@ -39,9 +39,13 @@ def seed_problems(seeds: Sequence[int], limit: int = 2**32) -> list[str]:
 def seed_range_problems(first_seed: int, count: int, limit: int = 2**32) -> list[str]:
   """`seed_problems` for the seeds first_seed .. first_seed + count - 1; a
   count below 1 is reported by the caller's own count check, not here."""
-  if count < 1:
+  last_seed = first_seed + count - 1
+  if count < 1 or (0 <= first_seed and last_seed < limit):
     return []
-  return seed_problems([first_seed, first_seed + count - 1], limit)
+  # The whole range, as the flags gave it: its ends alone, listed as seeds
+  # ("got [-1, -1]" for one seed), would read like two seeds.
+  shown = str(first_seed) if count == 1 else f"{first_seed}..{last_seed}"
+  return [f"seeds must lie in [0, 2**{limit.bit_length() - 1}), got {shown}"]
 
 
 def rate_problems(**rates: float | None) -> list[str]:

@@ -440,8 +440,8 @@ def test_a_diverged_seed_stops_the_stage_before_its_checkpoint(
     ({"learning_rate": float("nan")}, "learning_rate must be a finite number > 0, got nan"),
     ({"learning_rate": -1e-3}, "learning_rate must be a finite number > 0"),
     ({"alpha": float("inf")}, "alpha must be a finite number >= 0"),
-    ({"first_seed": -1}, r"seeds must lie in \[0, 2\*\*31\), got \[-1\]"),
-    ({"first_seed": 2**31 - 1}, r"got \[2147483648\]"),
+    ({"first_seed": -1}, r"seeds must lie in \[0, 2\*\*31\), got -1\.\.0$"),
+    ({"first_seed": 2**31 - 1}, r"got 2147483647\.\.2147483648$"),
     ({"seeds": 0}, r"CoreConfig: seeds must be >= 1, got 0$"),  # and nothing about a range
   ],
 )

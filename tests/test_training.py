@@ -58,10 +58,15 @@ def test_seed_and_rate_problems_name_what_is_wrong():
   assert training.seed_problems([2**31], 2**31) == [
     "seeds must lie in [0, 2**31), got [2147483648]"
   ]
-  # A range: its two ends; no range at all is the count check's to report.
+  # A range is shown whole; no range at all is the count check's to report.
   assert training.seed_range_problems(2**31 - 2, 3, 2**31) == [
-    "seeds must lie in [0, 2**31), got [2147483648]"
+    "seeds must lie in [0, 2**31), got 2147483646..2147483648"
   ]
+  assert training.seed_range_problems(-1, 1, 2**31) == ["seeds must lie in [0, 2**31), got -1"]
+  assert training.seed_range_problems(0, 2**31 + 1, 2**31) == [
+    "seeds must lie in [0, 2**31), got 0..2147483648"
+  ]
+  assert training.seed_range_problems(0, 2**31, 2**31) == []
   assert training.seed_range_problems(5, 0, 2**31) == []
   assert training.rate_problems(lr=1e-3, other=None) == []
   problems = training.rate_problems(a=0.0, b=-1e-3, c=float("nan"), d=float("inf"))
