@@ -9,6 +9,7 @@ next write of the same target on the same machine removes it.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import glob
@@ -47,6 +48,16 @@ def writable_folder_problem(folder: str | os.PathLike) -> str | None:
   except OSError as error:
     return f"{path}: cannot write in {existing} ({error.strerror or error})"
   return None
+
+
+def folder_argument(text: str) -> str:
+  """An argparse type for a folder flag: the text as given, unless it is
+  empty, which (an unset shell variable) would mean the current folder."""
+  if not text.strip():
+    raise argparse.ArgumentTypeError(
+      "given as an empty path (an unset shell variable?); name a folder"
+    )
+  return text
 
 
 def shared_file_mode() -> int:

@@ -56,6 +56,18 @@ def test_non_negative_counts():
     (["topt", "--seeds", "0"], "error: --seeds is empty"),
     (["urbanpg", "--features", "0"], "error: --features must be >= 1, got 0"),
     (["urbanmmcl", "--finetune-seeds", "9"], "error: --finetune-seeds must be in [0, seeds=5]"),
+    # An empty --out (an unset shell variable) would write into the default
+    # folder or the current one.
+    *(
+      (argv + ["--out", ""], "error: argument --out: given as an empty path")
+      for argv in (
+        ["core_align", "--pair", "XA-CD"],
+        ["topt"],
+        ["urbanpg"],
+        ["urbanmmcl"],
+        ["extract_prompts", "--regions", "r.json", "--model", "m", "--task", "crime"],
+      )
+    ),
   ],
 )
 def test_refused_settings_name_their_flags(argv, words, capsys):

@@ -210,7 +210,22 @@ def test_zero_and_empty_readings_are_masked_and_kept_out_of_the_scaler(data_root
     (
       lambda f: _edit_cell(f / "los_speed.csv", 7, 5, "1e300"),
       "los_speed.csv",
-      "1 speeds beyond float32's range (first 1e+300 at row 8)",
+      "1 speeds above 300 mph, which no road detector reads (first 1e+300 at row 8)",
+    ),
+    (
+      # Finite in float32, but no speed: it would move the scaler and every metric.
+      lambda f: _edit_cell(f / "los_speed.csv", 5, 3, "65000"),
+      "los_speed.csv",
+      "column '717447': 1 speeds above 300 mph, which no road detector reads "
+      "(first 65000.0 at row 6)",
+    ),
+    (
+      # A header line repeated inside the file (two files joined, say).
+      lambda f: _insert_line(
+        f / "los_speed.csv", 500, (f / "los_speed.csv").read_text().splitlines()[0]
+      ),
+      "los_speed.csv",
+      "row 501 repeats the header line (detector ids, not speeds)",
     ),
     (
       lambda f: _edit_cell(f / "los_adj.csv", 0, 0, "x"),

@@ -258,6 +258,14 @@ def test_a_continual_stage_without_detectors_is_a_config_error(data_root):
     train.continual_tasks(los, config)
 
 
+def test_fewshot_with_one_detector_says_so_not_that_a_half_has_no_readings(data_root):
+  one = load_los_loop(data_root).select(np.array([0]))
+  with pytest.raises(DataError, match=r"los_speed.csv: column 'header': 1 detector; the fewshot"):
+    train.fewshot_nodes(one)
+  source, target = train.fewshot_nodes(load_los_loop(data_root).select(np.array([0, 5])))
+  assert len(source) == len(target) == 1
+
+
 @pytest.mark.parametrize("steps", [100, 40])
 def test_a_series_too_short_for_the_split_names_the_file_part_and_minimum(data_root, steps):
   short = load_los_loop(data_root).select(steps=slice(0, steps))

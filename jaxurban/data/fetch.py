@@ -32,7 +32,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-from jaxurban.atomic import atomic_write
+from jaxurban.atomic import atomic_write, folder_argument
 from jaxurban.data.core_city import city_files, is_city_dir
 from jaxurban.data.errors import DataError
 from jaxurban.data.root import DATA_ENV, list_subfolders, resolve_data_root
@@ -376,16 +376,6 @@ def _manual_instructions(
   )
 
 
-def _dest_folder(text: str) -> pathlib.Path:
-  """An argparse type: a folder path; an empty one (an unset shell
-  variable) would mean the current folder."""
-  if not text.strip():
-    raise argparse.ArgumentTypeError(
-      "given as an empty path (an unset shell variable?); name a folder"
-    )
-  return pathlib.Path(text)
-
-
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
     prog="python -m jaxurban.data.fetch",
@@ -398,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
   )
   core.add_argument(
     "--dest",
-    type=_dest_folder,
+    type=lambda text: pathlib.Path(folder_argument(text)),
     default=None,
     help=f"data root to write into (default: ${CACHE_ENV} or ~/.cache/jaxurban)",
   )

@@ -49,6 +49,10 @@ START = datetime.datetime(2012, 3, 1)  # first step of los_speed.csv (PROVENANCE
 STEP_MINUTES = 5
 STEPS_PER_DAY = 24 * 60 // STEP_MINUTES
 DAYS_PER_WEEK = 7
+# Speeds above this are refused: no road detector reads them in mph (Los-loop's
+# largest is 70), and a value far above, such as a detector id in a repeated
+# header line, would move the scaler and every metric without a word.
+MAX_SPEED = 300.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,14 +292,22 @@ def read_los_loop_folder(folder: str | os.PathLike) -> TrafficData:
       )
     first_cell[detector] = k
   finite = np.isfinite(speed)
-  # An inf cell is a missing reading; a finite one that float32 cannot hold
-  # is an error, since it would become inf in the model's arrays.
-  huge = finite & not_finite_in_float32(speed)
+  if all(_is_number(h, integer=True) for h in header):
+    repeated = np.flatnonzero((speed == np.asarray(header, np.float64)).all(axis=1))
+    if repeated.size:
+      raise DataError(
+        name,
+        f"row {int(repeated[0]) + 2} repeats the header line (detector ids, not speeds)"
+        + (f"; {repeated.size} rows do" if repeated.size > 1 else ""),
+      )
+  # An inf cell is a missing reading; a finite one above any road speed is
+  # an error (and one that float32 cannot hold would become inf).
+  huge = finite & (speed > MAX_SPEED)
   if huge.any():
     t, n = np.argwhere(huge)[0]
     raise DataError(
       name,
-      f"{int(huge.sum())} speeds beyond float32's range "
+      f"{int(huge.sum())} speeds above {MAX_SPEED:g} mph, which no road detector reads "
       f"(first {float(speed[t, n])!r} at row {t + 2})",
       column=header[n],
     )

@@ -354,6 +354,14 @@ def _shortest_series(split: tuple[float, ...], window: int) -> int:
 
 def fewshot_nodes(data: TrafficData) -> tuple[np.ndarray, np.ndarray]:
   """Source (western half by longitude) and target (eastern half) detector indices."""
+  if data.n_nodes < 2:
+    # Said here, not as a scaler failure on an empty western half further on.
+    raise DataError(
+      "los_speed.csv",
+      f"{data.n_nodes} detector; the fewshot paradigm splits the detectors into a western "
+      "and an eastern half and needs at least 2",
+      column="header",
+    )
   order = np.argsort(data.coords[:, 1], kind="stable")
   half = data.n_nodes // 2
   return np.sort(order[:half]), np.sort(order[half:])
