@@ -53,7 +53,13 @@ def absolute_path(text: str) -> str:
   """argparse type for an input file or folder: the absolute path, so that the
   config saved with results and checkpoints names the same input the same way
   whether it was given as ``emb.npy``, ``./emb.npy`` or ``/runs/emb.npy``
-  (a resume or rerun compares configs, and the run may start elsewhere)."""
+  (a resume or rerun compares configs, and the run may start elsewhere).
+  An empty text (an unset shell variable) is refused: it would name the
+  current folder."""
+  if not text.strip():
+    raise argparse.ArgumentTypeError(
+      "given as an empty path (an unset shell variable?); name a file or folder"
+    )
   return os.path.abspath(os.path.expanduser(text))
 
 

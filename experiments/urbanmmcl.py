@@ -130,6 +130,9 @@ def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
     drop_views=tuple(args.drop_view),
     location_frame=args.location_frame,
   )
+  # The views dropped as the config keeps them (once each, in the paper's
+  # order): repeated or reordered flags name the same run folder.
+  args.drop_view = list(config.drop_views)
   # Outputs go under runs/urbanmmcl/<city>, then every pre-training flag not
   # at its default (e.g. Chi-no-vgae), like the other commands. Pre-training
   # checkpoints are per seed and the fine-tuning settings may change on

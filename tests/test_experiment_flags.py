@@ -390,6 +390,10 @@ def test_input_paths_expand_the_home_folder(monkeypatch, tmp_path):
 
   monkeypatch.setenv("HOME", str(tmp_path))
   assert absolute_path("~/vectors") == str(tmp_path / "vectors")
+  # An empty path (an unset shell variable) is not the current folder.
+  for empty in ("", "  "):
+    with pytest.raises(argparse.ArgumentTypeError, match="given as an empty path"):
+      absolute_path(empty)
 
 
 def test_a_long_setting_is_a_short_digest_in_the_folder_name(tmp_path):

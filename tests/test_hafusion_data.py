@@ -175,6 +175,20 @@ def test_a_centroid_far_from_the_city_is_named(tmp_path, rng):
   )
 
 
+def test_two_regions_with_one_centroid_are_named(tmp_path, rng):
+  # A copied line: the distance view would have no weight for the pair.
+  _write_root(tmp_path, rng)
+  texts = [f"Centroid Coordinates: ({41.8 + i / 100}, -87.6)" for i in range(N)]
+  texts[1] = texts[3] = "Centroid Coordinates: (41.81, -87.6)"
+  _write_prompts(tmp_path / "prompt4re" / "chicago", texts)
+  _expect(
+    tmp_path,
+    "prompt_data.json entries 1, 3",
+    "Centroid Coordinates",
+    ["the same centroid (41.81, -87.6); each region needs its own"],
+  )
+
+
 def test_prompt_texts_with_a_byte_order_mark_or_without_text(tmp_path, rng):
   _write_root(tmp_path, rng)
   path = tmp_path / "prompt4re" / "chicago" / "prompt_data.json"

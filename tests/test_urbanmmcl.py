@@ -519,9 +519,12 @@ def test_tiny_end_to_end_runs(tmp_path, data_root, rng):
     load_images(image_dir, 4, 16)
   with pytest.raises(DataError, match="nowhere: column 'images': no such folder"):
     load_images(tmp_path / "nowhere", 4, 16)
-  # The .npy is the file read when both exist, and the error names it.
+  # Two images for one region: which one was meant is not for the loader to guess.
   np.save(image_dir / "3.npy", np.zeros((4, 4, 2), np.float32))
   (image_dir / "3.png").write_bytes(b"not a png")
+  with pytest.raises(DataError, match=r"region 3 has two images, 3\.png and 3\.npy; keep one"):
+    load_images(image_dir, 4, 16)
+  (image_dir / "3.png").unlink()
   with pytest.raises(DataError, match=r"3\.npy.*expected H x W x 3"):
     load_images(image_dir, 4, 16)
   np.save(image_dir / "3.npy", np.zeros((0, 0, 3), np.float32))
@@ -535,8 +538,26 @@ def test_tiny_end_to_end_runs(tmp_path, data_root, rng):
   with pytest.raises(DataError, match=r"3\.npy.*is an \.npz archive"):
     load_images(image_dir, 4, 16)
   (image_dir / "3.npy").unlink()
+  (image_dir / "3.png").write_bytes(b"not a png")
   with pytest.raises(DataError, match=r"3\.png.*not a readable image"):
     load_images(image_dir, 4, 16)
+  # Files numbered past the regions, or with leading zeros, mean the folder
+  # is not numbered as the regions are (another city's, or 1-based); other
+  # files are left alone.
+  np.save(image_dir / "3.npy", np.zeros((4, 4, 3), np.uint8))
+  (image_dir / "3.png").unlink()
+  (image_dir / "notes.txt").write_text("not an image")
+  (image_dir / "cover.png").write_bytes(b"not a region")
+  assert load_images(image_dir, 4, 4).shape == (4, 4, 4, 3)
+  for stray in ("4.npy", "10.png", "03.npy"):
+    np.save(image_dir / "x.npy", np.zeros((4, 4, 3), np.uint8))
+    (image_dir / "x.npy").rename(image_dir / stray)
+  with pytest.raises(
+    DataError,
+    match=r"images: column 'images': 3 image file\(s\) named for no region \(4\.npy, 03\.npy, 10\.png\); "
+    r"the 4 regions are numbered 0\.\.3, written without leading zeros",
+  ):
+    load_images(image_dir, 4, 4)
   with pytest.raises(DataError, match="77 geo-texts for 76 regions"):
     load_geo_texts(data_root, n_regions=76)
   with pytest.raises(ValueError, match="view_fusion must be"):
@@ -679,6 +700,41 @@ def test_pretraining_resumes_on_the_uninterrupted_trajectory(tmp_path, data_root
     )
 
 
+def test_a_moved_image_folder_resumes_and_other_images_train_afresh(tmp_path, data_root, rng):
+  # Checkpoints compare what was read (data_sha256), not where it was read from.
+  from jaxurban.checkpoint import CheckpointMismatch
+  from jaxurban.urbanmmcl.train import UrbanMMCLConfig, train_and_evaluate
+
+  first = tmp_path / "images"
+  first.mkdir()
+  for i in range(77):
+    np.save(first / f"{i}.npy", rng.integers(0, 256, size=(8, 8, 3)).astype(np.uint8))
+  config = UrbanMMCLConfig(
+    city="Chi",
+    data_root=str(data_root),
+    images=str(first),
+    image_size=8,
+    seeds=1,
+    epochs=1,
+    eval_walks=1,
+    finetune_seeds=0,
+    ridge_folds=2,
+    model=_TINY,
+  )
+  train_and_evaluate(config, tmp_path / "run", log=lambda *_: None)
+  moved = first.rename(tmp_path / "moved")
+  messages = []
+  train_and_evaluate(
+    dataclasses.replace(config, images=str(moved)), tmp_path / "run", log=messages.append
+  )
+  assert any("seed 0: resuming pre-training at epoch 1/1" in m for m in messages), messages
+  np.save(moved / "5.npy", np.zeros((8, 8, 3), np.uint8))
+  with pytest.raises(CheckpointMismatch, match="data_sha256"):
+    train_and_evaluate(
+      dataclasses.replace(config, images=str(moved)), tmp_path / "run", log=lambda *_: None
+    )
+
+
 def test_ablations_of_what_the_city_lacks_are_refused(tmp_path, data_root, capsys):
   from experiments import urbanmmcl as command
   from jaxurban.data.hafusion import load_city_views
@@ -743,11 +799,39 @@ def test_ablations_of_what_the_city_lacks_are_refused(tmp_path, data_root, capsy
         UrbanMMCLConfig(city="Chi", data_root=str(data_root), no_graph=True, **{field: value})
       )
 
+  # Without VGAE and graph contrast (eq. 26 empty) the graph encoders get
+  # no gradient: the embeddings would be random projections.
+  for city, extra, why in (
+    ("Chi", {"no_graph_contrast": True}, "--no-graph-contrast"),
+    ("NY", {"no_graph_contrast": True}, "--no-graph-contrast"),
+    ("NY", {"drop_views": ("poi",)}, r"one view left \(mobility\)"),
+    ("NY", {"drop_views": ("poi",), "no_graph_contrast": True}, "--no-graph-contrast"),
+  ):
+    with pytest.raises(
+      graphs.AblationError, match=f"--no-vgae with {why}.* without a loss.*--no-graph"
+    ):
+      prepare(UrbanMMCLConfig(city=city, data_root=str(data_root), no_vgae=True, **extra))
+  # One view without graph contrast still trains its VGAE.
+  _, one_view, _ = prepare(
+    UrbanMMCLConfig(
+      city="NY", data_root=str(data_root), drop_views=("poi",), no_graph_contrast=True
+    )
+  )
+  assert one_view.active_losses() == ("total", "recon", "kl")
+  # Images under --no-multimodal would be ignored, even from a folder that does not exist.
+  with pytest.raises(graphs.AblationError, match="--images .*nowhere and --no-multimodal"):
+    prepare(
+      UrbanMMCLConfig(
+        city="Chi", data_root=str(data_root), images=str(tmp_path / "nowhere"), no_multimodal=True
+      )
+    )
+
   # The command says so in one line, before any training.
   tiny_run = ["--seeds", "1", "--epochs", "1", "--finetune-seeds", "0"]
   for flags, message in (
     (["--drop-view", "distance"], "NY has no distance view"),
     (["--no-multimodal"], "NY has no text, location or images"),
+    (["--no-vgae", "--no-graph-contrast"], "leaves the graph part without a loss"),
   ):
     argv = ["--city", "NY", "--data-root", str(data_root), "--out", str(tmp_path), *tiny_run]
     assert command.main(argv + flags) == 2
@@ -909,6 +993,17 @@ def test_raw_features_and_land_use_classes(data_root):
   np.testing.assert_array_equal(labels, views.landuse.argmax(axis=1))
   assert (views.landuse[np.arange(n), labels] == views.landuse.max(axis=1)).all()
   assert set(classes) == set(labels)
+  # A region without land-use counts has no dominant category (argmax would say column 0).
+  from jaxurban.data.errors import DataError
+
+  landuse = views.landuse.copy()
+  landuse[[4, 9]] = 0
+  with pytest.raises(
+    DataError,
+    match=r"Chi/landUse_dist\.npy: column 'landuse': 2 region\(s\) with no land-use counts "
+    r"\(rows 4, 9\)",
+  ):
+    dominant_landuse(dataclasses.replace(views, landuse=landuse))
 
 
 def test_ridge_probe_does_not_depend_on_the_scale_of_a_column(data_root, rng):
@@ -1050,10 +1145,16 @@ def test_distance_view_shrinks_east_west_degrees_by_the_cosine_of_latitude():
   np.testing.assert_allclose(1.0 / d[0, 1], 1.112, rtol=2e-3)
   np.testing.assert_allclose(1.0 / d[0, 2], 1.112, rtol=2e-3)
   np.testing.assert_allclose(d, d.T)
+  # Two regions at one place are the nearest pair of all, not unconnected (1/0).
+  with pytest.raises(ValueError, match=r"regions 0 and 2 have the same centroid \(60\.0, 10\.0\)"):
+    graphs.distance_graph(np.array([[60.0, 10.0], [60.0, 10.02], [60.0, 10.0]]))
 
 
-def test_command_flags_reach_their_own_ablation_switches(tmp_path):
+def test_command_flags_reach_their_own_ablation_switches(tmp_path, monkeypatch):
   from experiments import urbanmmcl as command
+  from jaxurban.urbanmmcl.train import UrbanMMCLConfig
+
+  monkeypatch.chdir(tmp_path)  # the default output folders are relative
 
   switches = ("no_multimodal", "no_graph", "no_vgae", "no_walks", "no_graph_contrast")
   out = ["--out", str(tmp_path / "run")]
@@ -1063,7 +1164,25 @@ def test_command_flags_reach_their_own_ablation_switches(tmp_path):
   config, _, projection = command.parse_config(
     ["--drop-view", "distance", "--drop-view", "poi", "--projection", "pca", *out]
   )
-  assert config.drop_views == ("distance", "poi") and projection == "pca"
+  assert config.drop_views == ("poi", "distance") and projection == "pca"
+  # The same views dropped are the same run, however the flags were given:
+  # one config (hence one checkpoint) and one default folder.
+  runs = [
+    command.parse_config(flags)
+    for flags in (
+      ["--drop-view", "poi", "--drop-view", "distance"],
+      ["--drop-view", "distance", "--drop-view", "poi"],
+      ["--drop-view", "distance", "--drop-view", "poi", "--drop-view", "poi"],
+    )
+  ]
+  assert {run[0] for run in runs} == {runs[0][0]}
+  assert {run[1] for run in runs} == {runs[0][1]}
+  assert runs[0][1].name == "Chi-drop-viewpoi+distance"
+  with pytest.raises(ValueError, match=r"drop_views: unknown view\(s\) \['land'\]"):
+    UrbanMMCLConfig(drop_views=("land",))
+  # An empty --images (an unset shell variable) would be the current folder.
+  with pytest.raises(SystemExit):
+    command.parse_config(["--images", "", *out])
 
 
 def test_ablation_switches_reach_the_model(data_root):
@@ -1083,6 +1202,34 @@ def test_ablation_switches_reach_the_model(data_root):
     UrbanMMCLConfig(city="Chi", data_root=str(data_root), drop_views=("mobility",))
   )
   assert meta["views"] == ("poi", "distance") and model_config.n_views == 2
+  # Without the graph part no view is used, and the results say none.
+  _, model_config, meta = prepare(
+    UrbanMMCLConfig(city="Chi", data_root=str(data_root), no_graph=True)
+  )
+  assert not model_config.use_graph and meta["views"] == ()
+  assert meta["modalities"] == ["text", "location"]
+
+
+def test_geo_texts_cut_to_the_encoders_length_are_counted_and_told(data_root):
+  from jaxurban.urbanmmcl.train import UrbanMMCLConfig, prepare, text_cut_note
+
+  _, _, meta = prepare(UrbanMMCLConfig(city="Chi", data_root=str(data_root)))
+  # The default length reads every Chicago text whole: no note.
+  assert meta["text_bytes"] == {"kept": 768, "longest": 739, "texts_cut": 0}
+  assert text_cut_note(meta["text_bytes"], 77) is None
+  inputs, model_config, meta = prepare(
+    UrbanMMCLConfig(city="Chi", data_root=str(data_root), text_max_bytes=600)
+  )
+  kept = -(-600 // model_config.bytes_per_token) * model_config.bytes_per_token
+  assert inputs["tokens"].shape == (77, kept)
+  texts_cut = meta["text_bytes"]["texts_cut"]
+  assert 0 < texts_cut < 77 and meta["text_bytes"]["kept"] == kept
+  assert text_cut_note(meta["text_bytes"], 77) == (
+    f"  note: {texts_cut} of 77 geo-texts are longer than the {kept} bytes the text encoder "
+    "reads (text_max_bytes); the rest of each is not read (longest: 739 bytes)"
+  )
+  _, _, meta = prepare(UrbanMMCLConfig(city="NY", data_root=str(data_root)))
+  assert meta["text_bytes"] is None and text_cut_note(None, 180) is None
 
 
 def test_results_table_puts_embedding_before_raw_feature_scores():

@@ -75,6 +75,8 @@ class CityViews:
     city: "Chi" or "NY".
     mobility_dist: [N, N] trip counts fed to the mobility view encoder
       (``mob_dist.npy``); None means "use `mobility`".
+    folder: the folder the views were read from (errors about their values
+      name its files); None for views built in memory.
   """
 
   mobility: np.ndarray
@@ -86,6 +88,7 @@ class CityViews:
   centroids: np.ndarray | None
   city: str
   mobility_dist: np.ndarray | None = None
+  folder: pathlib.Path | None = None
 
   @property
   def n_regions(self) -> int:
@@ -213,6 +216,7 @@ def load_city_views(city: str, data_root: str | os.PathLike | None = None) -> Ci
     centroids=centroids,
     city=city,
     mobility_dist=mobility_dist,
+    folder=folder,
   )
 
 
@@ -287,6 +291,17 @@ def load_chicago_centroids(data_root: str | os.PathLike | None = None) -> np.nda
       f"{path} entry {i}",
       f"({coords[i, 0]}, {coords[i, 1]}) lies over {_CITY_RADIUS_KM:g} km from the median "
       f"centroid ({len(far)} such entries); expected (lat, lon) within one city",
+      column="Centroid Coordinates",
+    )
+  # Two regions cannot share a centroid: a copied line would put them at
+  # distance 0, where the inverse-distance view has no weight to give.
+  _, first, counts = np.unique(coords, axis=0, return_index=True, return_counts=True)
+  if (counts > 1).any():
+    i = int(first[counts > 1].min())
+    same = np.flatnonzero((coords == coords[i]).all(axis=1))
+    raise DataError(
+      f"{path} entries {', '.join(str(int(j)) for j in same)}",
+      f"the same centroid ({coords[i, 0]}, {coords[i, 1]}); each region needs its own",
       column="Centroid Coordinates",
     )
   return coords

@@ -275,7 +275,8 @@ def read_los_loop_folder(folder: str | os.PathLike) -> TrafficData:
   name = "los_speed.csv"
   if speed.shape[0] < 2:
     raise DataError(name, f"has {speed.shape[0]} time steps; at least 2 are needed")
-  if all(_is_number(h) for h in header) and not all(_is_number(h, integer=True) for h in header):
+  ids_are_integers = all(_is_number(h, integer=True) for h in header)
+  if all(_is_number(h) for h in header) and not ids_are_integers:
     raise DataError(
       name,
       "line 1 holds readings, not detector ids: the header line naming the detectors is missing",
@@ -292,7 +293,7 @@ def read_los_loop_folder(folder: str | os.PathLike) -> TrafficData:
       )
     first_cell[detector] = k
   finite = np.isfinite(speed)
-  if all(_is_number(h, integer=True) for h in header):
+  if ids_are_integers:
     repeated = np.flatnonzero((speed == np.asarray(header, np.float64)).all(axis=1))
     if repeated.size:
       raise DataError(

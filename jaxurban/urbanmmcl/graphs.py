@@ -33,6 +33,7 @@ import dataclasses
 
 import numpy as np
 
+from jaxurban.data.errors import DataError
 from jaxurban.data.hafusion import CityViews
 
 __all__ = [
@@ -98,9 +99,13 @@ def distance_graph(centroids: np.ndarray) -> np.ndarray:
   x = _EARTH_RADIUS_KM * lon * np.cos(np.mean(lat))
   y = _EARTH_RADIUS_KM * lat
   d = np.hypot(x[:, None] - x[None, :], y[:, None] - y[None, :])
-  inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
-  np.fill_diagonal(inv, 0.0)
-  return inv
+  np.fill_diagonal(d, np.inf)
+  if not (d > 0).all():
+    # 1 / 0 has no weight to give the two closest regions of all.
+    i, j = np.argwhere(d == 0)[0]
+    lat, lon = (float(v) for v in centroids[i])
+    raise ValueError(f"regions {i} and {j} have the same centroid ({lat}, {lon})")
+  return 1.0 / d  # the diagonal, 1 / inf, is 0
 
 
 def gcn_normalise(adjacency, symmetrise: bool = True):
@@ -204,6 +209,25 @@ def raw_features(views: CityViews) -> np.ndarray:
 
 
 def dominant_landuse(views: CityViews) -> tuple[np.ndarray, np.ndarray]:
-  """Class label (argmax of ``landUse_dist``) [N] and the class ids present."""
+  """Class label (argmax of ``landUse_dist``) [N] and the class ids present.
+
+  Raises:
+    DataError: a region has no land-use counts at all, so it has no dominant
+      category (argmax would call it column 0).
+  """
+  empty = np.flatnonzero(views.landuse.sum(axis=1) <= 0)
+  if empty.size:
+    shown = ", ".join(str(int(i)) for i in empty[:5]) + (", ..." if empty.size > 5 else "")
+    where = (
+      views.folder / "landUse_dist.npy"
+      if views.folder is not None
+      else f"landUse_dist.npy of {views.city}"
+    )
+    raise DataError(
+      where,
+      f"{empty.size} region(s) with no land-use counts (rows {shown}): their dominant "
+      "land-use category, the class of the land-use task, is undefined",
+      column="landuse",
+    )
   labels = np.argmax(views.landuse, axis=1).astype(np.int32)
   return labels, np.unique(labels)

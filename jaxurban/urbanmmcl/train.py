@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import re
 import time
 
 import flax.linen as nn
@@ -59,6 +60,7 @@ from jaxurban.training import (
   weight_problems,
 )
 from jaxurban.urbanmmcl.graphs import (
+  VIEW_NAMES,
   AblationError,
   build_view_graphs,
   dominant_landuse,
@@ -125,7 +127,9 @@ class UrbanMMCLConfig:
     no_graph: ablation "w/o graph part" (multi-modal part only).
     no_vgae, no_walks, no_graph_contrast: ablations "w/o VGAE", "w/o RW",
       "w/o GCL" (Sec. 4.3.4).
-    drop_views: views removed ("poi", "mobility", "distance").
+    drop_views: views removed ("poi", "mobility", "distance"); kept once
+      each, in that order, so that the same ablation is one configuration
+      (one checkpoint, one output folder) however its flags were given.
     ridge_folds, ridge_alpha, fold_seed: the ridge probe's k-fold protocol.
     ridge_alphas: the penalties the tuned probe chooses among, inside each
       training part (`kfold.ridge_cv_predictions_tuned`), for the embeddings
@@ -174,6 +178,11 @@ class UrbanMMCLConfig:
   def __post_init__(self):
     if self.city not in ("Chi", "NY"):
       raise ValueError(f"city must be 'Chi' or 'NY', got {self.city!r}")
+    unknown = sorted(set(self.drop_views) - set(VIEW_NAMES))
+    if unknown:
+      raise ValueError(f"drop_views: unknown view(s) {unknown}, expected names from {VIEW_NAMES}")
+    canonical = tuple(v for v in VIEW_NAMES if v in self.drop_views)
+    object.__setattr__(self, "drop_views", canonical)  # frozen: set once, here
     if self.location_frame not in LOCATION_FRAMES:
       raise ValueError(
         f"location_frame must be one of {LOCATION_FRAMES}, got {self.location_frame!r}"
@@ -241,16 +250,27 @@ def load_images(folder, n: int, size: int) -> np.ndarray:
   alpha dropped); uint8 values are divided by 255, and floats must already
   lie in [0, 1]. The scale follows the dtype, never one image's values, so
   that every region's image is read on the same scale.
+
+  Raises:
+    DataError: a region without its image, or with both a ``.png`` and a
+      ``.npy``; an image named for no region (``<n>.png`` and above, or a
+      number written with leading zeros: the folder is then not numbered as
+      the regions are); an unreadable or out-of-range image.
   """
   import matplotlib.image as mpimg
 
   folder = pathlib.Path(folder)
   if not folder.is_dir():
     raise DataError(folder, "no such folder", column="images")
+  _check_image_names(folder, n)
   out = np.zeros((n, size, size, 3), np.float32)
   for i in range(n):
     png, npy = folder / f"{i}.png", folder / f"{i}.npy"
-    source = npy if npy.is_file() else png  # the .npy wins when both exist
+    if png.is_file() and npy.is_file():
+      raise DataError(
+        folder, f"region {i} has two images, {png.name} and {npy.name}; keep one", column="images"
+      )
+    source = npy if npy.is_file() else png
     if not source.is_file():
       raise DataError(
         folder, f"no image for region {i} ({png.name} or {npy.name})", column="images"
@@ -293,6 +313,29 @@ def load_images(folder, n: int, size: int) -> np.ndarray:
   return out
 
 
+def _check_image_names(folder: pathlib.Path, n: int) -> None:
+  """Refuses ``<number>.png`` / ``<number>.npy`` files that name no region 0..n-1."""
+
+  def names_no_region(path: pathlib.Path) -> bool:
+    stem = path.name[: -len(path.suffix)]
+    if path.suffix not in (".png", ".npy") or not re.fullmatch(r"[0-9]+", stem):
+      return False  # not an image of this folder's naming: left alone
+    return int(stem) >= n or stem != str(int(stem))
+
+  stray = sorted(
+    (path.name for path in folder.iterdir() if names_no_region(path)),
+    key=lambda name: (len(name), name),
+  )
+  if stray:
+    shown = ", ".join(stray[:5]) + (", ..." if len(stray) > 5 else "")
+    raise DataError(
+      folder,
+      f"{len(stray)} image file(s) named for no region ({shown}); the {n} regions are "
+      f"numbered 0..{n - 1}, written without leading zeros",
+      column="images",
+    )
+
+
 _KEY_PURPOSES = ("init", "train", "embed", "finetune")
 
 
@@ -331,7 +374,20 @@ def prepare(config: UrbanMMCLConfig):
     )
   views = load_city_views(config.city, config.data_root)
   graphs = build_view_graphs(views, config.drop_views)
-  if len(graphs.names) < 2 and not config.no_graph and not config.no_graph_contrast:
+  one_view = len(graphs.names) < 2
+  if not config.no_graph and config.no_vgae and (config.no_graph_contrast or one_view):
+    # Eq. (26) without both of its parts: the graph encoders get no gradient
+    # and would turn the raw features into embeddings through random weights.
+    why = (
+      "--no-graph-contrast"
+      if config.no_graph_contrast
+      else f"one view left ({graphs.names[0]}), which has no other to be contrasted with,"
+    )
+    raise AblationError(
+      f"--no-vgae with {why} leaves the graph part without a loss, so its encoders would "
+      "stay untrained; run 'w/o graph part' with --no-graph"
+    )
+  if one_view and not config.no_graph and not config.no_graph_contrast:
     raise AblationError(
       f"{config.city}: dropping {', '.join(config.drop_views)} leaves one view "
       f"({graphs.names[0]}), and graph contrast needs two, so the run would also be "
@@ -355,6 +411,11 @@ def prepare(config: UrbanMMCLConfig):
       f"{config.city} has {what}, so 'w/o multi-modal part' (no_multimodal) would run "
       "the full model"
     )
+  if config.no_multimodal and has_images:
+    raise AblationError(
+      f"--images {config.images} and --no-multimodal: the images are a modality, which "
+      "--no-multimodal removes, so they would not be read; give one or the other"
+    )
   mm = not config.no_multimodal
   use_text = mm and has_text
   use_location = mm and has_location
@@ -376,12 +437,17 @@ def prepare(config: UrbanMMCLConfig):
     use_graph_contrast=not config.no_graph_contrast,
     n_views=len(graphs.names),
   )
+  text_bytes = None
   if use_text:
-    inputs["tokens"] = encode_texts(
-      load_geo_texts(config.data_root, views.n_regions),
-      config.text_max_bytes,
-      model.bytes_per_token,
-    )
+    texts = load_geo_texts(config.data_root, views.n_regions)
+    inputs["tokens"] = encode_texts(texts, config.text_max_bytes, model.bytes_per_token)
+    lengths = [len(text.encode("utf-8")) for text in texts]
+    kept = int(inputs["tokens"].shape[1])
+    text_bytes = {
+      "kept": kept,
+      "longest": max(lengths),
+      "texts_cut": sum(length > kept for length in lengths),
+    }
   if use_location:
     coords = views.centroids.astype(np.float32)
     if config.location_frame == "geoclip":
@@ -414,7 +480,10 @@ def prepare(config: UrbanMMCLConfig):
     )
   landuse, classes = dominant_landuse(views)
   meta = {
-    "views": graphs.names,
+    # The graph part's views; none without the graph part.
+    "views": () if config.no_graph else graphs.names,
+    # Geo-text bytes kept per region, and how many texts are longer (cut).
+    "text_bytes": text_bytes,
     "modalities": [
       m for m, on in (("image", use_images), ("text", use_text), ("location", use_location)) if on
     ],
@@ -425,6 +494,18 @@ def prepare(config: UrbanMMCLConfig):
     "n_regions": views.n_regions,
   }
   return {k: jnp.asarray(v) for k, v in inputs.items()}, model, meta
+
+
+def text_cut_note(text_bytes: dict | None, n_regions: int) -> str | None:
+  """The progress line saying how many geo-texts the encoder reads only in
+  part (``meta["text_bytes"]`` of `prepare`); None when it reads them all."""
+  if not text_bytes or not text_bytes["texts_cut"]:
+    return None
+  return (
+    f"  note: {text_bytes['texts_cut']} of {n_regions} geo-texts are longer than the "
+    f"{text_bytes['kept']} bytes the text encoder reads (text_max_bytes); the rest of each "
+    f"is not read (longest: {text_bytes['longest']} bytes)"
+  )
 
 
 # ------------------------------------------------------------- pre-training
@@ -480,7 +561,10 @@ class _Compiled:
 # Config fields that do not change a seed's pre-training: a checkpoint written
 # with other values of these is still the same run.
 _PRETRAIN_IRRELEVANT = (
+  # Where the inputs were read from: what was read is compared instead
+  # (the checkpoint's data_sha256 covers every input array, images included).
   "data_root",
+  "images",
   "seeds",
   "first_seed",
   "ridge_folds",
@@ -755,9 +839,12 @@ def train_and_evaluate(config: UrbanMMCLConfig, workdir, log=print) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   inputs, model_config, meta = prepare(config)
   log(
-    f"{config.city}: {meta['n_regions']} regions, views {meta['views']}, "
+    f"{config.city}: {meta['n_regions']} regions, views {meta['views'] or 'none'}, "
     f"modalities {meta['modalities'] or 'none'}, features {inputs['features'].shape[1]}"
   )
+  note = text_cut_note(meta["text_bytes"], meta["n_regions"])
+  if note:
+    log(note)
   compiled = _Compiled(config, model_config)
   data_sha256 = arrays_sha256(*(inputs[k] for k in sorted(inputs)))
   embeddings, histories, params_list, times, times_all_runs = [], [], [], [], []
@@ -792,6 +879,7 @@ def train_and_evaluate(config: UrbanMMCLConfig, workdir, log=print) -> dict:
     "model_revision": MODEL_REVISION,
     "views": list(meta["views"]),
     "modalities": meta["modalities"],
+    "text_bytes": meta["text_bytes"],
     "pretrain_seconds_per_seed": times,
     # A seed resumed from a checkpoint: also the earlier runs' time up to it
     # (None for a checkpoint that predates that record).
