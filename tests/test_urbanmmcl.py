@@ -519,6 +519,8 @@ def test_tiny_end_to_end_runs(tmp_path, data_root, rng):
     load_images(image_dir, 4, 16)
   with pytest.raises(DataError, match="nowhere: column 'images': no such folder"):
     load_images(tmp_path / "nowhere", 4, 16)
+  with pytest.raises(DataError, match=r"0\.npy: column 'images': a file, not a folder of images"):
+    load_images(image_dir / "0.npy", 4, 16)
   # Two images for one region: which one was meant is not for the loader to guess.
   np.save(image_dir / "3.npy", np.zeros((4, 4, 2), np.float32))
   (image_dir / "3.png").write_bytes(b"not a png")
@@ -698,6 +700,18 @@ def test_pretraining_resumes_on_the_uninterrupted_trajectory(tmp_path, data_root
     train_and_evaluate(
       dataclasses.replace(config, data_root=str(other)), tmp_path / "resumed", log=lambda *_: None
     )
+
+
+def test_an_image_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
+  from jaxurban.data.errors import DataError
+  from jaxurban.urbanmmcl.train import load_images
+
+  def refused(self):
+    raise PermissionError(13, "Permission denied", str(self))
+
+  monkeypatch.setattr(pathlib.Path, "iterdir", refused)
+  with pytest.raises(DataError, match=r"column 'images': cannot be read \(Permission denied\)"):
+    load_images(tmp_path, 2, 4)
 
 
 def test_a_moved_image_folder_resumes_and_other_images_train_afresh(tmp_path, data_root, rng):

@@ -261,7 +261,8 @@ def load_images(folder, n: int, size: int) -> np.ndarray:
 
   folder = pathlib.Path(folder)
   if not folder.is_dir():
-    raise DataError(folder, "no such folder", column="images")
+    what = "a file, not a folder of images" if folder.exists() else "no such folder"
+    raise DataError(folder, what, column="images")
   _check_image_names(folder, n)
   out = np.zeros((n, size, size, 3), np.float32)
   for i in range(n):
@@ -322,8 +323,12 @@ def _check_image_names(folder: pathlib.Path, n: int) -> None:
       return False  # not an image of this folder's naming: left alone
     return int(stem) >= n or stem != str(int(stem))
 
+  try:
+    entries = list(folder.iterdir())
+  except OSError as e:  # a folder that cannot be listed (permissions)
+    raise DataError(folder, f"cannot be read ({e.strerror})", column="images") from None
   stray = sorted(
-    (path.name for path in folder.iterdir() if names_no_region(path)),
+    (path.name for path in entries if names_no_region(path)),
     key=lambda name: (len(name), name),
   )
   if stray:
