@@ -159,7 +159,7 @@ def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
 def results_table(results: dict) -> str:
   """Ridge probe (embeddings vs raw features) and fine-tuning, as Markdown."""
   lines = [
-    f"views {results['views']}, modalities {results['modalities'] or 'none'}",
+    f"views {results['views'] or 'none'}, modalities {results['modalities'] or 'none'}",
     "",
     "| task | ridge R2 embeddings (mean ± sample sd, ddof=1, over seeds) | ridge R2 raw features | MAE emb / raw | RMSE emb / raw |",
     "| --- | --- | --- | --- | --- |",

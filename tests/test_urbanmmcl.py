@@ -728,6 +728,7 @@ def test_a_moved_image_folder_resumes_and_other_images_train_afresh(tmp_path, da
     data_root=str(data_root),
     images=str(first),
     image_size=8,
+    text_max_bytes=600,  # shorter than some geo-texts: the run says so
     seeds=1,
     epochs=1,
     eval_walks=1,
@@ -738,10 +739,13 @@ def test_a_moved_image_folder_resumes_and_other_images_train_afresh(tmp_path, da
   train_and_evaluate(config, tmp_path / "run", log=lambda *_: None)
   moved = first.rename(tmp_path / "moved")
   messages = []
-  train_and_evaluate(
+  resumed = train_and_evaluate(
     dataclasses.replace(config, images=str(moved)), tmp_path / "run", log=messages.append
   )
   assert any("seed 0: resuming pre-training at epoch 1/1" in m for m in messages), messages
+  text_bytes = resumed["text_bytes"]
+  told = f"{text_bytes['texts_cut']} of 77 geo-texts are longer than the {text_bytes['kept']} bytes"
+  assert text_bytes["texts_cut"] > 0 and sum(told in m for m in messages) == 1, messages
   np.save(moved / "5.npy", np.zeros((8, 8, 3), np.uint8))
   with pytest.raises(CheckpointMismatch, match="data_sha256"):
     train_and_evaluate(
@@ -1225,7 +1229,7 @@ def test_ablation_switches_reach_the_model(data_root):
 
 
 def test_geo_texts_cut_to_the_encoders_length_are_counted_and_told(data_root):
-  from jaxurban.urbanmmcl.train import UrbanMMCLConfig, prepare, text_cut_note
+  from jaxurban.urbanmmcl.train import UrbanMMCLConfig, load_geo_texts, prepare, text_cut_note
 
   _, _, meta = prepare(UrbanMMCLConfig(city="Chi", data_root=str(data_root)))
   # The default length reads every Chicago text whole: no note.
@@ -1236,8 +1240,13 @@ def test_geo_texts_cut_to_the_encoders_length_are_counted_and_told(data_root):
   )
   kept = -(-600 // model_config.bytes_per_token) * model_config.bytes_per_token
   assert inputs["tokens"].shape == (77, kept)
-  texts_cut = meta["text_bytes"]["texts_cut"]
-  assert 0 < texts_cut < 77 and meta["text_bytes"]["kept"] == kept
+  lengths = [len(text.encode("utf-8")) for text in load_geo_texts(data_root)]
+  texts_cut = sum(length > kept for length in lengths)
+  assert 0 < texts_cut < 77 and meta["text_bytes"] == {
+    "kept": kept,
+    "longest": 739,
+    "texts_cut": texts_cut,
+  }
   assert text_cut_note(meta["text_bytes"], 77) == (
     f"  note: {texts_cut} of 77 geo-texts are longer than the {kept} bytes the text encoder "
     "reads (text_max_bytes); the rest of each is not read (longest: 739 bytes)"
@@ -1276,6 +1285,10 @@ def test_results_table_puts_embedding_before_raw_feature_scores():
   results["ridge"]["embedding"]["crime"] = scores(0.5, 11.0, 21.0, per_seed=[0.5])
   table = command.results_table(results)
   assert "| crime (alpha 1.0) | 0.5000 (1 seed) | 0.2500 |" in table
+  assert table.startswith("views ['poi'], modalities none\n")
+  # Without the graph part (no views), the table says so in words.
+  results.update(views=[], modalities=["text", "location"])
+  assert command.results_table(results).startswith("views none, modalities ['text', 'location']\n")
 
 
 def test_finetuning_splits_each_fold_into_train_validation_and_test(data_root, monkeypatch):
