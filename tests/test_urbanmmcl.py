@@ -858,6 +858,26 @@ def test_ablations_of_what_the_city_lacks_are_refused(tmp_path, data_root, capsy
   assert not (tmp_path / "checkpoints").exists()
 
 
+def test_finetuning_settings_without_finetuning_are_refused(capsys):
+  from experiments import urbanmmcl as command
+  from jaxurban.urbanmmcl.train import UrbanMMCLConfig
+
+  for name, value in (
+    ("finetune_epochs", 30),
+    ("finetune_lr", 1e-2),
+    ("patience", 5),
+    ("finetune_folds", 4),
+    ("finetune_tasks", ("crime",)),
+  ):
+    with pytest.raises(ValueError, match=f"{name}=.* has no effect with finetune_seeds=0"):
+      UrbanMMCLConfig(finetune_seeds=0, **{name: value})
+    UrbanMMCLConfig(finetune_seeds=1, **{name: value})  # with fine-tuning, a setting
+  with pytest.raises(SystemExit):
+    command.parse_config(["--finetune-seeds", "0", "--finetune-epochs", "30", "--out", "x"])
+  err = capsys.readouterr().err
+  assert "--finetune-epochs=30 has no effect with --finetune-seeds=0" in err, err
+
+
 def test_more_finetuned_than_pretrained_seeds_is_a_usage_error(capsys):
   from experiments import urbanmmcl as command
 

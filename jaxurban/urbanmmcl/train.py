@@ -96,6 +96,16 @@ _RESULT_VERSION = 2
 MODEL_REVISION = 5
 
 
+# The settings of fine-tuning alone (Sec. 3.5.2).
+_FINETUNE_SETTINGS = (
+  "finetune_folds",
+  "finetune_epochs",
+  "finetune_lr",
+  "patience",
+  "finetune_tasks",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class UrbanMMCLConfig:
   """One UrbanMMCL run on one city.
@@ -213,6 +223,16 @@ class UrbanMMCLConfig:
     bad = set(self.finetune_tasks) - set(TASKS + ("landuse",))
     if bad:
       raise ValueError(f"unknown fine-tuning task(s) {sorted(bad)}")
+    if self.finetune_seeds == 0:
+      # Without fine-tuning these settings would change nothing but the
+      # config recorded with the results.
+      defaults = {f.name: f.default for f in dataclasses.fields(self)}
+      for name in _FINETUNE_SETTINGS:
+        if getattr(self, name) != defaults[name]:
+          raise ValueError(
+            f"{name}={getattr(self, name)!r} has no effect with finetune_seeds=0 (no "
+            f"fine-tuning); leave it at its default {defaults[name]!r}"
+          )
 
 
 # ------------------------------------------------------------------ inputs
