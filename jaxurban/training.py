@@ -8,6 +8,7 @@ checkpoints between chunks.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Callable
@@ -60,6 +61,21 @@ def rate_problems(**rates: float | None) -> list[str]:
 def weight_problems(**weights: float | None) -> list[str]:
   """Each named loss or decay weight (None: unset) must be finite and >= 0."""
   return _finite_problems(weights, ">= 0", lambda v: v >= 0)
+
+
+def changed_settings(config, names: Sequence[str]) -> list[tuple[str, object, object]]:
+  """(name, value, default) of each of the config dataclass's fields `names`
+  whose value is not the field's default, in the order of `names`.
+
+  A config refuses such settings where they would have no effect: the run
+  would compute the same thing under another label (and output folder).
+  """
+  defaults = {field.name: field.default for field in dataclasses.fields(config)}
+  return [
+    (name, getattr(config, name), defaults[name])
+    for name in names
+    if getattr(config, name) != defaults[name]
+  ]
 
 
 def _finite_problems(values: dict, bound: str, within: Callable[[float], bool]) -> list[str]:

@@ -177,3 +177,24 @@ def test_a_seed_is_not_finite_when_any_of_its_parameters_is_not():
   # Seed 1 is finite in its first leaf and NaN only in its second.
   params = {"a": jnp.ones((3, 2)), "b": jnp.array([[1.0], [jnp.nan], [2.0]])}
   assert np.asarray(training.finite_per_seed(params)).tolist() == [True, False, True]
+
+
+def test_changed_settings_lists_the_fields_away_from_their_defaults():
+  import dataclasses
+
+  from jaxurban.training import changed_settings
+
+  @dataclasses.dataclass(frozen=True)
+  class Settings:
+    epochs: int = 10
+    rate: float = 1e-3
+    tasks: tuple[str, ...] = ("a", "b")
+
+  assert changed_settings(Settings(), ("epochs", "rate", "tasks")) == []
+  changed = Settings(epochs=5, tasks=("a",))
+  # In the order asked for, and only among the names asked about.
+  assert changed_settings(changed, ("tasks", "rate", "epochs")) == [
+    ("tasks", ("a",), ("a", "b")),
+    ("epochs", 5, 10),
+  ]
+  assert changed_settings(changed, ("rate",)) == []

@@ -33,6 +33,7 @@ from jaxurban.core.model import CoRE, LossSettings, alignment_losses, mobility_l
 from jaxurban.graph import CityGraph, city_graph, pad_target_rows
 from jaxurban.training import chunk_length as _chunk_length
 from jaxurban.training import (
+  changed_settings,
   check_finite_outputs,
   finite_per_seed,
   make_chunk,
@@ -167,13 +168,12 @@ class CoreConfig:
       + [("beta", "LIA")] * lia_by_variant
       + [("loss_form", "LMA and LIA")] * (lma_off and lia_off)
     )
-    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    loss_of = dict(unused)  # each setting sets one loss (or both)
     return [
-      f"{name}={getattr(self, name)!r} has no effect with "
-      + " and ".join(dict.fromkeys(why[part] for part in loss.split(" and ")))
-      + f" ({loss} off); leave it at its default {defaults[name]!r}"
-      for name, loss in unused
-      if getattr(self, name) != defaults[name]
+      f"{name}={value!r} has no effect with "
+      + " and ".join(dict.fromkeys(why[part] for part in loss_of[name].split(" and ")))
+      + f" ({loss_of[name]} off); leave it at its default {default!r}"
+      for name, value, default in changed_settings(self, list(loss_of))
     ]
 
   def loss_settings(self) -> LossSettings:

@@ -35,7 +35,7 @@ from jaxurban.data.errors import DataError, read_npy, require_file
 from jaxurban.data.root import resolve_data_root, subdir
 from jaxurban.provenance import software_versions
 from jaxurban.eval import kfold
-from jaxurban.training import rate_problems, seed_problems
+from jaxurban.training import changed_settings, rate_problems, seed_problems
 from jaxurban.topt.prompt4re import (
   BASES,
   CONTEXTS,
@@ -254,10 +254,8 @@ class ToptConfig:
 
   def _refuse_changed(self, names, why: str) -> None:
     """ValueError naming the first of `names` not at its default: it would change nothing."""
-    defaults = {f.name: f.default for f in dataclasses.fields(self)}
-    for name in names:
-      if getattr(self, name) != defaults[name]:
-        raise ValueError(f"ToptConfig.{name}={getattr(self, name)!r} has no effect {why}")
+    for name, value, _ in changed_settings(self, names):
+      raise ValueError(f"ToptConfig.{name}={value!r} has no effect {why}")
 
   def _check_evaluation(self):
     """The k-fold and Prompt4RE settings, checked now rather than after SREL has trained."""

@@ -54,6 +54,7 @@ from jaxurban.digest import arrays_sha256
 from jaxurban.eval import kfold
 from jaxurban.eval.metrics import classification_metrics
 from jaxurban.training import (
+  changed_settings,
   check_finite_outputs,
   finite_per_seed,
   rate_problems,
@@ -224,15 +225,13 @@ class UrbanMMCLConfig:
     if bad:
       raise ValueError(f"unknown fine-tuning task(s) {sorted(bad)}")
     if self.finetune_seeds == 0:
-      # Without fine-tuning these settings would change nothing but the
+      # Without fine-tuning its settings would change nothing but the
       # config recorded with the results.
-      defaults = {f.name: f.default for f in dataclasses.fields(self)}
-      for name in _FINETUNE_SETTINGS:
-        if getattr(self, name) != defaults[name]:
-          raise ValueError(
-            f"{name}={getattr(self, name)!r} has no effect with finetune_seeds=0 (no "
-            f"fine-tuning); leave it at its default {defaults[name]!r}"
-          )
+      for name, value, default in changed_settings(self, _FINETUNE_SETTINGS):
+        raise ValueError(
+          f"{name}={value!r} has no effect with finetune_seeds=0 (no fine-tuning); leave it "
+          f"at its default {default!r}"
+        )
 
 
 # ------------------------------------------------------------------ inputs
