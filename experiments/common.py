@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterable
 
 from jaxurban import interrupt
-from jaxurban.atomic import write_json_atomic, writable_folder_problem
+from jaxurban.atomic import path_argument, write_json_atomic, writable_folder_problem
 from jaxurban.data.errors import DataError
 
 
@@ -56,11 +56,7 @@ def absolute_path(text: str) -> str:
   (a resume or rerun compares configs, and the run may start elsewhere).
   An empty text (an unset shell variable) is refused: it would name the
   current folder."""
-  if not text.strip():
-    raise argparse.ArgumentTypeError(
-      "given as an empty path (an unset shell variable?); name a file or folder"
-    )
-  return os.path.abspath(os.path.expanduser(text))
+  return os.path.abspath(os.path.expanduser(path_argument(text, "a file or folder")))
 
 
 def positive_int_list(text: str) -> list[int]:

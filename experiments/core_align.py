@@ -24,7 +24,7 @@ from experiments.common import (
   exit_status,
   no_empty_folder_left,
 )
-from jaxurban.atomic import folder_argument
+from jaxurban.atomic import path_argument
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.core.train import VARIANTS, CoreConfig, train_and_evaluate
 from jaxurban.core.losses import FORMS
@@ -68,7 +68,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[CoreConfig, pathlib.Pat
   parser.add_argument("--data-root", default=None, help="data folder (default: $JAXURBAN_DATA)")
   parser.add_argument(
     "--out",
-    type=folder_argument,
+    type=path_argument,
     default=None,
     help="output folder (default: runs/core_align/<x>-<y>-<variant>, then each result-changing "
     "flag not at its default, e.g. xa-cd-core-seeds5)",

@@ -30,7 +30,7 @@ from experiments.common import (
   exit_status,
   no_empty_folder_left,
 )
-from jaxurban.atomic import folder_argument
+from jaxurban.atomic import path_argument
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.errors import DataError
 from jaxurban.eval.kfold import PROTOCOLS
@@ -122,7 +122,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[ToptConfig, pathlib.Pat
   parser.add_argument("--data-root", default=None, help="data folder (default: $JAXURBAN_DATA)")
   parser.add_argument(
     "--out",
-    type=folder_argument,
+    type=path_argument,
     default=None,
     help="output folder (default: runs/topt/<city>, then each result-changing flag not at "
     "its default, e.g. runs/topt/Chi-taskcrime-protocolpaper)",

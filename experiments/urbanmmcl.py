@@ -32,7 +32,7 @@ from experiments.common import (
   exit_status,
   no_empty_folder_left,
 )
-from jaxurban.atomic import folder_argument, write_text_atomic
+from jaxurban.atomic import path_argument, write_text_atomic
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.errors import DataError
 from jaxurban.eval import kfold
@@ -105,7 +105,7 @@ def parse_config(argv=None) -> tuple[UrbanMMCLConfig, pathlib.Path, str]:
   )
   parser.add_argument(
     "--out",
-    type=lambda text: pathlib.Path(folder_argument(text)),
+    type=lambda text: pathlib.Path(path_argument(text)),
     default=None,
     help="default: runs/urbanmmcl/<city>, then each result-changing flag not at its default, "
     "e.g. Chi-no-vgae",

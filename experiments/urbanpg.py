@@ -22,7 +22,7 @@ from experiments.common import (
   exit_status,
   no_empty_folder_left,
 )
-from jaxurban.atomic import folder_argument
+from jaxurban.atomic import path_argument
 from jaxurban.checkpoint import CheckpointMismatch
 from jaxurban.data.errors import DataError
 from jaxurban.urbanpg.train import PARADIGMS, UrbanPGConfig, train_and_evaluate
@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--data-root", default=None, help="data folder (default: $JAXURBAN_DATA)")
   parser.add_argument(
     "--out",
-    type=folder_argument,
+    type=path_argument,
     default=None,
     help="output folder (default: runs/urbanpg/<paradigm>, then each result-changing flag not "
     "at its default, seeds aside, e.g. runs/urbanpg/full-features128-layers2-last-value-skip)",

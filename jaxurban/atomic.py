@@ -50,12 +50,13 @@ def writable_folder_problem(folder: str | os.PathLike) -> str | None:
   return None
 
 
-def folder_argument(text: str) -> str:
-  """An argparse type for a folder flag: the text as given, unless it is
-  empty, which (an unset shell variable) would mean the current folder."""
+def path_argument(text: str, what: str = "a folder") -> str:
+  """An argparse type for a path flag (`what` it names): the text as given,
+  unless it is empty, which (an unset shell variable) would mean the
+  current folder."""
   if not text.strip():
     raise argparse.ArgumentTypeError(
-      "given as an empty path (an unset shell variable?); name a folder"
+      f"given as an empty path (an unset shell variable?); name {what}"
     )
   return text
 

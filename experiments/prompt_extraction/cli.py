@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from experiments.prompt_extraction import templates
-from jaxurban.atomic import folder_argument
+from jaxurban.atomic import path_argument
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--model", required=True, help="local folder of a Hugging Face model")
   p.add_argument("--task", required=True, choices=templates.TASKS, help="task template")
   p.add_argument(
-    "--out", required=True, type=folder_argument, help="output folder (vectors.npy, manifest.json)"
+    "--out", required=True, type=path_argument, help="output folder (vectors.npy, manifest.json)"
   )
   p.add_argument(
     "--pooling",

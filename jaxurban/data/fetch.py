@@ -32,7 +32,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-from jaxurban.atomic import atomic_write, folder_argument
+from jaxurban.atomic import atomic_write, path_argument
 from jaxurban.data.core_city import city_files, is_city_dir
 from jaxurban.data.errors import DataError
 from jaxurban.data.root import DATA_ENV, list_subfolders, resolve_data_root
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
   )
   core.add_argument(
     "--dest",
-    type=lambda text: pathlib.Path(folder_argument(text)),
+    type=lambda text: pathlib.Path(path_argument(text)),
     default=None,
     help=f"data root to write into (default: ${CACHE_ENV} or ~/.cache/jaxurban)",
   )
