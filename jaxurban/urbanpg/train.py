@@ -79,8 +79,8 @@ class UrbanPGConfig:
     seeds, first_seed: seeds first_seed .. first_seed + seeds - 1, run in turn.
     epochs: maximum epochs of every training stage.
     patience: epochs without a better validation MAE before stopping.
-    batch_size: samples per step (a multiple of the device count when
-      shard_batch).
+    batch_size: samples per step (any size: with shard_batch it is split
+      over as many devices as divide it).
     learning_rate, weight_decay, grad_clip: AdamW and global-norm clipping.
     finetune_learning_rate: AdamW's rate when only prompts are trained.
     t_in, t_out: input and forecast steps.
