@@ -7,6 +7,12 @@ Run with a Python that has torch, numpy and scikit-learn::
     python experiments/srel_torch_harness.py --repo DIR --train-epochs 2000 --seeds 0 1 2 \
       --snapshot-every 30 --out DIR2
 
+The third form, ``--parity FILE``, saves for jaxurban's SREL parity check
+(``python -m experiments.srel_parity FILE``) their model at its
+initialisation (``torch.manual_seed`` of the first of ``--seeds``), in
+float64 and with dropout off: every parameter, the inputs, the four decoder
+outputs and the embeddings, their training loss and its gradient.
+
 The second form trains their model from scratch for each seed
 (``torch.manual_seed(seed)``, their Adam and learning rate, their default
 2000 epochs) and writes ``embeddings_last.npy`` [S, N, d] (the embeddings
@@ -83,9 +89,19 @@ def main() -> None:
     "--snapshot-every", type=_whole_number(1), default=30, help="epochs between snapshots"
   )
   parser.add_argument("--out", default=None, help="folder for the saved embeddings")
+  parser.add_argument(
+    "--parity",
+    default=None,
+    help="save float64 parameters, outputs, loss and gradients to this .npz instead of timing",
+  )
   args = parser.parse_args()
   if args.train_epochs and not args.out:
     parser.error("--train-epochs needs --out")
+  if args.parity is not None and args.train_epochs:
+    parser.error("--parity and --train-epochs are two different runs")
+  if args.parity is not None and not args.parity:
+    parser.error("--parity: an empty path names no file")
+  args.parity = os.path.abspath(args.parity) if args.parity else None
   args.out = os.path.abspath(args.out) if args.out else None
 
   import torch
@@ -137,6 +153,9 @@ def main() -> None:
   if args.train_epochs:
     _train_and_save(args, build, step)
     return
+  if args.parity:
+    _save_parity(args, theirs, build, loss_fn, features, (mob_adj, poi_sim, land_sim))
+    return
 
   model, optimizer = build(0)
 
@@ -184,6 +203,37 @@ def _save_atomic(path: str, save) -> None:
   with open(partial, "wb") as handle:
     save(handle)
   os.replace(partial, path)
+
+
+def _save_parity(args, theirs, build, loss_fn, features, targets) -> None:
+  import numpy as np
+  import torch
+
+  torch.set_default_dtype(torch.float64)
+  model, _ = build(args.seeds[0])
+  model.double().eval()  # eval: dropout off, so both sides compute one function
+  features = [f.double() for f in features]
+  targets = [t.double() for t in targets]
+  out_s, out_t, out_p, out_l = model(features)
+  mob_adj, poi_sim, land_sim = targets
+  loss = loss_fn(out_s, out_t, mob_adj, out_p, poi_sim, out_l, land_sim)
+  loss.backward()
+  arrays = {"param/" + k: v.detach().numpy() for k, v in model.state_dict().items()}
+  arrays.update({"grad/" + k: p.grad.numpy() for k, p in model.named_parameters()})
+  names = ("poi", "landuse", "mobility_features")
+  arrays.update({"input/" + n: f[0].numpy() for n, f in zip(names, features)})
+  names = ("mobility_target", "poi_similarity", "landuse_similarity")
+  arrays.update({"input/" + n: t.numpy() for n, t in zip(names, targets)})
+  for name, value in zip(("source", "destination", "poi", "landuse"), (out_s, out_t, out_p, out_l)):
+    arrays["output/" + name] = value.detach().numpy()
+  arrays["output/embedding"] = model.out_feature().detach().numpy()
+  arrays["loss"] = np.asarray(loss.item())
+  layers = ("NO_IntraAFL", "NO_InterAFL", "NO_RegionFusion", "NO_head")
+  arrays.update({"setting/" + k: np.asarray(getattr(theirs.args, k)) for k in layers})
+  arrays["setting/city"] = np.asarray(args.city)
+  arrays["setting/torch_version"] = np.asarray(torch.__version__)
+  _save_atomic(args.parity, lambda f: np.savez(f, **arrays))
+  print(json.dumps({"parity": args.parity, "loss": loss.item()}))
 
 
 def _train_and_save(args, build, step) -> None:

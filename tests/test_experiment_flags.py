@@ -468,6 +468,7 @@ def test_srel_torch_harness_counts_are_usage_errors(flags, words):
     "experiments.prompt_extraction.cli",
     "experiments.prompt_extraction.published",
     "experiments.score_srel_snapshots",
+    "experiments.srel_parity",
     "experiments.srel_torch_harness",
     "experiments.topt",
     "experiments.torch_parity",
@@ -517,6 +518,11 @@ def test_every_flag_has_help(module, monkeypatch):
     (
       "experiments.torch_parity",
       ["jax", "--data-root", ".", "--out", "missing.npz"],
+      "missing.npz: no such file: run the torch side first",
+    ),
+    (
+      "experiments.srel_parity",
+      ["missing.npz"],
       "missing.npz: no such file: run the torch side first",
     ),
   ],
