@@ -114,6 +114,13 @@ def parse_config(argv: list[str] | None = None) -> tuple[ToptConfig, pathlib.Pat
     help="prompts attended to: the same split's (authors) or all regions'",
   )
   parser.add_argument(
+    "--value-basis",
+    choices=("rowspace", "full"),
+    default="rowspace",
+    help="layers reading the prompt vectors train on their training rows' row-space "
+    "coordinates, or on the full vectors (the authors' parametrisation; slower)",
+  )
+  parser.add_argument(
     "--embeddings",
     default=None,
     type=absolute_path,
@@ -165,6 +172,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[ToptConfig, pathlib.Pat
     prompt_epochs=args.epochs_prompt,
     prompt_learning_rate=args.prompt_lr,
     context=args.context,
+    value_basis=args.value_basis,
     data_root=args.data_root,
   )
   out = args.out or default_output_folder(

@@ -214,6 +214,7 @@ def test_bad_fold_and_prompt_settings_are_usage_errors(capsys):
     ("--no-prompt4re --no-alignment", "--no-alignment"),
     ("--no-prompt4re --no-task-prompt", "--no-task-prompt"),
     ("--no-prompt4re --context all", "--context='all'"),
+    ("--no-prompt4re --value-basis full", "--value-basis='full'"),
     ("--no-prompt4re --epochs-prompt 40", "--epochs-prompt=40"),
     ("--city NY --no-alignment", "--no-alignment"),
     ("--city NY --no-spatial-bias", "--no-spatial-bias"),
@@ -752,11 +753,12 @@ def test_prompt_config_carries_every_prompt_setting():
 def test_command_line_flags_reach_the_config():
   config, _ = topt.parse_config(
     ["--seeds", "3", "--fold-seed", "7", "--context", "all", "--epochs-srel", "12",
-     "--no-centrality", "--task", "serviceCall"]
+     "--no-centrality", "--task", "serviceCall", "--value-basis", "full"]
   )  # fmt: skip
   assert config.seeds == (0, 1, 2)
   assert config.fold_seed == 7
   assert config.prompt_config("serviceCall").context == "all"
+  assert config.prompt_config("serviceCall").value_basis == "full"
   assert config.srel_schedule() == (12, SREL_SCHEDULES["Chi"][1])
   assert not config.centrality and config.spatial_bias
   assert config.tasks == ("serviceCall",)

@@ -43,9 +43,13 @@ training rows only (:func:`prompt_rowspace_per_model`): V from the SVD of
 P_train, every row's coordinates P V. A basis of all N rows would let a test
 fold's prompt vectors decide the coordinates, hence Adam's steps, of the
 model that is then tested on them. Held-out rows are projected onto the
-training rows' span; the part outside it, which training never changes,
-met only the random initial weights in the full parametrisation and is
-left out here.
+training rows' span, and the part outside it is left out. In the full
+parametrisation that part meets the initial weights plus what Adam moved
+outside the span: the loss gradient lies in the span, but Adam's
+per-coordinate scaling does not keep the steps there. So on held-out rows
+the two parametrisations give different functions, most of all without
+the alignment, where the prompt vectors reach the prediction linearly.
+``value_basis="full"`` is the authors' parametrisation.
 """
 
 from __future__ import annotations
