@@ -157,7 +157,10 @@ def _compare(path: str) -> bool:
   group = lambda prefix: {k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)}
   setting = group("setting/")
   city = str(setting["city"])
-  config = srel_train.SRELConfig.for_city(city, **srel_train.HAFUSION_TRAINING)
+  try:
+    config = srel_train.SRELConfig.for_city(city, **srel_train.HAFUSION_TRAINING)
+  except ValueError as error:
+    raise DataError(path, f"city {city!r}: {error}") from None
   theirs_layers = tuple(int(setting[k]) for k in ("NO_IntraAFL", "NO_InterAFL", "NO_RegionFusion"))
   ours_layers = (config.intra_layers, config.inter_layers, config.n_layers)
   if theirs_layers != ours_layers or int(setting["NO_head"]) != config.n_heads:

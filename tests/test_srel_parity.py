@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import srel_parity
+from jaxurban.data.errors import DataError
 from jaxurban.topt import srel_train
 from jaxurban.topt.srel_losses import srel_loss
 
@@ -103,5 +104,13 @@ def test_a_file_of_another_setting_is_refused(tmp_path):
     arrays["setting/NO_RegionFusion"] = np.asarray(2)
 
   path = _saved_run("Chi", 8, tmp_path, drop_a_block)
-  with pytest.raises(Exception, match=r"\(1, 2, 2\) blocks"):
+  with pytest.raises(DataError, match=r"\(1, 2, 2\) blocks"):
     srel_parity.compare(path)
+
+
+def test_a_city_without_hafusion_settings_is_refused(tmp_path):
+  def rename_city(arrays):
+    arrays["setting/city"] = np.asarray("SF")
+
+  with pytest.raises(DataError, match="city 'SF'"):
+    srel_parity.compare(_saved_run("Chi", 8, tmp_path, rename_city))
