@@ -6,12 +6,7 @@ Run with a Python that has torch, numpy and scikit-learn::
       [--flush-denormal]
     python experiments/srel_torch_harness.py --repo DIR --train-epochs 2000 --seeds 0 1 2 \
       --snapshot-every 30 --out DIR2
-
-The third form, ``--parity FILE``, saves for jaxurban's SREL parity check
-(``python -m experiments.srel_parity FILE``) their model at its
-initialisation (``torch.manual_seed`` of the first of ``--seeds``), in
-float64 and with dropout off: every parameter, the inputs, the four decoder
-outputs and the embeddings, their training loss and its gradient.
+    python experiments/srel_torch_harness.py --repo DIR [--city Chi] --parity FILE.npz
 
 The second form trains their model from scratch for each seed
 (``torch.manual_seed(seed)``, their Adam and learning rate, their default
@@ -22,6 +17,12 @@ every ``--snapshot-every`` epochs (from the training-mode forward pass, as
 theirs). Files are written atomically; re-running the same command skips
 the seeds whose snapshots exist. Score them with jaxurban's evaluator, e.g.
 ``python -m experiments.topt --no-prompt4re --seeds 3 --embeddings DIR2/embeddings_last.npy``.
+
+The third form, ``--parity FILE``, saves for jaxurban's SREL parity check
+(``python -m experiments.srel_parity FILE``) their model at its
+initialisation (``torch.manual_seed`` of the first of ``--seeds``), in
+float64 and with dropout off: every parameter, the inputs, the four decoder
+outputs and the embeddings, their training loss and its gradient.
 
 DIR is a checkout of the HAFusion authors' repository; their model, data
 loader and loss are imported from it at run time (nothing of theirs lives
