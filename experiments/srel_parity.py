@@ -36,6 +36,17 @@ from jaxurban.data.errors import DataError
 OUTPUT_TOLERANCE = 1e-9
 GRADIENT_TOLERANCE = 1e-6
 
+# Their settings of the block counts (intra-view, inter-view, region fusion).
+_TORCH_LAYER_SETTINGS = ("NO_IntraAFL", "NO_InterAFL", "NO_RegionFusion")
+_INPUTS = (
+  "poi",
+  "landuse",
+  "mobility_features",
+  "mobility_target",
+  "poi_similarity",
+  "landuse_similarity",
+)
+
 # How a torch tensor's layout becomes the Flax parameter's, and back.
 _LAYOUTS: dict[str, tuple[Callable, Callable]] = {
   "same": (lambda a: a, lambda a: a),
@@ -154,6 +165,15 @@ def _compare(path: str) -> bool:
     raise DataError(path, "no such file: run the torch side first, which writes it")
   with np.load(path) as file:
     saved = {k: file[k] for k in file.files}
+  required = [
+    "loss",
+    *(f"setting/{k}" for k in ("city", "torch_version", *_TORCH_LAYER_SETTINGS, "NO_head")),
+    *(f"input/{k}" for k in _INPUTS),
+    *(f"output/{k}" for k in ("embedding", "source", "destination", "poi", "landuse")),
+  ]
+  missing = [k for k in required if k not in saved]
+  if missing:
+    raise DataError(path, f"not a file of srel_torch_harness.py --parity: no {missing}")
   group = lambda prefix: {k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)}
   setting = group("setting/")
   city = str(setting["city"])
@@ -161,7 +181,7 @@ def _compare(path: str) -> bool:
     config = srel_train.SRELConfig.for_city(city, **srel_train.HAFUSION_TRAINING)
   except ValueError as error:
     raise DataError(path, f"city {city!r}: {error}") from None
-  theirs_layers = tuple(int(setting[k]) for k in ("NO_IntraAFL", "NO_InterAFL", "NO_RegionFusion"))
+  theirs_layers = tuple(int(setting[k]) for k in _TORCH_LAYER_SETTINGS)
   ours_layers = (config.intra_layers, config.inter_layers, config.n_layers)
   if theirs_layers != ours_layers or int(setting["NO_head"]) != config.n_heads:
     raise DataError(

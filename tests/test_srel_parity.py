@@ -114,3 +114,10 @@ def test_a_city_without_hafusion_settings_is_refused(tmp_path):
 
   with pytest.raises(DataError, match="city 'SF'"):
     srel_parity.compare(_saved_run("Chi", 8, tmp_path, rename_city))
+
+
+def test_a_file_of_another_tool_is_refused(tmp_path):
+  path = tmp_path / "other.npz"
+  np.savez(path, loss=np.asarray(1.0))
+  with pytest.raises(DataError, match="not a file of srel_torch_harness.py --parity"):
+    srel_parity.compare(str(path))
