@@ -141,9 +141,13 @@ def to_torch(params: dict, names: list) -> dict[str, np.ndarray]:
   return tensors
 
 
-def _relative(ours, theirs) -> float:
+def _relative(ours, theirs, floor: float = 0.0) -> float:
+  """max |ours - theirs| over max |theirs|, or over `floor` where that is
+  no larger than 1e-12 * `floor` (an array of rounding noise)."""
   ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-  return float(np.max(np.abs(ours - theirs)) / max(float(np.max(np.abs(theirs))), 1e-300))
+  own = float(np.max(np.abs(theirs)))
+  denominator = own if own > 1e-12 * floor else floor
+  return float(np.max(np.abs(ours - theirs))) / max(denominator, 1e-300)
 
 
 def compare(path: str) -> bool:
@@ -240,10 +244,7 @@ def _compare(path: str) -> bool:
   for (path_keys, ours), theirs in zip(
     jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(flat_theirs)
   ):
-    own = float(np.max(np.abs(theirs)))
-    denominator = own if own > 1e-12 * scale else scale
-    error = float(np.max(np.abs(np.asarray(ours) - theirs))) / denominator
-    worst.append((error, jax.tree_util.keystr(path_keys)))
+    worst.append((_relative(ours, theirs, scale), jax.tree_util.keystr(path_keys)))
   worst.sort(reverse=True)
   ok &= worst[0][0] <= GRADIENT_TOLERANCE
   print(f"  gradients of {len(worst)} parameters; the largest relative differences:")
